@@ -1,0 +1,38 @@
+//! Signed MessagePack envelopes: the only thing agentfleet's processes say to each other.
+//!
+//! A stream entry carries one frame `[v, kid, alg, body, sig]`. The body is an
+//! [`Envelope`] (who, to whom, when, under which kill epoch, and a typed [`Payload`]); the
+//! signature is HMAC-SHA256 with the key of the sender→receiver edge over a length-prefixed,
+//! domain-separated encoding of the frame's first four items. `docs/wire-format.md` is the
+//! normative description; `tests/vectors/` holds vectors for other implementations.
+//!
+//! This crate does no I/O: files are parsed from strings, time and the kill epoch are
+//! passed in, and the replay guard is a trait the bus implements on Redis.
+//!
+//! # Layout
+//! - [`names`]: roles, message types, stream names: every wire name, in one place.
+//! - [`body`]: [`Envelope`] and its payload types, and their MessagePack encoding.
+//! - [`wire`]: the outer frame and the signing input.
+//! - [`keys`]: key ids, the master secret, HKDF derivation, keyset files, [`Keyring`].
+//! - [`permissions`]: the table from `config/permissions.toml`.
+//! - [`verify`]: [`Keyring::seal`], [`Verifier`] with its ordered checks, [`Verified`], and
+//!   the replay guard.
+
+pub mod body;
+pub mod keys;
+pub mod names;
+pub mod permissions;
+pub mod verify;
+pub mod wire;
+
+pub use body::{
+    ControlPause, ControlResume, Envelope, Heartbeat, Outcome, Payload, Question, Sender, Status,
+    TaskAssign, TaskResult, ToolRequest, ToolResponse, Usage,
+};
+pub use keys::{Edge, KeyError, Keyring, Keyset, Kid, MasterFile, MasterSecret, Process};
+pub use names::{Instance, MessageType, Role, StreamName, streams};
+pub use permissions::{PermissionError, PermissionTable};
+pub use verify::{
+    Checked, MemoryReplayGuard, ReplayGuard, Verified, Verifier, VerifierConfig, VerifyContext,
+    VerifyError,
+};
