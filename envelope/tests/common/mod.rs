@@ -1,6 +1,8 @@
 //! Fixtures shared by the envelope integration tests.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod vectors;
+
 use envelope::{
     Envelope, Instance, Keyring, MasterFile, MasterSecret, Payload, PermissionTable, Process, Role,
     Sender, Status, TaskResult,
