@@ -24,9 +24,10 @@ const NOW: u64 = 1_767_225_600_000; // 2026-01-01T00:00:00Z
 
 fn master() -> MasterFile {
     let mut m = MasterFile::new(MasterSecret::from_bytes(std::array::from_fn(|i| i as u8)));
-    m.rotate();
-    m.rotate();
-    m.retire_through(1).expect("generation 1 is not current");
+    m.rotate().expect("generation 2");
+    m.rotate().expect("generation 3");
+    m.promote();
+    m.retire_through(1).expect("generation 1 is not the signing one");
     m
 }
 
@@ -47,20 +48,11 @@ fn mac(kid: &str, input: &[u8]) -> Vec<u8> {
 /// Signs `body` exactly as given (it may be malformed on purpose) under `kid`.
 fn frame(kid: &str, body: Vec<u8>) -> SignedEnvelope {
     let sig = mac(kid, &signing_input(1, kid, "HS256", &body));
-    SignedEnvelope {
-        v: 1,
-        kid: kid.into(),
-        alg: "HS256".into(),
-        body,
-        sig,
-    }
+    SignedEnvelope { v: 1, kid: kid.into(), alg: "HS256".into(), body, sig }
 }
 
 fn sender(role: Role, instance: &str) -> Sender {
-    Sender {
-        role,
-        instance: Instance::parse(instance).expect("instance"),
-    }
+    Sender { role, instance: Instance::parse(instance).expect("instance") }
 }
 
 fn base(from: Sender, to: Role, n: u8, payload: impl Into<Payload>) -> Envelope {
@@ -120,11 +112,7 @@ fn negative(name: &str, description: &str, wire: Vec<u8>, expected: &str) -> Neg
 }
 
 fn main() {
-    let dir = PathBuf::from(
-        std::env::args()
-            .nth(1)
-            .unwrap_or_else(|| "envelope/tests/vectors".into()),
-    );
+    let dir = PathBuf::from(std::env::args().nth(1).unwrap_or_else(|| "envelope/tests/vectors".into()));
     let ring_kids = [
         "dev>orchestrator:1",
         "dev>orchestrator:2",
@@ -188,34 +176,19 @@ fn main() {
     assign.task_id = Some(id(NOW - 5_000, 0x77));
     assign.lease = Some("eyJhbGciOiJIUzI1NiJ9.eyJ0YXNrIjoiMDE5MyJ9.c2lnbmF0dXJl".into());
 
-    let mut hb = base(
-        sender(Role::Dev, "dev-1"),
-        Role::Orchestrator,
-        4,
-        Heartbeat {
-            seq: 42,
-            busy: true,
-        },
-    );
+    let mut hb = base(sender(Role::Dev, "dev-1"), Role::Orchestrator, 4, Heartbeat { seq: 42, busy: true });
     hb.ttl_ms = 15_000;
     let tool = base(
         sender(Role::Orchestrator, "orchestrator-0"),
         Role::Dev,
         5,
-        ToolResponse {
-            request_id: id(NOW - 100, 0x55),
-            ok: true,
-            output: "{\"text\":\"done\"}".into(),
-        },
+        ToolResponse { request_id: id(NOW - 100, 0x55), ok: true, output: "{\"text\":\"done\"}".into() },
     );
     let mut pause = base(
         sender(Role::Budget, "budget-0"),
         Role::Qa,
         6,
-        ControlPause {
-            epoch: 7,
-            reason: "daily token budget exceeded".into(),
-        },
+        ControlPause { epoch: 7, reason: "daily token budget exceeded".into() },
     );
     pause.kill_epoch = 7;
     let usage = base(
@@ -234,11 +207,7 @@ fn main() {
         sender(Role::Dev, "dev-1"),
         Role::Orchestrator,
         8,
-        ToolRequest {
-            request_id: id(NOW, 0x44),
-            action: "llm.complete".into(),
-            input: "{\"prompt\":\"hi\"}".into(),
-        },
+        ToolRequest { request_id: id(NOW, 0x44), action: "llm.complete".into(), input: "{\"prompt\":\"hi\"}".into() },
     );
 
     let positives = vec![
@@ -263,13 +232,7 @@ fn main() {
             assign,
             "fleet:tasks:dev",
         ),
-        positive(
-            "heartbeat",
-            "Worker heartbeat with a 15 s ttl.",
-            "dev>orchestrator:3",
-            hb,
-            "fleet:heartbeats",
-        ),
+        positive("heartbeat", "Worker heartbeat with a 15 s ttl.", "dev>orchestrator:3", hb, "fleet:heartbeats"),
         positive(
             "tool_response_instance_stream",
             "Tool answer on a per-instance stream (prefix rule).",
@@ -284,13 +247,7 @@ fn main() {
             pause,
             "fleet:control:qa",
         ),
-        positive(
-            "usage",
-            "Metered usage to the budget manager.",
-            "orchestrator>budget:3",
-            usage,
-            "fleet:usage",
-        ),
+        positive("usage", "Metered usage to the budget manager.", "orchestrator>budget:3", usage, "fleet:usage"),
         positive(
             "tool_request",
             "Worker asks the tool proxy for a model call.",
@@ -307,12 +264,7 @@ fn main() {
 
     let mut bad_sig = good.clone();
     bad_sig.sig[31] ^= 0x01;
-    neg.push(negative(
-        "bad_signature",
-        "Last bit of the signature flipped.",
-        bad_sig.to_wire(),
-        "bad_signature",
-    ));
+    neg.push(negative("bad_signature", "Last bit of the signature flipped.", bad_sig.to_wire(), "bad_signature"));
 
     let mut bad_body = good.clone();
     let at = bad_body.body.len() - 1;
@@ -332,12 +284,7 @@ fn main() {
     ));
     let mut trailing = good_wire.clone();
     trailing.push(0xc0);
-    neg.push(negative(
-        "trailing_byte",
-        "Valid frame followed by one extra byte (nil).",
-        trailing,
-        "decode",
-    ));
+    neg.push(negative("trailing_byte", "Valid frame followed by one extra byte (nil).", trailing, "decode"));
     neg.push(negative(
         "garbage",
         "Bytes that are not MessagePack of a frame.",
@@ -348,20 +295,10 @@ fn main() {
 
     let mut v2 = good.clone();
     v2.v = 2;
-    neg.push(negative(
-        "unsupported_version",
-        "Frame version 2.",
-        v2.to_wire(),
-        "unsupported_version",
-    ));
+    neg.push(negative("unsupported_version", "Frame version 2.", v2.to_wire(), "unsupported_version"));
     let mut alg = good.clone();
     alg.alg = "none".into();
-    neg.push(negative(
-        "unsupported_alg",
-        "Algorithm \"none\".",
-        alg.to_wire(),
-        "unsupported_alg",
-    ));
+    neg.push(negative("unsupported_alg", "Algorithm \"none\".", alg.to_wire(), "unsupported_alg"));
 
     let mut order = dev_result(21).to_body_bytes();
     // Swap to a body whose payload key precedes its type key: build it by hand.
@@ -387,11 +324,9 @@ fn main() {
         map.serialize_entry("type", "task.result").expect("type");
         map.serialize_entry("from", &e.from).expect("from");
         map.serialize_entry("to", &e.to).expect("to");
-        map.serialize_entry("issued_at_ms", &e.issued_at_ms)
-            .expect("t");
+        map.serialize_entry("issued_at_ms", &e.issued_at_ms).expect("t");
         map.serialize_entry("ttl_ms", &e.ttl_ms).expect("ttl");
-        map.serialize_entry("kill_epoch", &e.kill_epoch)
-            .expect("epoch");
+        map.serialize_entry("kill_epoch", &e.kill_epoch).expect("epoch");
         map.end().expect("end");
     }
     neg.push(negative(
@@ -402,17 +337,10 @@ fn main() {
     ));
 
     let mut mismatched = dev_result(22);
-    mismatched.payload = Heartbeat {
-        seq: 1,
-        busy: false,
-    }
-    .into();
+    mismatched.payload = Heartbeat { seq: 1, busy: false }.into();
     let hb_body = mismatched.to_body_bytes();
     // Rewrite the type string so it claims task.result while the payload is a heartbeat.
-    let text = hex::encode(&hb_body).replace(
-        &hex::encode(b"\xa9heartbeat"),
-        &hex::encode(b"\xabtask.result"),
-    );
+    let text = hex::encode(&hb_body).replace(&hex::encode(b"\xa9heartbeat"), &hex::encode(b"\xabtask.result"));
     neg.push(negative(
         "type_payload_mismatch",
         "Signed body says task.result but carries a heartbeat payload.",
@@ -437,14 +365,7 @@ fn main() {
             let kid = "dev>orchestrator:4";
             let body = dev_result(24).to_body_bytes();
             let sig = mac("dev>orchestrator:3", &signing_input(1, kid, "HS256", &body));
-            SignedEnvelope {
-                v: 1,
-                kid: kid.into(),
-                alg: "HS256".into(),
-                body,
-                sig,
-            }
-            .to_wire()
+            SignedEnvelope { v: 1, kid: kid.into(), alg: "HS256".into(), body, sig }.to_wire()
         },
         "unknown_kid",
     ));
@@ -489,20 +410,12 @@ fn main() {
         "forbidden_type",
     ));
 
-    let mut expired = negative(
-        "expired",
-        "Verified 31 s after issued_at + ttl (ttl 60 s, skew 30 s).",
-        good_wire.clone(),
-        "expired",
-    );
+    let mut expired =
+        negative("expired", "Verified 31 s after issued_at + ttl (ttl 60 s, skew 30 s).", good_wire.clone(), "expired");
     expired.now_ms = NOW + 60_000 + 30_001;
     neg.push(expired);
-    let mut future = negative(
-        "future_dated",
-        "Verified 30.001 s before issued_at (skew 30 s).",
-        good_wire.clone(),
-        "future_dated",
-    );
+    let mut future =
+        negative("future_dated", "Verified 30.001 s before issued_at (skew 30 s).", good_wire.clone(), "future_dated");
     future.now_ms = NOW - 30_001;
     neg.push(future);
     let mut long = dev_result(28);
@@ -513,51 +426,23 @@ fn main() {
         frame("dev>orchestrator:3", long.to_body_bytes()).to_wire(),
         "ttl_too_long",
     ));
-    let mut stale = negative(
-        "stale_epoch",
-        "Issued under kill epoch 0, verified under epoch 1.",
-        good_wire.clone(),
-        "stale_epoch",
-    );
+    let mut stale =
+        negative("stale_epoch", "Issued under kill epoch 0, verified under epoch 1.", good_wire.clone(), "stale_epoch");
     stale.kill_epoch = 1;
     neg.push(stale);
-    let mut big = negative(
-        "oversized",
-        "A valid frame larger than this vector's 64-byte limit.",
-        good_wire.clone(),
-        "too_large",
-    );
+    let mut big =
+        negative("oversized", "A valid frame larger than this vector's 64-byte limit.", good_wire.clone(), "too_large");
     big.max_size = Some(64);
     neg.push(big);
-    let mut replay = negative(
-        "replay",
-        "A valid frame whose id the guard has already seen.",
-        good_wire.clone(),
-        "replay",
-    );
+    let mut replay =
+        negative("replay", "A valid frame whose id the guard has already seen.", good_wire.clone(), "replay");
     replay.seen_ids = vec![id(NOW, 20)];
     neg.push(replay);
 
     std::fs::create_dir_all(&dir).expect("create vector dir");
-    let write = |name: &str, text: String| {
-        std::fs::write(dir.join(name), text + "\n").expect("write vector file")
-    };
-    write(
-        "keys.json",
-        serde_json::to_string_pretty(&keys).expect("json"),
-    );
-    write(
-        "positive.json",
-        serde_json::to_string_pretty(&positives).expect("json"),
-    );
-    write(
-        "negative.json",
-        serde_json::to_string_pretty(&neg).expect("json"),
-    );
-    eprintln!(
-        "wrote {} positive and {} negative vectors to {}",
-        positives.len(),
-        neg.len(),
-        dir.display()
-    );
+    let write = |name: &str, text: String| std::fs::write(dir.join(name), text + "\n").expect("write vector file");
+    write("keys.json", serde_json::to_string_pretty(&keys).expect("json"));
+    write("positive.json", serde_json::to_string_pretty(&positives).expect("json"));
+    write("negative.json", serde_json::to_string_pretty(&neg).expect("json"));
+    eprintln!("wrote {} positive and {} negative vectors to {}", positives.len(), neg.len(), dir.display());
 }

@@ -54,14 +54,7 @@ pub struct Envelope {
 
 impl Envelope {
     /// A new envelope with a fresh UUIDv7 and no optional fields set.
-    pub fn new(
-        from: Sender,
-        to: Role,
-        issued_at_ms: u64,
-        ttl_ms: u64,
-        kill_epoch: u64,
-        payload: Payload,
-    ) -> Self {
+    pub fn new(from: Sender, to: Role, issued_at_ms: u64, ttl_ms: u64, kill_epoch: u64, payload: Payload) -> Self {
         Self {
             id: Uuid::now_v7(),
             from,
@@ -158,9 +151,7 @@ impl Payload {
     fn size_hint(&self) -> usize {
         match self {
             Payload::TaskResult(r) => {
-                r.summary.len()
-                    + r.diff.as_ref().map_or(0, Vec::len)
-                    + r.log.as_ref().map_or(0, Vec::len)
+                r.summary.len() + r.diff.as_ref().map_or(0, Vec::len) + r.log.as_ref().map_or(0, Vec::len)
             }
             Payload::TaskAssign(a) => a.instructions.len(),
             Payload::ToolRequest(r) => r.input.len(),
@@ -312,9 +303,7 @@ mod opt_bytes {
         }
     }
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
-        d: D,
-    ) -> Result<Option<Vec<u8>>, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
         Ok(Option::<serde_bytes::ByteBuf>::deserialize(d)?.map(serde_bytes::ByteBuf::into_vec))
     }
 }
@@ -337,12 +326,8 @@ const KEYS: [&str; 12] = [
 
 impl Serialize for Envelope {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let optional = [
-            self.task_id.is_some(),
-            self.causation_id.is_some(),
-            self.traceparent.is_some(),
-            self.lease.is_some(),
-        ];
+        let optional =
+            [self.task_id.is_some(), self.causation_id.is_some(), self.traceparent.is_some(), self.lease.is_some()];
         let len = 8 + optional.iter().filter(|p| **p).count();
         let mut map = s.serialize_map(Some(len))?;
         map.serialize_entry("id", &self.id)?;
@@ -390,10 +375,7 @@ impl<'de> Deserialize<'de> for Key {
                 f.write_str("an envelope body key")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Key, E> {
-                KEYS.iter()
-                    .find(|k| **k == v)
-                    .map(|k| Key(k))
-                    .ok_or_else(|| E::unknown_field(v, &KEYS))
+                KEYS.iter().find(|k| **k == v).map(|k| Key(k)).ok_or_else(|| E::unknown_field(v, &KEYS))
             }
         }
         d.deserialize_str(V)
@@ -417,8 +399,7 @@ impl<'de> Visitor<'de> for EnvelopeVisitor {
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Envelope, A::Error> {
         let (mut id, mut ty, mut from, mut to) = (None, None, None, None);
-        let (mut task_id, mut causation_id, mut issued, mut ttl, mut epoch) =
-            (None, None, None, None, None);
+        let (mut task_id, mut causation_id, mut issued, mut ttl, mut epoch) = (None, None, None, None, None);
         let (mut traceparent, mut lease, mut payload) = (None, None, None);
         while let Some(key) = map.next_key::<Key>()? {
             match key.0 {
@@ -427,15 +408,11 @@ impl<'de> Visitor<'de> for EnvelopeVisitor {
                 "from" => set_once(&mut from, "from", map.next_value::<Sender>()?)?,
                 "to" => set_once(&mut to, "to", map.next_value::<Role>()?)?,
                 "task_id" => set_once(&mut task_id, "task_id", map.next_value::<Uuid>()?)?,
-                "causation_id" => {
-                    set_once(&mut causation_id, "causation_id", map.next_value::<Uuid>()?)?
-                }
+                "causation_id" => set_once(&mut causation_id, "causation_id", map.next_value::<Uuid>()?)?,
                 "issued_at_ms" => set_once(&mut issued, "issued_at_ms", map.next_value::<u64>()?)?,
                 "ttl_ms" => set_once(&mut ttl, "ttl_ms", map.next_value::<u64>()?)?,
                 "kill_epoch" => set_once(&mut epoch, "kill_epoch", map.next_value::<u64>()?)?,
-                "traceparent" => {
-                    set_once(&mut traceparent, "traceparent", map.next_value::<String>()?)?
-                }
+                "traceparent" => set_once(&mut traceparent, "traceparent", map.next_value::<String>()?)?,
                 "lease" => set_once(&mut lease, "lease", map.next_value::<String>()?)?,
                 "payload" => {
                     // The payload's shape depends on `type`, so `type` must come first (the
@@ -443,11 +420,7 @@ impl<'de> Visitor<'de> for EnvelopeVisitor {
                     let Some(t) = ty else {
                         return Err(de::Error::custom("\"payload\" appears before \"type\""));
                     };
-                    set_once(
-                        &mut payload,
-                        "payload",
-                        map.next_value_seed(PayloadSeed(t))?,
-                    )?
+                    set_once(&mut payload, "payload", map.next_value_seed(PayloadSeed(t))?)?
                 }
                 other => return Err(de::Error::unknown_field(other, &KEYS)),
             }

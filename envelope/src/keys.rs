@@ -48,9 +48,7 @@ pub struct Kid {
 
 /// A key id that is not `<role>><role>:<generation ≥ 1>`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "invalid key id {0:?}: expected <from-role>><to-role>:<generation>, e.g. \"dev>orchestrator:1\""
-)]
+#[error("invalid key id {0:?}: expected <from-role>><to-role>:<generation>, e.g. \"dev>orchestrator:1\"")]
 pub struct InvalidKid(String);
 
 impl FromStr for Kid {
@@ -60,17 +58,11 @@ impl FromStr for Kid {
         let (edge, generation) = s.rsplit_once(':').ok_or_else(bad)?;
         let (from, to) = edge.split_once('>').ok_or_else(bad)?;
         // Only canonical decimal: "01" or "+1" would give one key two names.
-        if generation.is_empty()
-            || generation.starts_with('0')
-            || !generation.bytes().all(|b| b.is_ascii_digit())
-        {
+        if generation.is_empty() || generation.starts_with('0') || !generation.bytes().all(|b| b.is_ascii_digit()) {
             return Err(bad());
         }
         Ok(Kid {
-            edge: Edge {
-                from: from.parse().map_err(|_| bad())?,
-                to: to.parse().map_err(|_| bad())?,
-            },
+            edge: Edge { from: from.parse().map_err(|_| bad())?, to: to.parse().map_err(|_| bad())? },
             generation: generation.parse().map_err(|_| bad())?,
         })
     }
@@ -94,35 +86,29 @@ pub enum KeyError {
         reason: String,
     },
     /// A process name that has no keyset.
-    #[error(
-        "unknown process {0:?}: expected one of orchestrator, budget, dev, qa, review, refactor, operator"
-    )]
+    #[error("unknown process {0:?}: expected one of orchestrator, budget, dev, qa, review, refactor, operator")]
     UnknownProcess(String),
     /// The relay forwards bytes signed by the orchestrator and must not hold keys.
-    #[error(
-        "process \"outbox-relay\" holds no keys: it forwards bytes the orchestrator already signed"
-    )]
+    #[error("process \"outbox-relay\" holds no keys: it forwards bytes the orchestrator already signed")]
     RelayHoldsNoKeys,
-    /// Retiring the generation in use would leave the fleet unable to sign.
-    #[error(
-        "cannot retire through generation {through}: the current generation is {current}; rotate first"
-    )]
+    /// Retiring the generation senders sign with would leave the fleet unable to talk.
+    #[error("cannot retire through generation {through}: senders sign with generation {signing}; rotate and promote first")]
     RetireCurrent {
         /// Requested.
         through: u32,
-        /// In use.
-        current: u32,
+        /// The signing generation.
+        signing: u32,
     },
+    /// Generation numbers are exhausted (after 4 billion rotations).
+    #[error("no generation after {0}: create a new master")]
+    GenerationOverflow(u32),
     /// No active key on the edge a message must be signed for.
     #[error("no active key for edge {0}: this process's keyset does not cover it")]
     NoKeyForEdge(Edge),
 }
 
 fn format_err(what: &'static str, reason: impl fmt::Display) -> KeyError {
-    KeyError::Format {
-        what,
-        reason: reason.to_string(),
-    }
+    KeyError::Format { what, reason: reason.to_string() }
 }
 
 /// 32 random bytes, the root of every edge key. Zeroized on drop, never printed.
@@ -146,20 +132,26 @@ impl MasterSecret {
     pub fn derive(&self, kid: &Kid) -> Zeroizing<[u8; KEY_LEN]> {
         let hk = Hkdf::<Sha256>::new(Some(EDGE_KEY_SALT), &self.0);
         let mut okm = Zeroizing::new([0u8; KEY_LEN]);
-        hk.expand(kid.to_string().as_bytes(), okm.as_mut())
-            .expect("32 bytes is a valid HKDF-SHA256 output length");
+        hk.expand(kid.to_string().as_bytes(), okm.as_mut()).expect("32 bytes is a valid HKDF-SHA256 output length");
         okm
     }
 }
 
-/// The operator's master file: the secret plus the generation bookkeeping that rotation
-/// and retirement change.
+/// The operator's master file: the secret plus the generation bookkeeping that rotation,
+/// promotion and retirement change.
+///
+/// Generations move through three states so a rotation never drops a message:
+/// *staged* (`signing_generation < g ≤ current_generation`: verifiers accept it, nobody signs
+/// with it yet), *signing* (`g = signing_generation`), and *retired* (`g ≤ retired_through`:
+/// refused). Between retired and signing, older generations are still accepted.
 #[derive(Debug, Clone)]
 pub struct MasterFile {
     /// The secret.
     pub secret: MasterSecret,
-    /// Generation senders sign with. Starts at 1.
+    /// Newest generation that exists. Starts at 1.
     pub current_generation: u32,
+    /// Generation senders sign with; ≤ `current_generation`.
+    pub signing_generation: u32,
     /// Generations `1..=retired_through` are refused by verifiers; 0 means none retired.
     pub retired_through: u32,
 }
@@ -170,45 +162,38 @@ struct MasterToml {
     format: u32,
     secret: Zeroizing<String>,
     current_generation: u32,
+    signing_generation: u32,
     retired_through: u32,
 }
 
 impl MasterFile {
     /// A new master with generation 1 and nothing retired.
     pub fn new(secret: MasterSecret) -> Self {
-        Self {
-            secret,
-            current_generation: 1,
-            retired_through: 0,
-        }
+        Self { secret, current_generation: 1, signing_generation: 1, retired_through: 0 }
     }
 
     /// Parses the TOML master file.
     pub fn parse(text: &str) -> Result<Self, KeyError> {
         let t: MasterToml = toml::from_str(text).map_err(|e| format_err("master", e.message()))?;
         if t.format != 1 {
-            return Err(format_err(
-                "master",
-                format_args!("format {} is not supported (expected 1)", t.format),
-            ));
+            return Err(format_err("master", format_args!("format {} is not supported (expected 1)", t.format)));
         }
-        let bytes = Zeroizing::new(
-            hex::decode(t.secret.as_str())
-                .map_err(|_| format_err("master", "`secret` is not hex"))?,
-        );
+        let bytes =
+            Zeroizing::new(hex::decode(t.secret.as_str()).map_err(|_| format_err("master", "`secret` is not hex"))?);
         let secret: [u8; KEY_LEN] = bytes
             .as_slice()
             .try_into()
             .map_err(|_| format_err("master", "`secret` must be 32 bytes (64 hex digits)"))?;
-        if t.current_generation == 0 || t.retired_through >= t.current_generation {
+        if !(t.retired_through < t.signing_generation && t.signing_generation <= t.current_generation) {
             return Err(format_err(
                 "master",
-                "need current_generation ≥ 1 and retired_through < current_generation",
+                "need retired_through < signing_generation <= current_generation (signing_generation >= 1)",
             ));
         }
         Ok(Self {
             secret: MasterSecret(secret),
             current_generation: t.current_generation,
+            signing_generation: t.signing_generation,
             retired_through: t.retired_through,
         })
     }
@@ -219,6 +204,7 @@ impl MasterFile {
             format: 1,
             secret: Zeroizing::new(hex::encode(self.secret.0)),
             current_generation: self.current_generation,
+            signing_generation: self.signing_generation,
             retired_through: self.retired_through,
         };
         let body = Zeroizing::new(toml::to_string(&t).expect("the master file is plain TOML"));
@@ -229,30 +215,37 @@ impl MasterFile {
         ))
     }
 
-    /// Adds a generation: senders move to it once they load the new keysets.
-    pub fn rotate(&mut self) {
-        self.current_generation += 1;
+    /// Adds a *staged* generation: keysets derived now let verifiers accept it while senders
+    /// keep signing with the signing generation, so the new keys can reach every process
+    /// before anyone uses them.
+    pub fn rotate(&mut self) -> Result<u32, KeyError> {
+        self.current_generation =
+            self.current_generation.checked_add(1).ok_or(KeyError::GenerationOverflow(self.current_generation))?;
+        Ok(self.current_generation)
     }
 
-    /// Retires generations `1..=through`; the current one can't be retired.
-    pub fn retire_through(&mut self, through: u32) -> Result<(), KeyError> {
-        if through >= self.current_generation {
-            return Err(KeyError::RetireCurrent {
-                through,
-                current: self.current_generation,
-            });
+    /// Makes the newest generation the signing one (after every process holds it).
+    /// Returns false when it already was.
+    pub fn promote(&mut self) -> bool {
+        let changed = self.signing_generation != self.current_generation;
+        self.signing_generation = self.current_generation;
+        changed
+    }
+
+    /// Retires generations `1..=through`; the signing generation can't be retired.
+    /// Returns false when they already were.
+    pub fn retire_through(&mut self, through: u32) -> Result<bool, KeyError> {
+        if through >= self.signing_generation {
+            return Err(KeyError::RetireCurrent { through, signing: self.signing_generation });
         }
+        let changed = through > self.retired_through;
         self.retired_through = self.retired_through.max(through);
-        Ok(())
+        Ok(changed)
     }
 
     /// The keyset of one process: every edge it signs or verifies on, every generation up
     /// to the current one (retired ones listed without key material).
-    pub fn derive_keyset(
-        &self,
-        process: Process,
-        permissions: &PermissionTable,
-    ) -> Result<Keyset, KeyError> {
+    pub fn derive_keyset(&self, process: Process, permissions: &PermissionTable) -> Keyset {
         let mut entries = Vec::new();
         for edge in permissions.edges() {
             if !process.is_on(edge) {
@@ -261,10 +254,10 @@ impl MasterFile {
             for generation in (1..=self.current_generation).rev() {
                 let kid = Kid { edge, generation };
                 let secret = (generation > self.retired_through).then(|| self.secret.derive(&kid));
-                entries.push(KeysetEntry { kid, secret });
+                entries.push(KeysetEntry { kid, secret, staged: generation > self.signing_generation });
             }
         }
-        Ok(Keyset { process, entries })
+        Keyset { process, entries }
     }
 }
 
@@ -284,10 +277,7 @@ impl Process {
         match s {
             "operator" => Ok(Process::Operator),
             "outbox-relay" => Err(KeyError::RelayHoldsNoKeys),
-            _ => s
-                .parse()
-                .map(Process::Role)
-                .map_err(|_| KeyError::UnknownProcess(s.to_owned())),
+            _ => s.parse().map(Process::Role).map_err(|_| KeyError::UnknownProcess(s.to_owned())),
         }
     }
 
@@ -315,6 +305,8 @@ pub struct KeysetEntry {
     pub kid: Kid,
     /// Key material, absent once retired.
     pub secret: Option<Zeroizing<[u8; KEY_LEN]>>,
+    /// Verify-only: a rotated-in generation not yet promoted to signing.
+    pub staged: bool,
 }
 
 impl fmt::Debug for KeysetEntry {
@@ -322,6 +314,7 @@ impl fmt::Debug for KeysetEntry {
         f.debug_struct("KeysetEntry")
             .field("kid", &self.kid.to_string())
             .field("secret", &self.secret.as_ref().map(|_| "**REDACTED**"))
+            .field("staged", &self.staged)
             .finish()
     }
 }
@@ -352,6 +345,8 @@ struct KeyToml {
     secret: Option<Zeroizing<String>>,
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     retired: bool,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    staged: bool,
 }
 
 impl Keyset {
@@ -359,10 +354,7 @@ impl Keyset {
     pub fn parse(text: &str) -> Result<Self, KeyError> {
         let t: KeysetToml = toml::from_str(text).map_err(|e| format_err("keyset", e.message()))?;
         if t.format != 1 {
-            return Err(format_err(
-                "keyset",
-                format_args!("format {} is not supported (expected 1)", t.format),
-            ));
+            return Err(format_err("keyset", format_args!("format {} is not supported (expected 1)", t.format)));
         }
         let process = Process::parse(&t.process)?;
         let mut entries = Vec::with_capacity(t.keys.len());
@@ -370,29 +362,28 @@ impl Keyset {
             let kid: Kid = k.kid.parse().map_err(|e| format_err("keyset", e))?;
             let secret = match (k.secret, k.retired) {
                 (Some(hex_text), false) => {
-                    let raw = Zeroizing::new(hex::decode(hex_text.as_str()).map_err(|_| {
-                        format_err("keyset", format_args!("secret of {kid} is not hex"))
-                    })?);
-                    let arr: [u8; KEY_LEN] = raw.as_slice().try_into().map_err(|_| {
-                        format_err("keyset", format_args!("secret of {kid} must be 32 bytes"))
-                    })?;
+                    let raw = Zeroizing::new(
+                        hex::decode(hex_text.as_str())
+                            .map_err(|_| format_err("keyset", format_args!("secret of {kid} is not hex")))?,
+                    );
+                    let arr: [u8; KEY_LEN] = raw
+                        .as_slice()
+                        .try_into()
+                        .map_err(|_| format_err("keyset", format_args!("secret of {kid} must be 32 bytes")))?;
                     Some(Zeroizing::new(arr))
                 }
                 (None, true) => None,
                 (Some(_), true) => {
-                    return Err(format_err(
-                        "keyset",
-                        format_args!("{kid} is retired but still carries a secret"),
-                    ));
+                    return Err(format_err("keyset", format_args!("{kid} is retired but still carries a secret")));
                 }
                 (None, false) => {
-                    return Err(format_err(
-                        "keyset",
-                        format_args!("{kid} has no secret and is not marked retired"),
-                    ));
+                    return Err(format_err("keyset", format_args!("{kid} has no secret and is not marked retired")));
                 }
             };
-            entries.push(KeysetEntry { kid, secret });
+            if k.staged && secret.is_none() {
+                return Err(format_err("keyset", format_args!("{kid} cannot be both retired and staged")));
+            }
+            entries.push(KeysetEntry { kid, secret, staged: k.staged });
         }
         Ok(Self { process, entries })
     }
@@ -407,11 +398,9 @@ impl Keyset {
                 .iter()
                 .map(|e| KeyToml {
                     kid: e.kid.to_string(),
-                    secret: e
-                        .secret
-                        .as_ref()
-                        .map(|s| Zeroizing::new(hex::encode(s.as_ref()))),
+                    secret: e.secret.as_ref().map(|s| Zeroizing::new(hex::encode(s.as_ref()))),
                     retired: e.secret.is_none(),
+                    staged: e.staged,
                 })
                 .collect(),
         };
@@ -456,22 +445,10 @@ impl fmt::Debug for Keyring {
         let mut kids: Vec<_> = self
             .keys
             .iter()
-            .map(|(k, e)| {
-                format!(
-                    "{k}{}",
-                    if matches!(e, KeyEntry::Retired) {
-                        " (retired)"
-                    } else {
-                        ""
-                    }
-                )
-            })
+            .map(|(k, e)| format!("{k}{}", if matches!(e, KeyEntry::Retired) { " (retired)" } else { "" }))
             .collect();
         kids.sort();
-        f.debug_struct("Keyring")
-            .field("kids", &kids)
-            .field("secrets", &"**REDACTED**")
-            .finish()
+        f.debug_struct("Keyring").field("kids", &kids).field("secrets", &"**REDACTED**").finish()
     }
 }
 
@@ -485,19 +462,15 @@ impl Keyring {
         ring
     }
 
-    /// Adds one key (or retired kid). A later generation becomes the edge's signing key.
+    /// Adds one key (or retired kid). The newest non-staged generation of an edge signs.
     pub fn insert(&mut self, entry: KeysetEntry) {
         let kid = entry.kid;
         let value = match &entry.secret {
             Some(secret) => {
-                let mac = <Hmac<Sha256> as KeyInit>::new_from_slice(secret.as_ref())
-                    .expect("HMAC accepts any key length");
+                let mac =
+                    <Hmac<Sha256> as KeyInit>::new_from_slice(secret.as_ref()).expect("HMAC accepts any key length");
                 let key = EdgeKey { kid, mac };
-                if self
-                    .newest
-                    .get(&kid.edge)
-                    .is_none_or(|n| kid.generation >= n.kid.generation)
-                {
+                if !entry.staged && self.newest.get(&kid.edge).is_none_or(|n| kid.generation >= n.kid.generation) {
                     self.newest.insert(kid.edge, key.clone());
                 }
                 KeyEntry::Active(key)
@@ -513,12 +486,8 @@ impl Keyring {
     }
 
     /// Derives a keyring straight from a master (tests, and the operator's own tools).
-    pub fn derive(
-        master: &MasterFile,
-        process: Process,
-        permissions: &PermissionTable,
-    ) -> Result<Self, KeyError> {
-        Ok(master.derive_keyset(process, permissions)?.into_keyring())
+    pub fn derive(master: &MasterFile, process: Process, permissions: &PermissionTable) -> Result<Self, KeyError> {
+        Ok(master.derive_keyset(process, permissions).into_keyring())
     }
 
     pub(crate) fn lookup(&self, kid: &str) -> Option<&KeyEntry> {
@@ -542,13 +511,7 @@ mod tests {
     #[test]
     fn kids_parse_only_in_canonical_form() {
         let k: Kid = "dev>orchestrator:12".parse().unwrap();
-        assert_eq!(
-            k.edge,
-            Edge {
-                from: Role::Dev,
-                to: Role::Orchestrator
-            }
-        );
+        assert_eq!(k.edge, Edge { from: Role::Dev, to: Role::Orchestrator });
         assert_eq!(k.generation, 12);
         assert_eq!(k.to_string(), "dev>orchestrator:12");
         for bad in [
@@ -569,35 +532,27 @@ mod tests {
         let m = MasterFile::new(MasterSecret::from_bytes([0xab; 32]));
         let dbg = format!("{m:?}");
         assert!(!dbg.contains("abab") && !dbg.contains("171"), "{dbg}");
-        let entry = KeysetEntry {
-            kid: "dev>qa:1".parse().unwrap(),
-            secret: Some(Zeroizing::new([0xcd; 32])),
-        };
+        let entry = KeysetEntry { kid: "dev>qa:1".parse().unwrap(), secret: Some(Zeroizing::new([0xcd; 32])), staged: false };
         let ring = Keyring::from_entries([entry.clone()]);
         for text in [format!("{entry:?}"), format!("{ring:?}")] {
-            assert!(
-                text.contains("REDACTED") && !text.contains("cdcd") && !text.contains("205"),
-                "{text}"
-            );
+            assert!(text.contains("REDACTED") && !text.contains("cdcd") && !text.contains("205"), "{text}");
         }
     }
 
     #[test]
     fn master_file_round_trips_and_rotates() {
         let mut m = MasterFile::new(MasterSecret::from_bytes([7; 32]));
-        m.rotate();
-        m.retire_through(1).unwrap();
-        assert!(matches!(
-            m.retire_through(2),
-            Err(KeyError::RetireCurrent { .. })
-        ));
+        assert_eq!(m.rotate().unwrap(), 2);
+        assert!(matches!(m.retire_through(1), Err(KeyError::RetireCurrent { signing: 1, .. })), "staged is not signing");
+        assert!(m.promote());
+        assert!(m.retire_through(1).unwrap());
+        assert!(!m.retire_through(1).unwrap());
+        assert!(matches!(m.retire_through(2), Err(KeyError::RetireCurrent { .. })));
         let back = MasterFile::parse(&m.to_toml()).unwrap();
-        assert_eq!((back.current_generation, back.retired_through), (2, 1));
+        assert_eq!((back.current_generation, back.signing_generation, back.retired_through), (2, 2, 1));
         assert_eq!(back.secret.0, [7; 32]);
-        let err = MasterFile::parse(
-            "format = 1\nsecret = \"zz\"\ncurrent_generation = 1\nretired_through = 0\n",
-        )
-        .unwrap_err();
+        let err = MasterFile::parse("format = 1\nsecret = \"zz\"\ncurrent_generation = 1\nsigning_generation = 1\nretired_through = 0\n")
+            .unwrap_err();
         assert!(err.to_string().contains("not hex"), "{err}");
     }
 
@@ -614,14 +569,8 @@ mod tests {
 
     #[test]
     fn process_names_are_checked() {
-        assert!(matches!(
-            Process::parse("outbox-relay"),
-            Err(KeyError::RelayHoldsNoKeys)
-        ));
-        assert!(matches!(
-            Process::parse("planner"),
-            Err(KeyError::UnknownProcess(_))
-        ));
+        assert!(matches!(Process::parse("outbox-relay"), Err(KeyError::RelayHoldsNoKeys)));
+        assert!(matches!(Process::parse("planner"), Err(KeyError::UnknownProcess(_))));
         assert_eq!(Process::parse("qa").unwrap(), Process::Role(Role::Qa));
     }
 }

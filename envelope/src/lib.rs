@@ -26,13 +26,12 @@ pub mod verify;
 pub mod wire;
 
 pub use body::{
-    ControlPause, ControlResume, Envelope, Heartbeat, Outcome, Payload, Question, Sender, Status,
-    TaskAssign, TaskResult, ToolRequest, ToolResponse, Usage,
+    ControlPause, ControlResume, Envelope, Heartbeat, Outcome, Payload, Question, Sender, Status, TaskAssign,
+    TaskResult, ToolRequest, ToolResponse, Usage,
 };
-pub use keys::{Edge, KeyError, Keyring, Keyset, Kid, MasterFile, MasterSecret, Process};
+pub use keys::{Edge, KeyError, Keyring, Keyset, KeysetEntry, Kid, MasterFile, MasterSecret, Process};
 pub use names::{Instance, MessageType, Role, StreamName, streams};
 pub use permissions::{PermissionError, PermissionTable};
 pub use verify::{
-    Checked, MemoryReplayGuard, ReplayGuard, Verified, Verifier, VerifierConfig, VerifyContext,
-    VerifyError,
+    Checked, MemoryReplayGuard, ReplayGuard, Verified, Verifier, VerifierConfig, VerifyContext, VerifyError,
 };

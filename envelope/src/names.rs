@@ -114,12 +114,8 @@ wire_names! {
 impl MessageType {
     /// The only types a worker may ever publish, whatever the permission file says: a
     /// worker that could publish `task.assign` or `control.resume` could steer the fleet.
-    pub const WORKER_PUBLISHABLE: &'static [MessageType] = &[
-        MessageType::TaskResult,
-        MessageType::Heartbeat,
-        MessageType::Question,
-        MessageType::ToolRequest,
-    ];
+    pub const WORKER_PUBLISHABLE: &'static [MessageType] =
+        &[MessageType::TaskResult, MessageType::Heartbeat, MessageType::Question, MessageType::ToolRequest];
 }
 
 /// Stream names used by the fleet. Per-role and per-instance streams are built by
@@ -149,9 +145,7 @@ pub struct StreamName(String);
 
 /// A stream name that is not of the form `fleet:[a-z0-9:._-]+`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "invalid stream name {0:?}: it must start with \"fleet:\" and use only a-z, 0-9, ':', '.', '_', '-'"
-)]
+#[error("invalid stream name {0:?}: it must start with \"fleet:\" and use only a-z, 0-9, ':', '.', '_', '-'")]
 pub struct InvalidStreamName(String);
 
 impl StreamName {
@@ -163,13 +157,8 @@ impl StreamName {
         let ok = s.len() <= Self::MAX_LEN
             && s.len() > "fleet:".len()
             && s.starts_with("fleet:")
-            && s.bytes()
-                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b':' | b'.' | b'_' | b'-'));
-        if ok {
-            Ok(Self(s.to_owned()))
-        } else {
-            Err(InvalidStreamName(s.to_owned()))
-        }
+            && s.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b':' | b'.' | b'_' | b'-'));
+        if ok { Ok(Self(s.to_owned())) } else { Err(InvalidStreamName(s.to_owned())) }
     }
 
     /// `fleet:tasks:<role>`: assignments for one role's consumer group.
@@ -214,13 +203,8 @@ impl Instance {
     pub fn parse(s: &str) -> Result<Self, InvalidInstance> {
         let ok = !s.is_empty()
             && s.len() <= 64
-            && s.bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        if ok {
-            Ok(Self(s.to_owned()))
-        } else {
-            Err(InvalidInstance(s.to_owned()))
-        }
+            && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if ok { Ok(Self(s.to_owned())) } else { Err(InvalidInstance(s.to_owned())) }
     }
 
     /// The name as a string slice.
@@ -261,10 +245,7 @@ mod tests {
             assert_eq!(t.as_str().parse::<MessageType>(), Ok(*t));
         }
         let err = "planner".parse::<Role>().unwrap_err().to_string();
-        assert!(
-            err.contains("\"planner\"") && err.contains("orchestrator"),
-            "{err}"
-        );
+        assert!(err.contains("\"planner\"") && err.contains("orchestrator"), "{err}");
     }
 
     #[test]
@@ -275,10 +256,7 @@ mod tests {
         assert!(StreamName::parse("fleet:Tasks").is_err());
         assert!(StreamName::parse("fleet:a b").is_err());
         let i = Instance::parse("dev-1").unwrap();
-        assert_eq!(
-            StreamName::tool_responses(Role::Dev, &i).as_str(),
-            "fleet:tool:responses:dev:dev-1"
-        );
+        assert_eq!(StreamName::tool_responses(Role::Dev, &i).as_str(), "fleet:tool:responses:dev:dev-1");
         assert!(Instance::parse("").is_err());
         assert!(Instance::parse("a/b").is_err());
     }

@@ -25,36 +25,23 @@ impl StreamPattern {
         };
         let ok = body.starts_with("fleet:")
             && (prefix || body.len() > "fleet:".len())
-            && body
-                .bytes()
-                .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b':' | b'.' | b'_' | b'-'));
+            && body.bytes().all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b':' | b'.' | b'_' | b'-'));
         if !ok {
             return Err(format!(
                 "invalid stream pattern {s:?}: use \"fleet:\" followed by a-z, 0-9, ':', '.', '_', '-', optionally ending in '*'"
             ));
         }
-        Ok(Self {
-            text: body.to_owned(),
-            prefix,
-        })
+        Ok(Self { text: body.to_owned(), prefix })
     }
 
     /// True when `stream` is this name, or starts with this prefix.
     pub fn matches(&self, stream: &str) -> bool {
-        if self.prefix {
-            stream.starts_with(&self.text) && stream.len() > self.text.len()
-        } else {
-            stream == self.text
-        }
+        if self.prefix { stream.starts_with(&self.text) && stream.len() > self.text.len() } else { stream == self.text }
     }
 
     /// The pattern as written, usable as a Redis ACL key pattern.
     pub fn as_redis_pattern(&self) -> String {
-        if self.prefix {
-            format!("{}*", self.text)
-        } else {
-            self.text.clone()
-        }
+        if self.prefix { format!("{}*", self.text) } else { self.text.clone() }
     }
 }
 
@@ -117,21 +104,10 @@ impl PermissionTable {
         let mut rules = Vec::with_capacity(file.rules.len());
         for (n, r) in file.rules.into_iter().enumerate() {
             let at = |msg: String| {
-                PermissionError(format!(
-                    "rule #{} ({} -> {} on {}): {msg}",
-                    n + 1,
-                    r.from,
-                    r.to,
-                    r.stream
-                ))
+                PermissionError(format!("rule #{} ({} -> {} on {}): {msg}", n + 1, r.from, r.to, r.stream))
             };
-            let from: Role = r
-                .from
-                .parse()
-                .map_err(|e: crate::names::UnknownName| at(e.to_string()))?;
-            let to: Role =
-                r.to.parse()
-                    .map_err(|e: crate::names::UnknownName| at(e.to_string()))?;
+            let from: Role = r.from.parse().map_err(|e: crate::names::UnknownName| at(e.to_string()))?;
+            let to: Role = r.to.parse().map_err(|e: crate::names::UnknownName| at(e.to_string()))?;
             if from == to {
                 return Err(at("a role cannot address itself".into()));
             }
@@ -141,9 +117,7 @@ impl PermissionTable {
             }
             let mut types = Vec::with_capacity(r.types.len());
             for t in &r.types {
-                let ty: MessageType = t
-                    .parse()
-                    .map_err(|e: crate::names::UnknownName| at(e.to_string()))?;
+                let ty: MessageType = t.parse().map_err(|e: crate::names::UnknownName| at(e.to_string()))?;
                 if from.is_worker() && !MessageType::WORKER_PUBLISHABLE.contains(&ty) {
                     return Err(at(format!(
                         "workers may publish only task.result, heartbeat, question and tool.request, not {ty}"
@@ -151,12 +125,7 @@ impl PermissionTable {
                 }
                 types.push(ty);
             }
-            rules.push(Rule {
-                from,
-                to,
-                stream,
-                types,
-            });
+            rules.push(Rule { from, to, stream, types });
         }
         Ok(Self::from_rules(rules))
     }
@@ -173,20 +142,12 @@ impl PermissionTable {
 
     /// True when `from` may publish `ty` addressed to `to` on `stream`.
     pub fn permits(&self, from: Role, to: Role, stream: &str, ty: MessageType) -> bool {
-        self.index[slot(from, ty)]
-            .iter()
-            .any(|(p, t)| *t == to && p.matches(stream))
+        self.index[slot(from, ty)].iter().any(|(p, t)| *t == to && p.matches(stream))
     }
 
     /// Every edge some rule uses: the keys that must exist.
     pub fn edges(&self) -> BTreeSet<Edge> {
-        self.rules
-            .iter()
-            .map(|r| Edge {
-                from: r.from,
-                to: r.to,
-            })
-            .collect()
+        self.rules.iter().map(|r| Edge { from: r.from, to: r.to }).collect()
     }
 
     /// The rules, in file order.
@@ -204,71 +165,26 @@ mod tests {
     #[test]
     fn shipped_file_loads_and_grants_what_the_design_says() {
         let t = PermissionTable::parse(FILE).unwrap();
-        assert!(t.permits(
-            Role::Dev,
-            Role::Orchestrator,
-            "fleet:results",
-            MessageType::TaskResult
-        ));
-        assert!(t.permits(
-            Role::Orchestrator,
-            Role::Qa,
-            "fleet:tasks:qa",
-            MessageType::TaskAssign
-        ));
-        assert!(t.permits(
-            Role::Orchestrator,
-            Role::Dev,
-            "fleet:tool:responses:dev:dev-1",
-            MessageType::ToolResponse
-        ));
-        assert!(!t.permits(
-            Role::Orchestrator,
-            Role::Dev,
-            "fleet:tool:responses:dev:",
-            MessageType::ToolResponse
-        ));
-        assert!(!t.permits(
-            Role::Dev,
-            Role::Qa,
-            "fleet:tasks:qa",
-            MessageType::TaskAssign
-        ));
-        assert!(!t.permits(
-            Role::Dev,
-            Role::Orchestrator,
-            "fleet:tasks:qa",
-            MessageType::TaskResult
-        ));
-        assert!(!t.permits(
-            Role::Orchestrator,
-            Role::Qa,
-            "fleet:tasks:dev",
-            MessageType::TaskAssign
-        ));
+        assert!(t.permits(Role::Dev, Role::Orchestrator, "fleet:results", MessageType::TaskResult));
+        assert!(t.permits(Role::Orchestrator, Role::Qa, "fleet:tasks:qa", MessageType::TaskAssign));
+        assert!(t.permits(Role::Orchestrator, Role::Dev, "fleet:tool:responses:dev:dev-1", MessageType::ToolResponse));
+        assert!(!t.permits(Role::Orchestrator, Role::Dev, "fleet:tool:responses:dev:", MessageType::ToolResponse));
+        assert!(!t.permits(Role::Dev, Role::Qa, "fleet:tasks:qa", MessageType::TaskAssign));
+        assert!(!t.permits(Role::Dev, Role::Orchestrator, "fleet:tasks:qa", MessageType::TaskResult));
+        assert!(!t.permits(Role::Orchestrator, Role::Qa, "fleet:tasks:dev", MessageType::TaskAssign));
         for r in t.rules() {
             if r.from.is_worker() {
-                assert!(
-                    r.types
-                        .iter()
-                        .all(|ty| MessageType::WORKER_PUBLISHABLE.contains(ty))
-                );
+                assert!(r.types.iter().all(|ty| MessageType::WORKER_PUBLISHABLE.contains(ty)));
             }
         }
-        assert!(t.edges().contains(&Edge {
-            from: Role::Budget,
-            to: Role::Refactor
-        }));
+        assert!(t.edges().contains(&Edge { from: Role::Budget, to: Role::Refactor }));
     }
 
     #[test]
     fn a_worker_granted_more_is_refused_with_the_rule_named() {
         let bad = "[[rule]]\nfrom = \"dev\"\nto = \"qa\"\nstream = \"fleet:tasks:qa\"\ntypes = [\"task.assign\"]\n";
         let err = PermissionTable::parse(bad).unwrap_err().to_string();
-        assert!(
-            err.contains("rule #1") && err.contains("workers may publish only"),
-            "{err}"
-        );
+        assert!(err.contains("rule #1") && err.contains("workers may publish only"), "{err}");
     }
 
     #[test]

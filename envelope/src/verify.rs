@@ -18,22 +18,13 @@ impl Keyring {
     /// Encodes `env`, signs it with the newest key of its edge (`from.role` > `to`) and
     /// returns the wire bytes (the value of a stream entry's `env` field).
     pub fn seal(&self, env: &Envelope) -> Result<Vec<u8>, KeyError> {
-        let key = self.signing_key(Edge {
-            from: env.from.role,
-            to: env.to,
-        })?;
+        let key = self.signing_key(Edge { from: env.from.role, to: env.to })?;
         let body = env.to_body_bytes();
         let kid = key.kid.to_string();
         let mut mac = key.mac.clone();
         wire::feed_signing_input(&mut mac, WIRE_VERSION, &kid, ALG_HS256, &body);
         let sig = mac.finalize().into_bytes();
-        Ok(wire::encode_frame(
-            WIRE_VERSION,
-            &kid,
-            ALG_HS256,
-            &body,
-            &sig,
-        ))
+        Ok(wire::encode_frame(WIRE_VERSION, &kid, ALG_HS256, &body, &sig))
     }
 }
 
@@ -170,11 +161,7 @@ pub struct VerifierConfig {
 
 impl Default for VerifierConfig {
     fn default() -> Self {
-        Self {
-            max_size: 1 << 20,
-            skew_ms: 30_000,
-            max_ttl_ms: 24 * 3600 * 1000,
-        }
+        Self { max_size: 1 << 20, skew_ms: 30_000, max_ttl_ms: 24 * 3600 * 1000 }
     }
 }
 
@@ -253,10 +240,7 @@ impl Checked {
         if !first_sighting {
             return Err(VerifyError::Replay(self.env.id));
         }
-        Ok(Verified {
-            inner: self.env,
-            kid: self.kid,
-        })
+        Ok(Verified { inner: self.env, kid: self.kid })
     }
 }
 
@@ -321,21 +305,14 @@ pub struct Verifier {
 
 impl fmt::Debug for Verifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Verifier")
-            .field("keyring", &self.keyring)
-            .field("config", &self.config)
-            .finish_non_exhaustive()
+        f.debug_struct("Verifier").field("keyring", &self.keyring).field("config", &self.config).finish_non_exhaustive()
     }
 }
 
 impl Verifier {
     /// A verifier with the given keys, permissions and limits.
     pub fn new(keyring: Keyring, permissions: PermissionTable, config: VerifierConfig) -> Self {
-        Self {
-            keyring,
-            permissions,
-            config,
-        }
+        Self { keyring, permissions, config }
     }
 
     /// Every check, replay included, against a synchronous guard.
@@ -350,18 +327,10 @@ impl Verifier {
     }
 
     /// Every check except replay, in the order of `docs/wire-format.md` §Verification.
-    pub fn check(
-        &self,
-        stream: &str,
-        wire: &[u8],
-        ctx: VerifyContext,
-    ) -> Result<Checked, VerifyError> {
+    pub fn check(&self, stream: &str, wire: &[u8], ctx: VerifyContext) -> Result<Checked, VerifyError> {
         let limit = self.config.max_size;
         if wire.len() > limit {
-            return Err(VerifyError::TooLarge {
-                size: wire.len(),
-                limit,
-            });
+            return Err(VerifyError::TooLarge { size: wire.len(), limit });
         }
 
         let frame = wire::decode_frame(wire).map_err(decode_err)?;
@@ -372,10 +341,7 @@ impl Verifier {
             return Err(VerifyError::UnsupportedAlg(quote(frame.alg)));
         }
         if frame.sig.len() != SIG_LEN {
-            return Err(VerifyError::Decode(format!(
-                "signature is {} bytes, expected {SIG_LEN}",
-                frame.sig.len()
-            )));
+            return Err(VerifyError::Decode(format!("signature is {} bytes, expected {SIG_LEN}", frame.sig.len())));
         }
         let env = Envelope::from_body_bytes(frame.body).map_err(decode_err)?;
 
@@ -387,68 +353,36 @@ impl Verifier {
 
         let mut mac = key.mac.clone();
         wire::feed_signing_input(&mut mac, frame.v, frame.kid, frame.alg, frame.body);
-        mac.verify_slice(frame.sig)
-            .map_err(|_| VerifyError::BadSignature)?;
+        mac.verify_slice(frame.sig).map_err(|_| VerifyError::BadSignature)?;
 
         let edge = key.kid.edge;
         if env.from.role != edge.from || env.to != edge.to {
-            return Err(VerifyError::EdgeMismatch {
-                from: env.from.role,
-                to: env.to,
-                kid: key.kid,
-            });
+            return Err(VerifyError::EdgeMismatch { from: env.from.role, to: env.to, kid: key.kid });
         }
 
         let ty = env.message_type();
         if !self.permissions.permits(env.from.role, env.to, stream, ty) {
-            return Err(VerifyError::ForbiddenType {
-                from: env.from.role,
-                to: env.to,
-                ty,
-                stream: quote(stream),
-            });
+            return Err(VerifyError::ForbiddenType { from: env.from.role, to: env.to, ty, stream: quote(stream) });
         }
 
-        let VerifierConfig {
-            skew_ms,
-            max_ttl_ms,
-            ..
-        } = self.config;
+        let VerifierConfig { skew_ms, max_ttl_ms, .. } = self.config;
         if env.ttl_ms > max_ttl_ms {
-            return Err(VerifyError::TtlTooLong {
-                ttl_ms: env.ttl_ms,
-                max_ms: max_ttl_ms,
-            });
+            return Err(VerifyError::TtlTooLong { ttl_ms: env.ttl_ms, max_ms: max_ttl_ms });
         }
         if env.issued_at_ms > ctx.now_ms.saturating_add(skew_ms) {
-            return Err(VerifyError::FutureDated {
-                ahead_ms: env.issued_at_ms - ctx.now_ms,
-                skew_ms,
-            });
+            return Err(VerifyError::FutureDated { ahead_ms: env.issued_at_ms - ctx.now_ms, skew_ms });
         }
         // issued_at ≤ now + skew and ttl ≤ max_ttl, so this sum stays far from overflow.
-        let deadline = env
-            .issued_at_ms
-            .saturating_add(env.ttl_ms)
-            .saturating_add(skew_ms);
+        let deadline = env.issued_at_ms.saturating_add(env.ttl_ms).saturating_add(skew_ms);
         if ctx.now_ms > deadline {
-            return Err(VerifyError::Expired {
-                late_ms: ctx.now_ms - deadline,
-            });
+            return Err(VerifyError::Expired { late_ms: ctx.now_ms - deadline });
         }
 
         if env.kill_epoch < ctx.kill_epoch {
-            return Err(VerifyError::StaleEpoch {
-                got: env.kill_epoch,
-                current: ctx.kill_epoch,
-            });
+            return Err(VerifyError::StaleEpoch { got: env.kill_epoch, current: ctx.kill_epoch });
         }
 
-        Ok(Checked {
-            env,
-            kid: key.kid,
-            remember_until_ms: deadline,
-        })
+        Ok(Checked { env, kid: key.kid, remember_until_ms: deadline })
     }
 }
 

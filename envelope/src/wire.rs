@@ -82,13 +82,7 @@ pub(crate) fn encode_frame(v: u8, kid: &str, alg: &str, body: &[u8], sig: &[u8])
 /// `LP(SIGNING_DOMAIN) ‖ LP([v]) ‖ LP(kid) ‖ LP(alg) ‖ LP(body)` where
 /// `LP(x) = u32_be(len(x)) ‖ x`. Length prefixes make the split between items unambiguous.
 pub fn feed_signing_input(mac: &mut Hmac<Sha256>, v: u8, kid: &str, alg: &str, body: &[u8]) {
-    for item in [
-        SIGNING_DOMAIN,
-        &[v][..],
-        kid.as_bytes(),
-        alg.as_bytes(),
-        body,
-    ] {
+    for item in [SIGNING_DOMAIN, &[v][..], kid.as_bytes(), alg.as_bytes(), body] {
         // Frames are capped far below 4 GiB (the verifier's size limit), so this never truncates.
         mac.update(&(item.len() as u32).to_be_bytes());
         mac.update(item);
@@ -98,13 +92,7 @@ pub fn feed_signing_input(mac: &mut Hmac<Sha256>, v: u8, kid: &str, alg: &str, b
 /// The signing input as bytes; for documentation, vectors and other-language ports.
 pub fn signing_input(v: u8, kid: &str, alg: &str, body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(body.len() + 64);
-    for item in [
-        SIGNING_DOMAIN,
-        &[v][..],
-        kid.as_bytes(),
-        alg.as_bytes(),
-        body,
-    ] {
+    for item in [SIGNING_DOMAIN, &[v][..], kid.as_bytes(), alg.as_bytes(), body] {
         out.extend_from_slice(&(item.len() as u32).to_be_bytes());
         out.extend_from_slice(item);
     }
@@ -113,18 +101,39 @@ pub fn signing_input(v: u8, kid: &str, alg: &str, body: &[u8]) -> Vec<u8> {
 
 /// Decodes one MessagePack value from `bytes` and refuses trailing bytes, so a body has
 /// no smuggled suffix.
-pub(crate) fn from_slice_exact<T: serde::de::DeserializeOwned>(
-    bytes: &[u8],
-) -> Result<T, rmp_serde::decode::Error> {
-    let mut rest = bytes;
-    let value = T::deserialize(&mut rmp_serde::Deserializer::new(&mut rest))?;
-    if !rest.is_empty() {
-        return Err(serde::de::Error::custom(format_args!(
-            "{} trailing bytes after the body",
-            rest.len()
-        )));
+///
+/// Strings and byte strings are borrowed from `bytes` while decoding (rmp-serde's
+/// `Deserializer::new` over a `&[u8]` would copy each one into a scratch buffer first, which
+/// was half the cost of decoding a body). That reader doesn't say how much it consumed, so
+/// the end is checked by reading one more marker: only an empty remainder fails that read.
+pub(crate) fn from_slice_exact<'de, T: Deserialize<'de>>(bytes: &'de [u8]) -> Result<T, rmp_serde::decode::Error> {
+    let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
+    let value = T::deserialize(&mut de)?;
+    match NoValue::deserialize(&mut de) {
+        Err(rmp_serde::decode::Error::InvalidMarkerRead(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+            Ok(value)
+        }
+        _ => Err(serde::de::Error::custom("trailing bytes after the body")),
     }
-    Ok(value)
+}
+
+/// Accepts no value at all: its visitor keeps serde's defaults, which refuse every type
+/// without reading past the value's header. [`from_slice_exact`] uses it to probe for a
+/// marker after the body, so nothing nested in trailing bytes is read, let alone a second
+/// marker that could run out of input.
+struct NoValue;
+
+impl<'de> Deserialize<'de> for NoValue {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = NoValue;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("the end of the body")
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// Decodes the outer frame (not the body). The frame must use MessagePack's shortest
@@ -164,5 +173,27 @@ fn bin_len(n: usize) -> usize {
         0..256 => 2,
         256..65536 => 3,
         _ => 5,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_suffix_after_one_value_is_refused() {
+        // {"a": "xy"}
+        let value = [0x81, 0xa1, b'a', 0xa2, b'x', b'y'];
+        let ok: std::collections::BTreeMap<String, String> = from_slice_exact(&value).unwrap();
+        assert_eq!(ok["a"], "xy");
+        // A whole value, a container whose items are missing, a truncated header, a
+        // reserved marker, invalid UTF-8: each is a suffix, none may pass as the end.
+        for suffix in [&[0xc0][..], &[0x91], &[0x81], &[0xdc, 0x00], &[0xd9], &[0xc1], &[0xa1, 0xff], &[0xd4, 0x01]] {
+            let bytes = [&value[..], suffix].concat();
+            let err = from_slice_exact::<std::collections::BTreeMap<String, String>>(&bytes).unwrap_err();
+            assert!(err.to_string().contains("trailing bytes"), "suffix {suffix:02x?}: {err}");
+        }
+        // A value cut short is still a plain decode error.
+        assert!(from_slice_exact::<std::collections::BTreeMap<String, String>>(&value[..5]).is_err());
     }
 }

@@ -16,11 +16,7 @@ fn uuid() -> impl Strategy<Value = Uuid> {
 }
 
 fn status() -> impl Strategy<Value = Status> {
-    prop_oneof![
-        Just(Status::Success),
-        Just(Status::Failure),
-        Just(Status::Error)
-    ]
+    prop_oneof![Just(Status::Success), Just(Status::Failure), Just(Status::Error)]
 }
 
 fn role() -> impl Strategy<Value = Role> {
@@ -37,19 +33,9 @@ fn payload(ty: MessageType) -> BoxedStrategy<Payload> {
             proptest::option::of(text()),
             proptest::collection::vec(text(), 0..3),
         )
-            .prop_map(
-                |(attempt, instructions, workspace, repository, test_command, findings)| {
-                    TaskAssign {
-                        attempt,
-                        instructions,
-                        workspace,
-                        repository,
-                        test_command,
-                        findings,
-                    }
-                    .into()
-                },
-            )
+            .prop_map(|(attempt, instructions, workspace, repository, test_command, findings)| {
+                TaskAssign { attempt, instructions, workspace, repository, test_command, findings }.into()
+            })
             .boxed(),
         MessageType::TaskResult => (
             any::<u32>(),
@@ -60,71 +46,31 @@ fn payload(ty: MessageType) -> BoxedStrategy<Payload> {
             proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)),
         )
             .prop_map(|(attempt, status, summary, findings, diff, log)| {
-                TaskResult {
-                    attempt,
-                    status,
-                    summary,
-                    findings,
-                    diff,
-                    log,
-                }
-                .into()
+                TaskResult { attempt, status, summary, findings, diff, log }.into()
             })
             .boxed(),
-        MessageType::Heartbeat => (any::<u64>(), any::<bool>())
-            .prop_map(|(seq, busy)| Heartbeat { seq, busy }.into())
-            .boxed(),
+        MessageType::Heartbeat => {
+            (any::<u64>(), any::<bool>()).prop_map(|(seq, busy)| Heartbeat { seq, busy }.into()).boxed()
+        }
         MessageType::Question => text().prop_map(|text| Question { text }.into()).boxed(),
         MessageType::ToolRequest => (uuid(), text(), text())
-            .prop_map(|(request_id, action, input)| {
-                ToolRequest {
-                    request_id,
-                    action,
-                    input,
-                }
-                .into()
-            })
+            .prop_map(|(request_id, action, input)| ToolRequest { request_id, action, input }.into())
             .boxed(),
         MessageType::ToolResponse => (uuid(), any::<bool>(), text())
-            .prop_map(|(request_id, ok, output)| {
-                ToolResponse {
-                    request_id,
-                    ok,
-                    output,
-                }
-                .into()
-            })
+            .prop_map(|(request_id, ok, output)| ToolResponse { request_id, ok, output }.into())
             .boxed(),
         MessageType::Usage => (role(), text(), any::<u64>(), any::<u64>(), any::<u64>())
-            .prop_map(
-                |(role, model, input_tokens, output_tokens, cost_micro_usd)| {
-                    Usage {
-                        role,
-                        model,
-                        input_tokens,
-                        output_tokens,
-                        cost_micro_usd,
-                    }
-                    .into()
-                },
-            )
-            .boxed(),
-        MessageType::Outcome => (role(), status(), proptest::option::of(text()))
-            .prop_map(|(role, status, error_kind)| {
-                Outcome {
-                    role,
-                    status,
-                    error_kind,
-                }
-                .into()
+            .prop_map(|(role, model, input_tokens, output_tokens, cost_micro_usd)| {
+                Usage { role, model, input_tokens, output_tokens, cost_micro_usd }.into()
             })
             .boxed(),
-        MessageType::ControlPause => (any::<u64>(), text())
-            .prop_map(|(epoch, reason)| ControlPause { epoch, reason }.into())
+        MessageType::Outcome => (role(), status(), proptest::option::of(text()))
+            .prop_map(|(role, status, error_kind)| Outcome { role, status, error_kind }.into())
             .boxed(),
-        MessageType::ControlResume => any::<u64>()
-            .prop_map(|epoch| ControlResume { epoch }.into())
-            .boxed(),
+        MessageType::ControlPause => {
+            (any::<u64>(), text()).prop_map(|(epoch, reason)| ControlPause { epoch, reason }.into()).boxed()
+        }
+        MessageType::ControlResume => any::<u64>().prop_map(|epoch| ControlResume { epoch }.into()).boxed(),
     }
 }
 
@@ -136,9 +82,7 @@ fn permitted() -> impl Strategy<Value = (Envelope, String)> {
         .iter()
         .flat_map(|r| {
             let stream = r.stream.as_redis_pattern().replace('*', "inst-1");
-            r.types
-                .iter()
-                .map(move |t| (r.from, r.to, stream.clone(), *t))
+            r.types.iter().map(move |t| (r.from, r.to, stream.clone(), *t))
         })
         .collect();
     proptest::sample::select(rules).prop_flat_map(|(from, to, stream, ty)| {
@@ -154,23 +98,10 @@ fn permitted() -> impl Strategy<Value = (Envelope, String)> {
             uuid(),
         )
             .prop_map(
-                move |(
-                    payload,
-                    instance,
-                    ttl_ms,
-                    task_id,
-                    causation_id,
-                    traceparent,
-                    lease,
-                    kill_epoch,
-                    id,
-                )| {
+                move |(payload, instance, ttl_ms, task_id, causation_id, traceparent, lease, kill_epoch, id)| {
                     let env = Envelope {
                         id,
-                        from: Sender {
-                            role: from,
-                            instance: Instance::parse(&instance).expect("regex matches"),
-                        },
+                        from: Sender { role: from, instance: Instance::parse(&instance).expect("regex matches") },
                         to,
                         task_id,
                         causation_id,
@@ -188,18 +119,11 @@ fn permitted() -> impl Strategy<Value = (Envelope, String)> {
 }
 
 fn operator_verifier() -> Verifier {
-    Verifier::new(
-        ring(Process::Operator),
-        permissions(),
-        VerifierConfig::default(),
-    )
+    Verifier::new(ring(Process::Operator), permissions(), VerifierConfig::default())
 }
 
 fn ctx(kill_epoch: u64) -> VerifyContext {
-    VerifyContext {
-        now_ms: NOW_MS,
-        kill_epoch,
-    }
+    VerifyContext { now_ms: NOW_MS, kill_epoch }
 }
 
 proptest! {

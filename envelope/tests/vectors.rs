@@ -31,18 +31,12 @@ fn unhex(s: &str) -> Vec<u8> {
 #[test]
 fn key_derivations_match() {
     let k = keys();
-    let master =
-        MasterSecret::from_bytes(unhex(&k.master_secret_hex).try_into().expect("32 bytes"));
+    let master = MasterSecret::from_bytes(unhex(&k.master_secret_hex).try_into().expect("32 bytes"));
     assert_eq!(k.hkdf_salt.as_bytes(), envelope::keys::EDGE_KEY_SALT);
     assert!(k.derivations.len() >= 3);
     for d in &k.derivations {
         let kid: Kid = d.kid.parse().expect("kid");
-        assert_eq!(
-            hex::encode(*master.derive(&kid)),
-            d.key_hex,
-            "derivation of {}",
-            d.kid
-        );
+        assert_eq!(hex::encode(*master.derive(&kid)), d.key_hex, "derivation of {}", d.kid);
     }
 }
 
@@ -55,45 +49,17 @@ fn positive_vectors_encode_sign_and_verify_exactly() {
     for v in all {
         let body = v.fields.to_body_bytes();
         assert_eq!(hex::encode(&body), v.body_hex, "{}: body bytes", v.name);
-        assert_eq!(
-            Envelope::from_body_bytes(&body).expect("decodes"),
-            v.fields,
-            "{}: body round trip",
-            v.name
-        );
+        assert_eq!(Envelope::from_body_bytes(&body).expect("decodes"), v.fields, "{}: body round trip", v.name);
         let input = signing_input(1, &v.kid, "HS256", &body);
-        assert_eq!(
-            hex::encode(&input),
-            v.signing_input_hex,
-            "{}: signing input",
-            v.name
-        );
+        assert_eq!(hex::encode(&input), v.signing_input_hex, "{}: signing input", v.name);
         let mut mac = <Hmac<Sha256> as KeyInit>::new_from_slice(&unhex(&v.key_hex)).expect("key");
         mac.update(&input);
-        assert_eq!(
-            hex::encode(mac.finalize().into_bytes()),
-            v.signature_hex,
-            "{}: signature",
-            v.name
-        );
+        assert_eq!(hex::encode(mac.finalize().into_bytes()), v.signature_hex, "{}: signature", v.name);
         let wire = unhex(&v.wire_hex);
         let frame = decode_frame(&wire).expect("frame decodes");
-        assert_eq!(
-            (frame.v, frame.kid, frame.alg),
-            (1, v.kid.as_str(), "HS256"),
-            "{}: frame header",
-            v.name
-        );
-        assert_eq!(
-            hex::encode(frame.body),
-            v.body_hex,
-            "{}: frame body",
-            v.name
-        );
-        let ctx = VerifyContext {
-            now_ms: v.now_ms,
-            kill_epoch: v.kill_epoch,
-        };
+        assert_eq!((frame.v, frame.kid, frame.alg), (1, v.kid.as_str(), "HS256"), "{}: frame header", v.name);
+        assert_eq!(hex::encode(frame.body), v.body_hex, "{}: frame body", v.name);
+        let ctx = VerifyContext { now_ms: v.now_ms, kill_epoch: v.kill_epoch };
         let ok = verifier
             .verify(&v.stream, &wire, ctx, &mut MemoryReplayGuard::new())
             .unwrap_or_else(|e| panic!("{}: must verify, got {e}", v.name));
@@ -108,12 +74,7 @@ fn positive_vectors_are_what_the_keyring_seals() {
     // the vector used the newest generation.
     let ring = keys().keyring();
     for v in positives().into_iter().filter(|v| v.kid.ends_with(":3")) {
-        assert_eq!(
-            hex::encode(ring.seal(&v.fields).expect("seal")),
-            v.wire_hex,
-            "{}",
-            v.name
-        );
+        assert_eq!(hex::encode(ring.seal(&v.fields).expect("seal")), v.wire_hex, "{}", v.name);
     }
 }
 
@@ -135,10 +96,7 @@ fn negative_vectors_fail_with_the_named_error() {
         "too_large",
     ];
     for r in required {
-        assert!(
-            all.iter().any(|v| v.expected_error == r),
-            "no negative vector for {r}"
-        );
+        assert!(all.iter().any(|v| v.expected_error == r), "no negative vector for {r}");
     }
     for v in all {
         let verifier = k.verifier(&permissions, v.max_size);
@@ -146,15 +104,9 @@ fn negative_vectors_fail_with_the_named_error() {
         for id in &v.seen_ids {
             guard.first_sighting(*id, u64::MAX, v.now_ms);
         }
-        let ctx = VerifyContext {
-            now_ms: v.now_ms,
-            kill_epoch: v.kill_epoch,
-        };
+        let ctx = VerifyContext { now_ms: v.now_ms, kill_epoch: v.kill_epoch };
         match verifier.verify(&v.stream, &unhex(&v.wire_hex), ctx, &mut guard) {
-            Ok(_) => panic!(
-                "{}: verified but must fail with {}",
-                v.name, v.expected_error
-            ),
+            Ok(_) => panic!("{}: verified but must fail with {}", v.name, v.expected_error),
             Err(e) => assert_eq!(e.reason(), v.expected_error, "{}: got {e}", v.name),
         }
     }

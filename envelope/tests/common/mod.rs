@@ -4,8 +4,8 @@
 pub mod vectors;
 
 use envelope::{
-    Envelope, Instance, Keyring, MasterFile, MasterSecret, Payload, PermissionTable, Process, Role,
-    Sender, Status, TaskResult,
+    Envelope, Instance, Keyring, MasterFile, MasterSecret, Payload, PermissionTable, Process, Role, Sender, Status,
+    TaskResult,
 };
 
 pub const PERMISSIONS: &str = include_str!("../../../config/permissions.toml");
@@ -25,10 +25,7 @@ pub fn ring(process: Process) -> Keyring {
 
 pub fn dev_result(summary_len: usize) -> Envelope {
     let mut env = Envelope::new(
-        Sender {
-            role: Role::Dev,
-            instance: Instance::parse("dev-1").unwrap(),
-        },
+        Sender { role: Role::Dev, instance: Instance::parse("dev-1").unwrap() },
         Role::Orchestrator,
         NOW_MS,
         60_000,

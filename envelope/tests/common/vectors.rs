@@ -88,11 +88,15 @@ pub struct Negative {
 
 impl KeysFile {
     pub fn keyring(&self) -> Keyring {
-        Keyring::from_entries(self.verifier_keyring.iter().map(|k| KeysetEntry {
-            kid: k.kid.parse().expect("vector kid"),
-            secret: k.key_hex.as_ref().map(|h| {
-                zeroize::Zeroizing::new(hex::decode(h).expect("hex").try_into().expect("32 bytes"))
-            }),
+        Keyring::from_entries(self.verifier_keyring.iter().map(|k| {
+            KeysetEntry {
+                kid: k.kid.parse().expect("vector kid"),
+                secret: k
+                    .key_hex
+                    .as_ref()
+                    .map(|h| zeroize::Zeroizing::new(hex::decode(h).expect("hex").try_into().expect("32 bytes"))),
+                staged: false,
+            }
         }))
     }
 
@@ -101,11 +105,7 @@ impl KeysFile {
         Verifier::new(
             self.keyring(),
             permissions.clone(),
-            VerifierConfig {
-                max_size: max_size.unwrap_or(c.max_size),
-                skew_ms: c.skew_ms,
-                max_ttl_ms: c.max_ttl_ms,
-            },
+            VerifierConfig { max_size: max_size.unwrap_or(c.max_size), skew_ms: c.skew_ms, max_ttl_ms: c.max_ttl_ms },
         )
     }
 }

@@ -1,0 +1,32 @@
+//! `fleetctl`, the agentfleet operator's command line.
+//!
+//! For now it manages the signing keys: it creates the master secret, derives each
+//! process's keyset from it, rotates and retires key generations, and lists the kids of a
+//! keyset so an operator can check a deployment. `docs/keys.md` describes the files and
+//! the procedures; the key material itself is the `envelope` crate's.
+//!
+//! Exit codes: 0 on success (and for `--help`/`--version`), 64 (EX_USAGE) for anything the
+//! operator can fix (bad arguments, a missing or invalid input file, an output file that
+//! already exists), 1 for other failures (I/O while writing), with the whole cause chain
+//! on stderr. No message ever contains key material.
+//!
+//! # Layout
+//! - [`cli`]: the command line (clap derive); its doc comments are the `--help` texts.
+//! - [`keys`]: `fleetctl keys …`.
+//! - [`files`]: reading the operator's input files, writing secret files (mode 0600,
+//!   atomically when they replace something).
+//! - [`exit`]: [`UsageError`](exit::UsageError) and the mapping of results to exit codes.
+
+pub mod cli;
+pub mod exit;
+pub mod files;
+pub mod keys;
+
+pub use cli::Cli;
+
+/// Runs one parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        cli::Command::Keys(cmd) => keys::run(cmd),
+    }
+}
