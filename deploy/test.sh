@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Sets up a Debian machine for the test suite and runs all of it: the single command for
+# a developer's machine and for CI (.ci/run execs it).
+#
+#   1. Installs redis-server and postgresql with apt-get if they are missing: the
+#      integration tests start their own servers from these binaries (fleet-testkit),
+#      and fail loudly, never skip, when they are not there.
+#   2. Installs cargo-nextest if it is missing.
+#   3. Stops and disables the system's own redis-server and postgresql services, which
+#      the tests do not use.
+#   4. Runs the doc tests, then every other test with nextest (profile `ci` in
+#      .config/nextest.toml), and fails if either failed.
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+fail() { printf 'deploy/test.sh: %s\n' "$*" >&2; exit 1; }
+
+if [ "$(id -u)" -eq 0 ]; then
+    as_root=()
+elif command -v sudo >/dev/null 2>&1; then
+    as_root=(sudo)
+else
+    fail "not root and no sudo: cannot install packages or stop services."
+fi
+
+command -v cargo >/dev/null 2>&1 \
+    || fail "cargo not found: install a Rust toolchain (rustup) first."
+
+# 1. Server binaries. Debian keeps the PostgreSQL server programs outside PATH.
+packages=()
+command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
+if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null \
+    && ! command -v initdb >/dev/null 2>&1; then
+    packages+=(postgresql)
+fi
+if [ "${#packages[@]}" -gt 0 ]; then
+    step "Installing ${packages[*]} with apt-get."
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
+    "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive \
+        apt-get install -y -q --no-install-recommends "${packages[@]}"
+else
+    step "redis-server and postgresql are installed."
+fi
+redis-server --version
+
+# 2. The test runner.
+if ! cargo nextest --version >/dev/null 2>&1; then
+    step "Installing cargo-nextest (cargo install --locked cargo-nextest)."
+    cargo install --locked cargo-nextest
+fi
+cargo nextest --version | head -n 1
+
+# 3. The packages start system services on machines with an init system. Tests start
+#    servers of their own on free ports, so these only take memory and CPU.
+step "Stopping the system's redis-server and postgresql services, if running."
+if [ -d /run/systemd/system ]; then
+    for unit in redis-server postgresql; do
+        if systemctl list-unit-files "$unit.service" >/dev/null 2>&1; then
+            echo "systemctl disable --now $unit"
+            "${as_root[@]}" systemctl disable --now "$unit" || true
+        fi
+    done
+else
+    for service in redis-server postgresql; do
+        if [ -x "/etc/init.d/$service" ] && service "$service" status >/dev/null 2>&1; then
+            echo "service $service stop"
+            "${as_root[@]}" service "$service" stop || true
+        fi
+    done
+fi
+echo "Done."
+
+# 4. The tests. Doc tests first, so that the last thing printed is nextest's summary.
+status=0
+step "cargo test --workspace --doc --locked"
+cargo test --workspace --doc --locked || status=1
+step "cargo nextest run --workspace --locked --no-fail-fast --profile ci"
+cargo nextest run --workspace --locked --no-fail-fast --profile ci || status=1
+
+if [ "$status" -ne 0 ]; then
+    printf '\ndeploy/test.sh: some tests failed (see above).\n' >&2
+fi
+exit "$status"
