@@ -1,0 +1,567 @@
+//! The consumer loop: read → verify → dedup → handle → ack, plus retries, reclaim and DLQ.
+//!
+//! Invariants:
+//! - An entry is acknowledged only after one of: its handler succeeded; it was copied to
+//!   `fleet:rejected` (verification failed, or a duplicate); it was copied to `fleet:dlq`
+//!   (handler failed `max_deliveries` times, or permanently). The copy and the ack go in one
+//!   ordered pipeline, copy first.
+//! - A handler only ever receives a `Verified` envelope that passed the Redis replay guard.
+//! - Nothing pending is forgotten: failed entries stay pending and are retried from Redis's
+//!   pending list (surviving a restart of this process, whose consumer name is stable), and
+//!   entries of a consumer that went silent are taken over with `XAUTOCLAIM`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use envelope::{Checked, Envelope, Verified, Verifier, VerifyContext, streams};
+use redis::aio::MultiplexedConnection;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::config::ConsumerConfig;
+use crate::names::{ENV_FIELD, done_key, fields, seen_key};
+use crate::reply::{self, Entry};
+use crate::{BusError, HandlerError, KillEpoch, now_ms};
+
+/// A verified envelope and where it came from.
+#[derive(Debug)]
+pub struct Delivery {
+    /// The envelope: signature, edge, permissions, clock, epoch and replay all checked.
+    pub envelope: Verified<Envelope>,
+    /// The stream it was read from.
+    pub stream: String,
+    /// Its entry id there.
+    pub entry_id: String,
+    /// Redis's delivery count: 1 the first time, more on retries.
+    pub deliveries: u64,
+}
+
+/// Acts on deliveries. Return `Ok` only once the effect is durable: the entry is
+/// acknowledged right after, and never handed out again.
+pub trait Handler: Send + Sync + 'static {
+    /// Handles one delivery.
+    fn handle(&self, delivery: Delivery) -> impl Future<Output = Result<(), HandlerError>> + Send;
+}
+
+/// Counters of one consumer, readable while it runs.
+#[derive(Debug, Default)]
+pub struct ConsumerStats {
+    /// Handler succeeded, entry acknowledged.
+    pub handled: AtomicU64,
+    /// Copied to `fleet:rejected` and acknowledged.
+    pub rejected: AtomicU64,
+    /// Copied to `fleet:dlq` and acknowledged.
+    pub dead_lettered: AtomicU64,
+    /// Handler returned an error (each attempt).
+    pub handler_failures: AtomicU64,
+    /// Redelivered after its handler had already succeeded: acknowledged, handler not rerun.
+    pub already_done: AtomicU64,
+    /// Pending entries that had been deleted from the stream before they were acknowledged.
+    pub deleted_pending: AtomicU64,
+    /// Times the loop lost its connection (or got a Redis error) and started over.
+    pub reconnects: AtomicU64,
+    rejected_by_reason: Mutex<BTreeMap<&'static str, u64>>,
+}
+
+impl ConsumerStats {
+    /// Rejections per verifier code.
+    pub fn rejected_by_reason(&self) -> BTreeMap<&'static str, u64> {
+        self.rejected_by_reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn reject(&self, reason: &'static str) {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        *self.rejected_by_reason.lock().unwrap_or_else(|p| p.into_inner()).entry(reason).or_default() += 1;
+    }
+}
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Cap of `fleet:rejected` and `fleet:dlq`: they are read by operators, not consumed.
+const SIDE_STREAM_CAP: u64 = 100_000;
+/// How many `XAUTOCLAIM` pages one maintenance pass follows.
+const AUTOCLAIM_PAGES: usize = 8;
+/// How often idle consumers are looked for.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// What a batch ends in; written in one pipeline.
+#[derive(Default)]
+struct Outcome {
+    rejects: Vec<(Entry, &'static str, String)>,
+    dead: Vec<(Entry, u64, String)>,
+    /// Envelope ids whose handler succeeded, with the replay window left (ms).
+    done: Vec<(Uuid, u64)>,
+    acks: Vec<String>,
+}
+
+/// Consumes one stream in one consumer group.
+pub struct Consumer<H> {
+    cfg: ConsumerConfig,
+    pool: deadpool_redis::Pool,
+    verifier: Arc<Verifier>,
+    epoch: KillEpoch,
+    handler: H,
+    stats: Arc<ConsumerStats>,
+    /// Last handler error per pending entry, for the DLQ record.
+    last_errors: HashMap<String, String>,
+    group_ready: bool,
+    next_maintenance: Instant,
+    next_prune: Instant,
+    autoclaim_cursor: String,
+}
+
+impl<H> std::fmt::Debug for Consumer<H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer").field("cfg", &self.cfg).field("stats", &self.stats).finish_non_exhaustive()
+    }
+}
+
+impl<H: Handler> Consumer<H> {
+    /// A consumer; checks the configuration.
+    pub fn new(
+        cfg: ConsumerConfig,
+        pool: deadpool_redis::Pool,
+        verifier: Arc<Verifier>,
+        epoch: KillEpoch,
+        handler: H,
+    ) -> Result<Self, BusError> {
+        cfg.validate()?;
+        let now = Instant::now();
+        Ok(Self {
+            cfg,
+            pool,
+            verifier,
+            epoch,
+            handler,
+            stats: Arc::default(),
+            last_errors: HashMap::new(),
+            group_ready: false,
+            next_maintenance: now,
+            next_prune: now,
+            autoclaim_cursor: "0-0".into(),
+        })
+    }
+
+    /// Counters, shareable with a metrics endpoint.
+    pub fn stats(&self) -> Arc<ConsumerStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Runs until `shutdown` is cancelled. Redis failures never end the loop: it reconnects
+    /// with backoff. On shutdown it stops reading, lets a running handler finish within the
+    /// grace period, and leaves everything else pending.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        let mut conn: Option<MultiplexedConnection> = None;
+        let mut delays = reconnect_delays();
+        while !shutdown.is_cancelled() {
+            let result = match conn.as_mut() {
+                Some(c) => self.step(c, &shutdown).await,
+                None => match self.pool.get().await {
+                    // A dedicated connection: a blocking read must not hold up anyone else.
+                    Ok(c) => {
+                        conn = Some(deadpool_redis::Connection::take(c));
+                        continue;
+                    }
+                    Err(e) => Err(BusError::from(e)),
+                },
+            };
+            match result {
+                Ok(()) => delays = reconnect_delays(),
+                Err(e) => {
+                    bump(&self.stats.reconnects);
+                    conn = None;
+                    self.group_ready = false;
+                    let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                    tracing::warn!(stream = %self.cfg.stream, group = %self.cfg.group, error = %e, retry_in_ms = delay.as_millis() as u64, "Consumer lost Redis; reconnecting.");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = shutdown.cancelled() => {}
+                    }
+                }
+            }
+        }
+        tracing::info!(stream = %self.cfg.stream, consumer = %self.cfg.consumer, "Consumer stopped.");
+    }
+
+    async fn step(&mut self, c: &mut MultiplexedConnection, shutdown: &CancellationToken) -> Result<(), BusError> {
+        if !self.group_ready {
+            ensure_group(c, self.cfg.stream.as_str(), &self.cfg.group).await?;
+            self.group_ready = true;
+        }
+        let now = Instant::now();
+        if now >= self.next_maintenance {
+            self.retry_own_pending(c, shutdown).await?;
+            self.reclaim_dead(c).await?;
+            self.next_maintenance = Instant::now() + self.cfg.maintenance_every;
+        }
+        if now >= self.next_prune {
+            self.prune_idle_consumers(c).await?;
+            self.next_prune = Instant::now() + PRUNE_EVERY;
+        }
+        let block = self
+            .cfg
+            .block
+            .min(self.next_maintenance.saturating_duration_since(Instant::now()))
+            .max(Duration::from_millis(1));
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&self.cfg.group)
+            .arg(&self.cfg.consumer)
+            .arg("COUNT")
+            .arg(self.cfg.batch)
+            .arg("BLOCK")
+            .arg(block.as_millis() as u64)
+            .arg("STREAMS")
+            .arg(self.cfg.stream.as_str())
+            .arg(">");
+        let read = cmd.query_async::<redis::Value>(c);
+        let reply = tokio::select! {
+            r = read => r?,
+            // Entries this read may have claimed stay pending and are retried after restart.
+            () = shutdown.cancelled() => return Ok(()),
+        };
+        let entries = reply::read_one_stream(&reply)?;
+        if entries.is_empty() {
+            return Ok(());
+        }
+        self.process(c, entries, &HashMap::new(), shutdown).await
+    }
+
+    /// Verifies, dedups, handles and settles a batch. `deliveries` gives Redis's delivery
+    /// count of redelivered entries (absent: first delivery).
+    async fn process(
+        &mut self,
+        c: &mut MultiplexedConnection,
+        entries: Vec<Entry>,
+        deliveries: &HashMap<String, u64>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), BusError> {
+        let stream = self.cfg.stream.as_str().to_owned();
+        let now = now_ms();
+        let ctx = VerifyContext { now_ms: now, kill_epoch: self.epoch.get() };
+        let mut out = Outcome::default();
+        let mut checked: Vec<(Entry, Checked)> = Vec::with_capacity(entries.len());
+        for e in entries {
+            match (e.field(ENV_FIELD), &e.fields) {
+                (_, None) => {
+                    // Deleted from the stream while pending: nothing left to act on.
+                    bump(&self.stats.deleted_pending);
+                    tracing::warn!(stream = %stream, entry = %e.id, "A pending entry was deleted from the stream before it was acknowledged.");
+                    out.acks.push(e.id);
+                }
+                (None, Some(_)) => out.rejects.push((e, "decode", "stream entry has no `env` field".into())),
+                (Some(wire), Some(_)) => match self.verifier.check(&stream, wire, ctx) {
+                    Ok(chk) => checked.push((e, chk)),
+                    Err(err) => {
+                        let detail = err.to_string();
+                        out.rejects.push((e, err.reason(), detail));
+                    }
+                },
+            }
+        }
+
+        let mut to_handle = Vec::with_capacity(checked.len());
+        if !checked.is_empty() {
+            // One round trip marks every id as seen by this group, remembering which entry
+            // carried it: `SET … NX GET` answers nil for a first sighting, else that entry.
+            let mut pipe = redis::pipe();
+            for (e, chk) in &checked {
+                let ttl = chk.remember_until_ms().saturating_sub(now).max(1) + 1_000;
+                pipe.cmd("SET")
+                    .arg(seen_key(&self.cfg.group, &chk.id()))
+                    .arg(&e.id)
+                    .arg("NX")
+                    .arg("GET")
+                    .arg("PX")
+                    .arg(ttl);
+            }
+            let previous: Vec<Option<String>> = pipe.query_async(c).await?;
+            let mut redelivered = Vec::new();
+            for ((e, chk), prev) in checked.into_iter().zip(previous) {
+                match prev {
+                    None => to_handle.push((e, chk)),
+                    Some(p) if p == e.id => redelivered.push((e, chk)),
+                    Some(p) => {
+                        let detail = format!("envelope {} was already carried by entry {p}", chk.id());
+                        out.rejects.push((e, "replay", detail));
+                    }
+                }
+            }
+            if !redelivered.is_empty() {
+                let mut pipe = redis::pipe();
+                for (_, chk) in &redelivered {
+                    pipe.cmd("EXISTS").arg(done_key(&self.cfg.group, &chk.id()));
+                }
+                let done: Vec<bool> = pipe.query_async(c).await?;
+                for ((e, chk), done) in redelivered.into_iter().zip(done) {
+                    if done {
+                        bump(&self.stats.already_done);
+                        out.acks.push(e.id);
+                    } else {
+                        to_handle.push((e, chk));
+                    }
+                }
+            }
+        }
+
+        for (e, chk) in to_handle {
+            if shutdown.is_cancelled() {
+                break; // Not started: stays pending.
+            }
+            let n = deliveries.get(&e.id).copied().unwrap_or(1);
+            let id = chk.id();
+            let window = chk.remember_until_ms().saturating_sub(now).max(1) + 1_000;
+            // The Redis guard above answered "first sighting" (or "same entry, not done").
+            let Ok(envelope) = chk.after_replay_check(true) else { continue };
+            let delivery = Delivery { envelope, stream: stream.clone(), entry_id: e.id.clone(), deliveries: n };
+            match self.run_handler(delivery, shutdown).await {
+                Some(Ok(())) => {
+                    self.last_errors.remove(&e.id);
+                    out.done.push((id, window));
+                    out.acks.push(e.id);
+                }
+                Some(Err(HandlerError::Permanent(msg))) => {
+                    bump(&self.stats.handler_failures);
+                    out.dead.push((e, n, format!("permanent failure: {msg}")));
+                }
+                Some(Err(HandlerError::Transient(msg))) => {
+                    bump(&self.stats.handler_failures);
+                    if n >= self.cfg.max_deliveries {
+                        out.dead.push((e, n, format!("failed {n} deliveries; last error: {msg}")));
+                    } else {
+                        tracing::warn!(stream = %stream, entry = %e.id, deliveries = n, error = %msg, "Handler failed; will retry.");
+                        self.last_errors.insert(e.id, msg);
+                    }
+                }
+                None => break, // Grace period over: left pending.
+            }
+        }
+        self.settle(c, out).await
+    }
+
+    async fn run_handler(&self, d: Delivery, shutdown: &CancellationToken) -> Option<Result<(), HandlerError>> {
+        let fut = self.handler.handle(d);
+        tokio::pin!(fut);
+        tokio::select! {
+            r = &mut fut => Some(r),
+            () = shutdown.cancelled() => tokio::time::timeout(self.cfg.grace, fut).await.ok(),
+        }
+    }
+
+    /// Copies rejects and dead letters, marks successes done, then acknowledges: one
+    /// ordered pipeline, so nothing is acknowledged before its copy exists.
+    async fn settle(&mut self, c: &mut MultiplexedConnection, out: Outcome) -> Result<(), BusError> {
+        if out.rejects.is_empty() && out.dead.is_empty() && out.done.is_empty() && out.acks.is_empty() {
+            return Ok(());
+        }
+        let stream = self.cfg.stream.as_str();
+        let at = now_ms().to_string();
+        let mut pipe = redis::pipe();
+        let mut ack_ids: Vec<&str> = out.acks.iter().map(String::as_str).collect();
+        for (e, reason, detail) in &out.rejects {
+            tracing::warn!(stream, entry = %e.id, reason, detail = %detail, "Rejected an entry.");
+            let x = pipe.cmd("XADD").arg(streams::REJECTED).arg("MAXLEN").arg("~").arg(SIDE_STREAM_CAP).arg("*");
+            x.arg(fields::STREAM).arg(stream).arg(fields::ENTRY).arg(&e.id).arg(fields::GROUP).arg(&self.cfg.group);
+            x.arg(fields::CONSUMER)
+                .arg(&self.cfg.consumer)
+                .arg(fields::REASON)
+                .arg(*reason)
+                .arg(fields::DETAIL)
+                .arg(detail);
+            x.arg(fields::AT_MS).arg(&at).arg(ENV_FIELD).arg(e.field(ENV_FIELD).unwrap_or_default()).ignore();
+            ack_ids.push(&e.id);
+        }
+        for (e, n, detail) in &out.dead {
+            tracing::error!(stream, entry = %e.id, deliveries = n, detail = %detail, "Moved an entry to the dead-letter stream; an operator must look at it.");
+            let x = pipe.cmd("XADD").arg(streams::DLQ).arg("MAXLEN").arg("~").arg(SIDE_STREAM_CAP).arg("*");
+            x.arg(fields::STREAM).arg(stream).arg(fields::ENTRY).arg(&e.id).arg(fields::GROUP).arg(&self.cfg.group);
+            x.arg(fields::CONSUMER)
+                .arg(&self.cfg.consumer)
+                .arg(fields::DELIVERIES)
+                .arg(*n)
+                .arg(fields::DETAIL)
+                .arg(detail);
+            x.arg(fields::AT_MS).arg(&at).arg(ENV_FIELD).arg(e.field(ENV_FIELD).unwrap_or_default()).ignore();
+            ack_ids.push(&e.id);
+        }
+        for (id, ttl) in &out.done {
+            pipe.cmd("SET").arg(done_key(&self.cfg.group, id)).arg(1).arg("PX").arg(*ttl).ignore();
+        }
+        if !ack_ids.is_empty() {
+            pipe.cmd("XACK").arg(stream).arg(&self.cfg.group).arg(&ack_ids).ignore();
+        }
+        pipe.query_async::<()>(c).await?;
+        for (e, reason, _) in &out.rejects {
+            self.stats.reject(reason);
+            self.last_errors.remove(&e.id);
+        }
+        for (e, _, _) in &out.dead {
+            bump(&self.stats.dead_lettered);
+            self.last_errors.remove(&e.id);
+        }
+        self.stats.handled.fetch_add(out.done.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Retries this consumer's own failed entries whose backoff has passed (and those taken
+    /// over from dead consumers); dead-letters those out of deliveries.
+    async fn retry_own_pending(
+        &mut self,
+        c: &mut MultiplexedConnection,
+        shutdown: &CancellationToken,
+    ) -> Result<(), BusError> {
+        let stream = self.cfg.stream.as_str().to_owned();
+        let stream = stream.as_str();
+        let rows: redis::Value = redis::cmd("XPENDING")
+            .arg(stream)
+            .arg(&self.cfg.group)
+            .arg("IDLE")
+            .arg(self.cfg.retry_base.as_millis() as u64)
+            .arg("-")
+            .arg("+")
+            .arg(self.cfg.batch)
+            .arg(&self.cfg.consumer)
+            .query_async(c)
+            .await?;
+        let due: Vec<reply::Pending> = reply::pending(&rows)?
+            .into_iter()
+            .filter(|p| Duration::from_millis(p.idle_ms) >= self.cfg.retry_delay(p.deliveries))
+            .collect();
+        if due.is_empty() {
+            return Ok(());
+        }
+        let (exhausted, retry): (Vec<_>, Vec<_>) =
+            due.into_iter().partition(|p| p.deliveries >= self.cfg.max_deliveries);
+
+        if !exhausted.is_empty() {
+            let mut pipe = redis::pipe();
+            for p in &exhausted {
+                pipe.cmd("XRANGE").arg(stream).arg(&p.id).arg(&p.id);
+            }
+            let found: Vec<redis::Value> = pipe.query_async(c).await?;
+            let mut out = Outcome::default();
+            for (p, v) in exhausted.iter().zip(found) {
+                match reply::entries("XRANGE", &v)?.into_iter().next() {
+                    Some(e) => {
+                        let last =
+                            self.last_errors.get(&p.id).cloned().unwrap_or_else(|| "handler did not succeed".into());
+                        out.dead.push((
+                            e,
+                            p.deliveries,
+                            format!("failed {} deliveries; last error: {last}", p.deliveries),
+                        ));
+                    }
+                    None => {
+                        bump(&self.stats.deleted_pending);
+                        out.acks.push(p.id.clone());
+                    }
+                }
+            }
+            self.settle(c, out).await?;
+        }
+
+        if !retry.is_empty() {
+            let ids: Vec<&str> = retry.iter().map(|p| p.id.as_str()).collect();
+            // XCLAIM to ourselves bumps Redis's delivery counter: the attempt is recorded
+            // before the handler runs, so a crash mid-handler still counts it.
+            let claimed: redis::Value = redis::cmd("XCLAIM")
+                .arg(stream)
+                .arg(&self.cfg.group)
+                .arg(&self.cfg.consumer)
+                .arg(0)
+                .arg(&ids)
+                .query_async(c)
+                .await?;
+            let entries = reply::entries("XCLAIM", &claimed)?;
+            let counts: HashMap<String, u64> = retry.iter().map(|p| (p.id.clone(), p.deliveries + 1)).collect();
+            self.process(c, entries, &counts, shutdown).await?;
+        }
+        Ok(())
+    }
+
+    /// Takes over entries that other consumers left idle past `claim_idle`, following
+    /// `XAUTOCLAIM`'s cursor across passes. They are then retried as our own pending entries.
+    async fn reclaim_dead(&mut self, c: &mut MultiplexedConnection) -> Result<(), BusError> {
+        for _ in 0..AUTOCLAIM_PAGES {
+            let v: redis::Value = redis::cmd("XAUTOCLAIM")
+                .arg(self.cfg.stream.as_str())
+                .arg(&self.cfg.group)
+                .arg(&self.cfg.consumer)
+                .arg(self.cfg.claim_idle.as_millis() as u64)
+                .arg(&self.autoclaim_cursor)
+                .arg("COUNT")
+                .arg(self.cfg.batch)
+                .arg("JUSTID")
+                .query_async(c)
+                .await?;
+            let page = reply::autoclaim_justid(&v)?;
+            if !page.claimed.is_empty() {
+                tracing::info!(stream = %self.cfg.stream, count = page.claimed.len(), "Took over entries from a silent consumer.");
+            }
+            if !page.deleted.is_empty() {
+                self.stats.deleted_pending.fetch_add(page.deleted.len() as u64, Ordering::Relaxed);
+                tracing::warn!(stream = %self.cfg.stream, count = page.deleted.len(), "Pending entries had been deleted from the stream before they were acknowledged.");
+            }
+            self.autoclaim_cursor = page.cursor;
+            if self.autoclaim_cursor == "0-0" {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes other consumers that have nothing pending and have been idle for long, so
+    /// restarts with new names don't grow the group forever.
+    async fn prune_idle_consumers(&mut self, c: &mut MultiplexedConnection) -> Result<(), BusError> {
+        let stream = self.cfg.stream.as_str();
+        let v: redis::Value =
+            redis::cmd("XINFO").arg("CONSUMERS").arg(stream).arg(&self.cfg.group).query_async(c).await?;
+        for info in reply::info_maps("XINFO CONSUMERS", &v)? {
+            let name = reply::info_get(&info, "name").and_then(reply::text).unwrap_or_default();
+            let pending = reply::info_get(&info, "pending").and_then(reply::int).unwrap_or(1);
+            let idle = reply::info_get(&info, "idle").and_then(reply::int).unwrap_or(0).max(0) as u64;
+            if name != self.cfg.consumer
+                && pending == 0
+                && Duration::from_millis(idle) > self.cfg.remove_idle_consumers_after
+            {
+                // DELCONSUMER drops the consumer's pending entries too; re-check that there are none.
+                let _: i64 = redis::cmd("XGROUP")
+                    .arg("DELCONSUMER")
+                    .arg(stream)
+                    .arg(&self.cfg.group)
+                    .arg(&name)
+                    .query_async(c)
+                    .await?;
+                tracing::info!(stream, consumer = %name, "Removed an idle consumer with nothing pending.");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Creates the group (and the stream) if missing; an existing group is fine.
+pub async fn ensure_group(c: &mut MultiplexedConnection, stream: &str, group: &str) -> Result<(), BusError> {
+    let r: redis::RedisResult<()> =
+        redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(group).arg("0").arg("MKSTREAM").query_async(c).await;
+    match r {
+        Ok(()) => Ok(()),
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn reconnect_delays() -> impl Iterator<Item = Duration> {
+    backon::BackoffBuilder::build(
+        backon::ExponentialBuilder::default()
+            .with_min_delay(Duration::from_millis(100))
+            .with_max_delay(Duration::from_secs(5))
+            .with_jitter()
+            .without_max_times(),
+    )
+}

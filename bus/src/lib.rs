@@ -1,0 +1,96 @@
+//! agentfleet's transport: signed envelopes over Redis Streams.
+//!
+//! A [`Publisher`] seals envelopes with its process's keyring and `XADD`s them (one, or a
+//! pipelined batch). A [`Consumer`] reads its role's stream in a consumer group, verifies
+//! every entry against the stream it came from, hands only [`envelope::Verified`] envelopes
+//! to its [`Handler`], and acknowledges an entry only once its handler succeeded — or once
+//! the entry has been copied to `fleet:rejected` (failed verification) or `fleet:dlq`
+//! (handler kept failing).
+//!
+//! Crash safety comes from Redis's pending-entries list: anything read but not acknowledged
+//! stays pending. A consumer retries its own pending entries with exponential backoff using
+//! Redis's delivery counter, takes over entries of consumers that went silent
+//! (`XAUTOCLAIM`), and drops duplicates (relay re-publishes, replays) with a replay guard
+//! kept in Redis, shared by every consumer of a group.
+//!
+//! # Layout
+//! - [`config`]: tunables with their defaults.
+//! - [`publisher`]: sealing and `XADD`, batch pipelining, backlog-aware trimming.
+//! - [`consumer`]: the read → verify → dedup → handle → ack loop, retries, reclaim, DLQ.
+//! - [`reply`]: parsing of Redis stream replies (`XREADGROUP`, `XAUTOCLAIM`, `XPENDING`, …).
+//! - [`error`]: [`BusError`] and [`HandlerError`].
+//! - [`names`]: the keys the bus writes besides streams (replay guard, done markers) and the
+//!   field names of stream entries.
+
+pub mod config;
+pub mod consumer;
+pub mod error;
+pub mod names;
+pub mod publisher;
+pub mod reply;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+pub use config::{ConsumerConfig, PublisherConfig};
+pub use consumer::{Consumer, ConsumerStats, Delivery, Handler};
+pub use error::{BusError, HandlerError};
+pub use publisher::Publisher;
+
+/// The current kill epoch as this process knows it; verifiers refuse envelopes issued under
+/// an older one. Shared between the control-stream consumer that raises it and every verifier.
+#[derive(Debug, Clone, Default)]
+pub struct KillEpoch(Arc<AtomicU64>);
+
+impl KillEpoch {
+    /// Starts at `epoch`.
+    pub fn new(epoch: u64) -> Self {
+        Self(Arc::new(AtomicU64::new(epoch)))
+    }
+
+    /// The current epoch.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    /// Raises the epoch; never lowers it.
+    pub fn raise(&self, epoch: u64) {
+        self.0.fetch_max(epoch, Ordering::AcqRel);
+    }
+}
+
+/// Unix milliseconds from the system clock.
+pub fn now_ms() -> u64 {
+    // A clock before 1970 is a broken host; treat it as 0 rather than panicking.
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+/// Builds a connection pool whose connections tolerate blocking reads of `block`.
+///
+/// redis's default response timeout (500 ms) would cut an `XREADGROUP BLOCK` short, so the
+/// timeout is set above the longest block this process uses.
+pub fn pool(
+    url: &secrecy::SecretString,
+    max_size: usize,
+    longest_block: std::time::Duration,
+) -> Result<deadpool_redis::Pool, BusError> {
+    use secrecy::ExposeSecret;
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
+        .set_response_timeout(Some(longest_block + std::time::Duration::from_secs(5)));
+    let manager = deadpool_redis::Manager::new_with_config(url.expose_secret(), config)
+        .map_err(|e| BusError::Config(format!("invalid Redis URL: {}", redact_redis_error(&e))))?;
+    deadpool_redis::Pool::builder(manager)
+        .max_size(max_size)
+        .runtime(deadpool_redis::Runtime::Tokio1)
+        .build()
+        .map_err(|e| BusError::Config(format!("cannot build the Redis pool: {e}")))
+}
+
+/// A Redis error's text, which never contains the URL's password (redis reports the kind
+/// and detail only), cut to a sane length.
+pub(crate) fn redact_redis_error(e: &redis::RedisError) -> String {
+    let text = e.to_string();
+    text.chars().take(300).collect()
+}

@@ -1,0 +1,183 @@
+//! Sealing and publishing.
+//!
+//! Every `XADD` carries `MAXLEN ~ cap`. The rule that keeps trimming away from
+//! unacknowledged work: before publishing to a stream, the publisher knows (re-read at most
+//! every `backlog_check_every`) the stream's largest per-group backlog — entries not yet
+//! delivered plus delivered but unacknowledged — and refuses to publish
+//! ([`BusError::Backpressure`]) once it reaches 90% of the cap. Redis's approximate trimming
+//! only removes whole nodes of the oldest entries and never goes below the cap, so the
+//! entries it removes are always older than every group's backlog. (A stream without any
+//! group counts its whole length as backlog.) The 10% headroom must exceed what publishers
+//! can add within one check interval; at the default cap of 1,000,000 that is 100,000
+//! entries per second.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use envelope::{Envelope, Keyring, StreamName};
+use redis::aio::MultiplexedConnection;
+
+use crate::BusError;
+use crate::config::PublisherConfig;
+use crate::names::ENV_FIELD;
+use crate::reply;
+
+/// Seals envelopes with this process's keyring and appends them to streams. Cheap to share
+/// (`Arc`) between tasks: calls are multiplexed over one connection.
+pub struct Publisher {
+    pool: deadpool_redis::Pool,
+    /// The shared connection; replaced after an error.
+    conn: Mutex<Option<MultiplexedConnection>>,
+    keyring: Arc<Keyring>,
+    config: PublisherConfig,
+    /// Per stream: when its backlog was last read, and the value.
+    backlog: Mutex<HashMap<String, (Instant, u64)>>,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher")
+            .field("keyring", &self.keyring)
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How many times a publish is attempted when Redis fails. Re-sending is safe: an `XADD`
+/// that did land twice carries the same envelope id, which consumers drop as a duplicate.
+const ATTEMPTS: usize = 4;
+
+impl Publisher {
+    /// A publisher over `pool`, signing with `keyring`.
+    pub fn new(pool: deadpool_redis::Pool, keyring: Arc<Keyring>, config: PublisherConfig) -> Self {
+        Self { pool, conn: Mutex::new(None), keyring, config, backlog: Mutex::new(HashMap::new()) }
+    }
+
+    /// Seals and appends one envelope; returns its entry id.
+    pub async fn publish(&self, stream: &StreamName, env: &Envelope) -> Result<String, BusError> {
+        let wire = self.keyring.seal(env)?;
+        let mut ids = self.publish_wire_batch(&[(stream.as_str(), wire.as_slice())]).await?;
+        ids.pop().ok_or_else(|| BusError::Reply { command: "XADD", detail: "no id returned".into() })
+    }
+
+    /// Seals and appends several envelopes in one pipelined round trip, in order.
+    pub async fn publish_batch(&self, items: &[(StreamName, Envelope)]) -> Result<Vec<String>, BusError> {
+        let mut sealed = Vec::with_capacity(items.len());
+        for (stream, env) in items {
+            sealed.push((stream.as_str(), self.keyring.seal(env)?));
+        }
+        let refs: Vec<(&str, &[u8])> = sealed.iter().map(|(s, w)| (*s, w.as_slice())).collect();
+        self.publish_wire_batch(&refs).await
+    }
+
+    /// Appends frames that are already signed (the outbox relay, which holds no key), in one
+    /// pipelined round trip, in order. Retries Redis failures with backoff.
+    pub async fn publish_wire_batch(&self, items: &[(&str, &[u8])]) -> Result<Vec<String>, BusError> {
+        if items.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut delays = backon::BackoffBuilder::build(
+            backon::ExponentialBuilder::default()
+                .with_min_delay(std::time::Duration::from_millis(50))
+                .with_max_delay(std::time::Duration::from_secs(2))
+                .with_jitter()
+                .with_max_times(ATTEMPTS - 1),
+        );
+        loop {
+            match self.try_publish(items).await {
+                Ok(ids) => return Ok(ids),
+                Err(e @ (BusError::Redis(_) | BusError::Pool(_))) => {
+                    self.invalidate();
+                    let Some(delay) = delays.next() else { return Err(e) };
+                    tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Publish failed; retrying.");
+                    tokio::time::sleep(delay).await;
+                }
+                Err(other) => return Err(other),
+            }
+        }
+    }
+
+    async fn try_publish(&self, items: &[(&str, &[u8])]) -> Result<Vec<String>, BusError> {
+        let mut conn = self.conn().await?;
+        let mut streams: Vec<&str> = items.iter().map(|(s, _)| *s).collect();
+        streams.sort_unstable();
+        streams.dedup();
+        for stream in streams {
+            self.check_backlog(&mut conn, stream).await?;
+        }
+        let mut pipe = redis::pipe();
+        for (stream, wire) in items {
+            pipe.cmd("XADD")
+                .arg(*stream)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(self.config.cap(stream))
+                .arg("*")
+                .arg(ENV_FIELD)
+                .arg(*wire);
+        }
+        let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+        replies
+            .iter()
+            .map(|v| reply::text(v).ok_or_else(|| BusError::Reply { command: "XADD", detail: format!("{v:?}") }))
+            .collect()
+    }
+
+    async fn check_backlog(&self, conn: &mut MultiplexedConnection, stream: &str) -> Result<(), BusError> {
+        let cap = self.config.cap(stream);
+        let fresh = {
+            let cache = self.backlog.lock().unwrap_or_else(|p| p.into_inner());
+            cache.get(stream).filter(|(at, _)| at.elapsed() < self.config.backlog_check_every).map(|(_, b)| *b)
+        };
+        let backlog = match fresh {
+            Some(b) => b,
+            None => {
+                let b = stream_backlog(conn, stream).await?;
+                self.backlog.lock().unwrap_or_else(|p| p.into_inner()).insert(stream.to_owned(), (Instant::now(), b));
+                b
+            }
+        };
+        if backlog.saturating_mul(10) >= cap.saturating_mul(9) {
+            return Err(BusError::Backpressure { stream: stream.to_owned(), backlog, cap });
+        }
+        Ok(())
+    }
+
+    async fn conn(&self) -> Result<MultiplexedConnection, BusError> {
+        if let Some(c) = self.conn.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            return Ok(c.clone());
+        }
+        // Taken out of the pool for good: a multiplexed connection is shared by all callers,
+        // and the pool's per-checkout PING would double every publish's round trips.
+        let c = deadpool_redis::Connection::take(self.pool.get().await?);
+        *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
+        Ok(c)
+    }
+
+    fn invalidate(&self) {
+        self.conn.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+}
+
+/// The largest per-group backlog of `stream` (undelivered + pending), or its length when no
+/// group exists or Redis can't tell a group's lag.
+pub async fn stream_backlog(conn: &mut MultiplexedConnection, stream: &str) -> Result<u64, BusError> {
+    let (len, groups): (u64, redis::Value) =
+        redis::pipe().cmd("XLEN").arg(stream).cmd("XINFO").arg("GROUPS").arg(stream).query_async(conn).await.or_else(
+            |e| if e.to_string().contains("no such key") { Ok((0, redis::Value::Array(vec![]))) } else { Err(e) },
+        )?;
+    let groups = reply::info_maps("XINFO GROUPS", &groups)?;
+    if groups.is_empty() {
+        return Ok(len);
+    }
+    Ok(groups
+        .iter()
+        .map(|g| {
+            let pending = reply::info_get(g, "pending").and_then(reply::int).unwrap_or(0).max(0) as u64;
+            let lag = reply::info_get(g, "lag").and_then(reply::int).map(|l| l.max(0) as u64).unwrap_or(len);
+            lag + pending
+        })
+        .max()
+        .unwrap_or(len))
+}
