@@ -10,7 +10,8 @@ use envelope::Process;
 /// Every message on the fleet's Redis Streams is signed with the key of its directed edge
 /// (`dev>orchestrator` and `orchestrator>dev` are two keys). All edge keys are derived from
 /// one master secret that only operators hold; each process gets a keyset file with the keys
-/// of the edges it is on, and nothing else. See docs/keys.md.
+/// of the edges it is on, and nothing else. See docs/keys.md. The same permission file
+/// also generates the Redis ACL users, so the broker refuses forbidden writes as well.
 ///
 /// Exit codes: 0 success, 64 usage error (bad arguments, missing or invalid input file,
 /// output file exists), 1 other failure.
@@ -41,6 +42,138 @@ pub enum Command {
     ///   outbox-relay holds none.
     #[command(subcommand)]
     Keys(KeysCommand),
+
+    /// Generate the Redis ACL file: one broker user per role, so Redis itself refuses a
+    /// forbidden XADD.
+    ///
+    /// The permission file says which role may publish what on which streams; the ACL file
+    /// makes the broker enforce the same thing, independently of the signatures: a Dev
+    /// worker's `XADD fleet:tasks:qa` fails with NOPERM. Users: orchestrator, budget, dev,
+    /// qa, review, refactor (publish to the streams their rules grant, consume the streams
+    /// addressed to them), outbox-relay (XADD to the orchestrator's streams only), operator
+    /// (read-only, for `fleetctl tail`/`status`); the `default` user is off.
+    ///
+    /// Files: the secrets file (`acl secrets new`; TOML, mode 0600) holds one password per
+    /// user under `[passwords]`. The ACL file (`acl generate`) holds only their SHA-256
+    /// hashes; Redis loads it with `redis-server --aclfile FILE` (or `aclfile FILE` in
+    /// redis.conf). See docs/operations.md, "Broker ACLs".
+    #[command(subcommand)]
+    Acl(AclCommand),
+
+    /// Follow a stream live and print one verified line per entry.
+    ///
+    /// Read-only: a plain XREAD, never a consumer group, so tail claims, moves and
+    /// acknowledges nothing; and it keeps no replay state. It needs the operator keyset (all
+    /// edges) and, on a broker with `fleetctl acl` users, the read-only operator user.
+    ///
+    /// Columns: TIME (from the entry id, UTC, RFC 3339 with milliseconds), ENTRY (the stream
+    /// entry id), TYPE, SENDER (role/instance), TASK (last 8 hex digits of the task id, or
+    /// -), VERDICT, SUMMARY. The summary depends on the type: task.assign attempt,
+    /// workspace, instructions; task.result status, attempt, summary (first 60 characters);
+    /// heartbeat seq, busy; question text; tool.request action and input size;
+    /// tool.response ok and output size; usage role, model, tokens (input+output), cost;
+    /// outcome role, status, error kind; control.pause epoch, reason; control.resume epoch.
+    /// A lease (a bearer token) is never shown, only `lease=<present>`. Text from senders is
+    /// quoted and cut, with control characters escaped.
+    ///
+    /// Verdicts: `ok` means the entry passes every check of the fleet's verifiers except
+    /// replay. Otherwise the verdict is the reason code verifiers write to fleet:rejected:
+    /// decode (not an envelope, or no `env` field), too_large, unsupported_version,
+    /// unsupported_alg, unknown_kid (a key the keyset lacks), retired_kid, bad_signature
+    /// (tampered, or signed with another key), edge_mismatch, forbidden_type (not allowed
+    /// on this stream by the permission table), ttl_too_long, future_dated, expired (past
+    /// its ttl: normal for old entries with --from-start). TYPE, SENDER and TASK are what
+    /// the envelope says; a summary whose signature did not check out is marked
+    /// `unverified:` (forbidden_type, ttl_too_long, future_dated and expired entries had
+    /// their signature checked first, so theirs is not).
+    ///
+    /// fleet:rejected entries read `rejected from STREAM ENTRY: REASON (DETAIL)`, their
+    /// VERDICT is the reason the consumer recorded, and their envelope is decoded but never
+    /// verified (`unverified:`). fleet:dlq entries read `dead-lettered from STREAM ENTRY
+    /// after N deliveries: DETAIL`, and their envelope is verified against the stream it
+    /// came from.
+    ///
+    /// Without --from-start, tail starts after the stream's newest entry. If Redis goes
+    /// away it warns on stderr and reconnects with backoff, continuing after the last entry
+    /// it printed. It stops after --count entries, or on Ctrl-C or SIGTERM (exit 0). Exit
+    /// 64 for a bad argument, keyset, permission file or Redis URL; 1 when Redis can't be
+    /// reached at start (after a few tries) or refuses the read.
+    Tail(TailArgs),
+}
+
+/// `fleetctl acl …`
+#[derive(Debug, Subcommand)]
+pub enum AclCommand {
+    /// Write the Redis 7 ACL file for the permission table and the secrets file.
+    ///
+    /// With it, Redis itself answers NOPERM to what the permission table does not allow
+    /// (a dev worker's `XADD fleet:tasks:qa`, a DEL or FLUSHALL from anyone), whatever the
+    /// process signs: a second layer under the envelope verifiers.
+    ///
+    /// One `user` line per user with its password as `#<sha256>` (never in plaintext), the
+    /// connection commands (PING, HELLO, AUTH, CLIENT SETNAME) at its root, and one ACL
+    /// selector per grant: XADD on the streams it publishes to; the consumer commands
+    /// (XREADGROUP, XACK, XAUTOCLAIM, XCLAIM, XPENDING, XGROUP CREATE/CREATECONSUMER/
+    /// DELCONSUMER, XINFO, XLEN, XRANGE) on the streams addressed to it, without XADD;
+    /// SET/GET/EXISTS/PEXPIRE on its replay-guard keys (`fleet:seen:<role>:*`,
+    /// `fleet:done:<role>:*`); and for orchestrator and budget, the ledger's Lua scripts on
+    /// `fleet:budget:*` and `fleet:killswitch*`. Consumers may also XADD to `fleet:rejected`
+    /// and `fleet:dlq`. Selectors are needed because XACK and XAUTOCLAIM need write access
+    /// to the stream: with plain key patterns, a consumer could XADD into its own inbox.
+    ///
+    /// Load the file with `redis-server --aclfile FILE` (or `aclfile FILE` in redis.conf,
+    /// which must then have no `user` lines). Redis re-reads it when restarted, or on
+    /// `ACL LOAD` from a user allowed to run it; none of the generated users is, so a
+    /// regenerated file normally takes effect with a restart. Needs Redis 7.0 or later.
+    ///
+    /// Without --out the file goes to stdout.
+    Generate(GenerateArgs),
+
+    /// Manage the secrets file (the users' Redis passwords).
+    #[command(subcommand)]
+    Secrets(SecretsCommand),
+}
+
+/// `fleetctl acl secrets …`
+#[derive(Debug, Subcommand)]
+pub enum SecretsCommand {
+    /// Write a secrets file with a fresh random password for every user.
+    ///
+    /// Each password is 32 bytes from the OS random generator, as 64 hex digits (usable in a
+    /// `redis://USER:PASSWORD@HOST` URL as it is). The file is TOML, mode 0600:
+    /// `[passwords]` with `orchestrator = "…"`, `budget`, `dev`, `qa`, `review`, `refactor`,
+    /// `outbox-relay`, `operator`. An existing file is never overwritten.
+    New(SecretsNewArgs),
+}
+
+/// Arguments of `acl generate`.
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// The secrets file (from `acl secrets new`): one password per user under
+    /// `[passwords]`.
+    #[arg(long, value_name = "FILE")]
+    pub secrets: PathBuf,
+
+    /// The permission table the users' grants come from.
+    #[arg(long, value_name = "FILE", default_value = "config/permissions.toml")]
+    pub permissions: PathBuf,
+
+    /// Write the ACL file to FILE (mode 0600) instead of stdout.
+    #[arg(long, value_name = "FILE")]
+    pub out: Option<PathBuf>,
+
+    /// With --out: replace an existing file (atomically), as after a change of the
+    /// permission file or of a password.
+    #[arg(long, requires = "out")]
+    pub force: bool,
+}
+
+/// Arguments of `acl secrets new`.
+#[derive(Debug, Args)]
+pub struct SecretsNewArgs {
+    /// Where to write the secrets file; it must not exist yet.
+    #[arg(long, value_name = "FILE")]
+    pub out: PathBuf,
 }
 
 /// `fleetctl keys …`
@@ -175,6 +308,60 @@ pub struct ListArgs {
 /// Parses a process name with envelope's rules, so `outbox-relay` gets its own message.
 fn parse_process(name: &str) -> Result<Process, envelope::KeyError> {
     Process::parse(name)
+}
+
+/// Arguments of `tail`.
+#[derive(Debug, Args)]
+pub struct TailArgs {
+    /// The stream: fleet:results, fleet:heartbeats, fleet:tasks:dev, fleet:rejected,
+    /// fleet:dlq, …
+    #[arg(value_name = "STREAM", value_parser = parse_stream)]
+    pub stream: envelope::StreamName,
+
+    /// Start with the stream's first entry instead of after its newest one.
+    #[arg(long)]
+    pub from_start: bool,
+
+    /// Stop after N entries.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub count: Option<u64>,
+
+    /// One JSON object per line: time, entry, stream, type, sender, task_id, envelope_id,
+    /// kid, verdict, authentic (signature and edge checked out), problem, summary, and
+    /// origin (the bus's fields) for fleet:rejected and fleet:dlq entries.
+    #[arg(long)]
+    pub json: bool,
+
+    /// The operator keyset (`fleetctl keys derive --process operator`): the keys of every
+    /// edge, to verify any stream.
+    #[arg(long, value_name = "FILE")]
+    pub keyset: PathBuf,
+
+    /// The permission table the fleet's verifiers use.
+    #[arg(long, value_name = "FILE", default_value = "config/permissions.toml")]
+    pub permissions: PathBuf,
+
+    /// Redis URL, `redis://[USER:PASSWORD@]HOST[:PORT]`. Never printed: messages name only
+    /// host:port.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "FLEET_REDIS_URL",
+        hide_env_values = true,
+        default_value = "redis://127.0.0.1:6379",
+        value_parser = parse_secret
+    )]
+    pub redis: secrecy::SecretString,
+}
+
+/// Parses a stream name with envelope's rules.
+fn parse_stream(name: &str) -> Result<envelope::StreamName, envelope::names::InvalidStreamName> {
+    envelope::StreamName::parse(name)
+}
+
+/// Takes a secret as it is: a parse error here would make clap quote the value.
+fn parse_secret(value: &str) -> Result<secrecy::SecretString, std::convert::Infallible> {
+    Ok(value.into())
 }
 
 #[cfg(test)]

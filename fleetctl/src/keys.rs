@@ -262,7 +262,7 @@ fn load_keyset(path: &Path) -> Result<Keyset, UsageError> {
     Keyset::parse(&text).map_err(|err| invalid("keyset file", path, &err, KEYSET_HINT))
 }
 
-fn load_permissions(path: &Path) -> Result<PermissionTable, UsageError> {
+pub(crate) fn load_permissions(path: &Path) -> Result<PermissionTable, UsageError> {
     let text = files::read_input(path, "permission file", PERMISSIONS_HINT)?;
     PermissionTable::parse(&text).map_err(|err| {
         UsageError::new(format!(
@@ -285,7 +285,7 @@ fn invalid(what: &str, path: &Path, err: &KeyError, hint: &str) -> UsageError {
     ))
 }
 
-fn warn_if_exposed(path: &Path, what: &str) {
+pub(crate) fn warn_if_exposed(path: &Path, what: &str) {
     if let Some(mode) = files::exposed_mode(path) {
         warn(&format!(
             "{what} '{}' is accessible to group or others (mode {mode:04o}); it holds secrets: \
@@ -295,7 +295,7 @@ fn warn_if_exposed(path: &Path, what: &str) {
     }
 }
 
-fn warn(message: &str) {
+pub(crate) fn warn(message: &str) {
     // A warning that can't be shown must not fail the command.
     let _ = writeln!(io::stderr().lock(), "warning: {message}");
 }

@@ -1,9 +1,11 @@
 //! `fleetctl`, the agentfleet operator's command line.
 //!
-//! For now it manages the signing keys: it creates the master secret, derives each
-//! process's keyset from it, rotates and retires key generations, and lists the kids of a
-//! keyset so an operator can check a deployment. `docs/keys.md` describes the files and
-//! the procedures; the key material itself is the `envelope` crate's.
+//! It manages the signing keys: it creates the master secret, derives each process's
+//! keyset from it, rotates and retires key generations, and lists the kids of a keyset so
+//! an operator can check a deployment. `docs/keys.md` describes the files and the
+//! procedures; the key material itself is the `envelope` crate's. It also turns the same
+//! permission file into the Redis ACL users (`fleetctl acl`, docs/operations.md), so the
+//! broker refuses what the verifiers would refuse.
 //!
 //! Exit codes: 0 on success (and for `--help`/`--version`), 64 (EX_USAGE) for anything the
 //! operator can fix (bad arguments, a missing or invalid input file, an output file that
@@ -13,14 +15,19 @@
 //! # Layout
 //! - [`cli`]: the command line (clap derive); its doc comments are the `--help` texts.
 //! - [`keys`]: `fleetctl keys …`.
+//! - [`acl`]: `fleetctl acl …`: the Redis ACL file ([`acl::render`]) and the secrets file
+//!   with the users' passwords ([`acl::Passwords`]).
+//! - [`tail`]: `fleetctl tail STREAM`: follow a stream, verify and summarise each entry.
 //! - [`files`]: reading the operator's input files, writing secret files (mode 0600,
 //!   atomically when they replace something).
 //! - [`exit`]: [`UsageError`](exit::UsageError) and the mapping of results to exit codes.
 
+pub mod acl;
 pub mod cli;
 pub mod exit;
 pub mod files;
 pub mod keys;
+pub mod tail;
 
 pub use cli::Cli;
 
@@ -28,5 +35,7 @@ pub use cli::Cli;
 pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         cli::Command::Keys(cmd) => keys::run(cmd),
+        cli::Command::Acl(cmd) => acl::run(cmd),
+        cli::Command::Tail(args) => tail::command(args),
     }
 }

@@ -1,0 +1,496 @@
+//! `fleetctl acl …`: Redis ACL users generated from the permission table, so the broker
+//! itself refuses what the verifiers would refuse (a Dev worker's `XADD` to
+//! `fleet:tasks:qa` fails with `NOPERM` before any verifier sees it).
+//!
+//! [`render`] turns a [`PermissionTable`] and the fleet's [`Passwords`] into a Redis 7.0
+//! ACL file (`aclfile`): one `user` line per [`User`], with `#<sha256>` password hashes, so
+//! the file never holds a plaintext password.
+//!
+//! # Why selectors
+//!
+//! Redis key permissions only say "read" or "write", and most consumer commands need write
+//! access to the stream key (`XACK`, `XAUTOCLAIM`, `XCLAIM` and `XGROUP CREATE`,
+//! `CREATECONSUMER`, `DELCONSUMER` change the consumer group, which lives in the stream;
+//! checked on Redis 7.0.15, where only `XREADGROUP` gets by with `%R~`). So "dev may write
+//! `fleet:tasks:dev`" would let dev `XADD` forged assignments into its own inbox.
+//! Each user therefore gets only connection commands at its root and one selector per
+//! grant: a selector allows a command only when the command *and every key it touches*
+//! are in that one selector. Publishing is `(%W~<streams it publishes to> +xadd)`;
+//! consuming is `(~<its inbox streams> +xreadgroup +xack …)` without `+xadd`.
+//!
+//! # Layout
+//! - [`User`], [`grants`], [`Selector`]: who gets what, derived from the table.
+//! - [`render`]: the ACL file text.
+//! - `passwords.rs`: [`Passwords`], the secrets file (`[passwords]`, one per user).
+//! - `command.rs`: [`run`], `fleetctl acl generate` and `fleetctl acl secrets new`.
+
+mod command;
+mod passwords;
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use envelope::{PermissionTable, Role, streams};
+
+pub use command::run;
+pub use passwords::{MIN_PASSWORD_LEN, Password, Passwords, PasswordsError};
+
+/// Commands every user may run, on no key: what the `redis` crate and deadpool-redis send
+/// when they connect and recycle (`AUTH` or `HELLO`, `CLIENT SETNAME`, `PING`).
+///
+/// Redis 7.0 never ACL-checks `AUTH` and `HELLO` (they must work before authentication);
+/// they are listed so the line says what it means. `CLIENT SETINFO` is missing on purpose:
+/// Redis 7.0 does not know it (it came in 7.2) and refuses an ACL file that names it; the
+/// `redis` crate sends it on connect and ignores the error. `SELECT` is not granted: the
+/// fleet uses database 0, and the crate sends `SELECT` only for another one.
+pub const CONNECTION_COMMANDS: &[&str] = &["ping", "hello", "auth", "client|setname"];
+
+/// What a publisher may do on the streams it publishes to, and nothing else.
+pub const PUBLISH_COMMANDS: &[&str] = &["xadd"];
+
+/// What a consumer group member does on its own inbox streams: read, acknowledge, reclaim,
+/// inspect. No `XADD`, `XDEL`, `XTRIM`, `XSETID`, `XGROUP DESTROY` or `XGROUP SETID`.
+pub const CONSUMER_COMMANDS: &[&str] = &[
+    "xreadgroup",
+    "xack",
+    "xautoclaim",
+    "xclaim",
+    "xpending",
+    "xgroup|create",
+    "xgroup|createconsumer",
+    "xgroup|delconsumer",
+    "xinfo|groups",
+    "xinfo|consumers",
+    "xinfo|stream",
+    "xlen",
+    "xrange",
+];
+
+/// The replay guard's commands, on `fleet:seen:<group>:*` and `fleet:done:<group>:*`.
+pub const REPLAY_GUARD_COMMANDS: &[&str] = &["set", "get", "exists", "pexpire"];
+
+/// Prefixes of the replay guard's keys; the consumer group (the role's name) and `:*` follow.
+pub const REPLAY_GUARD_PREFIXES: &[&str] = &["fleet:seen", "fleet:done"];
+
+/// The roles that run the budget ledger's Lua scripts.
+pub const LEDGER_ROLES: &[Role] = &[Role::Orchestrator, Role::Budget];
+
+/// The ledger's keys.
+pub const LEDGER_KEYS: &[&str] = &["fleet:budget:*", "fleet:killswitch*"];
+
+/// Loading and running the ledger's scripts, plus every command the scripts call: Redis
+/// checks the commands a script runs against the caller's ACL too, so a script that calls
+/// anything else fails with "The user executing the script can't run this command". Extend
+/// this list when the ledger's scripts need more.
+pub const LEDGER_COMMANDS: &[&str] = &[
+    "eval",
+    "evalsha",
+    "script|load",
+    "get",
+    "set",
+    "incrby",
+    "decrby",
+    "hget",
+    "hmget",
+    "hgetall",
+    "hset",
+    "hincrby",
+    "exists",
+    "pexpire",
+    "pttl",
+];
+
+/// What `fleetctl tail` and `fleetctl status` run: reads without a consumer group.
+pub const OPERATOR_COMMANDS: &[&str] = &["xread", "xrange", "xrevrange", "xlen", "xinfo", "xpending"];
+
+/// The keys the operator may read.
+pub const OPERATOR_KEYS: &str = "fleet:*";
+
+/// A Redis user of the fleet: one per role, the outbox relay, and the operator.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum User {
+    Orchestrator,
+    Budget,
+    Dev,
+    Qa,
+    Review,
+    Refactor,
+    /// Forwards what the orchestrator signed into its outbox to the streams.
+    OutboxRelay,
+    /// `fleetctl tail` and `fleetctl status`: reads everything, writes nothing.
+    Operator,
+}
+
+impl User {
+    /// Every user, in the order of the ACL file.
+    pub const ALL: [User; 8] = [
+        User::Orchestrator,
+        User::Budget,
+        User::Dev,
+        User::Qa,
+        User::Review,
+        User::Refactor,
+        User::OutboxRelay,
+        User::Operator,
+    ];
+
+    /// The Redis user name, also the key in the secrets file.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            User::Orchestrator => "orchestrator",
+            User::Budget => "budget",
+            User::Dev => "dev",
+            User::Qa => "qa",
+            User::Review => "review",
+            User::Refactor => "refactor",
+            User::OutboxRelay => "outbox-relay",
+            User::Operator => "operator",
+        }
+    }
+
+    /// The user with this name, if there is one.
+    pub fn parse(name: &str) -> Option<User> {
+        User::ALL.into_iter().find(|user| user.as_str() == name)
+    }
+
+    /// The user a role's processes connect as.
+    pub const fn of_role(role: Role) -> User {
+        match role {
+            Role::Orchestrator => User::Orchestrator,
+            Role::Budget => User::Budget,
+            Role::Dev => User::Dev,
+            Role::Qa => User::Qa,
+            Role::Review => User::Review,
+            Role::Refactor => User::Refactor,
+        }
+    }
+
+    /// The role whose processes connect as this user; `None` for the relay and the operator.
+    pub const fn role(self) -> Option<Role> {
+        match self {
+            User::Orchestrator => Some(Role::Orchestrator),
+            User::Budget => Some(Role::Budget),
+            User::Dev => Some(Role::Dev),
+            User::Qa => Some(Role::Qa),
+            User::Review => Some(Role::Review),
+            User::Refactor => Some(Role::Refactor),
+            User::OutboxRelay | User::Operator => None,
+        }
+    }
+
+    /// "orchestrator, budget, …, operator", for messages.
+    pub fn list() -> String {
+        User::ALL.map(User::as_str).join(", ")
+    }
+}
+
+impl fmt::Display for User {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Which of Redis's key permissions a selector's key patterns carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// `~pattern`: the consumer commands write the group state inside the stream.
+    ReadWrite,
+    /// `%R~pattern`: the operator's look-ups.
+    Read,
+    /// `%W~pattern`: `XADD` needs no read access.
+    Write,
+}
+
+impl Access {
+    /// The ACL rule prefix of a key pattern.
+    pub const fn prefix(self) -> &'static str {
+        match self {
+            Access::ReadWrite => "~",
+            Access::Read => "%R~",
+            Access::Write => "%W~",
+        }
+    }
+}
+
+/// What a selector is for; the ACL file doesn't say, the docs and tests do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// `XADD` to the streams the role's rules let it publish to, plus `fleet:rejected` and
+    /// `fleet:dlq` for a consumer.
+    Publish,
+    /// The consumer commands on the streams addressed to the role.
+    Consume,
+    /// The replay guard's `fleet:seen:<role>:*` and `fleet:done:<role>:*` keys.
+    ReplayGuard,
+    /// The budget ledger's scripts and keys.
+    Ledger,
+    /// The outbox relay's `XADD` to the orchestrator's streams.
+    Forward,
+    /// The operator's reads.
+    Inspect,
+}
+
+/// One ACL selector: `commands` on keys matching `keys`, and nothing in it applies to
+/// other selectors' keys.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Selector {
+    /// Why the user has it.
+    pub purpose: Purpose,
+    /// The permission every pattern in `keys` carries.
+    pub access: Access,
+    /// Redis glob patterns, sorted and without duplicates so the file is stable.
+    pub keys: BTreeSet<String>,
+    /// Commands and `command|subcommand`s, granted with `+`.
+    pub commands: &'static [&'static str],
+}
+
+impl Selector {
+    fn new(purpose: Purpose, access: Access, keys: BTreeSet<String>, commands: &'static [&'static str]) -> Self {
+        Self { purpose, access, keys, commands }
+    }
+}
+
+impl fmt::Display for Selector {
+    /// `(%W~fleet:a %W~fleet:b resetchannels +xadd)`. `resetchannels` because a new
+    /// selector starts with every channel when the server runs with
+    /// `acl-pubsub-default allchannels`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("(")?;
+        for key in &self.keys {
+            write!(f, "{}{key} ", self.access.prefix())?;
+        }
+        f.write_str("resetchannels")?;
+        for command in self.commands {
+            write!(f, " +{command}")?;
+        }
+        f.write_str(")")
+    }
+}
+
+/// The selectors of `user` under `table`. A role that neither publishes nor receives gets
+/// none: it can connect and nothing else.
+pub fn grants(table: &PermissionTable, user: User) -> Vec<Selector> {
+    match user.role() {
+        Some(role) => role_grants(table, role),
+        None if user == User::OutboxRelay => {
+            let keys = publish_patterns(table, Role::Orchestrator);
+            if keys.is_empty() {
+                return Vec::new();
+            }
+            vec![Selector::new(Purpose::Forward, Access::Write, keys, PUBLISH_COMMANDS)]
+        }
+        None => vec![Selector::new(
+            Purpose::Inspect,
+            Access::Read,
+            BTreeSet::from([OPERATOR_KEYS.to_owned()]),
+            OPERATOR_COMMANDS,
+        )],
+    }
+}
+
+fn role_grants(table: &PermissionTable, role: Role) -> Vec<Selector> {
+    let inbox: BTreeSet<String> =
+        table.rules().iter().filter(|rule| rule.to == role).map(|rule| rule.stream.as_redis_pattern()).collect();
+    let consumer = !inbox.is_empty();
+    let mut publish = publish_patterns(table, role);
+    if consumer {
+        // Consumers record what they refuse, and park what keeps failing.
+        publish.insert(streams::REJECTED.to_owned());
+        publish.insert(streams::DLQ.to_owned());
+    }
+
+    let mut selectors = Vec::new();
+    if !publish.is_empty() {
+        selectors.push(Selector::new(Purpose::Publish, Access::Write, publish, PUBLISH_COMMANDS));
+    }
+    if consumer {
+        selectors.push(Selector::new(Purpose::Consume, Access::ReadWrite, inbox, CONSUMER_COMMANDS));
+        // The consumer group is named after the role.
+        let guard = REPLAY_GUARD_PREFIXES.iter().map(|prefix| format!("{prefix}:{role}:*")).collect();
+        selectors.push(Selector::new(Purpose::ReplayGuard, Access::ReadWrite, guard, REPLAY_GUARD_COMMANDS));
+    }
+    if LEDGER_ROLES.contains(&role) {
+        let keys = LEDGER_KEYS.iter().map(|key| (*key).to_owned()).collect();
+        selectors.push(Selector::new(Purpose::Ledger, Access::ReadWrite, keys, LEDGER_COMMANDS));
+    }
+    selectors
+}
+
+/// The stream patterns `role`'s rules let it publish to.
+fn publish_patterns(table: &PermissionTable, role: Role) -> BTreeSet<String> {
+    table.rules().iter().filter(|rule| rule.from == role).map(|rule| rule.stream.as_redis_pattern()).collect()
+}
+
+/// The ACL file for `table`: `default` off, then one line per [`User`], each with its
+/// password's SHA-256 (`#<hex>`), connection commands at the root and one selector per
+/// grant (see [`grants`]).
+///
+/// Redis 7.0's ACL file has no comments, so the file says nothing about where it came
+/// from; `docs/operations.md` does.
+pub fn render(table: &PermissionTable, passwords: &Passwords) -> String {
+    // `reset` = resetpass, resetkeys, off, -@all, clearselectors (and allchannels under
+    // `acl-pubsub-default allchannels`, hence the explicit `resetchannels`): each line
+    // stands on its own, whatever the user had before an `ACL LOAD`.
+    let mut out = String::from("user default reset off resetchannels -@all\n");
+    for user in User::ALL {
+        let hash = passwords.get(user).redis_hash();
+        out.push_str(&format!("user {user} reset on #{hash} resetchannels -@all"));
+        for command in CONNECTION_COMMANDS {
+            out.push_str(&format!(" +{command}"));
+        }
+        for selector in grants(table, user) {
+            out.push_str(&format!(" {selector}"));
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    const SHIPPED: &str = include_str!("../../config/permissions.toml");
+
+    fn shipped() -> PermissionTable {
+        PermissionTable::parse(SHIPPED).unwrap()
+    }
+
+    fn selector(table: &PermissionTable, user: User, purpose: Purpose) -> Option<Selector> {
+        grants(table, user).into_iter().find(|s| s.purpose == purpose)
+    }
+
+    fn keys(patterns: &[&str]) -> BTreeSet<String> {
+        patterns.iter().map(|p| (*p).to_owned()).collect()
+    }
+
+    #[test]
+    fn a_worker_publishes_its_four_streams_and_consumes_its_inbox() {
+        let t = shipped();
+        let publish = selector(&t, User::Dev, Purpose::Publish).unwrap();
+        assert_eq!(publish.access, Access::Write);
+        assert_eq!(publish.commands, ["xadd"]);
+        assert_eq!(
+            publish.keys,
+            keys(&[
+                "fleet:dlq",
+                "fleet:heartbeats",
+                "fleet:questions",
+                "fleet:rejected",
+                "fleet:results",
+                "fleet:tool:requests"
+            ])
+        );
+        let consume = selector(&t, User::Dev, Purpose::Consume).unwrap();
+        assert_eq!(consume.keys, keys(&["fleet:control:dev", "fleet:tasks:dev", "fleet:tool:responses:dev:*"]));
+        assert!(!consume.commands.contains(&"xadd"), "a consumer must not XADD to its inbox");
+        let guard = selector(&t, User::Dev, Purpose::ReplayGuard).unwrap();
+        assert_eq!(guard.keys, keys(&["fleet:done:dev:*", "fleet:seen:dev:*"]));
+        assert!(selector(&t, User::Dev, Purpose::Ledger).is_none());
+    }
+
+    #[test]
+    fn the_orchestrator_and_budget_run_the_ledger_and_the_relay_forwards_for_the_orchestrator() {
+        let t = shipped();
+        for user in [User::Orchestrator, User::Budget] {
+            let ledger = selector(&t, user, Purpose::Ledger).unwrap();
+            assert_eq!(ledger.keys, keys(&["fleet:budget:*", "fleet:killswitch*"]));
+            assert!(ledger.commands.contains(&"evalsha") && ledger.commands.contains(&"script|load"));
+        }
+        let orchestrator = selector(&t, User::Orchestrator, Purpose::Publish).unwrap();
+        let relay = grants(&t, User::OutboxRelay);
+        assert_eq!(relay.len(), 1);
+        assert_eq!(relay[0].purpose, Purpose::Forward);
+        let mut expected = orchestrator.keys.clone();
+        expected.remove("fleet:rejected");
+        expected.remove("fleet:dlq");
+        assert_eq!(relay[0].keys, expected);
+        assert!(relay[0].keys.contains("fleet:tool:responses:qa:*"));
+        let budget = selector(&t, User::Budget, Purpose::Consume).unwrap();
+        assert_eq!(budget.keys, keys(&["fleet:control:budget", "fleet:outcomes", "fleet:usage"]));
+    }
+
+    #[test]
+    fn the_operator_only_reads() {
+        let operator = grants(&shipped(), User::Operator);
+        assert_eq!(operator.len(), 1);
+        assert_eq!(operator[0].access, Access::Read);
+        assert_eq!(
+            operator[0].to_string(),
+            "(%R~fleet:* resetchannels +xread +xrange +xrevrange +xlen +xinfo +xpending)"
+        );
+    }
+
+    #[test]
+    fn the_file_has_one_line_per_user_with_hashes_and_no_plaintext() {
+        let passwords = Passwords::generate().unwrap();
+        let text = render(&shipped(), &passwords);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 1 + User::ALL.len());
+        assert_eq!(lines[0], "user default reset off resetchannels -@all");
+        for (line, user) in lines[1..].iter().zip(User::ALL) {
+            let password = passwords.get(user);
+            let prefix = format!("user {user} reset on #{} resetchannels -@all +ping", password.redis_hash());
+            assert!(line.starts_with(&prefix), "{line}");
+            assert!(!text.contains(password.expose()), "plaintext password of {user} in the file");
+        }
+        // Only characters that mean what they say in an ACL rule: no spaces inside a rule,
+        // no glob characters other than the prefix `*`.
+        for rule in text.split_whitespace() {
+            assert!(
+                rule.bytes().all(|b| b.is_ascii_lowercase()
+                    || b.is_ascii_digit()
+                    || b":._-*~%#@|()+".contains(&b)
+                    || b == b'R'
+                    || b == b'W'),
+                "{rule}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_dev_line_reads_as_intended() {
+        let passwords = Passwords::generate().unwrap();
+        let text = render(&shipped(), &passwords);
+        let dev = text.lines().find(|l| l.starts_with("user dev ")).unwrap();
+        let hash = passwords.get(User::Dev).redis_hash();
+        assert_eq!(
+            dev,
+            format!(
+                "user dev reset on #{hash} resetchannels -@all +ping +hello +auth +client|setname \
+                 (%W~fleet:dlq %W~fleet:heartbeats %W~fleet:questions %W~fleet:rejected %W~fleet:results \
+                 %W~fleet:tool:requests resetchannels +xadd) \
+                 (~fleet:control:dev ~fleet:tasks:dev ~fleet:tool:responses:dev:* resetchannels +xreadgroup \
+                 +xack +xautoclaim +xclaim +xpending +xgroup|create +xgroup|createconsumer +xgroup|delconsumer \
+                 +xinfo|groups +xinfo|consumers +xinfo|stream +xlen +xrange) \
+                 (~fleet:done:dev:* ~fleet:seen:dev:* resetchannels +set +get +exists +pexpire)"
+            )
+        );
+    }
+
+    #[test]
+    fn a_role_on_no_rule_can_only_connect() {
+        let only_dev =
+            "[[rule]]\nfrom = \"dev\"\nto = \"orchestrator\"\nstream = \"fleet:results\"\ntypes = [\"task.result\"]\n";
+        let t = PermissionTable::parse(only_dev).unwrap();
+        assert!(grants(&t, User::Qa).is_empty());
+        assert!(grants(&t, User::OutboxRelay).is_empty());
+        // dev publishes but receives nothing: no rejected/dlq, no consumer selector.
+        let dev = grants(&t, User::Dev);
+        assert_eq!(dev.len(), 1);
+        assert_eq!(dev[0].keys, keys(&["fleet:results"]));
+    }
+
+    #[test]
+    fn user_names_round_trip() {
+        for user in User::ALL {
+            assert_eq!(User::parse(user.as_str()), Some(user));
+            if let Some(role) = user.role() {
+                assert_eq!(User::of_role(role), user);
+            }
+        }
+        assert_eq!(User::parse("default"), None);
+    }
+}

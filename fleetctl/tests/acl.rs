@@ -1,0 +1,782 @@
+//! `fleetctl acl …` against a real redis-server (7.0 on Debian bookworm): the binary makes
+//! a secrets file and an ACL file from the shipped `config/permissions.toml`, the harness
+//! starts Redis with that file, and every user is tried, through the `redis` crate as the
+//! fleet's processes connect, on every command that matters.
+//!
+//! What is allowed comes from the permission table through the small oracles below
+//! ([`may_xadd`], [`receives_on`]), written against the table's rules and not against the
+//! ACL code, and the oracles are pinned on the cases the design names (dev may not XADD to
+//! `fleet:tasks:qa`, nor to its own inbox). Each test collects every mismatch and fails
+//! once with all of them, each naming the user, the command and the key.
+//!
+//! A missing `redis-server` fails every Redis test with the harness's message (how to
+//! install it); nothing is skipped.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Command;
+
+use envelope::{Instance, PermissionTable, Role, StreamName, streams};
+use fleet_testkit::RedisServer;
+use fleetctl::acl::{Passwords, User};
+use redis::Value;
+use redis::aio::MultiplexedConnection;
+use tempfile::TempDir;
+
+const EX_USAGE: i32 = 64;
+
+// ---------------------------------------------------------------------------------------
+// The binary
+// ---------------------------------------------------------------------------------------
+
+struct Output {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs the binary in `dir` (never changing this process's environment).
+fn fleetctl(dir: &Path, args: &[&str]) -> Output {
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetctl")).args(args).current_dir(dir).output().unwrap();
+    Output {
+        code: out.status.code().unwrap(),
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    }
+}
+
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let out = fleetctl(dir, args);
+    assert_eq!(out.code, 0, "{args:?} failed: {}", out.stderr);
+    out.stdout
+}
+
+fn permissions_file() -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    root.join("config/permissions.toml").to_str().unwrap().to_owned()
+}
+
+fn mode(path: &Path) -> u32 {
+    fs::metadata(path).unwrap().permissions().mode() & 0o777
+}
+
+// ---------------------------------------------------------------------------------------
+// What the permission table allows, independently of the ACL code
+// ---------------------------------------------------------------------------------------
+
+/// True when `role` publishes to `stream` under some rule.
+fn publishes_to(table: &PermissionTable, role: Role, stream: &str) -> bool {
+    table.rules().iter().any(|rule| rule.from == role && rule.stream.matches(stream))
+}
+
+/// True when some rule addresses `role` on `stream`: its consumer group reads it.
+fn receives_on(table: &PermissionTable, role: Role, stream: &str) -> bool {
+    table.rules().iter().any(|rule| rule.to == role && rule.stream.matches(stream))
+}
+
+/// True when `role` consumes anything, and so writes `fleet:rejected` and `fleet:dlq`.
+fn is_consumer(table: &PermissionTable, role: Role) -> bool {
+    table.rules().iter().any(|rule| rule.to == role)
+}
+
+/// Whether `user` may XADD to `key`.
+fn may_xadd(table: &PermissionTable, user: User, key: &str) -> bool {
+    match user.role() {
+        Some(role) => {
+            publishes_to(table, role, key)
+                || (is_consumer(table, role) && [streams::REJECTED, streams::DLQ].contains(&key))
+        }
+        None if user == User::OutboxRelay => publishes_to(table, Role::Orchestrator, key),
+        None => false,
+    }
+}
+
+/// Every concrete stream of the fleet: per-role, per-instance and shared.
+fn fleet_streams() -> Vec<String> {
+    let instance = Instance::parse("inst-1").unwrap();
+    let mut names = Vec::new();
+    for role in Role::WORKERS {
+        names.push(StreamName::tasks(*role).to_string());
+        names.push(StreamName::tool_responses(*role, &instance).to_string());
+    }
+    for role in Role::ALL {
+        names.push(StreamName::control(*role).to_string());
+    }
+    for name in [
+        streams::RESULTS,
+        streams::HEARTBEATS,
+        streams::QUESTIONS,
+        streams::TOOL_REQUESTS,
+        streams::USAGE,
+        streams::OUTCOMES,
+        streams::REJECTED,
+        streams::DLQ,
+    ] {
+        names.push(name.to_owned());
+    }
+    names
+}
+
+/// Keys nobody may XADD to: outside the fleet, near misses of real names, and keys that
+/// some user may touch with other commands.
+const NOT_STREAMS: &[&str] = &[
+    "other:key",
+    "fleet:unknown",
+    "fleet:tasks:devops",
+    "fleet:tasks",
+    "fleet:budget:probe",
+    "fleet:killswitch",
+    "fleet:seen:dev:probe",
+    "fleet:done:orchestrator:probe",
+];
+
+#[test]
+fn the_oracle_agrees_with_the_design() {
+    let t = PermissionTable::parse(&fs::read_to_string(permissions_file()).unwrap()).unwrap();
+    assert!(!may_xadd(&t, User::Dev, "fleet:tasks:qa"));
+    assert!(!may_xadd(&t, User::Dev, "fleet:tasks:dev"));
+    assert!(may_xadd(&t, User::Dev, "fleet:results"));
+    assert!(may_xadd(&t, User::Dev, "fleet:dlq"));
+    assert!(may_xadd(&t, User::Orchestrator, "fleet:tool:responses:qa:inst-1"));
+    assert!(may_xadd(&t, User::Budget, "fleet:control:orchestrator"));
+    assert!(may_xadd(&t, User::OutboxRelay, "fleet:tasks:dev"));
+    assert!(!may_xadd(&t, User::OutboxRelay, "fleet:results"));
+    assert!(!may_xadd(&t, User::OutboxRelay, "fleet:rejected"));
+    for key in fleet_streams() {
+        assert!(!may_xadd(&t, User::Operator, &key));
+    }
+    assert!(receives_on(&t, Role::Dev, "fleet:tool:responses:dev:inst-1"));
+    assert!(!receives_on(&t, Role::Dev, "fleet:tasks:qa"));
+}
+
+// ---------------------------------------------------------------------------------------
+// A Redis server with the generated users
+// ---------------------------------------------------------------------------------------
+
+/// A redis-server loaded with the ACL file that `fleetctl acl generate` wrote for the
+/// shipped permission file and fresh passwords.
+struct Fleet {
+    /// Declared first so it stops before its files disappear.
+    redis: RedisServer,
+    passwords: Passwords,
+    table: PermissionTable,
+    connections: BTreeMap<User, MultiplexedConnection>,
+    /// The secrets file and the ACL file.
+    _dir: TempDir,
+}
+
+/// What a command must do.
+#[derive(Debug, Clone, PartialEq)]
+enum Expect {
+    /// Succeed, with any reply.
+    Allowed,
+    /// Succeed with exactly this reply.
+    Returns(Value),
+    /// Fail with NOPERM: the ACL refused it.
+    NoPerm,
+    /// Fail with an error whose text contains this (a script's refused inner command).
+    Error(&'static str),
+}
+
+/// One command of a table: who runs it, the command, and what must happen.
+struct Case {
+    user: User,
+    args: Vec<String>,
+    expect: Expect,
+}
+
+fn case(user: User, expect: Expect, args: &[&str]) -> Case {
+    Case { user, args: args.iter().map(|a| (*a).to_owned()).collect(), expect }
+}
+
+fn allowed_if(yes: bool) -> Expect {
+    if yes { Expect::Allowed } else { Expect::NoPerm }
+}
+
+impl Fleet {
+    fn start() -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        ok(dir.path(), &["acl", "secrets", "new", "--out", "secrets.toml"]);
+        ok(
+            dir.path(),
+            &[
+                "acl",
+                "generate",
+                "--secrets",
+                "secrets.toml",
+                "--permissions",
+                &permissions_file(),
+                "--out",
+                "users.acl",
+            ],
+        );
+        let passwords = Passwords::parse(&fs::read_to_string(dir.path().join("secrets.toml")).unwrap()).unwrap();
+        let table = PermissionTable::parse(&fs::read_to_string(permissions_file()).unwrap()).unwrap();
+        let redis = RedisServer::builder()
+            .acl_file(dir.path().join("users.acl"))
+            .start()
+            .unwrap_or_else(|err| panic!("cannot start redis-server with the generated ACL file: {err}"));
+        Fleet { redis, passwords, table, connections: BTreeMap::new(), _dir: dir }
+    }
+
+    fn url(&self, user: User, query: &str) -> String {
+        format!("redis://{user}:{}@127.0.0.1:{}/{query}", self.passwords.get(user).expose(), self.redis.port())
+    }
+
+    /// A connection authenticated as `user`, as the fleet's processes make them.
+    async fn connection(&mut self, user: User) -> &mut MultiplexedConnection {
+        if !self.connections.contains_key(&user) {
+            let connection =
+                connect(&self.url(user, "")).await.unwrap_or_else(|err| panic!("{user} cannot connect: {err}"));
+            self.connections.insert(user, connection);
+        }
+        self.connections.get_mut(&user).unwrap()
+    }
+
+    async fn run(&mut self, user: User, args: &[String]) -> redis::RedisResult<Value> {
+        let mut command = redis::cmd(&args[0]);
+        for arg in &args[1..] {
+            command.arg(arg);
+        }
+        command.query_async(self.connection(user).await).await
+    }
+
+    /// Runs `cases` in order and fails once, listing every case that did not do what it
+    /// should.
+    async fn expect_all(&mut self, what: &str, cases: Vec<Case>) {
+        let mut failures = Vec::new();
+        for Case { user, args, expect } in &cases {
+            let result = self.run(*user, args).await;
+            if let Some(problem) = mismatch(expect, &result) {
+                failures.push(format!("user {user}: `{}`: {problem}", args.join(" ")));
+            }
+        }
+        assert_failures(what, cases.len(), &failures);
+    }
+
+    /// XADDs an entry to `stream` as `user` and returns its id.
+    async fn seed(&mut self, user: User, stream: &str) -> String {
+        let args: Vec<String> = ["XADD", stream, "*", "seed", "1"].map(str::to_owned).to_vec();
+        match self.run(user, &args).await {
+            Ok(Value::BulkString(id)) => String::from_utf8(id).unwrap(),
+            other => panic!("user {user} could not seed {stream}: {other:?}"),
+        }
+    }
+}
+
+async fn connect(url: &str) -> redis::RedisResult<MultiplexedConnection> {
+    redis::Client::open(url)?.get_multiplexed_async_connection().await
+}
+
+/// What is wrong with `result`, if anything.
+fn mismatch(expect: &Expect, result: &redis::RedisResult<Value>) -> Option<String> {
+    match (expect, result) {
+        (Expect::Allowed, Ok(_)) => None,
+        (Expect::Returns(want), Ok(got)) if got == want => None,
+        (Expect::Returns(want), Ok(got)) => Some(format!("expected {want:?}, got {got:?}")),
+        (Expect::NoPerm, Err(err)) if err.code() == Some("NOPERM") => None,
+        (Expect::NoPerm, Ok(got)) => Some(format!("expected NOPERM, but it succeeded ({got:?})")),
+        (Expect::NoPerm, Err(err)) => Some(format!("expected NOPERM, got another error: {err}")),
+        (Expect::Error(text), Err(err)) if err.to_string().contains(text) => None,
+        (Expect::Error(text), Err(err)) => Some(format!("expected an error with {text:?}, got: {err}")),
+        (Expect::Error(text), Ok(got)) => Some(format!("expected an error with {text:?}, but it succeeded ({got:?})")),
+        (Expect::Allowed | Expect::Returns(_), Err(err)) => Some(format!("expected success, got: {err}")),
+    }
+}
+
+fn assert_failures(what: &str, total: usize, failures: &[String]) {
+    if failures.is_empty() {
+        return;
+    }
+    let mut message = format!("{what}: {} of {total} cases went wrong:\n", failures.len());
+    for failure in failures {
+        let _ = writeln!(message, "  - {failure}");
+    }
+    panic!("{message}");
+}
+
+// ---------------------------------------------------------------------------------------
+// The tests
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn xadd_is_allowed_exactly_where_the_permission_table_says() {
+    let mut fleet = Fleet::start();
+    let mut cases = Vec::new();
+    let mut allowed = 0;
+    for user in User::ALL {
+        for key in fleet_streams().iter().map(String::as_str).chain(NOT_STREAMS.iter().copied()) {
+            let may = may_xadd(&fleet.table, user, key);
+            allowed += usize::from(may);
+            cases.push(case(user, allowed_if(may), &["XADD", key, "*", "probe", user.as_str()]));
+            // The capped form publishers use.
+            cases.push(case(user, allowed_if(may), &["XADD", key, "MAXLEN", "~", "100000", "*", "probe", "1"]));
+        }
+    }
+    // 4 workers x (4 streams + rejected + dlq), orchestrator 11 + 2, budget 5 + 2, relay 11.
+    assert_eq!(allowed, 4 * 6 + 13 + 7 + 11, "the shipped permission file changed: update this count");
+    fleet.expect_all("XADD by every user to every stream", cases).await;
+}
+
+#[tokio::test]
+async fn consumers_work_their_own_streams_and_nobody_elses() {
+    let mut fleet = Fleet::start();
+    let all_streams = fleet_streams();
+    let mut cases = Vec::new();
+    for role in Role::ALL {
+        let user = User::of_role(*role);
+        let group = role.as_str();
+        let (c1, c2) = (format!("{role}-1"), format!("{role}-2"));
+        let (c1, c2) = (c1.as_str(), c2.as_str());
+        for stream in &all_streams {
+            let s = stream.as_str();
+            if receives_on(&fleet.table, *role, s) {
+                // Someone else publishes an entry for the group to work on.
+                let publisher = User::ALL
+                    .into_iter()
+                    .find(|u| *u != user && may_xadd(&fleet.table, *u, s))
+                    .unwrap_or_else(|| panic!("nobody may publish to {s}"));
+                let id = fleet.seed(publisher, s).await;
+                let id = id.as_str();
+                for (expect, args) in [
+                    (Expect::Returns(Value::Okay), &["XGROUP", "CREATE", s, group, "0", "MKSTREAM"][..]),
+                    (Expect::Returns(Value::Int(1)), &["XGROUP", "CREATECONSUMER", s, group, c2]),
+                    (Expect::Allowed, &["XREADGROUP", "GROUP", group, c1, "COUNT", "10", "STREAMS", s, ">"]),
+                    (Expect::Allowed, &["XPENDING", s, group]),
+                    (Expect::Allowed, &["XPENDING", s, group, "-", "+", "10"]),
+                    (Expect::Allowed, &["XAUTOCLAIM", s, group, c2, "0", "0-0", "COUNT", "10"]),
+                    (Expect::Allowed, &["XCLAIM", s, group, c1, "0", id]),
+                    (Expect::Returns(Value::Int(1)), &["XACK", s, group, id]),
+                    (Expect::Allowed, &["XINFO", "GROUPS", s]),
+                    (Expect::Allowed, &["XINFO", "CONSUMERS", s, group]),
+                    (Expect::Allowed, &["XINFO", "STREAM", s]),
+                    (Expect::Returns(Value::Int(1)), &["XLEN", s]),
+                    (Expect::Allowed, &["XRANGE", s, "-", "+"]),
+                    (Expect::Allowed, &["XGROUP", "DELCONSUMER", s, group, c2]),
+                    // Its own inbox is not its to write.
+                    (Expect::NoPerm, &["XADD", s, "*", "forged", "1"]),
+                    (Expect::NoPerm, &["XDEL", s, id]),
+                    (Expect::NoPerm, &["XTRIM", s, "MAXLEN", "0"]),
+                    (Expect::NoPerm, &["XGROUP", "SETID", s, group, "0"]),
+                    (Expect::NoPerm, &["XGROUP", "DESTROY", s, group]),
+                ] {
+                    cases.push(case(user, expect, args));
+                }
+            } else {
+                for args in [
+                    &["XGROUP", "CREATE", s, group, "0", "MKSTREAM"][..],
+                    &["XGROUP", "CREATECONSUMER", s, group, c2],
+                    &["XREADGROUP", "GROUP", group, c1, "COUNT", "10", "STREAMS", s, ">"],
+                    &["XPENDING", s, group],
+                    &["XAUTOCLAIM", s, group, c2, "0", "0-0"],
+                    &["XCLAIM", s, group, c1, "0", "0-1"],
+                    &["XACK", s, group, "0-1"],
+                    &["XINFO", "GROUPS", s],
+                    &["XINFO", "CONSUMERS", s, group],
+                    &["XINFO", "STREAM", s],
+                    &["XLEN", s],
+                    &["XRANGE", s, "-", "+"],
+                    &["XGROUP", "DELCONSUMER", s, group, c2],
+                ] {
+                    cases.push(case(user, Expect::NoPerm, args));
+                }
+            }
+        }
+        // One read over an own and a foreign stream needs both in one grant: refused.
+        let own = StreamName::control(*role).to_string();
+        let foreign = if *role == Role::Qa { "fleet:tasks:dev" } else { "fleet:tasks:qa" };
+        cases.push(case(
+            user,
+            Expect::NoPerm,
+            &["XREADGROUP", "GROUP", group, c1, "STREAMS", own.as_str(), foreign, ">", ">"],
+        ));
+    }
+    fleet.expect_all("consumer commands on own and foreign streams", cases).await;
+}
+
+#[tokio::test]
+async fn each_consumer_group_has_its_own_replay_guard_keys() {
+    let mut fleet = Fleet::start();
+    let mut cases = Vec::new();
+    for role in Role::ALL {
+        let user = User::of_role(*role);
+        for prefix in ["fleet:seen", "fleet:done"] {
+            let own = format!("{prefix}:{role}:env-1");
+            let own = own.as_str();
+            cases.push(case(user, Expect::Returns(Value::Okay), &["SET", own, "1", "PX", "60000", "NX"]));
+            cases.push(case(user, Expect::Returns(Value::Nil), &["SET", own, "1", "PX", "60000", "NX"]));
+            cases.push(case(user, Expect::Returns(Value::BulkString(b"1".to_vec())), &["GET", own]));
+            cases.push(case(user, Expect::Returns(Value::Int(1)), &["EXISTS", own]));
+            cases.push(case(user, Expect::Returns(Value::Int(1)), &["PEXPIRE", own, "120000"]));
+            cases.push(case(user, Expect::NoPerm, &["DEL", own]));
+            cases.push(case(user, Expect::NoPerm, &["INCR", own]));
+            for other in Role::ALL.iter().filter(|other| *other != role) {
+                let theirs = format!("{prefix}:{other}:env-1");
+                cases.push(case(user, Expect::NoPerm, &["SET", &theirs, "1", "PX", "60000", "NX"]));
+                cases.push(case(user, Expect::NoPerm, &["GET", &theirs]));
+            }
+        }
+        // SET is granted on the guard keys only: not on streams, not elsewhere.
+        let inbox = StreamName::control(*role).to_string();
+        cases.push(case(user, Expect::NoPerm, &["SET", &inbox, "x"]));
+        cases.push(case(user, Expect::NoPerm, &["SET", "other:key", "x"]));
+    }
+    for user in [User::OutboxRelay, User::Operator] {
+        cases.push(case(user, Expect::NoPerm, &["SET", "fleet:seen:dev:env-2", "1"]));
+        cases.push(case(user, Expect::NoPerm, &["GET", "fleet:seen:dev:env-1"]));
+    }
+    fleet.expect_all("replay guard keys", cases).await;
+}
+
+#[tokio::test]
+async fn only_the_orchestrator_and_budget_run_ledger_scripts_on_ledger_keys() {
+    let mut fleet = Fleet::start();
+    const INCRBY: &str = "return redis.call('INCRBY', KEYS[1], ARGV[1])";
+    const INCRBY_SHA: &str = "8cd00688c05c46bde4a2e60658ef20a2e5c0b248";
+    let mut cases = Vec::new();
+    for user in [User::Orchestrator, User::Budget] {
+        cases.extend([
+            case(user, Expect::Allowed, &["SCRIPT", "LOAD", INCRBY]),
+            case(user, Expect::Allowed, &["EVAL", INCRBY, "1", "fleet:budget:task-1", "5"]),
+            case(user, Expect::Allowed, &["EVAL", "return redis.call('SET', KEYS[1], '1')", "1", "fleet:killswitch"]),
+            case(
+                user,
+                Expect::Allowed,
+                &["EVAL", "return redis.call('HINCRBY', KEYS[1], 'tokens', 7)", "1", "fleet:budget:h"],
+            ),
+            // Keys outside the ledger, declared or not, and commands the ledger doesn't use.
+            case(user, Expect::NoPerm, &["EVAL", INCRBY, "1", "fleet:tasks:dev", "5"]),
+            case(user, Expect::NoPerm, &["EVAL", INCRBY, "1", "other:key", "5"]),
+            case(user, Expect::Error("can't access"), &["EVAL", "return redis.call('SET', 'fleet:results', 1)", "0"]),
+            case(user, Expect::Error("can't run"), &["EVAL", "return redis.call('FLUSHALL')", "0"]),
+            case(
+                user,
+                Expect::Error("can't run"),
+                &["EVAL", "return redis.call('DEL', KEYS[1])", "1", "fleet:budget:h"],
+            ),
+            case(
+                user,
+                Expect::Error("executing the script can't"),
+                &["EVAL", "return redis.call('XADD', KEYS[1], '*', 'a', 1)", "1", "fleet:budget:s"],
+            ),
+            case(user, Expect::NoPerm, &["SCRIPT", "FLUSH"]),
+            case(
+                user,
+                Expect::NoPerm,
+                &["FUNCTION", "LOAD", "#!lua name=x\nredis.register_function('x', function() return 1 end)"],
+            ),
+        ]);
+    }
+    for user in [User::Dev, User::Qa, User::Review, User::Refactor, User::OutboxRelay, User::Operator] {
+        cases.extend([
+            case(user, Expect::NoPerm, &["EVAL", "return 1", "0"]),
+            case(user, Expect::NoPerm, &["EVAL", INCRBY, "1", "fleet:budget:task-1", "5"]),
+            case(user, Expect::NoPerm, &["EVALSHA", INCRBY_SHA, "1", "fleet:budget:task-1", "5"]),
+            case(user, Expect::NoPerm, &["SCRIPT", "LOAD", "return 1"]),
+            case(user, Expect::NoPerm, &["GET", "fleet:budget:task-1"]),
+            case(user, Expect::NoPerm, &["SET", "fleet:killswitch", "0"]),
+        ]);
+    }
+    fleet.expect_all("ledger scripts", cases).await;
+
+    // The script cache holds what SCRIPT LOAD returned: EVALSHA works for both.
+    let sha = match fleet.run(User::Budget, &["SCRIPT".into(), "LOAD".into(), INCRBY.into()]).await {
+        Ok(Value::BulkString(sha)) => String::from_utf8(sha).unwrap(),
+        other => panic!("SCRIPT LOAD as budget: {other:?}"),
+    };
+    assert_eq!(sha, INCRBY_SHA);
+    let cases = [User::Orchestrator, User::Budget]
+        .map(|user| case(user, Expect::Allowed, &["EVALSHA", &sha, "1", "fleet:budget:task-1", "1"]))
+        .into();
+    fleet.expect_all("EVALSHA", cases).await;
+}
+
+#[tokio::test]
+async fn the_operator_reads_everything_under_fleet_and_writes_nothing() {
+    let mut fleet = Fleet::start();
+    let id = fleet.seed(User::Dev, streams::RESULTS).await;
+    fleet.seed(User::Orchestrator, "fleet:tasks:dev").await;
+    let group: Vec<String> = ["XGROUP", "CREATE", "fleet:tasks:dev", "dev", "0"].map(str::to_owned).to_vec();
+    fleet.run(User::Dev, &group).await.unwrap();
+
+    let op = User::Operator;
+    let mut cases = vec![
+        case(op, Expect::Allowed, &["XRANGE", "fleet:results", "-", "+"]),
+        case(op, Expect::Allowed, &["XREVRANGE", "fleet:results", "+", "-", "COUNT", "5"]),
+        case(op, Expect::Returns(Value::Int(1)), &["XLEN", "fleet:results"]),
+        case(op, Expect::Allowed, &["XREAD", "COUNT", "10", "STREAMS", "fleet:results", "fleet:tasks:dev", "0", "0"]),
+        case(op, Expect::Allowed, &["XINFO", "STREAM", "fleet:results"]),
+        case(op, Expect::Allowed, &["XINFO", "GROUPS", "fleet:tasks:dev"]),
+        case(op, Expect::Allowed, &["XINFO", "CONSUMERS", "fleet:tasks:dev", "dev"]),
+        case(op, Expect::Allowed, &["XPENDING", "fleet:tasks:dev", "dev"]),
+        case(op, Expect::Allowed, &["XLEN", "fleet:tool:responses:qa:inst-9"]),
+        // Reads, but not outside the fleet, and nothing a consumer group would notice.
+        case(op, Expect::NoPerm, &["XRANGE", "other:key", "-", "+"]),
+        case(op, Expect::NoPerm, &["XREADGROUP", "GROUP", "dev", "op", "STREAMS", "fleet:tasks:dev", ">"]),
+        case(op, Expect::NoPerm, &["XGROUP", "CREATE", "fleet:results", "operator", "0"]),
+        case(op, Expect::NoPerm, &["XACK", "fleet:results", "orchestrator", &id]),
+        case(op, Expect::NoPerm, &["XCLAIM", "fleet:tasks:dev", "dev", "op", "0", "0-1"]),
+        case(op, Expect::NoPerm, &["GET", "fleet:seen:dev:env-1"]),
+    ];
+    for key in fleet_streams().iter().map(String::as_str).chain(["other:key"]) {
+        cases.push(case(op, Expect::NoPerm, &["XADD", key, "*", "a", "1"]));
+        cases.push(case(op, Expect::NoPerm, &["DEL", key]));
+        cases.push(case(op, Expect::NoPerm, &["XDEL", key, "0-1"]));
+        cases.push(case(op, Expect::NoPerm, &["XTRIM", key, "MAXLEN", "0"]));
+        cases.push(case(op, Expect::NoPerm, &["SET", key, "1"]));
+    }
+    fleet.expect_all("operator", cases).await;
+}
+
+#[tokio::test]
+async fn the_outbox_relay_only_forwards() {
+    let mut fleet = Fleet::start();
+    let relay = User::OutboxRelay;
+    let cases = vec![
+        case(relay, Expect::Allowed, &["XADD", "fleet:tasks:dev", "*", "frame", "signed-by-orchestrator"]),
+        case(relay, Expect::Allowed, &["XADD", "fleet:tool:responses:review:inst-7", "*", "frame", "x"]),
+        case(relay, Expect::NoPerm, &["XADD", "fleet:results", "*", "frame", "x"]),
+        case(relay, Expect::NoPerm, &["XADD", "fleet:control:dev", "*", "frame", "x"]),
+        case(relay, Expect::NoPerm, &["XREADGROUP", "GROUP", "dev", "relay", "STREAMS", "fleet:tasks:dev", ">"]),
+        case(relay, Expect::NoPerm, &["XGROUP", "CREATE", "fleet:tasks:dev", "relay", "0"]),
+        case(relay, Expect::NoPerm, &["XRANGE", "fleet:tasks:dev", "-", "+"]),
+        case(relay, Expect::NoPerm, &["XLEN", "fleet:tasks:dev"]),
+        case(relay, Expect::NoPerm, &["XREAD", "STREAMS", "fleet:tasks:dev", "0"]),
+    ];
+    fleet.expect_all("outbox-relay", cases).await;
+}
+
+#[tokio::test]
+async fn the_default_user_can_do_nothing() {
+    let fleet = Fleet::start();
+
+    // Without credentials the connection opens (the crate sends nothing that needs a
+    // user), and every command is refused.
+    let mut anonymous = connect(&fleet.redis.url()).await.unwrap();
+    let mut failures = Vec::new();
+    for args in [
+        &["PING"][..],
+        &["XADD", "fleet:tasks:qa", "*", "a", "1"],
+        &["XRANGE", "fleet:results", "-", "+"],
+        &["GET", "other:key"],
+        &["FLUSHALL"],
+        &["CONFIG", "GET", "maxmemory"],
+    ] {
+        let result: redis::RedisResult<Value> = redis::cmd(args[0]).arg(&args[1..]).query_async(&mut anonymous).await;
+        match result {
+            Err(err) if err.code() == Some("NOAUTH") => {}
+            other => failures.push(format!("unauthenticated `{}`: expected NOAUTH, got {other:?}", args.join(" "))),
+        }
+    }
+    // Logging in as `default`, with nothing or with another user's password, fails.
+    for password in ["x", fleet.passwords.get(User::Dev).expose()] {
+        let url = format!("redis://default:{password}@127.0.0.1:{}/", fleet.redis.port());
+        match connect(&url).await {
+            Err(err) if err.kind() == redis::ErrorKind::AuthenticationFailed || err.code() == Some("WRONGPASS") => {}
+            Err(err) => failures.push(format!("AUTH default: expected an authentication failure, got: {err}")),
+            Ok(_) => failures.push("AUTH default succeeded".to_owned()),
+        }
+    }
+    // A user's own name with another's password fails too.
+    let url = format!("redis://dev:{}@127.0.0.1:{}/", fleet.passwords.get(User::Qa).expose(), fleet.redis.port());
+    if connect(&url).await.is_ok() {
+        failures.push("dev authenticated with qa's password".to_owned());
+    }
+    assert_failures("default user and wrong passwords", 9, &failures);
+}
+
+#[tokio::test]
+async fn nobody_administers_deletes_or_reaches_outside_its_grants() {
+    let mut fleet = Fleet::start();
+    let forbidden: &[&[&str]] = &[
+        &["FLUSHALL"],
+        &["FLUSHDB"],
+        &["CONFIG", "GET", "maxmemory"],
+        &["CONFIG", "SET", "maxmemory", "1mb"],
+        &["KEYS", "*"],
+        &["SCAN", "0"],
+        &["DEL", "fleet:tasks:dev"],
+        &["DEL", "fleet:results"],
+        &["DEL", "fleet:seen:dev:env-1"],
+        &["UNLINK", "fleet:results"],
+        &["RENAME", "fleet:tasks:dev", "fleet:tasks:qa"],
+        &["EXPIRE", "fleet:results", "1"],
+        &["XSETID", "fleet:results", "99999999999999-0"],
+        &["ACL", "WHOAMI"],
+        &["ACL", "LIST"],
+        &["ACL", "SETUSER", "intruder", "on", ">x", "+@all", "~*"],
+        &["ACL", "LOAD"],
+        &["ACL", "SAVE"],
+        &["ACL", "LOG"],
+        &["SELECT", "1"],
+        &["SWAPDB", "0", "1"],
+        &["CLIENT", "LIST"],
+        &["CLIENT", "KILL", "ID", "999999"],
+        &["PUBLISH", "fleet:events", "x"],
+        &["BGSAVE"],
+        &["BGREWRITEAOF"],
+        &["REPLICAOF", "NO", "ONE"],
+        &["FUNCTION", "FLUSH"],
+        &["MODULE", "LIST"],
+        &["OBJECT", "ENCODING", "fleet:results"],
+        &["SHUTDOWN", "NOSAVE"],
+    ];
+    let mut cases = Vec::new();
+    for user in User::ALL {
+        for args in forbidden {
+            cases.push(case(user, Expect::NoPerm, args));
+        }
+    }
+    fleet.expect_all("administration and deletion", cases).await;
+}
+
+#[tokio::test]
+async fn every_user_connects_the_way_the_fleet_does() {
+    let mut fleet = Fleet::start();
+    let mut failures = Vec::new();
+    for user in User::ALL {
+        // RESP2 (AUTH) and RESP3 (HELLO 3 AUTH); both also send CLIENT SETINFO, which 7.0
+        // answers with an error the crate ignores.
+        for query in ["", "?protocol=resp3"] {
+            match connect(&fleet.url(user, query)).await {
+                Ok(mut connection) => {
+                    for args in [&["PING"][..], &["CLIENT", "SETNAME", "probe-1"]] {
+                        let result: redis::RedisResult<Value> =
+                            redis::cmd(args[0]).arg(&args[1..]).query_async(&mut connection).await;
+                        if let Err(err) = result {
+                            failures.push(format!("user {user} ({query:?}): `{}`: {err}", args.join(" ")));
+                        }
+                    }
+                }
+                Err(err) => failures.push(format!("user {user} ({query:?}) cannot connect: {err}")),
+            }
+        }
+        // deadpool-redis recycles connections with `PING <n>`.
+        let cases = vec![case(user, Expect::Returns(Value::BulkString(b"42".to_vec())), &["PING", "42"])];
+        fleet.expect_all("PING", cases).await;
+    }
+    assert_failures("connecting", User::ALL.len() * 4, &failures);
+}
+
+/// Why the generator needs selectors, checked on the server itself: a read-only key
+/// permission can't acknowledge or reclaim, so without selectors a consumer's inbox must be
+/// writable, and then `+xadd` anywhere in the user would apply to it too.
+#[tokio::test]
+async fn redis_needs_write_access_to_acknowledge_which_is_why_there_are_selectors() {
+    let dir = tempfile::tempdir().unwrap();
+    let acl = dir.path().join("naive.acl");
+    // sha256("consumer-password-0123")
+    let hash = "3d6c3bba78b888a2b552f398cb95aa4863eac5f9f27b89a54173139a3955896d";
+    let naive = format!(
+        "user default off\n\
+         user writer on #{hash} resetchannels -@all +xadd +xgroup|create ~inbox\n\
+         user reader on #{hash} resetchannels -@all +xreadgroup +xack +xautoclaim +xclaim %R~inbox\n"
+    );
+    fs::write(&acl, naive).unwrap();
+    let redis = RedisServer::builder().acl_file(&acl).start().unwrap_or_else(|err| panic!("{err}"));
+    let url = |user: &str| format!("redis://{user}:consumer-password-0123@127.0.0.1:{}/", redis.port());
+    let mut writer = connect(&url("writer")).await.unwrap();
+    let mut reader = connect(&url("reader")).await.unwrap();
+    let run = |args: &'static [&'static str]| {
+        let mut command = redis::cmd(args[0]);
+        command.arg(&args[1..]);
+        command
+    };
+    let id: String = run(&["XADD", "inbox", "*", "a", "1"]).query_async(&mut writer).await.unwrap();
+    let _: () = run(&["XGROUP", "CREATE", "inbox", "g", "0"]).query_async(&mut writer).await.unwrap();
+    let read: redis::RedisResult<Value> =
+        run(&["XREADGROUP", "GROUP", "g", "c", "STREAMS", "inbox", ">"]).query_async(&mut reader).await;
+    assert!(read.is_ok(), "XREADGROUP under %R~: {read:?}");
+    let mut ack = redis::cmd("XACK");
+    ack.arg("inbox").arg("g").arg(&id);
+    let acked: redis::RedisResult<Value> = ack.query_async(&mut reader).await;
+    assert_eq!(acked.unwrap_err().code(), Some("NOPERM"), "XACK under %R~ is refused");
+    let claimed: redis::RedisResult<Value> =
+        run(&["XAUTOCLAIM", "inbox", "g", "c2", "0", "0-0"]).query_async(&mut reader).await;
+    assert_eq!(claimed.unwrap_err().code(), Some("NOPERM"), "XAUTOCLAIM under %R~ is refused");
+}
+
+// ---------------------------------------------------------------------------------------
+// The command line, without Redis
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn secrets_new_writes_a_private_file_and_never_overwrites() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = ok(dir.path(), &["acl", "secrets", "new", "--out", "secrets.toml"]);
+    let path = dir.path().join("secrets.toml");
+    assert_eq!(mode(&path), 0o600);
+    let text = fs::read_to_string(&path).unwrap();
+    let passwords = Passwords::parse(&text).unwrap();
+    for user in User::ALL {
+        let password = passwords.get(user).expose();
+        assert!(text.contains(&format!("\n{user} = \"{password}\"\n")), "{user} in:\n{text}");
+        assert!(!report.contains(password), "the report shows {user}'s password");
+    }
+
+    let again = fleetctl(dir.path(), &["acl", "secrets", "new", "--out", "secrets.toml"]);
+    assert_eq!(again.code, EX_USAGE, "{}", again.stderr);
+    assert!(again.stderr.contains("'secrets.toml' already exists"), "{}", again.stderr);
+    assert_eq!(fs::read_to_string(&path).unwrap(), text, "the existing file changed");
+}
+
+#[test]
+fn generate_writes_hashes_only_and_refuses_incomplete_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    ok(d, &["acl", "secrets", "new", "--out", "secrets.toml"]);
+    let passwords = Passwords::parse(&fs::read_to_string(d.join("secrets.toml")).unwrap()).unwrap();
+    let perms = permissions_file();
+    let generate = ["acl", "generate", "--secrets", "secrets.toml", "--permissions", perms.as_str()];
+
+    let stdout = ok(d, &generate);
+    let report = ok(d, &[&generate[..], &["--out", "users.acl"]].concat());
+    let file = fs::read_to_string(d.join("users.acl")).unwrap();
+    assert_eq!(file, stdout, "--out and stdout differ");
+    assert_eq!(mode(&d.join("users.acl")), 0o600);
+    assert!(report.contains("--aclfile"), "{report}");
+    assert_eq!(file.lines().count(), 1 + User::ALL.len());
+    assert!(file.starts_with("user default reset off "), "{file}");
+    for user in User::ALL {
+        let password = passwords.get(user);
+        assert!(!file.contains(password.expose()), "plaintext password of {user} in the ACL file");
+        assert!(file.contains(&format!("user {user} reset on #{} ", password.redis_hash())), "{user}");
+    }
+
+    // An existing file is replaced only with --force.
+    let again = fleetctl(d, &[&generate[..], &["--out", "users.acl"]].concat());
+    assert_eq!(again.code, EX_USAGE, "{}", again.stderr);
+    assert!(again.stderr.contains("--force"), "{}", again.stderr);
+    ok(d, &[&generate[..], &["--out", "users.acl", "--force"]].concat());
+
+    // A secrets file without qa's password: exit 64, naming qa.
+    let text = fs::read_to_string(d.join("secrets.toml")).unwrap();
+    let without_qa: String = text.lines().filter(|l| !l.starts_with("qa = ")).map(|l| format!("{l}\n")).collect();
+    fs::write(d.join("partial.toml"), without_qa).unwrap();
+    fs::set_permissions(d.join("partial.toml"), fs::Permissions::from_mode(0o600)).unwrap();
+    let out = fleetctl(d, &["acl", "generate", "--secrets", "partial.toml", "--permissions", &perms]);
+    assert_eq!(out.code, EX_USAGE, "{}", out.stderr);
+    assert!(out.stderr.contains("no password for user qa"), "{}", out.stderr);
+    assert!(out.stdout.is_empty(), "an ACL file was printed anyway");
+
+    // No secrets file at all.
+    let out = fleetctl(d, &["acl", "generate", "--secrets", "nope.toml", "--permissions", &perms]);
+    assert_eq!(out.code, EX_USAGE, "{}", out.stderr);
+    assert!(out.stderr.contains("fleetctl acl secrets new"), "{}", out.stderr);
+}
+
+#[test]
+fn help_says_what_the_file_is_for_and_how_to_load_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let help = ok(dir.path(), &["acl", "generate", "--help"]);
+    for needle in ["redis-server --aclfile FILE", "ACL LOAD", "NOPERM", "selector", "#<sha256>"] {
+        assert!(help.contains(needle), "`acl generate --help` lacks {needle:?}:\n{help}");
+    }
+    let help = ok(dir.path(), &["acl", "--help"]);
+    assert!(help.contains("fleet:tasks:qa") && help.contains("default"), "{help}");
+}
