@@ -20,7 +20,9 @@ pub struct ConsumerConfig {
     /// How long one `XREADGROUP` blocks; also bounds how late maintenance runs.
     pub block: Duration,
     /// Entries of another consumer idle this long are taken over (that consumer is presumed
-    /// dead). Must exceed the slowest handler.
+    /// dead). Must exceed the slowest handler by a margin: the entries of a batch waiting for
+    /// their turn are claimed afresh between handlers every quarter of this, so one handler
+    /// may take up to about three quarters of it.
     pub claim_idle: Duration,
     /// Redis delivery count at which an entry whose handler keeps failing goes to `fleet:dlq`.
     pub max_deliveries: u64,
@@ -32,6 +34,8 @@ pub struct ConsumerConfig {
     pub maintenance_every: Duration,
     /// Other consumers with nothing pending and idle this long are deleted from the group.
     pub remove_idle_consumers_after: Duration,
+    /// How often idle consumers are looked for (`XINFO CONSUMERS`).
+    pub prune_every: Duration,
     /// On shutdown, how long a running handler may take to finish.
     pub grace: Duration,
 }
@@ -51,6 +55,7 @@ impl ConsumerConfig {
             retry_max: Duration::from_secs(30),
             maintenance_every: Duration::from_millis(500),
             remove_idle_consumers_after: Duration::from_secs(3600),
+            prune_every: Duration::from_secs(60),
             grace: Duration::from_secs(10),
         }
     }

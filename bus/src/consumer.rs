@@ -9,8 +9,10 @@
 //! - Nothing pending is forgotten: failed entries stay pending and are retried from Redis's
 //!   pending list (surviving a restart of this process, whose consumer name is stable), and
 //!   entries of a consumer that went silent are taken over with `XAUTOCLAIM`.
+//! - A live consumer's entries are not taken over while they wait their turn in a batch:
+//!   every quarter of `claim_idle` it settles what it finished and claims the rest afresh.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -87,8 +89,6 @@ fn bump(c: &AtomicU64) {
 const SIDE_STREAM_CAP: u64 = 100_000;
 /// How many `XAUTOCLAIM` pages one maintenance pass follows.
 const AUTOCLAIM_PAGES: usize = 8;
-/// How often idle consumers are looked for.
-const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// What a batch ends in; written in one pipeline.
 #[derive(Default)]
@@ -202,7 +202,7 @@ impl<H: Handler> Consumer<H> {
         }
         if now >= self.next_prune {
             self.prune_idle_consumers(c).await?;
-            self.next_prune = Instant::now() + PRUNE_EVERY;
+            self.next_prune = Instant::now() + self.cfg.prune_every;
         }
         let block = self
             .cfg
@@ -220,6 +220,7 @@ impl<H: Handler> Consumer<H> {
             .arg("STREAMS")
             .arg(self.cfg.stream.as_str())
             .arg(">");
+        let read_at = Instant::now();
         let read = cmd.query_async::<redis::Value>(c);
         let reply = tokio::select! {
             r = read => r?,
@@ -230,15 +231,17 @@ impl<H: Handler> Consumer<H> {
         if entries.is_empty() {
             return Ok(());
         }
-        self.process(c, entries, &HashMap::new(), shutdown).await
+        self.process(c, entries, read_at, &HashMap::new(), shutdown).await
     }
 
-    /// Verifies, dedups, handles and settles a batch. `deliveries` gives Redis's delivery
-    /// count of redelivered entries (absent: first delivery).
+    /// Verifies, dedups, handles and settles a batch. `read_at` is when the command that
+    /// delivered it was sent; `deliveries` gives Redis's delivery count of redelivered
+    /// entries (absent: first delivery).
     async fn process(
         &mut self,
         c: &mut MultiplexedConnection,
         entries: Vec<Entry>,
+        read_at: Instant,
         deliveries: &HashMap<String, u64>,
         shutdown: &CancellationToken,
     ) -> Result<(), BusError> {
@@ -310,9 +313,27 @@ impl<H: Handler> Consumer<H> {
             }
         }
 
-        for (e, chk) in to_handle {
+        // Entries wait their turn in the batch while their idle time, as Redis sees it, grows
+        // toward `claim_idle`, after which other consumers would take them over and handle
+        // them a second time. So every quarter of `claim_idle` the finished ones are settled
+        // and the waiting ones claimed afresh.
+        let mut kept_at = read_at;
+        let mut queue: VecDeque<(Entry, Checked)> = to_handle.into();
+        while let Some((e, chk)) = queue.pop_front() {
             if shutdown.is_cancelled() {
                 break; // Not started: stays pending.
+            }
+            if kept_at.elapsed() >= self.cfg.claim_idle / 4 {
+                self.settle(c, std::mem::take(&mut out)).await?;
+                let waiting: Vec<&str> =
+                    std::iter::once(e.id.as_str()).chain(queue.iter().map(|(w, _)| w.id.as_str())).collect();
+                let since = kept_at;
+                kept_at = Instant::now();
+                let kept = self.keep(c, &waiting, since).await?;
+                queue.retain(|(w, _)| kept.contains(&w.id));
+                if !kept.contains(&e.id) {
+                    continue;
+                }
             }
             let n = deliveries.get(&e.id).copied().unwrap_or(1);
             let id = chk.id();
@@ -343,6 +364,34 @@ impl<H: Handler> Consumer<H> {
             }
         }
         self.settle(c, out).await
+    }
+
+    /// Resets the idle time of `ids`, entries of this batch not yet handled, with
+    /// `XCLAIM … JUSTID` (which leaves the delivery counter alone), and returns those that
+    /// are still ours. `since` is when they were last read or kept: an entry still ours has
+    /// been idle about that long, while one another consumer took over (possible only after
+    /// a handler overran `claim_idle`) has been idle at least `claim_idle` less; the
+    /// `min-idle-time` between the two leaves the latter with its new owner.
+    async fn keep(
+        &self,
+        c: &mut MultiplexedConnection,
+        ids: &[&str],
+        since: Instant,
+    ) -> Result<HashSet<String>, BusError> {
+        let min_idle = since.elapsed().saturating_sub(self.cfg.claim_idle / 2);
+        let kept: Vec<String> = redis::cmd("XCLAIM")
+            .arg(self.cfg.stream.as_str())
+            .arg(&self.cfg.group)
+            .arg(&self.cfg.consumer)
+            .arg(min_idle.as_millis() as u64)
+            .arg(ids)
+            .arg("JUSTID")
+            .query_async(c)
+            .await?;
+        if kept.len() < ids.len() {
+            tracing::warn!(stream = %self.cfg.stream, consumer = %self.cfg.consumer, lost = ids.len() - kept.len(), "Entries waiting in a batch were taken over by another consumer (a handler overran claim_idle) or deleted; skipping them.");
+        }
+        Ok(kept.into_iter().collect())
     }
 
     async fn run_handler(&self, d: Delivery, shutdown: &CancellationToken) -> Option<Result<(), HandlerError>> {
@@ -470,6 +519,7 @@ impl<H: Handler> Consumer<H> {
             let ids: Vec<&str> = retry.iter().map(|p| p.id.as_str()).collect();
             // XCLAIM to ourselves bumps Redis's delivery counter: the attempt is recorded
             // before the handler runs, so a crash mid-handler still counts it.
+            let read_at = Instant::now();
             let claimed: redis::Value = redis::cmd("XCLAIM")
                 .arg(stream)
                 .arg(&self.cfg.group)
@@ -480,7 +530,7 @@ impl<H: Handler> Consumer<H> {
                 .await?;
             let entries = reply::entries("XCLAIM", &claimed)?;
             let counts: HashMap<String, u64> = retry.iter().map(|p| (p.id.clone(), p.deliveries + 1)).collect();
-            self.process(c, entries, &counts, shutdown).await?;
+            self.process(c, entries, read_at, &counts, shutdown).await?;
         }
         Ok(())
     }
@@ -530,15 +580,20 @@ impl<H: Handler> Consumer<H> {
                 && pending == 0
                 && Duration::from_millis(idle) > self.cfg.remove_idle_consumers_after
             {
-                // DELCONSUMER drops the consumer's pending entries too; re-check that there are none.
-                let _: i64 = redis::cmd("XGROUP")
+                // DELCONSUMER drops the consumer's pending entries too. It had none a moment ago;
+                // its answer says how many it dropped, should it have read in between.
+                let dropped: i64 = redis::cmd("XGROUP")
                     .arg("DELCONSUMER")
                     .arg(stream)
                     .arg(&self.cfg.group)
                     .arg(&name)
                     .query_async(c)
                     .await?;
-                tracing::info!(stream, consumer = %name, "Removed an idle consumer with nothing pending.");
+                if dropped > 0 {
+                    tracing::error!(stream, group = %self.cfg.group, consumer = %name, dropped, "Removing an idle consumer dropped entries it had just read; they will not be redelivered, an operator must look at them.");
+                } else {
+                    tracing::info!(stream, consumer = %name, "Removed an idle consumer with nothing pending.");
+                }
             }
         }
         Ok(())
