@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use crate::HarnessError;
 use crate::binary;
-use crate::process::{self, Startup};
+use crate::process;
 use crate::scratch::ScratchDir;
 
 const SERVICE: &str = "postgres";
@@ -412,34 +412,8 @@ fn launch(
         let startup = process::wait_until_ready(&mut child, &log, offset, READY_LINE, builder.startup_timeout, || {
             accepts_connections(&binaries.pg_isready, port)
         })?;
-        match startup {
-            Startup::Ready => return Ok((child, port)),
-            Startup::PortInUse if attempt < PORT_ATTEMPTS => continue,
-            Startup::PortInUse => {
-                return Err(HarnessError::PortInUse {
-                    service: SERVICE,
-                    port,
-                    attempts: PORT_ATTEMPTS,
-                    tail: process::log_tail(&log, offset),
-                    log,
-                });
-            }
-            Startup::Exited(status) => {
-                return Err(HarnessError::Exited {
-                    service: SERVICE,
-                    status,
-                    tail: process::log_tail(&log, offset),
-                    log,
-                });
-            }
-            Startup::TimedOut => {
-                return Err(HarnessError::NotReady {
-                    service: SERVICE,
-                    timeout: builder.startup_timeout,
-                    tail: process::log_tail(&log, offset),
-                    log,
-                });
-            }
+        if process::settle_startup(SERVICE, startup, port, attempt, PORT_ATTEMPTS, builder.startup_timeout, &log, offset)? {
+            return Ok((child, port));
         }
     }
 }

@@ -53,6 +53,30 @@ pub(crate) fn log_since(path: &Path, offset: u64) -> String {
 }
 
 /// The last lines of what the server logged since `offset`, for error messages.
+/// What a start attempt ends in for the caller: `Ok(true)` ready, `Ok(false)` a lost port
+/// race worth another attempt, or the error that names the service and quotes its log.
+pub(crate) fn settle_startup(
+    service: &'static str,
+    startup: Startup,
+    port: u16,
+    attempt: u32,
+    attempts: u32,
+    timeout: std::time::Duration,
+    log: &Path,
+    offset: u64,
+) -> Result<bool, HarnessError> {
+    let tail = || log_tail(log, offset);
+    match startup {
+        Startup::Ready => Ok(true),
+        Startup::PortInUse if attempt < attempts => Ok(false),
+        Startup::PortInUse => {
+            Err(HarnessError::PortInUse { service, port, attempts, tail: tail(), log: log.to_path_buf() })
+        }
+        Startup::Exited(status) => Err(HarnessError::Exited { service, status, tail: tail(), log: log.to_path_buf() }),
+        Startup::TimedOut => Err(HarnessError::NotReady { service, timeout, tail: tail(), log: log.to_path_buf() }),
+    }
+}
+
 pub(crate) fn log_tail(path: &Path, offset: u64) -> String {
     let text = log_since(path, offset);
     let lines: Vec<&str> = text.lines().collect();

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use crate::HarnessError;
 use crate::binary;
-use crate::process::{self, Startup};
+use crate::process;
 use crate::scratch::ScratchDir;
 use rustix::process::Signal;
 
@@ -237,34 +237,8 @@ fn launch(builder: &RedisServerBuilder, dir: &Path, fixed_port: Option<u16>) -> 
         let startup = process::wait_until_ready(&mut child, &log, offset, READY_LINE, builder.startup_timeout, || {
             answers_ping(port)
         })?;
-        match startup {
-            Startup::Ready => return Ok((child, port)),
-            Startup::PortInUse if attempt < attempts => continue,
-            Startup::PortInUse => {
-                return Err(HarnessError::PortInUse {
-                    service: SERVICE,
-                    port,
-                    attempts,
-                    tail: process::log_tail(&log, offset),
-                    log,
-                });
-            }
-            Startup::Exited(status) => {
-                return Err(HarnessError::Exited {
-                    service: SERVICE,
-                    status,
-                    tail: process::log_tail(&log, offset),
-                    log,
-                });
-            }
-            Startup::TimedOut => {
-                return Err(HarnessError::NotReady {
-                    service: SERVICE,
-                    timeout: builder.startup_timeout,
-                    tail: process::log_tail(&log, offset),
-                    log,
-                });
-            }
+        if process::settle_startup(SERVICE, startup, port, attempt, attempts, builder.startup_timeout, &log, offset)? {
+            return Ok((child, port));
         }
     }
 }
