@@ -1,0 +1,789 @@
+//! The engine: every change of task state, each in one transaction that also writes the
+//! `task_events` row, the audit row and the outgoing envelopes (outbox).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use envelope::{Envelope, Instance, Keyring, Outcome, Payload, Role, Sender, Status, StreamName, TaskAssign, Verified};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sqlx::{PgConnection, PgPool, Row};
+use uuid::Uuid;
+
+use crate::audit::{self, AuditEntry, AuditKey};
+use crate::outbox::{self, OutboxError};
+use crate::state::{self, Context, Event, IllegalTransition, Risk, TaskState};
+
+/// Why an engine call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// No such task.
+    #[error("task {0} not found")]
+    NotFound(Uuid),
+    /// The cycle does not allow it.
+    #[error(transparent)]
+    Illegal(#[from] IllegalTransition),
+    /// The input is unusable (explains what).
+    #[error("{0}")]
+    Invalid(String),
+    /// The fleet is halted: no new work, no approvals, no merges.
+    #[error("the fleet is halted by the kill switch; an admin must resume it first")]
+    Halted,
+    /// Sealing an outgoing envelope failed.
+    #[error(transparent)]
+    Outbox(#[from] OutboxError),
+    /// Postgres failed.
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+}
+
+/// Engine settings.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// This orchestrator's instance name (in envelopes and the audit trail).
+    pub instance: Instance,
+    /// `retries.max_per_task`.
+    pub max_retries: u32,
+    /// How long a worker may stay silent (no heartbeat, no result) before the step is reassigned.
+    pub step_deadline: Duration,
+    /// `ttl_ms` of assignments.
+    pub assign_ttl: Duration,
+    /// First retry delay; doubles per retry.
+    pub retry_base: Duration,
+    /// Longest retry delay.
+    pub retry_max: Duration,
+    /// Workspaces live at `<root>/task-<id>`.
+    pub workspace_root: String,
+}
+
+impl EngineConfig {
+    /// Defaults for `instance`.
+    pub fn new(instance: Instance) -> Self {
+        Self {
+            instance,
+            max_retries: 3,
+            step_deadline: Duration::from_secs(300),
+            assign_ttl: Duration::from_secs(3600),
+            retry_base: Duration::from_secs(2),
+            retry_max: Duration::from_secs(300),
+            workspace_root: "/workspace".into(),
+        }
+    }
+
+    fn backoff(&self, retries: u32) -> Duration {
+        self.retry_base.saturating_mul(1 << retries.saturating_sub(1).min(16)).min(self.retry_max)
+    }
+}
+
+/// A task submission (`POST /v1/tasks`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewTask {
+    /// Short title.
+    pub title: String,
+    /// What Dev should do.
+    pub instructions: String,
+    /// Repository to work on.
+    #[serde(default)]
+    pub repository: Option<String>,
+    /// QA's test command.
+    #[serde(default)]
+    pub test_command: Option<String>,
+    /// Risk from the risk matrix; LOW by default.
+    #[serde(default = "low")]
+    pub risk: Risk,
+}
+
+fn low() -> Risk {
+    Risk::Low
+}
+
+impl NewTask {
+    /// Checks sizes and required text.
+    pub fn validate(&self) -> Result<(), EngineError> {
+        let bad = |m: String| Err(EngineError::Invalid(m));
+        if self.title.trim().is_empty() || self.title.len() > 200 {
+            return bad("`title` must be 1 to 200 characters".into());
+        }
+        if self.instructions.trim().is_empty() || self.instructions.len() > 64 * 1024 {
+            return bad("`instructions` must be 1 byte to 64 KiB".into());
+        }
+        for (name, v) in [("repository", &self.repository), ("test_command", &self.test_command)] {
+            if v.as_ref().is_some_and(|s| s.len() > 2048) {
+                return bad(format!("`{name}` must be at most 2048 characters"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A task as the API shows it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Task {
+    /// Id.
+    pub id: Uuid,
+    /// State.
+    pub state: TaskState,
+    /// The state a side state returns to.
+    pub resume_state: Option<TaskState>,
+    /// Title.
+    pub title: String,
+    /// Submission (instructions, repository, test command).
+    pub spec: Value,
+    /// Risk.
+    pub risk: Risk,
+    /// Attempt of the current step.
+    pub attempt: i32,
+    /// Retries used.
+    pub retries: i32,
+    /// The current step's assignment envelope.
+    pub assignment_id: Option<Uuid>,
+    /// Worker instance that last reported on the step.
+    pub assigned_to: Option<String>,
+    /// Silence past this reassigns the step.
+    pub deadline_at: Option<DateTime<Utc>>,
+    /// Who submitted it.
+    pub submitted_by: String,
+    /// Created.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+fn parse_state(s: &str) -> Result<TaskState, sqlx::Error> {
+    s.parse().map_err(|e: state::UnknownState| sqlx::Error::Decode(Box::new(e)))
+}
+
+fn task_from_row(r: &sqlx::postgres::PgRow) -> Result<Task, sqlx::Error> {
+    let resume: Option<String> = r.try_get("resume_state")?;
+    let risk: String = r.try_get("risk")?;
+    Ok(Task {
+        id: r.try_get("id")?,
+        state: parse_state(r.try_get("state")?)?,
+        resume_state: resume.as_deref().map(parse_state).transpose()?,
+        title: r.try_get("title")?,
+        spec: r.try_get("spec")?,
+        risk: Risk::parse(&risk).unwrap_or(Risk::Critical),
+        attempt: r.try_get("attempt")?,
+        retries: r.try_get("retries")?,
+        assignment_id: r.try_get("assignment_id")?,
+        assigned_to: r.try_get("assigned_to")?,
+        deadline_at: r.try_get("deadline_at")?,
+        submitted_by: r.try_get("submitted_by")?,
+        created_at: r.try_get("created_at")?,
+        updated_at: r.try_get("updated_at")?,
+    })
+}
+
+const TASK_COLUMNS: &str = "id, state, resume_state, title, spec, risk, attempt, retries, assignment_id, assigned_to, deadline_at, submitted_by, created_at, updated_at";
+
+/// What applying a worker's result did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Applied {
+    /// The task moved to this state.
+    Moved(TaskState),
+    /// Already applied (same envelope id): nothing changed.
+    Duplicate,
+    /// It answers an assignment that is no longer current (reassigned, halted): ignored.
+    Stale,
+}
+
+/// Who causes a change, for events and the audit trail.
+#[derive(Debug, Clone)]
+pub struct Actor {
+    /// Role (`orchestrator`, `operator`, `dev`, …).
+    pub role: String,
+    /// Instance or operator name.
+    pub instance: String,
+}
+
+impl Actor {
+    /// An operator known by the subject of their token.
+    pub fn operator(name: &str) -> Self {
+        Self { role: "operator".into(), instance: name.into() }
+    }
+}
+
+/// The orchestrator's state engine.
+#[derive(Debug, Clone)]
+pub struct Engine {
+    pool: PgPool,
+    keyring: Arc<Keyring>,
+    audit_key: AuditKey,
+    cfg: EngineConfig,
+}
+
+struct Change<'a> {
+    event: Event,
+    cause: &'a str,
+    envelope_id: Option<Uuid>,
+    detail: Value,
+    actor: &'a Actor,
+    /// Findings to pass to the next Dev assignment.
+    findings: Vec<String>,
+}
+
+impl Engine {
+    /// An engine over `pool`, signing with `keyring`, auditing with `audit_key`.
+    pub fn new(pool: PgPool, keyring: Arc<Keyring>, audit_key: AuditKey, cfg: EngineConfig) -> Self {
+        Self { pool, keyring, audit_key, cfg }
+    }
+
+    /// The pool (for health checks).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    fn me(&self) -> Actor {
+        Actor { role: Role::Orchestrator.as_str().into(), instance: self.cfg.instance.as_str().into() }
+    }
+
+    /// Accepts a task and assigns it to Dev, in one transaction.
+    pub async fn submit(&self, by: &Actor, new: NewTask) -> Result<Task, EngineError> {
+        new.validate()?;
+        let mut tx = self.pool.begin().await?;
+        if fleet_halted(&mut tx).await? {
+            return Err(EngineError::Halted);
+        }
+        let id = Uuid::now_v7();
+        let spec = json!({
+            "instructions": new.instructions,
+            "repository": new.repository,
+            "test_command": new.test_command,
+        });
+        sqlx::query(
+            "INSERT INTO tasks (id, state, title, spec, risk, submitted_by) VALUES ($1, 'submitted', $2, $3, $4, $5)",
+        )
+        .bind(id)
+        .bind(&new.title)
+        .bind(&spec)
+        .bind(new.risk.as_str())
+        .bind(&by.instance)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO task_events (task_id, to_state, cause, detail) VALUES ($1, 'submitted', 'submitted', $2)",
+        )
+        .bind(id)
+        .bind(json!({"by": by.instance}))
+        .execute(&mut *tx)
+        .await?;
+        audit::append(
+            &mut tx,
+            &self.audit_key,
+            AuditEntry {
+                actor_role: &by.role,
+                actor_instance: &by.instance,
+                action: "task.submit",
+                task_id: Some(id),
+                prompt_version: None,
+                details: json!({"title": new.title, "risk": new.risk.as_str()}),
+            },
+        )
+        .await?;
+        let task = lock_task(&mut tx, id).await?;
+        let change = Change {
+            event: Event::Start,
+            cause: "submitted",
+            envelope_id: None,
+            detail: json!({}),
+            actor: by,
+            findings: vec![],
+        };
+        self.apply(&mut tx, &task, change).await?;
+        let task = lock_task(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(task)
+    }
+
+    /// One task.
+    pub async fn get(&self, id: Uuid) -> Result<Task, EngineError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1")))
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(task_from_row).transpose()?.ok_or(EngineError::NotFound(id))
+    }
+
+    /// Tasks, newest first, optionally in one state.
+    pub async fn list(&self, state: Option<TaskState>, limit: i64) -> Result<Vec<Task>, EngineError> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {TASK_COLUMNS} FROM tasks WHERE ($1::text IS NULL OR state = $1) ORDER BY created_at DESC, id DESC LIMIT $2"
+        )))
+        .bind(state.map(TaskState::as_str))
+        .bind(limit.clamp(1, 1000))
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(task_from_row).collect::<Result<_, _>>()?)
+    }
+
+    /// Applies a worker's `task.result`. Idempotent: the same envelope twice changes nothing.
+    pub async fn apply_result(&self, env: &Verified<Envelope>) -> Result<Applied, EngineError> {
+        let Payload::TaskResult(result) = &env.payload else {
+            return Err(EngineError::Invalid(format!("expected task.result, got {}", env.message_type())));
+        };
+        let task_id = env.task_id.ok_or_else(|| EngineError::Invalid("task.result without task_id".into()))?;
+        let mut tx = self.pool.begin().await?;
+        let task = lock_task(&mut tx, task_id).await?;
+        let seen: Option<i64> = sqlx::query_scalar("SELECT seq FROM task_events WHERE envelope_id = $1")
+            .bind(env.id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if seen.is_some() {
+            return Ok(Applied::Duplicate);
+        }
+        let answers_current = env.causation_id.is_some() && env.causation_id == task.assignment_id;
+        if !answers_current || task.state.worker() != Some(env.from.role) {
+            let actor = Actor { role: env.from.role.as_str().into(), instance: env.from.instance.as_str().into() };
+            audit::append(
+                &mut tx,
+                &self.audit_key,
+                AuditEntry {
+                    actor_role: &actor.role,
+                    actor_instance: &actor.instance,
+                    action: "task.result.stale",
+                    task_id: Some(task_id),
+                    prompt_version: None,
+                    details: json!({"envelope_id": env.id.to_string(), "state": task.state.as_str()}),
+                },
+            )
+            .await?;
+            tx.commit().await?;
+            return Ok(Applied::Stale);
+        }
+        let event = match (task.state, result.status) {
+            (TaskState::Review, Status::Success)
+                if !result.findings.is_empty() && !self.refactored(&mut tx, task_id).await? =>
+            {
+                Event::RefactorRequested
+            }
+            (_, Status::Success) => Event::StepSucceeded,
+            (TaskState::Qa | TaskState::Review, Status::Failure) => Event::SentBack,
+            _ => Event::Retry,
+        };
+        for (kind, name, content) in [("diff", "change.diff", &result.diff), ("test_log", "test.log", &result.log)] {
+            if let Some(bytes) = content {
+                store_artifact(&mut tx, task_id, kind, name, bytes).await?;
+            }
+        }
+        let actor = Actor { role: env.from.role.as_str().into(), instance: env.from.instance.as_str().into() };
+        let detail = json!({"status": status_str(result.status), "summary": cut(&result.summary, 500), "attempt": result.attempt});
+        let outcome = Outcome { role: env.from.role, status: result.status, error_kind: None };
+        self.enqueue(
+            &mut tx,
+            &StreamName::parse(envelope::streams::OUTCOMES).expect("valid"),
+            Role::Budget,
+            Some(task_id),
+            Some(env.id),
+            outcome.into(),
+        )
+        .await?;
+        let change = Change {
+            event,
+            cause: "result",
+            envelope_id: Some(env.id),
+            detail,
+            actor: &actor,
+            findings: result.findings.clone(),
+        };
+        let to = self.apply(&mut tx, &task, change).await?;
+        tx.commit().await?;
+        Ok(Applied::Moved(to))
+    }
+
+    async fn refactored(&self, tx: &mut PgConnection, task_id: Uuid) -> Result<bool, sqlx::Error> {
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM task_events WHERE task_id = $1 AND to_state = 'refactor')")
+            .bind(task_id)
+            .fetch_one(tx)
+            .await
+    }
+
+    /// A worker is alive: pushes back the deadline of the task it is working on.
+    pub async fn heartbeat(&self, env: &Verified<Envelope>) -> Result<bool, EngineError> {
+        let Some(task_id) = env.task_id else { return Ok(false) };
+        let deadline = Utc::now() + self.cfg.step_deadline;
+        let updated = sqlx::query(
+            "UPDATE tasks SET deadline_at = $1, assigned_to = $2 WHERE id = $3 AND state IN ('dev', 'qa', 'review', 'refactor') AND assignment_id IS NOT NULL",
+        )
+        .bind(deadline)
+        .bind(env.from.instance.as_str())
+        .bind(task_id)
+        .execute(&self.pool)
+        .await?;
+        Ok(updated.rows_affected() > 0)
+    }
+
+    /// Reassigns steps whose worker stayed silent past the deadline (or fails them once
+    /// retries are spent), and issues assignments whose backoff has passed. Returns how many
+    /// tasks it touched. Safe to run from several orchestrators (`SKIP LOCKED`).
+    pub async fn tick(&self) -> Result<usize, EngineError> {
+        let mut touched = 0;
+        let me = self.me();
+        let overdue: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM tasks WHERE state IN ('dev', 'qa', 'review', 'refactor') AND deadline_at < now() LIMIT 100",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        for id in overdue {
+            let mut tx = self.pool.begin().await?;
+            let Some(task) = try_lock_task(&mut tx, id).await? else { continue };
+            if !task.deadline_at.is_some_and(|d| d < Utc::now()) || task.state.worker().is_none() {
+                continue;
+            }
+            let change = Change {
+                event: Event::Retry,
+                cause: "worker silent past deadline",
+                envelope_id: None,
+                detail: json!({"assigned_to": task.assigned_to}),
+                actor: &me,
+                findings: vec![],
+            };
+            self.apply(&mut tx, &task, change).await?;
+            tx.commit().await?;
+            touched += 1;
+        }
+        let due: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM tasks WHERE state IN ('dev', 'qa', 'review', 'refactor') AND assignment_id IS NULL AND not_before <= now() LIMIT 100",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        for id in due {
+            let mut tx = self.pool.begin().await?;
+            let Some(task) = try_lock_task(&mut tx, id).await? else { continue };
+            if task.assignment_id.is_some() || task.state.worker().is_none() || fleet_halted(&mut tx).await? {
+                continue;
+            }
+            self.assign(&mut tx, &task, vec![]).await?;
+            tx.commit().await?;
+            touched += 1;
+        }
+        Ok(touched)
+    }
+
+    /// A human approves a HIGH/CRITICAL task. Refused while the fleet is halted.
+    pub async fn approve(&self, id: Uuid, by: &Actor, reason: Option<String>) -> Result<Task, EngineError> {
+        let mut tx = self.pool.begin().await?;
+        if fleet_halted(&mut tx).await? {
+            return Err(EngineError::Halted);
+        }
+        let task = lock_task(&mut tx, id).await?;
+        let change = Change {
+            event: Event::Approved,
+            cause: "approved",
+            envelope_id: None,
+            detail: json!({"reason": reason}),
+            actor: by,
+            findings: vec![],
+        };
+        self.apply(&mut tx, &task, change).await?;
+        sqlx::query("INSERT INTO approvals (id, task_id, decided_at, decided_by, decision, reason) VALUES ($1, $2, now(), $3, 'approved', $4)")
+            .bind(Uuid::now_v7())
+            .bind(id)
+            .bind(&by.instance)
+            .bind(reason)
+            .execute(&mut *tx)
+            .await?;
+        let task = lock_task(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(task)
+    }
+
+    /// Records that an approved change was merged. Refused while the fleet is halted.
+    pub async fn mark_merged(&self, id: Uuid, by: &Actor) -> Result<Task, EngineError> {
+        let mut tx = self.pool.begin().await?;
+        if fleet_halted(&mut tx).await? {
+            return Err(EngineError::Halted);
+        }
+        let task = lock_task(&mut tx, id).await?;
+        self.apply(
+            &mut tx,
+            &task,
+            Change {
+                event: Event::Merged,
+                cause: "merged",
+                envelope_id: None,
+                detail: json!({}),
+                actor: by,
+                findings: vec![],
+            },
+        )
+        .await?;
+        let task = lock_task(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(task)
+    }
+
+    /// The kill switch, from an operator: raises the kill epoch, halts every open task and
+    /// tells the budget manager (`control.pause` on `fleet:control:budget`). Idempotent.
+    pub async fn kill(&self, by: &Actor, reason: &str) -> Result<u64, EngineError> {
+        let mut tx = self.pool.begin().await?;
+        let (epoch, halted): (i64, bool) =
+            sqlx::query_as("SELECT kill_epoch, halted FROM fleet_state FOR UPDATE").fetch_one(&mut *tx).await?;
+        if halted {
+            return Ok(epoch as u64);
+        }
+        let epoch = epoch + 1;
+        sqlx::query(
+            "UPDATE fleet_state SET kill_epoch = $1, halted = true, changed_by = $2, reason = $3, changed_at = now()",
+        )
+        .bind(epoch)
+        .bind(&by.instance)
+        .bind(reason)
+        .execute(&mut *tx)
+        .await?;
+        let open: Vec<Uuid> =
+            sqlx::query_scalar("SELECT id FROM tasks WHERE state NOT IN ('merged', 'failed', 'halted') FOR UPDATE")
+                .fetch_all(&mut *tx)
+                .await?;
+        for id in open {
+            let task = lock_task(&mut tx, id).await?;
+            self.apply(
+                &mut tx,
+                &task,
+                Change {
+                    event: Event::Halt,
+                    cause: "kill switch",
+                    envelope_id: None,
+                    detail: json!({"epoch": epoch}),
+                    actor: by,
+                    findings: vec![],
+                },
+            )
+            .await?;
+        }
+        audit::append(
+            &mut tx,
+            &self.audit_key,
+            AuditEntry {
+                actor_role: &by.role,
+                actor_instance: &by.instance,
+                action: "fleet.kill",
+                task_id: None,
+                prompt_version: None,
+                details: json!({"epoch": epoch, "reason": reason}),
+            },
+        )
+        .await?;
+        let pause = envelope::ControlPause { epoch: epoch as u64, reason: reason.to_owned() };
+        self.enqueue(&mut tx, &StreamName::control(Role::Budget), Role::Budget, None, None, pause.into()).await?;
+        tx.commit().await?;
+        Ok(epoch as u64)
+    }
+
+    /// Resumes the fleet: every halted task returns to its step, and working steps are
+    /// re-issued under the current (raised) epoch so no task is lost. Idempotent.
+    pub async fn resume(&self, by: &Actor) -> Result<u64, EngineError> {
+        let mut tx = self.pool.begin().await?;
+        let (epoch, halted): (i64, bool) =
+            sqlx::query_as("SELECT kill_epoch, halted FROM fleet_state FOR UPDATE").fetch_one(&mut *tx).await?;
+        if !halted {
+            return Ok(epoch as u64);
+        }
+        sqlx::query("UPDATE fleet_state SET halted = false, changed_by = $1, reason = 'resumed', changed_at = now()")
+            .bind(&by.instance)
+            .execute(&mut *tx)
+            .await?;
+        let halted_tasks: Vec<Uuid> =
+            sqlx::query_scalar("SELECT id FROM tasks WHERE state = 'halted' ORDER BY created_at FOR UPDATE")
+                .fetch_all(&mut *tx)
+                .await?;
+        for id in halted_tasks {
+            let task = lock_task(&mut tx, id).await?;
+            self.apply(
+                &mut tx,
+                &task,
+                Change {
+                    event: Event::Resume,
+                    cause: "resume",
+                    envelope_id: None,
+                    detail: json!({"epoch": epoch}),
+                    actor: by,
+                    findings: vec![],
+                },
+            )
+            .await?;
+        }
+        audit::append(
+            &mut tx,
+            &self.audit_key,
+            AuditEntry {
+                actor_role: &by.role,
+                actor_instance: &by.instance,
+                action: "fleet.resume",
+                task_id: None,
+                prompt_version: None,
+                details: json!({"epoch": epoch}),
+            },
+        )
+        .await?;
+        let resume = envelope::ControlResume { epoch: epoch as u64 };
+        self.enqueue(&mut tx, &StreamName::control(Role::Budget), Role::Budget, None, None, resume.into()).await?;
+        tx.commit().await?;
+        Ok(epoch as u64)
+    }
+
+    /// The fleet's kill state: (epoch, halted).
+    pub async fn fleet_state(&self) -> Result<(u64, bool), EngineError> {
+        let (epoch, halted): (i64, bool) =
+            sqlx::query_as("SELECT kill_epoch, halted FROM fleet_state").fetch_one(&self.pool).await?;
+        Ok((epoch as u64, halted))
+    }
+
+    /// Moves `task` by `change`: task row, event, audit, and (for a working state) the new
+    /// assignment, all in `tx`.
+    async fn apply(&self, tx: &mut PgConnection, task: &Task, change: Change<'_>) -> Result<TaskState, EngineError> {
+        let ctx = Context {
+            risk: task.risk,
+            retries: task.retries as u32,
+            max_retries: self.cfg.max_retries,
+            resume: task.resume_state,
+        };
+        let to = state::next(task.state, &change.event, ctx)?;
+        let counts_retry = matches!(change.event, Event::Retry | Event::SentBack) && to != TaskState::Failed;
+        let retries = task.retries + i32::from(counts_retry);
+        let resume_state = match to {
+            TaskState::Halted | TaskState::Blocked => Some(task.state),
+            _ => None,
+        };
+        let not_before = if counts_retry { Utc::now() + self.cfg.backoff(retries as u32) } else { Utc::now() };
+        sqlx::query(
+            "UPDATE tasks SET state = $2, resume_state = $3, retries = $4, assignment_id = NULL, deadline_at = NULL, not_before = $5, updated_at = now() WHERE id = $1",
+        )
+        .bind(task.id)
+        .bind(to.as_str())
+        .bind(resume_state.map(TaskState::as_str))
+        .bind(retries)
+        .bind(not_before)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("INSERT INTO task_events (task_id, from_state, to_state, cause, envelope_id, detail) VALUES ($1, $2, $3, $4, $5, $6)")
+            .bind(task.id)
+            .bind(task.state.as_str())
+            .bind(to.as_str())
+            .bind(change.cause)
+            .bind(change.envelope_id)
+            .bind(&change.detail)
+            .execute(&mut *tx)
+            .await?;
+        audit::append(
+            &mut *tx,
+            &self.audit_key,
+            AuditEntry {
+                actor_role: &change.actor.role,
+                actor_instance: &change.actor.instance,
+                action: "task.transition",
+                task_id: Some(task.id),
+                prompt_version: None,
+                details: json!({"from": task.state.as_str(), "to": to.as_str(), "cause": change.cause, "detail": change.detail}),
+            },
+        )
+        .await?;
+        if to.worker().is_some() && !counts_retry {
+            let task = lock_task(tx, task.id).await?;
+            self.assign(tx, &task, change.findings).await?;
+        }
+        Ok(to)
+    }
+
+    /// Issues the current step's `task.assign` (attempt + 1) through the outbox.
+    async fn assign(&self, tx: &mut PgConnection, task: &Task, findings: Vec<String>) -> Result<(), EngineError> {
+        let Some(role) = task.state.worker() else { return Ok(()) };
+        let spec = &task.spec;
+        let text = |k: &str| spec.get(k).and_then(Value::as_str).map(str::to_owned);
+        let attempt = task.attempt + 1;
+        let assign = TaskAssign {
+            attempt: attempt as u32,
+            instructions: text("instructions").unwrap_or_default(),
+            workspace: format!("{}/task-{}", self.cfg.workspace_root, task.id),
+            repository: text("repository"),
+            test_command: text("test_command"),
+            findings,
+        };
+        let id = self.enqueue(tx, &StreamName::tasks(role), role, Some(task.id), None, assign.into()).await?;
+        sqlx::query(
+            "UPDATE tasks SET attempt = $2, assignment_id = $3, deadline_at = $4, assigned_to = NULL WHERE id = $1",
+        )
+        .bind(task.id)
+        .bind(attempt)
+        .bind(id)
+        .bind(Utc::now() + self.cfg.step_deadline)
+        .execute(&mut *tx)
+        .await?;
+        Ok(())
+    }
+
+    /// Seals an envelope from this orchestrator under the current kill epoch into the outbox.
+    async fn enqueue(
+        &self,
+        tx: &mut PgConnection,
+        stream: &StreamName,
+        to: Role,
+        task_id: Option<Uuid>,
+        causation_id: Option<Uuid>,
+        payload: Payload,
+    ) -> Result<Uuid, EngineError> {
+        let epoch: i64 = sqlx::query_scalar("SELECT kill_epoch FROM fleet_state").fetch_one(&mut *tx).await?;
+        let from = Sender { role: Role::Orchestrator, instance: self.cfg.instance.clone() };
+        let mut env =
+            Envelope::new(from, to, bus::now_ms(), self.cfg.assign_ttl.as_millis() as u64, epoch as u64, payload);
+        env.task_id = task_id;
+        env.causation_id = causation_id;
+        outbox::enqueue(tx, &self.keyring, stream, &env).await?;
+        Ok(env.id)
+    }
+}
+
+async fn fleet_halted(tx: &mut PgConnection) -> Result<bool, sqlx::Error> {
+    sqlx::query_scalar("SELECT halted FROM fleet_state").fetch_one(tx).await
+}
+
+async fn lock_task(tx: &mut PgConnection, id: Uuid) -> Result<Task, EngineError> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1 FOR UPDATE")))
+        .bind(id)
+        .fetch_optional(tx)
+        .await?;
+    row.as_ref().map(task_from_row).transpose()?.ok_or(EngineError::NotFound(id))
+}
+
+async fn try_lock_task(tx: &mut PgConnection, id: Uuid) -> Result<Option<Task>, EngineError> {
+    let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+        "SELECT {TASK_COLUMNS} FROM tasks WHERE id = $1 FOR UPDATE SKIP LOCKED"
+    )))
+    .bind(id)
+    .fetch_optional(tx)
+    .await?;
+    Ok(row.as_ref().map(task_from_row).transpose()?)
+}
+
+async fn store_artifact(
+    tx: &mut PgConnection,
+    task_id: Uuid,
+    kind: &str,
+    name: &str,
+    content: &[u8],
+) -> Result<(), sqlx::Error> {
+    use sha2::{Digest, Sha256};
+    sqlx::query("INSERT INTO artifacts (id, task_id, kind, name, sha256, content) VALUES ($1, $2, $3, $4, $5, $6)")
+        .bind(Uuid::now_v7())
+        .bind(task_id)
+        .bind(kind)
+        .bind(name)
+        .bind(Sha256::digest(content).to_vec())
+        .bind(content)
+        .execute(tx)
+        .await?;
+    Ok(())
+}
+
+fn status_str(s: Status) -> &'static str {
+    match s {
+        Status::Success => "success",
+        Status::Failure => "failure",
+        Status::Error => "error",
+    }
+}
+
+fn cut(s: &str, max: usize) -> String {
+    s.chars().take(max).collect()
+}
