@@ -1,8 +1,9 @@
 -- agentfleet orchestrator schema. Applied by `orchestrator` at start and by `fleetctl db migrate`.
 --
 -- Roles: migrations run as the database owner. The orchestrator and the relay may connect as
--- a less privileged application role (see docs/operations.md): it gets INSERT/SELECT on the
--- audit trail only, so it can neither change nor drop it nor its triggers.
+-- a less privileged application role (orchestrator/sql/app_role.sql, docs/operations.md): it
+-- gets INSERT/SELECT on the audit trail only, so it can neither change nor drop it nor its
+-- triggers.
 
 CREATE TABLE tasks (
     id              uuid PRIMARY KEY,
@@ -19,6 +20,8 @@ CREATE TABLE tasks (
     attempt         integer NOT NULL DEFAULT 0,
     -- Reassignments and QA→Dev loops used, against retries.max_per_task.
     retries         integer NOT NULL DEFAULT 0,
+    -- Findings (QA, Review) that the next assignment carries back to Dev.
+    findings        jsonb NOT NULL DEFAULT '[]',
     -- The envelope id of the current step's task.assign: results must answer it.
     assignment_id   uuid,
     assigned_to     text,
@@ -102,17 +105,39 @@ END $$;
 CREATE TRIGGER audit_no_update BEFORE UPDATE OR DELETE ON audit_trail FOR EACH ROW EXECUTE FUNCTION audit_refuse_change();
 CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit_trail FOR EACH STATEMENT EXECUTE FUNCTION audit_refuse_change();
 
--- Creates the monthly partition holding `month` if missing (idempotent).
-CREATE FUNCTION audit_ensure_partition(month date) RETURNS void LANGUAGE plpgsql AS $$
+-- Creates the monthly partition holding `month` if missing (idempotent), and guards it
+-- against TRUNCATE: Postgres clones the row triggers above onto each partition, but the
+-- parent's statement trigger does not fire for `TRUNCATE audit_trail_YYYY_MM`.
+--
+-- Months are UTC months: the bounds are UTC midnights whatever the caller's TimeZone (they
+-- would otherwise be read in the session's zone, and partitions made by sessions in
+-- different zones would overlap or leave gaps). Pass a UTC date: `(now() AT TIME ZONE
+-- 'UTC')::date`.
+--
+-- SECURITY DEFINER, because creating a partition takes the owner of audit_trail, and the
+-- application role (orchestrator/sql/app_role.sql grants it EXECUTE) is not the owner; the
+-- partitions belong to the owner too, so the application role cannot drop them. The
+-- search_path is pinned below to the schema the migration ran in. The advisory lock
+-- serializes concurrent callers (two orchestrators starting at once), which would
+-- otherwise race in CREATE TABLE IF NOT EXISTS.
+CREATE FUNCTION audit_ensure_partition(month date) RETURNS void LANGUAGE plpgsql SECURITY DEFINER SET TimeZone = 'UTC' AS $$
 DECLARE
     lo date := date_trunc('month', month)::date;
     hi date := (date_trunc('month', month) + interval '1 month')::date;
     name text := format('audit_trail_%s', to_char(lo, 'YYYY_MM'));
 BEGIN
+    PERFORM pg_advisory_xact_lock(hashtext('audit_ensure_partition'));
     EXECUTE format('CREATE TABLE IF NOT EXISTS %I PARTITION OF audit_trail FOR VALUES FROM (%L) TO (%L)', name, lo, hi);
+    IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgrelid = format('%I', name)::regclass AND tgname = 'audit_no_truncate') THEN
+        EXECUTE format('CREATE TRIGGER audit_no_truncate BEFORE TRUNCATE ON %I FOR EACH STATEMENT EXECUTE FUNCTION audit_refuse_change()', name);
+    END IF;
 END $$;
-SELECT audit_ensure_partition(now()::date);
-SELECT audit_ensure_partition((now() + interval '1 month')::date);
+DO $$ BEGIN
+    EXECUTE format('ALTER FUNCTION audit_ensure_partition(date) SET search_path = %I, pg_temp', current_schema());
+END $$;
+REVOKE EXECUTE ON FUNCTION audit_ensure_partition(date) FROM PUBLIC;
+SELECT audit_ensure_partition((now() AT TIME ZONE 'UTC')::date);
+SELECT audit_ensure_partition((now() AT TIME ZONE 'UTC' + interval '1 month')::date);
 
 CREATE TABLE artifacts (
     id         uuid PRIMARY KEY,

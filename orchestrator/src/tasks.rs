@@ -399,6 +399,27 @@ impl Engine {
             .await
     }
 
+    /// Records a worker's question for a human (audit trail; the task keeps its state).
+    pub async fn record_question(&self, env: &Verified<Envelope>, text: &str) -> Result<(), EngineError> {
+        let mut tx = self.pool.begin().await?;
+        let actor = Actor { role: env.from.role.as_str().into(), instance: env.from.instance.as_str().into() };
+        audit::append(
+            &mut tx,
+            &self.audit_key,
+            AuditEntry {
+                actor_role: &actor.role,
+                actor_instance: &actor.instance,
+                action: "task.question",
+                task_id: env.task_id,
+                prompt_version: None,
+                details: json!({"envelope_id": env.id.to_string(), "text": cut(text, 2000)}),
+            },
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// A worker is alive: pushes back the deadline of the task it is working on.
     pub async fn heartbeat(&self, env: &Verified<Envelope>) -> Result<bool, EngineError> {
         let Some(task_id) = env.task_id else { return Ok(false) };
@@ -454,7 +475,7 @@ impl Engine {
             if task.assignment_id.is_some() || task.state.worker().is_none() || fleet_halted(&mut tx).await? {
                 continue;
             }
-            self.assign(&mut tx, &task, vec![]).await?;
+            self.assign(&mut tx, &task).await?;
             tx.commit().await?;
             touched += 1;
         }
@@ -647,14 +668,19 @@ impl Engine {
             _ => None,
         };
         let not_before = if counts_retry { Utc::now() + self.cfg.backoff(retries as u32) } else { Utc::now() };
+        // A new step starts counting attempts afresh; a retry of the same step goes on counting.
+        let attempt = if to == task.state { task.attempt } else { 0 };
         sqlx::query(
-            "UPDATE tasks SET state = $2, resume_state = $3, retries = $4, assignment_id = NULL, deadline_at = NULL, not_before = $5, updated_at = now() WHERE id = $1",
+            "UPDATE tasks SET state = $2, resume_state = $3, retries = $4, assignment_id = NULL, deadline_at = NULL, \
+             not_before = $5, attempt = $6, findings = $7, updated_at = now() WHERE id = $1",
         )
         .bind(task.id)
         .bind(to.as_str())
         .bind(resume_state.map(TaskState::as_str))
         .bind(retries)
         .bind(not_before)
+        .bind(attempt)
+        .bind(json!(change.findings))
         .execute(&mut *tx)
         .await?;
         sqlx::query("INSERT INTO task_events (task_id, from_state, to_state, cause, envelope_id, detail) VALUES ($1, $2, $3, $4, $5, $6)")
@@ -681,14 +707,17 @@ impl Engine {
         .await?;
         if to.worker().is_some() && !counts_retry {
             let task = lock_task(tx, task.id).await?;
-            self.assign(tx, &task, change.findings).await?;
+            self.assign(tx, &task).await?;
         }
         Ok(to)
     }
 
-    /// Issues the current step's `task.assign` (attempt + 1) through the outbox.
-    async fn assign(&self, tx: &mut PgConnection, task: &Task, findings: Vec<String>) -> Result<(), EngineError> {
+    /// Issues the current step's `task.assign` (attempt + 1, with the findings stored by the
+    /// transition that led here) through the outbox.
+    async fn assign(&self, tx: &mut PgConnection, task: &Task) -> Result<(), EngineError> {
         let Some(role) = task.state.worker() else { return Ok(()) };
+        let findings: Value = sqlx::query_scalar("SELECT findings FROM tasks WHERE id = $1").bind(task.id).fetch_one(&mut *tx).await?;
+        let findings: Vec<String> = serde_json::from_value(findings).unwrap_or_default();
         let spec = &task.spec;
         let text = |k: &str| spec.get(k).and_then(Value::as_str).map(str::to_owned);
         let attempt = task.attempt + 1;
