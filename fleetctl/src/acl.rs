@@ -100,6 +100,13 @@ pub const LEDGER_COMMANDS: &[&str] = &[
     "pttl",
 ];
 
+/// The orchestrator's per-client intake rate limiter (a Lua token bucket,
+/// orchestrator/src/api/ratelimit.rs): its keys, and the commands its script runs.
+pub const RATE_LIMIT_KEYS: &str = "fleet:ratelimit:*";
+
+/// Loading and running the rate limiter's script, and what the script calls.
+pub const RATE_LIMIT_COMMANDS: &[&str] = &["eval", "evalsha", "script|load", "hmget", "hset", "pexpire", "time"];
+
 /// What `fleetctl tail` and `fleetctl status` run: reads without a consumer group.
 pub const OPERATOR_COMMANDS: &[&str] = &["xread", "xrange", "xrevrange", "xlen", "xinfo", "xpending"];
 
@@ -224,6 +231,8 @@ pub enum Purpose {
     ReplayGuard,
     /// The budget ledger's scripts and keys.
     Ledger,
+    /// The orchestrator's intake rate limiter.
+    RateLimit,
     /// The outbox relay's `XADD` to the orchestrator's streams.
     Forward,
     /// The operator's reads.
@@ -312,6 +321,10 @@ fn role_grants(table: &PermissionTable, role: Role) -> Vec<Selector> {
     if LEDGER_ROLES.contains(&role) {
         let keys = LEDGER_KEYS.iter().map(|key| (*key).to_owned()).collect();
         selectors.push(Selector::new(Purpose::Ledger, Access::ReadWrite, keys, LEDGER_COMMANDS));
+    }
+    if role == Role::Orchestrator {
+        let keys = BTreeSet::from([RATE_LIMIT_KEYS.to_owned()]);
+        selectors.push(Selector::new(Purpose::RateLimit, Access::ReadWrite, keys, RATE_LIMIT_COMMANDS));
     }
     selectors
 }

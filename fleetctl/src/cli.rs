@@ -99,6 +99,58 @@ pub enum Command {
     /// 64 for a bad argument, keyset, permission file or Redis URL; 1 when Redis can't be
     /// reached at start (after a few tries) or refuses the read.
     Tail(TailArgs),
+
+    /// Verify the orchestrator's hash-chained audit trail; create its key.
+    ///
+    /// See `fleetctl audit verify --help` and docs/operations.md, "Audit trail".
+    #[command(subcommand)]
+    Audit(crate::audit::AuditCommand),
+
+    /// The orchestrator's database: apply its schema migrations.
+    #[command(subcommand)]
+    Db(crate::db::DbCommand),
+
+    /// Bearer tokens for the HTTP API: issue one, or create the secret they are signed with.
+    #[command(subcommand)]
+    Token(crate::token::TokenCommand),
+
+    /// Submit a task (a JSON file) to the HTTP API; prints the task's id and state.
+    ///
+    /// Needs an operator or admin token. The file is checked before it is sent. Intake is
+    /// rate-limited per token subject: over the limit the API answers 429 (exit 1; retry
+    /// after the seconds it names). API commands exit 0 on success, 64 when the file, an
+    /// argument or the token setting is wrong or the API refused the input (400, 413,
+    /// 415, 422), and 1 otherwise (401 bad token, 403 role too low, 404, 409 state
+    /// conflict or halted fleet, 429, 5xx, API unreachable); the API's error message is
+    /// printed on stderr.
+    Submit(crate::tasks_cmd::SubmitArgs),
+
+    /// List tasks, newest first: ID, STATE, RISK, ATTEMPT, RETRIES, UPDATED, TITLE.
+    ///
+    /// Any token role may read. Exit codes as for `submit`.
+    Tasks(crate::tasks_cmd::TasksArgs),
+
+    /// Show one task.
+    ///
+    /// Any token role may read. Exit codes as for `submit`.
+    Task(crate::tasks_cmd::TaskArgs),
+
+    /// Approve a task that waits for a human (HIGH or CRITICAL risk, state
+    /// awaiting_approval); prints its id and new state.
+    ///
+    /// Needs an operator or admin token. A task in any other state, or a halted fleet,
+    /// is refused (409, exit 1).
+    Approve(crate::tasks_cmd::ApproveArgs),
+
+    /// Pull the kill switch: halt every open task and pause the budget manager.
+    ///
+    /// Needs an admin token. Idempotent; prints the kill epoch.
+    Kill(crate::tasks_cmd::KillArgs),
+
+    /// Resume a halted fleet: every halted task returns to its step.
+    ///
+    /// Needs an admin token. Idempotent; prints the kill epoch.
+    Resume(crate::tasks_cmd::ResumeArgs),
 }
 
 /// `fleetctl acl …`

@@ -26,11 +26,7 @@ impl UsageError {
 pub fn clap_error(err: &clap::Error) -> ExitCode {
     // Nothing better to do if the terminal is gone; the exit code still tells.
     let _ = err.print();
-    if err.use_stderr() {
-        ExitCode::from(EX_USAGE)
-    } else {
-        ExitCode::SUCCESS
-    }
+    if err.use_stderr() { ExitCode::from(EX_USAGE) } else { ExitCode::SUCCESS }
 }
 
 /// The exit code of a run: 0, 64 when a [`UsageError`] is in the chain, 1 otherwise. The
@@ -44,11 +40,7 @@ pub fn report(result: anyhow::Result<()>) -> ExitCode {
 }
 
 fn code_of(err: &anyhow::Error) -> u8 {
-    if err.chain().any(|cause| cause.is::<UsageError>()) {
-        EX_USAGE
-    } else {
-        1
-    }
+    if err.chain().any(|cause| cause.is::<UsageError>()) { EX_USAGE } else { 1 }
 }
 
 #[cfg(test)]

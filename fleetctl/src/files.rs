@@ -22,12 +22,9 @@ pub const SECRET_MODE: u32 = 0o600;
 /// Reads a text file the operator named. Any failure is a [`UsageError`] that names the
 /// file, the cause and `hint` (what to do about it).
 pub fn read_input(path: &Path, what: &str, hint: &str) -> Result<Zeroizing<String>, UsageError> {
-    fs::read_to_string(path).map(Zeroizing::new).map_err(|err| {
-        UsageError::new(format!(
-            "cannot read {what} '{}': {err}; {hint}",
-            path.display()
-        ))
-    })
+    fs::read_to_string(path)
+        .map(Zeroizing::new)
+        .map_err(|err| UsageError::new(format!("cannot read {what} '{}': {err}; {hint}", path.display())))
 }
 
 /// The permission bits of `path` when group or others may access it (a secret file that
@@ -48,12 +45,7 @@ pub enum Existing {
 
 /// Writes `contents` to `path` with mode 0600. `what` names the file in messages
 /// ("master file", "keyset file").
-pub fn write_secret(
-    path: &Path,
-    what: &str,
-    contents: &[u8],
-    existing: Existing,
-) -> anyhow::Result<()> {
+pub fn write_secret(path: &Path, what: &str, contents: &[u8], existing: Existing) -> anyhow::Result<()> {
     match existing {
         Existing::Refuse => write_new(path, what, contents),
         Existing::Replace => replace(path, what, contents),
@@ -61,12 +53,7 @@ pub fn write_secret(
 }
 
 fn write_new(path: &Path, what: &str, contents: &[u8]) -> anyhow::Result<()> {
-    let mut file = match OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(SECRET_MODE)
-        .open(path)
-    {
+    let mut file = match OpenOptions::new().write(true).create_new(true).mode(SECRET_MODE).open(path) {
         Ok(file) => file,
         Err(err) if err.kind() == ErrorKind::AlreadyExists => {
             return Err(UsageError::new(format!(
@@ -76,12 +63,11 @@ fn write_new(path: &Path, what: &str, contents: &[u8]) -> anyhow::Result<()> {
             .into());
         }
         Err(err) => {
-            return Err(err)
-                .with_context(|| format!("Failed to create {what} '{}'", path.display()));
+            return Err(err).with_context(|| format!("Failed to create {what} '{}'", path.display()));
         }
     };
-    let written = write_and_sync(&mut file, contents)
-        .with_context(|| format!("Failed to write {what} '{}'", path.display()));
+    let written =
+        write_and_sync(&mut file, contents).with_context(|| format!("Failed to write {what} '{}'", path.display()));
     if written.is_err() {
         // Don't leave a truncated secret behind; the write error is the one to report.
         let _ = fs::remove_file(path);
@@ -96,22 +82,14 @@ fn replace(path: &Path, what: &str, contents: &[u8]) -> anyhow::Result<()> {
         Ok(real) => real,
         Err(err) if err.kind() == ErrorKind::NotFound => path.to_path_buf(),
         Err(err) => {
-            return Err(err)
-                .with_context(|| format!("Failed to resolve {what} '{}'", path.display()));
+            return Err(err).with_context(|| format!("Failed to resolve {what} '{}'", path.display()));
         }
     };
     let name = target.file_name().ok_or_else(|| {
-        UsageError::new(format!(
-            "{what} '{}' does not name a file; give a file path",
-            path.display()
-        ))
+        UsageError::new(format!("{what} '{}' does not name a file; give a file path", path.display()))
     })?;
     let dir = parent_dir(&target);
-    let tmp = dir.join(format!(
-        ".{}.{}.tmp",
-        name.to_string_lossy(),
-        unique_suffix()
-    ));
+    let tmp = dir.join(format!(".{}.{}.tmp", name.to_string_lossy(), unique_suffix()));
 
     let result = (|| {
         let mut file = OpenOptions::new()
@@ -122,13 +100,8 @@ fn replace(path: &Path, what: &str, contents: &[u8]) -> anyhow::Result<()> {
             .with_context(|| format!("Failed to create temporary file '{}'", tmp.display()))?;
         write_and_sync(&mut file, contents)
             .with_context(|| format!("Failed to write temporary file '{}'", tmp.display()))?;
-        fs::rename(&tmp, &target).with_context(|| {
-            format!(
-                "Failed to rename '{}' to {what} '{}'",
-                tmp.display(),
-                target.display()
-            )
-        })
+        fs::rename(&tmp, &target)
+            .with_context(|| format!("Failed to rename '{}' to {what} '{}'", tmp.display(), target.display()))
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
@@ -144,9 +117,7 @@ fn write_and_sync(file: &mut File, contents: &[u8]) -> std::io::Result<()> {
 
 /// Makes a new or renamed directory entry durable.
 fn sync_dir(dir: &Path) -> anyhow::Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("Failed to sync directory '{}'", dir.display()))
+    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("Failed to sync directory '{}'", dir.display()))
 }
 
 fn parent_dir(path: &Path) -> PathBuf {
@@ -158,9 +129,7 @@ fn parent_dir(path: &Path) -> PathBuf {
 
 /// Distinct per process and per call; `create_new` refuses a leftover with the same name.
 fn unique_suffix() -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos());
     format!("{}.{nanos}", std::process::id())
 }
 
@@ -175,10 +144,8 @@ mod tests {
     }
 
     fn dir_entries(dir: &Path) -> Vec<String> {
-        let mut names: Vec<_> = fs::read_dir(dir)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
+        let mut names: Vec<_> =
+            fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         names.sort();
         names
     }
@@ -215,23 +182,16 @@ mod tests {
         fs::write(&real, "old").unwrap();
         std::os::unix::fs::symlink(&real, &link).unwrap();
         write_secret(&link, "master file", b"new", Existing::Replace).unwrap();
-        assert!(
-            fs::symlink_metadata(&link)
-                .unwrap()
-                .file_type()
-                .is_symlink()
-        );
+        assert!(fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
         assert_eq!(fs::read(&real).unwrap(), b"new");
     }
 
     #[test]
     fn a_missing_input_names_the_file_and_the_remedy() {
-        let err =
-            read_input(Path::new("/nonexistent/x.toml"), "master file", "make one").unwrap_err();
+        let err = read_input(Path::new("/nonexistent/x.toml"), "master file", "make one").unwrap_err();
         let text = err.to_string();
         assert!(
-            text.starts_with("cannot read master file '/nonexistent/x.toml': ")
-                && text.ends_with("; make one"),
+            text.starts_with("cannot read master file '/nonexistent/x.toml': ") && text.ends_with("; make one"),
             "{text}"
         );
     }

@@ -13,9 +13,7 @@ use envelope::keys::KEY_LEN;
 use envelope::{KeyError, Keyset, MasterFile, MasterSecret, PermissionTable};
 use zeroize::Zeroizing;
 
-use crate::cli::{
-    DeriveArgs, KeysCommand, ListArgs, MasterCommand, MasterNewArgs, RetireArgs, RotateArgs,
-};
+use crate::cli::{DeriveArgs, KeysCommand, ListArgs, MasterCommand, MasterNewArgs, RetireArgs, RotateArgs};
 use crate::exit::UsageError;
 use crate::files::{self, Existing};
 
@@ -24,9 +22,9 @@ const PROCESSES: &str = "orchestrator, budget, dev, qa, review, refactor and ope
 
 const MASTER_HINT: &str = "create one with `fleetctl keys master new`";
 const MASTER_FIX: &str = "restore it from your backup";
-const KEYSET_HINT: &str =
-    "derive one with `fleetctl keys derive --master FILE --process NAME --out FILE`";
-const PERMISSIONS_HINT: &str = "pass --permissions with the path of the fleet's permissions.toml (config/permissions.toml in the repository)";
+const KEYSET_HINT: &str = "derive one with `fleetctl keys derive --master FILE --process NAME --out FILE`";
+const PERMISSIONS_HINT: &str =
+    "pass --permissions with the path of the fleet's permissions.toml (config/permissions.toml in the repository)";
 
 /// Runs one `keys` subcommand, writing its report to stdout.
 pub fn run(cmd: KeysCommand) -> anyhow::Result<()> {
@@ -57,11 +55,7 @@ fn master_new(args: &MasterNewArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     getrandom::fill(bytes.as_mut())
         .context("Failed to read 32 bytes from the operating system's random number generator")?;
     let master = MasterFile::new(MasterSecret::from_bytes(*bytes));
-    let existing = if args.force {
-        Existing::Replace
-    } else {
-        Existing::Refuse
-    };
+    let existing = if args.force { Existing::Replace } else { Existing::Refuse };
     files::write_secret(path, "master file", master.to_toml().as_bytes(), existing)?;
 
     let p = path.display();
@@ -97,11 +91,7 @@ fn derive(args: &DeriveArgs, out: &mut dyn Write) -> anyhow::Result<()> {
             .and_then(|()| out.flush())
             .context("Failed to write the keyset to stdout");
     };
-    let existing = if args.force {
-        Existing::Replace
-    } else {
-        Existing::Refuse
-    };
+    let existing = if args.force { Existing::Replace } else { Existing::Refuse };
     files::write_secret(path, "keyset file", text.as_bytes(), existing)?;
     let summary = Summary::of(&keyset);
     writeln!(
@@ -203,12 +193,8 @@ fn retire(args: &RetireArgs, out: &mut dyn Write) -> anyhow::Result<()> {
 fn list(args: &ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let path = &args.keyset;
     let keyset = load_keyset(path)?;
-    let mut report = format!(
-        "Keyset file '{}': process {}, {}.\n",
-        path.display(),
-        keyset.process,
-        Summary::of(&keyset)
-    );
+    let mut report =
+        format!("Keyset file '{}': process {}, {}.\n", path.display(), keyset.process, Summary::of(&keyset));
     for entry in &keyset.entries {
         let status = match (&entry.secret, entry.staged) {
             (None, _) => "retired",
@@ -217,8 +203,7 @@ fn list(args: &ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         };
         report.push_str(&format!("  {:<28} {status}\n", entry.kid.to_string()));
     }
-    out.write_all(report.as_bytes())
-        .context("Failed to write to stdout")
+    out.write_all(report.as_bytes()).context("Failed to write to stdout")
 }
 
 /// Counts for reports: how many edges and keys a keyset covers.
@@ -232,21 +217,13 @@ impl Summary {
     fn of(keyset: &Keyset) -> Self {
         let edges: BTreeSet<_> = keyset.entries.iter().map(|e| e.kid.edge).collect();
         let active = keyset.entries.iter().filter(|e| e.secret.is_some()).count();
-        Self {
-            edges: edges.len(),
-            active,
-            retired: keyset.entries.len() - active,
-        }
+        Self { edges: edges.len(), active, retired: keyset.entries.len() - active }
     }
 }
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} edges, {} active and {} retired kids",
-            self.edges, self.active, self.retired
-        )
+        write!(f, "{} edges, {} active and {} retired kids", self.edges, self.active, self.retired)
     }
 }
 
@@ -264,12 +241,8 @@ fn load_keyset(path: &Path) -> Result<Keyset, UsageError> {
 
 pub(crate) fn load_permissions(path: &Path) -> Result<PermissionTable, UsageError> {
     let text = files::read_input(path, "permission file", PERMISSIONS_HINT)?;
-    PermissionTable::parse(&text).map_err(|err| {
-        UsageError::new(format!(
-            "cannot load permission file '{}': {err}",
-            path.display()
-        ))
-    })
+    PermissionTable::parse(&text)
+        .map_err(|err| UsageError::new(format!("cannot load permission file '{}': {err}", path.display())))
 }
 
 /// "invalid master file 'm.toml': <what is wrong>; <hint>". The envelope crate's messages
@@ -279,10 +252,7 @@ fn invalid(what: &str, path: &Path, err: &KeyError, hint: &str) -> UsageError {
         KeyError::Format { reason, .. } => reason.clone(),
         other => other.to_string(),
     };
-    UsageError::new(format!(
-        "invalid {what} '{}': {reason}; {hint}",
-        path.display()
-    ))
+    UsageError::new(format!("invalid {what} '{}': {reason}; {hint}", path.display()))
 }
 
 pub(crate) fn warn_if_exposed(path: &Path, what: &str) {

@@ -18,16 +18,26 @@
 //! - [`acl`]: `fleetctl acl …`: the Redis ACL file ([`acl::render`]) and the secrets file
 //!   with the users' passwords ([`acl::Passwords`]).
 //! - [`tail`]: `fleetctl tail STREAM`: follow a stream, verify and summarise each entry.
+//! - [`audit`]: `fleetctl audit verify` (the orchestrator's audit trail) and `audit key new`.
+//! - [`db`]: `fleetctl db migrate`, and connecting to Postgres with the URL kept secret.
+//! - [`token`]: `fleetctl token …`: the HTTP API's bearer tokens and their secret.
+//! - [`tasks_cmd`]: `fleetctl submit|tasks|task|approve|kill|resume` over the HTTP API.
+//! - [`client`]: the HTTP API's client (`--api`, `--token`, error answers to exit codes).
 //! - [`files`]: reading the operator's input files, writing secret files (mode 0600,
 //!   atomically when they replace something).
 //! - [`exit`]: [`UsageError`](exit::UsageError) and the mapping of results to exit codes.
 
 pub mod acl;
+pub mod audit;
 pub mod cli;
+pub mod client;
+pub mod db;
 pub mod exit;
 pub mod files;
 pub mod keys;
 pub mod tail;
+pub mod tasks_cmd;
+pub mod token;
 
 pub use cli::Cli;
 
@@ -37,5 +47,14 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         cli::Command::Keys(cmd) => keys::run(cmd),
         cli::Command::Acl(cmd) => acl::run(cmd),
         cli::Command::Tail(args) => tail::command(args),
+        cli::Command::Token(cmd) => token::run(cmd),
+        cli::Command::Submit(args) => tasks_cmd::submit(args),
+        cli::Command::Tasks(args) => tasks_cmd::tasks(args),
+        cli::Command::Task(args) => tasks_cmd::task(args),
+        cli::Command::Approve(args) => tasks_cmd::approve(args),
+        cli::Command::Kill(args) => tasks_cmd::kill(args),
+        cli::Command::Resume(args) => tasks_cmd::resume(args),
+        cli::Command::Audit(cmd) => audit::run(cmd),
+        cli::Command::Db(cmd) => db::run(cmd),
     }
 }

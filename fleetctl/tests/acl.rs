@@ -497,6 +497,27 @@ async fn only_the_orchestrator_and_budget_run_ledger_scripts_on_ledger_keys() {
 }
 
 #[tokio::test]
+async fn only_the_orchestrator_runs_the_intake_rate_limiter() {
+    let mut fleet = Fleet::start();
+    // The shape of orchestrator/src/api/ratelimit.rs's bucket: read, refill by TIME, write, expire.
+    const BUCKET: &str = "local t = redis.call('TIME') \
+        local b = redis.call('HMGET', KEYS[1], 'tokens', 'ts') \
+        redis.call('HSET', KEYS[1], 'tokens', 1, 'ts', t[1]) \
+        return redis.call('PEXPIRE', KEYS[1], 60000)";
+    let mut cases = vec![
+        case(User::Orchestrator, Expect::Allowed, &["SCRIPT", "LOAD", BUCKET]),
+        case(User::Orchestrator, Expect::Allowed, &["EVAL", BUCKET, "1", "fleet:ratelimit:alice"]),
+        case(User::Orchestrator, Expect::NoPerm, &["EVAL", BUCKET, "1", "fleet:tasks:dev"]),
+        case(User::Orchestrator, Expect::NoPerm, &["DEL", "fleet:ratelimit:alice"]),
+    ];
+    for user in [User::Budget, User::Dev, User::Qa, User::Review, User::Refactor, User::OutboxRelay, User::Operator] {
+        cases.push(case(user, Expect::NoPerm, &["EVAL", BUCKET, "1", "fleet:ratelimit:alice"]));
+        cases.push(case(user, Expect::NoPerm, &["HSET", "fleet:ratelimit:alice", "tokens", "99"]));
+    }
+    fleet.expect_all("rate limiter", cases).await;
+}
+
+#[tokio::test]
 async fn the_operator_reads_everything_under_fleet_and_writes_nothing() {
     let mut fleet = Fleet::start();
     let id = fleet.seed(User::Dev, streams::RESULTS).await;

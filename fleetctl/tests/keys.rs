@@ -11,8 +11,8 @@ use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use envelope::{
-    Envelope, Heartbeat, Instance, Keyset, MasterFile, MemoryReplayGuard, PermissionTable, Role,
-    Sender, Verifier, VerifierConfig, VerifyContext, VerifyError,
+    Envelope, Heartbeat, Instance, Keyset, MasterFile, MemoryReplayGuard, PermissionTable, Role, Sender, Verifier,
+    VerifierConfig, VerifyContext, VerifyError,
 };
 use tempfile::TempDir;
 
@@ -26,11 +26,7 @@ struct Output {
 
 /// Runs the binary in `dir` (never changing this process's environment).
 fn fleetctl(dir: &Path, args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_fleetctl"))
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetctl")).args(args).current_dir(dir).output().unwrap();
     Output {
         code: out.status.code().unwrap(),
         stdout: String::from_utf8(out.stdout).unwrap(),
@@ -46,18 +42,11 @@ fn ok(dir: &Path, args: &[&str]) -> String {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
 }
 
 fn permissions_file() -> String {
-    workspace_root()
-        .join("config/permissions.toml")
-        .to_str()
-        .unwrap()
-        .to_owned()
+    workspace_root().join("config/permissions.toml").to_str().unwrap().to_owned()
 }
 
 fn permissions() -> PermissionTable {
@@ -76,79 +65,40 @@ fn with_master() -> TempDir {
 }
 
 fn derive(dir: &Path, process: &str) -> Keyset {
-    let text = ok(
-        dir,
-        &[
-            "keys",
-            "derive",
-            "--master",
-            "m.toml",
-            "--process",
-            process,
-            "--permissions",
-            &permissions_file(),
-        ],
-    );
+    let text =
+        ok(dir, &["keys", "derive", "--master", "m.toml", "--process", process, "--permissions", &permissions_file()]);
     Keyset::parse(&text).unwrap()
 }
 
 fn kids(keyset: &Keyset) -> BTreeSet<(String, bool)> {
-    keyset
-        .entries
-        .iter()
-        .map(|e| (e.kid.to_string(), e.secret.is_some()))
-        .collect()
+    keyset.entries.iter().map(|e| (e.kid.to_string(), e.secret.is_some())).collect()
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_millis()
-        .try_into()
-        .unwrap()
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis().try_into().unwrap()
 }
 
 fn dev_heartbeat() -> Envelope {
     Envelope::new(
-        Sender {
-            role: Role::Dev,
-            instance: Instance::parse("dev-1").unwrap(),
-        },
+        Sender { role: Role::Dev, instance: Instance::parse("dev-1").unwrap() },
         Role::Orchestrator,
         now_ms(),
         60_000,
         0,
-        Heartbeat {
-            seq: 1,
-            busy: false,
-        }
-        .into(),
+        Heartbeat { seq: 1, busy: false }.into(),
     )
 }
 
 /// Verifies `wire` on the heartbeat stream with `keyset` as the orchestrator's keys.
 fn verify_as_orchestrator(keyset: Keyset, wire: &[u8]) -> Result<String, VerifyError> {
-    let verifier = Verifier::new(
-        keyset.into_keyring(),
-        permissions(),
-        VerifierConfig::default(),
-    );
-    let ctx = VerifyContext {
-        now_ms: now_ms(),
-        kill_epoch: 0,
-    };
-    verifier
-        .verify("fleet:heartbeats", wire, ctx, &mut MemoryReplayGuard::new())
-        .map(|v| v.kid().to_string())
+    let verifier = Verifier::new(keyset.into_keyring(), permissions(), VerifierConfig::default());
+    let ctx = VerifyContext { now_ms: now_ms(), kill_epoch: 0 };
+    verifier.verify("fleet:heartbeats", wire, ctx, &mut MemoryReplayGuard::new()).map(|v| v.kid().to_string())
 }
 
 /// The values of the `secret = "…"` lines of a master or keyset file.
 fn secret_values(text: &str) -> Vec<String> {
-    text.lines()
-        .filter(|l| l.starts_with("secret"))
-        .map(|l| l.split('"').nth(1).unwrap().to_owned())
-        .collect()
+    text.lines().filter(|l| l.starts_with("secret")).map(|l| l.split('"').nth(1).unwrap().to_owned()).collect()
 }
 
 /// The master secret and every edge key of every generation so far.
@@ -170,19 +120,14 @@ fn master_new_writes_a_private_file_and_refuses_to_overwrite_it() {
     let master = MasterFile::parse(&first).unwrap();
     assert_eq!((master.current_generation, master.retired_through), (1, 0));
     assert!(
-        out.stdout.contains("'agentfleet.master.toml'")
-            && out.stdout.contains("fleetctl keys derive"),
+        out.stdout.contains("'agentfleet.master.toml'") && out.stdout.contains("fleetctl keys derive"),
         "{}",
         out.stdout
     );
 
     let again = fleetctl(dir.path(), &["keys", "master", "new"]);
     assert_eq!(again.code, EX_USAGE);
-    assert!(
-        again.stderr.contains("already exists") && again.stderr.contains("--force"),
-        "{}",
-        again.stderr
-    );
+    assert!(again.stderr.contains("already exists") && again.stderr.contains("--force"), "{}", again.stderr);
     assert_eq!(fs::read_to_string(&path).unwrap(), first);
 
     fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
@@ -239,21 +184,8 @@ fn the_dev_keyset_holds_exactly_the_dev_edges_and_is_deterministic() {
 fn the_permission_file_defaults_to_config_permissions_toml() {
     let dir = with_master();
     let master = dir.path().join("m.toml");
-    let text = ok(
-        &workspace_root(),
-        &[
-            "keys",
-            "derive",
-            "--master",
-            master.to_str().unwrap(),
-            "--process",
-            "budget",
-        ],
-    );
-    assert_eq!(
-        Keyset::parse(&text).unwrap().to_toml(),
-        derive(dir.path(), "budget").to_toml()
-    );
+    let text = ok(&workspace_root(), &["keys", "derive", "--master", master.to_str().unwrap(), "--process", "budget"]);
+    assert_eq!(Keyset::parse(&text).unwrap().to_toml(), derive(dir.path(), "budget").to_toml());
 }
 
 #[test]
@@ -267,10 +199,7 @@ fn what_a_derived_dev_keyset_seals_the_derived_orchestrator_keyset_verifies() {
     // The operator keyset verifies it too; another fleet's keys do not.
     assert!(verify_as_orchestrator(derive(dir.path(), "operator"), &wire).is_ok());
     let other = with_master();
-    assert_eq!(
-        verify_as_orchestrator(derive(other.path(), "orchestrator"), &wire),
-        Err(VerifyError::BadSignature)
-    );
+    assert_eq!(verify_as_orchestrator(derive(other.path(), "orchestrator"), &wire), Err(VerifyError::BadSignature));
 }
 
 #[test]
@@ -304,13 +233,7 @@ fn rotate_adds_a_generation_and_retire_removes_the_old_secrets() {
     // Generation 1 keys are unchanged by the rotation.
     let old_text = old_dev.to_toml();
     assert!(
-        rotated
-            .to_toml()
-            .lines()
-            .filter(|l| l.starts_with("secret"))
-            .filter(|l| old_text.contains(*l))
-            .count()
-            == 3
+        rotated.to_toml().lines().filter(|l| l.starts_with("secret")).filter(|l| old_text.contains(*l)).count() == 3
     );
 
     // Staged: the rotated keyset still signs with :1, so receivers that have not been
@@ -329,33 +252,17 @@ fn rotate_adds_a_generation_and_retire_removes_the_old_secrets() {
     assert_eq!(verify_as_orchestrator(staged_orchestrator, &new_wire).unwrap(), "dev>orchestrator:2");
     let old_wire = old_dev.into_keyring().seal(&dev_heartbeat()).unwrap();
     let orchestrator = derive(dir.path(), "orchestrator");
-    assert_eq!(
-        verify_as_orchestrator(orchestrator.clone(), &new_wire).unwrap(),
-        "dev>orchestrator:2"
-    );
-    assert_eq!(
-        verify_as_orchestrator(orchestrator, &old_wire).unwrap(),
-        "dev>orchestrator:1"
-    );
+    assert_eq!(verify_as_orchestrator(orchestrator.clone(), &new_wire).unwrap(), "dev>orchestrator:2");
+    assert_eq!(verify_as_orchestrator(orchestrator, &old_wire).unwrap(), "dev>orchestrator:1");
 
-    let out = ok(
-        dir.path(),
-        &["keys", "retire", "--master", "m.toml", "--through", "1"],
-    );
+    let out = ok(dir.path(), &["keys", "retire", "--master", "m.toml", "--through", "1"]);
     assert!(out.contains("Retired generations 1..=1"), "{out}");
     assert_eq!(mode(&dir.path().join("m.toml")), 0o600);
     let retired = derive(dir.path(), "dev");
-    let expected: BTreeSet<_> = both
-        .iter()
-        .map(|(kid, _)| (kid.clone(), kid.ends_with(":2")))
-        .collect();
+    let expected: BTreeSet<_> = both.iter().map(|(kid, _)| (kid.clone(), kid.ends_with(":2"))).collect();
     assert_eq!(kids(&retired), expected);
     assert!(
-        retired
-            .to_toml()
-            .lines()
-            .filter(|l| l.starts_with("secret"))
-            .all(|l| !old_text.contains(l)),
+        retired.to_toml().lines().filter(|l| l.starts_with("secret")).all(|l| !old_text.contains(l)),
         "a retired secret is still in the keyset"
     );
     assert!(matches!(
@@ -364,19 +271,12 @@ fn rotate_adds_a_generation_and_retire_removes_the_old_secrets() {
     ));
 
     // Retiring again is a no-op, and the current generation can't be retired.
-    let out = ok(
-        dir.path(),
-        &["keys", "retire", "--master", "m.toml", "--through", "1"],
-    );
+    let out = ok(dir.path(), &["keys", "retire", "--master", "m.toml", "--through", "1"]);
     assert!(out.contains("Nothing to do"), "{out}");
-    let current = fleetctl(
-        dir.path(),
-        &["keys", "retire", "--master", "m.toml", "--through", "2"],
-    );
+    let current = fleetctl(dir.path(), &["keys", "retire", "--master", "m.toml", "--through", "2"]);
     assert_eq!(current.code, EX_USAGE);
     assert!(
-        current.stderr.contains("senders sign with generation 2")
-            && current.stderr.contains("fleetctl keys rotate"),
+        current.stderr.contains("senders sign with generation 2") && current.stderr.contains("fleetctl keys rotate"),
         "{}",
         current.stderr
     );
@@ -387,10 +287,7 @@ fn list_shows_kids_and_their_state_without_secrets() {
     let dir = with_master();
     ok(dir.path(), &["keys", "rotate", "--master", "m.toml"]);
     ok(dir.path(), &["keys", "promote", "--master", "m.toml"]);
-    ok(
-        dir.path(),
-        &["keys", "retire", "--master", "m.toml", "--through", "1"],
-    );
+    ok(dir.path(), &["keys", "retire", "--master", "m.toml", "--through", "1"]);
     ok(
         dir.path(),
         &[
@@ -413,8 +310,7 @@ fn list_shows_kids_and_their_state_without_secrets() {
         .filter_map(|l| {
             let mut words = l.split_whitespace();
             let kid = words.next()?;
-            kid.contains('>')
-                .then(|| (kid.to_owned(), words.next().unwrap().to_owned()))
+            kid.contains('>').then(|| (kid.to_owned(), words.next().unwrap().to_owned()))
         })
         .collect();
     let expected: BTreeSet<_> = [
@@ -439,55 +335,21 @@ fn no_message_contains_a_secret() {
     let perms = permissions_file();
     let runs = [
         rotate,
+        fleetctl(dir.path(), &["keys", "master", "new", "--out", "other.toml"]),
         fleetctl(
             dir.path(),
-            &["keys", "master", "new", "--out", "other.toml"],
+            &["keys", "derive", "--master", "m.toml", "--process", "dev", "--permissions", &perms, "--out", "dev.toml"],
         ),
         fleetctl(
             dir.path(),
-            &[
-                "keys",
-                "derive",
-                "--master",
-                "m.toml",
-                "--process",
-                "dev",
-                "--permissions",
-                &perms,
-                "--out",
-                "dev.toml",
-            ],
-        ),
-        fleetctl(
-            dir.path(),
-            &[
-                "keys",
-                "derive",
-                "--master",
-                "m.toml",
-                "--process",
-                "dev",
-                "--permissions",
-                &perms,
-                "--out",
-                "dev.toml",
-            ],
+            &["keys", "derive", "--master", "m.toml", "--process", "dev", "--permissions", &perms, "--out", "dev.toml"],
         ),
         fleetctl(dir.path(), &["keys", "list", "--keyset", "dev.toml"]),
         fleetctl(dir.path(), &["keys", "list", "--keyset", "m.toml"]),
-        fleetctl(
-            dir.path(),
-            &["keys", "retire", "--master", "m.toml", "--through", "5"],
-        ),
-        fleetctl(
-            dir.path(),
-            &["keys", "retire", "--master", "m.toml", "--through", "1"],
-        ),
+        fleetctl(dir.path(), &["keys", "retire", "--master", "m.toml", "--through", "5"]),
+        fleetctl(dir.path(), &["keys", "retire", "--master", "m.toml", "--through", "1"]),
         fleetctl(dir.path(), &["keys", "master", "new", "--out", "m.toml"]),
-        fleetctl(
-            dir.path(),
-            &["keys", "derive", "--master", "dev.toml", "--process", "dev"],
-        ),
+        fleetctl(dir.path(), &["keys", "derive", "--master", "dev.toml", "--process", "dev"]),
     ];
     for run in runs {
         for secret in &secrets {
@@ -504,28 +366,9 @@ fn no_message_contains_a_secret() {
 #[test]
 fn an_unknown_process_is_a_usage_error_naming_the_valid_ones() {
     let dir = with_master();
-    let out = fleetctl(
-        dir.path(),
-        &[
-            "keys",
-            "derive",
-            "--master",
-            "m.toml",
-            "--process",
-            "planner",
-        ],
-    );
+    let out = fleetctl(dir.path(), &["keys", "derive", "--master", "m.toml", "--process", "planner"]);
     assert_eq!(out.code, EX_USAGE);
-    for name in [
-        "planner",
-        "orchestrator",
-        "budget",
-        "dev",
-        "qa",
-        "review",
-        "refactor",
-        "operator",
-    ] {
+    for name in ["planner", "orchestrator", "budget", "dev", "qa", "review", "refactor", "operator"] {
         assert!(out.stderr.contains(name), "{name}: {}", out.stderr);
     }
 }
@@ -533,17 +376,7 @@ fn an_unknown_process_is_a_usage_error_naming_the_valid_ones() {
 #[test]
 fn the_outbox_relay_holds_no_keys() {
     let dir = with_master();
-    let out = fleetctl(
-        dir.path(),
-        &[
-            "keys",
-            "derive",
-            "--master",
-            "m.toml",
-            "--process",
-            "outbox-relay",
-        ],
-    );
+    let out = fleetctl(dir.path(), &["keys", "derive", "--master", "m.toml", "--process", "outbox-relay"]);
     assert_eq!(out.code, EX_USAGE);
     assert!(out.stderr.contains("holds no keys"), "{}", out.stderr);
 }
@@ -552,23 +385,9 @@ fn the_outbox_relay_holds_no_keys() {
 fn a_missing_master_file_is_a_usage_error_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     for args in [
-        &[
-            "keys",
-            "derive",
-            "--master",
-            "absent.toml",
-            "--process",
-            "dev",
-        ][..],
+        &["keys", "derive", "--master", "absent.toml", "--process", "dev"][..],
         &["keys", "rotate", "--master", "absent.toml"],
-        &[
-            "keys",
-            "retire",
-            "--master",
-            "absent.toml",
-            "--through",
-            "1",
-        ],
+        &["keys", "retire", "--master", "absent.toml", "--through", "1"],
     ] {
         let out = fleetctl(dir.path(), args);
         assert_eq!(out.code, EX_USAGE, "{args:?}");
@@ -589,41 +408,14 @@ fn invalid_input_files_are_usage_errors() {
     let perms = permissions_file();
     let cases: [(&[&str], &str); 5] = [
         (
-            &[
-                "keys",
-                "derive",
-                "--master",
-                "bad.toml",
-                "--process",
-                "dev",
-                "--permissions",
-                &perms,
-            ],
+            &["keys", "derive", "--master", "bad.toml", "--process", "dev", "--permissions", &perms],
             "invalid master file 'bad.toml'",
         ),
+        (&["keys", "rotate", "--master", "bad.toml"], "invalid master file 'bad.toml'"),
+        (&["keys", "list", "--keyset", "m.toml"], "invalid keyset file 'm.toml'"),
+        (&["keys", "list", "--keyset", "absent.toml"], "cannot read keyset file 'absent.toml'"),
         (
-            &["keys", "rotate", "--master", "bad.toml"],
-            "invalid master file 'bad.toml'",
-        ),
-        (
-            &["keys", "list", "--keyset", "m.toml"],
-            "invalid keyset file 'm.toml'",
-        ),
-        (
-            &["keys", "list", "--keyset", "absent.toml"],
-            "cannot read keyset file 'absent.toml'",
-        ),
-        (
-            &[
-                "keys",
-                "derive",
-                "--master",
-                "m.toml",
-                "--process",
-                "dev",
-                "--permissions",
-                "empty-rules.toml",
-            ],
+            &["keys", "derive", "--master", "m.toml", "--process", "dev", "--permissions", "empty-rules.toml"],
             "permission file 'empty-rules.toml'",
         ),
     ];
@@ -632,14 +424,8 @@ fn invalid_input_files_are_usage_errors() {
         assert_eq!(out.code, EX_USAGE, "{args:?}: {}", out.stderr);
         assert!(out.stderr.contains(message), "{args:?}: {}", out.stderr);
     }
-    let out = fleetctl(
-        dir.path(),
-        &["keys", "derive", "--master", "m.toml", "--process", "dev"],
-    );
-    assert_eq!(
-        out.code, EX_USAGE,
-        "the default permission file is not here"
-    );
+    let out = fleetctl(dir.path(), &["keys", "derive", "--master", "m.toml", "--process", "dev"]);
+    assert_eq!(out.code, EX_USAGE, "the default permission file is not here");
     assert!(out.stderr.contains("--permissions"), "{}", out.stderr);
 }
 
@@ -647,18 +433,8 @@ fn invalid_input_files_are_usage_errors() {
 fn an_existing_keyset_file_needs_force() {
     let dir = with_master();
     let perms = permissions_file();
-    let args = [
-        "keys",
-        "derive",
-        "--master",
-        "m.toml",
-        "--process",
-        "dev",
-        "--permissions",
-        &perms,
-        "--out",
-        "dev.toml",
-    ];
+    let args =
+        ["keys", "derive", "--master", "m.toml", "--process", "dev", "--permissions", &perms, "--out", "dev.toml"];
     ok(dir.path(), &args);
     let again = fleetctl(dir.path(), &args);
     assert_eq!(again.code, EX_USAGE);
@@ -686,8 +462,7 @@ fn a_write_failure_exits_1_with_its_cause() {
     );
     assert_eq!(out.code, 1, "{}", out.stderr);
     assert!(
-        out.stderr
-            .contains("Failed to create keyset file 'no/such/dir/dev.toml'")
+        out.stderr.contains("Failed to create keyset file 'no/such/dir/dev.toml'")
             && out.stderr.contains("No such file or directory"),
         "{}",
         out.stderr
@@ -716,10 +491,7 @@ fn help_and_version_exit_0() {
     let out = ok(dir.path(), &["--help"]);
     assert!(out.contains("keys"), "{out}");
     let out = ok(dir.path(), &["keys", "--help"]);
-    assert!(
-        out.contains("master file") && out.contains("keyset file"),
-        "{out}"
-    );
+    assert!(out.contains("master file") && out.contains("keyset file"), "{out}");
     let out = ok(dir.path(), &["keys", "derive", "--help"]);
     assert!(out.contains("outbox-relay holds no keys"), "{out}");
     let out = ok(dir.path(), &["--version"]);
@@ -742,27 +514,11 @@ fn derived_keys_match_the_published_derivation_vectors() {
     .unwrap();
     let keyset = derive(dir.path(), "orchestrator");
     let key = |kid: &str| {
-        let entry = keyset
-            .entries
-            .iter()
-            .find(|e| e.kid.to_string() == kid)
-            .unwrap();
-        entry
-            .secret
-            .as_ref()
-            .map(|s| s.iter().map(|b| format!("{b:02x}")).collect::<String>())
+        let entry = keyset.entries.iter().find(|e| e.kid.to_string() == kid).unwrap();
+        entry.secret.as_ref().map(|s| s.iter().map(|b| format!("{b:02x}")).collect::<String>())
     };
     assert_eq!(key("dev>orchestrator:1"), None);
-    assert_eq!(
-        key("dev>orchestrator:2").unwrap(),
-        "0821b9f54a60db0efa19e584ec4ba7ff0dac1e73ff89825fd151ecefbf8efd8b"
-    );
-    assert_eq!(
-        key("dev>orchestrator:3").unwrap(),
-        "8e4096861f3c1eba1c3ddb81b59c97e35ea4f6ece7749ce7e62c1ccde0b10009"
-    );
-    assert_eq!(
-        key("orchestrator>dev:3").unwrap(),
-        "60c64c09a8d3894fda0f8d9035986c426a8a7b241f62f62988a6dab9e4ed5a17"
-    );
+    assert_eq!(key("dev>orchestrator:2").unwrap(), "0821b9f54a60db0efa19e584ec4ba7ff0dac1e73ff89825fd151ecefbf8efd8b");
+    assert_eq!(key("dev>orchestrator:3").unwrap(), "8e4096861f3c1eba1c3ddb81b59c97e35ea4f6ece7749ce7e62c1ccde0b10009");
+    assert_eq!(key("orchestrator>dev:3").unwrap(), "60c64c09a8d3894fda0f8d9035986c426a8a7b241f62f62988a6dab9e4ed5a17");
 }

@@ -90,8 +90,27 @@ fn redact(v: &mut Value) {
     }
 }
 
+/// Replaces U+0000 in strings and keys with U+FFFD: jsonb refuses it, and one such
+/// character in, say, a worker's question would otherwise fail the caller's whole
+/// transaction, every time it is retried.
+fn replace_nul(v: &mut Value) {
+    match v {
+        Value::String(s) if s.contains('\0') => *s = s.replace('\0', "\u{FFFD}"),
+        Value::Array(items) => items.iter_mut().for_each(replace_nul),
+        Value::Object(map) => {
+            if map.keys().any(|k| k.contains('\0')) {
+                let old = std::mem::take(map);
+                *map = old.into_iter().map(|(k, val)| (k.replace('\0', "\u{FFFD}"), val)).collect();
+            }
+            map.values_mut().for_each(replace_nul);
+        }
+        _ => {}
+    }
+}
+
 /// JSON with object keys sorted at every level: the same value always gives the same bytes,
-/// whatever order jsonb hands keys back in.
+/// whatever order jsonb hands keys back in. Integers are decimal; other numbers are written
+/// as Rust's `{:e}` (`2.5e0`, `1e-7`). docs/operations.md, "Audit trail", is the spec.
 fn canonical_json(v: &Value, out: &mut String) {
     match v {
         Value::Object(map) => {
@@ -118,6 +137,12 @@ fn canonical_json(v: &Value, out: &mut String) {
             }
             out.push(']');
         }
+        Value::Number(n) => match n.as_f64() {
+            // Not serde_json's float format, which changed within 1.x (1.5e300 became
+            // 1.5e+300): Rust's `{:e}`, the shortest digits that read back as the same f64.
+            Some(f) if !n.is_i64() && !n.is_u64() => out.push_str(&format!("{f:e}")),
+            _ => out.push_str(&n.to_string()),
+        },
         scalar => out.push_str(&scalar.to_string()),
     }
 }
@@ -171,17 +196,40 @@ fn row_hash(prev: &[u8], seq: i64, at: &DateTime<Utc>, e: &AuditEntry<'_>) -> Ve
     h.finalize().to_vec()
 }
 
-/// Appends `entry` in the caller's transaction; returns its `seq`. The head row stays locked
-/// until that transaction ends, so appends are serialized.
+/// Appends `entry` in the caller's transaction, stamped with the current time; returns its
+/// `seq`. The head row stays locked until that transaction ends, so appends are serialized.
+///
+/// Call it in a READ COMMITTED transaction (the default): under REPEATABLE READ a
+/// concurrent append makes the head lock fail with a serialization error.
 pub async fn append(conn: &mut PgConnection, key: &AuditKey, entry: AuditEntry<'_>) -> Result<i64, sqlx::Error> {
+    append_at(conn, key, entry, Utc::now()).await
+}
+
+/// [`append`] with the row's time given: for tests and imports of records made elsewhere.
+/// `at` is cut to microseconds (what Postgres keeps) and must fall in a month whose
+/// partition exists (`audit_ensure_partition`). The chain is ordered by `seq`, not by `at`.
+pub async fn append_at(
+    conn: &mut PgConnection,
+    key: &AuditKey,
+    entry: AuditEntry<'_>,
+    at: DateTime<Utc>,
+) -> Result<i64, sqlx::Error> {
     let mut entry = entry;
     redact(&mut entry.details);
-    let head = sqlx::query("SELECT seq, hash FROM audit_head FOR UPDATE").fetch_one(&mut *conn).await?;
+    replace_nul(&mut entry.details);
+    // The details are hashed as Postgres will hand them back: jsonb rewrites some numbers
+    // (`1e16` comes back as `10000000000000000`, `-0.0` as `0.0`), and hashing the caller's
+    // form would make `verify` report such a row as altered. The conversion rides on the
+    // head lock's query, so it costs no extra round trip.
+    let head = sqlx::query("SELECT seq, hash, $1::jsonb AS details FROM audit_head FOR UPDATE")
+        .bind(&entry.details)
+        .fetch_one(&mut *conn)
+        .await?;
     let seq: i64 = head.try_get::<i64, _>("seq")? + 1;
     let prev: Vec<u8> = head.try_get("hash")?;
+    entry.details = head.try_get("details")?;
     // Postgres keeps microseconds; hashing the same truncated instant keeps verify exact.
-    let now = Utc::now();
-    let at = Utc.timestamp_micros(now.timestamp_micros()).single().unwrap_or(now);
+    let at = Utc.timestamp_micros(at.timestamp_micros()).single().unwrap_or(at);
     let hash = row_hash(&prev, seq, &at, &entry);
     let mac = key.mac(&hash);
     sqlx::query(
@@ -225,25 +273,62 @@ pub enum Break {
         /// The head's seq.
         head_seq: i64,
     },
+    /// The row comes after the head's seq: rows were added without moving the head, or
+    /// the head was set back.
+    BeyondHead {
+        /// The head's seq.
+        head_seq: i64,
+    },
+}
+
+/// The first broken row, as an operator would look it up.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BrokenRow {
+    /// When it says it was written.
+    pub at: DateTime<Utc>,
+    /// Actor role.
+    pub actor_role: String,
+    /// Actor instance.
+    pub actor_instance: String,
+    /// Action.
+    pub action: String,
+    /// Task.
+    pub task_id: Option<Uuid>,
 }
 
 /// Result of [`verify`].
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Report {
-    /// Rows checked.
+    /// Rows checked (up to and including the first broken one).
     pub rows: u64,
     /// The first broken row's seq and why, or `None` when intact.
     pub first_broken: Option<(i64, Break)>,
+    /// What that row says about itself; `None` when intact, and for [`Break::Truncated`],
+    /// where the row is gone.
+    pub broken_row: Option<BrokenRow>,
 }
 
 /// Walks the whole chain in `seq` order and reports the first broken row.
+///
+/// The walk and the head are read in one REPEATABLE READ snapshot, so verifying a trail
+/// that is being appended to is exact: rows committed meanwhile are simply not seen.
 pub async fn verify(pool: &PgPool, key: &AuditKey) -> Result<Report, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
+    let head_seq: i64 = sqlx::query_scalar("SELECT seq FROM audit_head").fetch_one(&mut *tx).await?;
+    let report = walk(&mut tx, key, head_seq).await?;
+    tx.rollback().await?;
+    Ok(report)
+}
+
+async fn walk(conn: &mut PgConnection, key: &AuditKey, head_seq: i64) -> Result<Report, sqlx::Error> {
     use futures_util::TryStreamExt;
+    // `(seq, at)` is the key: a duplicated seq (another month) still walks in one order.
     let mut rows = sqlx::query(
         "SELECT seq, at, actor_role, actor_instance, action, task_id, prompt_version, details, prev_hash, hash, mac \
-         FROM audit_trail ORDER BY seq",
+         FROM audit_trail ORDER BY seq, at",
     )
-    .fetch(pool);
+    .fetch(&mut *conn);
     let mut prev = GENESIS.to_vec();
     let mut expected = 1i64;
     let mut count = 0u64;
@@ -262,18 +347,29 @@ pub async fn verify(pool: &PgPool, key: &AuditKey) -> Result<Report, sqlx::Error
             hash: r.try_get("hash")?,
             mac: r.try_get("mac")?,
         };
-        if let Some(b) = check_row(&row, expected, &prev, key) {
-            return Ok(Report { rows: count, first_broken: Some((row.seq, b)) });
+        let broken = check_row(&row, expected, &prev, key)
+            .or_else(|| (row.seq > head_seq).then_some(Break::BeyondHead { head_seq }));
+        if let Some(b) = broken {
+            let broken_row = BrokenRow {
+                at: row.at,
+                actor_role: row.actor_role,
+                actor_instance: row.actor_instance,
+                action: row.action,
+                task_id: row.task_id,
+            };
+            return Ok(Report { rows: count, first_broken: Some((row.seq, b)), broken_row: Some(broken_row) });
         }
         prev = row.hash;
         expected = row.seq + 1;
     }
-    drop(rows);
-    let head_seq: i64 = sqlx::query_scalar("SELECT seq FROM audit_head").fetch_one(pool).await?;
     if head_seq != expected - 1 {
-        return Ok(Report { rows: count, first_broken: Some((expected, Break::Truncated { head_seq })) });
+        return Ok(Report {
+            rows: count,
+            first_broken: Some((expected, Break::Truncated { head_seq })),
+            broken_row: None,
+        });
     }
-    Ok(Report { rows: count, first_broken: None })
+    Ok(Report { rows: count, first_broken: None, broken_row: None })
 }
 
 /// Checks one row against the chain so far.
@@ -305,6 +401,8 @@ pub fn check_row(row: &AuditRow, expected_seq: i64, prev: &[u8], key: &AuditKey)
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     #[test]
@@ -313,6 +411,17 @@ mod tests {
         let mut s = String::new();
         canonical_json(&v, &mut s);
         assert_eq!(s, r#"{"a":{"c":"x","d":[{"y":2,"z":1}]},"b":1}"#);
+    }
+
+    #[test]
+    fn numbers_have_one_encoding() {
+        let v: Value = serde_json::from_str(
+            "[0, -7, 18446744073709551615, 2.5, 0.1, 1e-7, 1.5e300, 10000000000000000000000, 2.0]",
+        )
+        .unwrap();
+        let mut s = String::new();
+        canonical_json(&v, &mut s);
+        assert_eq!(s, "[0,-7,18446744073709551615,2.5e0,1e-1,1e-7,1.5e300,1e22,2e0]");
     }
 
     #[test]

@@ -14,10 +14,11 @@ pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::Error> {
     ensure_audit_partitions(pool).await
 }
 
-/// Creates the audit partitions of the current and the next month if missing.
+/// Creates the audit partitions of the current and the next month (UTC) if missing.
 pub async fn ensure_audit_partitions(pool: &PgPool) -> Result<(), sqlx::Error> {
     sqlx::query(
-        "SELECT audit_ensure_partition(now()::date), audit_ensure_partition((now() + interval '1 month')::date)",
+        "SELECT audit_ensure_partition((now() AT TIME ZONE 'UTC')::date), \
+                audit_ensure_partition((now() AT TIME ZONE 'UTC' + interval '1 month')::date)",
     )
     .execute(pool)
     .await?;

@@ -5,14 +5,21 @@
 //! outbox; the `outbox-relay` forwards them. The orchestrator never `XADD`s itself.
 //!
 //! # Layout
+//! - [`app`]: the binary's configuration file and wiring (consumers, tick loop, HTTP API).
 //! - [`db`]: connecting, migrations, monthly audit partitions.
 //! - [`state`]: the task states and the legal transitions of the XP cycle.
 //! - [`audit`]: appending to and verifying the hash-chained audit trail.
+//! - [`service`]: bus handlers (results, heartbeats, questions) and the tick loop.
 //! - [`outbox`]: inserting sealed envelopes in the caller's transaction.
 //! - [`tasks`]: the [`tasks::Engine`]: submit, apply results, heartbeats, deadlines, approvals, kill and resume.
+//! - [`api`]: the operators' HTTP API (axum) over the engine: bearer tokens with roles, per-client
+//!   intake rate limit, health, readiness and metrics.
 
+pub mod api;
+pub mod app;
 pub mod audit;
 pub mod db;
 pub mod outbox;
+pub mod service;
 pub mod state;
 pub mod tasks;

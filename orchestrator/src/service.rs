@@ -65,12 +65,24 @@ impl Handler for Questions {
     }
 }
 
-/// Runs [`Engine::tick`] every `every` until shutdown; errors are logged and retried next tick.
+/// How often the next month's audit partition is made sure of.
+const PARTITION_CHECK_EVERY: Duration = Duration::from_secs(3600);
+
+/// Runs [`Engine::tick`] every `every` until shutdown; errors are logged and retried next
+/// tick. Hourly it also makes sure next month's audit partition exists, so a long-running
+/// orchestrator never reaches a month it cannot append to.
 pub async fn tick_loop(engine: Engine, every: Duration, shutdown: CancellationToken) {
+    let mut next_partition_check = tokio::time::Instant::now() + PARTITION_CHECK_EVERY;
     loop {
         tokio::select! {
             () = tokio::time::sleep(every) => {}
             () = shutdown.cancelled() => return,
+        }
+        if tokio::time::Instant::now() >= next_partition_check {
+            next_partition_check += PARTITION_CHECK_EVERY;
+            if let Err(e) = crate::db::ensure_audit_partitions(engine.pool()).await {
+                tracing::error!(error = %e, "Cannot create next month's audit partition; appends will fail when the month turns.");
+            }
         }
         match engine.tick().await {
             Ok(0) => {}

@@ -716,7 +716,8 @@ impl Engine {
     /// transition that led here) through the outbox.
     async fn assign(&self, tx: &mut PgConnection, task: &Task) -> Result<(), EngineError> {
         let Some(role) = task.state.worker() else { return Ok(()) };
-        let findings: Value = sqlx::query_scalar("SELECT findings FROM tasks WHERE id = $1").bind(task.id).fetch_one(&mut *tx).await?;
+        let findings: Value =
+            sqlx::query_scalar("SELECT findings FROM tasks WHERE id = $1").bind(task.id).fetch_one(&mut *tx).await?;
         let findings: Vec<String> = serde_json::from_value(findings).unwrap_or_default();
         let spec = &task.spec;
         let text = |k: &str| spec.get(k).and_then(Value::as_str).map(str::to_owned);

@@ -101,7 +101,12 @@ fn result_for(assign: &Verified, role: Role, status: Status, findings: &[&str]) 
 fn deliver(env: &Envelope) -> Verified {
     let wire = ring(env.from.role).seal(env).unwrap();
     verifier(Role::Orchestrator)
-        .verify(streams::RESULTS, &wire, VerifyContext { now_ms: bus::now_ms(), kill_epoch: 0 }, &mut MemoryReplayGuard::new())
+        .verify(
+            streams::RESULTS,
+            &wire,
+            VerifyContext { now_ms: bus::now_ms(), kill_epoch: 0 },
+            &mut MemoryReplayGuard::new(),
+        )
         .unwrap()
 }
 
@@ -135,7 +140,10 @@ async fn the_full_cycle_with_a_qa_loop_and_a_refactor() {
 
     assert_eq!(step(&f, Role::Dev, Status::Success, &[]).await, Applied::Moved(TaskState::Qa));
     assert_eq!(step(&f, Role::Qa, Status::Success, &[]).await, Applied::Moved(TaskState::Review));
-    assert_eq!(step(&f, Role::Review, Status::Success, &["extract a helper"]).await, Applied::Moved(TaskState::Refactor));
+    assert_eq!(
+        step(&f, Role::Review, Status::Success, &["extract a helper"]).await,
+        Applied::Moved(TaskState::Refactor)
+    );
     assert_eq!(step(&f, Role::Refactor, Status::Success, &[]).await, Applied::Moved(TaskState::Qa));
     assert_eq!(step(&f, Role::Qa, Status::Success, &[]).await, Applied::Moved(TaskState::Review));
     // A second refactor is not asked for: findings now only inform.
@@ -152,9 +160,16 @@ async fn the_full_cycle_with_a_qa_loop_and_a_refactor() {
         path,
         ["submitted", "dev", "qa", "dev", "qa", "review", "refactor", "qa", "review", "approved", "merged"]
     );
-    let diffs: i64 = sqlx::query_scalar("SELECT count(*) FROM artifacts WHERE task_id = $1 AND kind = 'diff'").bind(task.id).fetch_one(&f.pool).await.unwrap();
+    let diffs: i64 = sqlx::query_scalar("SELECT count(*) FROM artifacts WHERE task_id = $1 AND kind = 'diff'")
+        .bind(task.id)
+        .fetch_one(&f.pool)
+        .await
+        .unwrap();
     assert_eq!(diffs, 2);
-    let outcomes: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE stream = 'fleet:outcomes'").fetch_one(&f.pool).await.unwrap();
+    let outcomes: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE stream = 'fleet:outcomes'")
+        .fetch_one(&f.pool)
+        .await
+        .unwrap();
     assert_eq!(outcomes, 8, "one outcome per result");
     let report = audit::verify(&f.pool, &f.key).await.unwrap();
     assert_eq!(report.first_broken, None);
@@ -176,7 +191,11 @@ async fn results_are_applied_once_and_stale_ones_are_ignored() {
     let wrong = deliver(&result_for(&assign, Role::Qa, Status::Success, &[]));
     assert_eq!(f.engine.apply_result(&wrong).await.unwrap(), Applied::Stale);
     assert_eq!(f.engine.get(task.id).await.unwrap().state, TaskState::Qa);
-    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM task_events WHERE task_id = $1").bind(task.id).fetch_one(&f.pool).await.unwrap();
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM task_events WHERE task_id = $1")
+        .bind(task.id)
+        .fetch_one(&f.pool)
+        .await
+        .unwrap();
     assert_eq!(events, 3, "submitted, dev, qa");
 }
 
@@ -189,12 +208,18 @@ async fn high_risk_waits_for_approval_and_illegal_moves_are_refused() {
     assert!(err.to_string().contains("illegal transition"), "{err}");
     let err = f.engine.mark_merged(task.id, &op).await.unwrap_err();
     assert!(matches!(err, orchestrator::tasks::EngineError::Illegal(_)), "{err}");
-    for (role, to) in [(Role::Dev, TaskState::Qa), (Role::Qa, TaskState::Review), (Role::Review, TaskState::AwaitingApproval)] {
+    for (role, to) in
+        [(Role::Dev, TaskState::Qa), (Role::Qa, TaskState::Review), (Role::Review, TaskState::AwaitingApproval)]
+    {
         assert_eq!(step(&f, role, Status::Success, &[]).await, Applied::Moved(to));
     }
     let approved = f.engine.approve(task.id, &op, Some("looked at the diff".into())).await.unwrap();
     assert_eq!(approved.state, TaskState::Approved);
-    let decided: String = sqlx::query_scalar("SELECT decided_by FROM approvals WHERE task_id = $1").bind(task.id).fetch_one(&f.pool).await.unwrap();
+    let decided: String = sqlx::query_scalar("SELECT decided_by FROM approvals WHERE task_id = $1")
+        .bind(task.id)
+        .fetch_one(&f.pool)
+        .await
+        .unwrap();
     assert_eq!(decided, "carol");
     let missing = f.engine.get(Uuid::now_v7()).await.unwrap_err();
     assert!(missing.to_string().contains("not found"));
@@ -221,14 +246,33 @@ async fn a_silent_worker_loses_the_step_then_the_task_fails() {
     let t = f.engine.get(task.id).await.unwrap();
     assert_eq!(t.state, TaskState::Failed, "{attempts:?}");
     assert_eq!(t.retries, 2);
-    let assigns: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE task_id = $1 AND stream = 'fleet:tasks:dev'").bind(task.id).fetch_one(&f.pool).await.unwrap();
+    let assigns: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM outbox WHERE task_id = $1 AND stream = 'fleet:tasks:dev'")
+            .bind(task.id)
+            .fetch_one(&f.pool)
+            .await
+            .unwrap();
     assert_eq!(assigns, 3, "first try and two reassignments");
     // A heartbeat would have kept it: shown on a fresh task.
     let kept = f.engine.submit(&Actor::operator("dave"), new_task(Risk::Low)).await.unwrap();
-    let mut hb = Envelope::new(Sender { role: Role::Dev, instance: Instance::parse("dev-9").unwrap() }, Role::Orchestrator, bus::now_ms(), 10_000, 0, Heartbeat { seq: 1, busy: true }.into());
+    let mut hb = Envelope::new(
+        Sender { role: Role::Dev, instance: Instance::parse("dev-9").unwrap() },
+        Role::Orchestrator,
+        bus::now_ms(),
+        10_000,
+        0,
+        Heartbeat { seq: 1, busy: true }.into(),
+    );
     hb.task_id = Some(kept.id);
     let wire = ring(Role::Dev).seal(&hb).unwrap();
-    let hb = verifier(Role::Orchestrator).verify(streams::HEARTBEATS, &wire, VerifyContext { now_ms: bus::now_ms(), kill_epoch: 0 }, &mut MemoryReplayGuard::new()).unwrap();
+    let hb = verifier(Role::Orchestrator)
+        .verify(
+            streams::HEARTBEATS,
+            &wire,
+            VerifyContext { now_ms: bus::now_ms(), kill_epoch: 0 },
+            &mut MemoryReplayGuard::new(),
+        )
+        .unwrap();
     assert!(f.engine.heartbeat(&hb).await.unwrap());
     assert_eq!(f.engine.get(kept.id).await.unwrap().assigned_to.as_deref(), Some("dev-9"));
 }
@@ -255,9 +299,20 @@ async fn kill_halts_everything_and_resume_reissues_under_the_new_epoch() {
     let tb = f.engine.get(b.id).await.unwrap();
     assert_eq!((ta.state, tb.state), (TaskState::Dev, TaskState::Qa));
     for (t, stream) in [(ta, "fleet:tasks:dev"), (tb, "fleet:tasks:qa")] {
-        let frame: Vec<u8> = sqlx::query_scalar("SELECT frame FROM outbox WHERE envelope_id = $1").bind(t.assignment_id.unwrap()).fetch_one(&f.pool).await.unwrap();
+        let frame: Vec<u8> = sqlx::query_scalar("SELECT frame FROM outbox WHERE envelope_id = $1")
+            .bind(t.assignment_id.unwrap())
+            .fetch_one(&f.pool)
+            .await
+            .unwrap();
         let role = if stream.ends_with("dev") { Role::Dev } else { Role::Qa };
-        let v = verifier(role).verify(stream, &frame, VerifyContext { now_ms: bus::now_ms(), kill_epoch: 1 }, &mut MemoryReplayGuard::new()).unwrap();
+        let v = verifier(role)
+            .verify(
+                stream,
+                &frame,
+                VerifyContext { now_ms: bus::now_ms(), kill_epoch: 1 },
+                &mut MemoryReplayGuard::new(),
+            )
+            .unwrap();
         assert_eq!(v.kill_epoch, 1, "re-issued under the new epoch");
     }
     assert_eq!(audit::verify(&f.pool, &f.key).await.unwrap().first_broken, None);

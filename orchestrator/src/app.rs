@@ -1,0 +1,315 @@
+//! Configuration and wiring of the `orchestrator` binary: [`Config::load`], then
+//! [`App::build`], then [`App::run`] until shutdown.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bus::{Consumer, ConsumerConfig, KillEpoch};
+use envelope::{Instance, Keyset, PermissionTable, Role, StreamName, Verifier, VerifierConfig, streams};
+use secrecy::SecretString;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, ApiConfig, ApiState};
+use crate::audit::AuditKey;
+use crate::service::{Heartbeats, Questions, Results, tick_loop};
+use crate::tasks::{Engine, EngineConfig};
+
+/// The configuration file (TOML). Unknown keys are refused.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    /// This process's instance name (`orchestrator-0`).
+    instance: String,
+    /// Postgres URL; `FLEET_DATABASE_URL` overrides it.
+    database_url: Option<String>,
+    /// Redis URL; `FLEET_REDIS_URL` overrides it.
+    redis_url: Option<String>,
+    /// The orchestrator's keyset (`fleetctl keys derive --process orchestrator`).
+    keyset: PathBuf,
+    /// The permission table.
+    #[serde(default = "default_permissions")]
+    permissions: PathBuf,
+    /// Hex file with the audit trail's HMAC key (`fleetctl audit key new`).
+    audit_key_file: PathBuf,
+    /// File with the secret that signs operator JWTs.
+    jwt_secret_file: PathBuf,
+    /// HTTP API address.
+    #[serde(default = "default_listen")]
+    listen: SocketAddr,
+    /// `retries.max_per_task`.
+    #[serde(default = "default_max_retries")]
+    max_retries: u32,
+    /// Seconds a worker may stay silent on a step.
+    #[serde(default = "default_step_deadline")]
+    step_deadline_secs: u64,
+    /// Seconds between deadline checks.
+    #[serde(default = "default_tick")]
+    tick_secs: u64,
+    /// Task intake burst per client.
+    #[serde(default = "default_burst")]
+    rate_limit_burst: u32,
+    /// Task intake refill per client per second.
+    #[serde(default = "default_rate")]
+    rate_limit_per_second: f64,
+    /// Seconds a running handler gets on shutdown.
+    #[serde(default = "default_grace")]
+    grace_secs: u64,
+    /// Apply migrations at start. Set false when connecting as the application role
+    /// (docs/operations.md): it may not create tables, so run `fleetctl db migrate` as the
+    /// owner instead; audit partitions are still ensured.
+    #[serde(default = "default_true")]
+    migrate_on_start: bool,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_permissions() -> PathBuf {
+    "config/permissions.toml".into()
+}
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8080))
+}
+fn default_max_retries() -> u32 {
+    3
+}
+fn default_step_deadline() -> u64 {
+    300
+}
+fn default_tick() -> u64 {
+    1
+}
+fn default_burst() -> u32 {
+    10
+}
+fn default_rate() -> f64 {
+    1.0
+}
+fn default_grace() -> u64 {
+    10
+}
+
+/// A configuration problem: the message names the setting and what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+/// Everything the orchestrator needs, loaded and checked.
+pub struct Config {
+    instance: Instance,
+    database_url: SecretString,
+    redis_url: SecretString,
+    keyset: Keyset,
+    permissions: PermissionTable,
+    audit_key: AuditKey,
+    api: ApiConfig,
+    engine: EngineConfig,
+    tick: Duration,
+    grace: Duration,
+    migrate_on_start: bool,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("instance", &self.instance)
+            .field("audit_key", &self.audit_key)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read(path: &Path, what: &str, fix: &str) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read {what} '{}': {e}; {fix}", path.display())))
+}
+
+impl Config {
+    /// Reads the TOML file at `path`, with `env` for the `FLEET_…` overrides (passed in, so
+    /// tests never touch the process environment).
+    pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let text = read(path, "configuration file", "pass --config with the orchestrator's TOML file")?;
+        let file: FileConfig = toml::from_str(&text)
+            .map_err(|e| ConfigError(format!("invalid configuration file '{}': {}", path.display(), e.message())))?;
+        let instance = Instance::parse(&file.instance).map_err(|e| ConfigError(format!("setting `instance`: {e}")))?;
+        let database_url = env("FLEET_DATABASE_URL")
+            .or(file.database_url)
+            .ok_or_else(|| ConfigError("no database URL: set `database_url` or FLEET_DATABASE_URL".into()))?;
+        let redis_url = env("FLEET_REDIS_URL")
+            .or(file.redis_url)
+            .ok_or_else(|| ConfigError("no Redis URL: set `redis_url` or FLEET_REDIS_URL".into()))?;
+        let keyset = Keyset::parse(&read(
+            &file.keyset,
+            "keyset",
+            "derive it with `fleetctl keys derive --process orchestrator`",
+        )?)
+        .map_err(|e| ConfigError(format!("setting `keyset` ('{}'): {e}", file.keyset.display())))?;
+        if keyset.process != envelope::Process::Role(Role::Orchestrator) {
+            return Err(ConfigError(format!(
+                "setting `keyset`: '{}' is the keyset of {}, not of the orchestrator",
+                file.keyset.display(),
+                keyset.process
+            )));
+        }
+        let permissions = PermissionTable::parse(&read(
+            &file.permissions,
+            "permission file",
+            "set `permissions` to config/permissions.toml",
+        )?)
+        .map_err(|e| ConfigError(format!("setting `permissions`: {e}")))?;
+        let audit_key = AuditKey::from_hex(&read(
+            &file.audit_key_file,
+            "audit key file",
+            "create one with `fleetctl audit key new`",
+        )?)
+        .map_err(|e| ConfigError(format!("setting `audit_key_file`: {e}")))?;
+        let jwt = read(&file.jwt_secret_file, "JWT secret file", "write at least 32 random bytes into it")?;
+        if jwt.trim().len() < 32 {
+            return Err(ConfigError("setting `jwt_secret_file`: the secret must be at least 32 characters".into()));
+        }
+        let mut api = ApiConfig::new(SecretString::from(jwt.trim().to_owned()));
+        api.listen = file.listen;
+        api.rate_limit_burst = file.rate_limit_burst;
+        api.rate_limit_per_second = file.rate_limit_per_second;
+        if file.step_deadline_secs == 0 || file.tick_secs == 0 {
+            return Err(ConfigError("settings `step_deadline_secs` and `tick_secs` must be at least 1".into()));
+        }
+        let mut engine = EngineConfig::new(instance.clone());
+        engine.max_retries = file.max_retries;
+        engine.step_deadline = Duration::from_secs(file.step_deadline_secs);
+        Ok(Self {
+            instance,
+            database_url: database_url.into(),
+            redis_url: redis_url.into(),
+            keyset,
+            permissions,
+            audit_key,
+            api,
+            engine,
+            tick: Duration::from_secs(file.tick_secs),
+            grace: Duration::from_secs(file.grace_secs),
+            migrate_on_start: file.migrate_on_start,
+        })
+    }
+}
+
+/// The running orchestrator's parts.
+pub struct App {
+    engine: Engine,
+    redis: deadpool_redis::Pool,
+    verifier: Arc<Verifier>,
+    listener: tokio::net::TcpListener,
+    router: axum::Router,
+    instance: Instance,
+    tick: Duration,
+    grace: Duration,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").field("instance", &self.instance).finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// Connects, migrates, binds the listener.
+    pub async fn build(cfg: Config) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let pool = crate::db::connect(&cfg.database_url, 16).await.context("Failed to connect to Postgres")?;
+        if cfg.migrate_on_start {
+            crate::db::migrate(&pool).await.context("Failed to apply the database migrations")?;
+        } else {
+            crate::db::ensure_audit_partitions(&pool)
+                .await
+                .context("Failed to create this and next month's audit partitions")?;
+        }
+        let redis = bus::pool(&cfg.redis_url, 16, Duration::from_secs(2)).context("Failed to set up the Redis pool")?;
+        let keyring = Arc::new(cfg.keyset.into_keyring());
+        let verifier = Arc::new(Verifier::new((*keyring).clone(), cfg.permissions, VerifierConfig::default()));
+        let engine = Engine::new(pool, keyring, cfg.audit_key, cfg.engine);
+        let state = ApiState::new(engine.clone(), redis.clone(), &cfg.api).context("Invalid API configuration")?;
+        let listener = tokio::net::TcpListener::bind(cfg.api.listen)
+            .await
+            .with_context(|| format!("Failed to listen on {}", cfg.api.listen))?;
+        Ok(Self {
+            engine,
+            redis,
+            verifier,
+            listener,
+            router: api::router(state),
+            instance: cfg.instance,
+            tick: cfg.tick,
+            grace: cfg.grace,
+        })
+    }
+
+    /// The bound HTTP port (useful with port 0).
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    /// Runs consumers, the tick loop and the HTTP API until `shutdown`, then drains.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let (epoch, _) = self.engine.fleet_state().await?;
+        let kill_epoch = KillEpoch::new(epoch);
+        let mut tasks = tokio::task::JoinSet::new();
+        let consumer = |stream: &str| {
+            let mut c = ConsumerConfig::new(
+                StreamName::parse(stream).expect("fleet stream names are valid"),
+                "orchestrator",
+                self.instance.as_str(),
+            );
+            c.grace = self.grace;
+            c
+        };
+        let results = Consumer::new(
+            consumer(streams::RESULTS),
+            self.redis.clone(),
+            self.verifier.clone(),
+            kill_epoch.clone(),
+            Results(self.engine.clone()),
+        )?;
+        let beats = Consumer::new(
+            consumer(streams::HEARTBEATS),
+            self.redis.clone(),
+            self.verifier.clone(),
+            kill_epoch.clone(),
+            Heartbeats(self.engine.clone()),
+        )?;
+        let questions = Consumer::new(
+            consumer(streams::QUESTIONS),
+            self.redis.clone(),
+            self.verifier.clone(),
+            kill_epoch.clone(),
+            Questions(self.engine.clone()),
+        )?;
+        tasks.spawn(results.run(shutdown.clone()));
+        tasks.spawn(beats.run(shutdown.clone()));
+        tasks.spawn(questions.run(shutdown.clone()));
+        tasks.spawn(tick_loop(self.engine.clone(), self.tick, shutdown.clone()));
+        // The kill epoch of this process follows the database (a kill through any orchestrator).
+        let engine = self.engine.clone();
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    () = stop.cancelled() => return,
+                }
+                if let Ok((e, _)) = engine.fleet_state().await {
+                    kill_epoch.raise(e);
+                }
+            }
+        });
+        tracing::info!(port = self.port(), instance = %self.instance, "Orchestrator running.");
+        let server = api::serve(self.listener, self.router, shutdown.clone());
+        let serve_result = server.await;
+        shutdown.cancel();
+        telemetry::drain(async { while tasks.join_next().await.is_some() {} }, self.grace + Duration::from_secs(1))
+            .await;
+        serve_result.map_err(anyhow::Error::from)
+    }
+}
