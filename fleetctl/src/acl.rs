@@ -107,6 +107,25 @@ pub const RATE_LIMIT_KEYS: &str = "fleet:ratelimit:*";
 /// Loading and running the rate limiter's script, and what the script calls.
 pub const RATE_LIMIT_COMMANDS: &[&str] = &["eval", "evalsha", "script|load", "hmget", "hset", "pexpire", "time"];
 
+/// The budget manager's alert outbox (budget/src/alert): the stream its dispatchers
+/// consume, and the dedup markers its enqueue script sets.
+pub const ALERT_KEYS: &[&str] = &["fleet:alerts", "fleet:alerts:dedup:*"];
+
+/// Enqueueing (a script calling GET, SET, XADD) and dispatching (a consumer group per channel).
+pub const ALERT_COMMANDS: &[&str] = &[
+    "eval",
+    "evalsha",
+    "script|load",
+    "get",
+    "set",
+    "xadd",
+    "xgroup|create",
+    "xreadgroup",
+    "xack",
+    "xpending",
+    "xinfo|groups",
+];
+
 /// What `fleetctl tail` and `fleetctl status` run: reads without a consumer group.
 pub const OPERATOR_COMMANDS: &[&str] = &["xread", "xrange", "xrevrange", "xlen", "xinfo", "xpending"];
 
@@ -233,6 +252,8 @@ pub enum Purpose {
     Ledger,
     /// The orchestrator's intake rate limiter.
     RateLimit,
+    /// The budget manager's alert outbox.
+    Alerts,
     /// The outbox relay's `XADD` to the orchestrator's streams.
     Forward,
     /// The operator's reads.
@@ -321,6 +342,10 @@ fn role_grants(table: &PermissionTable, role: Role) -> Vec<Selector> {
     if LEDGER_ROLES.contains(&role) {
         let keys = LEDGER_KEYS.iter().map(|key| (*key).to_owned()).collect();
         selectors.push(Selector::new(Purpose::Ledger, Access::ReadWrite, keys, LEDGER_COMMANDS));
+    }
+    if role == Role::Budget {
+        let keys = ALERT_KEYS.iter().map(|key| (*key).to_owned()).collect();
+        selectors.push(Selector::new(Purpose::Alerts, Access::ReadWrite, keys, ALERT_COMMANDS));
     }
     if role == Role::Orchestrator {
         let keys = BTreeSet::from([RATE_LIMIT_KEYS.to_owned()]);

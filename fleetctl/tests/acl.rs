@@ -518,6 +518,30 @@ async fn only_the_orchestrator_runs_the_intake_rate_limiter() {
 }
 
 #[tokio::test]
+async fn only_budget_queues_and_dispatches_alerts() {
+    let mut fleet = Fleet::start();
+    const ENQUEUE: &str = "if redis.call('SET', KEYS[2], '1', 'NX') then return redis.call('XADD', KEYS[1], '*', 'a', ARGV[1]) end \
+        return redis.call('GET', KEYS[2])";
+    let mut cases = vec![
+        case(User::Budget, Expect::Allowed, &["EVAL", ENQUEUE, "2", "fleet:alerts", "fleet:alerts:dedup:k1", "x"]),
+        case(User::Budget, Expect::Allowed, &["XGROUP", "CREATE", "fleet:alerts", "telegram", "0", "MKSTREAM"]),
+        case(
+            User::Budget,
+            Expect::Allowed,
+            &["XREADGROUP", "GROUP", "telegram", "c1", "COUNT", "1", "STREAMS", "fleet:alerts", ">"],
+        ),
+        case(User::Budget, Expect::Allowed, &["XACK", "fleet:alerts", "telegram", "0-1"]),
+        case(User::Budget, Expect::NoPerm, &["XADD", "fleet:alerts:other", "*", "a", "1"]),
+        case(User::Budget, Expect::NoPerm, &["DEL", "fleet:alerts"]),
+    ];
+    for user in [User::Orchestrator, User::Dev, User::Qa, User::Review, User::Refactor, User::OutboxRelay] {
+        cases.push(case(user, Expect::NoPerm, &["XADD", "fleet:alerts", "*", "a", "1"]));
+        cases.push(case(user, Expect::NoPerm, &["SET", "fleet:alerts:dedup:k2", "1"]));
+    }
+    fleet.expect_all("alerts", cases).await;
+}
+
+#[tokio::test]
 async fn the_operator_reads_everything_under_fleet_and_writes_nothing() {
     let mut fleet = Fleet::start();
     let id = fleet.seed(User::Dev, streams::RESULTS).await;
