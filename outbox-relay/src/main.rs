@@ -1,0 +1,81 @@
+//! `outbox-relay`: forwards the orchestrator's outbox to Redis Streams.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use outbox_relay::{Config, Relay};
+
+/// Exit code for invalid usage or configuration (EX_USAGE).
+const EX_USAGE: u8 = 64;
+
+/// Forwards the orchestrator's transactional outbox (rows of already-signed envelopes in
+/// Postgres) to the Redis Streams they name. Holds no signing key.
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    after_long_help = concat!(
+        "The configuration file is TOML; unknown keys are refused. Settings (defaults in brackets):\n",
+        "  database_url            postgres://… (secret; or FLEET_DATABASE_URL, which wins)\n",
+        "  redis_url               redis://… (secret; or FLEET_REDIS_URL, which wins)\n",
+        "  batch_size              rows per claim and XADD pipeline [256]\n",
+        "  poll_interval_ms        poll when no NOTIFY arrives [1000]\n",
+        "  retention_secs          keep dispatched rows this long [86400]\n",
+        "  prune_interval_secs     how often to prune [300]\n",
+        "  prune_batch             rows per DELETE [1000]\n",
+        "  shutdown_grace_ms       time for the batch in flight on SIGINT/SIGTERM [10000]\n",
+        "  backpressure_pause_ms   leave a stream near its cap alone this long [1000]\n",
+        "  retry_min_ms, retry_max_ms   backoff after Postgres/Redis failures [100, 10000]\n",
+        "  pg_max_connections      Postgres pool size, at least 3 [4]\n",
+        "  redis_pool_size         Redis pool size [4]\n",
+        "  default_stream_cap      approximate MAXLEN of every stream [1000000]\n",
+        "  [stream_caps]           per-stream MAXLEN, e.g. \"fleet:tasks:dev\" = 100000\n",
+        "\n",
+        "Logs go to stderr (text, or JSON lines with --json-logs); RUST_LOG=debug for more.\n",
+        "Exit codes: 0 after a clean shutdown, 64 for invalid arguments or configuration, 1 otherwise."
+    )
+)]
+struct Cli {
+    /// The TOML configuration file.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Log JSON lines instead of text.
+    #[arg(long)]
+    json_logs: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help, --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    telemetry::init("outbox-relay", cli.json_logs);
+    let cfg = match Config::load(&cli.config) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            tracing::error!(setting = %e.setting, error = %e, "Invalid configuration.");
+            eprintln!("outbox-relay: invalid configuration: {e}");
+            return ExitCode::from(EX_USAGE);
+        }
+    };
+    let relay = match Relay::connect(&cfg.endpoints, cfg.relay) {
+        Ok(relay) => relay,
+        Err(e) => {
+            tracing::error!(error = %e, "Failed to set up the relay.");
+            return ExitCode::FAILURE;
+        }
+    };
+    // The relay drains itself: on cancellation it lets the batch in flight finish within
+    // `shutdown_grace`, then returns.
+    relay.run(telemetry::shutdown()).await;
+    ExitCode::SUCCESS
+}
