@@ -1,0 +1,19 @@
+//! agentfleet's budget: what the fleet may spend on model calls, and what it has spent.
+//!
+//! The model proxy (in the orchestrator) reserves every call's worst case in the
+//! [`ledger`] before making it and commits the provider's actual figures after, so
+//! concurrent calls can never overspend a per-task or daily limit between them. The
+//! `budget` process reads the same ledger to decide when the kill switch engages.
+//!
+//! # Layout
+//! - [`alert`]: kill, resume and soft-limit alerts over Telegram and a signed webhook,
+//!   persisted in a Redis stream before they are sent and retried until delivered
+//!   ([`alert::AlertSender`], [`alert::AlertDispatcher`], [`alert::standard_webhooks`]).
+//! - [`ledger`]: reservations, commits and releases in Redis Lua scripts
+//!   ([`ledger::Ledger`]); limits and prices ([`ledger::LedgerConfig`]); the keys and the
+//!   time buckets that make a crashed caller's reservation lapse ([`ledger::keys`]).
+
+#![forbid(unsafe_code)]
+
+pub mod alert;
+pub mod ledger;

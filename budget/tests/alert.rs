@@ -1,0 +1,740 @@
+//! Alerts end to end: a real `redis-server` (the outbox), and local Telegram and webhook
+//! receivers on `127.0.0.1:0` that check every request (path with the bot token, chat id
+//! and text; Standard Webhooks signature) and can be told to fail, rate-limit, answer
+//! slowly or not listen at all.
+//!
+//! Time is real (the dispatcher talks to real sockets), but the retry delays are tens of
+//! milliseconds, so every test takes about a second or two.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use budget::alert::standard_webhooks::{self, WebhookSecret};
+use budget::alert::{
+    Alert, AlertDispatcher, AlertSender, AlertsConfig, Enqueued, TelegramConfig, WebhookConfig, names,
+};
+use fleet_testkit::RedisServer;
+use secrecy::SecretString;
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const BOT_TOKEN: &str = "123456789:AAE-test-token-do-not-log";
+const CHAT_ID: i64 = -1_001_234_567_890;
+const WEBHOOK_SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+/// Part of the webhook's path, standing for the credential chat tools put in their URLs.
+const WEBHOOK_PATH: &str = "/hooks/agentfleet-path-secret";
+const WAIT: Duration = Duration::from_secs(20);
+
+// ---------------------------------------------------------------------------------------
+// Redis
+// ---------------------------------------------------------------------------------------
+
+fn start_redis() -> RedisServer {
+    // No Redis, no test: the harness reports a missing redis-server as an error.
+    RedisServer::start().expect("the alert tests need a real redis-server")
+}
+
+fn pool(redis: &RedisServer) -> deadpool_redis::Pool {
+    bus::pool(&SecretString::from(redis.url()), 8, Duration::from_secs(2)).unwrap()
+}
+
+async fn xlen(pool: &deadpool_redis::Pool) -> i64 {
+    let mut c = pool.get().await.unwrap();
+    redis::cmd("XLEN").arg(names::STREAM).query_async(&mut *c).await.unwrap()
+}
+
+/// How many entries `group` has read but not acknowledged.
+async fn pending(pool: &deadpool_redis::Pool, group: &str) -> i64 {
+    let mut c = pool.get().await.unwrap();
+    let reply: redis::Value = redis::cmd("XPENDING").arg(names::STREAM).arg(group).query_async(&mut *c).await.unwrap();
+    match reply {
+        redis::Value::Array(items) => match items.first() {
+            Some(redis::Value::Int(n)) => *n,
+            other => panic!("unexpected XPENDING summary {other:?}"),
+        },
+        other => panic!("unexpected XPENDING reply {other:?}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Receivers
+// ---------------------------------------------------------------------------------------
+
+/// What a receiver answers to the first `fail_first` well-formed requests.
+#[derive(Debug, Clone, Copy)]
+enum Failure {
+    /// 503.
+    Unavailable,
+    /// 429 with Telegram's `parameters.retry_after` (and `Retry-After` for the webhook).
+    TooManyRequests { retry_after_secs: u64 },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Behaviour {
+    fail_first: usize,
+    failure: Failure,
+    /// How long to wait after accepting before answering: a crash of the sender in this
+    /// window leaves an alert delivered but not acknowledged.
+    respond_delay: Duration,
+}
+
+impl Default for Behaviour {
+    fn default() -> Self {
+        Self { fail_first: 0, failure: Failure::Unavailable, respond_delay: Duration::ZERO }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    /// Arrival time of every well-formed request (accepted or answered with a failure).
+    arrivals: Vec<Instant>,
+    /// Requests that failed the receiver's checks, with what was wrong.
+    problems: Vec<String>,
+    /// Accepted requests' JSON bodies, repeats included.
+    accepted: Vec<Value>,
+    /// Webhook ids accepted, each once (the receiver dedupes by `webhook-id`).
+    ids: Vec<String>,
+    /// Accepted requests whose `webhook-id` had been accepted before.
+    duplicates: usize,
+}
+
+#[derive(Debug, Default)]
+struct Shared {
+    seen: Mutex<Seen>,
+    behaviour: Mutex<Behaviour>,
+}
+
+#[derive(Clone)]
+struct Receiver {
+    base_url: String,
+    shared: Arc<Shared>,
+}
+
+impl Receiver {
+    fn set(&self, behaviour: Behaviour) {
+        *self.shared.behaviour.lock().unwrap() = behaviour;
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Seen) -> T) -> T {
+        f(&self.shared.seen.lock().unwrap())
+    }
+
+    fn arrivals(&self) -> usize {
+        self.with(|s| s.arrivals.len())
+    }
+
+    fn accepted(&self) -> Vec<Value> {
+        self.with(|s| s.accepted.clone())
+    }
+
+    fn ids(&self) -> Vec<String> {
+        self.with(|s| s.ids.clone())
+    }
+
+    fn problems(&self) -> Vec<String> {
+        self.with(|s| s.problems.clone())
+    }
+
+    fn assert_no_problems(&self) {
+        let problems = self.problems();
+        assert!(problems.is_empty(), "the receiver refused requests: {problems:?}");
+    }
+
+    fn telegram_config(&self) -> TelegramConfig {
+        TelegramConfig {
+            base_url: self.base_url.clone(),
+            bot_token: SecretString::from(BOT_TOKEN),
+            chat_id: SecretString::from(CHAT_ID.to_string()),
+        }
+    }
+
+    fn webhook_config(&self) -> WebhookConfig {
+        WebhookConfig {
+            url: SecretString::from(format!("{}{WEBHOOK_PATH}", self.base_url)),
+            secret: SecretString::from(WEBHOOK_SECRET),
+        }
+    }
+}
+
+/// Records a well-formed request and decides the answer: `Err(failure)` for the first
+/// `fail_first`, else `Ok(respond_delay)`.
+fn admit(shared: &Shared) -> Result<Duration, Failure> {
+    let behaviour = *shared.behaviour.lock().unwrap();
+    let mut seen = shared.seen.lock().unwrap();
+    seen.arrivals.push(Instant::now());
+    if seen.arrivals.len() <= behaviour.fail_first { Err(behaviour.failure) } else { Ok(behaviour.respond_delay) }
+}
+
+fn problem(shared: &Shared, what: String) {
+    shared.seen.lock().unwrap().problems.push(what);
+}
+
+async fn telegram_handler(
+    State(shared): State<Arc<Shared>>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let bad = |what: String| {
+        problem(&shared, what.clone());
+        let answer = json!({"ok": false, "error_code": 400, "description": format!("Bad Request: {what}")});
+        (StatusCode::BAD_REQUEST, axum::Json(answer)).into_response()
+    };
+    if method != Method::POST {
+        return bad(format!("method {method}"));
+    }
+    if uri.path() != format!("/bot{BOT_TOKEN}/sendMessage") {
+        return bad(format!("path {}", uri.path()));
+    }
+    let content_type = headers.get("content-type").and_then(|v| v.to_str().ok()).unwrap_or("");
+    if !content_type.starts_with("application/json") {
+        return bad(format!("content-type {content_type:?}"));
+    }
+    let Ok(message) = serde_json::from_slice::<Value>(&body) else { return bad("body is not JSON".into()) };
+    if message["chat_id"] != json!(CHAT_ID) {
+        return bad(format!("chat_id {}", message["chat_id"]));
+    }
+    if !message["text"].as_str().is_some_and(|t| t.starts_with("agentfleet: ")) {
+        return bad(format!("text {}", message["text"]));
+    }
+    match admit(&shared) {
+        Err(Failure::Unavailable) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+        Err(Failure::TooManyRequests { retry_after_secs }) => {
+            let answer = json!({
+                "ok": false,
+                "error_code": 429,
+                "description": format!("Too Many Requests: retry after {retry_after_secs}"),
+                "parameters": {"retry_after": retry_after_secs},
+            });
+            (StatusCode::TOO_MANY_REQUESTS, axum::Json(answer)).into_response()
+        }
+        Ok(delay) => {
+            let message_id = {
+                let mut seen = shared.seen.lock().unwrap();
+                seen.accepted.push(message);
+                seen.accepted.len()
+            };
+            tokio::time::sleep(delay).await;
+            axum::Json(json!({"ok": true, "result": {"message_id": message_id}})).into_response()
+        }
+    }
+}
+
+async fn webhook_handler(State(shared): State<Arc<Shared>>, uri: Uri, headers: HeaderMap, body: Bytes) -> Response {
+    let refuse = |what: String| {
+        problem(&shared, what);
+        StatusCode::UNAUTHORIZED.into_response()
+    };
+    if uri.path() != WEBHOOK_PATH {
+        return refuse(format!("path {}", uri.path()));
+    }
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let (Some(id), Some(timestamp), Some(signature)) = (
+        header(standard_webhooks::HEADER_ID),
+        header(standard_webhooks::HEADER_TIMESTAMP),
+        header(standard_webhooks::HEADER_SIGNATURE),
+    ) else {
+        return refuse("missing webhook-* headers".into());
+    };
+    let secret = WebhookSecret::parse(WEBHOOK_SECRET).unwrap();
+    let now = chrono::Utc::now().timestamp();
+    if let Err(e) = standard_webhooks::verify(&secret, &id, &timestamp, &signature, &body, now) {
+        return refuse(format!("signature: {e}"));
+    }
+    let Ok(payload) = serde_json::from_slice::<Value>(&body) else { return refuse("body is not JSON".into()) };
+    if payload["data"]["id"] != json!(id) {
+        return refuse(format!("webhook-id {id} is not the alert id {}", payload["data"]["id"]));
+    }
+    if payload["type"].as_str() != Some(&format!("alert.{}", payload["data"]["kind"].as_str().unwrap_or("?"))) {
+        return refuse(format!("type {}", payload["type"]));
+    }
+    match admit(&shared) {
+        Err(Failure::Unavailable) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+        Err(Failure::TooManyRequests { retry_after_secs }) => {
+            (StatusCode::TOO_MANY_REQUESTS, [("retry-after", retry_after_secs.to_string())]).into_response()
+        }
+        Ok(delay) => {
+            {
+                let mut seen = shared.seen.lock().unwrap();
+                if seen.ids.contains(&id) {
+                    seen.duplicates += 1;
+                } else {
+                    seen.ids.push(id);
+                }
+                seen.accepted.push(payload);
+            }
+            tokio::time::sleep(delay).await;
+            StatusCode::NO_CONTENT.into_response()
+        }
+    }
+}
+
+async fn serve(listener: tokio::net::TcpListener, router: Router) {
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+}
+
+/// A Telegram Bot API stand-in on `listener`.
+async fn telegram_on(listener: tokio::net::TcpListener, shared: Arc<Shared>) -> Receiver {
+    let base_url = format!("http://{}", listener.local_addr().unwrap());
+    serve(listener, Router::new().fallback(telegram_handler).with_state(Arc::clone(&shared))).await;
+    Receiver { base_url, shared }
+}
+
+async fn telegram_receiver() -> Receiver {
+    telegram_on(tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(), Arc::default()).await
+}
+
+async fn webhook_receiver() -> Receiver {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base_url = format!("http://{}", listener.local_addr().unwrap());
+    let shared: Arc<Shared> = Arc::default();
+    serve(listener, Router::new().fallback(webhook_handler).with_state(Arc::clone(&shared))).await;
+    Receiver { base_url, shared }
+}
+
+/// A loopback port nobody listens on (yet).
+fn closed_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+// ---------------------------------------------------------------------------------------
+// Dispatcher
+// ---------------------------------------------------------------------------------------
+
+fn config(telegram: Option<&Receiver>, webhook: Option<&Receiver>) -> AlertsConfig {
+    AlertsConfig {
+        telegram: telegram.map(Receiver::telegram_config),
+        webhook: webhook.map(Receiver::webhook_config),
+        block: Duration::from_millis(100),
+        retry_min: Duration::from_millis(20),
+        retry_max: Duration::from_millis(100),
+        request_timeout: Duration::from_secs(5),
+        shutdown_grace: Duration::from_millis(500),
+        ..AlertsConfig::default()
+    }
+}
+
+struct Running {
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+    stats: Arc<budget::alert::dispatcher::DispatchStats>,
+}
+
+impl Running {
+    fn start(pool: &deadpool_redis::Pool, cfg: &AlertsConfig) -> Self {
+        let dispatcher = AlertDispatcher::new(pool.clone(), cfg).unwrap();
+        let stats = dispatcher.stats();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(dispatcher.run(shutdown.clone()));
+        Self { shutdown, task, stats }
+    }
+
+    /// A clean stop: must return promptly, because every wait races the shutdown.
+    async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), self.task).await.expect("the dispatcher stops promptly").unwrap();
+    }
+
+    /// A crash: the task is dropped wherever it is.
+    async fn crash(self) {
+        self.task.abort();
+        assert!(self.task.await.unwrap_err().is_cancelled());
+    }
+
+    fn failed_attempts(&self) -> u64 {
+        self.stats.failed_attempts.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn eventually_acked(pool: &deadpool_redis::Pool, group: &str) {
+    let deadline = Instant::now() + WAIT;
+    while pending(pool, group).await != 0 {
+        assert!(Instant::now() < deadline, "timed out waiting for {group} to acknowledge everything");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn queued(outcome: Enqueued) -> String {
+    match outcome {
+        Enqueued::Queued { entry } => entry,
+        Enqueued::Duplicate { first } => panic!("expected a new alert, got a duplicate of {first}"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tests
+// ---------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn one_engagement_sends_one_message_per_channel() {
+    let redis = start_redis();
+    let pool = pool(&redis);
+    let (telegram, webhook) = (telegram_receiver().await, webhook_receiver().await);
+    let cfg = config(Some(&telegram), Some(&webhook));
+    let sender = AlertSender::new(pool.clone(), &cfg);
+    let running = Running::start(&pool, &cfg);
+
+    let kill = Alert::kill_engaged(7, "budget", "daily budget exceeded", json!({"spent_micro_usd": 10_000_001}));
+    queued(sender.enqueue(&kill).await.unwrap());
+    // The same engagement noticed again (another trigger, or after a restart of budget).
+    let again = Alert::kill_engaged(7, "operator alice", "manual", json!({}));
+    assert_eq!(sender.enqueue(&again).await.unwrap(), Enqueued::Duplicate { first: kill.id.to_string() });
+
+    eventually("both channels delivered", || telegram.accepted().len() == 1 && webhook.accepted().len() == 1).await;
+    eventually_acked(&pool, names::TELEGRAM_GROUP).await;
+    eventually_acked(&pool, names::WEBHOOK_GROUP).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(telegram.arrivals(), 1, "one Telegram request");
+    assert_eq!(webhook.arrivals(), 1, "one webhook request");
+    assert_eq!(xlen(&pool).await, 1, "one alert persisted");
+
+    let message = &telegram.accepted()[0];
+    assert_eq!(message["text"], json!(kill.text));
+    assert!(kill.text.contains("epoch 7") && kill.text.contains("daily budget exceeded"));
+    let payload = &webhook.accepted()[0];
+    assert_eq!(webhook.ids(), vec![kill.id.to_string()], "webhook-id is the alert id");
+    assert_eq!(payload["type"], "alert.kill_engaged");
+    assert_eq!(payload["data"]["epoch"], 7);
+    assert_eq!(payload["data"]["details"]["spent_micro_usd"], 10_000_001);
+
+    // Resuming is a new alert (new epoch); engaging again under it would be another.
+    let resumed = Alert::resumed(8, "operator alice", json!({}));
+    queued(sender.enqueue(&resumed).await.unwrap());
+    assert!(matches!(sender.enqueue(&Alert::resumed(8, "bob", json!({}))).await.unwrap(), Enqueued::Duplicate { .. }));
+    eventually("the resume went out", || telegram.accepted().len() == 2 && webhook.accepted().len() == 2).await;
+    let texts: Vec<Value> = telegram.accepted().iter().map(|m| m["text"].clone()).collect();
+    assert_eq!(texts, vec![json!(kill.text), json!(resumed.text)], "in order");
+    assert_eq!(webhook.ids(), vec![kill.id.to_string(), resumed.id.to_string()]);
+
+    running.stop().await;
+    telegram.assert_no_problems();
+    webhook.assert_no_problems();
+}
+
+#[tokio::test]
+async fn alerts_wait_until_the_endpoints_are_back() {
+    let redis = start_redis();
+    let pool = pool(&redis);
+    let webhook = webhook_receiver().await;
+    webhook.set(Behaviour { fail_first: 3, ..Behaviour::default() });
+    // Telegram is not even listening yet.
+    let port = closed_port();
+    let telegram_shared: Arc<Shared> = Arc::default();
+    let telegram = Receiver { base_url: format!("http://127.0.0.1:{port}"), shared: Arc::clone(&telegram_shared) };
+    let cfg = config(Some(&telegram), Some(&webhook));
+    let sender = AlertSender::new(pool.clone(), &cfg);
+    let running = Running::start(&pool, &cfg);
+
+    let kill = Alert::kill_engaged(1, "budget", "3 consecutive failures", json!({}));
+    queued(sender.enqueue(&kill).await.unwrap());
+
+    eventually("the webhook was retried through its outage", || webhook.accepted().len() == 1).await;
+    assert_eq!(webhook.arrivals(), 4, "three 503s, then one delivery");
+    eventually("Telegram was tried a few times", || running.failed_attempts() >= 3 + 3).await;
+    assert_eq!(pending(&pool, names::TELEGRAM_GROUP).await, 1, "undelivered alerts stay pending");
+
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+    let telegram = telegram_on(listener, telegram_shared).await;
+    eventually("Telegram delivered once it was back", || telegram.accepted().len() == 1).await;
+    eventually_acked(&pool, names::TELEGRAM_GROUP).await;
+    eventually_acked(&pool, names::WEBHOOK_GROUP).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(telegram.accepted().len(), 1);
+    assert_eq!(webhook.ids(), vec![kill.id.to_string()]);
+    assert_eq!(webhook.accepted().len(), 1);
+
+    running.stop().await;
+    telegram.assert_no_problems();
+    webhook.assert_no_problems();
+}
+
+#[tokio::test]
+async fn a_restarted_dispatcher_finishes_what_a_crashed_one_was_retrying() {
+    let redis = start_redis();
+    let pool = pool(&redis);
+    let (telegram, webhook) = (telegram_receiver().await, webhook_receiver().await);
+    telegram.set(Behaviour { fail_first: usize::MAX, ..Behaviour::default() });
+    webhook.set(Behaviour { fail_first: usize::MAX, ..Behaviour::default() });
+    let cfg = config(Some(&telegram), Some(&webhook));
+    let sender = AlertSender::new(pool.clone(), &cfg);
+
+    let first = Running::start(&pool, &cfg);
+    let kill = Alert::kill_engaged(3, "budget", "unknown error type", json!({}));
+    queued(sender.enqueue(&kill).await.unwrap());
+    eventually("both channels are retrying", || telegram.arrivals() >= 2 && webhook.arrivals() >= 2).await;
+    first.crash().await;
+    assert_eq!(pending(&pool, names::TELEGRAM_GROUP).await, 1);
+    assert_eq!(pending(&pool, names::WEBHOOK_GROUP).await, 1);
+
+    // The endpoints recover (every request from now on succeeds); a new budget process
+    // starts, with the same consumer name. The pause lets the aborted tasks' last requests,
+    // if any, land first.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    telegram.set(Behaviour { fail_first: telegram.arrivals(), ..Behaviour::default() });
+    webhook.set(Behaviour { fail_first: webhook.arrivals(), ..Behaviour::default() });
+    let second = Running::start(&pool, &cfg);
+    eventually("the new dispatcher delivered", || telegram.accepted().len() == 1 && webhook.accepted().len() == 1)
+        .await;
+    eventually_acked(&pool, names::TELEGRAM_GROUP).await;
+    eventually_acked(&pool, names::WEBHOOK_GROUP).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(telegram.accepted().len(), 1);
+    assert_eq!(webhook.ids(), vec![kill.id.to_string()]);
+    assert_eq!(webhook.accepted().len(), 1);
+    second.stop().await;
+    telegram.assert_no_problems();
+    webhook.assert_no_problems();
+}
+
+#[tokio::test]
+async fn a_crash_between_delivery_and_ack_resends_and_the_receiver_dedupes_by_webhook_id() {
+    let redis = start_redis();
+    let pool = pool(&redis);
+    let webhook = webhook_receiver().await;
+    // The receiver accepts, then takes its time to answer: the crash lands in between.
+    webhook.set(Behaviour { respond_delay: Duration::from_secs(30), ..Behaviour::default() });
+    let cfg = config(None, Some(&webhook));
+    let sender = AlertSender::new(pool.clone(), &cfg);
+
+    let first = Running::start(&pool, &cfg);
+    let kill = Alert::kill_engaged(5, "budget", "operator command", json!({}));
+    queued(sender.enqueue(&kill).await.unwrap());
+    eventually("the receiver accepted the alert", || webhook.ids().len() == 1).await;
+    first.crash().await;
+    assert_eq!(pending(&pool, names::WEBHOOK_GROUP).await, 1, "never acknowledged");
+
+    webhook.set(Behaviour::default());
+    let second = Running::start(&pool, &cfg);
+    eventually("the alert was sent again", || webhook.accepted().len() == 2).await;
+    eventually_acked(&pool, names::WEBHOOK_GROUP).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(webhook.ids(), vec![kill.id.to_string()], "exactly once after deduplication");
+    assert_eq!(webhook.with(|s| s.duplicates), 1, "at least once: the repeat carried the same webhook-id");
+    let bodies = webhook.accepted();
+    assert_eq!(bodies[0], bodies[1], "the repeat is the same payload");
+    second.stop().await;
+    webhook.assert_no_problems();
+}
+
+#[tokio::test]
+async fn telegram_retry_after_is_honoured() {
+    let redis = start_redis();
+    let pool = pool(&redis);
+    let telegram = telegram_receiver().await;
+    telegram.set(Behaviour {
+        fail_first: 1,
+        failure: Failure::TooManyRequests { retry_after_secs: 1 },
+        ..Behaviour::default()
+    });
+    // Backoff alone would retry within 20 ms.
+    let cfg = config(Some(&telegram), None);
+    let sender = AlertSender::new(pool.clone(), &cfg);
+    let running = Running::start(&pool, &cfg);
+
+    queued(sender.enqueue(&Alert::kill_engaged(2, "budget", "daily budget exceeded", json!({}))).await.unwrap());
+    eventually("delivered after the 429", || telegram.accepted().len() == 1).await;
+    let arrivals = telegram.with(|s| s.arrivals.clone());
+    assert_eq!(arrivals.len(), 2, "one 429, then one delivery");
+    let waited = arrivals[1] - arrivals[0];
+    assert!(waited >= Duration::from_secs(1), "retried after {waited:?}, before retry_after");
+    assert!(waited < Duration::from_secs(3), "retried after {waited:?}, far later than retry_after");
+    running.stop().await;
+    telegram.assert_no_problems();
+}
+
+#[tokio::test]
+async fn soft_limit_warnings_are_rate_limited_per_scope() {
+    let redis = start_redis();
+    let pool = pool(&redis);
+    let webhook = webhook_receiver().await;
+    let cfg = AlertsConfig { soft_limit_every: Duration::from_millis(700), ..config(None, Some(&webhook)) };
+    let sender = AlertSender::new(pool.clone(), &cfg);
+    let running = Running::start(&pool, &cfg);
+
+    let warn = |scope: &str| Alert::soft_limit_warning(1, scope, "80% of the daily tokens", json!({"percent": 80}));
+    let dev = warn("dev");
+    queued(sender.enqueue(&dev).await.unwrap());
+    for _ in 0..3 {
+        assert_eq!(sender.enqueue(&warn("dev")).await.unwrap(), Enqueued::Duplicate { first: dev.id.to_string() });
+    }
+    let qa = warn("qa");
+    queued(sender.enqueue(&qa).await.unwrap());
+    // Rate limits do not swallow engagements.
+    let kill = Alert::kill_engaged(1, "budget", "daily budget exceeded", json!({}));
+    queued(sender.enqueue(&kill).await.unwrap());
+    eventually("three alerts delivered", || webhook.ids().len() == 3).await;
+
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let later = warn("dev");
+    queued(sender.enqueue(&later).await.unwrap());
+    eventually("the next interval's warning delivered", || webhook.ids().len() == 4).await;
+    assert_eq!(webhook.ids(), [&dev, &qa, &kill, &later].map(|a| a.id.to_string()).to_vec());
+    assert_eq!(xlen(&pool).await, 4);
+    running.stop().await;
+    webhook.assert_no_problems();
+}
+
+#[tokio::test]
+async fn the_webhook_receiver_refuses_bad_signatures_and_alerts_wait_for_the_right_secret() {
+    let redis = start_redis();
+    let pool = pool(&redis);
+    let webhook = webhook_receiver().await;
+
+    // The receiver really checks: a forged signature, a stale timestamp, missing headers.
+    let client = reqwest::Client::new();
+    let url = format!("{}{WEBHOOK_PATH}", webhook.base_url);
+    let body = br#"{"type":"alert.kill_engaged","timestamp":"x","data":{"id":"m1","kind":"kill_engaged"}}"#.to_vec();
+    let now = chrono::Utc::now().timestamp();
+    let right = WebhookSecret::parse(WEBHOOK_SECRET).unwrap();
+    let wrong = WebhookSecret::from_key(vec![9; 32]).unwrap();
+    let cases = [
+        ("m1", now, standard_webhooks::sign(&wrong, "m1", now, &body)),
+        ("m1", now - 3600, standard_webhooks::sign(&right, "m1", now - 3600, &body)),
+        ("m2", now, standard_webhooks::sign(&right, "m1", now, &body)),
+    ];
+    for (id, ts, sig) in cases {
+        let response = client
+            .post(&url)
+            .header("webhook-id", id)
+            .header("webhook-timestamp", ts.to_string())
+            .header("webhook-signature", sig)
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401);
+    }
+    assert_eq!(client.post(&url).body(body.clone()).send().await.unwrap().status(), 401);
+    let good = standard_webhooks::sign(&right, "m1", now, &body);
+    let response = client
+        .post(&url)
+        .header("webhook-id", "m1")
+        .header("webhook-timestamp", now.to_string())
+        .header("webhook-signature", format!("v1,bm9wZQ== {good}"))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 204, "a valid signature among several is accepted");
+    assert_eq!(webhook.problems().len(), 4);
+
+    // A dispatcher signing with another secret never gets through; the alert stays queued.
+    let mut cfg = config(None, Some(&webhook));
+    cfg.webhook.as_mut().unwrap().secret = wrong.to_whsec();
+    let sender = AlertSender::new(pool.clone(), &cfg);
+    let running = Running::start(&pool, &cfg);
+    queued(sender.enqueue(&Alert::kill_engaged(9, "budget", "manual", json!({}))).await.unwrap());
+    eventually("several refused attempts", || webhook.problems().len() >= 4 + 3).await;
+    assert_eq!(webhook.ids(), vec!["m1".to_owned()], "nothing from the dispatcher was accepted");
+    assert_eq!(pending(&pool, names::WEBHOOK_GROUP).await, 1);
+    running.stop().await;
+
+    // With the right secret, the queued alert goes out.
+    let cfg = config(None, Some(&webhook));
+    let running = Running::start(&pool, &cfg);
+    eventually("delivered with the right secret", || webhook.ids().len() == 2).await;
+    eventually_acked(&pool, names::WEBHOOK_GROUP).await;
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn an_alert_queued_before_a_redis_crash_is_delivered_after_it() {
+    let mut redis = RedisServer::builder().appendonly(true).start().expect("the alert tests need a real redis-server");
+    let (telegram, webhook) = (telegram_receiver().await, webhook_receiver().await);
+    let cfg = config(Some(&telegram), Some(&webhook));
+    let kill = Alert::kill_engaged(11, "budget", "daily budget exceeded", json!({}));
+    {
+        let pool = pool(&redis);
+        queued(AlertSender::new(pool.clone(), &cfg).enqueue(&kill).await.unwrap());
+        assert_eq!(xlen(&pool).await, 1, "persisted before any send attempt");
+    }
+    redis.kill();
+    redis.restart().unwrap();
+
+    let pool = pool(&redis);
+    let sender = AlertSender::new(pool.clone(), &cfg);
+    assert!(matches!(sender.enqueue(&kill).await.unwrap(), Enqueued::Duplicate { .. }), "the marker survived too");
+    let running = Running::start(&pool, &cfg);
+    eventually("delivered after the restart", || telegram.accepted().len() == 1 && webhook.ids().len() == 1).await;
+    eventually_acked(&pool, names::TELEGRAM_GROUP).await;
+    eventually_acked(&pool, names::WEBHOOK_GROUP).await;
+    running.stop().await;
+    telegram.assert_no_problems();
+    webhook.assert_no_problems();
+}
+
+/// Captures this thread's log output (the runtime is single-threaded, so that is all of it).
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn no_secret_reaches_the_logs() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let redis = start_redis();
+    let pool = pool(&redis);
+    // Both endpoints refuse connections; the webhook's also answers slowly… not at all.
+    let nowhere = Receiver { base_url: format!("http://127.0.0.1:{}", closed_port()), shared: Arc::default() };
+    let cfg = config(Some(&nowhere), Some(&nowhere));
+    let sender = AlertSender::new(pool.clone(), &cfg);
+    let dispatcher = AlertDispatcher::new(pool.clone(), &cfg).unwrap();
+    let shown = format!("{dispatcher:?} {sender:?} {cfg:?}");
+    let stats = dispatcher.stats();
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(dispatcher.run(shutdown.clone()));
+
+    queued(sender.enqueue(&Alert::kill_engaged(4, "budget", "manual", json!({}))).await.unwrap());
+    eventually("a few failed attempts", || stats.failed_attempts.load(std::sync::atomic::Ordering::Relaxed) >= 6).await;
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("Alert delivery failed; retrying."), "{logs}");
+    assert!(logs.contains("channel=\"telegram\"") || logs.contains("channel=telegram"), "{logs}");
+    let token_secret = BOT_TOKEN.split(':').nth(1).unwrap();
+    let whsec_body = WEBHOOK_SECRET.trim_start_matches("whsec_");
+    for (name, secret) in [
+        ("bot token", token_secret),
+        ("chat id", &CHAT_ID.to_string()),
+        ("webhook path", WEBHOOK_PATH),
+        ("webhook secret", whsec_body),
+    ] {
+        assert!(!logs.contains(secret), "the {name} leaked into the logs:\n{logs}");
+        assert!(!shown.contains(secret), "the {name} leaked into Debug output: {shown}");
+    }
+}
