@@ -92,7 +92,9 @@ pub enum KeyError {
     #[error("process \"outbox-relay\" holds no keys: it forwards bytes the orchestrator already signed")]
     RelayHoldsNoKeys,
     /// Retiring the generation senders sign with would leave the fleet unable to talk.
-    #[error("cannot retire through generation {through}: senders sign with generation {signing}; rotate and promote first")]
+    #[error(
+        "cannot retire through generation {through}: senders sign with generation {signing}; rotate and promote first"
+    )]
     RetireCurrent {
         /// Requested.
         through: u32,
@@ -532,7 +534,8 @@ mod tests {
         let m = MasterFile::new(MasterSecret::from_bytes([0xab; 32]));
         let dbg = format!("{m:?}");
         assert!(!dbg.contains("abab") && !dbg.contains("171"), "{dbg}");
-        let entry = KeysetEntry { kid: "dev>qa:1".parse().unwrap(), secret: Some(Zeroizing::new([0xcd; 32])), staged: false };
+        let entry =
+            KeysetEntry { kid: "dev>qa:1".parse().unwrap(), secret: Some(Zeroizing::new([0xcd; 32])), staged: false };
         let ring = Keyring::from_entries([entry.clone()]);
         for text in [format!("{entry:?}"), format!("{ring:?}")] {
             assert!(text.contains("REDACTED") && !text.contains("cdcd") && !text.contains("205"), "{text}");
@@ -543,7 +546,10 @@ mod tests {
     fn master_file_round_trips_and_rotates() {
         let mut m = MasterFile::new(MasterSecret::from_bytes([7; 32]));
         assert_eq!(m.rotate().unwrap(), 2);
-        assert!(matches!(m.retire_through(1), Err(KeyError::RetireCurrent { signing: 1, .. })), "staged is not signing");
+        assert!(
+            matches!(m.retire_through(1), Err(KeyError::RetireCurrent { signing: 1, .. })),
+            "staged is not signing"
+        );
         assert!(m.promote());
         assert!(m.retire_through(1).unwrap());
         assert!(!m.retire_through(1).unwrap());
@@ -551,8 +557,10 @@ mod tests {
         let back = MasterFile::parse(&m.to_toml()).unwrap();
         assert_eq!((back.current_generation, back.signing_generation, back.retired_through), (2, 2, 1));
         assert_eq!(back.secret.0, [7; 32]);
-        let err = MasterFile::parse("format = 1\nsecret = \"zz\"\ncurrent_generation = 1\nsigning_generation = 1\nretired_through = 0\n")
-            .unwrap_err();
+        let err = MasterFile::parse(
+            "format = 1\nsecret = \"zz\"\ncurrent_generation = 1\nsigning_generation = 1\nretired_through = 0\n",
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("not hex"), "{err}");
     }
 

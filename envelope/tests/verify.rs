@@ -57,7 +57,8 @@ fn each_check_has_its_own_error() {
 #[test]
 fn rotation_stages_then_promotes_then_retires_without_dropping_a_message() {
     let edge = envelope::Edge { from: Role::Dev, to: Role::Orchestrator };
-    let derive = |m: &envelope::MasterFile, role| envelope::Keyring::derive(m, Process::Role(role), &permissions()).unwrap();
+    let derive =
+        |m: &envelope::MasterFile, role| envelope::Keyring::derive(m, Process::Role(role), &permissions()).unwrap();
     let verifier = |ring| Verifier::new(ring, permissions(), VerifierConfig::default());
     let mut m = master();
     let dev_gen1 = derive(&m, Role::Dev);

@@ -412,7 +412,16 @@ fn launch(
         let startup = process::wait_until_ready(&mut child, &log, offset, READY_LINE, builder.startup_timeout, || {
             accepts_connections(&binaries.pg_isready, port)
         })?;
-        if process::settle_startup(SERVICE, startup, port, attempt, PORT_ATTEMPTS, builder.startup_timeout, &log, offset)? {
+        if process::settle_startup(
+            SERVICE,
+            startup,
+            port,
+            attempt,
+            PORT_ATTEMPTS,
+            builder.startup_timeout,
+            &log,
+            offset,
+        )? {
             return Ok((child, port));
         }
     }
