@@ -23,16 +23,9 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match telemetry::parse_args() {
         Ok(c) => c,
-        Err(e) if !e.use_stderr() => {
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(64);
-        }
+        Err(code) => return code,
     };
     telemetry::init("orchestrator", cli.json_logs);
     let config = match orchestrator::app::Config::load(&cli.config, &|k| std::env::var(k).ok()) {
@@ -40,7 +33,7 @@ async fn main() -> ExitCode {
         Err(e) => {
             tracing::error!(error = %e, "Invalid configuration.");
             eprintln!("orchestrator: {e}");
-            return ExitCode::from(64);
+            return ExitCode::from(telemetry::EX_USAGE);
         }
     };
     let shutdown = telemetry::shutdown();

@@ -6,9 +6,6 @@ use std::process::ExitCode;
 use clap::Parser;
 use outbox_relay::{Config, Relay};
 
-/// Exit code for invalid usage or configuration (EX_USAGE).
-const EX_USAGE: u8 = 64;
-
 /// Forwards the orchestrator's transactional outbox (rows of already-signed envelopes in
 /// Postgres) to the Redis Streams they name. Holds no signing key.
 #[derive(Debug, Parser)]
@@ -46,17 +43,9 @@ struct Cli {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let cli: Cli = match telemetry::parse_args() {
         Ok(cli) => cli,
-        Err(e) if !e.use_stderr() => {
-            // --help, --version
-            let _ = e.print();
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(EX_USAGE);
-        }
+        Err(code) => return code,
     };
     telemetry::init("outbox-relay", cli.json_logs);
     let cfg = match Config::load(&cli.config) {
@@ -64,7 +53,7 @@ async fn main() -> ExitCode {
         Err(e) => {
             tracing::error!(setting = %e.setting, error = %e, "Invalid configuration.");
             eprintln!("outbox-relay: invalid configuration: {e}");
-            return ExitCode::from(EX_USAGE);
+            return ExitCode::from(telemetry::EX_USAGE);
         }
     };
     let relay = match Relay::connect(&cfg.endpoints, cfg.relay) {

@@ -6,6 +6,8 @@
 //!   patterns (bearer tokens, JWTs, API keys, passwords in URLs) before they reach a log.
 //! - [`shutdown`]: a cancellation token cancelled on SIGINT or SIGTERM, and a grace-period
 //!   helper for draining.
+//! - [`parse_args`]: command-line parsing with the fleet's exit codes (0 for `--help`, 64
+//!   for usage errors).
 
 use std::io::{self, Write};
 use std::sync::OnceLock;
@@ -94,6 +96,18 @@ pub fn init(service: &'static str, json: bool) {
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(Redactor).with_target(false);
     let _ = if json { builder.json().try_init() } else { builder.try_init() };
     tracing::info!(service, version = env!("CARGO_PKG_VERSION"), "Starting.");
+}
+
+/// Exit code for invalid arguments or configuration (sysexits' EX_USAGE).
+pub const EX_USAGE: u8 = 64;
+
+/// Parses the command line; on `--help`/`--version` prints and returns exit code 0, on a
+/// usage error prints clap's message and returns 64.
+pub fn parse_args<T: clap::Parser>() -> Result<T, std::process::ExitCode> {
+    T::try_parse().map_err(|e| {
+        let _ = e.print();
+        if e.use_stderr() { std::process::ExitCode::from(EX_USAGE) } else { std::process::ExitCode::SUCCESS }
+    })
 }
 
 /// Cancelled on the first SIGINT or SIGTERM.
