@@ -21,6 +21,11 @@
 //! - latency: one envelope at a time on an idle stream, publish call → handler entry.
 //!   "Paced": the next publish 1 ms after the previous entry was acknowledged, so every
 //!   thread involved has gone to sleep; "back to back": at once, threads still awake.
+//!
+//! The machines this runs on are shared, so for every row it prints where the CPU went
+//! (redis-server, this process, everything else, from `INFO cpu` and `/proc`), repeats the
+//! row after waiting for quiet when other processes used more than 10% of a core meanwhile,
+//! and times 2,000 seals just before it as a gauge of how fast the host is at that moment.
 
 #![forbid(unsafe_code)]
 
@@ -87,10 +92,11 @@ struct Options {
     /// Latency samples per run, after `warmup` unrecorded ones.
     samples: usize,
     warmup: usize,
-    /// Pause after each latency sample is acknowledged, µs (0: none).
+    /// Paced latency row: pause between one sample's acknowledgement and the next publish, µs.
     gap_us: usize,
-    /// Rows measured while other processes used more than this % of one core are repeated.
-    max_others: usize,
+    /// Rows measured while other processes used more than this % of one core are repeated
+    /// (after waiting for quiet); `None` in smoke runs, which never wait.
+    max_others: Option<usize>,
     /// Rows to run (all when empty).
     only: Vec<String>,
     /// Print where each row's time went: CPU of both processes and Redis's per-command cost.
@@ -116,7 +122,7 @@ Options (after `cargo bench -p bus --bench bus --`):
                       Redis's INFO commandstats per entry";
 
 impl Options {
-    fn parse(args: impl Iterator<Item = String>) -> Result<Self, String> {
+    fn parse(mut args: impl Iterator<Item = String>) -> Result<Self, String> {
         let mut o = Options {
             runs: 3,
             n: 200_000,
@@ -128,12 +134,11 @@ impl Options {
             samples: 2_000,
             warmup: 200,
             gap_us: 1_000,
-            max_others: 10,
+            max_others: Some(10),
             only: Vec::new(),
             profile: false,
         };
         let mut bench = false;
-        let mut args = args.peekable();
         while let Some(arg) = args.next() {
             let mut value = |name: &str| -> Result<usize, String> {
                 let v = args.next().ok_or(format!("{name} needs a value\n{USAGE}"))?;
@@ -150,7 +155,7 @@ impl Options {
                 "--read-batch" => o.read_batch = value("--read-batch")?,
                 "--samples" => o.samples = value("--samples")?,
                 "--warmup" => o.warmup = value("--warmup")?,
-                "--max-others" => o.max_others = value("--max-others")?,
+                "--max-others" => o.max_others = Some(value("--max-others")?),
                 "--gap-us" => {
                     let v = args.next().ok_or(format!("--gap-us needs a value\n{USAGE}"))?;
                     o.gap_us = v.parse().map_err(|_| format!("--gap-us: `{v}` is not a number"))?;
@@ -160,7 +165,6 @@ impl Options {
                     o.only = v.split(',').map(str::to_owned).collect();
                 }
                 "--profile" => o.profile = true,
-                "--help" | "-h" => return Err(USAGE.to_owned()),
                 other => return Err(format!("unknown option `{other}`\n{USAGE}")),
             }
         }
@@ -170,6 +174,7 @@ impl Options {
             o.n = o.n.min(2_000);
             o.samples = o.samples.min(50);
             o.warmup = o.warmup.min(10);
+            o.max_others = None;
         }
         Ok(o)
     }
@@ -180,6 +185,10 @@ impl Options {
 }
 
 fn main() -> ExitCode {
+    if std::env::args().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return ExitCode::SUCCESS;
+    }
     let opts = match Options::parse(std::env::args().skip(1)) {
         Ok(o) => o,
         Err(msg) => {
@@ -304,7 +313,9 @@ async fn run(opts: Options) -> Result<()> {
         o.read_batch,
         std::thread::available_parallelism().map(usize::from).unwrap_or(0),
     );
-    wait_for_quiet(o.max_others as f64).await;
+    if let Some(limit) = o.max_others {
+        wait_for_quiet(limit as f64).await;
+    }
     diagnostics(&b).await?;
 
     // Untimed warm-up of the whole path (allocator, connections, server's memory).
@@ -480,7 +491,7 @@ impl Bench {
     /// Whether a row measured while other processes used `others`% of a core must be
     /// measured again; if so, first waits until the machine is quiet.
     async fn too_noisy(&self, others: f64, attempt: &mut usize) -> bool {
-        let limit = self.opts.max_others as f64;
+        let Some(limit) = self.opts.max_others.map(|l| l as f64) else { return false };
         if others <= limit {
             return false;
         }
@@ -931,12 +942,15 @@ async fn wait_for_quiet(limit: f64) {
     }
 }
 
-/// Busy clock ticks (hundredths of a second of one CPU) of the whole machine since boot:
-/// the first line of /proc/stat is user, nice, system, idle, iowait, irq, softirq, steal.
+/// Clock ticks (hundredths of a second of one CPU) the whole machine spent running processes
+/// since boot: user, nice, system and steal from the first line of /proc/stat. Interrupt
+/// and softirq time are left out: loopback traffic puts much of that on no process, so it
+/// would count this benchmark's own networking as other processes' work.
 fn machine_busy_ticks() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let cpu: Vec<f64> = stat.lines().next()?.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
-    Some(cpu.iter().take(8).sum::<f64>() - cpu.get(3)? - cpu.get(4)?)
+    let [user, nice, system, _idle, _iowait, _irq, _softirq, steal, ..] = cpu[..] else { return None };
+    Some(user + nice + system + steal)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
