@@ -158,7 +158,7 @@ impl<H: Handler> Consumer<H> {
     /// grace period, and leaves everything else pending.
     pub async fn run(mut self, shutdown: CancellationToken) {
         let mut conn: Option<MultiplexedConnection> = None;
-        let mut delays = reconnect_delays();
+        let mut delays = crate::reconnect_delays();
         while !shutdown.is_cancelled() {
             let result = match conn.as_mut() {
                 Some(c) => self.step(c, &shutdown).await,
@@ -172,7 +172,7 @@ impl<H: Handler> Consumer<H> {
                 },
             };
             match result {
-                Ok(()) => delays = reconnect_delays(),
+                Ok(()) => delays = crate::reconnect_delays(),
                 Err(e) => {
                     bump(&self.stats.reconnects);
                     conn = None;
@@ -609,14 +609,4 @@ pub async fn ensure_group(c: &mut MultiplexedConnection, stream: &str, group: &s
         Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
         Err(e) => Err(e.into()),
     }
-}
-
-fn reconnect_delays() -> impl Iterator<Item = Duration> {
-    backon::BackoffBuilder::build(
-        backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(Duration::from_secs(5))
-            .with_jitter()
-            .without_max_times(),
-    )
 }

@@ -60,6 +60,19 @@ impl KillEpoch {
     }
 }
 
+/// Jittered exponential delays from `min` doubling up to `max`, without end: the retry
+/// schedule of every loop in the fleet that waits for Redis or Postgres to come back.
+pub fn backoff(min: std::time::Duration, max: std::time::Duration) -> backon::ExponentialBackoff {
+    backon::BackoffBuilder::build(
+        backon::ExponentialBuilder::default().with_min_delay(min).with_max_delay(max).with_jitter().without_max_times(),
+    )
+}
+
+/// Delays between attempts to reach Redis again after a long-running loop lost it.
+pub fn reconnect_delays() -> backon::ExponentialBackoff {
+    backoff(std::time::Duration::from_millis(100), std::time::Duration::from_secs(5))
+}
+
 /// Unix milliseconds from the system clock.
 pub fn now_ms() -> u64 {
     // A clock before 1970 is a broken host; treat it as 0 rather than panicking.

@@ -77,13 +77,8 @@ impl Publisher {
         if items.is_empty() {
             return Ok(Vec::new());
         }
-        let mut delays = backon::BackoffBuilder::build(
-            backon::ExponentialBuilder::default()
-                .with_min_delay(std::time::Duration::from_millis(50))
-                .with_max_delay(std::time::Duration::from_secs(2))
-                .with_jitter()
-                .with_max_times(ATTEMPTS - 1),
-        );
+        let mut delays =
+            crate::backoff(std::time::Duration::from_millis(50), std::time::Duration::from_secs(2)).take(ATTEMPTS - 1);
         loop {
             match self.try_publish(items).await {
                 Ok(ids) => return Ok(ids),

@@ -199,6 +199,23 @@ pub struct Actor {
 }
 
 impl Actor {
+    /// An audit entry of an action by this actor.
+    fn entry<'a>(&'a self, action: &'a str, task_id: Option<Uuid>, details: Value) -> AuditEntry<'a> {
+        AuditEntry {
+            actor_role: &self.role,
+            actor_instance: &self.instance,
+            action,
+            task_id,
+            prompt_version: None,
+            details,
+        }
+    }
+
+    /// The actor who signed `env`.
+    fn of(env: &Envelope) -> Self {
+        Self { role: env.from.role.as_str().into(), instance: env.from.instance.as_str().into() }
+    }
+
     /// An operator known by the subject of their token.
     pub fn operator(name: &str) -> Self {
         Self { role: "operator".into(), instance: name.into() }
@@ -222,6 +239,13 @@ struct Change<'a> {
     actor: &'a Actor,
     /// Findings to pass to the next Dev assignment.
     findings: Vec<String>,
+}
+
+impl<'a> Change<'a> {
+    /// A change not caused by an envelope and carrying no findings.
+    fn new(event: Event, cause: &'a str, detail: Value, actor: &'a Actor) -> Self {
+        Self { event, cause, envelope_id: None, detail, actor, findings: vec![] }
+    }
 }
 
 impl Engine {
@@ -272,25 +296,11 @@ impl Engine {
         audit::append(
             &mut tx,
             &self.audit_key,
-            AuditEntry {
-                actor_role: &by.role,
-                actor_instance: &by.instance,
-                action: "task.submit",
-                task_id: Some(id),
-                prompt_version: None,
-                details: json!({"title": new.title, "risk": new.risk.as_str()}),
-            },
+            by.entry("task.submit", Some(id), json!({"title": new.title, "risk": new.risk.as_str()})),
         )
         .await?;
         let task = lock_task(&mut tx, id).await?;
-        let change = Change {
-            event: Event::Start,
-            cause: "submitted",
-            envelope_id: None,
-            detail: json!({}),
-            actor: by,
-            findings: vec![],
-        };
+        let change = Change::new(Event::Start, "submitted", json!({}), by);
         self.apply(&mut tx, &task, change).await?;
         let task = lock_task(&mut tx, id).await?;
         tx.commit().await?;
@@ -335,18 +345,15 @@ impl Engine {
         }
         let answers_current = env.causation_id.is_some() && env.causation_id == task.assignment_id;
         if !answers_current || task.state.worker() != Some(env.from.role) {
-            let actor = Actor { role: env.from.role.as_str().into(), instance: env.from.instance.as_str().into() };
+            let actor = Actor::of(env);
             audit::append(
                 &mut tx,
                 &self.audit_key,
-                AuditEntry {
-                    actor_role: &actor.role,
-                    actor_instance: &actor.instance,
-                    action: "task.result.stale",
-                    task_id: Some(task_id),
-                    prompt_version: None,
-                    details: json!({"envelope_id": env.id.to_string(), "state": task.state.as_str()}),
-                },
+                actor.entry(
+                    "task.result.stale",
+                    Some(task_id),
+                    json!({"envelope_id": env.id.to_string(), "state": task.state.as_str()}),
+                ),
             )
             .await?;
             tx.commit().await?;
@@ -367,7 +374,7 @@ impl Engine {
                 store_artifact(&mut tx, task_id, kind, name, bytes).await?;
             }
         }
-        let actor = Actor { role: env.from.role.as_str().into(), instance: env.from.instance.as_str().into() };
+        let actor = Actor::of(env);
         let detail = json!({"status": status_str(result.status), "summary": cut(&result.summary, 500), "attempt": result.attempt});
         let outcome = Outcome { role: env.from.role, status: result.status, error_kind: None };
         self.enqueue(
@@ -402,18 +409,15 @@ impl Engine {
     /// Records a worker's question for a human (audit trail; the task keeps its state).
     pub async fn record_question(&self, env: &Verified<Envelope>, text: &str) -> Result<(), EngineError> {
         let mut tx = self.pool.begin().await?;
-        let actor = Actor { role: env.from.role.as_str().into(), instance: env.from.instance.as_str().into() };
+        let actor = Actor::of(env);
         audit::append(
             &mut tx,
             &self.audit_key,
-            AuditEntry {
-                actor_role: &actor.role,
-                actor_instance: &actor.instance,
-                action: "task.question",
-                task_id: env.task_id,
-                prompt_version: None,
-                details: json!({"envelope_id": env.id.to_string(), "text": cut(text, 2000)}),
-            },
+            actor.entry(
+                "task.question",
+                env.task_id,
+                json!({"envelope_id": env.id.to_string(), "text": cut(text, 2000)}),
+            ),
         )
         .await?;
         tx.commit().await?;
@@ -452,14 +456,8 @@ impl Engine {
             if !task.deadline_at.is_some_and(|d| d < Utc::now()) || task.state.worker().is_none() {
                 continue;
             }
-            let change = Change {
-                event: Event::Retry,
-                cause: "worker silent past deadline",
-                envelope_id: None,
-                detail: json!({"assigned_to": task.assigned_to}),
-                actor: &me,
-                findings: vec![],
-            };
+            let change =
+                Change::new(Event::Retry, "worker silent past deadline", json!({"assigned_to": task.assigned_to}), &me);
             self.apply(&mut tx, &task, change).await?;
             tx.commit().await?;
             touched += 1;
@@ -489,14 +487,7 @@ impl Engine {
             return Err(EngineError::Halted);
         }
         let task = lock_task(&mut tx, id).await?;
-        let change = Change {
-            event: Event::Approved,
-            cause: "approved",
-            envelope_id: None,
-            detail: json!({"reason": reason}),
-            actor: by,
-            findings: vec![],
-        };
+        let change = Change::new(Event::Approved, "approved", json!({"reason": reason}), by);
         self.apply(&mut tx, &task, change).await?;
         sqlx::query("INSERT INTO approvals (id, task_id, decided_at, decided_by, decision, reason) VALUES ($1, $2, now(), $3, 'approved', $4)")
             .bind(Uuid::now_v7())
@@ -517,19 +508,7 @@ impl Engine {
             return Err(EngineError::Halted);
         }
         let task = lock_task(&mut tx, id).await?;
-        self.apply(
-            &mut tx,
-            &task,
-            Change {
-                event: Event::Merged,
-                cause: "merged",
-                envelope_id: None,
-                detail: json!({}),
-                actor: by,
-                findings: vec![],
-            },
-        )
-        .await?;
+        self.apply(&mut tx, &task, Change::new(Event::Merged, "merged", json!({}), by)).await?;
         let task = lock_task(&mut tx, id).await?;
         tx.commit().await?;
         Ok(task)
@@ -557,37 +536,16 @@ impl Engine {
             sqlx::query_scalar("SELECT id FROM tasks WHERE state NOT IN ('merged', 'failed', 'halted') FOR UPDATE")
                 .fetch_all(&mut *tx)
                 .await?;
-        for id in open {
-            let task = lock_task(&mut tx, id).await?;
-            self.apply(
-                &mut tx,
-                &task,
-                Change {
-                    event: Event::Halt,
-                    cause: "kill switch",
-                    envelope_id: None,
-                    detail: json!({"epoch": epoch}),
-                    actor: by,
-                    findings: vec![],
-                },
-            )
-            .await?;
-        }
-        audit::append(
+        let pause = envelope::ControlPause { epoch: epoch as u64, reason: reason.to_owned() };
+        let audit = by.entry("fleet.kill", None, json!({"epoch": epoch, "reason": reason}));
+        self.switch_fleet(
             &mut tx,
-            &self.audit_key,
-            AuditEntry {
-                actor_role: &by.role,
-                actor_instance: &by.instance,
-                action: "fleet.kill",
-                task_id: None,
-                prompt_version: None,
-                details: json!({"epoch": epoch, "reason": reason}),
-            },
+            open,
+            Change::new(Event::Halt, "kill switch", json!({"epoch": epoch}), by),
+            audit,
+            pause.into(),
         )
         .await?;
-        let pause = envelope::ControlPause { epoch: epoch as u64, reason: reason.to_owned() };
-        self.enqueue(&mut tx, &StreamName::control(Role::Budget), Role::Budget, None, None, pause.into()).await?;
         tx.commit().await?;
         Ok(epoch as u64)
     }
@@ -609,39 +567,33 @@ impl Engine {
             sqlx::query_scalar("SELECT id FROM tasks WHERE state = 'halted' ORDER BY created_at FOR UPDATE")
                 .fetch_all(&mut *tx)
                 .await?;
-        for id in halted_tasks {
-            let task = lock_task(&mut tx, id).await?;
-            self.apply(
-                &mut tx,
-                &task,
-                Change {
-                    event: Event::Resume,
-                    cause: "resume",
-                    envelope_id: None,
-                    detail: json!({"epoch": epoch}),
-                    actor: by,
-                    findings: vec![],
-                },
-            )
-            .await?;
-        }
-        audit::append(
-            &mut tx,
-            &self.audit_key,
-            AuditEntry {
-                actor_role: &by.role,
-                actor_instance: &by.instance,
-                action: "fleet.resume",
-                task_id: None,
-                prompt_version: None,
-                details: json!({"epoch": epoch}),
-            },
-        )
-        .await?;
         let resume = envelope::ControlResume { epoch: epoch as u64 };
-        self.enqueue(&mut tx, &StreamName::control(Role::Budget), Role::Budget, None, None, resume.into()).await?;
+        let audit = by.entry("fleet.resume", None, json!({"epoch": epoch}));
+        let change = Change::new(Event::Resume, "resume", json!({"epoch": epoch}), by);
+        self.switch_fleet(&mut tx, halted_tasks, change, audit, resume.into()).await?;
         tx.commit().await?;
         Ok(epoch as u64)
+    }
+
+    /// The shared body of kill and resume: moves every task in `ids` by `change`, audits the
+    /// fleet-wide action, and tells the budget manager (`control` on `fleet:control:budget`).
+    async fn switch_fleet(
+        &self,
+        tx: &mut PgConnection,
+        ids: Vec<Uuid>,
+        change: Change<'_>,
+        audit: AuditEntry<'_>,
+        control: Payload,
+    ) -> Result<(), EngineError> {
+        for id in ids {
+            let task = lock_task(tx, id).await?;
+            let each =
+                Change { event: change.event.clone(), detail: change.detail.clone(), findings: vec![], ..change };
+            self.apply(tx, &task, each).await?;
+        }
+        audit::append(tx, &self.audit_key, audit).await?;
+        self.enqueue(tx, &StreamName::control(Role::Budget), Role::Budget, None, None, control).await?;
+        Ok(())
     }
 
     /// The fleet's kill state: (epoch, halted).
@@ -695,14 +647,11 @@ impl Engine {
         audit::append(
             &mut *tx,
             &self.audit_key,
-            AuditEntry {
-                actor_role: &change.actor.role,
-                actor_instance: &change.actor.instance,
-                action: "task.transition",
-                task_id: Some(task.id),
-                prompt_version: None,
-                details: json!({"from": task.state.as_str(), "to": to.as_str(), "cause": change.cause, "detail": change.detail}),
-            },
+            change.actor.entry(
+                "task.transition",
+                Some(task.id),
+                json!({"from": task.state.as_str(), "to": to.as_str(), "cause": change.cause, "detail": change.detail}),
+            ),
         )
         .await?;
         if to.worker().is_some() && !counts_retry {

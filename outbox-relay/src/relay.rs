@@ -406,13 +406,7 @@ impl Relay {
     }
 
     fn backoff(&self) -> backon::ExponentialBackoff {
-        backon::BackoffBuilder::build(
-            backon::ExponentialBuilder::default()
-                .with_min_delay(self.cfg.retry_min)
-                .with_max_delay(self.cfg.retry_max)
-                .with_jitter()
-                .without_max_times(),
-        )
+        bus::backoff(self.cfg.retry_min, self.cfg.retry_max)
     }
 }
 

@@ -143,17 +143,6 @@ impl AlertDispatcher {
     }
 }
 
-/// Delays between attempts to reach Redis again.
-fn reconnect_delays() -> impl Iterator<Item = Duration> {
-    backon::BackoffBuilder::build(
-        backon::ExponentialBuilder::default()
-            .with_min_delay(Duration::from_millis(100))
-            .with_max_delay(Duration::from_secs(5))
-            .with_jitter()
-            .without_max_times(),
-    )
-}
-
 /// The read → deliver → ack loop of one channel.
 struct ChannelLoop {
     pool: deadpool_redis::Pool,
@@ -181,7 +170,7 @@ impl ChannelLoop {
 
     async fn run(mut self, shutdown: CancellationToken) {
         let mut conn: Option<MultiplexedConnection> = None;
-        let mut delays = reconnect_delays();
+        let mut delays = bus::reconnect_delays();
         while !shutdown.is_cancelled() {
             let result = match conn.as_mut() {
                 Some(c) => self.step(c, &shutdown).await,
@@ -194,7 +183,7 @@ impl ChannelLoop {
                 },
             };
             match result {
-                Ok(()) => delays = reconnect_delays(),
+                Ok(()) => delays = bus::reconnect_delays(),
                 Err(e) => {
                     bump(&self.stats.reconnects);
                     conn = None;
@@ -328,13 +317,7 @@ impl ChannelLoop {
     /// channel's own hint (capped) or the next exponential backoff delay.
     async fn deliver(&self, alert: &Alert, shutdown: &CancellationToken) -> Delivery {
         let t = &self.tunables;
-        let mut backoff = backon::BackoffBuilder::build(
-            backon::ExponentialBuilder::default()
-                .with_min_delay(t.retry_min)
-                .with_max_delay(t.retry_max)
-                .with_jitter()
-                .without_max_times(),
-        );
+        let mut backoff = bus::backoff(t.retry_min, t.retry_max);
         let mut attempts: u32 = 0;
         loop {
             attempts = attempts.saturating_add(1);
