@@ -453,7 +453,7 @@ impl Engine {
         for id in overdue {
             let mut tx = self.pool.begin().await?;
             let Some(task) = try_lock_task(&mut tx, id).await? else { continue };
-            if !task.deadline_at.is_some_and(|d| d < Utc::now()) || task.state.worker().is_none() {
+            if task.deadline_at.is_none_or(|d| d >= Utc::now()) || task.state.worker().is_none() {
                 continue;
             }
             let change =
