@@ -1,0 +1,3 @@
+//! agentfleet's workers: one runtime shared by the Dev, QA, Review and Refactor binaries.
+
+pub mod sandbox;

@@ -1,0 +1,1 @@
+//! Throwaway Docker sandboxes (bollard).
