@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::config::ConsumerConfig;
+use crate::control::Gate;
 use crate::names::{ENV_FIELD, done_key, fields, seen_key};
 use crate::reply::{self, Entry};
 use crate::{BusError, HandlerError, KillEpoch, now_ms};
@@ -81,6 +82,14 @@ impl ConsumerStats {
     }
 }
 
+/// Resolves when `gate` pauses; never without a gate.
+async fn paused(gate: Option<&Gate>) {
+    match gate {
+        Some(g) => g.wait_paused().await,
+        None => std::future::pending().await,
+    }
+}
+
 fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
@@ -114,6 +123,7 @@ pub struct Consumer<H> {
     next_maintenance: Instant,
     next_prune: Instant,
     autoclaim_cursor: String,
+    gate: Option<Gate>,
 }
 
 impl<H> std::fmt::Debug for Consumer<H> {
@@ -145,7 +155,15 @@ impl<H: Handler> Consumer<H> {
             next_maintenance: now,
             next_prune: now,
             autoclaim_cursor: "0-0".into(),
+            gate: None,
         })
+    }
+
+    /// Waits at `gate` (the kill switch): while it is paused nothing is claimed, read or
+    /// retried, and a running handler is abandoned, its entry left pending for after resume.
+    pub fn with_gate(mut self, gate: Gate) -> Self {
+        self.gate = Some(gate);
+        self
     }
 
     /// Counters, shareable with a metrics endpoint.
@@ -190,6 +208,13 @@ impl<H: Handler> Consumer<H> {
     }
 
     async fn step(&mut self, c: &mut MultiplexedConnection, shutdown: &CancellationToken) -> Result<(), BusError> {
+        if let Some(gate) = self.gate.as_ref().filter(|g| g.is_paused()) {
+            tokio::select! {
+                () = gate.wait_open() => {}
+                () = shutdown.cancelled() => {}
+            }
+            return Ok(());
+        }
         if !self.group_ready {
             ensure_group(c, self.cfg.stream.as_str(), &self.cfg.group).await?;
             self.group_ready = true;
@@ -226,6 +251,8 @@ impl<H: Handler> Consumer<H> {
             r = read => r?,
             // Entries this read may have claimed stay pending and are retried after restart.
             () = shutdown.cancelled() => return Ok(()),
+            // Likewise on a pause: retried after resume.
+            () = paused(self.gate.as_ref()) => return Ok(()),
         };
         let entries = reply::read_one_stream(&reply)?;
         if entries.is_empty() {
@@ -320,7 +347,7 @@ impl<H: Handler> Consumer<H> {
         let mut kept_at = read_at;
         let mut queue: VecDeque<(Entry, Checked)> = to_handle.into();
         while let Some((e, chk)) = queue.pop_front() {
-            if shutdown.is_cancelled() {
+            if shutdown.is_cancelled() || self.gate.as_ref().is_some_and(Gate::is_paused) {
                 break; // Not started: stays pending.
             }
             if kept_at.elapsed() >= self.cfg.claim_idle / 4 {
@@ -400,6 +427,8 @@ impl<H: Handler> Consumer<H> {
         tokio::select! {
             r = &mut fut => Some(r),
             () = shutdown.cancelled() => tokio::time::timeout(self.cfg.grace, fut).await.ok(),
+            // The kill switch does not wait: the handler is dropped where it stands.
+            () = paused(self.gate.as_ref()) => None,
         }
     }
 

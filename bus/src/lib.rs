@@ -24,6 +24,7 @@
 
 pub mod config;
 pub mod consumer;
+pub mod control;
 pub mod error;
 pub mod names;
 pub mod publisher;
@@ -35,6 +36,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use config::{ConsumerConfig, PublisherConfig};
 pub use consumer::{Consumer, ConsumerStats, Delivery, Handler};
+pub use control::{ControlEvent, ControlListener, Gate, KillState};
 pub use error::{BusError, HandlerError};
 pub use publisher::Publisher;
 
