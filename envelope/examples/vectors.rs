@@ -171,6 +171,7 @@ fn main() {
             repository: Some("https://git.example/app.git".into()),
             test_command: Some("pytest -q".into()),
             findings: vec![],
+            scope: vec![],
         },
     );
     assign.task_id = Some(id(NOW - 5_000, 0x77));
@@ -401,6 +402,7 @@ fn main() {
         repository: None,
         test_command: None,
         findings: vec![],
+        scope: vec![],
     }
     .into();
     neg.push(negative(

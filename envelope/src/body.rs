@@ -180,6 +180,10 @@ pub struct TaskAssign {
     /// Findings from an earlier step (QA failures sent back to Dev).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub findings: Vec<String>,
+    /// Repository paths (prefixes, `/`-separated, relative) the task may change; empty: any.
+    /// Review rejects a diff outside them and `git.push_branch` refuses to push one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scope: Vec<String>,
 }
 
 /// `task.result`: a worker's answer to one `task.assign`.

@@ -17,13 +17,13 @@ use crate::exit::UsageError;
 use crate::files;
 
 const TASK_FILE_HINT: &str = "a task file is a JSON object with `title` and `instructions`, and optionally `repository`, \
-     `test_command` and `risk` (LOW, MEDIUM, HIGH or CRITICAL; LOW by default)";
+     `test_command`, `risk` (LOW, MEDIUM, HIGH or CRITICAL; LOW by default) and `scope` (paths the task may change)";
 
 /// Arguments of `submit`.
 #[derive(Debug, Args)]
 pub struct SubmitArgs {
     /// The task, as JSON: {"title": …, "instructions": …, "repository": …, "test_command": …,
-    /// "risk": "LOW"}; title and instructions are required.
+    /// "risk": "LOW", "scope": ["src/"]}; title and instructions are required.
     #[arg(value_name = "FILE")]
     pub file: PathBuf,
 

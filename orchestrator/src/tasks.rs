@@ -93,6 +93,9 @@ pub struct NewTask {
     /// Risk from the risk matrix; LOW by default.
     #[serde(default = "low")]
     pub risk: Risk,
+    /// Repository paths (relative prefixes) the task may change; empty: the whole repository.
+    #[serde(default)]
+    pub scope: Vec<String>,
 }
 
 fn low() -> Risk {
@@ -112,6 +115,17 @@ impl NewTask {
         for (name, v) in [("repository", &self.repository), ("test_command", &self.test_command)] {
             if v.as_ref().is_some_and(|s| s.len() > 2048) {
                 return bad(format!("`{name}` must be at most 2048 characters"));
+            }
+        }
+        if self.scope.len() > 64 {
+            return bad("`scope` may list at most 64 paths".into());
+        }
+        for p in &self.scope {
+            let parts_ok = p.split('/').all(|c| !c.is_empty() || p.ends_with('/')) && !p.split('/').any(|c| c == "..");
+            if p.is_empty() || p.len() > 512 || p.starts_with('/') || p.contains('\\') || !parts_ok {
+                return bad(format!(
+                    "`scope` entry {p:?} must be a relative path inside the repository, like \"src/\" or \"tests/test_calc.py\""
+                ));
             }
         }
         Ok(())
@@ -275,6 +289,7 @@ impl Engine {
             "instructions": new.instructions,
             "repository": new.repository,
             "test_command": new.test_command,
+            "scope": new.scope,
         });
         sqlx::query(
             "INSERT INTO tasks (id, state, title, spec, risk, submitted_by) VALUES ($1, 'submitted', $2, $3, $4, $5)",
@@ -678,6 +693,7 @@ impl Engine {
             repository: text("repository"),
             test_command: text("test_command"),
             findings,
+            scope: spec.get("scope").and_then(|v| serde_json::from_value(v.clone()).ok()).unwrap_or_default(),
         };
         let id = self.enqueue(tx, &StreamName::tasks(role), role, Some(task.id), None, assign.into()).await?;
         sqlx::query(

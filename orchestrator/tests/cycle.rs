@@ -54,6 +54,7 @@ fn new_task(risk: Risk) -> NewTask {
         repository: Some("https://git.example/app.git".into()),
         test_command: Some("pytest -q".into()),
         risk,
+        scope: vec![],
     }
 }
 

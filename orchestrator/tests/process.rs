@@ -133,6 +133,7 @@ async fn the_binary_applies_results_and_resumes_after_being_killed_mid_cycle() {
                 repository: None,
                 test_command: None,
                 risk: Risk::Low,
+                scope: vec![],
             },
         )
         .await
