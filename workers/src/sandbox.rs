@@ -1,1 +1,750 @@
-//! Throwaway Docker sandboxes (bollard).
+//! Throwaway Docker sandboxes (bollard): one container per execution, removed afterwards.
+//!
+//! A container gets no network, a read-only root filesystem, a small `noexec` tmpfs at
+//! `/tmp`, the task's workspace as its only bind mount, an unprivileged user, no
+//! capabilities, `no-new-privileges`, a seccomp profile (Docker's default unless one is
+//! configured), pids/memory/CPU limits, a wall-clock timeout and an output cap. Every
+//! container carries the label `agentfleet.sandbox=1` plus task, role and instance
+//! labels, so [`Sandbox::sweep`] can find leftovers of a crashed worker.
+//!
+//! The image is built locally by `deploy/sandbox-image.sh` (no registry is reachable);
+//! `docs/sandbox.md` explains each setting and the measured costs.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::pin::pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bollard::Docker;
+use bollard::errors::Error as DockerError;
+use bollard::models::{ContainerCreateBody, HostConfig, HostConfigLogConfig};
+use bollard::query_parameters::{
+    AttachContainerOptions, CreateContainerOptions, KillContainerOptions, ListContainersOptions,
+    RemoveContainerOptions, StartContainerOptions, WaitContainerOptions,
+};
+use futures_util::StreamExt;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+/// The label every sandbox container carries; [`Sandbox::sweep`] removes what has it.
+pub const LABEL_SANDBOX: &str = "agentfleet.sandbox";
+/// The label naming the task a container runs for.
+pub const LABEL_TASK: &str = "agentfleet.task";
+/// The label naming the role (dev, qa, review, refactor) of the worker that started it.
+pub const LABEL_ROLE: &str = "agentfleet.role";
+/// The label naming the worker instance that started it (what `sweep(Some(..))` matches).
+pub const LABEL_INSTANCE: &str = "agentfleet.instance";
+/// The image name `deploy/sandbox-image.sh` tags on every build, and the default image.
+pub const DEFAULT_IMAGE: &str = "agentfleet/sandbox:current";
+/// Where the workspace is mounted inside the container, and the default working directory.
+pub const WORKSPACE_MOUNT: &str = "/workspace";
+/// The uid:gid every sandbox process runs as (the `sandbox` user of the image).
+pub const SANDBOX_USER: &str = "10001:10001";
+
+/// How long to wait for a killed container to be reported as stopped before inspecting it.
+const KILL_SETTLE: Duration = Duration::from_secs(10);
+/// Docker refuses memory limits below 6 MiB.
+const MIN_MEMORY_BYTES: i64 = 6 * 1024 * 1024;
+
+/// Sandbox settings of a worker, loaded from its TOML configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SandboxConfig {
+    /// The local image to run; `deploy/sandbox-image.sh` builds it and tags it
+    /// `agentfleet/sandbox:current` (the default).
+    pub image: String,
+    /// The OCI runtime registered with the engine; `None` is the engine's default (runc).
+    pub runtime: Option<String>,
+    /// A stronger runtime per risk level (e.g. `high = "runsc"`), see [`Self::runtime_for`].
+    /// Keys compare case-insensitively; levels not listed use [`Self::runtime`].
+    pub runtime_by_risk: BTreeMap<String, String>,
+    /// Memory limit; swap is disabled (memory_swap = memory), so this is the whole budget.
+    pub memory_bytes: i64,
+    /// CPU quota in billionths of a CPU (1_000_000_000 = one CPU).
+    pub nano_cpus: i64,
+    /// Maximum number of processes and threads: what stops a fork bomb.
+    pub pids_limit: i64,
+    /// Wall-clock limit of one run, unless the [`RunSpec`] sets its own.
+    pub timeout_secs: u64,
+    /// How much of stdout+stderr is kept; the rest is drained and dropped.
+    pub output_cap_bytes: usize,
+    /// Size of the `/tmp` tmpfs (counted against the memory limit).
+    pub tmpfs_bytes: u64,
+    /// A seccomp profile (JSON) to apply instead of Docker's default one. `None` keeps
+    /// Docker's default profile; there is no way to run unconfined.
+    pub seccomp_profile: Option<PathBuf>,
+}
+
+impl Default for SandboxConfig {
+    fn default() -> Self {
+        Self {
+            image: DEFAULT_IMAGE.to_owned(),
+            runtime: None,
+            runtime_by_risk: BTreeMap::new(),
+            memory_bytes: 512 * 1024 * 1024,
+            nano_cpus: 1_000_000_000,
+            pids_limit: 128,
+            timeout_secs: 300,
+            output_cap_bytes: 64 * 1024,
+            tmpfs_bytes: 64 * 1024 * 1024,
+            seccomp_profile: None,
+        }
+    }
+}
+
+impl SandboxConfig {
+    /// The runtime for a task of this risk level: `runtime_by_risk[risk]`, else `runtime`.
+    pub fn runtime_for(&self, risk: &str) -> Option<&str> {
+        self.runtime_by_risk
+            .iter()
+            .find(|(level, _)| level.eq_ignore_ascii_case(risk))
+            .map(|(_, runtime)| runtime.as_str())
+            .or(self.runtime.as_deref())
+    }
+
+    /// Refuses settings the engine would reject or that would make the sandbox useless.
+    fn validate(&self) -> Result<(), SandboxError> {
+        let invalid = |setting: &'static str, reason: &str| {
+            Err(SandboxError::InvalidConfig { setting, reason: reason.to_owned() })
+        };
+        if self.image.trim().is_empty() {
+            return invalid("image", "must name a local image (deploy/sandbox-image.sh prints it)");
+        }
+        if self.memory_bytes < MIN_MEMORY_BYTES {
+            return invalid("memory_bytes", "must be at least 6 MiB (6291456), Docker's minimum");
+        }
+        if self.nano_cpus <= 0 {
+            return invalid("nano_cpus", "must be positive (1000000000 = one CPU)");
+        }
+        if self.pids_limit <= 0 {
+            return invalid("pids_limit", "must be positive; without it a fork bomb exhausts the host");
+        }
+        if self.timeout_secs == 0 {
+            return invalid("timeout_secs", "must be positive");
+        }
+        if self.output_cap_bytes == 0 {
+            return invalid("output_cap_bytes", "must be positive");
+        }
+        if self.tmpfs_bytes == 0 {
+            return invalid("tmpfs_bytes", "must be positive");
+        }
+        let runtimes = self.runtime.iter().chain(self.runtime_by_risk.values());
+        if runtimes.into_iter().any(|r| r.trim().is_empty()) {
+            return invalid("runtime", "must name a runtime registered with the engine (e.g. \"runsc\")");
+        }
+        Ok(())
+    }
+}
+
+/// What the worker and its task are, written on the container as labels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxLabels {
+    /// The task id (its first characters also go into the container name).
+    pub task: String,
+    /// The worker's role: dev, qa, review or refactor.
+    pub role: String,
+    /// The worker instance; `sweep(Some(instance))` removes only this instance's containers.
+    pub instance: String,
+}
+
+/// One execution: a command run in the workspace.
+#[derive(Clone)]
+pub struct RunSpec {
+    /// The program and its arguments (no shell unless the command names one).
+    pub command: Vec<String>,
+    /// Host directory mounted read-write at `/workspace`; must be absolute and exist.
+    /// uid 10001 must be able to write it if the command writes.
+    pub workspace: PathBuf,
+    /// Working directory inside the container; defaults to `/workspace`.
+    pub workdir: Option<String>,
+    /// The whole environment of the command, besides `HOME=/tmp` (and Docker's `PATH`,
+    /// `HOSTNAME`). Nothing of the worker's own environment is passed.
+    pub env: Vec<(String, String)>,
+    /// Written on the container as labels.
+    pub labels: SandboxLabels,
+    /// Risk level of the task; chooses the runtime through [`SandboxConfig::runtime_for`].
+    pub risk: Option<String>,
+    /// Wall-clock limit of this run; defaults to [`SandboxConfig::timeout_secs`].
+    pub timeout: Option<Duration>,
+}
+
+impl RunSpec {
+    /// A spec with the default working directory, no environment, no risk and the default timeout.
+    pub fn new(command: Vec<String>, workspace: impl Into<PathBuf>, labels: SandboxLabels) -> Self {
+        Self { command, workspace: workspace.into(), workdir: None, env: Vec::new(), labels, risk: None, timeout: None }
+    }
+}
+
+impl std::fmt::Debug for RunSpec {
+    /// Environment values stay out of logs; only their names are printed.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let env_names: Vec<&str> = self.env.iter().map(|(name, _)| name.as_str()).collect();
+        f.debug_struct("RunSpec")
+            .field("command", &self.command)
+            .field("workspace", &self.workspace)
+            .field("workdir", &self.workdir)
+            .field("env", &env_names)
+            .field("labels", &self.labels)
+            .field("risk", &self.risk)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// What a run produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunOutput {
+    /// The exit code the engine recorded (137 after a SIGKILL); `None` if it never ran.
+    pub exit_code: Option<i64>,
+    /// stdout and stderr interleaved in arrival order, at most `output_cap_bytes`.
+    pub output: Vec<u8>,
+    /// True if output past the cap was dropped.
+    pub truncated: bool,
+    /// True if the run was killed at its wall-clock limit.
+    pub timed_out: bool,
+    /// True if the kernel's OOM killer killed a process of the container.
+    pub oom_killed: bool,
+    /// True if the cancellation token fired and the container was killed.
+    pub cancelled: bool,
+    /// Wall-clock time from creating the container to having removed it.
+    pub duration: Duration,
+}
+
+impl RunOutput {
+    /// True if the command ran to completion and exited 0.
+    pub fn success(&self) -> bool {
+        self.exit_code == Some(0) && !self.timed_out && !self.cancelled && !self.oom_killed
+    }
+}
+
+/// Why the sandbox could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    /// The engine did not answer.
+    #[error(
+        "cannot reach the Docker engine ({source}); is the Docker engine running? \
+         Check that /var/run/docker.sock (or DOCKER_HOST) exists and this user may use it"
+    )]
+    EngineUnreachable {
+        #[source]
+        source: DockerError,
+    },
+    /// The configured image is not in the local engine.
+    #[error("the sandbox image {image} is not in the local Docker engine; run deploy/sandbox-image.sh to build it")]
+    ImageMissing { image: String },
+    /// A configured runtime is not registered with the engine.
+    #[error(
+        "the runtime {runtime:?} is not registered with the Docker engine (registered: {registered}); \
+         register it in /etc/docker/daemon.json or remove it from the sandbox configuration (see docs/sandbox.md)"
+    )]
+    RuntimeMissing { runtime: String, registered: String },
+    /// A setting of [`SandboxConfig`] is unusable.
+    #[error("invalid sandbox setting {setting}: {reason}")]
+    InvalidConfig { setting: &'static str, reason: String },
+    /// The configured seccomp profile cannot be read or is not JSON.
+    #[error("cannot use the seccomp profile {path}: {reason}; fix the file or unset seccomp_profile")]
+    SeccompProfile { path: PathBuf, reason: String },
+    /// The workspace of a [`RunSpec`] cannot be mounted.
+    #[error("cannot mount the workspace {path}: {reason}")]
+    InvalidWorkspace { path: PathBuf, reason: String },
+    /// A [`RunSpec`] is malformed (empty command, bad environment name, zero timeout).
+    #[error("invalid sandbox run: {0}")]
+    InvalidSpec(String),
+    /// An engine call failed; the sandbox container (if any) has been removed.
+    #[error("the Docker engine failed to {action}: {source}")]
+    Docker {
+        action: &'static str,
+        #[source]
+        source: DockerError,
+    },
+}
+
+impl SandboxError {
+    fn docker(action: &'static str) -> impl FnOnce(DockerError) -> Self {
+        move |source| Self::Docker { action, source }
+    }
+}
+
+/// A handle on the local Docker engine that runs sandboxes. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    docker: Docker,
+    config: Arc<SandboxConfig>,
+    /// The seccomp profile's JSON, read once at connect.
+    seccomp: Option<Arc<str>>,
+}
+
+impl Sandbox {
+    /// Connects to the local engine (`DOCKER_HOST` or `/var/run/docker.sock`), checks that
+    /// it answers, that the image exists locally and that every configured runtime is
+    /// registered, and reads the seccomp profile.
+    pub async fn connect(config: SandboxConfig) -> Result<Self, SandboxError> {
+        config.validate()?;
+        let seccomp = match &config.seccomp_profile {
+            None => None,
+            Some(path) => Some(read_seccomp_profile(path)?),
+        };
+        let docker = Docker::connect_with_local_defaults()
+            .map_err(|source| SandboxError::EngineUnreachable { source })?
+            .negotiate_version()
+            .await
+            .map_err(|source| SandboxError::EngineUnreachable { source })?;
+        docker.ping().await.map_err(|source| SandboxError::EngineUnreachable { source })?;
+
+        match docker.inspect_image(&config.image).await {
+            Ok(_) => {}
+            Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => {
+                return Err(SandboxError::ImageMissing { image: config.image.clone() });
+            }
+            Err(source) => return Err(SandboxError::Docker { action: "inspect the sandbox image", source }),
+        }
+
+        let wanted: Vec<&String> = config.runtime.iter().chain(config.runtime_by_risk.values()).collect();
+        if !wanted.is_empty() {
+            let info = docker.info().await.map_err(SandboxError::docker("list the registered runtimes"))?;
+            let registered: Vec<String> = info.runtimes.unwrap_or_default().into_keys().collect();
+            if let Some(missing) = wanted.into_iter().find(|r| !registered.contains(r)) {
+                let mut registered = registered;
+                registered.sort();
+                return Err(SandboxError::RuntimeMissing {
+                    runtime: missing.clone(),
+                    registered: registered.join(", "),
+                });
+            }
+        }
+        tracing::debug!(image = %config.image, "Sandbox engine connected.");
+        Ok(Self { docker, config: Arc::new(config), seccomp })
+    }
+
+    /// The configuration this sandbox was connected with.
+    pub fn config(&self) -> &SandboxConfig {
+        &self.config
+    }
+
+    /// Runs one command in a fresh container and removes the container, whatever happens:
+    /// create → attach → start → read output (capped) until exit, timeout or cancel → kill
+    /// if still running → inspect (exit code, OOM) → remove. If this future is dropped
+    /// midway, the container is removed by a background task.
+    pub async fn run(&self, spec: RunSpec, cancel: &CancellationToken) -> Result<RunOutput, SandboxError> {
+        let started = Instant::now();
+        let timeout = spec.timeout.unwrap_or(Duration::from_secs(self.config.timeout_secs));
+        if timeout.is_zero() {
+            return Err(SandboxError::InvalidSpec("the timeout must be positive".to_owned()));
+        }
+        let body = self.container_body(&spec)?;
+        let name = container_name(&spec.labels);
+        if cancel.is_cancelled() {
+            return Ok(RunOutput {
+                exit_code: None,
+                output: Vec::new(),
+                truncated: false,
+                timed_out: false,
+                cancelled: true,
+                oom_killed: false,
+                duration: started.elapsed(),
+            });
+        }
+
+        let options = CreateContainerOptions { name: Some(name.clone()), ..Default::default() };
+        self.docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(SandboxError::docker("create the sandbox container"))?;
+        let mut guard = RemoveOnDrop { docker: Some(self.docker.clone()), name: name.clone() };
+        tracing::debug!(container = %name, task = %spec.labels.task, "Sandbox container created.");
+
+        let result = self.drive(&name, timeout, cancel).await;
+        guard.docker = None;
+        let removed = remove_container(&self.docker, &name).await;
+        let mut output = result?;
+        if let Err(error) = removed {
+            tracing::warn!(container = %name, error = %error, "Sandbox container not removed; the next sweep will.");
+        }
+        output.duration = started.elapsed();
+        Ok(output)
+    }
+
+    /// Removes (force) every sandbox container, or only those of `instance`; returns how
+    /// many it removed. Workers call it at start and when the kill switch engages.
+    pub async fn sweep(&self, instance: Option<&str>) -> Result<usize, SandboxError> {
+        let mut labels = vec![format!("{LABEL_SANDBOX}=1")];
+        if let Some(instance) = instance {
+            labels.push(format!("{LABEL_INSTANCE}={instance}"));
+        }
+        let options = ListContainersOptions {
+            all: true,
+            filters: Some(HashMap::from([("label".to_owned(), labels)])),
+            ..Default::default()
+        };
+        let containers = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(SandboxError::docker("list sandbox containers"))?;
+        let mut removed = 0;
+        for id in containers.into_iter().filter_map(|c| c.id) {
+            match remove_container(&self.docker, &id).await {
+                Ok(true) => removed += 1,
+                Ok(false) => {} // gone meanwhile (its run removed it)
+                Err(source) => return Err(SandboxError::Docker { action: "remove a sandbox container", source }),
+            }
+        }
+        if removed > 0 {
+            tracing::info!(removed, instance = instance.unwrap_or("*"), "Sandbox containers swept.");
+        }
+        Ok(removed)
+    }
+
+    /// Everything between create and remove.
+    async fn drive(
+        &self,
+        name: &str,
+        timeout: Duration,
+        cancel: &CancellationToken,
+    ) -> Result<RunOutput, SandboxError> {
+        let attach =
+            AttachContainerOptions { stream: true, logs: true, stdout: true, stderr: true, ..Default::default() };
+        let attached = self
+            .docker
+            .attach_container(name, Some(attach))
+            .await
+            .map_err(SandboxError::docker("attach to the sandbox container"))?;
+        self.docker
+            .start_container(name, None::<StartContainerOptions>)
+            .await
+            .map_err(SandboxError::docker("start the sandbox container"))?;
+
+        let mut collector = Collector::new(self.config.output_cap_bytes);
+        let ending = {
+            let mut stream = attached.output;
+            let collector = &mut collector;
+            let docker = &self.docker;
+            let finished = pin!(async move {
+                while let Some(chunk) = stream.next().await {
+                    let chunk = chunk.map_err(SandboxError::docker("read the sandbox output"))?;
+                    collector.push(chunk.as_ref());
+                }
+                wait_stopped(docker, name).await
+            });
+            tokio::select! {
+                result = finished => match result {
+                    Ok(()) => Ending::Exited,
+                    Err(error) => return Err(error),
+                },
+                () = tokio::time::sleep(timeout) => Ending::TimedOut,
+                () = cancel.cancelled() => Ending::Cancelled,
+            }
+        };
+
+        if ending != Ending::Exited {
+            let kill = KillContainerOptions { signal: "SIGKILL".to_owned() };
+            match self.docker.kill_container(name, Some(kill)).await {
+                // 409: it stopped on its own in the meantime.
+                Ok(()) | Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => {}
+                Err(source) => return Err(SandboxError::Docker { action: "kill the sandbox container", source }),
+            }
+            match tokio::time::timeout(KILL_SETTLE, wait_stopped(&self.docker, name)).await {
+                Ok(result) => result?,
+                Err(_) => tracing::warn!(container = %name, "Killed sandbox container still reported running."),
+            }
+            tracing::info!(container = %name, reason = ?ending, "Sandbox container killed.");
+        }
+
+        let inspected = self
+            .docker
+            .inspect_container(name, None::<bollard::query_parameters::InspectContainerOptions>)
+            .await
+            .map_err(SandboxError::docker("inspect the sandbox container"))?;
+        let state = inspected.state.unwrap_or_default();
+        let (output, truncated) = collector.finish();
+        Ok(RunOutput {
+            exit_code: state.exit_code,
+            output,
+            truncated,
+            timed_out: ending == Ending::TimedOut,
+            oom_killed: state.oom_killed.unwrap_or(false),
+            cancelled: ending == Ending::Cancelled,
+            duration: Duration::ZERO,
+        })
+    }
+
+    /// The container's configuration: every isolation setting lives here.
+    fn container_body(&self, spec: &RunSpec) -> Result<ContainerCreateBody, SandboxError> {
+        if spec.command.is_empty() {
+            return Err(SandboxError::InvalidSpec("the command is empty".to_owned()));
+        }
+        let workdir = spec.workdir.clone().unwrap_or_else(|| WORKSPACE_MOUNT.to_owned());
+        if !workdir.starts_with('/') {
+            return Err(SandboxError::InvalidSpec(format!("the working directory {workdir:?} is not absolute")));
+        }
+        let workspace = workspace_source(&spec.workspace)?;
+        let env = container_env(&spec.env)?;
+        let cfg = &*self.config;
+        let runtime = spec.risk.as_deref().map_or(cfg.runtime.as_deref(), |risk| cfg.runtime_for(risk));
+
+        let mut security_opt = vec!["no-new-privileges:true".to_owned()];
+        if let Some(profile) = &self.seccomp {
+            security_opt.push(format!("seccomp={profile}"));
+        }
+        let labels = HashMap::from([
+            (LABEL_SANDBOX.to_owned(), "1".to_owned()),
+            (LABEL_TASK.to_owned(), spec.labels.task.clone()),
+            (LABEL_ROLE.to_owned(), spec.labels.role.clone()),
+            (LABEL_INSTANCE.to_owned(), spec.labels.instance.clone()),
+        ]);
+        let host_config = HostConfig {
+            network_mode: Some("none".to_owned()),
+            readonly_rootfs: Some(true),
+            tmpfs: Some(HashMap::from([(
+                "/tmp".to_owned(),
+                format!("rw,noexec,nosuid,nodev,size={}", cfg.tmpfs_bytes),
+            )])),
+            binds: Some(vec![format!("{workspace}:{WORKSPACE_MOUNT}:rw")]),
+            cap_drop: Some(vec!["ALL".to_owned()]),
+            security_opt: Some(security_opt),
+            pids_limit: Some(cfg.pids_limit),
+            memory: Some(cfg.memory_bytes),
+            memory_swap: Some(cfg.memory_bytes),
+            nano_cpus: Some(cfg.nano_cpus),
+            runtime: runtime.map(str::to_owned),
+            auto_remove: Some(false),
+            privileged: Some(false),
+            // Output goes only to our attach stream, never to the engine's disk.
+            log_config: Some(HostConfigLogConfig { typ: Some("none".to_owned()), config: None }),
+            ..Default::default()
+        };
+        Ok(ContainerCreateBody {
+            image: Some(cfg.image.clone()),
+            cmd: Some(spec.command.clone()),
+            entrypoint: Some(Vec::new()),
+            user: Some(SANDBOX_USER.to_owned()),
+            working_dir: Some(workdir),
+            env: Some(env),
+            labels: Some(labels),
+            network_disabled: Some(true),
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            attach_stdin: Some(false),
+            open_stdin: Some(false),
+            tty: Some(false),
+            host_config: Some(host_config),
+            ..Default::default()
+        })
+    }
+}
+
+/// Why the container stopped running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    Exited,
+    TimedOut,
+    Cancelled,
+}
+
+/// Keeps the first `cap` bytes and counts the rest as truncated.
+struct Collector {
+    cap: usize,
+    kept: Vec<u8>,
+    truncated: bool,
+}
+
+impl Collector {
+    fn new(cap: usize) -> Self {
+        Self { cap, kept: Vec::with_capacity(cap.min(64 * 1024)), truncated: false }
+    }
+
+    fn push(&mut self, chunk: &[u8]) {
+        let room = self.cap.saturating_sub(self.kept.len());
+        if chunk.len() > room {
+            self.truncated = true;
+        }
+        self.kept.extend_from_slice(&chunk[..chunk.len().min(room)]);
+    }
+
+    fn finish(self) -> (Vec<u8>, bool) {
+        (self.kept, self.truncated)
+    }
+}
+
+/// Removes the container from a background task if `run` is dropped before it could.
+struct RemoveOnDrop {
+    docker: Option<Docker>,
+    name: String,
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let Some(docker) = self.docker.take() else { return };
+        let name = std::mem::take(&mut self.name);
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(async move {
+                    if let Err(error) = remove_container(&docker, &name).await {
+                        tracing::warn!(container = %name, error = %error, "Sandbox container not removed; the next sweep will.");
+                    }
+                });
+            }
+            Err(_) => tracing::warn!(container = %name, "Sandbox container left behind; the next sweep removes it."),
+        }
+    }
+}
+
+/// Force-removes a container with its anonymous volumes; `Ok(false)` if it was already gone.
+async fn remove_container(docker: &Docker, name: &str) -> Result<bool, DockerError> {
+    let options = RemoveContainerOptions { force: true, v: true, ..Default::default() };
+    match docker.remove_container(name, Some(options)).await {
+        Ok(()) => Ok(true),
+        Err(DockerError::DockerResponseServerError { status_code: 404, .. }) => Ok(false),
+        // 409: removal already in progress (a concurrent sweep or run).
+        Err(DockerError::DockerResponseServerError { status_code: 409, .. }) => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
+/// Waits until the engine reports the container not running.
+async fn wait_stopped(docker: &Docker, name: &str) -> Result<(), SandboxError> {
+    let mut waits = docker.wait_container(name, None::<WaitContainerOptions>);
+    match waits.next().await {
+        // bollard reports a non-zero exit status as an error; the status is read by inspect.
+        None | Some(Ok(_)) | Some(Err(DockerError::DockerContainerWaitError { .. })) => Ok(()),
+        Some(Err(source)) => Err(SandboxError::Docker { action: "wait for the sandbox container", source }),
+    }
+}
+
+/// The canonical host path of the workspace, refusing what cannot be bound safely.
+fn workspace_source(path: &Path) -> Result<String, SandboxError> {
+    let invalid = |reason: &str| SandboxError::InvalidWorkspace { path: path.to_owned(), reason: reason.to_owned() };
+    if !path.is_absolute() {
+        return Err(invalid("the path is relative; give an absolute host path"));
+    }
+    let canonical = path.canonicalize().map_err(|e| invalid(&format!("{e}; create the directory first")))?;
+    if !canonical.is_dir() {
+        return Err(invalid("not a directory"));
+    }
+    if canonical == Path::new("/") {
+        return Err(invalid("refusing to mount the host's root directory"));
+    }
+    let Some(text) = canonical.to_str() else {
+        return Err(invalid("the path is not UTF-8"));
+    };
+    if text.contains([':', ',']) {
+        return Err(invalid("the path contains ':' or ',', which Docker's bind syntax cannot carry"));
+    }
+    Ok(text.to_owned())
+}
+
+/// `HOME=/tmp` plus exactly the spec's variables (a spec's `HOME` wins).
+fn container_env(vars: &[(String, String)]) -> Result<Vec<String>, SandboxError> {
+    let mut env = Vec::with_capacity(vars.len() + 1);
+    if !vars.iter().any(|(name, _)| name == "HOME") {
+        env.push("HOME=/tmp".to_owned());
+    }
+    for (name, value) in vars {
+        if name.is_empty() || name.contains(['=', '\0']) || value.contains('\0') {
+            return Err(SandboxError::InvalidSpec(format!(
+                "environment variable {name:?}: names must be non-empty without '=' or NUL, values without NUL"
+            )));
+        }
+        env.push(format!("{name}={value}"));
+    }
+    Ok(env)
+}
+
+/// `agentfleet-<role>-<first 8 of task>-<12 random hex>`, within Docker's name alphabet.
+fn container_name(labels: &SandboxLabels) -> String {
+    fn clean(text: &str, max: usize) -> String {
+        let cleaned: String = text
+            .chars()
+            .filter(|c| c.is_ascii())
+            .map(|c| if c.is_ascii_alphanumeric() || c == '_' || c == '.' || c == '-' { c } else { '-' })
+            .take(max)
+            .collect();
+        if cleaned.is_empty() { "x".to_owned() } else { cleaned }
+    }
+    let id = uuid::Uuid::now_v7().simple().to_string();
+    // The last 12 hex digits of a UUIDv7 are random; the first ones are the clock.
+    let short = &id[id.len() - 12..];
+    format!("agentfleet-{}-{}-{short}", clean(&labels.role, 16), clean(&labels.task, 8))
+}
+
+/// Reads and checks the seccomp profile once, at connect.
+fn read_seccomp_profile(path: &Path) -> Result<Arc<str>, SandboxError> {
+    let invalid = |reason: String| SandboxError::SeccompProfile { path: path.to_owned(), reason };
+    let text = std::fs::read_to_string(path).map_err(|e| invalid(e.to_string()))?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| invalid(format!("not JSON: {e}")))?;
+    if !value.is_object() {
+        return Err(invalid("not a JSON object".to_owned()));
+    }
+    Ok(Arc::from(text))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels() -> SandboxLabels {
+        SandboxLabels { task: "0192f0aa-bbbb-7ccc".into(), role: "qa".into(), instance: "qa-1".into() }
+    }
+
+    #[test]
+    fn defaults_load_from_empty_toml_and_unknown_fields_are_refused() {
+        let cfg: SandboxConfig = toml::from_str("").unwrap();
+        assert_eq!(cfg, SandboxConfig::default());
+        assert_eq!(cfg.image, DEFAULT_IMAGE);
+        assert_eq!(cfg.memory_bytes, 512 * 1024 * 1024);
+        assert!(toml::from_str::<SandboxConfig>("memroy_bytes = 1").is_err());
+    }
+
+    #[test]
+    fn runtime_for_prefers_the_risk_level_then_the_default() {
+        let cfg: SandboxConfig = toml::from_str("runtime_by_risk = { high = \"runsc\" }").unwrap();
+        assert_eq!(cfg.runtime_for("HIGH"), Some("runsc"));
+        assert_eq!(cfg.runtime_for("low"), None);
+        let cfg = SandboxConfig { runtime: Some("runc".into()), ..cfg };
+        assert_eq!(cfg.runtime_for("low"), Some("runc"));
+    }
+
+    #[test]
+    fn validation_names_the_setting() {
+        let cfg = SandboxConfig { pids_limit: 0, ..Default::default() };
+        let error = cfg.validate().unwrap_err().to_string();
+        assert!(error.contains("pids_limit"), "{error}");
+    }
+
+    #[test]
+    fn collector_keeps_the_cap_and_marks_truncation() {
+        let mut c = Collector::new(4);
+        c.push(b"ab");
+        c.push(b"cdef");
+        c.push(b"g");
+        assert_eq!(c.finish(), (b"abcd".to_vec(), true));
+        let mut c = Collector::new(4);
+        c.push(b"abcd");
+        assert_eq!(c.finish(), (b"abcd".to_vec(), false));
+    }
+
+    #[test]
+    fn container_names_are_docker_safe_and_unique() {
+        let a = container_name(&SandboxLabels { role: "q a/".into(), ..labels() });
+        let b = container_name(&labels());
+        assert!(a.starts_with("agentfleet-q-a--0192f0aa-"), "{a}");
+        assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)), "{a}");
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn env_is_only_the_spec_plus_home() {
+        let env = container_env(&[("A".into(), "1".into())]).unwrap();
+        assert_eq!(env, ["HOME=/tmp", "A=1"]);
+        assert!(container_env(&[("A=B".into(), "1".into())]).is_err());
+    }
+
+    #[test]
+    fn workspace_must_be_absolute_and_exist() {
+        assert!(matches!(workspace_source(Path::new("rel")), Err(SandboxError::InvalidWorkspace { .. })));
+        assert!(workspace_source(Path::new("/nonexistent/agentfleet")).is_err());
+        assert!(workspace_source(Path::new("/")).is_err());
+        assert!(workspace_source(&std::env::temp_dir()).is_ok());
+    }
+}
