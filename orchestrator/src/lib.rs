@@ -11,6 +11,7 @@
 //! - [`audit`]: appending to and verifying the hash-chained audit trail.
 //! - [`service`]: bus handlers (results, heartbeats, questions) and the tick loop.
 //! - [`outbox`]: inserting sealed envelopes in the caller's transaction.
+//! - [`providers`]: the models behind the tool proxy's `llm.complete`: OpenAI-compatible, Anthropic, scripted.
 //! - [`tasks`]: the [`tasks::Engine`]: submit, apply results, heartbeats, deadlines, approvals, kill and resume.
 //! - [`api`]: the operators' HTTP API (axum) over the engine: bearer tokens with roles, per-client
 //!   intake rate limit, health, readiness and metrics.
@@ -20,6 +21,7 @@ pub mod app;
 pub mod audit;
 pub mod db;
 pub mod outbox;
+pub mod providers;
 pub mod service;
 pub mod state;
 pub mod tasks;

@@ -1,0 +1,622 @@
+//! The model providers against a local HTTP server that records and checks what they send
+//! and answers with the bodies the providers document; and the scripted provider against
+//! fixture files.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::response::IntoResponse;
+use orchestrator::providers::{
+    AnyProvider, Completion, CompletionRequest, Message, Provider, ProviderConfig, ProviderError, TokenUsage, build,
+    build_with_env, estimate_input_tokens,
+};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+const KEY: &str = "sk-test-5eCr3t-KEY-0123456789";
+
+/// One request as the server received it.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: Method,
+    path: String,
+    headers: HeaderMap,
+    body: Value,
+}
+
+/// What the server answers to every request.
+#[derive(Clone)]
+struct Reply {
+    status: u16,
+    body: String,
+    headers: Vec<(&'static str, &'static str)>,
+    delay: Duration,
+}
+
+impl Reply {
+    fn json(status: u16, body: Value) -> Self {
+        Reply { status, body: body.to_string(), headers: Vec::new(), delay: Duration::ZERO }
+    }
+}
+
+#[derive(Clone)]
+struct Server {
+    reply: Reply,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+async fn record(
+    State(server): State<Server>,
+    method: Method,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Bytes,
+) -> impl IntoResponse {
+    let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    server.seen.lock().expect("not poisoned").push(Seen { method, path: uri.path().to_owned(), headers, body });
+    tokio::time::sleep(server.reply.delay).await;
+    let mut headers = HeaderMap::new();
+    headers.insert("content-type", "application/json".parse().expect("valid"));
+    for (name, value) in &server.reply.headers {
+        headers.insert(*name, value.parse().expect("valid"));
+    }
+    (StatusCode::from_u16(server.reply.status).expect("valid status"), headers, server.reply.body.clone())
+}
+
+/// Starts a server on 127.0.0.1:0 answering `reply` on every path; returns its base URL
+/// and the requests it received.
+async fn serve(reply: Reply) -> (String, Arc<Mutex<Vec<Seen>>>) {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let app = Router::new().fallback(record).with_state(Server { reply, seen: seen.clone() });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (format!("http://{addr}"), seen)
+}
+
+fn only_request(seen: &Arc<Mutex<Vec<Seen>>>) -> Seen {
+    let seen = seen.lock().expect("not poisoned");
+    assert_eq!(seen.len(), 1, "expected exactly one request, got {seen:?}");
+    seen[0].clone()
+}
+
+fn header<'a>(seen: &'a Seen, name: &str) -> Option<&'a str> {
+    seen.headers.get(name).map(|v| v.to_str().expect("ascii header"))
+}
+
+fn config(text: &str) -> ProviderConfig {
+    toml::from_str(text).expect("valid provider config")
+}
+
+fn openai(base: &str, key: Option<&str>) -> AnyProvider {
+    let key = key.map(|k| format!("api_key = \"{k}\"\n")).unwrap_or_default();
+    build(&config(&format!("kind = \"openai\"\nbase_url = \"{base}/v1\"\ntimeout_secs = 5\n{key}"))).expect("builds")
+}
+
+fn anthropic(base: &str) -> AnyProvider {
+    build(&config(&format!("kind = \"anthropic\"\nbase_url = \"{base}\"\napi_key = \"{KEY}\"\ntimeout_secs = 5\n")))
+        .expect("builds")
+}
+
+fn conversation() -> CompletionRequest {
+    CompletionRequest {
+        model: "the-model".into(),
+        system: Some("You are the Dev agent. Answer with a unified diff.".into()),
+        messages: vec![
+            Message::user("Fix the failing test in src/lib.rs."),
+            Message::assistant("Which test fails?"),
+            Message::user("tests::adds_two"),
+        ],
+        max_tokens: 512,
+        temperature: Some(0.25),
+        task_id: Some(Uuid::now_v7()),
+        role: "dev".into(),
+    }
+}
+
+fn simple(system: Option<&str>) -> CompletionRequest {
+    CompletionRequest {
+        system: system.map(str::to_owned),
+        messages: vec![Message::user("hello")],
+        temperature: None,
+        ..conversation()
+    }
+}
+
+/// OpenAI's documented chat.completion object.
+fn openai_answer() -> Value {
+    json!({
+        "id": "chatcmpl-B9MHDbslfkBeAs8l4bebGdFOJ6PeG",
+        "object": "chat.completion",
+        "created": 1741570283,
+        "model": "gpt-4o-2024-08-06",
+        "choices": [{
+            "index": 0,
+            "message": {
+                "role": "assistant",
+                "content": "--- a/src/lib.rs\n+++ b/src/lib.rs\n",
+                "refusal": null,
+                "annotations": []
+            },
+            "logprobs": null,
+            "finish_reason": "stop"
+        }],
+        "usage": {
+            "prompt_tokens": 1117,
+            "completion_tokens": 46,
+            "total_tokens": 1163,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": 0,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0
+            }
+        },
+        "service_tier": "default",
+        "system_fingerprint": "fp_fc9f1d7035"
+    })
+}
+
+/// Anthropic's documented Messages answer, with a non-text block between two text blocks.
+fn anthropic_answer() -> Value {
+    json!({
+        "id": "msg_013Zva2CMHLNnXjNJJKqJ2EF",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-sonnet-4-5-20250929",
+        "content": [
+            {"type": "text", "text": "Here is the fix:\n"},
+            {"type": "tool_use", "id": "toolu_01", "name": "noop", "input": {}},
+            {"type": "text", "text": "--- a/src/lib.rs\n+++ b/src/lib.rs\n"}
+        ],
+        "stop_reason": "end_turn",
+        "stop_sequence": null,
+        "usage": {
+            "input_tokens": 2095,
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+            "output_tokens": 503,
+            "service_tier": "standard"
+        }
+    })
+}
+
+// --- OpenAI-compatible ------------------------------------------------------------------
+
+#[tokio::test]
+async fn openai_sends_the_documented_request_and_reads_the_answer() {
+    let (base, seen) = serve(Reply::json(200, openai_answer())).await;
+    let completion = openai(&base, Some(KEY)).complete(&conversation()).await.expect("completes");
+
+    assert_eq!(
+        completion,
+        Completion {
+            text: "--- a/src/lib.rs\n+++ b/src/lib.rs\n".into(),
+            usage: TokenUsage { input_tokens: 1117, output_tokens: 46 },
+            model: "gpt-4o-2024-08-06".into(),
+            finish_reason: Some("stop".into()),
+        }
+    );
+    let req = only_request(&seen);
+    assert_eq!(req.method, Method::POST);
+    assert_eq!(req.path, "/v1/chat/completions");
+    assert_eq!(header(&req, "authorization"), Some(format!("Bearer {KEY}").as_str()));
+    assert_eq!(header(&req, "content-type"), Some("application/json"));
+    assert_eq!(req.body["model"], "the-model");
+    assert_eq!(req.body["max_tokens"], 512);
+    let temperature = req.body["temperature"].as_f64().expect("temperature sent");
+    assert!((temperature - 0.25).abs() < 1e-6, "{temperature}");
+    assert_eq!(
+        req.body["messages"],
+        json!([
+            {"role": "system", "content": "You are the Dev agent. Answer with a unified diff."},
+            {"role": "user", "content": "Fix the failing test in src/lib.rs."},
+            {"role": "assistant", "content": "Which test fails?"},
+            {"role": "user", "content": "tests::adds_two"}
+        ])
+    );
+    assert!(req.body.get("system").is_none(), "OpenAI takes the system prompt as a message");
+}
+
+#[tokio::test]
+async fn openai_without_key_sends_no_authorization_and_no_unset_fields() {
+    let (base, seen) = serve(Reply::json(200, openai_answer())).await;
+    // Ollama's OpenAI-compatible endpoint wants no key; a trailing slash is fine.
+    let provider = build(&config(&format!("kind = \"openai\"\nbase_url = \"{base}/v1/\"\n"))).expect("builds");
+    provider.complete(&simple(None)).await.expect("completes");
+
+    let req = only_request(&seen);
+    assert_eq!(req.path, "/v1/chat/completions");
+    assert_eq!(header(&req, "authorization"), None);
+    assert_eq!(req.body["messages"], json!([{"role": "user", "content": "hello"}]));
+    assert!(req.body.get("temperature").is_none(), "{}", req.body);
+}
+
+#[tokio::test]
+async fn openai_extra_headers_are_sent() {
+    let (base, seen) = serve(Reply::json(200, openai_answer())).await;
+    let cfg = config(&format!(
+        "kind = \"openai\"\nbase_url = \"{base}/v1\"\n[extra_headers]\nOpenAI-Project = \"proj_abc\"\n"
+    ));
+    build(&cfg).expect("builds").complete(&simple(None)).await.expect("completes");
+    assert_eq!(header(&only_request(&seen), "openai-project"), Some("proj_abc"));
+}
+
+#[tokio::test]
+async fn openai_null_content_is_empty_text() {
+    let mut answer = openai_answer();
+    answer["choices"][0]["message"]["content"] = Value::Null;
+    answer["choices"][0]["finish_reason"] = json!("content_filter");
+    let (base, _seen) = serve(Reply::json(200, answer)).await;
+    let completion = openai(&base, Some(KEY)).complete(&simple(None)).await.expect("completes");
+    assert_eq!(completion.text, "");
+    assert_eq!(completion.finish_reason.as_deref(), Some("content_filter"));
+}
+
+// --- Anthropic --------------------------------------------------------------------------
+
+#[tokio::test]
+async fn anthropic_sends_the_documented_request_and_reads_the_answer() {
+    let (base, seen) = serve(Reply::json(200, anthropic_answer())).await;
+    let completion = anthropic(&base).complete(&conversation()).await.expect("completes");
+
+    assert_eq!(
+        completion,
+        Completion {
+            text: "Here is the fix:\n--- a/src/lib.rs\n+++ b/src/lib.rs\n".into(),
+            usage: TokenUsage { input_tokens: 2095, output_tokens: 503 },
+            model: "claude-sonnet-4-5-20250929".into(),
+            finish_reason: Some("end_turn".into()),
+        }
+    );
+    let req = only_request(&seen);
+    assert_eq!(req.method, Method::POST);
+    assert_eq!(req.path, "/v1/messages");
+    assert_eq!(header(&req, "x-api-key"), Some(KEY));
+    assert_eq!(header(&req, "anthropic-version"), Some("2023-06-01"));
+    assert_eq!(header(&req, "content-type"), Some("application/json"));
+    assert_eq!(header(&req, "authorization"), None);
+    assert_eq!(req.body["model"], "the-model");
+    assert_eq!(req.body["max_tokens"], 512);
+    assert_eq!(req.body["system"], "You are the Dev agent. Answer with a unified diff.");
+    assert_eq!(
+        req.body["messages"],
+        json!([
+            {"role": "user", "content": "Fix the failing test in src/lib.rs."},
+            {"role": "assistant", "content": "Which test fails?"},
+            {"role": "user", "content": "tests::adds_two"}
+        ])
+    );
+}
+
+#[tokio::test]
+async fn anthropic_omits_absent_system_and_sends_the_configured_version() {
+    let (base, seen) = serve(Reply::json(200, anthropic_answer())).await;
+    let cfg = config(&format!(
+        "kind = \"anthropic\"\nbase_url = \"{base}\"\napi_key_env = \"ANTHROPIC_KEY_FOR_TEST\"\nversion = \"2024-01-01\"\n"
+    ));
+    let provider =
+        build_with_env(&cfg, |name| (name == "ANTHROPIC_KEY_FOR_TEST").then(|| KEY.to_owned())).expect("builds");
+    provider.complete(&simple(None)).await.expect("completes");
+
+    let req = only_request(&seen);
+    assert_eq!(header(&req, "x-api-key"), Some(KEY));
+    assert_eq!(header(&req, "anthropic-version"), Some("2024-01-01"));
+    assert!(req.body.get("system").is_none(), "{}", req.body);
+    assert!(req.body.get("temperature").is_none(), "{}", req.body);
+}
+
+#[tokio::test]
+async fn anthropic_counts_cache_tokens_as_input() {
+    let mut answer = anthropic_answer();
+    answer["usage"]["cache_creation_input_tokens"] = json!(100);
+    answer["usage"]["cache_read_input_tokens"] = json!(1000);
+    let (base, _seen) = serve(Reply::json(200, answer)).await;
+    let completion = anthropic(&base).complete(&simple(None)).await.expect("completes");
+    assert_eq!(completion.usage, TokenUsage { input_tokens: 3195, output_tokens: 503 });
+}
+
+#[test]
+fn anthropic_needs_a_key() {
+    let err = build(&config("kind = \"anthropic\"\n")).expect_err("no key");
+    assert!(matches!(err, ProviderError::Config { .. }), "{err:?}");
+}
+
+// --- Errors -----------------------------------------------------------------------------
+
+#[tokio::test]
+async fn rate_limit_is_retryable_with_the_providers_message_and_retry_after() {
+    let mut reply = Reply::json(
+        429,
+        json!({"error": {
+            "message": "Rate limit reached for gpt-4o in organization org-x on tokens per min (TPM).",
+            "type": "tokens", "param": null, "code": "rate_limit_exceeded"
+        }}),
+    );
+    reply.headers.push(("retry-after", "7"));
+    let (base, _seen) = serve(reply).await;
+    let err = openai(&base, Some(KEY)).complete(&simple(None)).await.expect_err("429");
+
+    assert!(err.is_retryable(), "{err:?}");
+    match &err {
+        ProviderError::Http { status, message, retry_after, .. } => {
+            assert_eq!(*status, 429);
+            assert!(message.contains("Rate limit reached for gpt-4o"), "{message}");
+            assert_eq!(*retry_after, Some(Duration::from_secs(7)));
+        }
+        other => panic!("expected Http, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn server_errors_are_retryable_with_the_providers_message() {
+    let (base, _seen) = serve(Reply::json(
+        500,
+        json!({"type": "error", "error": {"type": "api_error", "message": "Internal server error"}}),
+    ))
+    .await;
+    let err = anthropic(&base).complete(&simple(None)).await.expect_err("500");
+    assert!(err.is_retryable(), "{err:?}");
+    assert!(matches!(err, ProviderError::Http { status: 500, .. }), "{err:?}");
+    assert!(err.to_string().contains("api_error: Internal server error"), "{err}");
+
+    let (base, _seen) = serve(Reply::json(
+        529,
+        json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+    ))
+    .await;
+    let err = anthropic(&base).complete(&simple(None)).await.expect_err("529");
+    assert!(err.is_retryable() && err.to_string().contains("Overloaded"), "{err}");
+
+    let (base, _seen) =
+        serve(Reply { status: 502, body: "<html>Bad Gateway</html>".into(), ..Reply::json(0, json!({})) }).await;
+    let err = openai(&base, Some(KEY)).complete(&simple(None)).await.expect_err("502");
+    assert!(err.is_retryable() && err.to_string().contains("Bad Gateway"), "{err}");
+}
+
+#[tokio::test]
+async fn unauthorized_is_final_and_never_shows_the_key() {
+    // OpenAI echoes (part of) the key it refused; ours must not survive into the error.
+    let (base, _seen) = serve(Reply::json(
+        401,
+        json!({"error": {
+            "message": format!("Incorrect API key provided: {KEY}. You can find your API key at https://platform.openai.com/account/api-keys."),
+            "type": "invalid_request_error", "param": null, "code": "invalid_api_key"
+        }}),
+    ))
+    .await;
+    let err = openai(&base, Some(KEY)).complete(&simple(None)).await.expect_err("401");
+    assert!(!err.is_retryable(), "{err:?}");
+    assert!(matches!(err, ProviderError::Http { status: 401, .. }), "{err:?}");
+    assert!(err.to_string().contains("Incorrect API key provided"), "{err}");
+    for text in [err.to_string(), format!("{err:?}")] {
+        assert!(!text.contains(KEY), "key leaked: {text}");
+    }
+
+    let (base, _seen) = serve(Reply::json(
+        401,
+        json!({"type": "error", "error": {"type": "authentication_error", "message": "invalid x-api-key"}}),
+    ))
+    .await;
+    let err = anthropic(&base).complete(&simple(None)).await.expect_err("401");
+    assert!(!err.is_retryable(), "{err:?}");
+    assert!(!err.to_string().contains(KEY) && !format!("{err:?}").contains(KEY));
+    assert!(err.to_string().contains("authentication_error: invalid x-api-key"), "{err}");
+}
+
+#[tokio::test]
+async fn long_error_messages_are_cut() {
+    let long = "x".repeat(5000);
+    let (base, _seen) = serve(Reply::json(400, json!({"error": {"message": long}}))).await;
+    let err = openai(&base, None).complete(&simple(None)).await.expect_err("400");
+    match err {
+        ProviderError::Http { message, .. } => assert!(message.chars().count() <= 301, "{}", message.len()),
+        other => panic!("expected Http, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn an_answer_without_usage_is_refused() {
+    let mut answer = openai_answer();
+    answer.as_object_mut().expect("object").remove("usage");
+    let (base, _seen) = serve(Reply::json(200, answer)).await;
+    let err = openai(&base, Some(KEY)).complete(&simple(None)).await.expect_err("no usage");
+    assert!(matches!(err, ProviderError::NoUsage { .. }), "{err:?}");
+    assert!(!err.is_retryable());
+
+    let mut answer = anthropic_answer();
+    answer["usage"] = Value::Null;
+    let (base, _seen) = serve(Reply::json(200, answer)).await;
+    let err = anthropic(&base).complete(&simple(None)).await.expect_err("no usage");
+    assert!(matches!(err, ProviderError::NoUsage { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn malformed_answers_say_what_is_missing() {
+    let mut answer = openai_answer();
+    answer["choices"] = json!([]);
+    let (base, _seen) = serve(Reply::json(200, answer)).await;
+    let err = openai(&base, Some(KEY)).complete(&simple(None)).await.expect_err("no choices");
+    assert!(matches!(err, ProviderError::Decode { .. }) && err.to_string().contains("choices[0]"), "{err}");
+
+    let mut answer = anthropic_answer();
+    answer.as_object_mut().expect("object").remove("model");
+    let (base, _seen) = serve(Reply::json(200, answer)).await;
+    let err = anthropic(&base).complete(&simple(None)).await.expect_err("no model");
+    assert!(matches!(err, ProviderError::Decode { .. }) && err.to_string().contains("`model`"), "{err}");
+
+    let (base, _seen) = serve(Reply { status: 200, body: "not json".into(), ..Reply::json(0, json!({})) }).await;
+    let err = openai(&base, Some(KEY)).complete(&simple(None)).await.expect_err("not json");
+    assert!(matches!(err, ProviderError::Decode { .. }), "{err:?}");
+}
+
+#[tokio::test]
+async fn a_slow_provider_times_out() {
+    let mut reply = Reply::json(200, openai_answer());
+    reply.delay = Duration::from_secs(5);
+    let (base, _seen) = serve(reply).await;
+    let cfg = config(&format!("kind = \"openai\"\nbase_url = \"{base}/v1\"\ntimeout_secs = 1\n"));
+    let started = std::time::Instant::now();
+    let err = build(&cfg).expect("builds").complete(&simple(None)).await.expect_err("times out");
+    assert!(matches!(err, ProviderError::Timeout { .. }), "{err:?}");
+    assert!(err.is_retryable());
+    assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+}
+
+#[tokio::test]
+async fn an_unreachable_provider_is_a_retryable_connect_error() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    drop(listener);
+    let err = anthropic(&format!("http://{addr}")).complete(&simple(None)).await.expect_err("refused");
+    assert!(matches!(err, ProviderError::Connect { .. }), "{err:?}");
+    assert!(err.is_retryable());
+}
+
+#[test]
+fn bad_http_settings_are_config_errors() {
+    for text in [
+        "kind = \"openai\"\nbase_url = \"ftp://example.com\"\n",
+        "kind = \"openai\"\nbase_url = \"not a url\"\n",
+        "kind = \"openai\"\nbase_url = \"http://x/v1\"\ntimeout_secs = 0\n",
+        "kind = \"openai\"\nbase_url = \"http://x/v1\"\napi_key = \"a\"\napi_key_env = \"B\"\n",
+        "kind = \"openai\"\nbase_url = \"http://x/v1\"\napi_key = \"a\"\n[extra_headers]\nAuthorization = \"Bearer b\"\n",
+    ] {
+        let err = build(&config(text)).expect_err(text);
+        assert!(matches!(err, ProviderError::Config { .. }), "{text}: {err:?}");
+    }
+}
+
+// --- Scripted ---------------------------------------------------------------------------
+
+const FIXTURE: &str = r#"
+[[response]]
+role = "dev"
+match = "fix the failing"
+text = """
+--- a/src/lib.rs
++++ b/src/lib.rs
+@@ -1 +1 @@
+-pub fn add(a: i32, b: i32) -> i32 { a - b }
++pub fn add(a: i32, b: i32) -> i32 { a + b }
+"""
+input_tokens = 812
+output_tokens = 240
+model = "scripted-1"
+
+[[response]]
+role = "qa"
+text = "All tests pass."
+input_tokens = 300
+output_tokens = 12
+finish_reason = "end_turn"
+
+[[response]]
+match = "fix the failing"
+text = "any other role asking for a fix"
+input_tokens = 1
+output_tokens = 1
+"#;
+
+fn scripted(fixture: &str) -> (tempfile::TempDir, Result<AnyProvider, ProviderError>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("fixture.toml");
+    std::fs::write(&path, fixture).expect("write fixture");
+    let cfg = config(&format!("kind = \"scripted\"\nfixture = {:?}\n", path.to_str().expect("utf-8 path")));
+    (dir, build(&cfg))
+}
+
+fn asking(role: &str, prompt: &str) -> CompletionRequest {
+    CompletionRequest {
+        role: role.into(),
+        messages: vec![Message::user("earlier"), Message::assistant("ok"), Message::user(prompt)],
+        ..conversation()
+    }
+}
+
+#[tokio::test]
+async fn scripted_answers_the_first_entry_whose_role_and_match_fit() {
+    let (_dir, provider) = scripted(FIXTURE);
+    let provider = provider.expect("builds");
+    assert_eq!(provider.name(), "scripted");
+
+    let dev = provider.complete(&asking("dev", "Please fix the failing test.")).await.expect("dev entry");
+    assert!(dev.text.starts_with("--- a/src/lib.rs\n"), "{}", dev.text);
+    assert_eq!(dev.usage, TokenUsage { input_tokens: 812, output_tokens: 240 });
+    assert_eq!(dev.model, "scripted-1");
+    assert_eq!(dev.finish_reason.as_deref(), Some("stop"));
+
+    let qa = provider.complete(&asking("qa", "anything")).await.expect("qa entry");
+    assert_eq!(qa.text, "All tests pass.");
+    assert_eq!(qa.usage, TokenUsage { input_tokens: 300, output_tokens: 12 });
+    assert_eq!(qa.model, "scripted");
+    assert_eq!(qa.finish_reason.as_deref(), Some("end_turn"));
+
+    // Any role with the substring reaches the third entry.
+    let review = provider.complete(&asking("review", "fix the failing one")).await.expect("third entry");
+    assert_eq!(review.text, "any other role asking for a fix");
+}
+
+#[tokio::test]
+async fn scripted_matches_on_the_last_user_message_only() {
+    let (_dir, provider) = scripted(FIXTURE);
+    let provider = provider.expect("builds");
+    let mut req = asking("dev", "something else");
+    req.messages[0].content = "fix the failing test".into();
+    let err = provider.complete(&req).await.expect_err("earlier message does not count");
+    match &err {
+        ProviderError::Fixture { role, prompt, task, fixture } => {
+            assert_eq!(role, "dev");
+            assert_eq!(prompt, "something else");
+            assert_eq!(task, &req.task_id.expect("set").to_string());
+            assert!(fixture.ends_with("fixture.toml"));
+        }
+        other => panic!("expected Fixture, got {other:?}"),
+    }
+    assert!(!err.is_retryable());
+    assert!(err.to_string().contains("something else"), "{err}");
+}
+
+#[test]
+fn scripted_refuses_bad_fixture_files() {
+    let (_dir, result) = scripted("[[response]]\nrole = \"dev\"\ntext = \"unterminated\ninput_tokens = 1\n");
+    let err = result.expect_err("TOML syntax error");
+    assert!(matches!(err, ProviderError::Config { .. }), "{err:?}");
+    let text = err.to_string();
+    assert!(text.contains("fixture.toml") && text.contains("line 3"), "{text}");
+
+    let (_dir, result) = scripted("[[response]]\ntext = \"no usage declared\"\n");
+    let err = result.expect_err("usage is required");
+    assert!(err.to_string().contains("input_tokens"), "{err}");
+
+    let (_dir, result) = scripted("[[response]]\ntext = \"a\"\ninput_tokens = 1\noutput_tokens = 1\nmatches = \"x\"\n");
+    let err = result.expect_err("unknown key");
+    assert!(err.to_string().contains("matches"), "{err}");
+
+    let (_dir, result) = scripted("");
+    assert!(matches!(result, Err(ProviderError::Config { .. })), "no entries");
+
+    let err = build(&config("kind = \"scripted\"\nfixture = \"/nonexistent/fixture.toml\"\n")).expect_err("missing");
+    assert!(err.to_string().contains("/nonexistent/fixture.toml"), "{err}");
+}
+
+#[test]
+fn the_estimate_grows_with_the_prompt() {
+    let short = estimate_input_tokens(&simple(None));
+    let long = estimate_input_tokens(&conversation());
+    assert!(short > 0 && long > short, "{short} {long}");
+}
+
+#[tokio::test]
+async fn the_example_fixture_loads_and_answers() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/fixtures/scripted-example.toml");
+    let provider = build(&config(&format!("kind = \"scripted\"\nfixture = {path:?}\n"))).expect("example is valid");
+    let dev = provider.complete(&asking("dev", "Please fix the failing test.")).await.expect("dev entry");
+    assert_eq!(dev.usage, TokenUsage { input_tokens: 812, output_tokens: 240 });
+    assert!(provider.complete(&asking("qa", "run the tests")).await.is_err(), "no qa entry in the example");
+}
