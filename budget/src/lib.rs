@@ -5,7 +5,15 @@
 //! concurrent calls can never overspend a per-task or daily limit between them. The
 //! `budget` process reads the same ledger to decide when the kill switch engages.
 //!
+//! The `budget` binary ([`app`]) consumes the orchestrator's usage reports and step
+//! outcomes, keeps counters ([`service`]) and engages the [`killswitch`] when the day is
+//! spent, steps keep failing, an unknown error appears, or an operator says so.
+//!
 //! # Layout
+//! - [`app`]: the binary's configuration file and wiring.
+//! - [`killswitch`]: engaging (one Lua script writes the state record once), the pauses to
+//!   every role, resuming; [`killswitch::KillSwitch`].
+//! - [`service`]: the bus handlers, the counters and the triggers.
 //! - [`alert`]: kill, resume and soft-limit alerts over Telegram and a signed webhook,
 //!   persisted in a Redis stream before they are sent and retried until delivered
 //!   ([`alert::AlertSender`], [`alert::AlertDispatcher`], [`alert::standard_webhooks`]).
@@ -16,4 +24,7 @@
 #![forbid(unsafe_code)]
 
 pub mod alert;
+pub mod app;
+pub mod killswitch;
 pub mod ledger;
+pub mod service;

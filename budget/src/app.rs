@@ -1,0 +1,275 @@
+//! Configuration and wiring of the `budget` binary: [`Config::load`], then [`App::build`],
+//! then [`App::run`] until shutdown.
+//!
+//! ```toml
+//! instance = "budget-0"
+//! redis_url = "redis://budget:PASSWORD@127.0.0.1:6379"   # or FLEET_REDIS_URL
+//! keyset = "keys/budget.toml"                             # fleetctl keys derive --process budget
+//! permissions = "config/permissions.toml"
+//! grace_secs = 10
+//!
+//! [ledger]          # budget::ledger::LedgerConfig: daily/per-task limits, per_role, prices
+//! [killswitch]      # budget::service::TriggerConfig: failure_threshold, known_error_kinds, …
+//! [alerts]          # budget::alert::AlertsConfig: telegram, webhook, retry tunables
+//! ```
+//!
+//! Environment overrides (read through the `env` function passed to [`Config::load`]):
+//! `FLEET_REDIS_URL`, `FLEET_BUDGET_INSTANCE`, `FLEET_TELEGRAM_BOT_TOKEN` and
+//! `FLEET_TELEGRAM_CHAT_ID` (both, to add or replace the Telegram channel),
+//! `FLEET_WEBHOOK_URL` and `FLEET_WEBHOOK_SECRET` (both, for the webhook).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use bus::{Consumer, ConsumerConfig, KillEpoch, Publisher, PublisherConfig};
+use envelope::{Instance, Keyset, PermissionTable, Role, StreamName, Verifier, VerifierConfig, streams};
+use secrecy::SecretString;
+use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::alert::{AlertDispatcher, AlertSender, AlertsConfig, TelegramConfig, WebhookConfig};
+use crate::killswitch::KillSwitch;
+use crate::ledger::{Ledger, LedgerConfig};
+use crate::service::{Budget, ControlHandler, OutcomeHandler, TriggerConfig, UsageHandler};
+
+/// The configuration file (TOML). Unknown keys are refused.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    /// This process's instance name: its consumer name in every group, and the sender of
+    /// the pauses. Stable across restarts.
+    #[serde(default = "default_instance")]
+    instance: String,
+    /// Redis URL; `FLEET_REDIS_URL` overrides it.
+    redis_url: Option<String>,
+    /// The budget's keyset (`fleetctl keys derive --process budget`).
+    keyset: PathBuf,
+    /// The permission table.
+    #[serde(default = "default_permissions")]
+    permissions: PathBuf,
+    /// Seconds a running handler gets on shutdown.
+    #[serde(default = "default_grace")]
+    grace_secs: u64,
+    /// Limits and prices; the same section the orchestrator's model proxy uses.
+    #[serde(default)]
+    ledger: LedgerConfig,
+    /// When the kill switch engages.
+    #[serde(default)]
+    killswitch: TriggerConfig,
+    /// Alert channels.
+    #[serde(default)]
+    alerts: AlertsConfig,
+}
+
+fn default_instance() -> String {
+    "budget-0".into()
+}
+fn default_permissions() -> PathBuf {
+    "config/permissions.toml".into()
+}
+fn default_grace() -> u64 {
+    10
+}
+
+/// A configuration problem: the message names the setting, never a secret's value.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+/// Everything `budget` needs, loaded and checked.
+pub struct Config {
+    /// Consumer name and sender instance.
+    pub instance: Instance,
+    redis_url: SecretString,
+    keyset: Keyset,
+    permissions: PermissionTable,
+    /// Limits and prices.
+    pub ledger: LedgerConfig,
+    /// Kill-switch triggers.
+    pub triggers: TriggerConfig,
+    /// Alert channels and tunables.
+    pub alerts: AlertsConfig,
+    /// Shutdown grace.
+    pub grace: Duration,
+}
+
+impl std::fmt::Debug for Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Config")
+            .field("instance", &self.instance)
+            .field("redis_url", &"**REDACTED**")
+            .field("ledger", &self.ledger)
+            .field("triggers", &self.triggers)
+            .field("alerts", &self.alerts)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read(path: &Path, what: &str, fix: &str) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read {what} '{}': {e}; {fix}", path.display())))
+}
+
+impl Config {
+    /// Reads the TOML file at `path`, with `env` for the `FLEET_…` overrides (passed in, so
+    /// tests never touch the process environment).
+    pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let text = read(path, "configuration file", "pass --config with the budget's TOML file")?;
+        Self::parse(&text, path, env)
+    }
+
+    /// [`Config::load`] from text; relative paths in it are as given (relative to the
+    /// working directory).
+    pub fn parse(text: &str, path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let mut file: FileConfig = toml::from_str(text)
+            .map_err(|e| ConfigError(format!("invalid configuration file '{}': {}", path.display(), e.message())))?;
+        let instance = env("FLEET_BUDGET_INSTANCE").unwrap_or(file.instance);
+        let instance = Instance::parse(&instance).map_err(|e| ConfigError(format!("setting `instance`: {e}")))?;
+        let redis_url = env("FLEET_REDIS_URL")
+            .or(file.redis_url)
+            .ok_or_else(|| ConfigError("no Redis URL: set `redis_url` or FLEET_REDIS_URL".into()))?;
+        let keyset =
+            Keyset::parse(&read(&file.keyset, "keyset", "derive it with `fleetctl keys derive --process budget`")?)
+                .map_err(|e| ConfigError(format!("setting `keyset` ('{}'): {e}", file.keyset.display())))?;
+        if keyset.process != envelope::Process::Role(Role::Budget) {
+            return Err(ConfigError(format!(
+                "setting `keyset`: '{}' is the keyset of {}, not of the budget manager",
+                file.keyset.display(),
+                keyset.process
+            )));
+        }
+        let permissions = PermissionTable::parse(&read(
+            &file.permissions,
+            "permission file",
+            "set `permissions` to config/permissions.toml",
+        )?)
+        .map_err(|e| ConfigError(format!("setting `permissions`: {e}")))?;
+        file.ledger.validate().map_err(|e| ConfigError(format!("section [ledger]: {e}")))?;
+        file.killswitch.validate().map_err(ConfigError)?;
+        if let (Some(token), Some(chat)) = (env("FLEET_TELEGRAM_BOT_TOKEN"), env("FLEET_TELEGRAM_CHAT_ID")) {
+            let base = file.alerts.telegram.take().map(|t| t.base_url);
+            let mut t = TelegramConfig::new(token.into(), chat.into());
+            if let Some(b) = base {
+                t.base_url = b;
+            }
+            file.alerts.telegram = Some(t);
+        }
+        if let (Some(url), Some(secret)) = (env("FLEET_WEBHOOK_URL"), env("FLEET_WEBHOOK_SECRET")) {
+            file.alerts.webhook = Some(WebhookConfig { url: url.into(), secret: secret.into() });
+        }
+        Ok(Self {
+            instance,
+            redis_url: redis_url.into(),
+            keyset,
+            permissions,
+            ledger: file.ledger,
+            triggers: file.killswitch,
+            alerts: file.alerts,
+            grace: Duration::from_secs(file.grace_secs),
+        })
+    }
+}
+
+/// The running budget manager's parts.
+pub struct App {
+    budget: Budget,
+    redis: deadpool_redis::Pool,
+    verifier: Arc<Verifier>,
+    dispatcher: AlertDispatcher,
+    instance: Instance,
+    grace: Duration,
+}
+
+impl std::fmt::Debug for App {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("App").field("instance", &self.instance).finish_non_exhaustive()
+    }
+}
+
+impl App {
+    /// Sets up the pool, the ledger, the alert channels and the kill switch. Invalid alert
+    /// settings are configuration errors (the message names the setting).
+    pub async fn build(cfg: Config) -> anyhow::Result<Self> {
+        use anyhow::Context;
+        let block = cfg.alerts.block.max(Duration::from_secs(2));
+        let redis = bus::pool(&cfg.redis_url, 16, block).context("Failed to set up the Redis pool")?;
+        let keyring = Arc::new(cfg.keyset.into_keyring());
+        let verifier = Arc::new(Verifier::new((*keyring).clone(), cfg.permissions, VerifierConfig::default()));
+        let publisher = Arc::new(Publisher::new(redis.clone(), keyring, PublisherConfig::default()));
+        let alerts = AlertSender::new(redis.clone(), &cfg.alerts);
+        let dispatcher = AlertDispatcher::new(redis.clone(), &cfg.alerts).context("Invalid alert configuration")?;
+        let ledger = Ledger::new(redis.clone(), cfg.ledger).context("Invalid ledger configuration")?;
+        let killswitch = KillSwitch::new(redis.clone(), publisher, alerts.clone(), cfg.instance.clone())
+            .with_control_ttl(Duration::from_secs(cfg.triggers.control_ttl_secs));
+        let budget = Budget {
+            killswitch,
+            ledger,
+            alerts,
+            pool: redis.clone(),
+            triggers: Arc::new(cfg.triggers),
+            needs_reassert: Arc::new(AtomicBool::new(false)),
+        };
+        Ok(Self { budget, redis, verifier, dispatcher, instance: cfg.instance, grace: cfg.grace })
+    }
+
+    /// Runs the consumers, the periodic check, the control listener and the alert
+    /// dispatcher until `shutdown`, then drains.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        use anyhow::Context;
+        // An engagement left half done by a crash: send its pauses and alert again.
+        let state = self.budget.killswitch.reassert().await.context("Failed to read the kill-switch record")?;
+        let epoch = KillEpoch::new(state.epoch);
+        let mut tasks = tokio::task::JoinSet::new();
+        // The epoch this process's verifiers use follows the record.
+        let listener = bus::ControlListener::new(
+            self.redis.clone(),
+            self.verifier.clone(),
+            Role::Budget,
+            epoch.clone(),
+            bus::Gate::default(),
+        );
+        tasks.spawn(listener.run(shutdown.clone()));
+        let consumer = |stream: &str| {
+            let mut c = ConsumerConfig::new(
+                StreamName::parse(stream).expect("fleet stream names are valid"),
+                "budget",
+                self.instance.as_str(),
+            );
+            c.grace = self.grace;
+            c
+        };
+        let usage = Consumer::new(
+            consumer(streams::USAGE),
+            self.redis.clone(),
+            self.verifier.clone(),
+            epoch.clone(),
+            UsageHandler(self.budget.clone()),
+        )?;
+        let outcomes = Consumer::new(
+            consumer(streams::OUTCOMES),
+            self.redis.clone(),
+            self.verifier.clone(),
+            epoch.clone(),
+            OutcomeHandler(self.budget.clone()),
+        )?;
+        let control = Consumer::new(
+            consumer(StreamName::control(Role::Budget).as_str()),
+            self.redis.clone(),
+            self.verifier.clone(),
+            epoch.clone(),
+            ControlHandler(self.budget.clone()),
+        )?;
+        tasks.spawn(usage.run(shutdown.clone()));
+        tasks.spawn(outcomes.run(shutdown.clone()));
+        tasks.spawn(control.run(shutdown.clone()));
+        tasks.spawn(self.budget.clone().tick_loop(shutdown.clone()));
+        tasks.spawn(self.dispatcher.run(shutdown.clone()));
+        tracing::info!(instance = %self.instance, epoch = state.epoch, engaged = state.engaged, "Budget manager running.");
+        shutdown.cancelled().await;
+        telemetry::drain(async { while tasks.join_next().await.is_some() {} }, self.grace + Duration::from_secs(1))
+            .await;
+        Ok(())
+    }
+}

@@ -1,0 +1,66 @@
+//! `budget`: meters the fleet's model spend, keeps its counters, engages the kill switch
+//! and sends the alerts.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// The agentfleet budget manager. It consumes fleet:usage, fleet:outcomes and
+/// fleet:control:budget (consumer group "budget"), keeps usage and failure counters in
+/// Redis, and engages the kill switch when the daily budget is spent, after N consecutive
+/// failed steps (default 3), on an outcome with an unknown error kind, or on an operator's
+/// kill (relayed by the orchestrator). Engaging writes the state record fleet:killswitch
+/// once (new epoch, who, why, when), sends a signed control.pause to fleet:control:<role>
+/// for dev, qa, review, refactor and orchestrator, and sends one alert (Telegram and/or a
+/// Standard Webhooks signed webhook), retried until delivered. Only an admin's resume
+/// (API or `fleetctl resume`) releases it. See docs/operations.md, "Kill switch".
+///
+/// Exit codes: 0 after a clean shutdown (SIGINT/SIGTERM), 64 for an invalid command line
+/// or configuration (the message names the setting), 1 when Redis cannot be reached at
+/// start or another failure stops it.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Cli {
+    /// The TOML configuration file (budget/budget.example.toml). FLEET_REDIS_URL,
+    /// FLEET_BUDGET_INSTANCE, FLEET_TELEGRAM_BOT_TOKEN + FLEET_TELEGRAM_CHAT_ID and
+    /// FLEET_WEBHOOK_URL + FLEET_WEBHOOK_SECRET override it.
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+    /// Log JSON lines instead of text.
+    #[arg(long)]
+    json_logs: bool,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli: Cli = match telemetry::parse_args() {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    telemetry::init("budget", cli.json_logs);
+    let config = match budget::app::Config::load(&cli.config, &|k| std::env::var(k).ok()) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "Invalid configuration.");
+            eprintln!("budget: {e}");
+            return ExitCode::from(telemetry::EX_USAGE);
+        }
+    };
+    let shutdown = telemetry::shutdown();
+    let app = match budget::app::App::build(config).await {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "Failed to start.");
+            eprintln!("budget: {e:#}");
+            return ExitCode::from(telemetry::EX_USAGE);
+        }
+    };
+    match app.run(shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "Stopped on an error.");
+            ExitCode::FAILURE
+        }
+    }
+}
