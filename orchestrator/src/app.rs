@@ -62,6 +62,73 @@ struct FileConfig {
     /// owner instead; audit partitions are still ensured.
     #[serde(default = "default_true")]
     migrate_on_start: bool,
+    /// The tool proxy and capability leases; without it workers get no leases and tool
+    /// requests go unanswered.
+    #[serde(default)]
+    tools: Option<ToolsFile>,
+}
+
+/// `[tools]`: the tool proxy.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ToolsFile {
+    /// File with the secret that signs capability leases (32+ characters).
+    lease_secret_file: PathBuf,
+    /// The risk matrix.
+    #[serde(default = "default_risk_matrix")]
+    risk_matrix: PathBuf,
+    /// The budget ledger's limits and price table (TOML; see the budget crate).
+    ledger: PathBuf,
+    /// The model provider.
+    provider: crate::providers::ProviderConfig,
+    /// Which model each role uses.
+    models: crate::proxy::ModelConfig,
+    /// `git.push_branch`.
+    #[serde(default)]
+    git: crate::gitops::GitConfig,
+}
+
+fn default_risk_matrix() -> PathBuf {
+    "config/risk_matrix.toml".into()
+}
+
+/// The loaded `[tools]` section.
+struct Tools {
+    leases: crate::lease::LeaseKeys,
+    matrix: Arc<crate::risk::RiskMatrix>,
+    ledger: budget::ledger::LedgerConfig,
+    provider: crate::providers::AnyProvider,
+    models: crate::proxy::ModelConfig,
+    git: crate::gitops::GitConfig,
+}
+
+impl Tools {
+    fn load(file: ToolsFile, lease_ttl: Duration, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let secret = read(&file.lease_secret_file, "lease secret file", "write at least 32 random characters into it")?;
+        let leases = crate::lease::LeaseKeys::new(&SecretString::from(secret.trim().to_owned()), lease_ttl)
+            .map_err(|e| ConfigError(format!("setting `tools.lease_secret_file`: {e}")))?;
+        let matrix = Arc::new(
+            crate::risk::RiskMatrix::load(&file.risk_matrix)
+                .map_err(|e| ConfigError(format!("setting `tools.risk_matrix`: {e}")))?,
+        );
+        let ledger = budget::ledger::LedgerConfig::from_toml(&read(
+            &file.ledger,
+            "ledger configuration",
+            "point `tools.ledger` at the budget's limits and prices (budget/budget.example.toml)",
+        )?)
+        .map_err(|e| ConfigError(format!("setting `tools.ledger` ('{}'): {e}", file.ledger.display())))?;
+        for model in std::iter::once(&file.models.default).chain(file.models.per_role.values()) {
+            if !ledger.prices.contains_key(model) {
+                return Err(ConfigError(format!(
+                    "model {model:?} has no price in '{}': add a [prices.{model}] table, or the ledger cannot meter it",
+                    file.ledger.display()
+                )));
+            }
+        }
+        let provider = crate::providers::build_with_env(&file.provider, |k| env(k))
+            .map_err(|e| ConfigError(format!("setting `tools.provider`: {e}")))?;
+        Ok(Self { leases, matrix, ledger, provider, models: file.models, git: file.git })
+    }
 }
 
 fn default_true() -> bool {
@@ -111,6 +178,7 @@ pub struct Config {
     tick: Duration,
     grace: Duration,
     migrate_on_start: bool,
+    tools: Option<Tools>,
 }
 
 impl std::fmt::Debug for Config {
@@ -180,6 +248,7 @@ impl Config {
         let mut engine = EngineConfig::new(instance.clone());
         engine.max_retries = file.max_retries;
         engine.step_deadline = Duration::from_secs(file.step_deadline_secs);
+        let tools = file.tools.map(|t| Tools::load(t, engine.assign_ttl, env)).transpose()?;
         Ok(Self {
             instance,
             database_url: database_url.into(),
@@ -192,6 +261,7 @@ impl Config {
             tick: Duration::from_secs(file.tick_secs),
             grace: Duration::from_secs(file.grace_secs),
             migrate_on_start: file.migrate_on_start,
+            tools,
         })
     }
 }
@@ -206,6 +276,7 @@ pub struct App {
     instance: Instance,
     tick: Duration,
     grace: Duration,
+    proxy: Option<(crate::proxy::ToolProxy, Arc<crate::risk::RiskMatrix>, crate::gitops::GitConfig)>,
 }
 
 impl std::fmt::Debug for App {
@@ -229,7 +300,23 @@ impl App {
         let redis = bus::pool(&cfg.redis_url, 16, Duration::from_secs(2)).context("Failed to set up the Redis pool")?;
         let keyring = Arc::new(cfg.keyset.into_keyring());
         let verifier = Arc::new(Verifier::new((*keyring).clone(), cfg.permissions, VerifierConfig::default()));
-        let engine = Engine::new(pool, keyring, cfg.audit_key, cfg.engine);
+        let mut engine = Engine::new(pool, keyring, cfg.audit_key, cfg.engine);
+        let mut proxy = None;
+        if let Some(t) = cfg.tools {
+            let issuer = crate::lease::LeaseIssuer {
+                keys: t.leases.clone(),
+                matrix: t.matrix.clone(),
+                per_task_tokens: t.ledger.per_task_tokens,
+                per_task_micro_usd: t.ledger.per_task_micro_usd.0,
+            };
+            engine = engine.with_leases(Arc::new(issuer));
+            let ledger = budget::ledger::Ledger::new(redis.clone(), t.ledger).context("Invalid ledger configuration")?;
+            let handler =
+                crate::proxy::ToolProxy::new(engine.clone(), t.leases, t.matrix.clone(), t.provider, ledger, t.models);
+            proxy = Some((handler, t.matrix, t.git));
+        } else {
+            tracing::warn!("No [tools] section: assignments carry no capability lease and tool requests are not served.");
+        }
         let state = ApiState::new(engine.clone(), redis.clone(), &cfg.api).context("Invalid API configuration")?;
         let listener = tokio::net::TcpListener::bind(cfg.api.listen)
             .await
@@ -243,6 +330,7 @@ impl App {
             instance: cfg.instance,
             tick: cfg.tick,
             grace: cfg.grace,
+            proxy,
         })
     }
 
@@ -252,7 +340,7 @@ impl App {
     }
 
     /// Runs consumers, the tick loop and the HTTP API until `shutdown`, then drains.
-    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(mut self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let (epoch, _) = self.engine.fleet_state().await?;
         let kill_epoch = KillEpoch::new(epoch);
         let mut tasks = tokio::task::JoinSet::new();
@@ -290,6 +378,22 @@ impl App {
         tasks.spawn(beats.run(shutdown.clone()));
         tasks.spawn(questions.run(shutdown.clone()));
         tasks.spawn(tick_loop(self.engine.clone(), self.tick, shutdown.clone()));
+        if let Some((handler, matrix, git)) = self.proxy.take() {
+            let mut cfg = consumer(streams::TOOL_REQUESTS);
+            // A model call may take minutes; its entry must not be taken over meanwhile.
+            cfg.claim_idle = Duration::from_secs(600);
+            let tools = Consumer::new(cfg, self.redis.clone(), self.verifier.clone(), kill_epoch.clone(), handler)?;
+            tasks.spawn(tools.run(shutdown.clone()));
+            tasks.spawn(crate::proxy::push_loop(self.engine.clone(), matrix, git, self.tick, shutdown.clone()));
+        }
+        // The budget manager's pauses: halt the fleet, raise this process's kill epoch.
+        tasks.spawn(crate::control::run(
+            self.engine.clone(),
+            self.redis.clone(),
+            self.verifier.clone(),
+            kill_epoch.clone(),
+            shutdown.clone(),
+        ));
         // The kill epoch of this process follows the database (a kill through any orchestrator).
         let engine = self.engine.clone();
         let stop = shutdown.clone();

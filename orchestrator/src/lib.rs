@@ -9,9 +9,14 @@
 //! - [`db`]: connecting, migrations, monthly audit partitions.
 //! - [`state`]: the task states and the legal transitions of the XP cycle.
 //! - [`audit`]: appending to and verifying the hash-chained audit trail.
+//! - [`control`]: the kill switch's pauses from the budget manager: halt the fleet, raise the kill epoch.
 //! - [`service`]: bus handlers (results, heartbeats, questions) and the tick loop.
 //! - [`outbox`]: inserting sealed envelopes in the caller's transaction.
 //! - [`providers`]: the models behind the tool proxy's `llm.complete`: OpenAI-compatible, Anthropic, scripted.
+//! - [`risk`]: the risk matrix (`config/risk_matrix.toml`): action levels, their rules, role grants.
+//! - [`lease`]: capability leases (JWT) minted per assignment and checked on every tool request.
+//! - [`proxy`]: the tool proxy (`llm.complete` metered by the budget ledger) and the push of approved tasks.
+//! - [`gitops`]: `git.push_branch`: apply the approved diff to a fresh clone, push `agentfleet/task-<id>`.
 //! - [`tasks`]: the [`tasks::Engine`]: submit, apply results, heartbeats, deadlines, approvals, kill and resume.
 //! - [`api`]: the operators' HTTP API (axum) over the engine: bearer tokens with roles, per-client
 //!   intake rate limit, health, readiness and metrics.
@@ -19,9 +24,14 @@
 pub mod api;
 pub mod app;
 pub mod audit;
+pub mod control;
 pub mod db;
+pub mod gitops;
+pub mod lease;
 pub mod outbox;
 pub mod providers;
+pub mod proxy;
+pub mod risk;
 pub mod service;
 pub mod state;
 pub mod tasks;

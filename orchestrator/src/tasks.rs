@@ -12,8 +12,12 @@ use sqlx::{PgConnection, PgPool, Row};
 use uuid::Uuid;
 
 use crate::audit::{self, AuditEntry, AuditKey};
+use crate::lease::LeaseIssuer;
 use crate::outbox::{self, OutboxError};
 use crate::state::{self, Context, Event, IllegalTransition, Risk, TaskState};
+
+mod tools;
+pub use tools::PushJob;
 
 /// Why an engine call failed.
 #[derive(Debug, thiserror::Error)]
@@ -243,6 +247,9 @@ pub struct Engine {
     keyring: Arc<Keyring>,
     audit_key: AuditKey,
     cfg: EngineConfig,
+    /// Mints each assignment's capability lease; without it assignments carry none (tests
+    /// of the cycle alone).
+    leases: Option<Arc<LeaseIssuer>>,
 }
 
 struct Change<'a> {
@@ -265,7 +272,13 @@ impl<'a> Change<'a> {
 impl Engine {
     /// An engine over `pool`, signing with `keyring`, auditing with `audit_key`.
     pub fn new(pool: PgPool, keyring: Arc<Keyring>, audit_key: AuditKey, cfg: EngineConfig) -> Self {
-        Self { pool, keyring, audit_key, cfg }
+        Self { pool, keyring, audit_key, cfg, leases: None }
+    }
+
+    /// Mints a capability lease into every assignment from now on.
+    pub fn with_leases(mut self, leases: Arc<LeaseIssuer>) -> Self {
+        self.leases = Some(leases);
+        self
     }
 
     /// The pool (for health checks).
@@ -532,13 +545,36 @@ impl Engine {
     /// The kill switch, from an operator: raises the kill epoch, halts every open task and
     /// tells the budget manager (`control.pause` on `fleet:control:budget`). Idempotent.
     pub async fn kill(&self, by: &Actor, reason: &str) -> Result<u64, EngineError> {
+        self.halt_fleet(by, reason, None).await
+    }
+
+    /// The kill switch, from the budget manager (`control.pause` on
+    /// `fleet:control:orchestrator`): the kill epoch becomes `max(current, epoch)`, every open
+    /// task is halted, and the budget manager is told (a pause reaching an engaged budget is
+    /// a no-op, so this does not loop). Idempotent: a halted fleet stays as it is, and a pause
+    /// whose epoch is not above the current one while the fleet runs was already answered by
+    /// an admin's resume (the budget had not processed it yet) and is ignored.
+    pub async fn kill_at(&self, by: &Actor, epoch: u64, reason: &str) -> Result<u64, EngineError> {
+        self.halt_fleet(by, reason, Some(epoch)).await
+    }
+
+    /// The shared body of [`Engine::kill`] (`at` = None: the next epoch) and
+    /// [`Engine::kill_at`].
+    async fn halt_fleet(&self, by: &Actor, reason: &str, at: Option<u64>) -> Result<u64, EngineError> {
         let mut tx = self.pool.begin().await?;
         let (epoch, halted): (i64, bool) =
             sqlx::query_as("SELECT kill_epoch, halted FROM fleet_state FOR UPDATE").fetch_one(&mut *tx).await?;
         if halted {
             return Ok(epoch as u64);
         }
-        let epoch = epoch + 1;
+        let epoch = match at {
+            None => epoch + 1,
+            Some(at) if at <= epoch as u64 => {
+                tracing::info!(epoch, pause_epoch = at, "Ignored a pause the fleet already resumed from.");
+                return Ok(epoch as u64);
+            }
+            Some(at) => i64::try_from(at).map_err(|_| EngineError::Invalid(format!("kill epoch {at} out of range")))?,
+        };
         sqlx::query(
             "UPDATE fleet_state SET kill_epoch = $1, halted = true, changed_by = $2, reason = $3, changed_at = now()",
         )
@@ -695,7 +731,17 @@ impl Engine {
             findings,
             scope: spec.get("scope").and_then(|v| serde_json::from_value(v.clone()).ok()).unwrap_or_default(),
         };
-        let id = self.enqueue(tx, &StreamName::tasks(role), role, Some(task.id), None, assign.into()).await?;
+        let workspace = assign.workspace.clone();
+        let scope = assign.scope.clone();
+        let mut env = self.envelope(tx, role, Some(task.id), None, assign.into()).await?;
+        if let Some(leases) = &self.leases {
+            let lease = leases
+                .issue(env.id, task.id, role, &workspace, &scope, task.risk)
+                .map_err(|e| EngineError::Invalid(format!("cannot mint the capability lease: {e}")))?;
+            env.lease = Some(lease);
+        }
+        outbox::enqueue(tx, &self.keyring, &StreamName::tasks(role), &env).await?;
+        let id = env.id;
         sqlx::query(
             "UPDATE tasks SET attempt = $2, assignment_id = $3, deadline_at = $4, assigned_to = NULL WHERE id = $1",
         )
@@ -718,14 +764,27 @@ impl Engine {
         causation_id: Option<Uuid>,
         payload: Payload,
     ) -> Result<Uuid, EngineError> {
+        let env = self.envelope(tx, to, task_id, causation_id, payload).await?;
+        outbox::enqueue(tx, &self.keyring, stream, &env).await?;
+        Ok(env.id)
+    }
+
+    /// An envelope from this orchestrator under the current kill epoch (read in `tx`).
+    async fn envelope(
+        &self,
+        tx: &mut PgConnection,
+        to: Role,
+        task_id: Option<Uuid>,
+        causation_id: Option<Uuid>,
+        payload: Payload,
+    ) -> Result<Envelope, EngineError> {
         let epoch: i64 = sqlx::query_scalar("SELECT kill_epoch FROM fleet_state").fetch_one(&mut *tx).await?;
         let from = Sender { role: Role::Orchestrator, instance: self.cfg.instance.clone() };
         let mut env =
             Envelope::new(from, to, bus::now_ms(), self.cfg.assign_ttl.as_millis() as u64, epoch as u64, payload);
         env.task_id = task_id;
         env.causation_id = causation_id;
-        outbox::enqueue(tx, &self.keyring, stream, &env).await?;
-        Ok(env.id)
+        Ok(env)
     }
 }
 

@@ -1,0 +1,346 @@
+//! The tool proxy: workers ask, the orchestrator acts with credentials the workers never
+//! hold.
+//!
+//! Each `tool.request` on `fleet:tool:requests` is checked, in order: its capability lease
+//! (signature, expiry), that the lease is for this task, role and the task's *current* step,
+//! that the action is granted, and the risk matrix's rule for the action's level. A refusal
+//! is answered (`ok = false`, with a code) and audited. An allowed `llm.complete` reserves
+//! its estimated tokens and money in the ledger before the call, commits the provider's
+//! figures after it, and sends a `usage` envelope to the budget manager; the answer, its
+//! audit row and the usage go out in one transaction through the outbox.
+//!
+//! Approved tasks are pushed by [`push_loop`] (`git.push_branch`), also under the matrix.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use budget::ledger::{Ledger, Refusal, ReserveError};
+use bus::{Delivery, Handler, HandlerError};
+use envelope::{Envelope, Payload, Role, ToolRequest, ToolResponse, Usage, Verified};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+use crate::gitops::{self, GitConfig, PushError};
+use crate::lease::{LeaseClaims, LeaseKeys};
+use crate::providers::{AnyProvider, CompletionRequest, Message, MessageRole, Provider, estimate_input_tokens};
+use crate::risk::{Decision, RiskMatrix};
+use crate::tasks::{Actor, Engine, EngineError};
+
+/// Model choice (`[models]` in the orchestrator's configuration).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelConfig {
+    /// The model every role uses unless `per_role` names another.
+    pub default: String,
+    /// Per role.
+    #[serde(default)]
+    pub per_role: BTreeMap<Role, String>,
+    /// Largest `max_tokens` a worker may ask for.
+    #[serde(default = "max_output")]
+    pub max_output_tokens: u32,
+    /// Attempts per call when the provider answers with a retryable error.
+    #[serde(default = "attempts")]
+    pub attempts: u32,
+}
+
+fn max_output() -> u32 {
+    4096
+}
+fn attempts() -> u32 {
+    3
+}
+
+impl ModelConfig {
+    fn model_for(&self, role: Role) -> &str {
+        self.per_role.get(&role).map_or(self.default.as_str(), String::as_str)
+    }
+}
+
+/// What `llm.complete` takes (the request's `input`, JSON).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CompleteInput {
+    #[serde(default)]
+    system: Option<String>,
+    messages: Vec<InputMessage>,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InputMessage {
+    role: MessageRole,
+    content: String,
+}
+
+/// A refusal: code for machines, message for people.
+#[derive(Debug)]
+struct Refused {
+    code: &'static str,
+    message: String,
+}
+
+fn refused(code: &'static str, message: impl Into<String>) -> Refused {
+    Refused { code, message: message.into() }
+}
+
+struct Inner {
+    engine: Engine,
+    leases: LeaseKeys,
+    matrix: Arc<RiskMatrix>,
+    provider: AnyProvider,
+    ledger: Ledger,
+    models: ModelConfig,
+}
+
+/// The `fleet:tool:requests` handler.
+#[derive(Clone)]
+pub struct ToolProxy(Arc<Inner>);
+
+impl std::fmt::Debug for ToolProxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ToolProxy").field("models", &self.0.models).finish_non_exhaustive()
+    }
+}
+
+fn transient(e: impl std::fmt::Display) -> HandlerError {
+    HandlerError::Transient(e.to_string())
+}
+
+impl ToolProxy {
+    /// A proxy acting through `engine`.
+    pub fn new(
+        engine: Engine,
+        leases: LeaseKeys,
+        matrix: Arc<RiskMatrix>,
+        provider: AnyProvider,
+        ledger: Ledger,
+        models: ModelConfig,
+    ) -> Self {
+        Self(Arc::new(Inner { engine, leases, matrix, provider, ledger, models }))
+    }
+
+    /// The lease and policy checks; the claims when they pass.
+    async fn admit(&self, env: &Verified<Envelope>, req: &ToolRequest) -> Result<Result<LeaseClaims, Refused>, EngineError> {
+        let claims = match self.0.leases.check(env.lease.as_deref()) {
+            Ok(c) => c,
+            Err(e) => return Ok(Err(refused(e.code(), e.to_string()))),
+        };
+        if Some(claims.task) != env.task_id || env.causation_id != Some(claims.jti) {
+            return Ok(Err(refused("wrong_task", "the lease is for another task or step than the request names")));
+        }
+        if claims.role != env.from.role {
+            return Ok(Err(refused("wrong_role", format!("the lease is for {}, not {}", claims.role, env.from.role))));
+        }
+        let task = self.0.engine.get(claims.task).await?;
+        if task.assignment_id != Some(claims.jti) {
+            return Ok(Err(refused("lease_stale", "the step this lease was issued for is over")));
+        }
+        if claims.grant(&req.action).is_none() {
+            return Ok(Err(refused("action_not_granted", format!("the lease does not grant {}", req.action))));
+        }
+        // The matrix in force now decides, not the level written into the lease.
+        let Some(risk) = self.0.matrix.risk_of(&req.action) else {
+            return Ok(Err(refused("unknown_action", format!("{} is not in the risk matrix", req.action))));
+        };
+        let approved = self.0.engine.has_approval(claims.task).await?;
+        match self.0.matrix.decide(&req.action, risk, approved, chrono::Utc::now()) {
+            Decision::Allow => Ok(Ok(claims)),
+            Decision::Deny { code, message } => Ok(Err(refused(code, message))),
+        }
+    }
+
+    async fn refuse(&self, env: &Verified<Envelope>, req: &ToolRequest, r: Refused) -> Result<(), HandlerError> {
+        tracing::warn!(task = ?env.task_id, from = %env.from.instance, action = %req.action, code = r.code, "Refused a tool request.");
+        let output = json!({"error": r.code, "message": r.message}).to_string();
+        let detail = json!({"action": req.action, "request_id": req.request_id.to_string(), "code": r.code, "message": r.message});
+        self.0
+            .engine
+            .answer_tool(env, ToolResponse { request_id: req.request_id, ok: false, output }, "tool.refused", detail, None)
+            .await
+            .map_err(transient)
+    }
+
+    async fn complete(&self, env: &Verified<Envelope>, req: &ToolRequest, claims: &LeaseClaims) -> Result<(), HandlerError> {
+        let input: CompleteInput = match serde_json::from_str(&req.input) {
+            Ok(i) => i,
+            Err(e) => return self.refuse(env, req, refused("bad_input", format!("llm.complete input: {e}"))).await,
+        };
+        if input.messages.is_empty() {
+            return self.refuse(env, req, refused("bad_input", "llm.complete needs at least one message")).await;
+        }
+        let models = &self.0.models;
+        let max_tokens = input.max_tokens.unwrap_or(models.max_output_tokens).clamp(1, models.max_output_tokens);
+        let mut call = CompletionRequest {
+            model: models.model_for(claims.role).to_owned(),
+            system: input.system,
+            messages: input.messages.into_iter().map(|m| Message { role: m.role, content: m.content }).collect(),
+            max_tokens,
+            temperature: None,
+            task_id: Some(claims.task),
+            role: claims.role.as_str().to_owned(),
+        };
+        let estimate_in = estimate_input_tokens(&call);
+        // The lease's own limit (the task's risk level) before the ledger's.
+        let used = self.0.ledger.task_usage(claims.task).await.map_err(transient)?;
+        let spent = used.usage.tokens + used.usage.held_tokens;
+        if spent.saturating_add(estimate_in + u64::from(max_tokens)) > claims.max_tokens {
+            let why = format!("the task has used {spent} of its lease's {} tokens", claims.max_tokens);
+            self.0.engine.block(claims.task, &why).await.map_err(transient)?;
+            return self.refuse(env, req, refused("budget_exceeded", why)).await;
+        }
+        let reservation =
+            match self.0.ledger.reserve(claims.task, claims.role, &call.model, estimate_in, u64::from(max_tokens)).await {
+                Ok(r) => r,
+                Err(ReserveError::Refused(Refusal::TaskLimit { hit, .. })) => {
+                    let why = format!("the task is over its budget: {hit}");
+                    self.0.engine.block(claims.task, &why).await.map_err(transient)?;
+                    return self.refuse(env, req, refused("budget_exceeded", why)).await;
+                }
+                Err(ReserveError::Refused(Refusal::DailyLimit { day, hit })) => {
+                    let why = format!("the daily budget of {day} is spent: {hit}");
+                    let me = Actor { role: "orchestrator".into(), instance: "tool-proxy".into() };
+                    self.0.engine.kill(&me, &why).await.map_err(transient)?;
+                    return self.refuse(env, req, refused("budget_exceeded", why)).await;
+                }
+                Err(ReserveError::Ledger(e)) => return Err(transient(format!("ledger: {e}"))),
+            };
+        call.model.clone_from(&reservation.model);
+        let mut attempt = 0;
+        let answer = loop {
+            attempt += 1;
+            match self.0.provider.complete(&call).await {
+                Ok(c) => break Ok(c),
+                Err(e) if e.is_retryable() && attempt < models.attempts => {
+                    let wait = Duration::from_millis(250 << attempt.min(6));
+                    tracing::warn!(error = %e, attempt, "Model call failed; retrying.");
+                    tokio::time::sleep(wait).await;
+                }
+                Err(e) => break Err(e),
+            }
+        };
+        let completion = match answer {
+            Ok(c) => c,
+            Err(e) => {
+                if let Err(le) = self.0.ledger.release(&reservation).await {
+                    tracing::warn!(error = %le, "Cannot release a reservation; it lapses by itself.");
+                }
+                return self.refuse(env, req, refused("provider_error", e.to_string())).await;
+            }
+        };
+        let commit = self
+            .0
+            .ledger
+            .commit(&reservation, completion.usage.input_tokens, completion.usage.output_tokens)
+            .await
+            .map_err(transient)?;
+        let usage = Usage {
+            role: claims.role,
+            model: reservation.model.clone(),
+            input_tokens: completion.usage.input_tokens,
+            output_tokens: completion.usage.output_tokens,
+            cost_micro_usd: commit.cost.0,
+        };
+        let output = json!({
+            "text": completion.text,
+            "model": completion.model,
+            "input_tokens": completion.usage.input_tokens,
+            "output_tokens": completion.usage.output_tokens,
+        })
+        .to_string();
+        let detail = json!({
+            "request_id": req.request_id.to_string(),
+            "model": reservation.model,
+            "rerouted": reservation.rerouted(),
+            "input_tokens": usage.input_tokens,
+            "output_tokens": usage.output_tokens,
+            "cost_micro_usd": usage.cost_micro_usd,
+        });
+        self.0
+            .engine
+            .answer_tool(env, ToolResponse { request_id: req.request_id, ok: true, output }, "tool.llm.complete", detail, Some(usage))
+            .await
+            .map_err(transient)
+    }
+}
+
+impl Handler for ToolProxy {
+    async fn handle(&self, d: Delivery) -> Result<(), HandlerError> {
+        let env = &d.envelope;
+        let Payload::ToolRequest(req) = &env.payload else {
+            return Err(HandlerError::Permanent(format!("expected tool.request, got {}", env.message_type())));
+        };
+        let claims = match self.admit(env, req).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(r)) => return self.refuse(env, req, r).await,
+            Err(EngineError::NotFound(id)) => {
+                return self.refuse(env, req, refused("wrong_task", format!("task {id} does not exist"))).await;
+            }
+            Err(e) => return Err(transient(e)),
+        };
+        match req.action.as_str() {
+            "llm.complete" => self.complete(env, req, &claims).await,
+            other => {
+                let why = format!("{other} is not an action workers may request; the orchestrator performs it itself");
+                self.refuse(env, req, refused("action_not_granted", why)).await
+            }
+        }
+    }
+}
+
+/// Pushes approved tasks' branches (`git.push_branch`) and marks them merged, until
+/// `shutdown`. A refused push fails the task; a git failure is retried next round.
+pub async fn push_loop(engine: Engine, matrix: Arc<RiskMatrix>, git: GitConfig, every: Duration, shutdown: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(every) => {}
+            () = shutdown.cancelled() => return,
+        }
+        if !git.push_on_approve {
+            continue;
+        }
+        let jobs = match engine.push_jobs(8).await {
+            Ok(j) => j,
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot list approved tasks; retrying.");
+                continue;
+            }
+        };
+        for job in jobs {
+            let task = &job.task;
+            let repo = task.spec.get("repository").and_then(Value::as_str).unwrap_or("");
+            let scope: Vec<String> =
+                task.spec.get("scope").and_then(|v| serde_json::from_value(v.clone()).ok()).unwrap_or_default();
+            let risk = matrix.risk_of("git.push_branch").unwrap_or(crate::state::Risk::Critical);
+            let approved = engine.has_approval(task.id).await.unwrap_or(false);
+            if let Decision::Deny { message, .. } = matrix.decide("git.push_branch", risk, approved, chrono::Utc::now()) {
+                tracing::info!(task = %task.id, reason = %message, "Push waits for the risk matrix.");
+                continue;
+            }
+            let result = if repo.is_empty() {
+                Err(PushError::Refused("the task names no repository to push to".into()))
+            } else {
+                gitops::push_branch(&git, repo, task.id, &task.title, &job.diff, &scope).await
+            };
+            match result {
+                Ok(commit) => {
+                    let branch = gitops::branch_of(task.id);
+                    match engine.pushed(task.id, &branch, &commit).await {
+                        Ok(_) => tracing::info!(task = %task.id, branch = %branch, commit = %commit, "Pushed the task's branch."),
+                        Err(e) => tracing::warn!(task = %task.id, error = %e, "Pushed, but cannot record it; retrying."),
+                    }
+                }
+                Err(PushError::Refused(why)) => {
+                    tracing::warn!(task = %task.id, reason = %why, "Push refused; failing the task.");
+                    if let Err(e) = engine.push_refused(task.id, &why).await {
+                        tracing::warn!(task = %task.id, error = %e, "Cannot record the refused push; retrying.");
+                    }
+                }
+                Err(PushError::Failed(why)) => tracing::warn!(task = %task.id, error = %why, "Push failed; retrying."),
+            }
+        }
+    }
+}

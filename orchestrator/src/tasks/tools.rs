@@ -1,0 +1,125 @@
+//! The engine's side of the tool proxy: answering `tool.request`s through the outbox with
+//! their audit rows, blocking a task over budget, and the push of approved tasks.
+
+use envelope::{Envelope, Payload, Role, StreamName, ToolResponse, Usage, Verified, streams};
+use serde_json::{Value, json};
+use uuid::Uuid;
+
+use super::{Actor, Change, Engine, EngineError, Task, fleet_halted, lock_task, try_lock_task};
+use crate::audit;
+use crate::state::{Event, TaskState};
+
+/// An approved task waiting for its branch to be pushed.
+#[derive(Debug, Clone)]
+pub struct PushJob {
+    /// The task.
+    pub task: Task,
+    /// The newest diff a worker returned (Refactor's, else Dev's).
+    pub diff: Vec<u8>,
+}
+
+impl Engine {
+    /// Answers `request` with `response` on the requester's own response stream, appends
+    /// the audit row `action` with `detail`, and (for a model call) sends `usage` to the
+    /// budget manager: one transaction, so an answer is never sent without its audit row.
+    pub async fn answer_tool(
+        &self,
+        request: &Verified<Envelope>,
+        response: ToolResponse,
+        action: &str,
+        detail: Value,
+        usage: Option<Usage>,
+    ) -> Result<(), EngineError> {
+        let mut tx = self.pool.begin().await?;
+        let actor = Actor::of(request);
+        audit::append(&mut tx, &self.audit_key, actor.entry(action, request.task_id, detail)).await?;
+        if let Some(usage) = usage {
+            let stream = StreamName::parse(streams::USAGE).expect("fleet:usage is a valid stream name");
+            self.enqueue(&mut tx, &stream, Role::Budget, request.task_id, Some(request.id), usage.into()).await?;
+        }
+        let stream = StreamName::tool_responses(request.from.role, &request.from.instance);
+        self.enqueue(&mut tx, &stream, request.from.role, request.task_id, Some(request.id), Payload::ToolResponse(response))
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Whether an operator approved `task` (HIGH and CRITICAL actions need it).
+    pub async fn has_approval(&self, task: Uuid) -> Result<bool, EngineError> {
+        Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM approvals WHERE task_id = $1 AND decision = 'approved')")
+            .bind(task)
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Blocks `task` (over its budget): its step stops until an operator unblocks it.
+    pub async fn block(&self, task: Uuid, reason: &str) -> Result<(), EngineError> {
+        let mut tx = self.pool.begin().await?;
+        let t = lock_task(&mut tx, task).await?;
+        if !matches!(t.state, TaskState::Dev | TaskState::Qa | TaskState::Review | TaskState::Refactor) {
+            return Ok(());
+        }
+        let me = self.me();
+        self.apply(&mut tx, &t, Change::new(Event::Block, "budget", json!({ "reason": reason }), &me)).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Approved tasks whose branch has not been pushed yet (oldest first), with their newest
+    /// diff. A task without any diff is returned with an empty one (the push refuses it).
+    pub async fn push_jobs(&self, limit: i64) -> Result<Vec<PushJob>, EngineError> {
+        let ids: Vec<Uuid> =
+            sqlx::query_scalar("SELECT id FROM tasks WHERE state = 'approved' ORDER BY updated_at LIMIT $1")
+                .bind(limit)
+                .fetch_all(&self.pool)
+                .await?;
+        let mut jobs = Vec::with_capacity(ids.len());
+        for id in ids {
+            let task = self.get(id).await?;
+            let diff: Option<Vec<u8>> = sqlx::query_scalar(
+                "SELECT content FROM artifacts WHERE task_id = $1 AND kind = 'diff' ORDER BY created_at DESC, id DESC LIMIT 1",
+            )
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?;
+            jobs.push(PushJob { task, diff: diff.unwrap_or_default() });
+        }
+        Ok(jobs)
+    }
+
+    /// Records the push of `task`'s branch and moves it to `merged`. Does nothing if the
+    /// task moved on meanwhile (another orchestrator pushed it, an operator failed it).
+    pub async fn pushed(&self, task: Uuid, branch: &str, commit: &str) -> Result<bool, EngineError> {
+        let mut tx = self.pool.begin().await?;
+        if fleet_halted(&mut tx).await? {
+            return Ok(false);
+        }
+        let Some(t) = try_lock_task(&mut tx, task).await? else { return Ok(false) };
+        if t.state != TaskState::Approved {
+            return Ok(false);
+        }
+        let me = self.me();
+        let detail = json!({ "branch": branch, "commit": commit });
+        audit::append(&mut tx, &self.audit_key, me.entry("tool.git.push_branch", Some(task), detail.clone())).await?;
+        self.apply(&mut tx, &t, Change::new(Event::Merged, "branch pushed", detail, &me)).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Records a refused push (outside the scope, protected branch): the task fails, with
+    /// the reason in its events and the audit trail.
+    pub async fn push_refused(&self, task: Uuid, reason: &str) -> Result<(), EngineError> {
+        let mut tx = self.pool.begin().await?;
+        let Some(t) = try_lock_task(&mut tx, task).await? else { return Ok(()) };
+        if t.state != TaskState::Approved {
+            return Ok(());
+        }
+        let me = self.me();
+        let detail = json!({ "reason": reason });
+        audit::append(&mut tx, &self.audit_key, me.entry("tool.refused", Some(task), json!({"action": "git.push_branch", "reason": reason})))
+            .await?;
+        self.apply(&mut tx, &t, Change::new(Event::Fail, "push refused", detail, &me)).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
