@@ -109,8 +109,10 @@ pub fn diff_paths(diff: &str) -> Vec<String> {
     for line in diff.lines() {
         let p = if let Some(rest) = line.strip_prefix("+++ ").or_else(|| line.strip_prefix("--- ")) {
             rest.split('\t').next().unwrap_or(rest)
-        } else if let Some(rest) =
-            line.strip_prefix("rename from ").or_else(|| line.strip_prefix("rename to ")).or_else(|| line.strip_prefix("copy to "))
+        } else if let Some(rest) = line
+            .strip_prefix("rename from ")
+            .or_else(|| line.strip_prefix("rename to "))
+            .or_else(|| line.strip_prefix("copy to "))
         {
             rest
         } else if let Some(rest) = line.strip_prefix("diff --git ") {
@@ -143,7 +145,13 @@ pub fn in_scope(path: &str, scope: &[String]) -> bool {
         return false;
     }
     scope.is_empty()
-        || scope.iter().any(|s| if s.ends_with('/') { path.starts_with(s.as_str()) } else { path == s || path.starts_with(&format!("{s}/")) })
+        || scope.iter().any(|s| {
+            if s.ends_with('/') {
+                path.starts_with(s.as_str())
+            } else {
+                path == s || path.starts_with(&format!("{s}/"))
+            }
+        })
 }
 
 /// Applies `diff` to a fresh clone of `repo` and pushes it as `agentfleet/task-<task>`.
@@ -185,7 +193,8 @@ pub async fn push_branch(
     let message = format!("agentfleet: {}\n\nTask {task}, pushed by the orchestrator after approval.", title.trim());
     let author = format!("user.name={}", cfg.author_name);
     let email = format!("user.email={}", cfg.author_email);
-    git(&dir, &["-c", &author, "-c", &email, "commit", "--quiet", "--no-verify", "-m", &message], None, timeout).await?;
+    git(&dir, &["-c", &author, "-c", &email, "commit", "--quiet", "--no-verify", "-m", &message], None, timeout)
+        .await?;
     let commit = git(&dir, &["rev-parse", "HEAD"], None, timeout).await?.trim().to_owned();
     // Forced: the branch is the task's own, and a retried push must replace an earlier one.
     let refspec = format!("+HEAD:refs/heads/{branch}");

@@ -117,13 +117,20 @@ impl LeaseKeys {
     pub fn new(secret: &SecretString, ttl: Duration) -> Result<Self, LeaseKeyError> {
         let bytes = secret.expose_secret().trim().as_bytes();
         if bytes.len() < 32 {
-            return Err(LeaseKeyError("must be at least 32 characters; write random bytes, e.g. `openssl rand -hex 32`".into()));
+            return Err(LeaseKeyError(
+                "must be at least 32 characters; write random bytes, e.g. `openssl rand -hex 32`".into(),
+            ));
         }
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_issuer(&[ISSUER]);
         validation.set_required_spec_claims(&["exp", "iss", "sub", "jti"]);
         validation.leeway = 5;
-        Ok(Self { encoding: EncodingKey::from_secret(bytes), decoding: DecodingKey::from_secret(bytes), validation, ttl })
+        Ok(Self {
+            encoding: EncodingKey::from_secret(bytes),
+            decoding: DecodingKey::from_secret(bytes),
+            validation,
+            ttl,
+        })
     }
 
     /// How long a lease lives.

@@ -124,7 +124,11 @@ impl ToolProxy {
     }
 
     /// The lease and policy checks; the claims when they pass.
-    async fn admit(&self, env: &Verified<Envelope>, req: &ToolRequest) -> Result<Result<LeaseClaims, Refused>, EngineError> {
+    async fn admit(
+        &self,
+        env: &Verified<Envelope>,
+        req: &ToolRequest,
+    ) -> Result<Result<LeaseClaims, Refused>, EngineError> {
         let claims = match self.0.leases.check(env.lease.as_deref()) {
             Ok(c) => c,
             Err(e) => return Ok(Err(refused(e.code(), e.to_string()))),
@@ -159,12 +163,23 @@ impl ToolProxy {
         let detail = json!({"action": req.action, "request_id": req.request_id.to_string(), "code": r.code, "message": r.message});
         self.0
             .engine
-            .answer_tool(env, ToolResponse { request_id: req.request_id, ok: false, output }, "tool.refused", detail, None)
+            .answer_tool(
+                env,
+                ToolResponse { request_id: req.request_id, ok: false, output },
+                "tool.refused",
+                detail,
+                None,
+            )
             .await
             .map_err(transient)
     }
 
-    async fn complete(&self, env: &Verified<Envelope>, req: &ToolRequest, claims: &LeaseClaims) -> Result<(), HandlerError> {
+    async fn complete(
+        &self,
+        env: &Verified<Envelope>,
+        req: &ToolRequest,
+        claims: &LeaseClaims,
+    ) -> Result<(), HandlerError> {
         let input: CompleteInput = match serde_json::from_str(&req.input) {
             Ok(i) => i,
             Err(e) => return self.refuse(env, req, refused("bad_input", format!("llm.complete input: {e}"))).await,
@@ -192,22 +207,26 @@ impl ToolProxy {
             self.0.engine.block(claims.task, &why).await.map_err(transient)?;
             return self.refuse(env, req, refused("budget_exceeded", why)).await;
         }
-        let reservation =
-            match self.0.ledger.reserve(claims.task, claims.role, &call.model, estimate_in, u64::from(max_tokens)).await {
-                Ok(r) => r,
-                Err(ReserveError::Refused(Refusal::TaskLimit { hit, .. })) => {
-                    let why = format!("the task is over its budget: {hit}");
-                    self.0.engine.block(claims.task, &why).await.map_err(transient)?;
-                    return self.refuse(env, req, refused("budget_exceeded", why)).await;
-                }
-                Err(ReserveError::Refused(Refusal::DailyLimit { day, hit })) => {
-                    let why = format!("the daily budget of {day} is spent: {hit}");
-                    let me = Actor { role: "orchestrator".into(), instance: "tool-proxy".into() };
-                    self.0.engine.kill(&me, &why).await.map_err(transient)?;
-                    return self.refuse(env, req, refused("budget_exceeded", why)).await;
-                }
-                Err(ReserveError::Ledger(e)) => return Err(transient(format!("ledger: {e}"))),
-            };
+        let reservation = match self
+            .0
+            .ledger
+            .reserve(claims.task, claims.role, &call.model, estimate_in, u64::from(max_tokens))
+            .await
+        {
+            Ok(r) => r,
+            Err(ReserveError::Refused(Refusal::TaskLimit { hit, .. })) => {
+                let why = format!("the task is over its budget: {hit}");
+                self.0.engine.block(claims.task, &why).await.map_err(transient)?;
+                return self.refuse(env, req, refused("budget_exceeded", why)).await;
+            }
+            Err(ReserveError::Refused(Refusal::DailyLimit { day, hit })) => {
+                let why = format!("the daily budget of {day} is spent: {hit}");
+                let me = Actor { role: "orchestrator".into(), instance: "tool-proxy".into() };
+                self.0.engine.kill(&me, &why).await.map_err(transient)?;
+                return self.refuse(env, req, refused("budget_exceeded", why)).await;
+            }
+            Err(ReserveError::Ledger(e)) => return Err(transient(format!("ledger: {e}"))),
+        };
         call.model.clone_from(&reservation.model);
         let mut attempt = 0;
         let answer = loop {
@@ -261,7 +280,13 @@ impl ToolProxy {
         });
         self.0
             .engine
-            .answer_tool(env, ToolResponse { request_id: req.request_id, ok: true, output }, "tool.llm.complete", detail, Some(usage))
+            .answer_tool(
+                env,
+                ToolResponse { request_id: req.request_id, ok: true, output },
+                "tool.llm.complete",
+                detail,
+                Some(usage),
+            )
             .await
             .map_err(transient)
     }
@@ -293,7 +318,13 @@ impl Handler for ToolProxy {
 
 /// Pushes approved tasks' branches (`git.push_branch`) and marks them merged, until
 /// `shutdown`. A refused push fails the task; a git failure is retried next round.
-pub async fn push_loop(engine: Engine, matrix: Arc<RiskMatrix>, git: GitConfig, every: Duration, shutdown: CancellationToken) {
+pub async fn push_loop(
+    engine: Engine,
+    matrix: Arc<RiskMatrix>,
+    git: GitConfig,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
     loop {
         tokio::select! {
             () = tokio::time::sleep(every) => {}
@@ -316,7 +347,8 @@ pub async fn push_loop(engine: Engine, matrix: Arc<RiskMatrix>, git: GitConfig, 
                 task.spec.get("scope").and_then(|v| serde_json::from_value(v.clone()).ok()).unwrap_or_default();
             let risk = matrix.risk_of("git.push_branch").unwrap_or(crate::state::Risk::Critical);
             let approved = engine.has_approval(task.id).await.unwrap_or(false);
-            if let Decision::Deny { message, .. } = matrix.decide("git.push_branch", risk, approved, chrono::Utc::now()) {
+            if let Decision::Deny { message, .. } = matrix.decide("git.push_branch", risk, approved, chrono::Utc::now())
+            {
                 tracing::info!(task = %task.id, reason = %message, "Push waits for the risk matrix.");
                 continue;
             }
@@ -329,8 +361,12 @@ pub async fn push_loop(engine: Engine, matrix: Arc<RiskMatrix>, git: GitConfig, 
                 Ok(commit) => {
                     let branch = gitops::branch_of(task.id);
                     match engine.pushed(task.id, &branch, &commit).await {
-                        Ok(_) => tracing::info!(task = %task.id, branch = %branch, commit = %commit, "Pushed the task's branch."),
-                        Err(e) => tracing::warn!(task = %task.id, error = %e, "Pushed, but cannot record it; retrying."),
+                        Ok(_) => {
+                            tracing::info!(task = %task.id, branch = %branch, commit = %commit, "Pushed the task's branch.")
+                        }
+                        Err(e) => {
+                            tracing::warn!(task = %task.id, error = %e, "Pushed, but cannot record it; retrying.")
+                        }
                     }
                 }
                 Err(PushError::Refused(why)) => {

@@ -116,8 +116,9 @@ fn minutes(hhmm: &str) -> Option<u32> {
 impl RiskMatrix {
     /// Reads and checks `path`.
     pub fn load(path: &Path) -> Result<Self, RiskError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| RiskError(format!("cannot read '{}': {e}; set `risk_matrix` to config/risk_matrix.toml", path.display())))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            RiskError(format!("cannot read '{}': {e}; set `risk_matrix` to config/risk_matrix.toml", path.display()))
+        })?;
         Self::parse(&text).map_err(|RiskError(m)| RiskError(format!("'{}': {m}", path.display())))
     }
 
@@ -127,8 +128,9 @@ impl RiskMatrix {
         let mut levels = BTreeMap::new();
         let mut action_risk = BTreeMap::new();
         for (name, l) in file.levels {
-            let risk = risk_of(&name)
-                .ok_or_else(|| RiskError(format!("unknown level [levels.{name}]: use low, medium, high or critical")))?;
+            let risk = risk_of(&name).ok_or_else(|| {
+                RiskError(format!("unknown level [levels.{name}]: use low, medium, high or critical"))
+            })?;
             if !(0.0..=1e6).contains(&l.cost_limit_usd) {
                 return Err(RiskError(format!("[levels.{name}] cost_limit_usd must be between 0 and 1000000")));
             }
@@ -266,7 +268,10 @@ mod tests {
             m.decide("pkg_install", Risk::Medium, false, at(23)),
             Decision::Deny { code: "outside_work_hours", .. }
         ));
-        assert!(matches!(m.decide("modify_ci", Risk::High, false, at(12)), Decision::Deny { code: "needs_approval", .. }));
+        assert!(matches!(
+            m.decide("modify_ci", Risk::High, false, at(12)),
+            Decision::Deny { code: "needs_approval", .. }
+        ));
         assert_eq!(m.decide("modify_ci", Risk::High, true, at(12)), Decision::Allow);
         assert!(matches!(
             m.decide("delete_data", Risk::Critical, false, at(12)),

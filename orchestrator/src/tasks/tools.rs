@@ -38,8 +38,15 @@ impl Engine {
             self.enqueue(&mut tx, &stream, Role::Budget, request.task_id, Some(request.id), usage.into()).await?;
         }
         let stream = StreamName::tool_responses(request.from.role, &request.from.instance);
-        self.enqueue(&mut tx, &stream, request.from.role, request.task_id, Some(request.id), Payload::ToolResponse(response))
-            .await?;
+        self.enqueue(
+            &mut tx,
+            &stream,
+            request.from.role,
+            request.task_id,
+            Some(request.id),
+            Payload::ToolResponse(response),
+        )
+        .await?;
         tx.commit().await?;
         Ok(())
     }
@@ -116,8 +123,12 @@ impl Engine {
         }
         let me = self.me();
         let detail = json!({ "reason": reason });
-        audit::append(&mut tx, &self.audit_key, me.entry("tool.refused", Some(task), json!({"action": "git.push_branch", "reason": reason})))
-            .await?;
+        audit::append(
+            &mut tx,
+            &self.audit_key,
+            me.entry("tool.refused", Some(task), json!({"action": "git.push_branch", "reason": reason})),
+        )
+        .await?;
         self.apply(&mut tx, &t, Change::new(Event::Fail, "push refused", detail, &me)).await?;
         tx.commit().await?;
         Ok(())
