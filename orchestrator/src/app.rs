@@ -62,6 +62,9 @@ struct FileConfig {
     /// owner instead; audit partitions are still ensured.
     #[serde(default = "default_true")]
     migrate_on_start: bool,
+    /// Workspaces are `<workspace_root>/task-<id>`; workers refuse one outside their own root.
+    #[serde(default = "default_workspace_root")]
+    workspace_root: String,
     /// The tool proxy and capability leases; without it workers get no leases and tool
     /// requests go unanswered.
     #[serde(default)]
@@ -86,6 +89,10 @@ struct ToolsFile {
     /// `git.push_branch`.
     #[serde(default)]
     git: crate::gitops::GitConfig,
+}
+
+fn default_workspace_root() -> String {
+    "/workspace".into()
 }
 
 fn default_risk_matrix() -> PathBuf {
@@ -248,6 +255,10 @@ impl Config {
         let mut engine = EngineConfig::new(instance.clone());
         engine.max_retries = file.max_retries;
         engine.step_deadline = Duration::from_secs(file.step_deadline_secs);
+        if !file.workspace_root.starts_with('/') {
+            return Err(ConfigError("setting `workspace_root` must be an absolute path".into()));
+        }
+        engine.workspace_root = file.workspace_root.trim_end_matches('/').to_owned();
         let tools = file.tools.map(|t| Tools::load(t, engine.assign_ttl, env)).transpose()?;
         Ok(Self {
             instance,
