@@ -1,16 +1,24 @@
 #!/usr/bin/env bash
-# The agentfleet demo: the one command that shows the fleet working end to end on a fresh
-# machine. It installs what it needs (redis-server, postgresql), builds the binaries, starts
-# a private Redis and Postgres on loopback, and runs what exists so far:
+# The agentfleet demo: the one command that shows the fleet doing its job end to end on a
+# fresh machine.
 #
-#   operator keys → orchestrator + outbox-relay → a task submitted over the HTTP API →
-#   its signed task.assign relayed onto fleet:tasks:dev and verified by `fleetctl tail` →
-#   kill switch and resume → the audit trail verified.
+#   A bundled example repository with a failing test (deploy/example-repo) is put in a local
+#   bare repository. A task is submitted over the HTTP API. Dev asks the model (the offline
+#   `scripted` provider, through the orchestrator's tool proxy and its capability lease) for
+#   a fix and checks it builds in a throwaway Docker sandbox; QA runs the tests and the
+#   static checks in a sandbox; Review gatekeeps the diff (scope, secrets, dependencies) and
+#   sends it to Refactor for a style finding; Refactor runs the repository's formatter in a
+#   sandbox; QA and Review pass it again; the orchestrator pushes `agentfleet/task-<id>` to
+#   the bare repository. Every envelope is shown live as it crosses Redis. The audit trail is
+#   verified at the end, and the kill switch is pulled and released once.
 #
-# The Dev/QA/Review/Refactor workers and the budget manager are not built yet (their issues
-# are open), so no agent picks the task up: the demo says so when it gets there.
+# It installs what it needs (redis-server, postgresql, git, debootstrap for the sandbox
+# image), builds the binaries and the sandbox image if missing, starts a private Redis and
+# Postgres on loopback unless FLEET_REDIS_URL / FLEET_DATABASE_URL are set, and stops every
+# process it started when it ends (also on Ctrl-C or failure).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+repo_root=$PWD
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 fail() { printf 'deploy/demo.sh: %s\n' "$*" >&2; exit 1; }
@@ -20,102 +28,212 @@ if [ "$(id -u)" -ne 0 ]; then
     command -v sudo >/dev/null 2>&1 && as_root=(sudo) || true
 fi
 command -v cargo >/dev/null 2>&1 || fail "cargo not found: install a Rust toolchain (rustup) first."
+command -v docker >/dev/null 2>&1 || fail "docker not found: the sandboxes need a Docker engine (apt-get install docker.io)."
+docker info >/dev/null 2>&1 || fail "the Docker engine is not reachable: start it (systemctl start docker) and check /var/run/docker.sock."
 
 packages=()
-command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
+if [ -z "${FLEET_REDIS_URL:-}" ]; then command -v redis-server >/dev/null 2>&1 || packages+=(redis-server); fi
 command -v curl >/dev/null 2>&1 || packages+=(curl ca-certificates)
-compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || command -v initdb >/dev/null 2>&1 || packages+=(postgresql)
+command -v git >/dev/null 2>&1 || packages+=(git)
+if [ -z "${FLEET_DATABASE_URL:-}" ]; then
+    compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null || command -v initdb >/dev/null 2>&1 || packages+=(postgresql)
+fi
 if [ "${#packages[@]}" -gt 0 ]; then
     say "Installing ${packages[*]} with apt-get"
     "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -q
     "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${packages[@]}"
 fi
-pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
-[ -n "$pg_bin" ] || pg_bin=$(dirname "$(command -v initdb)")
 
-say "Building fleetctl, orchestrator and outbox-relay (release)"
-cargo build --release --locked -q -p fleetctl -p orchestrator -p outbox-relay
-bin=$PWD/target/release
+say "Building the fleet (release): fleetctl, orchestrator, outbox-relay, budget, dev/qa/review/refactor-worker"
+cargo build --release --locked -q -p fleetctl -p orchestrator -p outbox-relay -p budget -p workers
+bin=$repo_root/target/release
 fleetctl=$bin/fleetctl
 
-work=$(mktemp -d)
+say "Sandbox image (built locally from Debian packages if missing; no registry needed)"
+image=$("$repo_root/deploy/sandbox-image.sh" | tail -n 1)
+echo "sandbox image: $image"
+
+work=$(mktemp -d /tmp/agentfleet-demo.XXXXXX)
 chmod 755 "$work"
 pids=()
 cleanup() {
+    local code=$?
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
+    for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
     if [ -d "$work/pg" ]; then run_pg "$pg_bin/pg_ctl" -D "$work/pg" -m immediate stop >/dev/null 2>&1 || true; fi
+    # Sandboxes of this demo's workers, if one was killed mid-run.
+    docker ps -aq --filter label=agentfleet.sandbox=1 --filter "label=agentfleet.instance" 2>/dev/null \
+        | while read -r c; do
+            inst=$(docker inspect -f '{{ index .Config.Labels "agentfleet.instance" }}' "$c" 2>/dev/null || true)
+            case "$inst" in demo-*) docker rm -f "$c" >/dev/null 2>&1 || true ;; esac
+        done
+    if [ "$code" -ne 0 ]; then
+        printf '\ndeploy/demo.sh failed; the processes'"'"' logs follow.\n' >&2
+        for f in "$work"/*.log; do [ -f "$f" ] && { printf '\n--- %s (last 40 lines)\n' "$f"; tail -n 40 "$f"; } >&2; done
+    fi
     rm -rf "$work"
+    exit "$code"
 }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 run_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
 
-redis_port=${DEMO_REDIS_PORT:-16379}
-pg_port=${DEMO_PG_PORT:-15432}
+redis_url=${FLEET_REDIS_URL:-}
+db_url=${FLEET_DATABASE_URL:-}
 api_port=${DEMO_API_PORT:-18080}
+if [ -z "$redis_url" ]; then
+    redis_port=${DEMO_REDIS_PORT:-16379}
+    say "Starting a throwaway redis-server on 127.0.0.1:$redis_port"
+    redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --dir "$work" --daemonize no >"$work/redis.log" 2>&1 &
+    pids+=($!)
+    for _ in $(seq 50); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    redis_url="redis://127.0.0.1:$redis_port"
+fi
+if [ -z "$db_url" ]; then
+    pg_port=${DEMO_PG_PORT:-15432}
+    [ -n "$pg_bin" ] || pg_bin=$(dirname "$(command -v initdb)")
+    say "Starting a throwaway Postgres on 127.0.0.1:$pg_port"
+    mkdir -p "$work/pg" "$work/pgsock"
+    [ "$(id -u)" -eq 0 ] && chown postgres: "$work/pg" "$work/pgsock"
+    run_pg "$pg_bin/initdb" -D "$work/pg" -U postgres --auth=trust --encoding=UTF8 --locale=C >/dev/null
+    run_pg "$pg_bin/pg_ctl" -D "$work/pg" -l "$work/pg/server.log" -w \
+        -o "-p $pg_port -k $work/pgsock -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null
+    db_url="postgres://postgres@127.0.0.1:$pg_port/postgres"
+fi
+export FLEET_REDIS_URL=$redis_url FLEET_DATABASE_URL=$db_url
 
-say "Starting a private redis-server on 127.0.0.1:$redis_port and Postgres on 127.0.0.1:$pg_port"
-redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --dir "$work" --daemonize no >"$work/redis.log" 2>&1 &
-pids+=($!)
-mkdir -p "$work/pg" "$work/pgsock"
-[ "$(id -u)" -eq 0 ] && chown postgres: "$work/pg" "$work/pgsock"
-run_pg "$pg_bin/initdb" -D "$work/pg" -U postgres --auth=trust --encoding=UTF8 --locale=C >/dev/null
-run_pg "$pg_bin/pg_ctl" -D "$work/pg" -l "$work/pg/server.log" -w \
-    -o "-p $pg_port -k $work/pgsock -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null
-for _ in $(seq 50); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
-db_url="postgres://postgres@127.0.0.1:$pg_port/postgres"
-redis_url="redis://127.0.0.1:$redis_port"
-
-say "Operator: master secret, per-process keysets, audit key, API token secret"
+say "Operator: master secret, one keyset per process, audit key, API token and lease secrets"
 "$fleetctl" keys master new --out "$work/master.toml" >/dev/null
-for p in orchestrator operator dev; do
+for p in orchestrator operator budget dev qa review refactor; do
     "$fleetctl" keys derive --master "$work/master.toml" --process "$p" --out "$work/$p.keyset.toml" >/dev/null
 done
-"$fleetctl" keys list --keyset "$work/dev.keyset.toml"
 "$fleetctl" audit key new --out "$work/audit.key" >/dev/null
 "$fleetctl" token secret new --out "$work/jwt.secret" >/dev/null
+"$fleetctl" token secret new --out "$work/lease.secret" >/dev/null
 "$fleetctl" db migrate --database-url "$db_url"
 
+say "The example repository (a Python project whose test fails) as a local bare repository"
+cp -r "$repo_root/deploy/example-repo" "$work/example"
+git -C "$work/example" init -q -b main
+git -C "$work/example" add -A
+git -C "$work/example" -c user.name=demo -c user.email=demo@localhost commit -qm "example project with a failing test"
+git clone -q --bare "$work/example" "$work/example.git"
+git -C "$work/example.git" log --oneline
+mkdir -p "$work/workspaces"
+
+cat >"$work/ledger.toml" <<'TOML'
+daily_tokens = 500000
+daily_micro_usd = 10000000
+per_task_tokens = 100000
+per_task_micro_usd = 2000000
+reservation_ttl_secs = 600
+[prices.scripted-1]
+input_micro_usd_per_mtok = 3000000
+output_micro_usd_per_mtok = 15000000
+TOML
 cat >"$work/orchestrator.toml" <<TOML
 instance = "orchestrator-0"
 keyset = "$work/orchestrator.keyset.toml"
-permissions = "$PWD/config/permissions.toml"
+permissions = "$repo_root/config/permissions.toml"
 audit_key_file = "$work/audit.key"
 jwt_secret_file = "$work/jwt.secret"
 listen = "127.0.0.1:$api_port"
-TOML
-printf 'poll_interval_ms = 500\n' >"$work/relay.toml"
+workspace_root = "$work/workspaces"
 
-say "Starting the orchestrator (HTTP API on 127.0.0.1:$api_port) and the outbox relay"
-FLEET_DATABASE_URL=$db_url FLEET_REDIS_URL=$redis_url "$bin/orchestrator" --config "$work/orchestrator.toml" >"$work/orchestrator.log" 2>&1 &
+[tools]
+lease_secret_file = "$work/lease.secret"
+risk_matrix = "$repo_root/config/risk_matrix.toml"
+ledger = "$work/ledger.toml"
+[tools.provider]
+kind = "scripted"
+fixture = "$repo_root/config/fixtures/demo.toml"
+[tools.models]
+default = "scripted-1"
+TOML
+printf 'poll_interval_ms = 200\n' >"$work/relay.toml"
+{
+    printf 'instance = "budget-0"\nkeyset = "%s"\npermissions = "%s"\n\n[ledger]\n' \
+        "$work/budget.keyset.toml" "$repo_root/config/permissions.toml"
+    cat "$work/ledger.toml" | sed 's/^\[prices\./[ledger.prices./'
+} >"$work/budget.toml"
+for role in dev qa review refactor; do
+    cat >"$work/$role.toml" <<TOML
+keyset = "$work/$role.keyset.toml"
+permissions = "$repo_root/config/permissions.toml"
+instance = "demo-$role-1"
+workspace_root = "$work/workspaces"
+heartbeat_secs = 2
+[sandbox]
+image = "$image"
+timeout_secs = 120
+TOML
+done
+
+say "Starting orchestrator (API on 127.0.0.1:$api_port), outbox-relay, budget and one worker per role"
+"$bin/orchestrator" --config "$work/orchestrator.toml" >"$work/orchestrator.log" 2>&1 &
 pids+=($!)
-FLEET_DATABASE_URL=$db_url FLEET_REDIS_URL=$redis_url "$bin/outbox-relay" --config "$work/relay.toml" >"$work/relay.log" 2>&1 &
+"$bin/outbox-relay" --config "$work/relay.toml" >"$work/relay.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 100); do curl -fs "http://127.0.0.1:$api_port/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
-curl -fs "http://127.0.0.1:$api_port/readyz" >/dev/null || { cat "$work/orchestrator.log"; fail "the orchestrator did not become ready"; }
+"$bin/budget" --config "$work/budget.toml" >"$work/budget.log" 2>&1 &
+pids+=($!)
+for role in dev qa review refactor; do
+    "$bin/$role-worker" --config "$work/$role.toml" >"$work/$role.log" 2>&1 &
+    pids+=($!)
+done
+for _ in $(seq 150); do curl -fs "http://127.0.0.1:$api_port/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+curl -fs "http://127.0.0.1:$api_port/readyz" >/dev/null || fail "the orchestrator did not become ready"
 
 export FLEET_API_URL="http://127.0.0.1:$api_port"
 FLEET_TOKEN=$("$fleetctl" token issue --role admin --sub demo-admin --ttl 1h --secret-file "$work/jwt.secret")
 export FLEET_TOKEN
 
-say "Submitting a task over the HTTP API"
-cat >"$work/task.json" <<'JSON'
-{"title": "Validate login input", "instructions": "Add input validation to login() and a test for it.", "repository": "https://git.example/app.git", "test_command": "pytest -q", "risk": "LOW"}
+say "Envelopes crossing Redis, live (verified with the operator's keyset as they arrive)"
+for s in fleet:tasks:dev fleet:tasks:qa fleet:tasks:review fleet:tasks:refactor fleet:tool:requests fleet:results fleet:usage; do
+    "$fleetctl" tail "$s" --keyset "$work/operator.keyset.toml" --redis "$redis_url" 2>>"$work/tail.log" &
+    pids+=($!)
+done
+sleep 1
+
+say "Submitting the task over the HTTP API"
+cat >"$work/task.json" <<JSON
+{"title": "Fix add() so the test suite passes",
+ "instructions": "The test suite of this project fails: fix the failing test by correcting calc.py.",
+ "repository": "$work/example.git",
+ "test_command": "sh .agentfleet/test",
+ "scope": ["calc.py", "tests/"],
+ "risk": "LOW"}
 JSON
-"$fleetctl" submit "$work/task.json"
+task_id=$("$fleetctl" submit "$work/task.json" --json | sed -n 's/.*"id": *"\([0-9a-f-]*\)".*/\1/p' | head -n 1)
+[ -n "$task_id" ] || fail "the submission did not return a task id"
+echo "task $task_id submitted"
 
-say "The assignment, signed by the orchestrator inside its transaction, relayed to fleet:tasks:dev and verified here"
-"$fleetctl" tail fleet:tasks:dev --from-start --count 1 --keyset "$work/operator.keyset.toml" --redis "$redis_url"
-"$fleetctl" tasks
+deadline=$((SECONDS + ${DEMO_TIMEOUT_SECS:-600}))
+state=""
+while [ $SECONDS -lt $deadline ]; do
+    state=$("$fleetctl" task "$task_id" --json | sed -n 's/.*"state": *"\([a-z_]*\)".*/\1/p' | head -n 1)
+    case "$state" in merged|failed|blocked) break ;; esac
+    sleep 1
+done
+sleep 1
+say "The task ended in state '$state'"
+"$fleetctl" task "$task_id"
+[ "$state" = merged ] || fail "the task did not reach 'merged' (state: ${state:-unknown})"
 
-say "No Dev worker exists yet (issue 5), so nobody answers: the task waits in 'dev' until its deadline."
-say "Kill switch: every open task halts; resume re-issues each step under the new kill epoch"
+say "The branch the orchestrator pushed to the bare repository"
+git -C "$work/example.git" log --oneline "agentfleet/task-$task_id"
+git -C "$work/example.git" diff "main..agentfleet/task-$task_id"
+
+say "Fleet status: kill switch, budget, streams, live workers"
+"$fleetctl" status --redis "$redis_url" --keyset "$work/operator.keyset.toml" || true
+
+say "Kill switch: pulled by the operator, then released"
 "$fleetctl" kill --reason "demo: operator pulls the kill switch"
-"$fleetctl" tasks
+sleep 2
+"$fleetctl" status --redis "$redis_url" --keyset "$work/operator.keyset.toml" 2>/dev/null | head -n 5 || true
 "$fleetctl" resume
-"$fleetctl" tail fleet:tasks:dev --from-start --count 2 --keyset "$work/operator.keyset.toml" --redis "$redis_url"
 
-say "Audit trail: every transition hash-chained and MACed"
+say "Audit trail: every transition and tool call hash-chained and MACed"
 "$fleetctl" audit verify --database-url "$db_url" --audit-key-file "$work/audit.key"
 
-say "Done. Built so far: envelopes, keys, bus, orchestrator, outbox relay, operator CLI. Not yet: workers and sandboxes (issue 5), budget manager (issue 6)."
+say "Done: the fix is on agentfleet/task-$task_id, every process is being stopped."
