@@ -1,0 +1,83 @@
+//! The command line of `dev-worker`, `qa-worker`, `review-worker` and `refactor-worker`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use envelope::Role;
+
+use crate::config::WorkerConfig;
+
+/// An agentfleet worker: consumes its role's tasks from Redis, runs code in Docker
+/// sandboxes, asks the orchestrator's tool proxy for model calls, and sends signed results.
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    after_long_help = concat!(
+        "The configuration file is TOML; unknown keys are refused. Settings (defaults in brackets):\n",
+        "  redis_url            redis://… (secret; or FLEET_REDIS_URL, which wins)\n",
+        "  keyset               this role's keyset file (fleetctl keys derive --process <role>) [required]\n",
+        "  permissions          the permission table [config/permissions.toml]\n",
+        "  instance             consumer name, stable per process slot [<role>-<hostname>-<pid>]\n",
+        "  workspace_root       assignments' workspaces must be inside it [/workspace]\n",
+        "  heartbeat_secs       [5]     tool_timeout_secs [180]\n",
+        "  git_timeout_secs     [120]   grace_secs (drain on SIGTERM) [10]\n",
+        "  [sandbox]            image [agentfleet/sandbox:current], runtime, runtime_by_risk,\n",
+        "                       memory_bytes, nano_cpus, pids_limit, timeout_secs [300],\n",
+        "                       output_cap_bytes, tmpfs_bytes, seccomp_profile (docs/sandbox.md)\n",
+        "  [consumer]           claim_idle_secs [60], block_ms [1000], retry_max_secs [30],\n",
+        "                       max_deliveries [5]\n",
+        "\n",
+        "Environment: FLEET_REDIS_URL (Redis URL), FLEET_INSTANCE (same as --instance),\n",
+        "DOCKER_HOST (the engine; default /var/run/docker.sock), RUST_LOG (log filter).\n",
+        "Needs: a reachable Redis, the Docker engine with the sandbox image (deploy/sandbox-image.sh),\n",
+        "git on PATH. See docs/workers.md.\n",
+        "Exit codes: 0 after a clean shutdown, 64 for invalid arguments or configuration, 1 when startup fails."
+    )
+)]
+pub struct Cli {
+    /// The TOML configuration file.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+    /// This process's instance name (overrides `instance` in the file). Keep it stable
+    /// across restarts of the same process slot: a restarted worker then finds its own
+    /// unfinished task at once and removes its own leftover sandboxes.
+    #[arg(long, env = "FLEET_INSTANCE", value_name = "NAME")]
+    pub instance: Option<String>,
+    /// Log JSON lines instead of text.
+    #[arg(long)]
+    pub json_logs: bool,
+}
+
+/// `main` of the worker binary for `role`.
+pub async fn main(role: Role) -> ExitCode {
+    let cli: Cli = match telemetry::parse_args() {
+        Ok(cli) => cli,
+        Err(code) => return code,
+    };
+    let service = match role {
+        Role::Dev => "dev-worker",
+        Role::Qa => "qa-worker",
+        Role::Review => "review-worker",
+        Role::Refactor => "refactor-worker",
+        _ => "worker",
+    };
+    telemetry::init(service, cli.json_logs);
+    let env = |name: &str| std::env::var(name).ok();
+    let cfg = match WorkerConfig::load(&cli.config, role, cli.instance, &env) {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            tracing::error!(error = %e, "Invalid configuration.");
+            eprintln!("{service}: invalid configuration: {e}");
+            return ExitCode::from(telemetry::EX_USAGE);
+        }
+    };
+    match crate::runtime::run(cfg, telemetry::shutdown()).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "Worker failed to start.");
+            eprintln!("{service}: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

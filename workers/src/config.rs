@@ -1,0 +1,314 @@
+//! A worker's configuration: one TOML file (`--config`), `FLEET_REDIS_URL` overriding the
+//! Redis URL, `--instance` overriding the instance name. Unknown keys are refused.
+//!
+//! ```toml
+//! redis_url = "redis://dev:…@127.0.0.1:6379"   # or FLEET_REDIS_URL (wins)
+//! keyset = "secrets/dev.keyset.toml"            # fleetctl keys derive --process dev
+//! permissions = "config/permissions.toml"       # default
+//! instance = "dev-1"                            # default <role>-<hostname>-<pid>
+//! workspace_root = "/workspace"                 # default; assignments outside it are refused
+//! heartbeat_secs = 5
+//! tool_timeout_secs = 180
+//! git_timeout_secs = 120
+//! grace_secs = 10
+//!
+//! [sandbox]                                     # workers::sandbox::SandboxConfig
+//! image = "agentfleet/sandbox:current"
+//! timeout_secs = 300
+//!
+//! [consumer]
+//! claim_idle_secs = 60
+//! block_ms = 1000
+//! retry_max_secs = 30
+//! max_deliveries = 5
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use envelope::{Instance, Keyset, PermissionTable, Process, Role};
+use secrecy::SecretString;
+use serde::Deserialize;
+
+use crate::sandbox::SandboxConfig;
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    /// Redis URL; `FLEET_REDIS_URL` overrides it.
+    redis_url: Option<String>,
+    /// This role's keyset (`fleetctl keys derive --process <role>`).
+    keyset: PathBuf,
+    /// The permission table every verifier checks against.
+    #[serde(default = "default_permissions")]
+    permissions: PathBuf,
+    /// This process's name: its consumer name in the role's group and the suffix of its
+    /// tool-response stream. Must stay the same across restarts of one process slot, so a
+    /// restarted worker finds its own pending entries.
+    instance: Option<String>,
+    /// Every assignment's workspace must be inside this directory.
+    #[serde(default = "default_workspace_root")]
+    workspace_root: PathBuf,
+    /// Seconds between heartbeats.
+    #[serde(default = "default_heartbeat")]
+    heartbeat_secs: u64,
+    /// Seconds to wait for a tool response.
+    #[serde(default = "default_tool_timeout")]
+    tool_timeout_secs: u64,
+    /// Seconds one git command may take (clone included).
+    #[serde(default = "default_git_timeout")]
+    git_timeout_secs: u64,
+    /// Seconds a running task gets on SIGTERM before it is abandoned (left pending).
+    #[serde(default = "default_grace")]
+    grace_secs: u64,
+    /// The sandbox.
+    #[serde(default)]
+    sandbox: SandboxConfig,
+    /// Task-stream consumer tunables.
+    #[serde(default)]
+    consumer: ConsumerTunables,
+}
+
+/// How the worker reads its role's task stream (see `docs/bus.md`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConsumerTunables {
+    /// Another consumer's entry idle this long is taken over (that worker is presumed
+    /// dead). A running task keeps its own entry fresh, so this need not exceed the longest
+    /// task, only a few keep-alive periods (a quarter of it each).
+    pub claim_idle_secs: u64,
+    /// How long one blocking read waits.
+    pub block_ms: u64,
+    /// Longest retry delay of a failed entry; must be below `claim_idle_secs`.
+    pub retry_max_secs: u64,
+    /// Deliveries before an entry goes to `fleet:dlq`.
+    pub max_deliveries: u64,
+}
+
+impl Default for ConsumerTunables {
+    fn default() -> Self {
+        Self { claim_idle_secs: 60, block_ms: 1000, retry_max_secs: 30, max_deliveries: 5 }
+    }
+}
+
+fn default_permissions() -> PathBuf {
+    "config/permissions.toml".into()
+}
+fn default_workspace_root() -> PathBuf {
+    "/workspace".into()
+}
+fn default_heartbeat() -> u64 {
+    5
+}
+fn default_tool_timeout() -> u64 {
+    180
+}
+fn default_git_timeout() -> u64 {
+    120
+}
+fn default_grace() -> u64 {
+    10
+}
+
+/// A configuration problem; the message names the setting and what to do.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(pub String);
+
+/// Everything a worker needs, loaded and checked.
+pub struct WorkerConfig {
+    /// The role this process works as.
+    pub role: Role,
+    /// This process's instance name.
+    pub instance: Instance,
+    /// The Redis URL (secret: it may carry a password).
+    pub redis_url: SecretString,
+    /// The role's keyset.
+    pub keyset: Keyset,
+    /// The permission table.
+    pub permissions: PermissionTable,
+    /// Absolute root of all workspaces.
+    pub workspace_root: PathBuf,
+    /// Heartbeat period.
+    pub heartbeat_every: Duration,
+    /// Tool response timeout.
+    pub tool_timeout: Duration,
+    /// Git command timeout.
+    pub git_timeout: Duration,
+    /// Drain period on shutdown.
+    pub grace: Duration,
+    /// The sandbox settings.
+    pub sandbox: SandboxConfig,
+    /// The task consumer's tunables.
+    pub consumer: ConsumerTunables,
+}
+
+impl std::fmt::Debug for WorkerConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerConfig")
+            .field("role", &self.role)
+            .field("instance", &self.instance)
+            .field("redis_url", &"**REDACTED**")
+            .field("workspace_root", &self.workspace_root)
+            .field("sandbox", &self.sandbox)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read(path: &Path, what: &str, fix: &str) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map_err(|e| ConfigError(format!("cannot read {what} '{}': {e}; {fix}", path.display())))
+}
+
+/// `<role>-<hostname>-<pid>`, lower-cased and cut to a valid instance name.
+pub fn default_instance(role: Role) -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .unwrap_or_else(|_| "host".into());
+    let host: String = host
+        .trim()
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
+        .take(40)
+        .collect();
+    format!("{role}-{host}-{}", std::process::id())
+}
+
+impl WorkerConfig {
+    /// Reads the TOML file at `path` for `role`; `instance` (from `--instance`) wins over
+    /// the file; `env` supplies the `FLEET_…` overrides (passed in, so tests never touch the
+    /// process environment).
+    pub fn load(
+        path: &Path,
+        role: Role,
+        instance: Option<String>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        if !role.is_worker() {
+            return Err(ConfigError(format!("{role} is not a worker role")));
+        }
+        let text = read(path, "configuration file", "pass --config with the worker's TOML file")?;
+        let file: FileConfig = toml::from_str(&text)
+            .map_err(|e| ConfigError(format!("invalid configuration file '{}': {}", path.display(), e.message())))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &Path| if p.is_absolute() || p.exists() { p.to_path_buf() } else { base.join(p) };
+
+        let instance = instance.or(file.instance).unwrap_or_else(|| default_instance(role));
+        if instance.bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(ConfigError(format!(
+                "setting `instance` {instance:?}: use lower case (it is part of a stream name)"
+            )));
+        }
+        let instance = Instance::parse(&instance).map_err(|e| ConfigError(format!("setting `instance`: {e}")))?;
+        let redis_url = env("FLEET_REDIS_URL")
+            .or(file.redis_url)
+            .ok_or_else(|| ConfigError("no Redis URL: set `redis_url` or FLEET_REDIS_URL".into()))?;
+        let keyset_path = resolve(&file.keyset);
+        let keyset = Keyset::parse(&read(
+            &keyset_path,
+            "keyset",
+            &format!("derive it with `fleetctl keys derive --process {role}`"),
+        )?)
+        .map_err(|e| ConfigError(format!("setting `keyset` ('{}'): {e}", keyset_path.display())))?;
+        if keyset.process != Process::Role(role) {
+            return Err(ConfigError(format!(
+                "setting `keyset`: '{}' is the keyset of {}, not of {role}",
+                keyset_path.display(),
+                keyset.process
+            )));
+        }
+        let permissions_path = resolve(&file.permissions);
+        let permissions = PermissionTable::parse(&read(
+            &permissions_path,
+            "permission file",
+            "set `permissions` to config/permissions.toml",
+        )?)
+        .map_err(|e| ConfigError(format!("setting `permissions`: {e}")))?;
+        if !file.workspace_root.is_absolute() {
+            return Err(ConfigError(format!(
+                "setting `workspace_root` ('{}'): must be an absolute path",
+                file.workspace_root.display()
+            )));
+        }
+        for (name, v) in [
+            ("heartbeat_secs", file.heartbeat_secs),
+            ("tool_timeout_secs", file.tool_timeout_secs),
+            ("git_timeout_secs", file.git_timeout_secs),
+            ("consumer.claim_idle_secs", file.consumer.claim_idle_secs),
+            ("consumer.block_ms", file.consumer.block_ms),
+            ("consumer.max_deliveries", file.consumer.max_deliveries),
+        ] {
+            if v == 0 {
+                return Err(ConfigError(format!("setting `{name}` must be at least 1")));
+            }
+        }
+        if file.consumer.retry_max_secs >= file.consumer.claim_idle_secs {
+            return Err(ConfigError(
+                "setting `consumer.retry_max_secs` must be below `consumer.claim_idle_secs`".into(),
+            ));
+        }
+        Ok(Self {
+            role,
+            instance,
+            redis_url: redis_url.into(),
+            keyset,
+            permissions,
+            workspace_root: file.workspace_root,
+            heartbeat_every: Duration::from_secs(file.heartbeat_secs),
+            tool_timeout: Duration::from_secs(file.tool_timeout_secs),
+            git_timeout: Duration::from_secs(file.git_timeout_secs),
+            grace: Duration::from_secs(file.grace_secs),
+            sandbox: file.sandbox,
+            consumer: file.consumer,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_instance_is_a_valid_lower_case_name() {
+        let i = default_instance(Role::Qa);
+        assert!(i.starts_with("qa-"), "{i}");
+        assert!(Instance::parse(&i).is_ok(), "{i}");
+        assert!(!i.bytes().any(|b| b.is_ascii_uppercase()));
+    }
+
+    #[test]
+    fn load_checks_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let master = envelope::MasterFile::new(envelope::MasterSecret::from_bytes([7; 32]));
+        let perms_text = include_str!("../../config/permissions.toml");
+        let perms = PermissionTable::parse(perms_text).unwrap();
+        std::fs::write(dir.path().join("perms.toml"), perms_text).unwrap();
+        std::fs::write(
+            dir.path().join("dev.keyset.toml"),
+            master.derive_keyset(Process::Role(Role::Dev), &perms).to_toml().as_bytes(),
+        )
+        .unwrap();
+        let cfg = dir.path().join("w.toml");
+        std::fs::write(
+            &cfg,
+            "keyset = \"dev.keyset.toml\"\npermissions = \"perms.toml\"\n[sandbox]\ntimeout_secs = 30\n",
+        )
+        .unwrap();
+        let env = |k: &str| (k == "FLEET_REDIS_URL").then(|| "redis://127.0.0.1:1".to_owned());
+        let c = WorkerConfig::load(&cfg, Role::Dev, Some("dev-a".into()), &env).unwrap();
+        assert_eq!(c.instance.as_str(), "dev-a");
+        assert_eq!(c.sandbox.timeout_secs, 30);
+        assert_eq!(c.workspace_root, PathBuf::from("/workspace"));
+        // The wrong role's keyset, an unknown key, no Redis URL.
+        let e = WorkerConfig::load(&cfg, Role::Qa, None, &env).err().unwrap().0;
+        assert!(e.contains("not of qa"), "{e}");
+        std::fs::write(&cfg, "keyset = \"dev.keyset.toml\"\nbogus = 1\n").unwrap();
+        let e = WorkerConfig::load(&cfg, Role::Dev, None, &env).err().unwrap().0;
+        assert!(e.contains("bogus"), "{e}");
+        std::fs::write(&cfg, "keyset = \"dev.keyset.toml\"\npermissions = \"perms.toml\"\n").unwrap();
+        let e = WorkerConfig::load(&cfg, Role::Dev, None, &|_| None).err().unwrap().0;
+        assert!(e.contains("FLEET_REDIS_URL"), "{e}");
+    }
+}

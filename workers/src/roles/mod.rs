@@ -1,0 +1,281 @@
+//! The four roles and what they share: a task's context, the outcome a role returns, and
+//! helpers to run a script in the sandbox, ask the model for a diff and apply it.
+//!
+//! A role never fails: whatever goes wrong becomes an [`Outcome`] with
+//! [`Status::Error`] and a summary that says what (the orchestrator retries the step).
+
+pub mod dev;
+pub mod qa;
+pub mod refactor;
+pub mod review;
+
+use envelope::{Role, Status, TaskAssign};
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::patch::{extract_diff, scope_violation, touched_paths};
+use crate::sandbox::{RunOutput, RunSpec, Sandbox, SandboxLabels};
+use crate::tools::{CallContext, ChatMessage, CompletionRequest, ToolClient, ToolError};
+use crate::workspace::Workspace;
+
+/// Largest log sent back in a result.
+pub const LOG_CAP: usize = 32 * 1024;
+/// How much repository text goes into a prompt.
+pub const PROMPT_FILES_BUDGET: usize = 48 * 1024;
+/// The answer length asked of the model.
+pub const MAX_TOKENS: u32 = 4096;
+
+/// Everything a role needs for one assignment.
+#[derive(Debug)]
+pub struct TaskContext {
+    /// The task.
+    pub task_id: Uuid,
+    /// The assignment.
+    pub assign: TaskAssign,
+    /// The task's prepared workspace.
+    pub workspace: Workspace,
+    /// Where code runs.
+    pub sandbox: Sandbox,
+    /// The tool proxy.
+    pub tools: ToolClient,
+    /// Task, assignment and lease, for tool calls.
+    pub call: CallContext,
+    /// Labels of this task's sandbox containers.
+    pub labels: SandboxLabels,
+    /// Cancelled on shutdown: sandbox runs stop at once.
+    pub cancel: CancellationToken,
+}
+
+/// What a role produced; becomes the `task.result`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outcome {
+    /// Success, Failure or Error.
+    pub status: Status,
+    /// One line for humans.
+    pub summary: String,
+    /// Problems found.
+    pub findings: Vec<String>,
+    /// The workspace's change against the base commit.
+    pub diff: Option<Vec<u8>>,
+    /// A capped log.
+    pub log: Option<Vec<u8>>,
+    /// Set when the assignment itself was unacceptable (its entry goes to the DLQ after
+    /// the error result is sent).
+    pub refused_assignment: Option<String>,
+}
+
+impl Outcome {
+    fn new(status: Status, summary: impl Into<String>) -> Self {
+        Self { status, summary: summary.into(), findings: Vec::new(), diff: None, log: None, refused_assignment: None }
+    }
+    /// The step did its job.
+    pub fn success(summary: impl Into<String>) -> Self {
+        Self::new(Status::Success, summary)
+    }
+    /// The step ran and found a problem.
+    pub fn failure(summary: impl Into<String>) -> Self {
+        Self::new(Status::Failure, summary)
+    }
+    /// The step could not run.
+    pub fn error(summary: impl Into<String>) -> Self {
+        Self::new(Status::Error, summary)
+    }
+    fn with_diff(mut self, diff: Vec<u8>) -> Self {
+        self.diff = (!diff.is_empty()).then_some(diff);
+        self
+    }
+    fn with_log(mut self, log: &[u8]) -> Self {
+        self.log = Some(cap_log(log, LOG_CAP));
+        self
+    }
+}
+
+/// Runs `role` on the assignment.
+pub async fn run(role: Role, ctx: &TaskContext) -> Outcome {
+    match role {
+        Role::Dev => dev::run(ctx).await,
+        Role::Qa => qa::run(ctx).await,
+        Role::Review => review::run(ctx).await,
+        Role::Refactor => refactor::run(ctx).await,
+        other => Outcome::error(format!("{other} is not a worker role")),
+    }
+}
+
+/// At most `cap` bytes of `log`: its beginning and its end, with a marker where the middle
+/// was cut.
+pub fn cap_log(log: &[u8], cap: usize) -> Vec<u8> {
+    if log.len() <= cap {
+        return log.to_vec();
+    }
+    let head = cap / 4;
+    let marker = format!("\n[… {} bytes cut …]\n", log.len() - cap);
+    let tail = cap.saturating_sub(head + marker.len());
+    let mut out = Vec::with_capacity(cap);
+    out.extend_from_slice(&log[..head]);
+    out.extend_from_slice(marker.as_bytes());
+    out.extend_from_slice(&log[log.len() - tail..]);
+    out
+}
+
+/// The last `max` characters of `log`, as text, for a finding.
+pub fn log_tail(log: &[u8], max: usize) -> String {
+    let text = String::from_utf8_lossy(log);
+    let text = text.trim_end();
+    let n = text.chars().count();
+    if n <= max { text.to_owned() } else { format!("…{}", text.chars().skip(n - max).collect::<String>()) }
+}
+
+/// How a sandbox run ended, in words.
+pub fn describe_run(out: &RunOutput) -> String {
+    if out.timed_out {
+        "killed at the time limit".into()
+    } else if out.oom_killed {
+        "killed for using too much memory".into()
+    } else if out.cancelled {
+        "cancelled".into()
+    } else {
+        match out.exit_code {
+            Some(0) => "exit 0".into(),
+            Some(c) => format!("exit {c}"),
+            None => "did not run".into(),
+        }
+    }
+}
+
+/// Runs `sh -c <command>` in a sandbox on the workspace.
+pub async fn sandbox_sh(ctx: &TaskContext, command: &str) -> Result<RunOutput, String> {
+    let spec =
+        RunSpec::new(vec!["sh".into(), "-c".into(), command.to_owned()], ctx.workspace.dir.clone(), ctx.labels.clone());
+    tracing::info!(task = %ctx.task_id, command, "Running in the sandbox.");
+    let out = ctx.sandbox.run(spec, &ctx.cancel).await.map_err(|e| format!("the sandbox failed: {e}"))?;
+    tracing::info!(task = %ctx.task_id, command, result = %describe_run(&out), duration_ms = out.duration.as_millis() as u64, "Sandbox run finished.");
+    Ok(out)
+}
+
+/// A script of the repository's `.agentfleet/` directory, if it has one (`build`, `test`,
+/// `format`).
+pub async fn repo_script(ctx: &TaskContext, name: &str) -> Option<String> {
+    let path = format!(".agentfleet/{name}");
+    ctx.workspace.has_file(&path).await.then(|| format!("sh {path}"))
+}
+
+/// The current change of the workspace against its base commit.
+pub async fn current_diff(ctx: &TaskContext) -> Result<Vec<u8>, Outcome> {
+    ctx.workspace.diff().await.map_err(|e| Outcome::error(format!("cannot compute the diff: {e}")))
+}
+
+/// The repository as the model sees it: the file list, then the text of files until
+/// [`PROMPT_FILES_BUDGET`] is spent.
+pub async fn repo_snapshot(ctx: &TaskContext) -> String {
+    let files = ctx.workspace.current_files().await.unwrap_or_default();
+    let mut out = String::from("Repository files:\n");
+    for f in &files {
+        out.push_str("  ");
+        out.push_str(f);
+        out.push('\n');
+    }
+    let mut budget = PROMPT_FILES_BUDGET;
+    let mut omitted = Vec::new();
+    out.push_str("\nFile contents:\n");
+    for f in &files {
+        let Some(bytes) = ctx.workspace.read_file(f, budget as u64).await else {
+            omitted.push(f.as_str());
+            continue;
+        };
+        let Ok(text) = String::from_utf8(bytes) else {
+            omitted.push(f.as_str());
+            continue;
+        };
+        if text.contains('\0') {
+            omitted.push(f.as_str());
+            continue;
+        }
+        budget = budget.saturating_sub(text.len());
+        out.push_str(&format!("=== {f} ===\n{text}"));
+        if !text.ends_with('\n') {
+            out.push('\n');
+        }
+    }
+    if !omitted.is_empty() {
+        out.push_str(&format!("(not shown: binary or too large: {})\n", omitted.join(", ")));
+    }
+    out
+}
+
+/// The scope in words, for prompts.
+pub fn scope_text(scope: &[String]) -> String {
+    if scope.is_empty() {
+        "You may change any file of the repository (never .git).".into()
+    } else {
+        format!("You may change only paths under: {}.", scope.join(", "))
+    }
+}
+
+/// Maps a tool failure to an error outcome.
+pub fn tool_failure(e: ToolError) -> Outcome {
+    match e {
+        ToolError::Refused { action, code, message } => {
+            Outcome::error(format!("{action} refused by the tool proxy: {code}: {message}"))
+        }
+        other => Outcome::error(format!("model call failed: {other}")),
+    }
+}
+
+/// What came of asking the model for a diff.
+#[derive(Debug)]
+pub enum ModelDiff {
+    /// A diff, checked against the scope and applied to the workspace.
+    Applied,
+    /// The model said no change is needed (or answered without a diff).
+    NoDiff(String),
+}
+
+/// Asks `llm.complete` for a unified diff, checks its paths against the scope, and applies
+/// it. `Err` is the outcome to report.
+pub async fn ask_and_apply(ctx: &TaskContext, system: &str, prompt: String) -> Result<ModelDiff, Outcome> {
+    let request = CompletionRequest {
+        system: system.to_owned(),
+        messages: vec![ChatMessage { role: "user".into(), content: prompt }],
+        max_tokens: MAX_TOKENS,
+    };
+    let completion = ctx.tools.complete(&ctx.call, &request).await.map_err(tool_failure)?;
+    tracing::info!(
+        task = %ctx.task_id,
+        model = %completion.model,
+        input_tokens = completion.input_tokens,
+        output_tokens = completion.output_tokens,
+        "Model answered."
+    );
+    let Some(diff) = extract_diff(&completion.text) else {
+        let excerpt: String = completion.text.chars().take(300).collect();
+        return Ok(ModelDiff::NoDiff(excerpt));
+    };
+    let refused: Vec<String> =
+        touched_paths(&diff).iter().filter_map(|p| scope_violation(p, &ctx.assign.scope)).collect();
+    if !refused.is_empty() {
+        return Err(Outcome::error(format!("refused the model's diff: {}", refused.join("; "))));
+    }
+    ctx.workspace
+        .apply(diff.as_bytes())
+        .await
+        .map_err(|e| Outcome::error(format!("the model's diff does not apply: {e}")))?;
+    Ok(ModelDiff::Applied)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn logs_are_capped_head_and_tail() {
+        let log: Vec<u8> = (0..10_000u32).flat_map(|i| format!("{i}\n").into_bytes()).collect();
+        let capped = cap_log(&log, 1000);
+        assert!(capped.len() <= 1000);
+        let text = String::from_utf8(capped).unwrap();
+        assert!(text.starts_with("0\n1\n"));
+        assert!(text.ends_with("9999\n"));
+        assert!(text.contains("bytes cut"));
+        assert_eq!(cap_log(b"short", 1000), b"short");
+        assert_eq!(log_tail(b"abcdef\n", 3), "…def");
+    }
+}

@@ -1,0 +1,84 @@
+//! Review, the gatekeeper: reads the change (no sandbox needed) and rejects it when it
+//! leaves the task's scope, carries a secret, or adds dangerous shell or eval-like code.
+//! Dependency changes and style problems are reported without blocking; an approval with
+//! findings makes the orchestrator send the task to Refactor once.
+
+use super::{Outcome, TaskContext, current_diff};
+use crate::checks::{Family, is_dependency_file, scan_added, style_findings};
+use crate::patch::{scope_violation, touched_paths};
+
+/// What Review decided, before it becomes an outcome (pure, for tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verdict {
+    /// Blocking reasons (empty: approved).
+    pub critical: Vec<String>,
+    /// Non-blocking notes.
+    pub notes: Vec<String>,
+}
+
+/// Reviews a diff against a scope.
+pub fn review(diff: &str, scope: &[String]) -> Verdict {
+    let mut critical = Vec::new();
+    let mut notes = Vec::new();
+    let paths = touched_paths(diff);
+    for p in &paths {
+        if let Some(v) = scope_violation(p, scope) {
+            critical.push(format!("critical: out of scope: {v}"));
+        }
+    }
+    for f in scan_added(diff, &[Family::Secret, Family::DangerousShell, Family::CodeInjection]) {
+        critical.push(f.to_string());
+    }
+    for p in &paths {
+        if is_dependency_file(p) {
+            notes.push(format!("dependency change: {p}"));
+        }
+    }
+    notes.extend(style_findings(diff));
+    Verdict { critical, notes }
+}
+
+/// Runs the Review step.
+pub async fn run(ctx: &TaskContext) -> Outcome {
+    let diff = match current_diff(ctx).await {
+        Ok(d) => d,
+        Err(o) => return o,
+    };
+    if diff.is_empty() {
+        let mut o = Outcome::failure("rejected: the change is empty");
+        o.findings.push("critical: there is no change to review".into());
+        return o;
+    }
+    let v = review(&String::from_utf8_lossy(&diff), &ctx.assign.scope);
+    if v.critical.is_empty() {
+        let mut o = Outcome::success("approved");
+        o.findings = v.notes;
+        o.with_diff(diff)
+    } else {
+        let reasons: Vec<&str> = v.critical.iter().map(|c| c.strip_prefix("critical: ").unwrap_or(c)).take(5).collect();
+        let mut o = Outcome::failure(format!("rejected: {}", reasons.join("; ")));
+        o.findings = v.critical.into_iter().chain(v.notes).collect();
+        o.with_diff(diff)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts() {
+        let ok = "diff --git a/calc.py b/calc.py\n--- a/calc.py\n+++ b/calc.py\n@@ -1,2 +1,2 @@\n def add(a, b):\n-    return a - b\n+    return a + b \n";
+        let v = review(ok, &[]);
+        assert!(v.critical.is_empty(), "{v:?}");
+        assert_eq!(v.notes, vec!["style: calc.py: trailing whitespace (line 2)"]);
+        let v = review(ok, &["src/".to_owned()]);
+        assert!(v.critical[0].starts_with("critical: out of scope: calc.py"), "{v:?}");
+        let secret = "--- a/s.py\n+++ b/s.py\n@@ -0,0 +1 @@\n+KEY = 'AKIAABCDEFGHIJKLMNOP'\n";
+        assert!(review(secret, &[]).critical[0].contains("hard-coded credential"));
+        let deps = "--- a/requirements.txt\n+++ b/requirements.txt\n@@ -1 +1,2 @@\n six\n+requests\n";
+        let v = review(deps, &[]);
+        assert!(v.critical.is_empty());
+        assert_eq!(v.notes, vec!["dependency change: requirements.txt"]);
+    }
+}

@@ -1,0 +1,413 @@
+//! The worker runtime shared by the four roles: connect, follow the kill switch, send
+//! heartbeats, read tool responses, and consume the role's task stream one task at a time.
+//!
+//! A task is acknowledged only after its `task.result` is in Redis: the handler publishes
+//! the result and only then returns `Ok`. A result that cannot be published makes the
+//! handler fail transiently, so the entry is redelivered. On `control.pause` the consumer
+//! drops the running task where it stands (its entry stays pending, retried after resume)
+//! and the runtime removes this instance's sandbox containers.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use bus::{
+    ConsumerConfig, ControlEvent, ControlListener, Delivery, Gate, Handler, HandlerError, KillEpoch, Publisher,
+    PublisherConfig, now_ms,
+};
+use envelope::{
+    Envelope, Heartbeat, Instance, Payload, Role, Sender, Status, StreamName, TaskAssign, TaskResult, Verifier,
+    VerifierConfig, streams,
+};
+use futures_util::FutureExt;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::config::WorkerConfig;
+use crate::roles::{self, Outcome, TaskContext};
+use crate::sandbox::{Sandbox, SandboxLabels};
+use crate::tools::{CallContext, ToolClient};
+use crate::workspace::{Workspace, check_workspace_path};
+
+/// How long a `task.result` stays valid for the orchestrator (it may be down for a while).
+const RESULT_TTL_MS: u64 = 6 * 3600 * 1000;
+
+/// Runs a worker until `shutdown`. Returns an error only when startup fails.
+pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let role = cfg.role;
+    let instance = cfg.instance.clone();
+    tracing::info!(role = %role, instance = %instance, "Worker starting.");
+
+    let sandbox = Sandbox::connect(cfg.sandbox.clone()).await.context("Failed to set up the sandbox")?;
+    let removed = sandbox
+        .sweep(Some(instance.as_str()))
+        .await
+        .context("Failed to remove this instance's leftover sandbox containers")?;
+    if removed > 0 {
+        tracing::warn!(removed, "Removed sandbox containers left by an earlier run of this instance.");
+    }
+    tokio::fs::create_dir_all(&cfg.workspace_root)
+        .await
+        .with_context(|| format!("Failed to create workspace_root {}", cfg.workspace_root.display()))?;
+
+    let block = Duration::from_millis(cfg.consumer.block_ms).max(Duration::from_secs(1));
+    let pool = bus::pool(&cfg.redis_url, 8, block).context("Failed to set up the Redis pool")?;
+    wait_for_redis(&pool, &shutdown).await?;
+    if shutdown.is_cancelled() {
+        return Ok(());
+    }
+
+    let keyring = Arc::new(cfg.keyset.into_keyring());
+    let verifier = Arc::new(Verifier::new((*keyring).clone(), cfg.permissions, VerifierConfig::default()));
+    let publisher = Arc::new(Publisher::new(pool.clone(), keyring, PublisherConfig::default()));
+    let epoch = KillEpoch::new(0);
+    let gate = Gate::new(false);
+
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let listener =
+        ControlListener::new(pool.clone(), verifier.clone(), role, epoch.clone(), gate.clone()).with_events(events_tx);
+    let state = listener.sync().await.context("Failed to read the kill switch state")?;
+    if state.engaged {
+        tracing::warn!(epoch = state.epoch, "The kill switch is engaged: starting paused.");
+    }
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(listener.run(shutdown.clone()));
+    {
+        let sandbox = sandbox.clone();
+        let instance = instance.clone();
+        tasks.spawn(async move {
+            while let Some(ev) = events.recv().await {
+                if let ControlEvent::Pause { epoch, reason } = ev {
+                    tracing::warn!(epoch, reason = %reason, "Paused by the kill switch; killing this instance's sandboxes.");
+                    if let Err(e) = sandbox.sweep(Some(instance.as_str())).await {
+                        tracing::error!(error = %e, "Failed to remove sandbox containers after a pause.");
+                    }
+                }
+            }
+        });
+    }
+
+    let tools = ToolClient::start(
+        pool.clone(),
+        publisher.clone(),
+        verifier.clone(),
+        Sender { role, instance: instance.clone() },
+        epoch.clone(),
+        cfg.tool_timeout,
+        shutdown.clone(),
+    )
+    .await
+    .context("Failed to start the tool response reader")?;
+
+    let busy = Busy::default();
+    tasks.spawn(heartbeats(
+        publisher.clone(),
+        Sender { role, instance: instance.clone() },
+        epoch.clone(),
+        busy.clone(),
+        cfg.heartbeat_every,
+        shutdown.clone(),
+    ));
+
+    let mut consumer_cfg = ConsumerConfig::new(StreamName::tasks(role), role.as_str(), instance.as_str());
+    consumer_cfg.batch = 1; // one task at a time per process; scale with processes
+    consumer_cfg.block = Duration::from_millis(cfg.consumer.block_ms);
+    consumer_cfg.claim_idle = Duration::from_secs(cfg.consumer.claim_idle_secs);
+    consumer_cfg.retry_max = Duration::from_secs(cfg.consumer.retry_max_secs);
+    consumer_cfg.max_deliveries = cfg.consumer.max_deliveries;
+    consumer_cfg.grace = cfg.grace;
+    let handler = TaskHandler {
+        inner: Arc::new(HandlerInner {
+            role,
+            instance: instance.clone(),
+            pool: pool.clone(),
+            publisher,
+            epoch: epoch.clone(),
+            sandbox,
+            tools,
+            busy,
+            workspace_root: cfg.workspace_root,
+            git_timeout: cfg.git_timeout,
+            group: role.as_str().to_owned(),
+            keep_alive_every: consumer_cfg.claim_idle / 4,
+            shutdown: shutdown.clone(),
+        }),
+    };
+    let consumer = bus::Consumer::new(consumer_cfg, pool, verifier, epoch, handler)
+        .context("Invalid consumer settings")?
+        .with_gate(gate);
+    tracing::info!(role = %role, instance = %instance, stream = %StreamName::tasks(role), "Worker ready.");
+    consumer.run(shutdown.clone()).await;
+    shutdown.cancel();
+    while tasks.join_next().await.is_some() {}
+    tracing::info!("Worker stopped.");
+    Ok(())
+}
+
+/// Waits until Redis answers `PING`, retrying with backoff, so a worker started before
+/// Redis comes up when it does.
+async fn wait_for_redis(pool: &deadpool_redis::Pool, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let mut delays = bus::backoff(Duration::from_millis(200), Duration::from_secs(5));
+    loop {
+        let attempt = async {
+            let mut c = pool.get().await.map_err(|e| e.to_string())?;
+            redis::cmd("PING").query_async::<String>(&mut c).await.map_err(|e| e.to_string())
+        };
+        match attempt.await {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                let delay = delays.next().unwrap_or(Duration::from_secs(5));
+                tracing::warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "Cannot reach Redis (check redis_url / FLEET_REDIS_URL and the ACL user); retrying.");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = shutdown.cancelled() => return Ok(()),
+                }
+            }
+        }
+    }
+}
+
+/// The task this process is working on, for heartbeats.
+#[derive(Debug, Clone, Default)]
+struct Busy(Arc<Mutex<Option<Uuid>>>);
+
+impl Busy {
+    fn get(&self) -> Option<Uuid> {
+        self.0.lock().map(|g| *g).unwrap_or(None)
+    }
+    fn set(&self, task: Option<Uuid>) {
+        if let Ok(mut g) = self.0.lock() {
+            *g = task;
+        }
+    }
+}
+
+/// Clears [`Busy`] when the task ends, also when its future is dropped (kill switch).
+struct BusyGuard(Busy);
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.0.set(None);
+    }
+}
+
+async fn heartbeats(
+    publisher: Arc<Publisher>,
+    from: Sender,
+    epoch: KillEpoch,
+    busy: Busy,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let stream = StreamName::parse(streams::HEARTBEATS).expect("fleet stream names are valid");
+    let mut seq = 0u64;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        seq += 1;
+        let task = busy.get();
+        let ttl = (every.as_millis() as u64).saturating_mul(3).max(10_000);
+        let mut env = Envelope::new(
+            from.clone(),
+            Role::Orchestrator,
+            now_ms(),
+            ttl,
+            epoch.get(),
+            Payload::Heartbeat(Heartbeat { seq, busy: task.is_some() }),
+        );
+        env.task_id = task;
+        if let Err(e) = publisher.publish(&stream, &env).await {
+            tracing::warn!(error = %e, seq, "Heartbeat not sent.");
+        }
+    }
+}
+
+/// Handles one `task.assign`.
+#[derive(Clone)]
+struct TaskHandler {
+    inner: Arc<HandlerInner>,
+}
+
+struct HandlerInner {
+    role: Role,
+    instance: Instance,
+    pool: deadpool_redis::Pool,
+    publisher: Arc<Publisher>,
+    epoch: KillEpoch,
+    sandbox: Sandbox,
+    tools: ToolClient,
+    busy: Busy,
+    workspace_root: std::path::PathBuf,
+    git_timeout: Duration,
+    group: String,
+    keep_alive_every: Duration,
+    shutdown: CancellationToken,
+}
+
+impl Handler for TaskHandler {
+    fn handle(&self, d: Delivery) -> impl Future<Output = Result<(), HandlerError>> + Send {
+        let inner = Arc::clone(&self.inner);
+        async move { inner.handle(d).await }
+    }
+}
+
+impl HandlerInner {
+    async fn handle(&self, d: Delivery) -> Result<(), HandlerError> {
+        let env = d.envelope.into_inner();
+        let Payload::TaskAssign(assign) = env.payload.clone() else {
+            return Err(HandlerError::Permanent(format!("a {} on the task stream", env.message_type())));
+        };
+        let Some(task_id) = env.task_id else {
+            return Err(HandlerError::Permanent("task.assign without a task_id".into()));
+        };
+        self.busy.set(Some(task_id));
+        let _busy = BusyGuard(self.busy.clone());
+        tracing::info!(task = %task_id, attempt = assign.attempt, deliveries = d.deliveries, "Task received.");
+
+        let cancel = self.shutdown.child_token();
+        let work = self.work(&env, task_id, &assign, &cancel);
+        let keep_alive = self.keep_alive(&d.stream, &d.entry_id);
+        let outcome = tokio::select! {
+            o = AssertUnwindSafe(work).catch_unwind() => match o {
+                Ok(o) => o,
+                Err(panic) => {
+                    let what = panic.downcast_ref::<&str>().map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    tracing::error!(task = %task_id, panic = %what, "The role panicked; reporting an error result.");
+                    Outcome::error(format!("internal error in the {} worker: {what}", self.role))
+                }
+            },
+            () = keep_alive => unreachable_keep_alive(),
+        };
+        if self.shutdown.is_cancelled() {
+            // Cut short by shutdown: no result; the entry stays pending and is redone.
+            return Err(HandlerError::Transient("shutting down before the task finished".into()));
+        }
+        let refused = outcome.refused_assignment.clone();
+        self.publish_result(&env, task_id, assign.attempt, outcome).await?;
+        if let Some(reason) = refused {
+            return Err(HandlerError::Permanent(reason));
+        }
+        Ok(())
+    }
+
+    async fn work(&self, env: &Envelope, task_id: Uuid, assign: &TaskAssign, cancel: &CancellationToken) -> Outcome {
+        let rel = match check_workspace_path(&self.workspace_root, &assign.workspace) {
+            Ok(rel) => rel,
+            Err(e) => {
+                tracing::warn!(task = %task_id, error = %e, "Assignment refused.");
+                let mut o = Outcome::error(format!("refused: {e}"));
+                o.refused_assignment = Some(e.to_string());
+                return o;
+            }
+        };
+        let ws = match Workspace::prepare(&self.workspace_root, &rel, assign.repository.as_deref(), self.git_timeout)
+            .await
+        {
+            Ok(ws) => ws,
+            Err(e) => return Outcome::error(format!("cannot prepare the workspace: {e}")),
+        };
+        let ctx = TaskContext {
+            task_id,
+            assign: assign.clone(),
+            workspace: ws,
+            sandbox: self.sandbox.clone(),
+            tools: self.tools.clone(),
+            call: CallContext { task_id, assignment_id: env.id, lease: env.lease.clone() },
+            labels: SandboxLabels {
+                task: task_id.to_string(),
+                role: self.role.as_str().to_owned(),
+                instance: self.instance.as_str().to_owned(),
+            },
+            cancel: cancel.clone(),
+        };
+        roles::run(self.role, &ctx).await
+    }
+
+    /// Keeps the entry of the running task fresh in Redis's pending list (`XCLAIM … JUSTID`
+    /// by its own consumer, which leaves the delivery counter alone), so live workers never
+    /// lose a long task to `XAUTOCLAIM`. Never returns.
+    async fn keep_alive(&self, stream: &str, entry: &str) {
+        let mut tick = tokio::time::interval(self.keep_alive_every);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            let result = async {
+                let mut c = self.pool.get().await.map_err(|e| e.to_string())?;
+                redis::cmd("XCLAIM")
+                    .arg(stream)
+                    .arg(&self.group)
+                    .arg(self.instance.as_str())
+                    .arg(0)
+                    .arg(entry)
+                    .arg("JUSTID")
+                    .query_async::<Vec<String>>(&mut c)
+                    .await
+                    .map_err(|e| e.to_string())
+            };
+            match result.await {
+                Ok(ids) if ids.is_empty() => {
+                    tracing::warn!(entry, "The running task's entry is no longer pending (acknowledged or deleted).");
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(entry, error = %e, "Cannot refresh the running task's entry."),
+            }
+        }
+    }
+
+    async fn publish_result(
+        &self,
+        assign_env: &Envelope,
+        task_id: Uuid,
+        attempt: u32,
+        o: Outcome,
+    ) -> Result<(), HandlerError> {
+        let status = o.status;
+        let result = TaskResult {
+            attempt,
+            status: o.status,
+            summary: o.summary,
+            findings: o.findings,
+            diff: o.diff,
+            log: o.log,
+        };
+        let mut env = Envelope::new(
+            Sender { role: self.role, instance: self.instance.clone() },
+            Role::Orchestrator,
+            now_ms(),
+            RESULT_TTL_MS,
+            self.epoch.get(),
+            Payload::TaskResult(result),
+        );
+        env.task_id = Some(task_id);
+        env.causation_id = Some(assign_env.id);
+        env.traceparent.clone_from(&assign_env.traceparent);
+        let stream = StreamName::parse(streams::RESULTS).expect("fleet stream names are valid");
+        match self.publisher.publish(&stream, &env).await {
+            Ok(_) => {
+                let level_ok = status == Status::Success;
+                if level_ok {
+                    tracing::info!(task = %task_id, attempt, status = ?status, "Result sent.");
+                } else {
+                    tracing::warn!(task = %task_id, attempt, status = ?status, "Result sent.");
+                }
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(task = %task_id, error = %e, "Cannot publish the result; the task will be redelivered.");
+                Err(HandlerError::Transient(format!("cannot publish the result: {e}")))
+            }
+        }
+    }
+}
+
+fn unreachable_keep_alive() -> Outcome {
+    Outcome::error("internal error: keep-alive ended")
+}

@@ -1,0 +1,387 @@
+//! A task's workspace: a checkout of the task's repository that every step of the task (Dev,
+//! QA, Review, Refactor) works in, one after the other.
+//!
+//! The git directory is kept **outside** the workspace, in `<workspace_root>/.agentfleet-git/
+//! <name>`, and every git command names it with `--git-dir`/`--work-tree`. Only the
+//! workspace is mounted into sandboxes, so code running there cannot plant hooks or a
+//! `core.fsmonitor` command in the repository's configuration for the worker's own git to
+//! run on the host. Git is also run with hooks disabled, without prompts, with a timeout,
+//! and with only the local, `file`, `http(s)` and `git` transports allowed (never `ext::`).
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Component, Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+
+/// The directory under the workspace root holding the git directories.
+pub const GIT_STORE: &str = ".agentfleet-git";
+
+/// Why a workspace could not be prepared or a git command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkspaceError {
+    /// The assignment names a workspace this worker must not touch.
+    #[error("the workspace {path:?} is refused: {reason}")]
+    Refused { path: String, reason: String },
+    /// The repository string is not an allowed source.
+    #[error("the repository {0:?} is refused: only local paths, file://, https://, http:// and git:// are allowed")]
+    BadRepository(String),
+    /// No repository and nothing cloned yet.
+    #[error("the workspace has no checkout and the assignment names no repository to clone")]
+    NoRepository,
+    /// A git command failed.
+    #[error("git {command} failed: {detail}")]
+    Git { command: String, detail: String },
+    /// A git command ran past its timeout and was killed.
+    #[error("git {command} did not finish within {secs} s and was killed")]
+    Timeout { command: String, secs: u64 },
+    /// A file-system operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> WorkspaceError {
+    let what = what.into();
+    move |source| WorkspaceError::Io { what, source }
+}
+
+/// Checks that `workspace` is an absolute path strictly inside `root`, without `..` or `.`
+/// components, and not inside the git store. Returns the path relative to `root`.
+pub fn check_workspace_path(root: &Path, workspace: &str) -> Result<PathBuf, WorkspaceError> {
+    let refuse = |reason: &str| WorkspaceError::Refused { path: workspace.to_owned(), reason: reason.to_owned() };
+    let path = Path::new(workspace);
+    if !path.is_absolute() {
+        return Err(refuse("not an absolute path"));
+    }
+    if workspace.split('/').any(|p| p == "." || p == "..")
+        || path.components().any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+    {
+        return Err(refuse("contains '..' or '.'"));
+    }
+    let rel = path
+        .strip_prefix(root)
+        .map_err(|_| refuse(&format!("outside the worker's workspace_root {}", root.display())))?;
+    if rel.as_os_str().is_empty() {
+        return Err(refuse("is the workspace_root itself"));
+    }
+    if rel.components().next().is_some_and(|c| c.as_os_str() == GIT_STORE) {
+        return Err(refuse("inside the worker's git store"));
+    }
+    Ok(rel.to_path_buf())
+}
+
+/// Checks a repository source: a local path, or a `file`, `https`, `http` or `git` URL.
+pub fn check_repository(repo: &str) -> Result<(), WorkspaceError> {
+    let bad = || WorkspaceError::BadRepository(repo.to_owned());
+    if repo.is_empty() || repo.starts_with('-') || repo.contains("::") || repo.chars().any(char::is_control) {
+        return Err(bad());
+    }
+    if let Some((scheme, _)) = repo.split_once("://") {
+        return if matches!(scheme.to_ascii_lowercase().as_str(), "file" | "https" | "http" | "git") {
+            Ok(())
+        } else {
+            Err(bad())
+        };
+    }
+    // scp-like `host:path` (ssh) — a ':' before the first '/'.
+    let first_colon = repo.find(':');
+    let first_slash = repo.find('/');
+    if let Some(c) = first_colon
+        && first_slash.is_none_or(|s| c < s)
+    {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+/// A prepared workspace: the working tree and its git directory.
+#[derive(Debug, Clone)]
+pub struct Workspace {
+    /// The working tree (mounted into sandboxes at `/workspace`).
+    pub dir: PathBuf,
+    /// The git directory, outside the working tree.
+    git_dir: PathBuf,
+    timeout: Duration,
+}
+
+impl Workspace {
+    /// Makes sure `dir` (already checked with [`check_workspace_path`]) holds a checkout:
+    /// if its git directory has no commit yet, clones `repository` (bare, into the git
+    /// store) and checks it out. An existing checkout is left as it is (later steps work on
+    /// what earlier steps changed).
+    pub async fn prepare(
+        root: &Path,
+        rel: &Path,
+        repository: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Self, WorkspaceError> {
+        let dir = root.join(rel);
+        let store_name = rel.to_string_lossy().replace('/', "__");
+        let store = root.join(GIT_STORE);
+        let git_dir = store.join(&store_name);
+        tokio::fs::create_dir_all(&dir).await.map_err(io(format!("cannot create the workspace {}", dir.display())))?;
+        tokio::fs::create_dir_all(&store)
+            .await
+            .map_err(io(format!("cannot create the git store {}", store.display())))?;
+        let ws = Self { dir, git_dir, timeout };
+        if ws.git_dir.exists() && ws.git(&["rev-parse", "--verify", "-q", "HEAD"]).await.is_ok() {
+            return Ok(ws);
+        }
+        let repo = repository.ok_or(WorkspaceError::NoRepository)?;
+        check_repository(repo)?;
+        // A clone cut short (worker killed) leaves a partial directory: start over.
+        let partial = store.join(format!("{store_name}.partial"));
+        for d in [&partial, &ws.git_dir] {
+            if d.exists() {
+                tokio::fs::remove_dir_all(d).await.map_err(io(format!("cannot remove {}", d.display())))?;
+            }
+        }
+        let partial_s = partial.to_string_lossy().into_owned();
+        run_git(None, &["clone", "--quiet", "--bare", "--", repo, &partial_s], None, &store, timeout).await?;
+        tokio::fs::rename(&partial, &ws.git_dir).await.map_err(io("cannot move the fresh clone into place"))?;
+        ws.git(&["config", "core.bare", "false"]).await?;
+        ws.git(&["rev-parse", "--verify", "-q", "HEAD"]).await.map_err(|_| WorkspaceError::Git {
+            command: "clone".into(),
+            detail: "the repository has no commit".into(),
+        })?;
+        ws.reset().await?;
+        Ok(ws)
+    }
+
+    /// Puts the working tree back to the base commit: tracked files restored, everything
+    /// else (untracked and ignored) removed.
+    pub async fn reset(&self) -> Result<(), WorkspaceError> {
+        self.git(&["reset", "--quiet", "--hard", "HEAD"]).await?;
+        self.git(&["clean", "-fdxq"]).await?;
+        self.open_to_sandbox().await
+    }
+
+    /// The change of the working tree against the base commit, new files included, binary
+    /// safe.
+    pub async fn diff(&self) -> Result<Vec<u8>, WorkspaceError> {
+        self.git(&["add", "--all", "--intent-to-add", "."]).await?;
+        self.git(&["diff", "--binary", "HEAD"]).await
+    }
+
+    /// Checks and then applies a patch to the working tree.
+    pub async fn apply(&self, patch: &[u8]) -> Result<(), WorkspaceError> {
+        self.git_stdin(&["apply", "--check", "--whitespace=nowarn", "-"], patch).await?;
+        self.git_stdin(&["apply", "--whitespace=nowarn", "-"], patch).await?;
+        self.open_to_sandbox().await
+    }
+
+    /// The tracked files of the base commit.
+    pub async fn files(&self) -> Result<Vec<String>, WorkspaceError> {
+        let out = self.git(&["ls-tree", "-r", "--name-only", "-z", "HEAD"]).await?;
+        Ok(out.split(|b| *b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect())
+    }
+
+    /// The files of the working tree as it is now: tracked, plus untracked ones not ignored.
+    pub async fn current_files(&self) -> Result<Vec<String>, WorkspaceError> {
+        let out = self.git(&["ls-files", "--cached", "--others", "--exclude-standard", "-z"]).await?;
+        let mut files: Vec<String> =
+            out.split(|b| *b == 0).filter(|s| !s.is_empty()).map(|s| String::from_utf8_lossy(s).into_owned()).collect();
+        files.sort();
+        files.dedup();
+        Ok(files)
+    }
+
+    /// Reads a regular file of the working tree (never through a symlink a sandbox could
+    /// have planted); `None` if it is missing, not a regular file, or larger than `max`.
+    pub async fn read_file(&self, rel: &str, max: u64) -> Option<Vec<u8>> {
+        if rel.split('/').any(|p| p == ".." || p.is_empty()) {
+            return None;
+        }
+        let mut path = self.dir.clone();
+        for part in rel.split('/') {
+            path.push(part);
+            let meta = tokio::fs::symlink_metadata(&path).await.ok()?;
+            if meta.file_type().is_symlink() {
+                return None;
+            }
+        }
+        let meta = tokio::fs::symlink_metadata(&path).await.ok()?;
+        if !meta.is_file() || meta.len() > max {
+            return None;
+        }
+        tokio::fs::read(&path).await.ok()
+    }
+
+    /// True if the working tree has a regular file at `rel`.
+    pub async fn has_file(&self, rel: &str) -> bool {
+        self.read_file(rel, u64::MAX >> 1).await.is_some()
+    }
+
+    /// Lets the sandbox user (uid 10001) write the working tree: directories and files get
+    /// `a+rw` (and `a+x` where someone may already execute). Symlinks are not followed.
+    pub async fn open_to_sandbox(&self) -> Result<(), WorkspaceError> {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || open_tree(&dir))
+            .await
+            .map_err(|e| WorkspaceError::Io { what: "permission walk".into(), source: std::io::Error::other(e) })?
+            .map_err(io("cannot make the workspace writable for the sandbox user"))
+    }
+
+    async fn git(&self, args: &[&str]) -> Result<Vec<u8>, WorkspaceError> {
+        run_git(Some(self), args, None, &self.dir, self.timeout).await
+    }
+
+    async fn git_stdin(&self, args: &[&str], input: &[u8]) -> Result<Vec<u8>, WorkspaceError> {
+        run_git(Some(self), args, Some(input), &self.dir, self.timeout).await
+    }
+}
+
+fn open_tree(dir: &Path) -> std::io::Result<()> {
+    let meta = std::fs::symlink_metadata(dir)?;
+    if meta.file_type().is_symlink() {
+        return Ok(());
+    }
+    let mode = meta.permissions().mode();
+    if meta.is_dir() {
+        if mode & 0o777 != 0o777 {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o777))?;
+        }
+        for entry in std::fs::read_dir(dir)? {
+            open_tree(&entry?.path())?;
+        }
+    } else if meta.is_file() {
+        let exec = if mode & 0o111 != 0 { 0o111 } else { 0 };
+        let want = mode | 0o666 | exec;
+        if want != mode {
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(want))?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs git with the fleet's safety settings; stdout on success, stderr in the error.
+async fn run_git(
+    ws: Option<&Workspace>,
+    args: &[&str],
+    input: Option<&[u8]>,
+    cwd: &Path,
+    timeout: Duration,
+) -> Result<Vec<u8>, WorkspaceError> {
+    let mut cmd = tokio::process::Command::new("git");
+    for setting in [
+        "protocol.allow=never",
+        "protocol.file.allow=always",
+        "protocol.https.allow=always",
+        "protocol.http.allow=always",
+        "protocol.git.allow=always",
+        "protocol.ext.allow=never",
+        "core.hooksPath=/dev/null",
+        "core.fsmonitor=false",
+        "safe.directory=*",
+        "user.name=agentfleet",
+        "user.email=agentfleet@localhost",
+    ] {
+        cmd.arg("-c").arg(setting);
+    }
+    if let Some(ws) = ws {
+        cmd.arg("--git-dir").arg(&ws.git_dir).arg("--work-tree").arg(&ws.dir);
+    }
+    cmd.args(args)
+        .current_dir(cwd)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_ASKPASS", "/bin/false")
+        .env("SSH_ASKPASS", "/bin/false")
+        .env_remove("GIT_DIR")
+        .env_remove("GIT_WORK_TREE")
+        .stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    let command = args.first().copied().unwrap_or("").to_owned();
+    let mut child = cmd.spawn().map_err(io("cannot run git (is it installed?)"))?;
+    if let (Some(data), Some(mut stdin)) = (input, child.stdin.take()) {
+        let data = data.to_vec();
+        tokio::spawn(async move {
+            let _ = stdin.write_all(&data).await;
+        });
+    }
+    let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
+        Ok(out) => out.map_err(io(format!("git {command}")))?,
+        Err(_) => return Err(WorkspaceError::Timeout { command, secs: timeout.as_secs() }),
+    };
+    if out.status.success() {
+        Ok(out.stdout)
+    } else {
+        let detail = String::from_utf8_lossy(&out.stderr);
+        let detail: String = detail.trim().chars().take(2000).collect();
+        Err(WorkspaceError::Git { command, detail: if detail.is_empty() { out.status.to_string() } else { detail } })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workspace_paths() {
+        let root = Path::new("/workspace");
+        assert_eq!(check_workspace_path(root, "/workspace/task-1").unwrap(), PathBuf::from("task-1"));
+        for bad in ["/workspace", "/workspace/../etc", "/tmp/x", "workspace/task", "/workspace/./x", "/workspacex/a"] {
+            assert!(check_workspace_path(root, bad).is_err(), "{bad}");
+        }
+        assert!(check_workspace_path(root, "/workspace/.agentfleet-git/x").is_err());
+    }
+
+    #[test]
+    fn repository_sources() {
+        for ok in ["/srv/repo.git", "./repo", "file:///srv/r.git", "https://example.invalid/r.git", "git://h/r"] {
+            assert!(check_repository(ok).is_ok(), "{ok}");
+        }
+        for bad in ["ext::sh -c id", "fd::3", "ssh://h/r", "git@github.com:a/b", "-uploadpack=x", "", "host:repo"] {
+            assert!(check_repository(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
+    async fn clone_change_diff_reset() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("a.txt"), "a\n").unwrap();
+        let git = |args: &[&str]| {
+            let ok = std::process::Command::new("git")
+                .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+                .args(args)
+                .current_dir(&src)
+                .output()
+                .unwrap()
+                .status
+                .success();
+            assert!(ok, "{args:?}");
+        };
+        git(&["init", "-q"]);
+        git(&["add", "."]);
+        git(&["commit", "-qm", "init"]);
+        let root = tmp.path().join("ws");
+        std::fs::create_dir(&root).unwrap();
+        let rel = check_workspace_path(&root, &root.join("task-1").to_string_lossy()).unwrap();
+        let repo = src.to_string_lossy().into_owned();
+        let ws = Workspace::prepare(&root, &rel, Some(&repo), Duration::from_secs(30)).await.unwrap();
+        assert!(!ws.dir.join(".git").exists(), "the git dir stays outside the workspace");
+        assert_eq!(std::fs::read_to_string(ws.dir.join("a.txt")).unwrap(), "a\n");
+        std::fs::write(ws.dir.join("b.txt"), "b\n").unwrap();
+        let patch = "--- a/a.txt\n+++ b/a.txt\n@@ -1 +1 @@\n-a\n+A\n";
+        ws.apply(patch.as_bytes()).await.unwrap();
+        let diff = String::from_utf8(ws.diff().await.unwrap()).unwrap();
+        assert!(diff.contains("+A") && diff.contains("b/b.txt"), "{diff}");
+        // A second prepare keeps the change.
+        let again = Workspace::prepare(&root, &rel, None, Duration::from_secs(30)).await.unwrap();
+        assert!(String::from_utf8(again.diff().await.unwrap()).unwrap().contains("+A"));
+        again.reset().await.unwrap();
+        assert!(again.diff().await.unwrap().is_empty());
+        assert!(!ws.dir.join("b.txt").exists());
+        assert!(ws.apply(b"--- a/zzz\n+++ b/zzz\n@@ -1 +1 @@\n-q\n+r\n").await.is_err());
+        assert_eq!(ws.files().await.unwrap(), vec!["a.txt"]);
+    }
+}
