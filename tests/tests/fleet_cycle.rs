@@ -1,0 +1,558 @@
+//! The whole fleet, every process a separate OS process, on a real Redis, Postgres and
+//! Docker engine: orchestrator, outbox-relay, budget, and the Dev, QA, Review and Refactor
+//! workers, with the offline `scripted` model.
+//!
+//! One fleet runs three stories at once:
+//! - a task goes Dev → QA → Review → Refactor → QA → Review → approved → pushed, while the
+//!   first Dev worker is SIGKILLed in the middle of its step: a second Dev worker takes the
+//!   step over and it is completed exactly once;
+//! - a task whose (scripted) change leaves its scope is rejected by Review;
+//! - a worker presenting another task's capability lease is refused, and the refusal is in
+//!   the audit trail.
+//!
+//! The binaries are the workspace's own (`target/<profile>/…`, built by `cargo nextest run
+//! --workspace`); a missing one fails the test with the command that builds it. So does a
+//! missing Docker engine, Redis or Postgres: nothing here is skipped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use envelope::{
+    Envelope, Instance, Keyset, MasterFile, MasterSecret, MemoryReplayGuard, PermissionTable, Process, Role, Sender,
+    StreamName, ToolRequest, Verifier, VerifierConfig, VerifyContext, streams,
+};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+const PERMISSIONS: &str = include_str!("../../config/permissions.toml");
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().expect("repository root")
+}
+
+/// `target/<profile>/<name>`, next to this test's own executable's `deps/` directory.
+fn binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    let dir = exe.parent().and_then(Path::parent).expect("target/<profile>");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build the fleet first with `cargo build --workspace --bins` (cargo nextest run --workspace does)",
+        path.display()
+    );
+    path
+}
+
+/// A child process killed (and reaped) when dropped.
+struct Proc {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Proc {
+    fn start(name: &str, program: &Path, args: &[&str], env: &[(&str, &str)], logs: &Path) -> Self {
+        let log = logs.join(format!("{name}.log"));
+        let out = std::fs::File::create(&log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let mut cmd = Command::new(program);
+        cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err).env("RUST_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+        Self { name: name.to_owned(), child, log }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    fn tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        format!("--- {} ---\n{}", self.name, lines[lines.len().saturating_sub(30)..].join("\n"))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn git(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new("git").args(args).current_dir(dir).output().expect("git");
+    assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read example repo") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+/// The example repository as a bare repository under `dir`.
+fn example_repo(dir: &Path) -> String {
+    let work = dir.join("example");
+    copy_dir(&repo_root().join("deploy/example-repo"), &work);
+    git(&work, &["init", "-q", "-b", "main"]);
+    git(&work, &["add", "-A"]);
+    git(&work, &["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "example"]);
+    let bare = dir.join("example.git");
+    git(dir, &["clone", "-q", "--bare", work.to_str().expect("utf-8"), bare.to_str().expect("utf-8")]);
+    bare.to_str().expect("utf-8").to_owned()
+}
+
+/// The sandbox image, built by the project's script if missing.
+fn sandbox_image() -> String {
+    let out = Command::new(repo_root().join("deploy/sandbox-image.sh"))
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("run deploy/sandbox-image.sh (needs Docker and debootstrap)");
+    assert!(out.status.success(), "deploy/sandbox-image.sh failed: is the Docker engine running?");
+    String::from_utf8_lossy(&out.stdout).lines().last().expect("image name").trim().to_owned()
+}
+
+struct Fleet {
+    _redis: fleet_testkit::RedisServer,
+    _pg: fleet_testkit::Postgres,
+    dir: tempfile::TempDir,
+    redis_url: String,
+    db_url: String,
+    api: String,
+    token: String,
+    master: MasterFile,
+    procs: Vec<Proc>,
+    tag: String,
+}
+
+impl Fleet {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn keyset(&self, p: Process) -> Keyset {
+        self.master.derive_keyset(p, &PermissionTable::parse(PERMISSIONS).expect("permissions"))
+    }
+
+    fn worker(&mut self, role: Role, instance: &str) -> usize {
+        let cfg = self.path(&format!("{instance}.toml"));
+        let image = sandbox_image();
+        std::fs::write(
+            &cfg,
+            format!(
+                "keyset = \"{keys}\"\npermissions = \"{perms}\"\ninstance = \"{instance}\"\nworkspace_root = \"{ws}\"\n\
+                 heartbeat_secs = 1\n[sandbox]\nimage = \"{image}\"\ntimeout_secs = 120\n\
+                 [consumer]\nclaim_idle_secs = 4\nretry_max_secs = 1\nblock_ms = 500\n",
+                keys = self.path(&format!("{role}.keyset.toml")).display(),
+                perms = repo_root().join("config/permissions.toml").display(),
+                ws = self.path("workspaces").display(),
+            ),
+        )
+        .expect("worker config");
+        let program = binary(&format!("{role}-worker"));
+        let cfg = cfg.to_string_lossy().into_owned();
+        let p = Proc::start(
+            instance,
+            &program,
+            &["--config", &cfg],
+            &[("FLEET_REDIS_URL", &self.redis_url)],
+            self.dir.path(),
+        );
+        self.procs.push(p);
+        self.procs.len() - 1
+    }
+
+    fn logs(&self) -> String {
+        self.procs.iter().map(Proc::tail).collect::<Vec<_>>().join("\n")
+    }
+
+    fn fleetctl(&self, args: &[&str]) -> String {
+        let out = Command::new(binary("fleetctl"))
+            .args(args)
+            .env("FLEET_API_URL", &self.api)
+            .env("FLEET_TOKEN", &self.token)
+            .output()
+            .expect("fleetctl");
+        assert!(
+            out.status.success(),
+            "fleetctl {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn submit(&self, task: serde_json::Value) -> Uuid {
+        let file = self.path(&format!("task-{}.json", Uuid::now_v7()));
+        std::fs::write(&file, task.to_string()).expect("task file");
+        let out = self.fleetctl(&["submit", file.to_str().expect("utf-8"), "--json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).expect("submit --json prints JSON");
+        v["id"].as_str().expect("id").parse().expect("uuid")
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for p in &mut self.procs {
+            p.kill();
+        }
+        // Sandboxes left by the killed worker: ours carry this test's instance prefix.
+        if let Ok(out) = Command::new("docker")
+            .args(["ps", "-aq", "--filter", "label=agentfleet.sandbox=1", "--format", "{{.ID}} {{.Labels}}"])
+            .output()
+        {
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                if line.contains(&self.tag) {
+                    if let Some(id) = line.split_whitespace().next() {
+                        let _ = Command::new("docker").args(["rm", "-f", id]).output();
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn start_fleet(fixture_extra: &str) -> Fleet {
+    let redis = fleet_testkit::RedisServer::start().expect("redis-server must be installed; tests never skip");
+    let pg = fleet_testkit::Postgres::start().expect("postgres must be installed; tests never skip");
+    let db_url = pg.create_database().expect("database");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("workspaces")).expect("workspaces");
+    let tag = format!("e2e{}", &Uuid::now_v7().simple().to_string()[24..]);
+    let master = MasterFile::new(MasterSecret::from_bytes(rand_bytes()));
+    let perms = PermissionTable::parse(PERMISSIONS).expect("permissions");
+    for p in ["orchestrator", "budget", "dev", "qa", "review", "refactor", "operator"] {
+        let ks = master.derive_keyset(Process::parse(p).expect("process"), &perms);
+        std::fs::write(d.join(format!("{p}.keyset.toml")), ks.to_toml().as_str()).expect("keyset");
+    }
+    std::fs::write(d.join("audit.key"), hex(&rand_bytes())).expect("audit key");
+    std::fs::write(d.join("jwt.secret"), hex(&rand_bytes())).expect("jwt secret");
+    std::fs::write(d.join("lease.secret"), hex(&rand_bytes())).expect("lease secret");
+    let ledger = "daily_tokens = 500000\ndaily_micro_usd = 10000000\nper_task_tokens = 100000\nper_task_micro_usd = 2000000\n\
+                  reservation_ttl_secs = 600\n";
+    let prices = "input_micro_usd_per_mtok = 3000000\noutput_micro_usd_per_mtok = 15000000\n";
+    std::fs::write(d.join("ledger.toml"), format!("{ledger}[prices.scripted-1]\n{prices}")).expect("ledger");
+    let fixture = d.join("fixture.toml");
+    let shipped = std::fs::read_to_string(repo_root().join("config/fixtures/demo.toml")).expect("demo fixture");
+    std::fs::write(&fixture, format!("{fixture_extra}\n{shipped}")).expect("fixture");
+    let api_port = free_port();
+    let perms_path = repo_root().join("config/permissions.toml");
+    std::fs::write(
+        d.join("orchestrator.toml"),
+        format!(
+            "instance = \"orchestrator-0\"\nkeyset = \"{d}/orchestrator.keyset.toml\"\npermissions = \"{p}\"\n\
+             audit_key_file = \"{d}/audit.key\"\njwt_secret_file = \"{d}/jwt.secret\"\nlisten = \"127.0.0.1:{api_port}\"\n\
+             workspace_root = \"{d}/workspaces\"\nstep_deadline_secs = 120\n\
+             [tools]\nlease_secret_file = \"{d}/lease.secret\"\nrisk_matrix = \"{m}\"\nledger = \"{d}/ledger.toml\"\n\
+             [tools.provider]\nkind = \"scripted\"\nfixture = \"{f}\"\n[tools.models]\ndefault = \"scripted-1\"\n",
+            d = d.display(),
+            p = perms_path.display(),
+            m = repo_root().join("config/risk_matrix.toml").display(),
+            f = fixture.display(),
+        ),
+    )
+    .expect("orchestrator config");
+    std::fs::write(d.join("relay.toml"), "poll_interval_ms = 100\n").expect("relay config");
+    std::fs::write(
+        d.join("budget.toml"),
+        format!(
+            "instance = \"budget-0\"\nkeyset = \"{d}/budget.keyset.toml\"\npermissions = \"{p}\"\n[ledger]\n{ledger}\
+             [ledger.prices.scripted-1]\n{prices}",
+            d = d.display(),
+            p = perms_path.display(),
+        ),
+    )
+    .expect("budget config");
+    let redis_url = redis.url();
+    let env = [("FLEET_REDIS_URL", redis_url.as_str()), ("FLEET_DATABASE_URL", db_url.as_str())];
+    let cfg = |n: &str| d.join(n).to_string_lossy().into_owned();
+    let mut procs =
+        vec![Proc::start("orchestrator", &binary("orchestrator"), &["--config", &cfg("orchestrator.toml")], &env, d)];
+    procs.push(Proc::start("outbox-relay", &binary("outbox-relay"), &["--config", &cfg("relay.toml")], &env, d));
+    procs.push(Proc::start("budget", &binary("budget"), &["--config", &cfg("budget.toml")], &env, d));
+    let api = format!("http://127.0.0.1:{api_port}");
+    let token = {
+        let out = Command::new(binary("fleetctl"))
+            .args([
+                "token",
+                "issue",
+                "--role",
+                "admin",
+                "--sub",
+                "e2e",
+                "--ttl",
+                "1h",
+                "--secret-file",
+                &cfg("jwt.secret"),
+            ])
+            .output()
+            .expect("fleetctl token issue");
+        assert!(out.status.success(), "token issue: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let fleet = Fleet { _redis: redis, _pg: pg, dir, redis_url, db_url, api, token, master, procs, tag };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", api_port)).is_err() {
+        assert!(Instant::now() < deadline, "the orchestrator did not start listening:\n{}", fleet.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    fleet
+}
+
+fn rand_bytes() -> [u8; 32] {
+    use std::io::Read;
+    let mut b = [0u8; 32];
+    std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).expect("/dev/urandom");
+    b
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+async fn state(pool: &PgPool, task: Uuid) -> String {
+    sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1").bind(task).fetch_one(pool).await.expect("task state")
+}
+
+async fn wait_state(f: &Fleet, pool: &PgPool, task: Uuid, want: &[&str], within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = state(pool, task).await;
+        if want.contains(&s.as_str()) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "task {task} stuck in {s}, wanted {want:?}\n{}", f.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The verified `task.assign` the orchestrator sent for `task` to `role` (newest first).
+async fn assignment(f: &Fleet, pool: &PgPool, task: Uuid, role: Role) -> envelope::Verified {
+    let frame: Vec<u8> =
+        sqlx::query_scalar("SELECT frame FROM outbox WHERE stream = $1 AND task_id = $2 ORDER BY id DESC LIMIT 1")
+            .bind(StreamName::tasks(role).as_str())
+            .bind(task)
+            .fetch_one(pool)
+            .await
+            .expect("an assignment in the outbox");
+    let ring = f.keyset(Process::Role(role)).into_keyring();
+    let v = Verifier::new(ring, PermissionTable::parse(PERMISSIONS).expect("perms"), VerifierConfig::default());
+    let ctx = VerifyContext { now_ms: now_ms(), kill_epoch: 0 };
+    v.check(StreamName::tasks(role).as_str(), &frame, ctx)
+        .and_then(|c| c.accept(&mut MemoryReplayGuard::new(), now_ms()))
+        .expect("the assignment verifies")
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+const OUT_OF_SCOPE: &str = r#"
+[[response]]
+role = "dev"
+match = "only the docs"
+text = """
+diff --git a/calc.py b/calc.py
+--- a/calc.py
++++ b/calc.py
+@@ -1,2 +1,2 @@
+ def add(a, b):
+-    return a - b
++    return a + b
+"""
+input_tokens = 400
+output_tokens = 80
+model = "scripted-1"
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_whole_cycle_survives_a_killed_worker_and_refuses_what_it_must() {
+    let mut f = start_fleet(OUT_OF_SCOPE).await;
+    let pool = PgPool::connect(&f.db_url).await.expect("postgres");
+    let bare = example_repo(f.dir.path());
+    let tag = f.tag.clone();
+    for role in [Role::Qa, Role::Review, Role::Refactor] {
+        f.worker(role, &format!("{tag}-{role}-1"));
+    }
+    let first_dev = f.worker(Role::Dev, &format!("{tag}-dev-1"));
+
+    // Story 1: the fix, with the first Dev worker killed while it holds the step.
+    let task = f.submit(serde_json::json!({
+        "title": "Fix add()",
+        "instructions": "The test suite of this project fails: fix the failing test by correcting calc.py.",
+        "repository": bare,
+        "test_command": "sh .agentfleet/test",
+        "scope": ["calc.py", "tests/"],
+    }));
+    let mut redis = redis::Client::open(f.redis_url.as_str())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        // XPENDING summary: [count, first, last, [[consumer, n], …]]
+        let pending: redis::Value = redis::cmd("XPENDING")
+            .arg("fleet:tasks:dev")
+            .arg("dev")
+            .query_async(&mut redis)
+            .await
+            .unwrap_or(redis::Value::Nil);
+        if format!("{pending:?}").contains(&format!("{tag}-dev-1")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the first Dev worker never claimed the step\n{}", f.logs());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    f.procs[first_dev].kill();
+    f.worker(Role::Dev, &format!("{tag}-dev-2"));
+
+    // Story 2: a change outside the task's scope, which Review must reject.
+    let outside = f.submit(serde_json::json!({
+        "title": "Document add()",
+        "instructions": "Touch only the docs directory: describe add() in only the docs.",
+        "repository": bare,
+        "test_command": "sh .agentfleet/test",
+        "scope": ["docs/"],
+    }));
+
+    let end = wait_state(&f, &pool, task, &["merged", "failed", "blocked"], Duration::from_secs(300)).await;
+    assert_eq!(end, "merged", "{}", f.logs());
+    // Completed once: one Dev result moved the task to QA.
+    let dev_done: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM task_events WHERE task_id = $1 AND from_state = 'dev' AND to_state = 'qa'",
+    )
+    .bind(task)
+    .fetch_one(&pool)
+    .await
+    .expect("events");
+    assert_eq!(dev_done, 1);
+    let path: Vec<String> = sqlx::query_scalar("SELECT to_state FROM task_events WHERE task_id = $1 ORDER BY seq")
+        .bind(task)
+        .fetch_all(&pool)
+        .await
+        .expect("events");
+    assert_eq!(path, ["dev", "qa", "review", "refactor", "qa", "review", "approved", "merged"], "{}", f.logs());
+    let branch = format!("agentfleet/task-{task}");
+    let fixed = git(Path::new(&bare), &["show", &format!("{branch}:calc.py")]);
+    assert!(fixed.contains("a + b"), "the pushed branch has the fix: {fixed}");
+    assert!(!fixed.lines().any(|l| l.ends_with(' ')), "Refactor's formatter ran: {fixed:?}");
+    assert!(git(Path::new(&bare), &["show", "main:calc.py"]).contains("a - b"), "main is untouched");
+
+    // Story 2's end: Review rejected the out-of-scope change (sent back to Dev each time).
+    let rejected: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM task_events WHERE task_id = $1 AND from_state = 'review' AND to_state IN ('dev', 'failed')",
+    )
+    .bind(outside)
+    .fetch_one(&pool)
+    .await
+    .expect("events");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut rejected = rejected;
+    while rejected == 0 {
+        assert!(Instant::now() < deadline, "Review never rejected the out-of-scope change\n{}", f.logs());
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        rejected = sqlx::query_scalar(
+            "SELECT count(*) FROM task_events WHERE task_id = $1 AND from_state = 'review' AND to_state IN ('dev', 'failed')",
+        )
+        .bind(outside)
+        .fetch_one(&pool)
+        .await
+        .expect("events");
+    }
+    let reason: String = sqlx::query_scalar(
+        "SELECT detail::text FROM task_events WHERE task_id = $1 AND from_state = 'review' ORDER BY seq LIMIT 1",
+    )
+    .bind(outside)
+    .fetch_one(&pool)
+    .await
+    .expect("event detail");
+    assert!(reason.contains("scope"), "the rejection names the scope: {reason}");
+    assert!(!git(Path::new(&bare), &["branch", "--list"]).contains(&outside.to_string()), "nothing pushed for it");
+
+    // Story 3: a worker presents the first task's lease for the second task.
+    let stolen = assignment(&f, &pool, task, Role::Dev).await.lease.clone().expect("lease");
+    let target = assignment(&f, &pool, outside, Role::Dev).await;
+    let me = Instance::parse(&format!("{tag}-rogue")).expect("instance");
+    let mut env = Envelope::new(
+        Sender { role: Role::Dev, instance: me.clone() },
+        Role::Orchestrator,
+        now_ms(),
+        60_000,
+        0,
+        ToolRequest {
+            request_id: Uuid::now_v7(),
+            action: "llm.complete".into(),
+            input: r#"{"messages":[{"role":"user","content":"hello"}]}"#.into(),
+        }
+        .into(),
+    );
+    env.task_id = Some(outside);
+    env.causation_id = Some(target.id);
+    env.lease = Some(stolen);
+    let wire = f.keyset(Process::Role(Role::Dev)).into_keyring().seal(&env).expect("seal");
+    let _: String = redis::cmd("XADD")
+        .arg(streams::TOOL_REQUESTS)
+        .arg("*")
+        .arg("env")
+        .arg(wire)
+        .query_async(&mut redis)
+        .await
+        .expect("XADD tool request");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let refused: Option<String> = sqlx::query_scalar(
+            "SELECT details->>'code' FROM audit_trail WHERE action = 'tool.refused' AND actor_instance = $1 LIMIT 1",
+        )
+        .bind(me.as_str())
+        .fetch_optional(&pool)
+        .await
+        .expect("audit");
+        if let Some(code) = refused {
+            assert_eq!(code, "wrong_task");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the stolen lease was not refused\n{}", f.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let reply_stream = StreamName::tool_responses(Role::Dev, &me);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let n: u64 = redis::cmd("XLEN").arg(reply_stream.as_str()).query_async(&mut redis).await.expect("XLEN");
+        if n == 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the refusal was not answered on {reply_stream}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The audit trail of all of it verifies.
+    let out = Command::new(binary("fleetctl"))
+        .args(["audit", "verify", "--database-url", &f.db_url, "--audit-key-file"])
+        .arg(f.path("audit.key"))
+        .output()
+        .expect("fleetctl audit verify");
+    assert!(
+        out.status.success(),
+        "audit verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
