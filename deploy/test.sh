@@ -8,7 +8,10 @@
 #   2. Installs cargo-nextest if it is missing.
 #   3. Stops and disables the system's own redis-server and postgresql services, which
 #      the tests do not use.
-#   4. Runs the doc tests, then every other test with nextest (profile `ci` in
+#   4. Checks the Docker engine and builds the sandbox image if missing
+#      (deploy/sandbox-image.sh: a Debian rootfs from debootstrap, no registry needed):
+#      the sandbox and whole-fleet tests run real containers, and fail loudly without.
+#   5. Runs the doc tests, then every other test with nextest (profile `ci` in
 #      .config/nextest.toml), and fails if either failed.
 set -euo pipefail
 
@@ -31,6 +34,7 @@ command -v cargo >/dev/null 2>&1 \
 # 1. Server binaries. Debian keeps the PostgreSQL server programs outside PATH.
 packages=()
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
+command -v git >/dev/null 2>&1 || packages+=(git)
 if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null \
     && ! command -v initdb >/dev/null 2>&1; then
     packages+=(postgresql)
@@ -72,7 +76,13 @@ else
 fi
 echo "Done."
 
-# 4. The tests. Doc tests first, so that the last thing printed is nextest's summary.
+# 4. The sandboxes' engine and image.
+step "Docker engine and the sandbox image."
+command -v docker >/dev/null 2>&1 || fail "docker not found: the sandbox tests need a Docker engine (apt-get install docker.io)."
+docker info >/dev/null 2>&1 || fail "the Docker engine is not reachable (is dockerd running? /var/run/docker.sock)."
+./deploy/sandbox-image.sh
+
+# 5. The tests. Doc tests first, so that the last thing printed is nextest's summary.
 status=0
 step "cargo test --workspace --doc --locked"
 cargo test --workspace --doc --locked || status=1
