@@ -30,7 +30,7 @@ mod passwords;
 use std::collections::BTreeSet;
 use std::fmt;
 
-use envelope::{PermissionTable, Role, streams};
+use envelope::{PermissionTable, Role, StreamName, streams};
 
 pub use command::run;
 pub use passwords::{MIN_PASSWORD_LEN, Password, Passwords, PasswordsError};
@@ -76,7 +76,12 @@ pub const REPLAY_GUARD_PREFIXES: &[&str] = &["fleet:seen", "fleet:done"];
 pub const LEDGER_ROLES: &[Role] = &[Role::Orchestrator, Role::Budget];
 
 /// The ledger's keys.
-pub const LEDGER_KEYS: &[&str] = &["fleet:budget:*", "fleet:killswitch*"];
+pub const LEDGER_KEYS: &[&str] = &["fleet:budget:*"];
+
+/// What only the budget manager writes: the kill switch's record, and its counters (the
+/// resume script resets the failure counter in the same `EVAL`, so both keys are in one
+/// selector). Commands: [`LEDGER_COMMANDS`].
+pub const KILLSWITCH_WRITE_KEYS: &[&str] = &["fleet:killswitch", "fleet:budget:counters:*"];
 
 /// Loading and running the ledger's scripts, plus every command the scripts call: Redis
 /// checks the commands a script runs against the caller's ACL too, so a script that calls
@@ -125,6 +130,24 @@ pub const ALERT_COMMANDS: &[&str] = &[
     "xpending",
     "xinfo|groups",
 ];
+
+/// The kill switch's state record, which every process reads (`bus::control`).
+pub const KILLSWITCH_KEY: &str = "fleet:killswitch";
+
+/// What a [`bus::ControlListener`] runs: the newest entry of its role's control stream
+/// (`XREVRANGE`), plain `XREAD` after it (no consumer group: every process of the role sees
+/// every pause), and `HGETALL` of the state record.
+pub const CONTROL_COMMANDS: &[&str] = &["xread", "xrevrange", "hgetall"];
+
+/// The roles that follow `fleet:control:<role>` with a control listener.
+pub const CONTROL_ROLES: &[Role] = &[Role::Orchestrator, Role::Dev, Role::Qa, Role::Review, Role::Refactor];
+
+/// What `fleetctl status` reads besides streams: the kill switch, the ledger's and the
+/// budget manager's counters. Read-only keys (`%R~`).
+pub const STATUS_KEYS: &[&str] = &["fleet:killswitch", "fleet:budget:*"];
+
+/// Hash and string reads of [`STATUS_KEYS`].
+pub const STATUS_COMMANDS: &[&str] = &["hgetall", "hmget", "hget", "get"];
 
 /// What `fleetctl tail` and `fleetctl status` run: reads without a consumer group.
 pub const OPERATOR_COMMANDS: &[&str] = &["xread", "xrange", "xrevrange", "xlen", "xinfo", "xpending"];
@@ -254,6 +277,12 @@ pub enum Purpose {
     RateLimit,
     /// The budget manager's alert outbox.
     Alerts,
+    /// Following the role's control stream and reading the kill switch's record.
+    Control,
+    /// The budget manager's writes of the kill switch's record and its counters.
+    KillSwitch,
+    /// The operator's reads of the kill switch and the budget counters.
+    Status,
     /// The outbox relay's `XADD` to the orchestrator's streams.
     Forward,
     /// The operator's reads.
@@ -309,12 +338,20 @@ pub fn grants(table: &PermissionTable, user: User) -> Vec<Selector> {
             }
             vec![Selector::new(Purpose::Forward, Access::Write, keys, PUBLISH_COMMANDS)]
         }
-        None => vec![Selector::new(
-            Purpose::Inspect,
-            Access::Read,
-            BTreeSet::from([OPERATOR_KEYS.to_owned()]),
-            OPERATOR_COMMANDS,
-        )],
+        None => vec![
+            Selector::new(
+                Purpose::Inspect,
+                Access::Read,
+                BTreeSet::from([OPERATOR_KEYS.to_owned()]),
+                OPERATOR_COMMANDS,
+            ),
+            Selector::new(
+                Purpose::Status,
+                Access::Read,
+                STATUS_KEYS.iter().map(|k| (*k).to_owned()).collect(),
+                STATUS_COMMANDS,
+            ),
+        ],
     }
 }
 
@@ -322,6 +359,8 @@ fn role_grants(table: &PermissionTable, role: Role) -> Vec<Selector> {
     let inbox: BTreeSet<String> =
         table.rules().iter().filter(|rule| rule.to == role).map(|rule| rule.stream.as_redis_pattern()).collect();
     let consumer = !inbox.is_empty();
+    let control = StreamName::control(role).as_str().to_owned();
+    let follows_control = CONTROL_ROLES.contains(&role) && inbox.contains(&control);
     let mut publish = publish_patterns(table, role);
     if consumer {
         // Consumers record what they refuse, and park what keeps failing.
@@ -339,11 +378,17 @@ fn role_grants(table: &PermissionTable, role: Role) -> Vec<Selector> {
         let guard = REPLAY_GUARD_PREFIXES.iter().map(|prefix| format!("{prefix}:{role}:*")).collect();
         selectors.push(Selector::new(Purpose::ReplayGuard, Access::ReadWrite, guard, REPLAY_GUARD_COMMANDS));
     }
+    if follows_control {
+        let keys = BTreeSet::from([control, KILLSWITCH_KEY.to_owned()]);
+        selectors.push(Selector::new(Purpose::Control, Access::Read, keys, CONTROL_COMMANDS));
+    }
     if LEDGER_ROLES.contains(&role) {
         let keys = LEDGER_KEYS.iter().map(|key| (*key).to_owned()).collect();
         selectors.push(Selector::new(Purpose::Ledger, Access::ReadWrite, keys, LEDGER_COMMANDS));
     }
     if role == Role::Budget {
+        let keys = KILLSWITCH_WRITE_KEYS.iter().map(|key| (*key).to_owned()).collect();
+        selectors.push(Selector::new(Purpose::KillSwitch, Access::ReadWrite, keys, LEDGER_COMMANDS));
         let keys = ALERT_KEYS.iter().map(|key| (*key).to_owned()).collect();
         selectors.push(Selector::new(Purpose::Alerts, Access::ReadWrite, keys, ALERT_COMMANDS));
     }
@@ -434,7 +479,7 @@ mod tests {
         let t = shipped();
         for user in [User::Orchestrator, User::Budget] {
             let ledger = selector(&t, user, Purpose::Ledger).unwrap();
-            assert_eq!(ledger.keys, keys(&["fleet:budget:*", "fleet:killswitch*"]));
+            assert_eq!(ledger.keys, keys(&["fleet:budget:*"]));
             assert!(ledger.commands.contains(&"evalsha") && ledger.commands.contains(&"script|load"));
         }
         let orchestrator = selector(&t, User::Orchestrator, Purpose::Publish).unwrap();
@@ -446,6 +491,12 @@ mod tests {
         expected.remove("fleet:dlq");
         assert_eq!(relay[0].keys, expected);
         assert!(relay[0].keys.contains("fleet:tool:responses:qa:*"));
+        let switch = selector(&t, User::Budget, Purpose::KillSwitch).unwrap();
+        assert_eq!(switch.keys, keys(&["fleet:budget:counters:*", "fleet:killswitch"]));
+        assert!(selector(&t, User::Orchestrator, Purpose::KillSwitch).is_none(), "only budget writes the record");
+        let control = selector(&t, User::Orchestrator, Purpose::Control).unwrap();
+        assert_eq!(control.keys, keys(&["fleet:control:orchestrator", "fleet:killswitch"]));
+        assert_eq!(control.access, Access::Read);
         let budget = selector(&t, User::Budget, Purpose::Consume).unwrap();
         assert_eq!(budget.keys, keys(&["fleet:control:budget", "fleet:outcomes", "fleet:usage"]));
     }
@@ -453,11 +504,15 @@ mod tests {
     #[test]
     fn the_operator_only_reads() {
         let operator = grants(&shipped(), User::Operator);
-        assert_eq!(operator.len(), 1);
-        assert_eq!(operator[0].access, Access::Read);
+        assert_eq!(operator.len(), 2);
+        assert!(operator.iter().all(|s| s.access == Access::Read));
         assert_eq!(
             operator[0].to_string(),
             "(%R~fleet:* resetchannels +xread +xrange +xrevrange +xlen +xinfo +xpending)"
+        );
+        assert_eq!(
+            operator[1].to_string(),
+            "(%R~fleet:budget:* %R~fleet:killswitch resetchannels +hgetall +hmget +hget +get)"
         );
     }
 
@@ -503,7 +558,8 @@ mod tests {
                  (~fleet:control:dev ~fleet:tasks:dev ~fleet:tool:responses:dev:* resetchannels +xreadgroup \
                  +xack +xautoclaim +xclaim +xpending +xgroup|create +xgroup|createconsumer +xgroup|delconsumer \
                  +xinfo|groups +xinfo|consumers +xinfo|stream +xlen +xrange) \
-                 (~fleet:done:dev:* ~fleet:seen:dev:* resetchannels +set +get +exists +pexpire)"
+                 (~fleet:done:dev:* ~fleet:seen:dev:* resetchannels +set +get +exists +pexpire) \
+                 (%R~fleet:control:dev %R~fleet:killswitch resetchannels +xread +xrevrange +hgetall)"
             )
         );
     }

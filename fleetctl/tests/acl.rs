@@ -443,7 +443,12 @@ async fn only_the_orchestrator_and_budget_run_ledger_scripts_on_ledger_keys() {
         cases.extend([
             case(user, Expect::Allowed, &["SCRIPT", "LOAD", INCRBY]),
             case(user, Expect::Allowed, &["EVAL", INCRBY, "1", "fleet:budget:task-1", "5"]),
-            case(user, Expect::Allowed, &["EVAL", "return redis.call('SET', KEYS[1], '1')", "1", "fleet:killswitch"]),
+            // Only the budget manager writes the kill switch's record.
+            case(
+                user,
+                allowed_if(user == User::Budget),
+                &["EVAL", "return redis.call('HSET', KEYS[1], 'engaged', '1')", "1", "fleet:killswitch"],
+            ),
             case(
                 user,
                 Expect::Allowed,
@@ -478,7 +483,8 @@ async fn only_the_orchestrator_and_budget_run_ledger_scripts_on_ledger_keys() {
             case(user, Expect::NoPerm, &["EVAL", INCRBY, "1", "fleet:budget:task-1", "5"]),
             case(user, Expect::NoPerm, &["EVALSHA", INCRBY_SHA, "1", "fleet:budget:task-1", "5"]),
             case(user, Expect::NoPerm, &["SCRIPT", "LOAD", "return 1"]),
-            case(user, Expect::NoPerm, &["GET", "fleet:budget:task-1"]),
+            // The operator reads the budget's keys for `fleetctl status`; nobody else does.
+            case(user, allowed_if(user == User::Operator), &["GET", "fleet:budget:task-1"]),
             case(user, Expect::NoPerm, &["SET", "fleet:killswitch", "0"]),
         ]);
     }
@@ -824,4 +830,52 @@ fn help_says_what_the_file_is_for_and_how_to_load_it() {
     }
     let help = ok(dir.path(), &["acl", "--help"]);
     assert!(help.contains("fleet:tasks:qa") && help.contains("default"), "{help}");
+}
+
+#[tokio::test]
+async fn every_process_follows_its_own_control_stream_and_reads_the_kill_switch() {
+    let mut fleet = Fleet::start();
+    // The budget manager engages: its script writes the record, then it pauses every role.
+    let engage = "return redis.call('HSET', KEYS[1], 'epoch', '1', 'engaged', '1')";
+    fleet
+        .expect_all(
+            "budget engages",
+            vec![case(User::Budget, Expect::Allowed, &["EVAL", engage, "1", "fleet:killswitch"])],
+        )
+        .await;
+    for role in ["orchestrator", "dev", "qa", "review", "refactor"] {
+        fleet.seed(User::Budget, &format!("fleet:control:{role}")).await;
+    }
+    let mut cases = Vec::new();
+    for (user, role) in [
+        (User::Orchestrator, "orchestrator"),
+        (User::Dev, "dev"),
+        (User::Qa, "qa"),
+        (User::Review, "review"),
+        (User::Refactor, "refactor"),
+    ] {
+        let own = format!("fleet:control:{role}");
+        let other = if role == "dev" { "fleet:control:qa" } else { "fleet:control:dev" };
+        cases.push(case(user, Expect::Allowed, &["HGETALL", "fleet:killswitch"]));
+        cases.push(case(user, Expect::Allowed, &["XREVRANGE", &own, "+", "-", "COUNT", "1"]));
+        cases.push(case(user, Expect::Allowed, &["XREAD", "COUNT", "16", "STREAMS", &own, "0-0"]));
+        // Not another role's pauses, and never the record itself.
+        cases.push(case(user, Expect::NoPerm, &["XREAD", "STREAMS", other, "0-0"]));
+        cases.push(case(user, Expect::NoPerm, &["HSET", "fleet:killswitch", "engaged", "0"]));
+        cases.push(case(user, Expect::NoPerm, &["XADD", &own, "*", "env", "forged-resume"]));
+    }
+    // The budget manager writes the record and its counters, and XADDs every control stream.
+    let b = User::Budget;
+    cases.push(case(b, Expect::Allowed, &["HGETALL", "fleet:killswitch"]));
+    cases.push(case(b, Expect::Allowed, &["HINCRBY", "fleet:budget:counters:usage:20260101", "t", "5"]));
+    cases.push(case(b, Expect::Allowed, &["INCRBY", "fleet:budget:counters:failures", "1"]));
+    // The operator reads the switch and the counters, and writes neither.
+    let op = User::Operator;
+    cases.push(case(op, Expect::Allowed, &["HGETALL", "fleet:killswitch"]));
+    cases.push(case(op, Expect::Allowed, &["HMGET", "fleet:budget:counters:usage:20260101", "t", "m"]));
+    cases.push(case(op, Expect::Allowed, &["GET", "fleet:budget:counters:failures"]));
+    cases.push(case(op, Expect::NoPerm, &["HSET", "fleet:killswitch", "engaged", "0"]));
+    cases.push(case(op, Expect::NoPerm, &["SET", "fleet:budget:counters:failures", "0"]));
+    cases.push(case(op, Expect::NoPerm, &["GET", "fleet:seen:dev:x"]));
+    fleet.expect_all("kill switch", cases).await;
 }
