@@ -1,0 +1,190 @@
+//! Each role through the bus, with the test acting as the orchestrator and its tool proxy:
+//! real Redis, the real Docker sandbox, the example repository.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use envelope::{Role, Status, streams};
+use uuid::Uuid;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+fn text(bytes: &Option<Vec<u8>>) -> String {
+    String::from_utf8_lossy(bytes.as_deref().unwrap_or_default()).into_owned()
+}
+
+/// The demo's cycle, one step at a time: QA fails on the unfixed code, Dev applies the
+/// fixture's diff (asking the model through the tool proxy with the lease), QA passes,
+/// Review approves with a style finding, Refactor's formatter cleans it up, QA passes again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_four_roles_fix_the_example_repository() {
+    let fleet = Fleet::new();
+    let origin = fleet.origin("example", |_| {});
+    let seen = fleet.proxy_text(fixture_dev_answer());
+    for role in [Role::Dev, Role::Qa, Role::Review, Role::Refactor] {
+        fleet.start_worker(role, &format!("{role}-t1"));
+    }
+    let task = Uuid::now_v7();
+    let a = fleet.assignment(task, &origin);
+
+    let id = fleet.assign(Role::Qa, task, a.clone(), 0).await;
+    let (env, r) = fleet.result(id, WAIT).await;
+    assert_eq!(r.status, Status::Failure, "{r:?}");
+    assert_eq!((env.task_id, env.from.role, r.attempt), (Some(task), Role::Qa, 1));
+    assert!(r.findings[0].starts_with("tests failed"), "{:?}", r.findings);
+    assert!(text(&r.log).contains("AssertionError: -1 != 5"), "{}", text(&r.log));
+
+    let id = fleet.assign(Role::Dev, task, a.clone(), 0).await;
+    let (_, r) = fleet.result(id, WAIT).await;
+    assert_eq!(r.status, Status::Success, "{r:?}");
+    let diff = text(&r.diff);
+    assert!(diff.contains("+    return a + b \n"), "{diff}");
+    {
+        let seen = seen.lock().unwrap();
+        assert_eq!(seen.len(), 1);
+        let req = &seen[0];
+        assert_eq!(req.request.action, "llm.complete");
+        assert_eq!(req.envelope.causation_id, Some(id));
+        assert_eq!(req.envelope.task_id, Some(task));
+        assert_eq!(req.envelope.lease.as_deref(), Some(format!("lease-for-{task}").as_str()));
+        let input: serde_json::Value = serde_json::from_str(&req.request.input).unwrap();
+        let prompt = input["messages"][0]["content"].as_str().unwrap();
+        assert!(prompt.contains("=== calc.py ===") && prompt.contains("correcting calc.py"), "{prompt}");
+    }
+
+    let id = fleet.assign(Role::Qa, task, a.clone(), 0).await;
+    let (_, r) = fleet.result(id, WAIT).await;
+    assert_eq!(r.status, Status::Success, "{r:?}");
+
+    let id = fleet.assign(Role::Review, task, a.clone(), 0).await;
+    let (_, r) = fleet.result(id, WAIT).await;
+    assert_eq!((r.status, r.summary.as_str()), (Status::Success, "approved"), "{r:?}");
+    assert_eq!(r.findings, vec!["style: calc.py: trailing whitespace (line 6)"]);
+
+    let mut refactor = a.clone();
+    refactor.findings = r.findings.clone();
+    let id = fleet.assign(Role::Refactor, task, refactor, 0).await;
+    let (_, r) = fleet.result(id, WAIT).await;
+    assert_eq!(r.status, Status::Success, "{r:?}");
+    let diff = text(&r.diff);
+    assert!(diff.contains("+    return a + b\n") && !diff.contains("a + b \n"), "{diff}");
+
+    let id = fleet.assign(Role::Qa, task, a.clone(), 0).await;
+    let (_, r) = fleet.result(id, WAIT).await;
+    assert_eq!(r.status, Status::Success, "{r:?}");
+    let id = fleet.assign(Role::Review, task, a, 0).await;
+    let (_, r) = fleet.result(id, WAIT).await;
+    assert_eq!((r.status, r.findings.len()), (Status::Success, 0), "{r:?}");
+}
+
+/// Review rejects a change that leaves the scope and carries a secret, and QA fails it too;
+/// a refused model call and an assignment outside the workspace root are Error results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rejections_refusals_and_bad_assignments() {
+    let fleet = Fleet::new();
+    let origin = fleet.origin("example", |_| {});
+    let leak = "```diff\n--- /dev/null\n+++ b/settings.py\n@@ -0,0 +1 @@\n+AWS_KEY = 'AKIAABCDEFGHIJKLMNOP'\n```\n";
+    let refuse_task = Uuid::now_v7();
+    let seen = fleet.proxy(Arc::new(move |req| {
+        if req.envelope.task_id == Some(refuse_task) {
+            let out = serde_json::json!({"error": "budget_exceeded", "message": "daily token budget spent"});
+            return (false, out.to_string());
+        }
+        let out = serde_json::json!({"text": leak, "model": "m", "input_tokens": 1, "output_tokens": 1});
+        (true, out.to_string())
+    }));
+    for role in [Role::Dev, Role::Qa, Role::Review] {
+        fleet.start_worker(role, &format!("{role}-t2"));
+    }
+
+    // Dev with an open scope adds the file; Review with the task's scope rejects it.
+    let task = Uuid::now_v7();
+    let mut a = fleet.assignment(task, &origin);
+    a.scope = vec![];
+    let id = fleet.assign(Role::Dev, task, a.clone(), 0).await;
+    let (_, r) = fleet.result(id, WAIT).await;
+    assert_eq!(r.status, Status::Success, "{r:?}");
+    a.scope = vec!["calc.py".into()];
+    let id = fleet.assign(Role::Review, task, a.clone(), 0).await;
+    let (_, r) = fleet.result(id, WAIT).await;
+    assert_eq!(r.status, Status::Failure, "{r:?}");
+    assert!(r.summary.starts_with("rejected: out of scope: settings.py"), "{}", r.summary);
+    assert!(r.findings.iter().any(|f| f.starts_with("critical: hard-coded credential")), "{:?}", r.findings);
+    let id = fleet.assign(Role::Qa, task, a.clone(), 0).await;
+    let (_, r) = fleet.result(id, WAIT).await;
+    assert_eq!(r.status, Status::Failure, "{r:?}");
+    assert!(
+        r.findings.iter().any(|f| f.starts_with("critical: hard-coded credential (AWS access key) in settings.py:1"))
+    );
+
+    // Dev whose scope excludes the model's file refuses to apply it.
+    let id = fleet.assign(Role::Dev, task, a, 0).await;
+    let (_, r) = fleet.result(id, WAIT).await;
+    assert_eq!(r.status, Status::Error, "{r:?}");
+    assert!(r.summary.contains("refused the model's diff: settings.py is outside the task's scope"), "{}", r.summary);
+
+    // The tool proxy refuses: an Error result naming the refusal.
+    let b = fleet.assignment(refuse_task, &origin);
+    let id = fleet.assign(Role::Dev, refuse_task, b, 0).await;
+    let (_, r) = fleet.result(id, WAIT).await;
+    assert_eq!(r.status, Status::Error, "{r:?}");
+    assert!(r.summary.contains("budget_exceeded: daily token budget spent"), "{}", r.summary);
+    assert_eq!(seen.lock().unwrap().len(), 3);
+
+    // A workspace outside the root: Error result, the entry dead-lettered, nothing created.
+    let outside = Uuid::now_v7();
+    let mut c = fleet.assignment(outside, &origin);
+    c.workspace = fleet.dir.path().join("elsewhere").to_string_lossy().into_owned();
+    let id = fleet.assign(Role::Qa, outside, c, 0).await;
+    let (_, r) = fleet.result(id, WAIT).await;
+    assert_eq!(r.status, Status::Error, "{r:?}");
+    assert!(r.summary.starts_with("refused: the workspace"), "{}", r.summary);
+    assert!(!fleet.dir.path().join("elsewhere").exists());
+    let mut c = fleet.pool.get().await.unwrap();
+    let dlq: u64 = redis::cmd("XLEN").arg(streams::DLQ).query_async(&mut c).await.unwrap();
+    assert_eq!(dlq, 1);
+}
+
+/// A pause (sealed by the budget manager) kills the running sandbox and stops claiming;
+/// after the resume, work issued under the new epoch is done.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pause_kills_the_sandbox_and_stops_claiming() {
+    let fleet = Fleet::new();
+    let origin = fleet.origin("example", |_| {});
+    fleet.start_worker(Role::Qa, "qa-t3");
+    let task = Uuid::now_v7();
+    let mut a = fleet.assignment(task, &origin);
+    a.test_command = Some("sleep 120".into());
+    fleet.assign(Role::Qa, task, a.clone(), 0).await;
+    wait_until("the test's sandbox to run", WAIT, async || !containers_of("qa-t3").is_empty()).await;
+
+    fleet.kill_switch(Role::Qa, 1, true).await;
+    wait_until("the sandbox to be removed", Duration::from_secs(20), async || containers_of("qa-t3").is_empty()).await;
+    let second_task = Uuid::now_v7();
+    let mut b = fleet.assignment(second_task, &origin);
+    b.test_command = Some("true".into());
+    fleet.assign(Role::Qa, second_task, b.clone(), 1).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(fleet.results_of(task).await.is_empty(), "no result for the abandoned task");
+    assert!(fleet.results_of(second_task).await.is_empty(), "nothing claimed while paused");
+    assert!(containers_of("qa-t3").is_empty());
+
+    fleet.kill_switch(Role::Qa, 1, false).await;
+    let (_, r) = fleet
+        .result(
+            {
+                // The orchestrator re-issues open work under the new epoch after a resume.
+                b.attempt = 2;
+                fleet.assign(Role::Qa, second_task, b, 1).await
+            },
+            WAIT,
+        )
+        .await;
+    assert_eq!(r.status, Status::Success, "{r:?}");
+    // The pre-kill assignment (epoch 0) is refused when retried after the resume, never run.
+    assert!(fleet.results_of(task).await.is_empty());
+}
