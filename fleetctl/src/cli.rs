@@ -100,6 +100,19 @@ pub enum Command {
     /// reached at start (after a few tries) or refuses the read.
     Tail(TailArgs),
 
+    /// The fleet at a glance: kill switch, today's budget, stream backlog, live workers.
+    ///
+    /// Read-only (the `operator` Redis user is enough). Sections: KILL SWITCH (engaged or
+    /// released, epoch, who, when, why) and the consecutive-failure count; BUDGET for the
+    /// UTC day (tokens and money used, limit, held by live reservations, per role with its
+    /// soft limits; limits from --budget-config's [ledger] section); STREAMS (length, and per
+    /// consumer group pending, lag and consumers, for every fleet stream); WORKERS (from the
+    /// heartbeats of the last --window seconds, each verified with the operator keyset: role,
+    /// instance, busy, task, seconds since the last heartbeat). --json prints one object.
+    /// Exit 64 for a bad argument, keyset, permission or budget file; 1 when Redis can't be
+    /// read.
+    Status(crate::status::StatusArgs),
+
     /// Verify the orchestrator's hash-chained audit trail; create its key.
     ///
     /// See `fleetctl audit verify --help` and docs/operations.md, "Audit trail".

@@ -17,6 +17,7 @@
 //! - [`keys`]: `fleetctl keys …`.
 //! - [`acl`]: `fleetctl acl …`: the Redis ACL file ([`acl::render`]) and the secrets file
 //!   with the users' passwords ([`acl::Passwords`]).
+//! - [`status`]: `fleetctl status`: kill switch, budget, stream backlog, live workers.
 //! - [`tail`]: `fleetctl tail STREAM`: follow a stream, verify and summarise each entry.
 //! - [`audit`]: `fleetctl audit verify` (the orchestrator's audit trail) and `audit key new`.
 //! - [`db`]: `fleetctl db migrate`, and connecting to Postgres with the URL kept secret.
@@ -35,6 +36,7 @@ pub mod db;
 pub mod exit;
 pub mod files;
 pub mod keys;
+pub mod status;
 pub mod tail;
 pub mod tasks_cmd;
 pub mod token;
@@ -47,6 +49,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         cli::Command::Keys(cmd) => keys::run(cmd),
         cli::Command::Acl(cmd) => acl::run(cmd),
         cli::Command::Tail(args) => tail::command(args),
+        cli::Command::Status(args) => status::command(args),
         cli::Command::Token(cmd) => token::run(cmd),
         cli::Command::Submit(args) => tasks_cmd::submit(args),
         cli::Command::Tasks(args) => tasks_cmd::tasks(args),
