@@ -16,7 +16,7 @@ fn spawn(fleet: &Fleet) -> Child {
     Command::new(env!("CARGO_BIN_EXE_dev-worker"))
         .arg("--config")
         .arg(cfg)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()

@@ -73,9 +73,13 @@ async fn the_four_roles_fix_the_example_repository() {
     let diff = text(&r.diff);
     assert!(diff.contains("+    return a + b\n") && !diff.contains("a + b \n"), "{diff}");
 
-    let id = fleet.assign(Role::Qa, task, a.clone(), 0).await;
+    // Files the tests leave behind are not part of the change Review sees.
+    let mut qa = a.clone();
+    qa.test_command = Some("echo junk > artifact.txt && sh .agentfleet/test".into());
+    let id = fleet.assign(Role::Qa, task, qa, 0).await;
     let (_, r) = fleet.result(id, WAIT).await;
     assert_eq!(r.status, Status::Success, "{r:?}");
+    assert!(!fleet.workspace(task).join("artifact.txt").exists());
     let id = fleet.assign(Role::Review, task, a, 0).await;
     let (_, r) = fleet.result(id, WAIT).await;
     assert_eq!((r.status, r.findings.len()), (Status::Success, 0), "{r:?}");

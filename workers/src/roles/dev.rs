@@ -8,7 +8,7 @@
 
 use super::{
     ModelDiff, Outcome, TaskContext, ask_and_apply, current_diff, describe_run, log_tail, repo_script, repo_snapshot,
-    sandbox_sh, scope_text,
+    restore, sandbox_sh, scope_text,
 };
 
 /// The system prompt.
@@ -63,6 +63,9 @@ pub async fn run(ctx: &TaskContext) -> Outcome {
         Ok(out) => out,
         Err(e) => return Outcome::error(e).with_diff(diff),
     };
+    if let Err(o) = restore(ctx, &diff).await {
+        return o;
+    }
     if out.success() {
         Outcome::success(format!("change applied ({files} file(s)); build check passed"))
             .with_diff(diff)

@@ -164,6 +164,24 @@ pub async fn current_diff(ctx: &TaskContext) -> Result<Vec<u8>, Outcome> {
     ctx.workspace.diff().await.map_err(|e| Outcome::error(format!("cannot compute the diff: {e}")))
 }
 
+/// Puts the workspace back to the change `before` if a sandbox run (tests, build check)
+/// left files behind, so a check never alters what the next step reviews.
+pub async fn restore(ctx: &TaskContext, before: &[u8]) -> Result<(), Outcome> {
+    let after = current_diff(ctx).await?;
+    if after == before {
+        return Ok(());
+    }
+    tracing::info!(task = %ctx.task_id, "The sandbox run changed the workspace; restoring it.");
+    let undo = async {
+        ctx.workspace.reset().await?;
+        if !before.is_empty() {
+            ctx.workspace.apply(before).await?;
+        }
+        Ok::<(), crate::workspace::WorkspaceError>(())
+    };
+    undo.await.map_err(|e| Outcome::error(format!("cannot restore the workspace after the sandbox run: {e}")))
+}
+
 /// The repository as the model sees it: the file list, then the text of files until
 /// [`PROMPT_FILES_BUDGET`] is spent.
 pub async fn repo_snapshot(ctx: &TaskContext) -> String {

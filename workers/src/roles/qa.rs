@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{Outcome, TaskContext, current_diff, describe_run, log_tail, repo_script, sandbox_sh};
+use super::{Outcome, TaskContext, current_diff, describe_run, log_tail, repo_script, restore, sandbox_sh};
 use crate::checks::{Severity, scan_added, scan_file};
 use crate::patch::{added_lines, touched_paths};
 
@@ -32,6 +32,9 @@ pub async fn run(ctx: &TaskContext) -> Outcome {
     };
     if out.cancelled {
         return Outcome::error("the test run was cancelled");
+    }
+    if let Err(o) = restore(ctx, &diff).await {
+        return o;
     }
     let diff_text = String::from_utf8_lossy(&diff).into_owned();
     let mut findings: Vec<crate::checks::Finding> = scan_added(&diff_text, &[]);
