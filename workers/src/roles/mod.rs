@@ -143,9 +143,13 @@ pub fn describe_run(out: &RunOutput) -> String {
 }
 
 /// Runs `sh -c <command>` in a sandbox on the workspace.
+///
+/// The command is wrapped in `timeout -s KILL` (a few seconds past the sandbox's own
+/// limit): should this worker die mid-run, its orphaned container still stops by itself.
 pub async fn sandbox_sh(ctx: &TaskContext, command: &str) -> Result<RunOutput, String> {
-    let spec =
-        RunSpec::new(vec!["sh".into(), "-c".into(), command.to_owned()], ctx.workspace.dir.clone(), ctx.labels.clone());
+    let limit = ctx.sandbox.config().timeout_secs.saturating_add(5).to_string();
+    let command_line = ["timeout", "-s", "KILL", &limit, "sh", "-c", command].map(str::to_owned).to_vec();
+    let spec = RunSpec::new(command_line, ctx.workspace.dir.clone(), ctx.labels.clone());
     tracing::info!(task = %ctx.task_id, command, "Running in the sandbox.");
     let out = ctx.sandbox.run(spec, &ctx.cancel).await.map_err(|e| format!("the sandbox failed: {e}"))?;
     tracing::info!(task = %ctx.task_id, command, result = %describe_run(&out), duration_ms = out.duration.as_millis() as u64, "Sandbox run finished.");
