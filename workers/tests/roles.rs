@@ -125,11 +125,11 @@ async fn rejections_refusals_and_bad_assignments() {
         r.findings.iter().any(|f| f.starts_with("critical: hard-coded credential (AWS access key) in settings.py:1"))
     );
 
-    // Dev whose scope excludes the model's file refuses to apply it.
+    // Dev whose scope excludes the model's file still applies it: Review is the gate (above).
     let id = fleet.assign(Role::Dev, task, a, 0).await;
     let (_, r) = fleet.result(id, WAIT).await;
-    assert_eq!(r.status, Status::Error, "{r:?}");
-    assert!(r.summary.contains("refused the model's diff: settings.py is outside the task's scope"), "{}", r.summary);
+    assert_eq!(r.status, Status::Success, "{r:?}");
+    assert!(String::from_utf8_lossy(r.diff.as_deref().unwrap_or_default()).contains("settings.py"));
 
     // The tool proxy refuses: an Error result naming the refusal.
     let b = fleet.assignment(refuse_task, &origin);

@@ -252,8 +252,8 @@ pub enum ModelDiff {
     NoDiff(String),
 }
 
-/// Asks `llm.complete` for a unified diff, checks its paths against the scope, and applies
-/// it. `Err` is the outcome to report.
+/// Asks `llm.complete` for a unified diff, refuses one that leaves the repository, and
+/// applies it. `Err` is the outcome to report.
 pub async fn ask_and_apply(ctx: &TaskContext, system: &str, prompt: String) -> Result<ModelDiff, Outcome> {
     let request = CompletionRequest {
         system: system.to_owned(),
@@ -272,10 +272,17 @@ pub async fn ask_and_apply(ctx: &TaskContext, system: &str, prompt: String) -> R
         let excerpt: String = completion.text.chars().take(300).collect();
         return Ok(ModelDiff::NoDiff(excerpt));
     };
-    let refused: Vec<String> =
-        touched_paths(&diff).iter().filter_map(|p| scope_violation(p, &ctx.assign.scope)).collect();
+    // Paths that leave the repository are refused here: applying them would write outside
+    // the workspace. Paths outside the task's scope are not: Review is the gatekeeper that
+    // rejects them (and the push refuses them again), and it tells Dev why.
+    let refused: Vec<String> = touched_paths(&diff).iter().filter_map(|p| scope_violation(p, &[])).collect();
     if !refused.is_empty() {
         return Err(Outcome::error(format!("refused the model's diff: {}", refused.join("; "))));
+    }
+    let outside: Vec<String> =
+        touched_paths(&diff).iter().filter_map(|p| scope_violation(p, &ctx.assign.scope)).collect();
+    if !outside.is_empty() {
+        tracing::warn!(task = %ctx.task_id, paths = %outside.join("; "), "The model's diff leaves the task's scope; Review will decide.");
     }
     ctx.workspace
         .apply(diff.as_bytes())
