@@ -404,7 +404,7 @@ impl Sandbox {
         cancel: &CancellationToken,
     ) -> Result<RunOutput, SandboxError> {
         let attach =
-            AttachContainerOptions { stream: true, logs: true, stdout: true, stderr: true, ..Default::default() };
+            AttachContainerOptions { stream: true, logs: false, stdout: true, stderr: true, ..Default::default() };
         let attached = self
             .docker
             .attach_container(name, Some(attach))
@@ -681,6 +681,8 @@ fn read_seccomp_profile(path: &Path) -> Result<Arc<str>, SandboxError> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     fn labels() -> SandboxLabels {
