@@ -364,23 +364,9 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-const OUT_OF_SCOPE: &str = r#"
-[[response]]
-role = "dev"
-match = "only the docs"
-text = """
-diff --git a/calc.py b/calc.py
---- a/calc.py
-+++ b/calc.py
-@@ -1,2 +1,2 @@
- def add(a, b):
--    return a - b
-+    return a + b
-"""
-input_tokens = 400
-output_tokens = 80
-model = "scripted-1"
-"#;
+/// Nothing beyond the shipped demo fixture: the second task gets the same (correct) fix of
+/// `calc.py`, which its scope (`docs/`) does not allow.
+const OUT_OF_SCOPE: &str = "";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_whole_cycle_survives_a_killed_worker_and_refuses_what_it_must() {
@@ -427,7 +413,7 @@ async fn the_whole_cycle_survives_a_killed_worker_and_refuses_what_it_must() {
     // Story 2: a change outside the task's scope, which Review must reject.
     let outside = f.submit(serde_json::json!({
         "title": "Document add()",
-        "instructions": "Touch only the docs directory: describe add() in only the docs.",
+        "instructions": "The test suite of this project fails: fix the failing test by correcting calc.py.",
         "repository": bare,
         "test_command": "sh .agentfleet/test",
         "scope": ["docs/"],
@@ -449,7 +435,12 @@ async fn the_whole_cycle_survives_a_killed_worker_and_refuses_what_it_must() {
         .fetch_all(&pool)
         .await
         .expect("events");
-    assert_eq!(path, ["dev", "qa", "review", "refactor", "qa", "review", "approved", "merged"], "{}", f.logs());
+    assert_eq!(
+        path,
+        ["submitted", "dev", "qa", "review", "refactor", "qa", "review", "approved", "merged"],
+        "{}",
+        f.logs()
+    );
     let branch = format!("agentfleet/task-{task}");
     let fixed = git(Path::new(&bare), &["show", &format!("{branch}:calc.py")]);
     assert!(fixed.contains("a + b"), "the pushed branch has the fix: {fixed}");
