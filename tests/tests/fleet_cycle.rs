@@ -547,3 +547,124 @@ async fn the_whole_cycle_survives_a_killed_worker_and_refuses_what_it_must() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+async fn killswitch(redis: &mut redis::aio::MultiplexedConnection) -> (u64, bool) {
+    let map: std::collections::HashMap<String, String> =
+        redis::cmd("HGETALL").arg("fleet:killswitch").query_async(redis).await.expect("HGETALL");
+    (map.get("epoch").and_then(|e| e.parse().ok()).unwrap_or(0), map.get("engaged").is_some_and(|v| v == "1"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kill_mid_flight_freezes_the_fleet_and_resume_completes_every_open_task() {
+    let mut f = start_fleet("").await;
+    let pool = PgPool::connect(&f.db_url).await.expect("postgres");
+    let bare = example_repo(f.dir.path());
+    let tag = f.tag.clone();
+    for role in [Role::Dev, Role::Qa, Role::Review, Role::Refactor] {
+        f.worker(role, &format!("{tag}-{role}-1"));
+    }
+    let mut redis = redis::Client::open(f.redis_url.as_str())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let tasks: Vec<Uuid> = (0..3)
+        .map(|n| {
+            f.submit(serde_json::json!({
+                "title": format!("Fix add() #{n}"),
+                "instructions": "The test suite of this project fails: fix the failing test by correcting calc.py.",
+                "repository": bare,
+                "test_command": "sh .agentfleet/test",
+                "scope": ["calc.py", "tests/"],
+            }))
+        })
+        .collect();
+    // Pull the switch once the first task is past Dev: the others are queued or mid-step.
+    wait_state(&f, &pool, tasks[0], &["qa", "review", "refactor", "approved", "merged"], Duration::from_secs(60)).await;
+    f.fleetctl(&["kill", "--reason", "e2e: operator pulls the switch"]);
+
+    // The budget manager engages once, under a new epoch; the orchestrator halts every open task.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let epoch = loop {
+        let (epoch, engaged) = killswitch(&mut redis).await;
+        if engaged {
+            break epoch;
+        }
+        assert!(Instant::now() < deadline, "the kill switch record was not written\n{}", f.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(epoch >= 1);
+    let mut open_at_kill = Vec::new();
+    for &t in &tasks {
+        let s = state(&pool, t).await;
+        assert!(s == "halted" || s == "merged", "task {t} is {s} after the kill");
+        if s == "halted" {
+            open_at_kill.push(t);
+        }
+    }
+    assert!(!open_at_kill.is_empty(), "every task finished before the kill: the test proves nothing");
+    // Frozen: nothing moves while the switch is engaged.
+    let moves = |pool: PgPool| async move {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM task_events").fetch_one(&pool).await.expect("events");
+        n
+    };
+    let before = moves(pool.clone()).await;
+    // An assignment sealed under the old epoch, as a hung orchestrator would send it.
+    let old = {
+        let mut env = Envelope::new(
+            Sender { role: Role::Orchestrator, instance: Instance::parse("orchestrator-9").expect("instance") },
+            Role::Dev,
+            now_ms(),
+            600_000,
+            epoch - 1,
+            envelope::TaskAssign {
+                attempt: 1,
+                instructions: "rm -rf /".into(),
+                workspace: f.path("workspaces/task-x").to_string_lossy().into_owned(),
+                repository: None,
+                test_command: None,
+                findings: vec![],
+                scope: vec![],
+            }
+            .into(),
+        );
+        env.task_id = Some(Uuid::now_v7());
+        f.keyset(Process::Role(Role::Orchestrator)).into_keyring().seal(&env).expect("seal")
+    };
+    let _: String = redis::cmd("XADD")
+        .arg("fleet:tasks:dev")
+        .arg("*")
+        .arg("env")
+        .arg(old)
+        .query_async(&mut redis)
+        .await
+        .expect("XADD");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(moves(pool.clone()).await, before, "a task moved while the fleet was halted\n{}", f.logs());
+
+    f.fleetctl(&["resume"]);
+    for &t in &open_at_kill {
+        let end = wait_state(&f, &pool, t, &["merged", "failed", "blocked"], Duration::from_secs(240)).await;
+        assert_eq!(end, "merged", "task {t} open at the kill did not complete\n{}", f.logs());
+        let merged: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM task_events WHERE task_id = $1 AND to_state = 'merged'")
+                .bind(t)
+                .fetch_one(&pool)
+                .await
+                .expect("events");
+        assert_eq!(merged, 1);
+    }
+    let (after, engaged) = killswitch(&mut redis).await;
+    assert_eq!((after, engaged), (epoch, false), "resume keeps the epoch and clears the switch");
+    // The stale assignment was refused by the Dev worker, visibly.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let rejected: redis::Value =
+            redis::cmd("XRANGE").arg("fleet:rejected").arg("-").arg("+").query_async(&mut redis).await.expect("XRANGE");
+        if format!("{rejected:?}").contains("stale_epoch") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the old-epoch assignment is not in fleet:rejected\n{}", f.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
