@@ -44,6 +44,10 @@ pub const SANDBOX_USER: &str = "10001:10001";
 
 /// How long to wait for a killed container to be reported as stopped before inspecting it.
 const KILL_SETTLE: Duration = Duration::from_secs(10);
+/// How long a sweep waits for the engine to remove one container.
+const REMOVE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The engine-side log of a container (one json-file, rotated in place): bounds its disk use.
+const LOG_MAX_SIZE: &str = "1m";
 /// Docker refuses memory limits below 6 MiB.
 const MIN_MEMORY_BYTES: i64 = 6 * 1024 * 1024;
 
@@ -251,6 +255,12 @@ pub enum SandboxError {
     /// A [`RunSpec`] is malformed (empty command, bad environment name, zero timeout).
     #[error("invalid sandbox run: {0}")]
     InvalidSpec(String),
+    /// The engine did not remove a container in time.
+    #[error(
+        "the Docker engine did not remove sandbox container {container} within {waited:?}; the engine may be wedged \
+         on it (docker rm -f hangs): restart dockerd, then sweep again"
+    )]
+    RemoveStuck { container: String, waited: Duration },
     /// An engine call failed; the sandbox container (if any) has been removed.
     #[error("the Docker engine failed to {action}: {source}")]
     Docker {
@@ -356,17 +366,24 @@ impl Sandbox {
 
         let result = self.drive(&name, timeout, cancel).await;
         guard.docker = None;
-        let removed = remove_container(&self.docker, &name).await;
+        let removed = tokio::time::timeout(REMOVE_TIMEOUT, remove_container(&self.docker, &name)).await;
         let mut output = result?;
-        if let Err(error) = removed {
-            tracing::warn!(container = %name, error = %error, "Sandbox container not removed; the next sweep will.");
+        match removed {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(container = %name, error = %error, "Sandbox container not removed; the next sweep will.");
+            }
+            Err(_) => {
+                tracing::warn!(container = %name, "Sandbox container removal timed out; the engine may be wedged.")
+            }
         }
         output.duration = started.elapsed();
         Ok(output)
     }
 
     /// Removes (force) every sandbox container, or only those of `instance`; returns how
-    /// many it removed. Workers call it at start and when the kill switch engages.
+    /// many it removed. Workers call it at start and when the kill switch engages. It tries
+    /// every container, each for at most 30 s, then reports the first failure.
     pub async fn sweep(&self, instance: Option<&str>) -> Result<usize, SandboxError> {
         let mut labels = vec![format!("{LABEL_SANDBOX}=1")];
         if let Some(instance) = instance {
@@ -383,15 +400,27 @@ impl Sandbox {
             .await
             .map_err(SandboxError::docker("list sandbox containers"))?;
         let mut removed = 0;
+        let mut first_failure = None;
         for id in containers.into_iter().filter_map(|c| c.id) {
-            match remove_container(&self.docker, &id).await {
+            let outcome = match tokio::time::timeout(REMOVE_TIMEOUT, remove_container(&self.docker, &id)).await {
+                Ok(Ok(gone)) => Ok(gone),
+                Ok(Err(source)) => Err(SandboxError::Docker { action: "remove a sandbox container", source }),
+                Err(_) => Err(SandboxError::RemoveStuck { container: id.clone(), waited: REMOVE_TIMEOUT }),
+            };
+            match outcome {
                 Ok(true) => removed += 1,
                 Ok(false) => {} // gone meanwhile (its run removed it)
-                Err(source) => return Err(SandboxError::Docker { action: "remove a sandbox container", source }),
+                Err(error) => {
+                    tracing::warn!(container = %id, error = %error, "Sandbox container not swept.");
+                    first_failure.get_or_insert(error);
+                }
             }
         }
         if removed > 0 {
             tracing::info!(removed, instance = instance.unwrap_or("*"), "Sandbox containers swept.");
+        }
+        if let Some(error) = first_failure {
+            return Err(error);
         }
         Ok(removed)
     }
@@ -510,8 +539,16 @@ impl Sandbox {
             runtime: runtime.map(str::to_owned),
             auto_remove: Some(false),
             privileged: Some(false),
-            // Output goes only to our attach stream, never to the engine's disk.
-            log_config: Some(HostConfigLogConfig { typ: Some("none".to_owned()), config: None }),
+            // A bounded json-file log: the engine always has a consumer of the container's
+            // output besides our attach stream. With the `none` driver, Docker 20.10 wedged a
+            // container whose attach client went away (unremovable until dockerd restarts).
+            log_config: Some(HostConfigLogConfig {
+                typ: Some("json-file".to_owned()),
+                config: Some(HashMap::from([
+                    ("max-size".to_owned(), LOG_MAX_SIZE.to_owned()),
+                    ("max-file".to_owned(), "1".to_owned()),
+                ])),
+            }),
             ..Default::default()
         };
         Ok(ContainerCreateBody {

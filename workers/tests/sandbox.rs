@@ -295,7 +295,9 @@ async fn dropping_the_run_removes_the_container() {
     let ws = workspace();
     let inst = instance("drop");
     let never = CancellationToken::new();
-    let running = sandbox.run(spec(ws.path(), &inst, &["sleep", "120"]), &never);
+    // It keeps writing after its reader went away: the engine must still remove it.
+    let chatty = spec(ws.path(), &inst, &["sh", "-c", "while :; do echo chatter; done"]);
+    let running = sandbox.run(chatty, &never);
     assert!(tokio::time::timeout(Duration::from_secs(3), running).await.is_err());
     let deadline = Instant::now() + Duration::from_secs(15);
     while containers_of(&inst).await > 0 && Instant::now() < deadline {
