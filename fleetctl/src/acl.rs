@@ -136,7 +136,8 @@ pub const KILLSWITCH_KEY: &str = "fleet:killswitch";
 
 /// What a [`bus::ControlListener`] runs: the newest entry of its role's control stream
 /// (`XREVRANGE`), plain `XREAD` after it (no consumer group: every process of the role sees
-/// every pause), and `HGETALL` of the state record.
+/// every pause), and `HGETALL` of the state record. Workers read their tool-response streams
+/// (`fleet:tool:responses:<role>:<instance>`) with the same commands.
 pub const CONTROL_COMMANDS: &[&str] = &["xread", "xrevrange", "hgetall"];
 
 /// The roles that follow `fleet:control:<role>` with a control listener.
@@ -379,7 +380,12 @@ fn role_grants(table: &PermissionTable, role: Role) -> Vec<Selector> {
         selectors.push(Selector::new(Purpose::ReplayGuard, Access::ReadWrite, guard, REPLAY_GUARD_COMMANDS));
     }
     if follows_control {
-        let keys = BTreeSet::from([control, KILLSWITCH_KEY.to_owned()]);
+        let mut keys = BTreeSet::from([control, KILLSWITCH_KEY.to_owned()]);
+        if role.is_worker() {
+            // A worker's tool client reads its own response stream the same way: plain XREAD
+            // after the newest entry, no consumer group.
+            keys.insert(format!("fleet:tool:responses:{role}:*"));
+        }
         selectors.push(Selector::new(Purpose::Control, Access::Read, keys, CONTROL_COMMANDS));
     }
     if LEDGER_ROLES.contains(&role) {
@@ -559,7 +565,8 @@ mod tests {
                  +xack +xautoclaim +xclaim +xpending +xgroup|create +xgroup|createconsumer +xgroup|delconsumer \
                  +xinfo|groups +xinfo|consumers +xinfo|stream +xlen +xrange) \
                  (~fleet:done:dev:* ~fleet:seen:dev:* resetchannels +set +get +exists +pexpire) \
-                 (%R~fleet:control:dev %R~fleet:killswitch resetchannels +xread +xrevrange +hgetall)"
+                 (%R~fleet:control:dev %R~fleet:killswitch %R~fleet:tool:responses:dev:* resetchannels +xread +xrevrange \
+                 +hgetall)"
             )
         );
     }

@@ -863,6 +863,16 @@ async fn every_process_follows_its_own_control_stream_and_reads_the_kill_switch(
         cases.push(case(user, Expect::NoPerm, &["XREAD", "STREAMS", other, "0-0"]));
         cases.push(case(user, Expect::NoPerm, &["HSET", "fleet:killswitch", "engaged", "0"]));
         cases.push(case(user, Expect::NoPerm, &["XADD", &own, "*", "env", "forged-resume"]));
+        if role != "orchestrator" {
+            // A worker's tool client reads its own response stream without a group; not
+            // another role's, and it may not write one.
+            let mine = format!("fleet:tool:responses:{role}:{role}-1");
+            let theirs = if role == "dev" { "fleet:tool:responses:qa:qa-1" } else { "fleet:tool:responses:dev:dev-1" };
+            cases.push(case(user, Expect::Allowed, &["XREVRANGE", &mine, "+", "-", "COUNT", "1"]));
+            cases.push(case(user, Expect::Allowed, &["XREAD", "COUNT", "16", "STREAMS", &mine, "0-0"]));
+            cases.push(case(user, Expect::NoPerm, &["XREAD", "STREAMS", theirs, "0-0"]));
+            cases.push(case(user, Expect::NoPerm, &["XADD", &mine, "*", "env", "forged-answer"]));
+        }
     }
     // The budget manager writes the record and its counters, and XADDs every control stream.
     let b = User::Budget;

@@ -48,6 +48,9 @@ pub struct LeaseClaims {
     /// Repository paths the task may change (empty: any).
     #[serde(default)]
     pub scope: Vec<String>,
+    /// The task's risk level: workers pick the sandbox runtime by it (gVisor for the
+    /// riskier levels where it is installed).
+    pub risk: Risk,
     /// Actions granted.
     pub actions: Vec<Grant>,
     /// Tokens the task may use in all (its risk level's limit).
@@ -192,6 +195,7 @@ impl LeaseIssuer {
             role,
             workspace: workspace.to_owned(),
             scope: scope.to_vec(),
+            risk,
             actions: self.matrix.grants(role).into_iter().map(|(action, risk)| Grant { action, risk }).collect(),
             max_tokens: level.token_limit.min(self.per_task_tokens),
             max_cost_micro_usd: level.cost_limit_micro_usd.min(self.per_task_micro_usd),
@@ -221,6 +225,7 @@ mod tests {
             role: Role::Dev,
             workspace: format!("/workspace/task-{task}"),
             scope: vec!["src/".into()],
+            risk: Risk::Low,
             actions: vec![Grant { action: "llm.complete".into(), risk: Risk::Low }],
             max_tokens: 10_000,
             max_cost_micro_usd: 500_000,

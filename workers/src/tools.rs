@@ -34,6 +34,18 @@ pub struct CallContext {
     pub lease: Option<String>,
 }
 
+/// The task's risk level as its lease states it (`low`, `medium`, `high`, `critical`), to
+/// pick the sandbox runtime. The lease arrived in a verified `task.assign`, so its claims
+/// are the orchestrator's; the worker cannot check the lease's own signature (it has no
+/// lease secret) and needs not, since it only ever makes the sandbox stricter by them.
+pub fn lease_risk(lease: &str) -> Option<String> {
+    use base64::Engine as _;
+    let payload = lease.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload).ok()?;
+    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
+    Some(claims.get("risk")?.as_str()?.to_ascii_lowercase())
+}
+
 /// Why a tool call gave no result.
 #[derive(Debug, thiserror::Error)]
 pub enum ToolError {
@@ -300,5 +312,23 @@ impl Reader {
                 tracing::info!(request = %answer.request_id, "Tool response for no waiting request (timed out or from before a restart); dropped.");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use base64::Engine as _;
+
+    fn jwt(claims: &str) -> String {
+        let b = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+        format!("{}.{}.sig", b(r#"{"alg":"HS256","typ":"JWT"}"#), b(claims))
+    }
+
+    #[test]
+    fn the_risk_is_read_from_the_lease() {
+        assert_eq!(super::lease_risk(&jwt(r#"{"risk":"HIGH","task":"x"}"#)).as_deref(), Some("high"));
+        assert_eq!(super::lease_risk(&jwt(r#"{"task":"x"}"#)), None);
+        assert_eq!(super::lease_risk("garbage"), None);
+        assert_eq!(super::lease_risk("a.!!!.c"), None);
     }
 }

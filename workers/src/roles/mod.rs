@@ -149,7 +149,8 @@ pub fn describe_run(out: &RunOutput) -> String {
 pub async fn sandbox_sh(ctx: &TaskContext, command: &str) -> Result<RunOutput, String> {
     let limit = ctx.sandbox.config().timeout_secs.saturating_add(5).to_string();
     let command_line = ["timeout", "-s", "KILL", &limit, "sh", "-c", command].map(str::to_owned).to_vec();
-    let spec = RunSpec::new(command_line, ctx.workspace.dir.clone(), ctx.labels.clone());
+    let mut spec = RunSpec::new(command_line, ctx.workspace.dir.clone(), ctx.labels.clone());
+    spec.risk = ctx.call.lease.as_deref().and_then(crate::tools::lease_risk);
     tracing::info!(task = %ctx.task_id, command, "Running in the sandbox.");
     let out = ctx.sandbox.run(spec, &ctx.cancel).await.map_err(|e| format!("the sandbox failed: {e}"))?;
     tracing::info!(task = %ctx.task_id, command, result = %describe_run(&out), duration_ms = out.duration.as_millis() as u64, "Sandbox run finished.");
