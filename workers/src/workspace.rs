@@ -156,16 +156,34 @@ impl Workspace {
     /// Puts the working tree back to the base commit: tracked files restored, everything
     /// else (untracked and ignored) removed.
     pub async fn reset(&self) -> Result<(), WorkspaceError> {
+        self.purge_nested_repositories().await?;
         self.git(&["reset", "--quiet", "--hard", "HEAD"]).await?;
-        self.git(&["clean", "-fdxq"]).await?;
+        // -ff: nested repositories too, which a single -f leaves behind.
+        self.git(&["clean", "-ffdxq"]).await?;
         self.open_to_sandbox().await
     }
 
     /// The change of the working tree against the base commit, new files included, binary
     /// safe.
     pub async fn diff(&self) -> Result<Vec<u8>, WorkspaceError> {
+        self.purge_nested_repositories().await?;
         self.git(&["add", "--all", "--intent-to-add", "."]).await?;
-        self.git(&["diff", "--binary", "HEAD"]).await
+        self.git(&["diff", "--binary", "--ignore-submodules=all", "HEAD"]).await
+    }
+
+    /// Removes every `.git` entry (directory, file or link) inside the working tree.
+    ///
+    /// Code in the sandbox can write the workspace, and a nested repository it plants there
+    /// carries its own configuration (filters, textconv, fsmonitor commands) that the
+    /// worker's host-side git would load and run when it scans the tree as root. The
+    /// worker's own repository lives outside the workspace (`--git-dir`), so no `.git`
+    /// inside it is legitimate. Links are removed, never followed.
+    pub async fn purge_nested_repositories(&self) -> Result<(), WorkspaceError> {
+        let root = self.dir.clone();
+        tokio::task::spawn_blocking(move || purge_git_entries(&root)).await.map_err(|e| WorkspaceError::Io {
+            what: "scanning the workspace".into(),
+            source: std::io::Error::other(e),
+        })?
     }
 
     /// Checks and then applies a patch to the working tree.
@@ -260,6 +278,35 @@ fn open_tree(dir: &Path) -> std::io::Result<()> {
 }
 
 /// Runs git with the fleet's safety settings; stdout on success, stderr in the error.
+/// Depth-first removal of every entry named `.git` (any case) below `root`; symlinks are
+/// never followed.
+fn purge_git_entries(root: &Path) -> Result<(), WorkspaceError> {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(WorkspaceError::Io { what: format!("cannot list {}", dir.display()), source: e }),
+        };
+        for entry in entries {
+            let entry =
+                entry.map_err(|e| WorkspaceError::Io { what: format!("cannot list {}", dir.display()), source: e })?;
+            let path = entry.path();
+            let meta = std::fs::symlink_metadata(&path)
+                .map_err(|e| WorkspaceError::Io { what: format!("cannot stat {}", path.display()), source: e })?;
+            if entry.file_name().to_string_lossy().eq_ignore_ascii_case(".git") {
+                tracing::warn!(path = %path.display(), "Removed a nested .git from the workspace.");
+                let removed = if meta.is_dir() { std::fs::remove_dir_all(&path) } else { std::fs::remove_file(&path) };
+                removed
+                    .map_err(|e| WorkspaceError::Io { what: format!("cannot remove {}", path.display()), source: e })?;
+            } else if meta.is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn run_git(
     ws: Option<&Workspace>,
     args: &[&str],
@@ -277,13 +324,21 @@ async fn run_git(
         "protocol.ext.allow=never",
         "core.hooksPath=/dev/null",
         "core.fsmonitor=false",
-        "safe.directory=*",
+        // Never descend into (or run anything of) a nested repository the sandbox planted.
+        "diff.ignoreSubmodules=all",
+        "status.submoduleSummary=false",
+        "submodule.recurse=false",
+        "core.attributesFile=/dev/null",
         "user.name=agentfleet",
         "user.email=agentfleet@localhost",
     ] {
         cmd.arg("-c").arg(setting);
     }
     if let Some(ws) = ws {
+        // The workspace is written by uid 10001 in the sandbox; trust exactly this
+        // repository and work tree, nothing else.
+        cmd.arg("-c").arg(format!("safe.directory={}", ws.git_dir.display()));
+        cmd.arg("-c").arg(format!("safe.directory={}", ws.dir.display()));
         cmd.arg("--git-dir").arg(&ws.git_dir).arg("--work-tree").arg(&ws.dir);
     }
     cmd.args(args)
@@ -383,5 +438,49 @@ mod tests {
         assert!(!ws.dir.join("b.txt").exists());
         assert!(ws.apply(b"--- a/zzz\n+++ b/zzz\n@@ -1 +1 @@\n-q\n+r\n").await.is_err());
         assert_eq!(ws.files().await.unwrap(), vec!["a.txt"]);
+    }
+
+    /// A nested repository planted by sandboxed code must not make the host-side git run
+    /// its configured filter (reviewer's reproduction with git 2.47).
+    #[tokio::test]
+    async fn a_planted_nested_repository_runs_nothing_on_the_host() {
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("a.txt"), "a\n").unwrap();
+        let run = |dir: &Path, args: &[&str]| {
+            let out = std::process::Command::new("git")
+                .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        };
+        run(&src, &["init", "-q"]);
+        run(&src, &["add", "."]);
+        run(&src, &["commit", "-qm", "init"]);
+        let root = tmp.path().join("ws");
+        std::fs::create_dir(&root).unwrap();
+        let rel = check_workspace_path(&root, &root.join("task-1").to_string_lossy()).unwrap();
+        let ws = Workspace::prepare(&root, &rel, Some(&src.to_string_lossy()), Duration::from_secs(30)).await.unwrap();
+        // What code in the sandbox could leave behind: a repository whose filter runs a command.
+        let marker = tmp.path().join("pwned");
+        let evil = ws.dir.join("evil");
+        std::fs::create_dir(&evil).unwrap();
+        run(&evil, &["init", "-q"]);
+        std::fs::write(evil.join("x.txt"), "x\n").unwrap();
+        std::fs::write(evil.join(".gitattributes"), "* filter=pwn\n").unwrap();
+        run(&evil, &["add", "."]);
+        run(&evil, &["commit", "-qm", "x"]);
+        run(&evil, &["config", "filter.pwn.clean", &format!("sh -c 'touch {}; cat'", marker.display())]);
+        std::fs::write(evil.join("x.txt"), "changed\n").unwrap();
+        let diff = String::from_utf8(ws.diff().await.unwrap()).unwrap();
+        assert!(!marker.exists(), "the planted filter ran on the host");
+        assert!(!evil.join(".git").exists(), "the nested repository is removed before git looks");
+        assert!(diff.contains("evil/x.txt"), "its files are an ordinary change now: {diff}");
+        ws.reset().await.unwrap();
+        assert!(!evil.exists());
+        assert!(!marker.exists());
     }
 }
