@@ -17,6 +17,9 @@ use crate::audit::AuditKey;
 use crate::service::{Heartbeats, Questions, Results, tick_loop};
 use crate::tasks::{Engine, EngineConfig};
 
+/// Concurrent tool-request consumers (model calls in flight at once).
+const TOOL_CONSUMERS: usize = 4;
+
 /// The configuration file (TOML). Unknown keys are refused.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -390,11 +393,22 @@ impl App {
         tasks.spawn(questions.run(shutdown.clone()));
         tasks.spawn(tick_loop(self.engine.clone(), self.tick, shutdown.clone()));
         if let Some((handler, matrix, git)) = self.proxy.take() {
-            let mut cfg = consumer(streams::TOOL_REQUESTS);
-            // A model call may take minutes; its entry must not be taken over meanwhile.
-            cfg.claim_idle = Duration::from_secs(600);
-            let tools = Consumer::new(cfg, self.redis.clone(), self.verifier.clone(), kill_epoch.clone(), handler)?;
-            tasks.spawn(tools.run(shutdown.clone()));
+            // Model calls take seconds to minutes: several consumers in the group, one entry
+            // at a time each, so one slow call does not hold up every worker's request.
+            for n in 0..TOOL_CONSUMERS {
+                let mut cfg = ConsumerConfig::new(
+                    StreamName::parse(streams::TOOL_REQUESTS).expect("fleet stream names are valid"),
+                    "orchestrator",
+                    format!("{}-tools-{n}", self.instance.as_str()),
+                );
+                cfg.grace = self.grace;
+                cfg.batch = 1;
+                // A model call may take minutes; its entry must not be taken over meanwhile.
+                cfg.claim_idle = Duration::from_secs(600);
+                let tools =
+                    Consumer::new(cfg, self.redis.clone(), self.verifier.clone(), kill_epoch.clone(), handler.clone())?;
+                tasks.spawn(tools.run(shutdown.clone()));
+            }
             tasks.spawn(crate::proxy::push_loop(self.engine.clone(), matrix, git, self.tick, shutdown.clone()));
         }
         // The budget manager's pauses: halt the fleet, raise this process's kill epoch.

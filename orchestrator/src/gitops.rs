@@ -190,6 +190,16 @@ pub async fn push_branch(
     git(&dir, &["apply", "--index", "--whitespace=nowarn", "-"], Some(diff), timeout)
         .await
         .map_err(|e| PushError::Refused(format!("the diff does not apply to {repo}: {e}")))?;
+    // The text check above reads the diff; git may read its paths differently (it strips
+    // the first component of any prefix, not only `a/`). What counts is what git staged.
+    let staged = git(&dir, &["diff", "--cached", "--name-only", "-z", "--no-renames", "HEAD"], None, timeout).await?;
+    let staged: Vec<&str> = staged.split('\0').filter(|p| !p.is_empty()).collect();
+    if staged.is_empty() {
+        return Err(PushError::Refused("the approved diff changes nothing in the repository".into()));
+    }
+    if let Some(bad) = staged.iter().find(|p| !in_scope(p, scope)) {
+        return Err(PushError::Refused(format!("the diff writes {bad:?}, outside the task's scope {scope:?}")));
+    }
     let message = format!("agentfleet: {}\n\nTask {task}, pushed by the orchestrator after approval.", title.trim());
     let author = format!("user.name={}", cfg.author_name);
     let email = format!("user.email={}", cfg.author_email);
@@ -217,14 +227,19 @@ async fn git(dir: &Path, args: &[&str], stdin: Option<&[u8]>, timeout: Duration)
         .stderr(Stdio::piped())
         .kill_on_drop(true);
     let mut child = cmd.spawn().map_err(|e| PushError::Failed(format!("cannot run git (is it installed?): {e}")))?;
-    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
-        pipe.write_all(input).await.map_err(|e| PushError::Failed(format!("writing to git: {e}")))?;
-        drop(pipe);
-    }
-    let out = tokio::time::timeout(timeout, child.wait_with_output())
+    let pipe = child.stdin.take();
+    // Feeding stdin and waiting share one deadline: a git that stops reading must not
+    // hold the push loop forever.
+    let exchange = async {
+        if let (Some(input), Some(mut pipe)) = (stdin, pipe) {
+            pipe.write_all(input).await.map_err(|e| PushError::Failed(format!("writing to git: {e}")))?;
+            drop(pipe);
+        }
+        child.wait_with_output().await.map_err(|e| PushError::Failed(format!("git {}: {e}", args[0])))
+    };
+    let out = tokio::time::timeout(timeout, exchange)
         .await
-        .map_err(|_| PushError::Failed(format!("git {} took longer than {}s", args[0], timeout.as_secs())))?
-        .map_err(|e| PushError::Failed(format!("git {}: {e}", args[0])))?;
+        .map_err(|_| PushError::Failed(format!("git {} took longer than {}s", args[0], timeout.as_secs())))??;
     if !out.status.success() {
         let err: String = String::from_utf8_lossy(&out.stderr).chars().take(400).collect();
         return Err(PushError::Failed(format!("git {} exited with {}: {}", args[0], out.status, err.trim())));

@@ -227,6 +227,19 @@ impl ToolProxy {
             }
             Err(ReserveError::Ledger(e)) => return Err(transient(format!("ledger: {e}"))),
         };
+        // The lease's money limit, at the price of the model actually reserved for.
+        let spent_money = used.usage.cost.0 + used.usage.held_cost.0;
+        if spent_money.saturating_add(reservation.cost.0) > claims.max_cost_micro_usd {
+            if let Err(e) = self.0.ledger.release(&reservation).await {
+                tracing::warn!(error = %e, "Cannot release a reservation; it lapses by itself.");
+            }
+            let why = format!(
+                "the task has spent {spent_money} of its lease's {} micro-dollars and this call may cost {}",
+                claims.max_cost_micro_usd, reservation.cost.0
+            );
+            self.0.engine.block(claims.task, &why).await.map_err(transient)?;
+            return self.refuse(env, req, refused("budget_exceeded", why)).await;
+        }
         call.model.clone_from(&reservation.model);
         let mut attempt = 0;
         let answer = loop {
@@ -250,12 +263,21 @@ impl ToolProxy {
                 return self.refuse(env, req, refused("provider_error", e.to_string())).await;
             }
         };
-        let commit = self
+        let commit = match self
             .0
             .ledger
             .commit(&reservation, completion.usage.input_tokens, completion.usage.output_tokens)
             .await
-            .map_err(transient)?;
+        {
+            Ok(c) => c,
+            Err(e) => {
+                // Free the hold now rather than at its lapse; the retry reserves afresh.
+                if let Err(le) = self.0.ledger.release(&reservation).await {
+                    tracing::warn!(error = %le, "Cannot release a reservation; it lapses by itself.");
+                }
+                return Err(transient(e));
+            }
+        };
         let usage = Usage {
             role: claims.role,
             model: reservation.model.clone(),
@@ -341,6 +363,15 @@ pub async fn push_loop(
             }
         };
         for job in jobs {
+            // A kill during the batch stops the pushes not yet made.
+            match engine.fleet_state().await {
+                Ok((_, false)) => {}
+                Ok((_, true)) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Cannot read the fleet state; pushing later.");
+                    break;
+                }
+            }
             let task = &job.task;
             let repo = task.spec.get("repository").and_then(Value::as_str).unwrap_or("");
             let scope: Vec<String> =

@@ -397,7 +397,11 @@ impl Engine {
             (TaskState::Qa | TaskState::Review, Status::Failure) => Event::SentBack,
             _ => Event::Retry,
         };
-        for (kind, name, content) in [("diff", "change.diff", &result.diff), ("test_log", "test.log", &result.log)] {
+        // Only Dev and Refactor make the change: a diff in anyone else's result (Review
+        // reports what it looked at) must never become what is pushed.
+        let makes_change = matches!(env.from.role, Role::Dev | Role::Refactor) && result.status == Status::Success;
+        let diff = if makes_change { &result.diff } else { &None };
+        for (kind, name, content) in [("diff", "change.diff", diff), ("test_log", "test.log", &result.log)] {
             if let Some(bytes) = content {
                 store_artifact(&mut tx, task_id, kind, name, bytes).await?;
             }
