@@ -310,6 +310,13 @@ async fn git_push_branch_pushes_the_task_branch_and_refuses_outside_the_scope() 
         .await
         .unwrap_err();
     assert!(err.to_string().contains("outside the task's scope"), "{err}");
+    // A prefix other than a/ and b/: git strips it too and would write setup.py at the root.
+    let sneaky = ESCAPE.replace("a/setup.py", "src/setup.py").replace("b/setup.py", "src/setup.py");
+    let err = orchestrator::gitops::push_branch(&cfg, &bare, Uuid::now_v7(), "x", sneaky.as_bytes(), &scope)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("outside the task's scope"), "{err}");
+    assert_eq!(git(bare_dir, &["branch", "--list"]).lines().count(), 2, "main and the one task branch, nothing else");
     let err = orchestrator::gitops::push_branch(&cfg, &bare, Uuid::now_v7(), "x", b"", &scope).await.unwrap_err();
     assert!(err.to_string().contains("no diff"), "{err}");
 }
