@@ -45,6 +45,8 @@ pub fn usage_key(day: Day) -> String {
 
 /// How long a day's usage counters are kept.
 const USAGE_RETENTION: Duration = Duration::from_secs(40 * 24 * 3600);
+/// How long a counted usage report's marker is kept: longer than any redelivery.
+const SEEN_RETENTION: Duration = Duration::from_secs(2 * 24 * 3600);
 
 /// When the kill switch engages. `[killswitch]` in the budget's configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -222,14 +224,36 @@ impl Budget {
     }
 
     /// Records one usage report and checks the limits it may have crossed.
-    pub async fn record_usage(&self, u: &envelope::Usage, at_ms: u64) -> Result<(), HandlerError> {
+    ///
+    /// Counting is once per envelope (`id`): the increments and a marker go in one
+    /// MULTI/EXEC, and a redelivery (a check after the counting failed) finds the marker and
+    /// only re-reads the totals, so a retried report is never counted twice.
+    pub async fn record_usage(&self, id: uuid::Uuid, u: &envelope::Usage, at_ms: u64) -> Result<(), HandlerError> {
         let day = Day::from_unix_ms(at_ms);
         let key = usage_key(day);
         let tokens = u.input_tokens.saturating_add(u.output_tokens);
         let m = u.cost_micro_usd;
         let role = u.role.as_str();
         let model = &u.model;
+        let seen = format!("{COUNTERS_PREFIX}seen:{id}");
+        let mut c = self.pool.get().await.map_err(transient)?;
+        let counted: bool = redis::cmd("EXISTS").arg(&seen).query_async(&mut *c).await.map_err(transient)?;
+        if counted {
+            let (t, mm, rt, rm): (Option<u64>, Option<u64>, Option<u64>, Option<u64>) = redis::cmd("HMGET")
+                .arg(&key)
+                .arg("t")
+                .arg("m")
+                .arg(format!("role:{role}:t"))
+                .arg(format!("role:{role}:m"))
+                .query_async(&mut *c)
+                .await
+                .map_err(transient)?;
+            drop(c);
+            tracing::debug!(envelope = %id, "Usage already counted; re-checking the limits only.");
+            return self.check_usage(u, day, (t.unwrap_or(0), mm.unwrap_or(0)), (rt.unwrap_or(0), rm.unwrap_or(0))).await;
+        }
         let mut pipe = redis::pipe();
+        pipe.atomic();
         pipe.cmd("HINCRBY").arg(&key).arg("t").arg(tokens);
         pipe.cmd("HINCRBY").arg(&key).arg("m").arg(m);
         pipe.cmd("HINCRBY").arg(&key).arg(format!("role:{role}:t")).arg(tokens);
@@ -246,9 +270,21 @@ impl Budget {
             pipe.cmd("HINCRBY").arg(&key).arg(field).arg(by).ignore();
         }
         pipe.cmd("PEXPIRE").arg(&key).arg(USAGE_RETENTION.as_millis() as u64).ignore();
-        let mut c = self.pool.get().await.map_err(transient)?;
+        pipe.cmd("SET").arg(&seen).arg(1).arg("PX").arg(SEEN_RETENTION.as_millis() as u64).ignore();
         let (t, m, role_t, role_m): (u64, u64, u64, u64) = pipe.query_async(&mut *c).await.map_err(transient)?;
         drop(c);
+        self.check_usage(u, day, (t, m), (role_t, role_m)).await
+    }
+
+    /// The daily and soft-limit checks after a usage report.
+    async fn check_usage(
+        &self,
+        u: &envelope::Usage,
+        day: Day,
+        (t, m): (u64, u64),
+        (role_t, role_m): (u64, u64),
+    ) -> Result<(), HandlerError> {
+        let role = u.role.as_str();
         self.check_daily(Some((t, m))).await?;
         // Soft limits of the role: the ledger's committed figures or the reports, whichever is higher.
         if let Some(limits) = self.ledger.config().per_role.get(&u.role) {
@@ -331,7 +367,7 @@ pub struct UsageHandler(pub Budget);
 impl Handler for UsageHandler {
     async fn handle(&self, d: Delivery) -> Result<(), HandlerError> {
         match &d.envelope.payload {
-            Payload::Usage(u) => self.0.record_usage(u, d.envelope.issued_at_ms).await,
+            Payload::Usage(u) => self.0.record_usage(d.envelope.id, u, d.envelope.issued_at_ms).await,
             other => Err(HandlerError::Permanent(format!("unexpected {} on fleet:usage", other.message_type()))),
         }
     }
