@@ -36,7 +36,11 @@ command -v docker >/dev/null || { log "docker CLI not found; install docker.io";
 docker info >/dev/null 2>&1 || { log "cannot reach the Docker engine; is it running? (/var/run/docker.sock)"; exit 69; }
 
 # One builder at a time; the others wait, then find the image built.
-exec 9>"/tmp/agentfleet-sandbox-image.lock"
+# The lock lives where only root (or this user) can create files: a predictable name in a
+# world-writable /tmp could be a symlink planted by someone else.
+lock_dir=/run/lock
+[ -d "$lock_dir" ] && [ -w "$lock_dir" ] || lock_dir="${XDG_RUNTIME_DIR:-$HOME}"
+exec 9>"$lock_dir/agentfleet-sandbox-image.lock"
 flock 9
 
 if [ "$force" = 0 ] && docker image inspect "$image" >/dev/null 2>&1; then
