@@ -371,23 +371,3 @@ async fn connect_names_what_is_missing() {
     let error = Sandbox::connect(bad_profile).await.unwrap_err();
     assert!(matches!(error, SandboxError::SeccompProfile { .. }), "{error}");
 }
-
-/// The figure quoted in docs/sandbox.md: `cargo nextest run -p workers --test sandbox
-/// --run-ignored only --no-capture overhead`.
-#[tokio::test]
-#[ignore = "a measurement, not a check"]
-async fn overhead_of_true() {
-    let sandbox = sandbox().await;
-    let ws = workspace();
-    let inst = instance("overhead");
-    let mut times = Vec::new();
-    for _ in 0..11 {
-        let started = Instant::now();
-        assert!(run(&sandbox, spec(ws.path(), &inst, &["true"])).await.success());
-        times.push(started.elapsed());
-    }
-    times.remove(0); // the first run warms the engine's caches
-    times.sort();
-    eprintln!("Sandbox::run(true): median {:?}, min {:?}, max {:?} over 10 runs", times[5], times[0], times[9]);
-    assert_gone(&inst).await;
-}
