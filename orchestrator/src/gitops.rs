@@ -167,7 +167,7 @@ pub async fn push_branch(
     check_repository(repo)?;
     let branch = branch_of(task);
     let short = branch.rsplit('/').next().unwrap_or("");
-    if ["main", "master"].contains(&short) || cfg.protected_branches.iter().any(|b| *b == branch) {
+    if ["main", "master"].contains(&short) || cfg.protected_branches.contains(&branch) {
         return Err(PushError::Refused(format!("branch {branch} is protected")));
     }
     let text = std::str::from_utf8(diff).map_err(|_| PushError::Refused("the diff is not UTF-8 text".into()))?;

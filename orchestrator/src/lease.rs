@@ -207,6 +207,7 @@ impl LeaseIssuer {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -235,6 +235,7 @@ impl RiskMatrix {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

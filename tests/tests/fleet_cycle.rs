@@ -214,11 +214,10 @@ impl Drop for Fleet {
             .output()
         {
             for line in String::from_utf8_lossy(&out.stdout).lines() {
-                if line.contains(&self.tag) {
-                    if let Some(id) = line.split_whitespace().next() {
+                if line.contains(&self.tag)
+                    && let Some(id) = line.split_whitespace().next() {
                         let _ = Command::new("docker").args(["rm", "-f", id]).output();
                     }
-                }
             }
         }
     }

@@ -316,6 +316,7 @@ impl Reader {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use base64::Engine as _;
 
