@@ -39,28 +39,10 @@ async fn main() -> ExitCode {
         Err(code) => return code,
     };
     telemetry::init("budget", cli.json_logs);
-    let config = match budget::app::Config::load(&cli.config, &|k| std::env::var(k).ok()) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "Invalid configuration.");
-            eprintln!("budget: {e}");
-            return ExitCode::from(telemetry::EX_USAGE);
-        }
-    };
-    let shutdown = telemetry::shutdown();
-    let app = match budget::app::App::build(config).await {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "Failed to start.");
-            eprintln!("budget: {e:#}");
-            return ExitCode::from(telemetry::EX_USAGE);
-        }
-    };
-    match app.run(shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "Stopped on an error.");
-            ExitCode::FAILURE
-        }
-    }
+    let config = budget::app::Config::load(&cli.config, &|k| std::env::var(k).ok());
+    telemetry::serve("budget", config, |config, shutdown| async move {
+        let app = budget::app::App::build(config).await?;
+        app.run(shutdown).await
+    })
+    .await
 }

@@ -28,27 +28,11 @@ async fn main() -> ExitCode {
         Err(code) => return code,
     };
     telemetry::init("orchestrator", cli.json_logs);
-    let config = match orchestrator::app::Config::load(&cli.config, &|k| std::env::var(k).ok()) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "Invalid configuration.");
-            eprintln!("orchestrator: {e}");
-            return ExitCode::from(telemetry::EX_USAGE);
-        }
-    };
-    let shutdown = telemetry::shutdown();
-    let app = match orchestrator::app::App::build(config).await {
-        Ok(a) => a,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "Failed to start.");
-            return ExitCode::FAILURE;
-        }
-    };
-    match app.run(shutdown).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "Stopped on an error.");
-            ExitCode::FAILURE
-        }
-    }
+    let config = orchestrator::app::Config::load(&cli.config, &|k| std::env::var(k).ok());
+    telemetry::serve("orchestrator", config, |config, shutdown| async move {
+        use anyhow::Context;
+        let app = orchestrator::app::App::build(config).await.context("Failed to start")?;
+        app.run(shutdown).await
+    })
+    .await
 }

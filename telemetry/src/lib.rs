@@ -110,6 +110,36 @@ pub fn parse_args<T: clap::Parser>() -> Result<T, std::process::ExitCode> {
     })
 }
 
+/// The body every fleet binary's `main` shares, after [`parse_args`] and [`init`]: loads
+/// the configuration (an error is the operator's to fix: logged, printed, exit 64), then
+/// runs the service until SIGINT/SIGTERM (exit 0) or a failure (logged, printed, exit 1).
+pub async fn serve<C, E, F, Fut, RE>(service: &str, config: Result<C, E>, run: F) -> std::process::ExitCode
+where
+    E: std::fmt::Display,
+    F: FnOnce(C, CancellationToken) -> Fut,
+    Fut: std::future::Future<Output = Result<(), RE>>,
+    RE: std::fmt::Display,
+{
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "Invalid configuration.");
+            eprintln!("{service}: invalid configuration: {e}");
+            return std::process::ExitCode::from(EX_USAGE);
+        }
+    };
+    match run(config, shutdown()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            // `{:#}` shows an anyhow chain's causes on one line.
+            let e = format!("{e:#}");
+            tracing::error!(error = %e, "Stopped on an error.");
+            eprintln!("{service}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// Cancelled on the first SIGINT or SIGTERM.
 pub fn shutdown() -> CancellationToken {
     let token = CancellationToken::new();

@@ -64,20 +64,6 @@ pub async fn main(role: Role) -> ExitCode {
     };
     telemetry::init(service, cli.json_logs);
     let env = |name: &str| std::env::var(name).ok();
-    let cfg = match WorkerConfig::load(&cli.config, role, cli.instance, &env) {
-        Ok(cfg) => cfg,
-        Err(e) => {
-            tracing::error!(error = %e, "Invalid configuration.");
-            eprintln!("{service}: invalid configuration: {e}");
-            return ExitCode::from(telemetry::EX_USAGE);
-        }
-    };
-    match crate::runtime::run(cfg, telemetry::shutdown()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "Worker failed to start.");
-            eprintln!("{service}: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let cfg = WorkerConfig::load(&cli.config, role, cli.instance, &env);
+    telemetry::serve(service, cfg, crate::runtime::run).await
 }
