@@ -197,33 +197,16 @@ impl ControlListener {
         let mut c = deadpool_redis::Connection::take(self.pool.get().await?);
         // The last id first, then the record: a pause written after the id is read from the
         // stream, one written before it is in the record.
-        let last: redis::Value = redis::cmd("XREVRANGE")
-            .arg(self.stream.as_str())
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(1)
-            .query_async(&mut c)
-            .await?;
-        let mut cursor = reply::entries("XREVRANGE", &last)?.pop().map_or_else(|| "0-0".to_owned(), |e| e.id);
+        let mut cursor = last_id(&mut c, self.stream.as_str()).await?;
         let state = read_state(&mut c).await?;
         self.apply_state(&state);
         let mut next_sync = tokio::time::Instant::now() + self.resync_every;
         loop {
-            let mut cmd = redis::cmd("XREAD");
-            cmd.arg("COUNT")
-                .arg(16)
-                .arg("BLOCK")
-                .arg(self.block.as_millis() as u64)
-                .arg("STREAMS")
-                .arg(self.stream.as_str())
-                .arg(&cursor);
-            let read = cmd.query_async::<redis::Value>(&mut c);
-            let reply = tokio::select! {
-                r = read => r?,
-                () = shutdown.cancelled() => return Ok(()),
+            let Some(entries) = read_after(&mut c, self.stream.as_str(), &cursor, 16, self.block, shutdown).await?
+            else {
+                return Ok(());
             };
-            for e in reply::read_one_stream(&reply)? {
+            for e in entries {
                 cursor.clone_from(&e.id);
                 self.apply_entry(&e, guard);
             }
@@ -290,5 +273,33 @@ impl ControlListener {
         if let Some(tx) = &self.events {
             let _ = tx.send(ev);
         }
+    }
+}
+
+/// The id of the newest entry of `stream` ("0-0" when it is empty): reading after it sees
+/// only what comes next. For followers without a consumer group (control listeners, the
+/// workers' tool-response readers).
+pub async fn last_id(c: &mut MultiplexedConnection, stream: &str) -> Result<String, BusError> {
+    let last: redis::Value =
+        redis::cmd("XREVRANGE").arg(stream).arg("+").arg("-").arg("COUNT").arg(1).query_async(c).await?;
+    Ok(reply::entries("XREVRANGE", &last)?.pop().map_or_else(|| "0-0".to_owned(), |e| e.id))
+}
+
+/// One blocking `XREAD` of `stream` after `cursor`, without a group; `None` when `shutdown`
+/// came first.
+pub async fn read_after(
+    c: &mut MultiplexedConnection,
+    stream: &str,
+    cursor: &str,
+    count: usize,
+    block: Duration,
+    shutdown: &CancellationToken,
+) -> Result<Option<Vec<reply::Entry>>, BusError> {
+    let mut cmd = redis::cmd("XREAD");
+    cmd.arg("COUNT").arg(count).arg("BLOCK").arg(block.as_millis() as u64).arg("STREAMS").arg(stream).arg(cursor);
+    let read = cmd.query_async::<redis::Value>(c);
+    tokio::select! {
+        r = read => Ok(Some(reply::read_one_stream(&r?)?)),
+        () = shutdown.cancelled() => Ok(None),
     }
 }

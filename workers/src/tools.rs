@@ -160,7 +160,7 @@ impl ToolClient {
         let stream = StreamName::tool_responses(from.role, &from.instance);
         let cursor = {
             let mut c = pool.get().await?;
-            last_id(&mut c, &stream).await?
+            bus::control::last_id(&mut c, stream.as_str()).await?
         };
         let inner = Arc::new(Inner {
             publisher,
@@ -224,12 +224,6 @@ impl ToolClient {
     }
 }
 
-async fn last_id(c: &mut redis::aio::MultiplexedConnection, stream: &StreamName) -> Result<String, bus::BusError> {
-    let last: redis::Value =
-        redis::cmd("XREVRANGE").arg(stream.as_str()).arg("+").arg("-").arg("COUNT").arg(1).query_async(c).await?;
-    Ok(reply::entries("XREVRANGE", &last)?.pop().map_or_else(|| "0-0".to_owned(), |e| e.id))
-}
-
 struct Reader {
     pool: deadpool_redis::Pool,
     verifier: Arc<Verifier>,
@@ -265,20 +259,13 @@ impl Reader {
     ) -> Result<(), bus::BusError> {
         let mut c = deadpool_redis::Connection::take(self.pool.get().await?);
         loop {
-            let mut cmd = redis::cmd("XREAD");
-            cmd.arg("COUNT")
-                .arg(64)
-                .arg("BLOCK")
-                .arg(1000)
-                .arg("STREAMS")
-                .arg(self.stream.as_str())
-                .arg(cursor.as_str());
-            let read = cmd.query_async::<redis::Value>(&mut c);
-            let reply = tokio::select! {
-                r = read => r?,
-                () = shutdown.cancelled() => return Ok(()),
+            let Some(entries) =
+                bus::control::read_after(&mut c, self.stream.as_str(), cursor, 64, Duration::from_secs(1), shutdown)
+                    .await?
+            else {
+                return Ok(());
             };
-            for e in reply::read_one_stream(&reply)? {
+            for e in entries {
                 cursor.clone_from(&e.id);
                 self.deliver(&e, guard);
             }
