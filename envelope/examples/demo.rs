@@ -60,6 +60,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         test_command: None,
         findings: vec![],
         scope: vec![],
+        change: None,
     };
     let forged = dev.seal(&Envelope::new(me.clone(), Role::Orchestrator, now, 60_000, 0, assign.into()))?;
     show("dev publishes task.assign on fleet:tasks:qa", verifier.verify("fleet:tasks:qa", &forged, ctx, &mut guard));

@@ -172,6 +172,7 @@ fn main() {
             test_command: Some("pytest -q".into()),
             findings: vec![],
             scope: vec![],
+            change: None,
         },
     );
     assign.task_id = Some(id(NOW - 5_000, 0x77));
@@ -403,6 +404,7 @@ fn main() {
         test_command: None,
         findings: vec![],
         scope: vec![],
+        change: None,
     }
     .into();
     neg.push(negative(

@@ -184,6 +184,11 @@ pub struct TaskAssign {
     /// Review rejects a diff outside them and `git.push_branch` refuses to push one.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub scope: Vec<String>,
+    /// The change the step is about (QA, Review, Refactor): the newest diff Dev or Refactor
+    /// returned. The worker rebuilds the workspace as the base commit plus this, so a step
+    /// never judges leftovers of an earlier one.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_bytes")]
+    pub change: Option<Vec<u8>>,
 }
 
 /// `task.result`: a worker's answer to one `task.assign`.

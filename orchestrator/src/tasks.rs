@@ -734,7 +734,18 @@ impl Engine {
             test_command: text("test_command"),
             findings,
             scope: spec.get("scope").and_then(|v| serde_json::from_value(v.clone()).ok()).unwrap_or_default(),
+            change: None,
         };
+        let mut assign = assign;
+        if role != Role::Dev {
+            // QA, Review and Refactor work on exactly the change that would be pushed.
+            assign.change = sqlx::query_scalar(
+                "SELECT content FROM artifacts WHERE task_id = $1 AND kind = 'diff' ORDER BY created_at DESC, id DESC LIMIT 1",
+            )
+            .bind(task.id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        }
         let workspace = assign.workspace.clone();
         let scope = assign.scope.clone();
         let mut env = self.envelope(tx, role, Some(task.id), None, assign.into()).await?;

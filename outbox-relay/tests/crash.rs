@@ -40,6 +40,7 @@ fn sealed_assignment(orchestrator: &Keyring, n: u32) -> (Uuid, Vec<u8>) {
         test_command: None,
         findings: vec![],
         scope: vec![],
+        change: None,
     };
     let mut env = Envelope::new(from, Role::Dev, bus::now_ms(), 600_000, 0, payload.into());
     env.task_id = Some(Uuid::now_v7());

@@ -624,6 +624,7 @@ async fn a_kill_mid_flight_freezes_the_fleet_and_resume_completes_every_open_tas
                 test_command: None,
                 findings: vec![],
                 scope: vec![],
+                change: None,
             }
             .into(),
         );

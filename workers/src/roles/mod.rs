@@ -90,8 +90,35 @@ impl Outcome {
     }
 }
 
+/// Puts the workspace in exactly the state the step is about: the base commit plus the
+/// change the assignment carries (QA, Review and Refactor get the newest Dev or Refactor
+/// diff). Whatever an earlier step left behind, an aborted test run's files or another
+/// host's copy, does not count; the step sees what will be pushed.
+async fn adopt_change(ctx: &TaskContext) -> Result<(), Outcome> {
+    let Some(change) = ctx.assign.change.as_deref() else { return Ok(()) };
+    ctx.workspace
+        .reset()
+        .await
+        .map_err(|e| Outcome::error(format!("cannot reset the workspace to its base commit: {e}")))?;
+    if change.is_empty() {
+        return Ok(());
+    }
+    let refused: Vec<String> =
+        touched_paths(&String::from_utf8_lossy(change)).iter().filter_map(|p| scope_violation(p, &[])).collect();
+    if !refused.is_empty() {
+        return Err(Outcome::error(format!("refused the assigned change: {}", refused.join("; "))));
+    }
+    ctx.workspace
+        .apply(change)
+        .await
+        .map_err(|e| Outcome::error(format!("the assigned change does not apply to the base commit: {e}")))
+}
+
 /// Runs `role` on the assignment.
 pub async fn run(role: Role, ctx: &TaskContext) -> Outcome {
+    if let Err(o) = adopt_change(ctx).await {
+        return o;
+    }
     match role {
         Role::Dev => dev::run(ctx).await,
         Role::Qa => qa::run(ctx).await,

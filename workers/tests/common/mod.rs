@@ -168,6 +168,7 @@ impl Fleet {
             test_command: None,
             findings: Vec::new(),
             scope: vec!["calc.py".into(), "tests/".into()],
+            change: None,
         }
     }
 
