@@ -324,12 +324,22 @@ impl App {
                 per_task_micro_usd: t.ledger.per_task_micro_usd.0,
             };
             engine = engine.with_leases(Arc::new(issuer));
-            let ledger = budget::ledger::Ledger::new(redis.clone(), t.ledger).context("Invalid ledger configuration")?;
-            let handler =
-                crate::proxy::ToolProxy::new(engine.clone(), t.leases, t.matrix.clone(), t.provider, ledger, t.models);
+            let ledger =
+                budget::ledger::Ledger::new(redis.clone(), t.ledger).context("Invalid ledger configuration")?;
+            let handler = crate::proxy::ToolProxy::new(
+                engine.clone(),
+                t.leases,
+                t.matrix.clone(),
+                t.provider,
+                ledger,
+                t.models,
+                redis.clone(),
+            );
             proxy = Some((handler, t.matrix, t.git));
         } else {
-            tracing::warn!("No [tools] section: assignments carry no capability lease and tool requests are not served.");
+            tracing::warn!(
+                "No [tools] section: assignments carry no capability lease and tool requests are not served."
+            );
         }
         let state = ApiState::new(engine.clone(), redis.clone(), &cfg.api).context("Invalid API configuration")?;
         let listener = tokio::net::TcpListener::bind(cfg.api.listen)

@@ -94,6 +94,39 @@ struct Inner {
     provider: AnyProvider,
     ledger: Ledger,
     models: ModelConfig,
+    redis: deadpool_redis::Pool,
+}
+
+/// How long a paid answer is kept for a redelivered request (`fleet:budget:calls:<id>`).
+const PAID_ANSWER_TTL_SECS: u64 = 3600;
+
+/// A model answer that was paid for: kept so that a redelivered request (its first
+/// handling failed after the call) is answered again without calling and paying twice.
+#[derive(Debug, serde::Serialize, Deserialize)]
+struct PaidAnswer {
+    output: String,
+    detail: Value,
+    usage_role: Role,
+    model: String,
+    input_tokens: u64,
+    output_tokens: u64,
+    cost_micro_usd: u64,
+}
+
+impl PaidAnswer {
+    fn usage(&self) -> Usage {
+        Usage {
+            role: self.usage_role,
+            model: self.model.clone(),
+            input_tokens: self.input_tokens,
+            output_tokens: self.output_tokens,
+            cost_micro_usd: self.cost_micro_usd,
+        }
+    }
+}
+
+fn paid_key(request_id: uuid::Uuid) -> String {
+    format!("fleet:budget:calls:{request_id}")
 }
 
 /// The `fleet:tool:requests` handler.
@@ -119,8 +152,31 @@ impl ToolProxy {
         provider: AnyProvider,
         ledger: Ledger,
         models: ModelConfig,
+        redis: deadpool_redis::Pool,
     ) -> Self {
-        Self(Arc::new(Inner { engine, leases, matrix, provider, ledger, models }))
+        Self(Arc::new(Inner { engine, leases, matrix, provider, ledger, models, redis }))
+    }
+
+    /// The answer already paid for `request_id`, if a first handling got that far.
+    async fn paid(&self, request_id: uuid::Uuid) -> Result<Option<PaidAnswer>, HandlerError> {
+        let mut c = self.0.redis.get().await.map_err(transient)?;
+        let stored: Option<String> =
+            redis::cmd("GET").arg(paid_key(request_id)).query_async(&mut *c).await.map_err(transient)?;
+        Ok(stored.and_then(|s| serde_json::from_str(&s).ok()))
+    }
+
+    async fn answer_paid(
+        &self,
+        env: &Verified<Envelope>,
+        req: &ToolRequest,
+        paid: PaidAnswer,
+    ) -> Result<(), HandlerError> {
+        let response = ToolResponse { request_id: req.request_id, ok: true, output: paid.output.clone() };
+        self.0
+            .engine
+            .answer_tool(env, response, "tool.llm.complete", paid.detail.clone(), Some(paid.usage()))
+            .await
+            .map_err(transient)
     }
 
     /// The lease and policy checks; the claims when they pass.
@@ -180,6 +236,10 @@ impl ToolProxy {
         req: &ToolRequest,
         claims: &LeaseClaims,
     ) -> Result<(), HandlerError> {
+        if let Some(paid) = self.paid(req.request_id).await? {
+            tracing::info!(request = %req.request_id, "Answering a redelivered model request from its paid answer.");
+            return self.answer_paid(env, req, paid).await;
+        }
         let input: CompleteInput = match serde_json::from_str(&req.input) {
             Ok(i) => i,
             Err(e) => return self.refuse(env, req, refused("bad_input", format!("llm.complete input: {e}"))).await,
@@ -278,13 +338,6 @@ impl ToolProxy {
                 return Err(transient(e));
             }
         };
-        let usage = Usage {
-            role: claims.role,
-            model: reservation.model.clone(),
-            input_tokens: completion.usage.input_tokens,
-            output_tokens: completion.usage.output_tokens,
-            cost_micro_usd: commit.cost.0,
-        };
         let output = json!({
             "text": completion.text,
             "model": completion.model,
@@ -296,21 +349,41 @@ impl ToolProxy {
             "request_id": req.request_id.to_string(),
             "model": reservation.model,
             "rerouted": reservation.rerouted(),
-            "input_tokens": usage.input_tokens,
-            "output_tokens": usage.output_tokens,
-            "cost_micro_usd": usage.cost_micro_usd,
+            "input_tokens": completion.usage.input_tokens,
+            "output_tokens": completion.usage.output_tokens,
+            "cost_micro_usd": commit.cost.0,
         });
-        self.0
-            .engine
-            .answer_tool(
-                env,
-                ToolResponse { request_id: req.request_id, ok: true, output },
-                "tool.llm.complete",
-                detail,
-                Some(usage),
-            )
-            .await
-            .map_err(transient)
+        let paid = PaidAnswer {
+            output,
+            detail,
+            usage_role: claims.role,
+            model: reservation.model.clone(),
+            input_tokens: completion.usage.input_tokens,
+            output_tokens: completion.usage.output_tokens,
+            cost_micro_usd: commit.cost.0,
+        };
+        // Kept before the answer's transaction: if that fails, the redelivery answers from here.
+        match serde_json::to_string(&paid) {
+            Ok(text) => {
+                let stored: Result<(), HandlerError> = async {
+                    let mut c = self.0.redis.get().await.map_err(transient)?;
+                    redis::cmd("SET")
+                        .arg(paid_key(req.request_id))
+                        .arg(text)
+                        .arg("EX")
+                        .arg(PAID_ANSWER_TTL_SECS)
+                        .query_async::<()>(&mut *c)
+                        .await
+                        .map_err(transient)
+                }
+                .await;
+                if let Err(e) = stored {
+                    tracing::warn!(error = ?e, "Cannot keep the paid answer; a redelivery would call the model again.");
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "Cannot encode the paid answer."),
+        }
+        self.answer_paid(env, req, paid).await
     }
 }
 

@@ -70,7 +70,7 @@ async fn fleet(per_task_tokens: u64) -> Fleet {
     ))
     .unwrap();
     let redis_pool = bus::pool(&SecretString::from(redis.url()), 4, Duration::from_secs(1)).unwrap();
-    let ledger = Ledger::new(redis_pool, ledger_cfg.clone()).unwrap();
+    let ledger = Ledger::new(redis_pool.clone(), ledger_cfg.clone()).unwrap();
     let keys = LeaseKeys::new(&SecretString::from(SECRET.to_owned()), Duration::from_secs(600)).unwrap();
     let issuer = LeaseIssuer {
         keys: keys.clone(),
@@ -83,7 +83,7 @@ async fn fleet(per_task_tokens: u64) -> Fleet {
         Engine::new(pool.clone(), Arc::new(ring(Role::Orchestrator)), AuditKey::new(vec![3; 32]).unwrap(), cfg)
             .with_leases(Arc::new(issuer));
     let models: ModelConfig = toml::from_str("default = \"scripted-1\"").unwrap();
-    let proxy = ToolProxy::new(engine.clone(), keys, matrix(), provider, ledger.clone(), models);
+    let proxy = ToolProxy::new(engine.clone(), keys, matrix(), provider, ledger.clone(), models, redis_pool);
     Fleet { _pg: pg, _redis: redis, _dir: dir, pool, engine, proxy, ledger }
 }
 
@@ -376,4 +376,42 @@ async fn an_approved_task_is_pushed_and_merged_by_the_push_loop() {
         .await
         .unwrap();
     assert_eq!(pushed, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_model_request_is_answered_again_but_paid_once() {
+    let f = fleet(100_000).await;
+    let task = f.engine.submit(&Actor::operator("alice"), new_task(None, &[])).await.unwrap();
+    let assign = last_sent(&f.pool, "fleet:tasks:dev", Role::Dev).await;
+    let me = Instance::parse("dev-7").unwrap();
+    let input = r#"{"messages":[{"role":"user","content":"fix the failing test"}],"max_tokens":200}"#;
+    let mut env = Envelope::new(
+        Sender { role: Role::Dev, instance: me.clone() },
+        Role::Orchestrator,
+        bus::now_ms(),
+        60_000,
+        0,
+        ToolRequest { request_id: Uuid::now_v7(), action: "llm.complete".into(), input: input.into() }.into(),
+    );
+    env.task_id = assign.task_id;
+    env.causation_id = Some(assign.id);
+    env.lease = assign.lease.clone();
+    let wire = ring(Role::Dev).seal(&env).unwrap();
+    // The bus hands the same entry over again when the first handling's outcome was lost.
+    for _ in 0..2 {
+        let ctx = VerifyContext { now_ms: bus::now_ms(), kill_epoch: 0 };
+        let v = verifier(Role::Orchestrator)
+            .verify(streams::TOOL_REQUESTS, &wire, ctx, &mut MemoryReplayGuard::new())
+            .unwrap();
+        let d = Delivery { envelope: v, stream: streams::TOOL_REQUESTS.into(), entry_id: "1-1".into(), deliveries: 1 };
+        f.proxy.handle(d).await.unwrap();
+    }
+    let spent = f.ledger.task_usage(task.id).await.unwrap();
+    assert_eq!((spent.usage.tokens, spent.usage.calls), (150, 1), "one call paid");
+    let answers: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE stream = $1")
+        .bind(format!("fleet:tool:responses:dev:{me}"))
+        .fetch_one(&f.pool)
+        .await
+        .unwrap();
+    assert_eq!(answers, 2, "both deliveries answered");
 }
