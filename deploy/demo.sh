@@ -61,12 +61,14 @@ cleanup() {
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
     if [ -d "$work/pg" ]; then run_pg "$pg_bin/pg_ctl" -D "$work/pg" -m immediate stop >/dev/null 2>&1 || true; fi
-    # Sandboxes of this demo's workers, if one was killed mid-run.
-    docker ps -aq --filter label=agentfleet.sandbox=1 --filter "label=agentfleet.instance" 2>/dev/null \
-        | while read -r c; do
-            inst=$(docker inspect -f '{{ index .Config.Labels "agentfleet.instance" }}' "$c" 2>/dev/null || true)
-            case "$inst" in demo-*) docker rm -f "$c" >/dev/null 2>&1 || true ;; esac
+    # Sandboxes of this demo's workers, if one was killed mid-run (by label; bounded, so an
+    # engine in trouble cannot hang the cleanup).
+    for role in dev qa review refactor; do
+        for c in $(timeout 10 docker ps -aq --filter label=agentfleet.sandbox=1 \
+            --filter "label=agentfleet.instance=demo-$role-1" 2>/dev/null); do
+            timeout 30 docker rm -f "$c" >/dev/null 2>&1 || true
         done
+    done
     if [ "$code" -ne 0 ]; then
         printf '\ndeploy/demo.sh failed; the processes'"'"' logs follow.\n' >&2
         for f in "$work"/*.log; do [ -f "$f" ] && { printf '\n--- %s (last 40 lines)\n' "$f"; tail -n 40 "$f"; } >&2; done
@@ -82,13 +84,38 @@ pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || tr
 redis_url=${FLEET_REDIS_URL:-}
 db_url=${FLEET_DATABASE_URL:-}
 api_port=${DEMO_API_PORT:-18080}
+acl=0
 if [ -z "$redis_url" ]; then
     redis_port=${DEMO_REDIS_PORT:-16379}
-    say "Starting a throwaway redis-server on 127.0.0.1:$redis_port"
-    redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --dir "$work" --daemonize no >"$work/redis.log" 2>&1 &
+    say "Starting a throwaway redis-server on 127.0.0.1:$redis_port with the fleet's ACLs (one user per process)"
+    # The permission table as Redis ACLs: each process connects as its own user, and Redis
+    # itself refuses what config/permissions.toml does not grant (docs/operations.md).
+    "$fleetctl" acl secrets new --out "$work/redis-secrets.toml" >/dev/null
+    "$fleetctl" acl generate --secrets "$work/redis-secrets.toml" --permissions "$repo_root/config/permissions.toml" \
+        --out "$work/users.acl" >/dev/null
+    redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --dir "$work" \
+        --aclfile "$work/users.acl" --daemonize no >"$work/redis.log" 2>&1 &
     pids+=($!)
-    for _ in $(seq 50); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    acl=1
     redis_url="redis://127.0.0.1:$redis_port"
+fi
+# The Redis URL of one fleet user: with the demo's own server, that user's password.
+url_for() {
+    if [ "$acl" = 1 ]; then
+        local pw
+        pw=$(sed -n "s/^$1 *= *\"\([0-9a-f]*\)\"/\1/p" "$work/redis-secrets.toml")
+        printf 'redis://%s:%s@127.0.0.1:%s' "$1" "$pw" "$redis_port"
+    else
+        printf '%s' "$redis_url"
+    fi
+}
+if [ "$acl" = 1 ]; then
+    for _ in $(seq 50); do
+        [ "$(redis-cli --no-auth-warning -u "$(url_for operator)" ping 2>/dev/null)" = PONG ] && break
+        sleep 0.1
+    done
+    refusal=$(redis-cli --no-auth-warning -u "$(url_for dev)" XADD fleet:tasks:qa '*' env forged 2>&1 || true)
+    printf 'as dev, XADD fleet:tasks:qa (a worker forging an assignment): %s\n' "$refusal"
 fi
 if [ -z "$db_url" ]; then
     pg_port=${DEMO_PG_PORT:-15432}
@@ -101,7 +128,7 @@ if [ -z "$db_url" ]; then
         -o "-p $pg_port -k $work/pgsock -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null
     db_url="postgres://postgres@127.0.0.1:$pg_port/postgres"
 fi
-export FLEET_REDIS_URL=$redis_url FLEET_DATABASE_URL=$db_url
+export FLEET_DATABASE_URL=$db_url
 
 say "Operator: master secret, one keyset per process, audit key, API token and lease secrets"
 "$fleetctl" keys master new --out "$work/master.toml" >/dev/null
@@ -171,14 +198,14 @@ TOML
 done
 
 say "Starting orchestrator (API on 127.0.0.1:$api_port), outbox-relay, budget and one worker per role"
-"$bin/orchestrator" --config "$work/orchestrator.toml" >"$work/orchestrator.log" 2>&1 &
+FLEET_REDIS_URL=$(url_for orchestrator) "$bin/orchestrator" --config "$work/orchestrator.toml" >"$work/orchestrator.log" 2>&1 &
 pids+=($!)
-"$bin/outbox-relay" --config "$work/relay.toml" >"$work/relay.log" 2>&1 &
+FLEET_REDIS_URL=$(url_for outbox-relay) "$bin/outbox-relay" --config "$work/relay.toml" >"$work/relay.log" 2>&1 &
 pids+=($!)
-"$bin/budget" --config "$work/budget.toml" >"$work/budget.log" 2>&1 &
+FLEET_REDIS_URL=$(url_for budget) "$bin/budget" --config "$work/budget.toml" >"$work/budget.log" 2>&1 &
 pids+=($!)
 for role in dev qa review refactor; do
-    "$bin/$role-worker" --config "$work/$role.toml" >"$work/$role.log" 2>&1 &
+    FLEET_REDIS_URL=$(url_for "$role") "$bin/$role-worker" --config "$work/$role.toml" >"$work/$role.log" 2>&1 &
     pids+=($!)
 done
 for _ in $(seq 150); do curl -fs "http://127.0.0.1:$api_port/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
@@ -190,7 +217,7 @@ export FLEET_TOKEN
 
 say "Envelopes crossing Redis, live (verified with the operator's keyset as they arrive)"
 for s in fleet:tasks:dev fleet:tasks:qa fleet:tasks:review fleet:tasks:refactor fleet:tool:requests fleet:results fleet:usage; do
-    "$fleetctl" tail "$s" --keyset "$work/operator.keyset.toml" --redis "$redis_url" 2>>"$work/tail.log" &
+    "$fleetctl" tail "$s" --keyset "$work/operator.keyset.toml" --redis "$(url_for operator)" 2>>"$work/tail.log" &
     pids+=($!)
 done
 sleep 1
@@ -225,12 +252,12 @@ git -C "$work/example.git" log --oneline "agentfleet/task-$task_id"
 git -C "$work/example.git" diff "main..agentfleet/task-$task_id"
 
 say "Fleet status: kill switch, budget, streams, live workers"
-"$fleetctl" status --redis "$redis_url" --keyset "$work/operator.keyset.toml" || true
+"$fleetctl" status --redis "$(url_for operator)" --keyset "$work/operator.keyset.toml" || true
 
 say "Kill switch: pulled by the operator, then released"
 "$fleetctl" kill --reason "demo: operator pulls the kill switch"
 sleep 2
-"$fleetctl" status --redis "$redis_url" --keyset "$work/operator.keyset.toml" 2>/dev/null | head -n 5 || true
+"$fleetctl" status --redis "$(url_for operator)" --keyset "$work/operator.keyset.toml" 2>/dev/null | head -n 5 || true
 "$fleetctl" resume
 
 say "Audit trail: every transition and tool call hash-chained and MACed"
