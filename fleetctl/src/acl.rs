@@ -48,6 +48,11 @@ pub const CONNECTION_COMMANDS: &[&str] = &["ping", "hello", "auth", "client|setn
 /// What a publisher may do on the streams it publishes to, and nothing else.
 pub const PUBLISH_COMMANDS: &[&str] = &["xadd"];
 
+/// What a publisher reads of the streams it publishes to before it adds more: their length
+/// and their groups' lag and pending counts (`bus::Publisher`'s backpressure, which keeps
+/// `MAXLEN` trimming away from unread entries). No entry content.
+pub const BACKLOG_COMMANDS: &[&str] = &["xlen", "xinfo|groups"];
+
 /// What a consumer group member does on its own inbox streams: read, acknowledge, reclaim,
 /// inspect. No `XADD`, `XDEL`, `XTRIM`, `XSETID`, `XGROUP DESTROY` or `XGROUP SETID`.
 pub const CONSUMER_COMMANDS: &[&str] = &[
@@ -141,7 +146,8 @@ pub const KILLSWITCH_KEY: &str = "fleet:killswitch";
 pub const CONTROL_COMMANDS: &[&str] = &["xread", "xrevrange", "hgetall"];
 
 /// The roles that follow `fleet:control:<role>` with a control listener.
-pub const CONTROL_ROLES: &[Role] = &[Role::Orchestrator, Role::Dev, Role::Qa, Role::Review, Role::Refactor];
+pub const CONTROL_ROLES: &[Role] =
+    &[Role::Orchestrator, Role::Budget, Role::Dev, Role::Qa, Role::Review, Role::Refactor];
 
 /// What `fleetctl status` reads besides streams: the kill switch, the ledger's and the
 /// budget manager's counters. Read-only keys (`%R~`).
@@ -268,6 +274,8 @@ pub enum Purpose {
     /// `XADD` to the streams the role's rules let it publish to, plus `fleet:rejected` and
     /// `fleet:dlq` for a consumer.
     Publish,
+    /// Length and group lag of the streams it publishes to (backpressure).
+    Backlog,
     /// The consumer commands on the streams addressed to the role.
     Consume,
     /// The replay guard's `fleet:seen:<role>:*` and `fleet:done:<role>:*` keys.
@@ -337,7 +345,10 @@ pub fn grants(table: &PermissionTable, user: User) -> Vec<Selector> {
             if keys.is_empty() {
                 return Vec::new();
             }
-            vec![Selector::new(Purpose::Forward, Access::Write, keys, PUBLISH_COMMANDS)]
+            vec![
+                Selector::new(Purpose::Forward, Access::Write, keys.clone(), PUBLISH_COMMANDS),
+                Selector::new(Purpose::Backlog, Access::Read, keys, BACKLOG_COMMANDS),
+            ]
         }
         None => vec![
             Selector::new(
@@ -371,7 +382,8 @@ fn role_grants(table: &PermissionTable, role: Role) -> Vec<Selector> {
 
     let mut selectors = Vec::new();
     if !publish.is_empty() {
-        selectors.push(Selector::new(Purpose::Publish, Access::Write, publish, PUBLISH_COMMANDS));
+        selectors.push(Selector::new(Purpose::Publish, Access::Write, publish.clone(), PUBLISH_COMMANDS));
+        selectors.push(Selector::new(Purpose::Backlog, Access::Read, publish, BACKLOG_COMMANDS));
     }
     if consumer {
         selectors.push(Selector::new(Purpose::Consume, Access::ReadWrite, inbox, CONSUMER_COMMANDS));
@@ -490,8 +502,9 @@ mod tests {
         }
         let orchestrator = selector(&t, User::Orchestrator, Purpose::Publish).unwrap();
         let relay = grants(&t, User::OutboxRelay);
-        assert_eq!(relay.len(), 1);
+        assert_eq!(relay.len(), 2);
         assert_eq!(relay[0].purpose, Purpose::Forward);
+        assert_eq!((relay[1].purpose, &relay[1].keys), (Purpose::Backlog, &relay[0].keys));
         let mut expected = orchestrator.keys.clone();
         expected.remove("fleet:rejected");
         expected.remove("fleet:dlq");
@@ -561,6 +574,8 @@ mod tests {
                 "user dev reset on #{hash} resetchannels -@all +ping +hello +auth +client|setname \
                  (%W~fleet:dlq %W~fleet:heartbeats %W~fleet:questions %W~fleet:rejected %W~fleet:results \
                  %W~fleet:tool:requests resetchannels +xadd) \
+                 (%R~fleet:dlq %R~fleet:heartbeats %R~fleet:questions %R~fleet:rejected %R~fleet:results \
+                 %R~fleet:tool:requests resetchannels +xlen +xinfo|groups) \
                  (~fleet:control:dev ~fleet:tasks:dev ~fleet:tool:responses:dev:* resetchannels +xreadgroup \
                  +xack +xautoclaim +xclaim +xpending +xgroup|create +xgroup|createconsumer +xgroup|delconsumer \
                  +xinfo|groups +xinfo|consumers +xinfo|stream +xlen +xrange) \
@@ -580,8 +595,9 @@ mod tests {
         assert!(grants(&t, User::OutboxRelay).is_empty());
         // dev publishes but receives nothing: no rejected/dlq, no consumer selector.
         let dev = grants(&t, User::Dev);
-        assert_eq!(dev.len(), 1);
+        assert_eq!(dev.len(), 2, "publish, and read the backlog of what it publishes to");
         assert_eq!(dev[0].keys, keys(&["fleet:results"]));
+        assert_eq!((dev[1].purpose, dev[1].keys.clone()), (Purpose::Backlog, keys(&["fleet:results"])));
     }
 
     #[test]
