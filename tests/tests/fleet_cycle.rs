@@ -10,6 +10,9 @@
 //! - a worker presenting another task's capability lease is refused, and the refusal is in
 //!   the audit trail.
 //!
+//! Redis runs the ACLs `fleetctl acl generate` makes from `config/permissions.toml`, every
+//! process connecting as its own user, and no process may be refused by them.
+//!
 //! The binaries are the workspace's own (`target/<profile>/…`, built by `cargo nextest run
 //! --workspace`); a missing one fails the test with the command that builds it. So does a
 //! missing Docker engine, Redis or Postgres: nothing here is skipped.
@@ -128,7 +131,10 @@ struct Fleet {
     _redis: fleet_testkit::RedisServer,
     _pg: fleet_testkit::Postgres,
     dir: tempfile::TempDir,
-    redis_url: String,
+    redis_port: u16,
+    /// Each fleet user's Redis password: the server runs the ACLs `fleetctl acl generate`
+    /// makes from the permission table, so every process is held to its grants by Redis too.
+    passwords: std::collections::HashMap<String, String>,
     db_url: String,
     api: String,
     token: String,
@@ -138,6 +144,20 @@ struct Fleet {
 }
 
 impl Fleet {
+    /// The Redis URL of fleet user `user` (`dev`, `orchestrator`, `operator`, …).
+    fn url(&self, user: &str) -> String {
+        let pw = self.passwords.get(user).unwrap_or_else(|| panic!("no Redis password for {user}"));
+        format!("redis://{user}:{pw}@127.0.0.1:{}", self.redis_port)
+    }
+
+    async fn conn(&self, user: &str) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url(user).as_str())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap_or_else(|e| panic!("connect to Redis as {user}: {e}"))
+    }
+
     fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -167,11 +187,22 @@ impl Fleet {
             instance,
             &program,
             &["--config", &cfg],
-            &[("FLEET_REDIS_URL", &self.redis_url)],
+            &[("FLEET_REDIS_URL", &self.url(role.as_str()))],
             self.dir.path(),
         );
         self.procs.push(p);
         self.procs.len() - 1
+    }
+
+    /// Fails if any process was refused by Redis's ACLs: the generated ACLs must grant
+    /// every command the fleet's own code runs.
+    fn assert_no_acl_refusals(&self) {
+        for p in &self.procs {
+            let text = std::fs::read_to_string(&p.log).unwrap_or_default();
+            if let Some(line) = text.lines().find(|l| l.contains("NoPerm") || l.contains("NOPERM")) {
+                panic!("{} was refused by the Redis ACLs: {line}", p.name);
+            }
+        }
     }
 
     fn logs(&self) -> String {
@@ -215,20 +246,55 @@ impl Drop for Fleet {
         {
             for line in String::from_utf8_lossy(&out.stdout).lines() {
                 if line.contains(&self.tag)
-                    && let Some(id) = line.split_whitespace().next() {
-                        let _ = Command::new("docker").args(["rm", "-f", id]).output();
-                    }
+                    && let Some(id) = line.split_whitespace().next()
+                {
+                    let _ = Command::new("docker").args(["rm", "-f", id]).output();
+                }
             }
         }
     }
 }
 
+/// Runs `fleetctl` with `args`; panics with its output when it fails.
+fn fleetctl_ok(args: &[&str]) {
+    let out = Command::new(binary("fleetctl")).args(args).output().expect("fleetctl");
+    assert!(out.status.success(), "fleetctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
 async fn start_fleet(fixture_extra: &str) -> Fleet {
-    let redis = fleet_testkit::RedisServer::start().expect("redis-server must be installed; tests never skip");
-    let pg = fleet_testkit::Postgres::start().expect("postgres must be installed; tests never skip");
-    let db_url = pg.create_database().expect("database");
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
+    // Redis with the fleet's ACLs: one user per process, the default user off.
+    let secrets = d.join("redis-secrets.toml");
+    let acl = d.join("users.acl");
+    let perms_file = repo_root().join("config/permissions.toml");
+    fleetctl_ok(&["acl", "secrets", "new", "--out", &secrets.to_string_lossy()]);
+    fleetctl_ok(&[
+        "acl",
+        "generate",
+        "--secrets",
+        &secrets.to_string_lossy(),
+        "--permissions",
+        &perms_file.to_string_lossy(),
+        "--out",
+        &acl.to_string_lossy(),
+    ]);
+    let passwords: std::collections::HashMap<String, String> = std::fs::read_to_string(&secrets)
+        .expect("secrets file")
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            Some((k.trim().to_owned(), v.trim().trim_matches('"').to_owned()))
+        })
+        .filter(|(k, v)| !k.starts_with('[') && !v.is_empty())
+        .collect();
+    let redis = fleet_testkit::RedisServer::builder()
+        .acl_file(&acl)
+        .start()
+        .expect("redis-server must be installed; tests never skip");
+    let redis_port = redis.port();
+    let pg = fleet_testkit::Postgres::start().expect("postgres must be installed; tests never skip");
+    let db_url = pg.create_database().expect("database");
     std::fs::create_dir_all(d.join("workspaces")).expect("workspaces");
     let tag = format!("e2e{}", &Uuid::now_v7().simple().to_string()[24..]);
     let master = MasterFile::new(MasterSecret::from_bytes(rand_bytes()));
@@ -275,13 +341,19 @@ async fn start_fleet(fixture_extra: &str) -> Fleet {
         ),
     )
     .expect("budget config");
-    let redis_url = redis.url();
-    let env = [("FLEET_REDIS_URL", redis_url.as_str()), ("FLEET_DATABASE_URL", db_url.as_str())];
+    let url = |user: &str| format!("redis://{user}:{}@127.0.0.1:{redis_port}", passwords[user]);
+    let env = |user: &str| [("FLEET_REDIS_URL", url(user)), ("FLEET_DATABASE_URL", db_url.clone())];
     let cfg = |n: &str| d.join(n).to_string_lossy().into_owned();
-    let mut procs =
-        vec![Proc::start("orchestrator", &binary("orchestrator"), &["--config", &cfg("orchestrator.toml")], &env, d)];
-    procs.push(Proc::start("outbox-relay", &binary("outbox-relay"), &["--config", &cfg("relay.toml")], &env, d));
-    procs.push(Proc::start("budget", &binary("budget"), &["--config", &cfg("budget.toml")], &env, d));
+    let start = |name: &str, user: &str, config: &str| {
+        let env = env(user);
+        let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        Proc::start(name, &binary(name), &["--config", &cfg(config)], &env, d)
+    };
+    let procs = vec![
+        start("orchestrator", "orchestrator", "orchestrator.toml"),
+        start("outbox-relay", "outbox-relay", "relay.toml"),
+        start("budget", "budget", "budget.toml"),
+    ];
     let api = format!("http://127.0.0.1:{api_port}");
     let token = {
         let out = Command::new(binary("fleetctl"))
@@ -302,7 +374,7 @@ async fn start_fleet(fixture_extra: &str) -> Fleet {
         assert!(out.status.success(), "token issue: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
-    let fleet = Fleet { _redis: redis, _pg: pg, dir, redis_url, db_url, api, token, master, procs, tag };
+    let fleet = Fleet { _redis: redis, _pg: pg, dir, redis_port, passwords, db_url, api, token, master, procs, tag };
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(("127.0.0.1", api_port)).is_err() {
         assert!(Instant::now() < deadline, "the orchestrator did not start listening:\n{}", fleet.logs());
@@ -386,11 +458,7 @@ async fn the_whole_cycle_survives_a_killed_worker_and_refuses_what_it_must() {
         "test_command": "sh .agentfleet/test",
         "scope": ["calc.py", "tests/"],
     }));
-    let mut redis = redis::Client::open(f.redis_url.as_str())
-        .expect("redis url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
+    let mut redis = f.conn("operator").await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         // XPENDING summary: [count, first, last, [[consumer, n], …]]
@@ -498,12 +566,13 @@ async fn the_whole_cycle_survives_a_killed_worker_and_refuses_what_it_must() {
     env.causation_id = Some(target.id);
     env.lease = Some(stolen);
     let wire = f.keyset(Process::Role(Role::Dev)).into_keyring().seal(&env).expect("seal");
+    // Sent as the dev user: Redis lets a Dev worker publish tool requests.
     let _: String = redis::cmd("XADD")
         .arg(streams::TOOL_REQUESTS)
         .arg("*")
         .arg("env")
         .arg(wire)
-        .query_async(&mut redis)
+        .query_async(&mut f.conn("dev").await)
         .await
         .expect("XADD tool request");
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -545,6 +614,7 @@ async fn the_whole_cycle_survives_a_killed_worker_and_refuses_what_it_must() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    f.assert_no_acl_refusals();
 }
 
 async fn killswitch(redis: &mut redis::aio::MultiplexedConnection) -> (u64, bool) {
@@ -562,11 +632,7 @@ async fn a_kill_mid_flight_freezes_the_fleet_and_resume_completes_every_open_tas
     for role in [Role::Dev, Role::Qa, Role::Review, Role::Refactor] {
         f.worker(role, &format!("{tag}-{role}-1"));
     }
-    let mut redis = redis::Client::open(f.redis_url.as_str())
-        .expect("redis url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
+    let mut redis = f.conn("operator").await;
     let tasks: Vec<Uuid> = (0..3)
         .map(|n| {
             f.submit(serde_json::json!({
@@ -631,12 +697,14 @@ async fn a_kill_mid_flight_freezes_the_fleet_and_resume_completes_every_open_tas
         env.task_id = Some(Uuid::now_v7());
         f.keyset(Process::Role(Role::Orchestrator)).into_keyring().seal(&env).expect("seal")
     };
+    // As the orchestrator's user (a hung orchestrator holds its credentials); Redis allows
+    // the XADD, the workers' verifiers refuse the stale epoch.
     let _: String = redis::cmd("XADD")
         .arg("fleet:tasks:dev")
         .arg("*")
         .arg("env")
         .arg(old)
-        .query_async(&mut redis)
+        .query_async(&mut f.conn("orchestrator").await)
         .await
         .expect("XADD");
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -667,4 +735,5 @@ async fn a_kill_mid_flight_freezes_the_fleet_and_resume_completes_every_open_tas
         assert!(Instant::now() < deadline, "the old-epoch assignment is not in fleet:rejected\n{}", f.logs());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    f.assert_no_acl_refusals();
 }
