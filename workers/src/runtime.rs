@@ -17,8 +17,8 @@ use bus::{
     PublisherConfig, now_ms,
 };
 use envelope::{
-    Envelope, Heartbeat, Instance, Payload, Role, Sender, Status, StreamName, TaskAssign, TaskResult, Verifier,
-    VerifierConfig, streams,
+    Envelope, Heartbeat, Instance, Payload, Question, Role, Sender, Status, StreamName, TaskAssign, TaskResult,
+    Verifier, VerifierConfig, streams,
 };
 use futures_util::FutureExt;
 use tokio_util::sync::CancellationToken;
@@ -370,6 +370,26 @@ impl HandlerInner {
         o: Outcome,
     ) -> Result<(), HandlerError> {
         let status = o.status;
+        if let Some(text) = &o.question {
+            // Before the result: an operator reading the task's history sees the question
+            // next to the failed attempt that raised it.
+            let mut q = Envelope::new(
+                Sender { role: self.role, instance: self.instance.clone() },
+                Role::Orchestrator,
+                now_ms(),
+                RESULT_TTL_MS,
+                self.epoch.get(),
+                Payload::Question(Question { text: text.chars().take(4000).collect() }),
+            );
+            q.task_id = Some(task_id);
+            q.causation_id = Some(assign_env.id);
+            let stream = StreamName::parse(streams::QUESTIONS).expect("fleet stream names are valid");
+            if let Err(e) = self.publisher.publish(&stream, &q).await {
+                tracing::warn!(task = %task_id, error = %e, "Cannot publish the question; the task will be redelivered.");
+                return Err(HandlerError::Transient(format!("cannot publish the question: {e}")));
+            }
+            tracing::info!(task = %task_id, "Asked a human.");
+        }
         let result = TaskResult {
             attempt,
             status: o.status,

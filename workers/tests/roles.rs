@@ -93,10 +93,21 @@ async fn rejections_refusals_and_bad_assignments() {
     let origin = fleet.origin("example", |_| {});
     let leak = "```diff\n--- /dev/null\n+++ b/settings.py\n@@ -0,0 +1 @@\n+AWS_KEY = 'AKIAABCDEFGHIJKLMNOP'\n```\n";
     let refuse_task = Uuid::now_v7();
+    let ask_task = Uuid::now_v7();
+    let approval_task = Uuid::now_v7();
     let seen = fleet.proxy(Arc::new(move |req| {
         if req.envelope.task_id == Some(refuse_task) {
             let out = serde_json::json!({"error": "budget_exceeded", "message": "daily token budget spent"});
             return (false, out.to_string());
+        }
+        if req.envelope.task_id == Some(approval_task) {
+            let out = serde_json::json!({"error": "needs_approval", "message": "llm.complete is HIGH risk"});
+            return (false, out.to_string());
+        }
+        if req.envelope.task_id == Some(ask_task) {
+            let text = "QUESTION: should add() round floats or keep full precision?";
+            let out = serde_json::json!({"text": text, "model": "m", "input_tokens": 1, "output_tokens": 1});
+            return (true, out.to_string());
         }
         let out = serde_json::json!({"text": leak, "model": "m", "input_tokens": 1, "output_tokens": 1});
         (true, out.to_string())
@@ -138,6 +149,21 @@ async fn rejections_refusals_and_bad_assignments() {
     assert_eq!(r.status, Status::Error, "{r:?}");
     assert!(r.summary.contains("budget_exceeded: daily token budget spent"), "{}", r.summary);
     assert_eq!(seen.lock().unwrap().len(), 3);
+
+    // The model needs a human, and the policy wants one: each sends a `question` (before
+    // an Error result) that the orchestrator records for operators.
+    let mut cursor = "0-0".to_owned();
+    for (task, asked) in [(ask_task, "round floats"), (approval_task, "needs a human (needs_approval)")] {
+        let id = fleet.assign(Role::Dev, task, fleet.assignment(task, &origin), 0).await;
+        let (_, r) = fleet.result(id, WAIT).await;
+        assert_eq!(r.status, Status::Error, "{r:?}");
+        let questions = fleet.read(streams::QUESTIONS, &mut cursor).await;
+        assert_eq!(questions.len(), 1, "{questions:?}");
+        let q = &questions[0];
+        assert_eq!((q.task_id, q.causation_id, q.from.role), (Some(task), Some(id), Role::Dev));
+        let envelope::Payload::Question(q) = &q.payload else { panic!("expected a question") };
+        assert!(q.text.contains(asked), "{}", q.text);
+    }
 
     // A workspace outside the root: Error result, the entry dead-lettered, nothing created.
     let outside = Uuid::now_v7();

@@ -14,7 +14,9 @@ use super::{
 /// The system prompt.
 pub const SYSTEM: &str = "You are the Dev agent of agentfleet, an automated software team. \
 You change a repository to complete a task. Answer with a unified diff only (git diff format, \
-paths prefixed a/ and b/, relative to the repository root), with no explanation.";
+paths prefixed a/ and b/, relative to the repository root), with no explanation. If the task cannot \
+be done without a decision only a human can make, answer instead with one line starting QUESTION: \
+and the question.";
 
 /// The user prompt for an assignment.
 pub async fn prompt(ctx: &TaskContext) -> String {
@@ -44,6 +46,11 @@ pub async fn run(ctx: &TaskContext) -> Outcome {
         Ok(ModelDiff::Applied) => {}
         Ok(ModelDiff::NoDiff(excerpt)) => {
             return Outcome::error(format!("the model's answer contains no unified diff: {excerpt:?}"));
+        }
+        Ok(ModelDiff::Question(q)) => {
+            let mut o = Outcome::error(format!("the agent needs a human before it can change anything: {q}"));
+            o.question = Some(q);
+            return o;
         }
         Err(o) => return o,
     }

@@ -62,11 +62,21 @@ pub struct Outcome {
     /// Set when the assignment itself was unacceptable (its entry goes to the DLQ after
     /// the error result is sent).
     pub refused_assignment: Option<String>,
+    /// A question for a human, sent as a `question` envelope before the result.
+    pub question: Option<String>,
 }
 
 impl Outcome {
     fn new(status: Status, summary: impl Into<String>) -> Self {
-        Self { status, summary: summary.into(), findings: Vec::new(), diff: None, log: None, refused_assignment: None }
+        Self {
+            status,
+            summary: summary.into(),
+            findings: Vec::new(),
+            diff: None,
+            log: None,
+            refused_assignment: None,
+            question: None,
+        }
     }
     /// The step did its job.
     pub fn success(summary: impl Into<String>) -> Self {
@@ -264,6 +274,12 @@ pub fn scope_text(scope: &[String]) -> String {
 /// Maps a tool failure to an error outcome.
 pub fn tool_failure(e: ToolError) -> Outcome {
     match e {
+        // The policy wants a person: say so where operators look, not only in the result.
+        ToolError::Refused { action, code, message } if code == "needs_approval" || code == "outside_work_hours" => {
+            let mut o = Outcome::error(format!("{action} refused by the tool proxy: {code}: {message}"));
+            o.question = Some(format!("{action} needs a human ({code}): {message}. Approve the task or retry later."));
+            o
+        }
         ToolError::Refused { action, code, message } => {
             Outcome::error(format!("{action} refused by the tool proxy: {code}: {message}"))
         }
@@ -278,6 +294,8 @@ pub enum ModelDiff {
     Applied,
     /// The model said no change is needed (or answered without a diff).
     NoDiff(String),
+    /// The model needs a human to decide something first (its answer began `QUESTION:`).
+    Question(String),
 }
 
 /// Asks `llm.complete` for a unified diff, refuses one that leaves the repository, and
@@ -296,6 +314,9 @@ pub async fn ask_and_apply(ctx: &TaskContext, system: &str, prompt: String) -> R
         output_tokens = completion.output_tokens,
         "Model answered."
     );
+    if let Some(question) = completion.text.trim_start().strip_prefix("QUESTION:") {
+        return Ok(ModelDiff::Question(question.trim().chars().take(4000).collect()));
+    }
     let Some(diff) = extract_diff(&completion.text) else {
         let excerpt: String = completion.text.chars().take(300).collect();
         return Ok(ModelDiff::NoDiff(excerpt));

@@ -51,7 +51,8 @@ pub async fn run(ctx: &TaskContext) -> Outcome {
         p.push_str("\nAnswer with a unified diff against the current files only, or NO CHANGES.\n");
         match ask_and_apply(ctx, SYSTEM, p).await {
             Ok(ModelDiff::Applied) => "model cleanup applied".to_owned(),
-            Ok(ModelDiff::NoDiff(_)) => "nothing to clean up".to_owned(),
+            // A cleanup is optional: a question for a human is noted and the change kept as is.
+            Ok(ModelDiff::NoDiff(_) | ModelDiff::Question(_)) => "nothing to clean up".to_owned(),
             Err(o) => return o,
         }
     };
