@@ -252,12 +252,12 @@ git -C "$work/example.git" log --oneline "agentfleet/task-$task_id"
 git -C "$work/example.git" diff "main..agentfleet/task-$task_id"
 
 say "Fleet status: kill switch, budget, streams, live workers"
-"$fleetctl" status --redis "$(url_for operator)" --keyset "$work/operator.keyset.toml" || true
+"$fleetctl" status --redis "$(url_for operator)" --keyset "$work/operator.keyset.toml" --budget-config "$work/budget.toml" || true
 
 say "Kill switch: pulled by the operator, then released"
 "$fleetctl" kill --reason "demo: operator pulls the kill switch"
 sleep 2
-"$fleetctl" status --redis "$(url_for operator)" --keyset "$work/operator.keyset.toml" 2>/dev/null | head -n 5 || true
+"$fleetctl" status --redis "$(url_for operator)" --keyset "$work/operator.keyset.toml" --budget-config "$work/budget.toml" 2>/dev/null | head -n 5 || true
 "$fleetctl" resume
 
 say "Audit trail: every transition and tool call hash-chained and MACed"
