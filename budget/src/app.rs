@@ -229,7 +229,9 @@ impl App {
             Role::Budget,
             epoch.clone(),
             bus::Gate::default(),
-        );
+        )
+        .record_only()
+        .with_resync(Duration::from_secs(1));
         tasks.spawn(listener.run(shutdown.clone()));
         let consumer = |stream: &str| {
             let mut c = ConsumerConfig::new(

@@ -489,7 +489,15 @@ async fn an_operator_kill_takes_the_orchestrators_epoch_and_an_alert_waits_for_i
         None,
     )
     .await;
-    eventually("engaged", Duration::from_secs(10), async || f.state().await.engaged).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !f.state().await.engaged {
+        if tokio::time::Instant::now() > deadline {
+            let out = std::fs::read_to_string(&budget.log).unwrap_or_default()
+                + &std::fs::read_to_string(budget.log.with_extension("err")).unwrap_or_default();
+            panic!("timed out waiting until engaged; the budget process said:\n{out}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert_eq!(f.state().await.epoch, 7);
     eventually("the endpoints were tried while down", Duration::from_secs(20), async || {
         f.telegram.seen.lock().unwrap().refused_while_down >= 2

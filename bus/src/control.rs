@@ -130,6 +130,7 @@ pub struct ControlListener {
     events: Option<mpsc::UnboundedSender<ControlEvent>>,
     resync_every: Duration,
     block: Duration,
+    record_only: bool,
 }
 
 impl ControlListener {
@@ -145,7 +146,16 @@ impl ControlListener {
             events: None,
             resync_every: Duration::from_secs(5),
             block: Duration::from_millis(1000),
+            record_only: false,
         }
+    }
+
+    /// Follows the state record only, not the control stream. For the budget manager: its
+    /// control stream carries the orchestrator's kill and resume *requests*, which only
+    /// become the fleet's state once the budget manager engages (and writes the record).
+    pub fn record_only(mut self) -> Self {
+        self.record_only = true;
+        self
     }
 
     /// Also reports every change it applies on `tx` (the orchestrator freezes merges on a
@@ -195,6 +205,16 @@ impl ControlListener {
         shutdown: &CancellationToken,
     ) -> Result<(), BusError> {
         let mut c = deadpool_redis::Connection::take(self.pool.get().await?);
+        if self.record_only {
+            loop {
+                let state = read_state(&mut c).await?;
+                self.apply_state(&state);
+                tokio::select! {
+                    () = tokio::time::sleep(self.resync_every) => {}
+                    () = shutdown.cancelled() => return Ok(()),
+                }
+            }
+        }
         // The last id first, then the record: a pause written after the id is read from the
         // stream, one written before it is in the record.
         let mut cursor = last_id(&mut c, self.stream.as_str()).await?;

@@ -146,8 +146,7 @@ pub const KILLSWITCH_KEY: &str = "fleet:killswitch";
 pub const CONTROL_COMMANDS: &[&str] = &["xread", "xrevrange", "hgetall"];
 
 /// The roles that follow `fleet:control:<role>` with a control listener.
-pub const CONTROL_ROLES: &[Role] =
-    &[Role::Orchestrator, Role::Budget, Role::Dev, Role::Qa, Role::Review, Role::Refactor];
+pub const CONTROL_ROLES: &[Role] = &[Role::Orchestrator, Role::Dev, Role::Qa, Role::Review, Role::Refactor];
 
 /// What `fleetctl status` reads besides streams: the kill switch, the ledger's and the
 /// budget manager's counters. Read-only keys (`%R~`).
