@@ -8,9 +8,34 @@ use clap::Parser;
 /// The agentfleet orchestrator: the only process that changes task state. It keeps tasks in
 /// Postgres, writes every outgoing envelope into the outbox in the same transaction (the
 /// outbox-relay publishes them), consumes fleet:results, fleet:heartbeats and
-/// fleet:questions, reassigns steps whose worker went silent, and serves the HTTP API.
+/// fleet:questions, reassigns steps whose worker went silent, serves the HTTP API, mints a
+/// capability lease into every assignment, answers workers' tool requests (model calls
+/// metered by the budget ledger) and pushes approved tasks' branches.
 #[derive(Debug, Parser)]
-#[command(version)]
+#[command(
+    version,
+    after_long_help = concat!(
+        "The configuration file is TOML; unknown keys are refused. Settings (defaults in brackets):\n",
+        "  instance              this process's name, e.g. orchestrator-0 [required]\n",
+        "  database_url          postgres://… (secret; or FLEET_DATABASE_URL, which wins)\n",
+        "  redis_url             redis://… (secret; or FLEET_REDIS_URL, which wins)\n",
+        "  keyset                fleetctl keys derive --process orchestrator [required]\n",
+        "  permissions           [config/permissions.toml]\n",
+        "  audit_key_file        fleetctl audit key new [required]\n",
+        "  jwt_secret_file       fleetctl token secret new [required]\n",
+        "  listen                HTTP API address [127.0.0.1:8080]\n",
+        "  workspace_root        workspaces are <root>/task-<id>, as the workers' [/workspace]\n",
+        "  max_retries [3]  step_deadline_secs [300]  tick_secs [1]  grace_secs [10]\n",
+        "  rate_limit_burst [10]  rate_limit_per_second [1.0]  migrate_on_start [true]\n",
+        "  [tools]               the tool proxy (docs/tool-proxy.md): lease_secret_file, risk_matrix\n",
+        "                        [config/risk_matrix.toml], ledger (limits and prices),\n",
+        "                        [tools.provider] kind = openai | anthropic | scripted,\n",
+        "                        [tools.models] default, per_role, [tools.git] push_on_approve\n",
+        "\n",
+        "Logs go to stderr (text, or JSON lines with --json-logs); RUST_LOG=debug for more.\n",
+        "Exit codes: 0 after a clean shutdown, 64 for invalid arguments or configuration, 1 otherwise."
+    )
+)]
 struct Cli {
     /// The TOML configuration file (see docs/operations.md). FLEET_DATABASE_URL and
     /// FLEET_REDIS_URL override the URLs in it.
