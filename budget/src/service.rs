@@ -250,7 +250,9 @@ impl Budget {
                 .map_err(transient)?;
             drop(c);
             tracing::debug!(envelope = %id, "Usage already counted; re-checking the limits only.");
-            return self.check_usage(u, day, (t.unwrap_or(0), mm.unwrap_or(0)), (rt.unwrap_or(0), rm.unwrap_or(0))).await;
+            return self
+                .check_usage(u, day, (t.unwrap_or(0), mm.unwrap_or(0)), (rt.unwrap_or(0), rm.unwrap_or(0)))
+                .await;
         }
         let mut pipe = redis::pipe();
         pipe.atomic();

@@ -34,7 +34,17 @@ fn payload(ty: MessageType) -> BoxedStrategy<Payload> {
             proptest::collection::vec(text(), 0..3),
         )
             .prop_map(|(attempt, instructions, workspace, repository, test_command, findings)| {
-                TaskAssign { attempt, instructions, workspace, repository, test_command, findings, scope: vec![], change: None }.into()
+                TaskAssign {
+                    attempt,
+                    instructions,
+                    workspace,
+                    repository,
+                    test_command,
+                    findings,
+                    scope: vec![],
+                    change: None,
+                }
+                .into()
             })
             .boxed(),
         MessageType::TaskResult => (

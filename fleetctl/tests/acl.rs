@@ -289,7 +289,9 @@ fn mismatch(expect: &Expect, result: &redis::RedisResult<Value>) -> Option<Strin
         (Expect::Error(text), Err(err)) => Some(format!("expected an error with {text:?}, got: {err}")),
         (Expect::Error(text), Ok(got)) => Some(format!("expected an error with {text:?}, but it succeeded ({got:?})")),
         (Expect::Allowed | Expect::Returns(_), Err(err)) => Some(format!("expected success, got: {err}")),
-        (Expect::Permitted, Err(err)) if err.code() == Some("NOPERM") => Some(format!("expected no NOPERM, got: {err}")),
+        (Expect::Permitted, Err(err)) if err.code() == Some("NOPERM") => {
+            Some(format!("expected no NOPERM, got: {err}"))
+        }
         (Expect::Permitted, _) => None,
     }
 }
