@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use bus::{Consumer, ConsumerConfig, KillEpoch, Publisher, PublisherConfig};
+use bus::{KillEpoch, Publisher, PublisherConfig};
 use envelope::{Instance, Keyset, PermissionTable, Role, StreamName, Verifier, VerifierConfig, streams};
 use secrecy::SecretString;
 use serde::Deserialize;
@@ -233,39 +233,33 @@ impl App {
         .record_only()
         .with_resync(Duration::from_secs(1));
         tasks.spawn(listener.run(shutdown.clone()));
-        let consumer = |stream: &str| {
-            let mut c = ConsumerConfig::new(
-                StreamName::parse(stream).expect("fleet stream names are valid"),
-                "budget",
-                self.instance.as_str(),
-            );
-            c.grace = self.grace;
-            c
-        };
-        let usage = Consumer::new(
-            consumer(streams::USAGE),
+        let consumers = bus::Consumers::new(
             self.redis.clone(),
             self.verifier.clone(),
             epoch.clone(),
+            "budget",
+            self.instance.as_str(),
+            self.grace,
+        );
+        let fleet_stream = |s: &str| StreamName::parse(s).expect("fleet stream names are valid");
+        consumers.spawn(
+            &mut tasks,
+            consumers.config(fleet_stream(streams::USAGE)),
             UsageHandler(self.budget.clone()),
+            &shutdown,
         )?;
-        let outcomes = Consumer::new(
-            consumer(streams::OUTCOMES),
-            self.redis.clone(),
-            self.verifier.clone(),
-            epoch.clone(),
+        consumers.spawn(
+            &mut tasks,
+            consumers.config(fleet_stream(streams::OUTCOMES)),
             OutcomeHandler(self.budget.clone()),
+            &shutdown,
         )?;
-        let control = Consumer::new(
-            consumer(StreamName::control(Role::Budget).as_str()),
-            self.redis.clone(),
-            self.verifier.clone(),
-            epoch.clone(),
+        consumers.spawn(
+            &mut tasks,
+            consumers.config(StreamName::control(Role::Budget)),
             ControlHandler(self.budget.clone()),
+            &shutdown,
         )?;
-        tasks.spawn(usage.run(shutdown.clone()));
-        tasks.spawn(outcomes.run(shutdown.clone()));
-        tasks.spawn(control.run(shutdown.clone()));
         tasks.spawn(self.budget.clone().tick_loop(shutdown.clone()));
         tasks.spawn(self.dispatcher.run(shutdown.clone()));
         tracing::info!(instance = %self.instance, epoch = state.epoch, engaged = state.engaged, "Budget manager running.");

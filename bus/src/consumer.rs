@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use envelope::{Checked, Envelope, Verified, Verifier, VerifyContext, streams};
+use envelope::{Checked, Envelope, StreamName, Verified, Verifier, VerifyContext, streams};
 use redis::aio::MultiplexedConnection;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -637,5 +637,52 @@ pub async fn ensure_group(c: &mut MultiplexedConnection, stream: &str, group: &s
         Ok(()) => Ok(()),
         Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// What every consumer of one process shares: the pool, the verifier, the kill epoch, its
+/// group and consumer name, and the shutdown grace. Builds and starts the process's
+/// consumers so each service's wiring names only the stream and the handler.
+#[derive(Debug, Clone)]
+pub struct Consumers {
+    pool: deadpool_redis::Pool,
+    verifier: Arc<Verifier>,
+    epoch: KillEpoch,
+    group: String,
+    consumer: String,
+    grace: Duration,
+}
+
+impl Consumers {
+    /// Consumers in `group` named `consumer` (stable per process).
+    pub fn new(
+        pool: deadpool_redis::Pool,
+        verifier: Arc<Verifier>,
+        epoch: KillEpoch,
+        group: impl Into<String>,
+        consumer: impl Into<String>,
+        grace: Duration,
+    ) -> Self {
+        Self { pool, verifier, epoch, group: group.into(), consumer: consumer.into(), grace }
+    }
+
+    /// The defaults for `stream`, in this process's group, under its name and grace.
+    pub fn config(&self, stream: StreamName) -> ConsumerConfig {
+        let mut cfg = ConsumerConfig::new(stream, self.group.clone(), self.consumer.clone());
+        cfg.grace = self.grace;
+        cfg
+    }
+
+    /// Checks `cfg` and starts a consumer with `handler` on `tasks`, until `shutdown`.
+    pub fn spawn<H: Handler>(
+        &self,
+        tasks: &mut tokio::task::JoinSet<()>,
+        cfg: ConsumerConfig,
+        handler: H,
+        shutdown: &CancellationToken,
+    ) -> Result<(), BusError> {
+        let consumer = Consumer::new(cfg, self.pool.clone(), self.verifier.clone(), self.epoch.clone(), handler)?;
+        tasks.spawn(consumer.run(shutdown.clone()));
+        Ok(())
     }
 }

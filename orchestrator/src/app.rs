@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bus::{Consumer, ConsumerConfig, KillEpoch};
+use bus::KillEpoch;
 use envelope::{Instance, Keyset, PermissionTable, Role, StreamName, Verifier, VerifierConfig, streams};
 use secrecy::SecretString;
 use serde::Deserialize;
@@ -381,56 +381,44 @@ impl App {
         let (epoch, _) = self.engine.fleet_state().await?;
         let kill_epoch = KillEpoch::new(epoch);
         let mut tasks = tokio::task::JoinSet::new();
-        let consumer = |stream: &str| {
-            let mut c = ConsumerConfig::new(
-                StreamName::parse(stream).expect("fleet stream names are valid"),
-                "orchestrator",
-                self.instance.as_str(),
-            );
-            c.grace = self.grace;
-            c
-        };
-        let results = Consumer::new(
-            consumer(streams::RESULTS),
+        let consumers = bus::Consumers::new(
             self.redis.clone(),
             self.verifier.clone(),
             kill_epoch.clone(),
+            "orchestrator",
+            self.instance.as_str(),
+            self.grace,
+        );
+        let fleet_stream = |s: &str| StreamName::parse(s).expect("fleet stream names are valid");
+        consumers.spawn(
+            &mut tasks,
+            consumers.config(fleet_stream(streams::RESULTS)),
             Results(self.engine.clone()),
+            &shutdown,
         )?;
-        let beats = Consumer::new(
-            consumer(streams::HEARTBEATS),
-            self.redis.clone(),
-            self.verifier.clone(),
-            kill_epoch.clone(),
+        consumers.spawn(
+            &mut tasks,
+            consumers.config(fleet_stream(streams::HEARTBEATS)),
             Heartbeats(self.engine.clone()),
+            &shutdown,
         )?;
-        let questions = Consumer::new(
-            consumer(streams::QUESTIONS),
-            self.redis.clone(),
-            self.verifier.clone(),
-            kill_epoch.clone(),
+        consumers.spawn(
+            &mut tasks,
+            consumers.config(fleet_stream(streams::QUESTIONS)),
             Questions(self.engine.clone()),
+            &shutdown,
         )?;
-        tasks.spawn(results.run(shutdown.clone()));
-        tasks.spawn(beats.run(shutdown.clone()));
-        tasks.spawn(questions.run(shutdown.clone()));
         tasks.spawn(tick_loop(self.engine.clone(), self.tick, shutdown.clone()));
         if let Some((handler, matrix, git)) = self.proxy.take() {
             // Model calls take seconds to minutes: several consumers in the group, one entry
             // at a time each, so one slow call does not hold up every worker's request.
             for n in 0..TOOL_CONSUMERS {
-                let mut cfg = ConsumerConfig::new(
-                    StreamName::parse(streams::TOOL_REQUESTS).expect("fleet stream names are valid"),
-                    "orchestrator",
-                    format!("{}-tools-{n}", self.instance.as_str()),
-                );
-                cfg.grace = self.grace;
+                let mut cfg = consumers.config(fleet_stream(streams::TOOL_REQUESTS));
+                cfg.consumer = format!("{}-tools-{n}", self.instance.as_str());
                 cfg.batch = 1;
                 // A model call may take minutes; its entry must not be taken over meanwhile.
                 cfg.claim_idle = Duration::from_secs(600);
-                let tools =
-                    Consumer::new(cfg, self.redis.clone(), self.verifier.clone(), kill_epoch.clone(), handler.clone())?;
-                tasks.spawn(tools.run(shutdown.clone()));
+                consumers.spawn(&mut tasks, cfg, handler.clone(), &shutdown)?;
             }
             tasks.spawn(crate::proxy::push_loop(self.engine.clone(), matrix, git, self.tick, shutdown.clone()));
         }

@@ -48,23 +48,12 @@ async fn main() -> ExitCode {
         Err(code) => return code,
     };
     telemetry::init("outbox-relay", cli.json_logs);
-    let cfg = match Config::load(&cli.config) {
-        Ok(cfg) => cfg,
-        Err(e) => {
-            tracing::error!(setting = %e.setting, error = %e, "Invalid configuration.");
-            eprintln!("outbox-relay: invalid configuration: {e}");
-            return ExitCode::from(telemetry::EX_USAGE);
-        }
-    };
-    let relay = match Relay::connect(&cfg.endpoints, cfg.relay) {
-        Ok(relay) => relay,
-        Err(e) => {
-            tracing::error!(error = %e, "Failed to set up the relay.");
-            return ExitCode::FAILURE;
-        }
-    };
-    // The relay drains itself: on cancellation it lets the batch in flight finish within
-    // `shutdown_grace`, then returns.
-    relay.run(telemetry::shutdown()).await;
-    ExitCode::SUCCESS
+    telemetry::serve("outbox-relay", Config::load(&cli.config), |cfg, shutdown| async move {
+        let relay = Relay::connect(&cfg.endpoints, cfg.relay)?;
+        // The relay drains itself: on cancellation it lets the batch in flight finish within
+        // `shutdown_grace`, then returns.
+        relay.run(shutdown).await;
+        Ok::<(), outbox_relay::RelayError>(())
+    })
+    .await
 }
