@@ -847,6 +847,7 @@ impl BenchEnvelopes {
             findings: vec![],
             diff: None,
             log: None,
+            change_sha256: None,
         };
         Envelope::new(self.sender.clone(), Role::Orchestrator, bus::now_ms(), 60_000, 0, payload.into())
     }

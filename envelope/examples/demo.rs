@@ -34,6 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         findings: vec![],
         diff: Some(b"--- a/app.py\n+++ b/app.py\n@@ -1 +1,2 @@\n+validate(user)\n".to_vec()),
         log: None,
+        change_sha256: None,
     };
     let env = Envelope::new(me.clone(), Role::Orchestrator, now, 60_000, 0, result.into());
     let wire = dev.seal(&env)?;
@@ -61,6 +62,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         findings: vec![],
         scope: vec![],
         change: None,
+        change_sha256: None,
     };
     let forged = dev.seal(&Envelope::new(me.clone(), Role::Orchestrator, now, 60_000, 0, assign.into()))?;
     show("dev publishes task.assign on fleet:tasks:qa", verifier.verify("fleet:tasks:qa", &forged, ctx, &mut guard));

@@ -73,6 +73,7 @@ fn dev_result(n: u8) -> Envelope {
             findings: vec![],
             diff: None,
             log: None,
+            change_sha256: None,
         },
     )
 }
@@ -157,6 +158,7 @@ fn main() {
         findings: vec!["test_login fails".into(), "eval() in app.py".into()],
         diff: Some(b"--- a/app.py\n+++ b/app.py\n".to_vec()),
         log: Some(b"FAILED test_login\n".to_vec()),
+        change_sha256: None,
     }
     .into();
 
@@ -173,6 +175,7 @@ fn main() {
             findings: vec![],
             scope: vec![],
             change: None,
+            change_sha256: None,
         },
     );
     assign.task_id = Some(id(NOW - 5_000, 0x77));
@@ -320,6 +323,7 @@ fn main() {
                 findings: vec![],
                 diff: None,
                 log: None,
+                change_sha256: None,
             },
         )
         .expect("payload");
@@ -405,6 +409,7 @@ fn main() {
         findings: vec![],
         scope: vec![],
         change: None,
+        change_sha256: None,
     }
     .into();
     neg.push(negative(

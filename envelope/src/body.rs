@@ -189,6 +189,10 @@ pub struct TaskAssign {
     /// never judges leftovers of an earlier one.
     #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_bytes")]
     pub change: Option<Vec<u8>>,
+    /// The SHA-256 (lowercase hex) of `change`: the name under which QA's pass and
+    /// Review's approval are recorded, and the only change the orchestrator will push.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_sha256: Option<String>,
 }
 
 /// `task.result`: a worker's answer to one `task.assign`.
@@ -210,6 +214,11 @@ pub struct TaskResult {
     /// A capped log (QA test run).
     #[serde(default, skip_serializing_if = "Option::is_none", with = "opt_bytes")]
     pub log: Option<Vec<u8>>,
+    /// The SHA-256 (lowercase hex) of the change the step judged (QA, Review) or started
+    /// from (Refactor): the assignment's `change_sha256`, echoed. A pass or an approval
+    /// counts only for that change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub change_sha256: Option<String>,
 }
 
 /// `heartbeat`: a worker is alive.

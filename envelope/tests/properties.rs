@@ -43,6 +43,7 @@ fn payload(ty: MessageType) -> BoxedStrategy<Payload> {
                     findings,
                     scope: vec![],
                     change: None,
+                    change_sha256: None,
                 }
                 .into()
             })
@@ -56,7 +57,7 @@ fn payload(ty: MessageType) -> BoxedStrategy<Payload> {
             proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)),
         )
             .prop_map(|(attempt, status, summary, findings, diff, log)| {
-                TaskResult { attempt, status, summary, findings, diff, log }.into()
+                TaskResult { attempt, status, summary, findings, diff, log, change_sha256: None }.into()
             })
             .boxed(),
         MessageType::Heartbeat => {

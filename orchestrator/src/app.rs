@@ -420,6 +420,11 @@ impl App {
                 cfg.claim_idle = Duration::from_secs(600);
                 consumers.spawn(&mut tasks, cfg, handler.clone(), &shutdown)?;
             }
+            // A crashed push leaves its clone behind; nothing else would remove it.
+            let swept = crate::gitops::sweep_scratch(&git);
+            if swept > 0 {
+                tracing::info!(swept, "Removed the scratch clones of pushes that did not finish.");
+            }
             tasks.spawn(crate::proxy::push_loop(self.engine.clone(), matrix, git, self.tick, shutdown.clone()));
         }
         // The budget manager's pauses: halt the fleet, raise this process's kill epoch.

@@ -154,17 +154,41 @@ pub fn in_scope(path: &str, scope: &[String]) -> bool {
         })
 }
 
+/// What the pushed commit is made of besides the diff: everything in it is derived from
+/// the task and its approval, so the same approved change on the same base is the same
+/// commit, and a push repeated after a crash is a no-op.
+#[derive(Debug, Clone, Copy)]
+pub struct CommitSpec<'a> {
+    /// The task.
+    pub task: Uuid,
+    /// Its title (the commit's subject).
+    pub title: &'a str,
+    /// When it was approved (author and committer date).
+    pub at: chrono::DateTime<chrono::Utc>,
+}
+
+/// Prefix of the scratch directories pushes clone into.
+const SCRATCH_PREFIX: &str = "agentfleet-push-";
+/// Held (locked) inside a scratch directory while its push runs.
+const SCRATCH_LOCK: &str = ".in-use";
+
 /// Applies `diff` to a fresh clone of `repo` and pushes it as `agentfleet/task-<task>`.
 /// Returns the pushed commit.
+///
+/// Refuses (as [`PushError::Refused`]) what Review must never have passed unread (binary
+/// patches, attributes, submodules, gitlinks, symlinks, new executables, CI files, the
+/// repository's `.agentfleet/` scripts; unless the scope names the exact path), a diff
+/// this orchestrator cannot describe, and any difference between what git staged and what
+/// the diff describes (a gitignored path, a submodule pointer, a mode change).
 pub async fn push_branch(
     cfg: &GitConfig,
     repo: &str,
-    task: Uuid,
-    title: &str,
+    commit: &CommitSpec<'_>,
     diff: &[u8],
     scope: &[String],
 ) -> Result<String, PushError> {
     check_repository(repo)?;
+    let task = commit.task;
     let branch = branch_of(task);
     let short = branch.rsplit('/').next().unwrap_or("");
     if ["main", "master"].contains(&short) || cfg.protected_branches.contains(&branch) {
@@ -178,50 +202,186 @@ pub async fn push_branch(
     if let Some(bad) = paths.iter().find(|p| !in_scope(p, scope)) {
         return Err(PushError::Refused(format!("the diff touches {bad:?}, outside the task's scope {scope:?}")));
     }
-    let scratch = match &cfg.scratch_dir {
-        Some(d) => tempfile::Builder::new().prefix("push-").tempdir_in(d),
-        None => tempfile::Builder::new().prefix("agentfleet-push-").tempdir(),
+    let files = changeset::parse(diff).map_err(|e| PushError::Refused(format!("the approved change: {e}")))?;
+    let hidden = changeset::hidden_findings(&files, scope);
+    if !hidden.is_empty() {
+        return Err(PushError::Refused(hidden.join("; ")));
     }
-    .map_err(|e| PushError::Failed(format!("cannot make a scratch directory: {e}")))?;
-    let dir = scratch.path().join("repo");
+    let scratch = Scratch::new(cfg)?;
+    let dir = scratch.dir.path().join("repo");
     let timeout = Duration::from_secs(cfg.timeout_secs);
     let dir_s = dir.to_string_lossy().into_owned();
-    git(scratch.path(), &["clone", "--quiet", "--", repo, &dir_s], None, timeout).await?;
+    git(scratch.dir.path(), &["clone", "--quiet", "--no-checkout", "--", repo, &dir_s], None, timeout).await?;
+    // Before the checkout: the repository's own attributes (eol conversion, filters, ident)
+    // must not make the files differ from the bytes that were reviewed.
+    let info = dir.join(".git/info");
+    std::fs::create_dir_all(&info)
+        .and_then(|()| std::fs::write(info.join("attributes"), changeset::NEUTRAL_ATTRIBUTES))
+        .map_err(|e| PushError::Failed(format!("cannot write the clone's info/attributes: {e}")))?;
+    git(&dir, &["reset", "--quiet", "--hard", "HEAD"], None, timeout).await?;
     git(&dir, &["apply", "--index", "--whitespace=nowarn", "-"], Some(diff), timeout)
         .await
         .map_err(|e| PushError::Refused(format!("the diff does not apply to {repo}: {e}")))?;
-    // The text check above reads the diff; git may read its paths differently (it strips
-    // the first component of any prefix, not only `a/`). What counts is what git staged.
-    let staged = git(&dir, &["diff", "--cached", "--name-only", "-z", "--no-renames", "HEAD"], None, timeout).await?;
-    let staged: Vec<&str> = staged.split('\0').filter(|p| !p.is_empty()).collect();
+    // What counts is what git staged, path by path and mode by mode.
+    let raw = git_bytes(
+        &dir,
+        &["diff", "--cached", "--raw", "-z", "--no-renames", "--ignore-submodules=none", "HEAD"],
+        timeout,
+    )
+    .await?;
+    let staged =
+        changeset::parse_raw(&raw).map_err(|e| PushError::Failed(format!("reading git's staged files: {e}")))?;
     if staged.is_empty() {
         return Err(PushError::Refused("the approved diff changes nothing in the repository".into()));
     }
-    if let Some(bad) = staged.iter().find(|p| !in_scope(p, scope)) {
-        return Err(PushError::Refused(format!("the diff writes {bad:?}, outside the task's scope {scope:?}")));
+    if let Some(bad) = staged.iter().find(|s| !in_scope(&s.path, scope)) {
+        let path = &bad.path;
+        return Err(PushError::Refused(format!("the diff writes {path:?}, outside the task's scope {scope:?}")));
     }
-    let message = format!("agentfleet: {}\n\nTask {task}, pushed by the orchestrator after approval.", title.trim());
-    let author = format!("user.name={}", cfg.author_name);
-    let email = format!("user.email={}", cfg.author_email);
-    git(&dir, &["-c", &author, "-c", &email, "commit", "--quiet", "--no-verify", "-m", &message], None, timeout)
-        .await?;
-    let commit = git(&dir, &["rev-parse", "HEAD"], None, timeout).await?.trim().to_owned();
-    // Forced: the branch is the task's own, and a retried push must replace an earlier one.
+    changeset::compare_staged(&files, &staged)
+        .map_err(|why| PushError::Refused(format!("git staged other than the approved diff describes: {why}")))?;
+    let message = format!(
+        "agentfleet: {}\n\nTask {task}, pushed by the orchestrator after approval.\nChange: sha256:{}\n",
+        commit.title.trim(),
+        changeset::ChangeId::of(diff)
+    );
+    let date = format!("{} +0000", commit.at.timestamp());
+    let ident = [
+        ("GIT_AUTHOR_NAME", cfg.author_name.as_str()),
+        ("GIT_AUTHOR_EMAIL", cfg.author_email.as_str()),
+        ("GIT_COMMITTER_NAME", cfg.author_name.as_str()),
+        ("GIT_COMMITTER_EMAIL", cfg.author_email.as_str()),
+        ("GIT_AUTHOR_DATE", date.as_str()),
+        ("GIT_COMMITTER_DATE", date.as_str()),
+    ];
+    run(
+        &dir,
+        &["-c", "commit.gpgSign=false", "commit", "--quiet", "--no-verify", "-m", &message],
+        None,
+        &ident,
+        timeout,
+    )
+    .await?;
+    let pushed = git(&dir, &["rev-parse", "HEAD"], None, timeout).await?.trim().to_owned();
+    // Already there (a push whose record was lost in a crash): nothing to do.
+    let remote = git(&dir, &["ls-remote", "origin", &format!("refs/heads/{branch}")], None, timeout).await?;
+    if remote.split_whitespace().next() == Some(pushed.as_str()) {
+        return Ok(pushed);
+    }
+    // Forced: the branch is the task's own, and a change approved anew replaces the old.
     let refspec = format!("+HEAD:refs/heads/{branch}");
-    git(&dir, &["push", "--quiet", "origin", &refspec], None, timeout).await?;
-    Ok(commit)
+    git(&dir, &["push", "--quiet", "--no-verify", "origin", &refspec], None, timeout).await?;
+    Ok(pushed)
+}
+
+/// A push's scratch directory, locked while in use so that [`sweep_scratch`] (at start)
+/// removes only what a crashed push left.
+struct Scratch {
+    dir: tempfile::TempDir,
+    _lock: std::fs::File,
+}
+
+impl Scratch {
+    fn new(cfg: &GitConfig) -> Result<Self, PushError> {
+        let root = cfg.scratch_dir.clone().unwrap_or_else(std::env::temp_dir);
+        let dir = tempfile::Builder::new()
+            .prefix(SCRATCH_PREFIX)
+            .tempdir_in(&root)
+            .map_err(|e| PushError::Failed(format!("cannot make a scratch directory in {}: {e}", root.display())))?;
+        let lock = std::fs::File::create(dir.path().join(SCRATCH_LOCK))
+            .and_then(|f| f.try_lock().map_err(std::io::Error::other).map(|()| f))
+            .map_err(|e| PushError::Failed(format!("cannot lock the scratch directory: {e}")))?;
+        Ok(Self { dir, _lock: lock })
+    }
+}
+
+/// Removes the scratch directories of pushes that are not running any more (a crashed
+/// orchestrator's clones, which may hold a repository's whole history). A directory whose
+/// lock is held belongs to a live push (of this or another orchestrator) and stays; one
+/// without a lock file stays until it is ten minutes old (it may be a push starting now).
+/// Returns how many were removed.
+pub fn sweep_scratch(cfg: &GitConfig) -> usize {
+    let root = cfg.scratch_dir.clone().unwrap_or_else(std::env::temp_dir);
+    let Ok(entries) = std::fs::read_dir(&root) else { return 0 };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let ours = entry.file_name().to_string_lossy().starts_with(SCRATCH_PREFIX);
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        if !ours || !is_dir {
+            continue;
+        }
+        let stale = match std::fs::File::open(path.join(SCRATCH_LOCK)) {
+            Ok(f) => f.try_lock().is_ok(),
+            Err(_) => entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > Duration::from_secs(600))),
+        };
+        if stale {
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => {
+                    tracing::info!(path = %path.display(), "Removed a crashed push's scratch clone.");
+                    removed += 1;
+                }
+                Err(e) => tracing::warn!(path = %path.display(), error = %e, "Cannot remove a stale scratch clone."),
+            }
+        }
+    }
+    removed
 }
 
 async fn git(dir: &Path, args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Result<String, PushError> {
+    run(dir, args, stdin, &[], timeout).await.map(|out| String::from_utf8_lossy(&out).into_owned())
+}
+
+async fn git_bytes(dir: &Path, args: &[&str], timeout: Duration) -> Result<Vec<u8>, PushError> {
+    run(dir, args, None, &[], timeout).await
+}
+
+/// Environment variables git may see from the orchestrator's own: what finding a program
+/// and a credential (helpers in `$HOME`, an SSH agent) needs, nothing else. `GIT_DIR`,
+/// `GIT_CONFIG_*`, `GIT_SSH_COMMAND` and the like from the environment would change what
+/// git runs.
+const GIT_ENV_KEPT: [&str; 4] = ["PATH", "HOME", "SSH_AUTH_SOCK", "XDG_CONFIG_HOME"];
+
+/// Runs git with a clean environment and the fleet's hardening: no hooks, no fsmonitor,
+/// no global attributes, only the local, `file`, `https`, `http`, `ssh` and `git`
+/// transports, no prompts, no system configuration.
+async fn run(
+    dir: &Path,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+    env: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<Vec<u8>, PushError> {
     let mut cmd = tokio::process::Command::new("git");
-    cmd.arg("-c")
-        .arg("protocol.ext.allow=never")
-        .arg("-c")
-        .arg("protocol.fd.allow=never")
-        .args(args)
+    cmd.env_clear();
+    for key in GIT_ENV_KEPT {
+        if let Some(v) = std::env::var_os(key) {
+            cmd.env(key, v);
+        }
+    }
+    for setting in [
+        "protocol.allow=never",
+        "protocol.file.allow=always",
+        "protocol.https.allow=always",
+        "protocol.http.allow=always",
+        "protocol.ssh.allow=always",
+        "protocol.git.allow=always",
+        "core.hooksPath=/dev/null",
+        "core.fsmonitor=false",
+        "core.attributesFile=/dev/null",
+        "submodule.recurse=false",
+    ] {
+        cmd.arg("-c").arg(setting);
+    }
+    cmd.args(args)
         .current_dir(dir)
         .env("GIT_TERMINAL_PROMPT", "0")
         .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("LC_ALL", "C")
+        .envs(env.iter().copied())
         .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -244,7 +404,7 @@ async fn git(dir: &Path, args: &[&str], stdin: Option<&[u8]>, timeout: Duration)
         let err: String = String::from_utf8_lossy(&out.stderr).chars().take(400).collect();
         return Err(PushError::Failed(format!("git {} exited with {}: {}", args[0], out.status, err.trim())));
     }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(out.stdout)
 }
 
 #[cfg(test)]

@@ -458,8 +458,11 @@ pub async fn push_loop(
             }
             let result = if repo.is_empty() {
                 Err(PushError::Refused("the task names no repository to push to".into()))
+            } else if let Err(why) = job.vouched() {
+                Err(PushError::Refused(why))
             } else {
-                gitops::push_branch(&git, repo, task.id, &task.title, &job.diff, &scope).await
+                let commit = gitops::CommitSpec { task: task.id, title: &task.title, at: job.approved_at };
+                gitops::push_branch(&git, repo, &commit, &job.diff, &scope).await
             };
             match result {
                 Ok(commit) => {

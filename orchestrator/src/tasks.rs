@@ -387,6 +387,34 @@ impl Engine {
             tx.commit().await?;
             return Ok(Applied::Stale);
         }
+        // QA's pass and Review's approval count only for the change they name, and that
+        // must be the task's current change: a result about other bytes moves nothing
+        // forward (the step is retried) and is audited.
+        let current_change = current_change(&mut tx, task_id).await?;
+        let judges =
+            matches!(env.from.role, Role::Qa | Role::Review | Role::Refactor) && result.status != Status::Error;
+        if judges && result.change_sha256 != current_change {
+            let actor = Actor::of(env);
+            let detail = json!({
+                "reason": "change_mismatch",
+                "envelope_id": env.id.to_string(),
+                "judged": result.change_sha256,
+                "current": current_change,
+            });
+            audit::append(&mut tx, &self.audit_key, actor.entry("task.result.refused", Some(task_id), detail.clone()))
+                .await?;
+            let change = Change {
+                event: Event::Retry,
+                cause: "result names another change",
+                envelope_id: Some(env.id),
+                detail,
+                actor: &actor,
+                findings: vec![],
+            };
+            let to = self.apply(&mut tx, &task, change).await?;
+            tx.commit().await?;
+            return Ok(Applied::Moved(to));
+        }
         let event = match (task.state, result.status) {
             (TaskState::Review, Status::Success)
                 if !result.findings.is_empty() && !self.refactored(&mut tx, task_id).await? =>
@@ -406,6 +434,8 @@ impl Engine {
                 store_artifact(&mut tx, task_id, kind, name, bytes).await?;
             }
         }
+        record_change(&mut tx, task_id, env.from.role, result.status, diff.as_deref(), current_change.as_deref())
+            .await?;
         let actor = Actor::of(env);
         let detail = json!({"status": status_str(result.status), "summary": cut(&result.summary, 500), "attempt": result.attempt});
         let outcome = Outcome { role: env.from.role, status: result.status, error_kind: None };
@@ -735,16 +765,16 @@ impl Engine {
             findings,
             scope: spec.get("scope").and_then(|v| serde_json::from_value(v.clone()).ok()).unwrap_or_default(),
             change: None,
+            change_sha256: None,
         };
         let mut assign = assign;
         if role != Role::Dev {
-            // QA, Review and Refactor work on exactly the change that would be pushed.
-            assign.change = sqlx::query_scalar(
-                "SELECT content FROM artifacts WHERE task_id = $1 AND kind = 'diff' ORDER BY created_at DESC, id DESC LIMIT 1",
-            )
-            .bind(task.id)
-            .fetch_optional(&mut *tx)
-            .await?;
+            // QA, Review and Refactor work on exactly the change that would be pushed, named
+            // by its hash so that their results can say which bytes they judged.
+            if let Some(id) = current_change(tx, task.id).await? {
+                assign.change = Some(change_bytes(tx, task.id, &id).await?);
+                assign.change_sha256 = Some(id);
+            }
         }
         let workspace = assign.workspace.clone();
         let scope = assign.scope.clone();
@@ -823,6 +853,59 @@ async fn try_lock_task(tx: &mut PgConnection, id: Uuid) -> Result<Option<Task>, 
     .fetch_optional(tx)
     .await?;
     Ok(row.as_ref().map(task_from_row).transpose()?)
+}
+
+/// The task's current change: the SHA-256 (hex) of the newest diff Dev or Refactor made.
+async fn current_change(tx: &mut PgConnection, task: Uuid) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar("SELECT change_sha256 FROM tasks WHERE id = $1").bind(task).fetch_one(tx).await
+}
+
+/// The bytes of the change `id` of `task`.
+async fn change_bytes(tx: &mut PgConnection, task: Uuid, id: &str) -> Result<Vec<u8>, EngineError> {
+    let bytes: Option<Vec<u8>> = sqlx::query_scalar(
+        "SELECT content FROM artifacts WHERE task_id = $1 AND kind = 'diff' AND sha256 = decode($2, 'hex') LIMIT 1",
+    )
+    .bind(task)
+    .bind(id)
+    .fetch_optional(tx)
+    .await?;
+    bytes.ok_or_else(|| EngineError::Invalid(format!("task {task}: its change {id} is missing from the artifacts")))
+}
+
+/// What a result vouches for: Dev's or Refactor's diff becomes the current change (and any
+/// earlier pass or approval no longer counts); QA's pass and Review's approval are recorded
+/// against the change they judged, which the caller checked is the current one.
+async fn record_change(
+    tx: &mut PgConnection,
+    task: Uuid,
+    role: Role,
+    status: Status,
+    diff: Option<&[u8]>,
+    current: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    if status != Status::Success {
+        return Ok(());
+    }
+    let sql = match (role, diff) {
+        (Role::Dev | Role::Refactor, Some(diff)) => {
+            let id = changeset::ChangeId::of(diff).to_string();
+            if current == Some(id.as_str()) {
+                return Ok(());
+            }
+            return sqlx::query(
+                "UPDATE tasks SET change_sha256 = $2, qa_passed_sha256 = NULL, review_approved_sha256 = NULL WHERE id = $1",
+            )
+            .bind(task)
+            .bind(id)
+            .execute(tx)
+            .await
+            .map(drop);
+        }
+        (Role::Qa, _) => "UPDATE tasks SET qa_passed_sha256 = change_sha256 WHERE id = $1",
+        (Role::Review, _) => "UPDATE tasks SET review_approved_sha256 = change_sha256 WHERE id = $1",
+        _ => return Ok(()),
+    };
+    sqlx::query(sql).bind(task).execute(tx).await.map(drop)
 }
 
 async fn store_artifact(

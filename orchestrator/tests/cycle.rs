@@ -90,6 +90,7 @@ fn result_for(assign: &Verified, role: Role, status: Status, findings: &[&str]) 
             findings: findings.iter().map(|s| (*s).to_owned()).collect(),
             diff: (role == Role::Dev).then(|| b"--- a\n+++ b\n".to_vec()),
             log: None,
+            change_sha256: None,
         }
         .into(),
     );

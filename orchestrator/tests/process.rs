@@ -94,6 +94,7 @@ async fn answer(pool: &PgPool, redis_url: &str, id: Uuid, role: Role) {
             findings: vec![],
             diff: None,
             log: None,
+            change_sha256: None,
         }
         .into(),
     );

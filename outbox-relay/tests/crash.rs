@@ -41,6 +41,7 @@ fn sealed_assignment(orchestrator: &Keyring, n: u32) -> (Uuid, Vec<u8>) {
         findings: vec![],
         scope: vec![],
         change: None,
+        change_sha256: None,
     };
     let mut env = Envelope::new(from, Role::Dev, bus::now_ms(), 600_000, 0, payload.into());
     env.task_id = Some(Uuid::now_v7());

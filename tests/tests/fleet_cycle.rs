@@ -691,6 +691,7 @@ async fn a_kill_mid_flight_freezes_the_fleet_and_resume_completes_every_open_tas
                 findings: vec![],
                 scope: vec![],
                 change: None,
+                change_sha256: None,
             }
             .into(),
         );

@@ -397,6 +397,7 @@ impl HandlerInner {
             findings: o.findings,
             diff: o.diff,
             log: o.log,
+            change_sha256: judged_change(assign_env),
         };
         let mut env = Envelope::new(
             Sender { role: self.role, instance: self.instance.clone() },
@@ -425,6 +426,15 @@ impl HandlerInner {
                 Err(HandlerError::Transient(format!("cannot publish the result: {e}")))
             }
         }
+    }
+}
+
+/// The change a step judged: the assignment's change, named by its SHA-256 (computed from
+/// the bytes, never copied from the claim, so a result can only vouch for what was read).
+fn judged_change(assign_env: &Envelope) -> Option<String> {
+    match &assign_env.payload {
+        Payload::TaskAssign(a) => a.change.as_deref().map(|c| changeset::ChangeId::of(c).to_string()),
+        _ => None,
     }
 }
 

@@ -130,6 +130,7 @@ impl Workspace {
             .map_err(io(format!("cannot create the git store {}", store.display())))?;
         let ws = Self { dir, git_dir, timeout };
         if ws.git_dir.exists() && ws.git(&["rev-parse", "--verify", "-q", "HEAD"]).await.is_ok() {
+            ws.neutralize_attributes().await?;
             return Ok(ws);
         }
         let repo = repository.ok_or(WorkspaceError::NoRepository)?;
@@ -145,6 +146,7 @@ impl Workspace {
         run_git(None, &["clone", "--quiet", "--bare", "--", repo, &partial_s], None, &store, timeout).await?;
         tokio::fs::rename(&partial, &ws.git_dir).await.map_err(io("cannot move the fresh clone into place"))?;
         ws.git(&["config", "core.bare", "false"]).await?;
+        ws.neutralize_attributes().await?;
         ws.git(&["rev-parse", "--verify", "-q", "HEAD"]).await.map_err(|_| WorkspaceError::Git {
             command: "clone".into(),
             detail: "the repository has no commit".into(),
@@ -164,11 +166,39 @@ impl Workspace {
     }
 
     /// The change of the working tree against the base commit, new files included, binary
-    /// safe.
+    /// safe. Attributes are neutralized ([`changeset::NEUTRAL_ATTRIBUTES`]), and neither textconv nor an
+    /// external diff runs: a file is shown as a binary patch only if its bytes are binary,
+    /// never because a `.gitattributes` says so.
     pub async fn diff(&self) -> Result<Vec<u8>, WorkspaceError> {
         self.purge_nested_repositories().await?;
         self.git(&["add", "--all", "--intent-to-add", "."]).await?;
-        self.git(&["diff", "--binary", "--ignore-submodules=all", "HEAD"]).await
+        self.git(&["diff", "--binary", "--no-textconv", "--no-ext-diff", "--ignore-submodules=all", "HEAD"]).await
+    }
+
+    /// Writes [`changeset::NEUTRAL_ATTRIBUTES`] to the git directory's `info/attributes`, which outranks every
+    /// `.gitattributes` of the tree. The git directory is outside the workspace, so nothing
+    /// a sandbox writes can undo it.
+    async fn neutralize_attributes(&self) -> Result<(), WorkspaceError> {
+        let info = self.git_dir.join("info");
+        tokio::fs::create_dir_all(&info).await.map_err(io(format!("cannot create {}", info.display())))?;
+        let path = info.join("attributes");
+        tokio::fs::write(&path, changeset::NEUTRAL_ATTRIBUTES)
+            .await
+            .map_err(io(format!("cannot write {}", path.display())))
+    }
+
+    /// A regular file of the base commit (not a symlink, not a gitlink), as committed:
+    /// what the repository defined before any change of this task.
+    pub async fn base_file(&self, rel: &str) -> Option<Vec<u8>> {
+        if rel.starts_with('-') || rel.split('/').any(|p| p == ".." || p.is_empty()) {
+            return None;
+        }
+        let entry = self.git(&["ls-tree", "-z", "HEAD", "--", rel]).await.ok()?;
+        let meta = entry.split(|b| *b == b'\t').next()?;
+        if !(meta.starts_with(b"100644 blob ") || meta.starts_with(b"100755 blob ")) {
+            return None;
+        }
+        self.git(&["cat-file", "blob", &format!("HEAD:{rel}")]).await.ok()
     }
 
     /// Removes every `.git` entry (directory, file or link) inside the working tree.

@@ -77,6 +77,7 @@ pub fn seed_envelopes() -> Vec<(&'static str, Envelope)> {
                 findings: vec![],
                 diff: None,
                 log: None,
+                change_sha256: None,
             }),
         );
         env.id = id(1);

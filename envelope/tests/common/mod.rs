@@ -37,6 +37,7 @@ pub fn dev_result(summary_len: usize) -> Envelope {
             findings: vec![],
             diff: None,
             log: None,
+            change_sha256: None,
         }),
     );
     env.task_id = Some(uuid::Uuid::now_v7());

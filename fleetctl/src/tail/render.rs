@@ -489,6 +489,7 @@ mod tests {
             findings: vec!["a".into()],
             diff: Some(vec![0; 10]),
             log: None,
+            change_sha256: None,
         };
         Envelope::new(
             Sender { role: Role::Dev, instance: Instance::parse("dev-1").unwrap() },

@@ -14,8 +14,41 @@ use crate::state::{Event, TaskState};
 pub struct PushJob {
     /// The task.
     pub task: Task,
-    /// The newest diff a worker returned (Refactor's, else Dev's).
+    /// The task's current change (the newest diff Dev or Refactor returned); empty if it
+    /// has none.
     pub diff: Vec<u8>,
+    /// The SHA-256 of the current change.
+    pub change: Option<String>,
+    /// The change QA last passed.
+    pub qa_passed: Option<String>,
+    /// The change Review last approved.
+    pub review_approved: Option<String>,
+    /// When the task was approved: the pushed commit's dates, so that pushing it again
+    /// makes the same commit.
+    pub approved_at: chrono::DateTime<chrono::Utc>,
+}
+
+impl PushJob {
+    /// Whether these bytes are the change that QA passed and Review approved; the reason
+    /// if not.
+    pub fn vouched(&self) -> Result<(), String> {
+        let Some(change) = &self.change else {
+            return Err("the task has no change to push".into());
+        };
+        let actual = changeset::ChangeId::of(&self.diff);
+        if actual.as_str() != change {
+            return Err(format!("the stored change hashes to {actual}, not to the task's change {change}"));
+        }
+        let said = |v: &Option<String>| v.clone().unwrap_or_else(|| "nothing".into());
+        if self.qa_passed.as_ref() != Some(change) || self.review_approved.as_ref() != Some(change) {
+            return Err(format!(
+                "change {change} was not both passed by QA and approved by Review (QA passed {}, Review approved {})",
+                said(&self.qa_passed),
+                said(&self.review_approved)
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Engine {
@@ -83,13 +116,34 @@ impl Engine {
         let mut jobs = Vec::with_capacity(ids.len());
         for id in ids {
             let task = self.get(id).await?;
+            let (change, qa_passed, review_approved): (Option<String>, Option<String>, Option<String>) =
+                sqlx::query_as(
+                    "SELECT change_sha256, qa_passed_sha256, review_approved_sha256 FROM tasks WHERE id = $1",
+                )
+                .bind(id)
+                .fetch_one(&self.pool)
+                .await?;
             let diff: Option<Vec<u8>> = sqlx::query_scalar(
-                "SELECT content FROM artifacts WHERE task_id = $1 AND kind = 'diff' ORDER BY created_at DESC, id DESC LIMIT 1",
+                "SELECT content FROM artifacts WHERE task_id = $1 AND kind = 'diff' AND sha256 = decode($2, 'hex') LIMIT 1",
             )
             .bind(id)
+            .bind(change.as_deref().unwrap_or(""))
             .fetch_optional(&self.pool)
             .await?;
-            jobs.push(PushJob { task, diff: diff.unwrap_or_default() });
+            let approved_at: chrono::DateTime<chrono::Utc> = sqlx::query_scalar(
+                "SELECT coalesce(max(at), now()) FROM task_events WHERE task_id = $1 AND to_state = 'approved'",
+            )
+            .bind(id)
+            .fetch_one(&self.pool)
+            .await?;
+            jobs.push(PushJob {
+                task,
+                diff: diff.unwrap_or_default(),
+                change,
+                qa_passed,
+                review_approved,
+                approved_at,
+            });
         }
         Ok(jobs)
     }

@@ -106,6 +106,16 @@ impl Outcome {
 /// host's copy, does not count; the step sees what will be pushed.
 async fn adopt_change(ctx: &TaskContext) -> Result<(), Outcome> {
     let Some(change) = ctx.assign.change.as_deref() else { return Ok(()) };
+    // The assignment names the change by its hash; bytes that are not those bytes (a bug,
+    // or an assignment spliced together) are judged by nobody.
+    if let Some(claimed) = ctx.assign.change_sha256.as_deref() {
+        let actual = changeset::ChangeId::of(change);
+        if changeset::ChangeId::parse(claimed).ok().as_ref() != Some(&actual) {
+            return Err(Outcome::error(format!(
+                "refused the assigned change: its bytes hash to {actual}, the assignment names {claimed:?}"
+            )));
+        }
+    }
     ctx.workspace
         .reset()
         .await
@@ -194,11 +204,13 @@ pub async fn sandbox_sh(ctx: &TaskContext, command: &str) -> Result<RunOutput, S
     Ok(out)
 }
 
-/// A script of the repository's `.agentfleet/` directory, if it has one (`build`, `test`,
-/// `format`).
+/// A script of the repository's `.agentfleet/` directory (`build`, `test`, `format`), as
+/// the base commit defines it: the shell text to run with `sh -c`. Never the working tree's
+/// copy, which the change under test (or code an earlier sandbox run left) may have
+/// rewritten into `exit 0`.
 pub async fn repo_script(ctx: &TaskContext, name: &str) -> Option<String> {
-    let path = format!(".agentfleet/{name}");
-    ctx.workspace.has_file(&path).await.then(|| format!("sh {path}"))
+    let bytes = ctx.workspace.base_file(&format!(".agentfleet/{name}")).await?;
+    String::from_utf8(bytes).ok().filter(|s| !s.contains('\0'))
 }
 
 /// The current change of the workspace against its base commit.

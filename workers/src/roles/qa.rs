@@ -13,12 +13,14 @@ const SCAN_FILE_MAX: u64 = 1024 * 1024;
 
 /// Runs the QA step.
 pub async fn run(ctx: &TaskContext) -> Outcome {
-    let command = match ctx.assign.test_command.as_deref().map(str::trim).filter(|c| !c.is_empty()) {
-        Some(c) => c.to_owned(),
+    let (command, label) = match ctx.assign.test_command.as_deref().map(str::trim).filter(|c| !c.is_empty()) {
+        Some(c) => (c.to_owned(), c.to_owned()),
         None => match repo_script(ctx, "test").await {
-            Some(c) => c,
+            Some(c) => (c, ".agentfleet/test as at the base commit".to_owned()),
             None => {
-                return Outcome::error("no test command: the task has none and the repository has no .agentfleet/test");
+                return Outcome::error(
+                    "no test command: the task has none and the base commit has no .agentfleet/test",
+                );
             }
         },
     };
@@ -59,7 +61,7 @@ pub async fn run(ctx: &TaskContext) -> Outcome {
     }
     texts.extend(findings.iter().map(ToString::to_string));
     let summary = match (passed, critical) {
-        (true, 0) => format!("tests passed ({command}); no critical finding"),
+        (true, 0) => format!("tests passed ({label}); no critical finding"),
         (true, n) => format!("tests passed but {n} critical finding(s)"),
         (false, 0) => format!("tests failed ({how})"),
         (false, n) => format!("tests failed ({how}) and {n} critical finding(s)"),

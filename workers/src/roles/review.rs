@@ -16,18 +16,48 @@ pub struct Verdict {
     pub notes: Vec<String>,
 }
 
-/// Reviews a diff against a scope.
-pub fn review(diff: &str, scope: &[String]) -> Verdict {
+/// Reviews a change against a scope. `change` is the artefact exactly as the orchestrator
+/// will push it (its headers say what `git apply` will do: modes, gitlinks, binary patches,
+/// paths that `.gitignore` hides from the working tree's diff); `diff` is the workspace's
+/// own diff after applying it, with attributes neutralized and every text byte shown. Both
+/// are judged, and either can block.
+pub fn review(change: Option<&[u8]>, diff: &str, scope: &[String]) -> Verdict {
     let mut critical = Vec::new();
     let mut notes = Vec::new();
-    let paths = touched_paths(diff);
+    let change_text = change.map(String::from_utf8_lossy);
+    let mut files = Vec::new();
+    for (what, bytes) in [("the assigned change", change), ("the workspace's diff", Some(diff.as_bytes()))] {
+        let Some(bytes) = bytes else { continue };
+        match changeset::parse(bytes) {
+            Ok(f) => files.extend(f),
+            Err(e) => critical.push(format!("critical: {what} cannot be read as git will read it: {e}")),
+        }
+    }
+    critical.extend(changeset::hidden_findings(&files, scope));
+    let mut paths = touched_paths(diff);
+    for p in change_text.as_deref().map(touched_paths).unwrap_or_default() {
+        if !paths.contains(&p) {
+            paths.push(p);
+        }
+    }
+    for p in files.iter().flat_map(changeset::FileChange::paths) {
+        if !paths.iter().any(|q| q == p) {
+            paths.push(p.to_owned());
+        }
+    }
     for p in &paths {
         if let Some(v) = scope_violation(p, scope) {
             critical.push(format!("critical: out of scope: {v}"));
         }
     }
-    for f in scan_added(diff, &[Family::Secret, Family::DangerousShell, Family::CodeInjection]) {
-        critical.push(f.to_string());
+    let families = [Family::Secret, Family::DangerousShell, Family::CodeInjection];
+    for text in [Some(diff), change_text.as_deref()].into_iter().flatten() {
+        for f in scan_added(text, &families) {
+            let f = f.to_string();
+            if !critical.contains(&f) {
+                critical.push(f);
+            }
+        }
     }
     for p in &paths {
         if is_dependency_file(p) {
@@ -44,12 +74,12 @@ pub async fn run(ctx: &TaskContext) -> Outcome {
         Ok(d) => d,
         Err(o) => return o,
     };
-    if diff.is_empty() {
+    if diff.is_empty() && ctx.assign.change.as_deref().is_none_or(<[u8]>::is_empty) {
         let mut o = Outcome::failure("rejected: the change is empty");
         o.findings.push("critical: there is no change to review".into());
         return o;
     }
-    let v = review(&String::from_utf8_lossy(&diff), &ctx.assign.scope);
+    let v = review(ctx.assign.change.as_deref(), &String::from_utf8_lossy(&diff), &ctx.assign.scope);
     if v.critical.is_empty() {
         let mut o = Outcome::success("approved");
         o.findings = v.notes;
@@ -69,15 +99,15 @@ mod tests {
     #[test]
     fn verdicts() {
         let ok = "diff --git a/calc.py b/calc.py\n--- a/calc.py\n+++ b/calc.py\n@@ -1,2 +1,2 @@\n def add(a, b):\n-    return a - b\n+    return a + b \n";
-        let v = review(ok, &[]);
+        let v = review(None, ok, &[]);
         assert!(v.critical.is_empty(), "{v:?}");
         assert_eq!(v.notes, vec!["style: calc.py: trailing whitespace (line 2)"]);
-        let v = review(ok, &["src/".to_owned()]);
+        let v = review(None, ok, &["src/".to_owned()]);
         assert!(v.critical[0].starts_with("critical: out of scope: calc.py"), "{v:?}");
         let secret = "--- a/s.py\n+++ b/s.py\n@@ -0,0 +1 @@\n+KEY = 'AKIAABCDEFGHIJKLMNOP'\n";
-        assert!(review(secret, &[]).critical[0].contains("hard-coded credential"));
+        assert!(review(None, secret, &[]).critical[0].contains("hard-coded credential"));
         let deps = "--- a/requirements.txt\n+++ b/requirements.txt\n@@ -1 +1,2 @@\n six\n+requests\n";
-        let v = review(deps, &[]);
+        let v = review(None, deps, &[]);
         assert!(v.critical.is_empty());
         assert_eq!(v.notes, vec!["dependency change: requirements.txt"]);
     }

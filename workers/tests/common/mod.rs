@@ -169,6 +169,7 @@ impl Fleet {
             findings: Vec::new(),
             scope: vec!["calc.py".into(), "tests/".into()],
             change: None,
+            change_sha256: None,
         }
     }
 
