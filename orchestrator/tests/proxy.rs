@@ -421,3 +421,129 @@ async fn a_redelivered_model_request_is_answered_again_but_paid_once() {
         .unwrap();
     assert_eq!(answers, 2, "both deliveries answered");
 }
+
+/// `role`'s result for its newest assignment of `task`, naming `judged` as the change it
+/// judged, applied as the orchestrator's result consumer would.
+async fn result(f: &Fleet, task: Uuid, role: Role, diff: Option<&str>, judged: Option<&[u8]>) {
+    let frame: Vec<u8> =
+        sqlx::query_scalar("SELECT frame FROM outbox WHERE stream = $1 AND task_id = $2 ORDER BY id DESC LIMIT 1")
+            .bind(format!("fleet:tasks:{role}"))
+            .bind(task)
+            .fetch_one(&f.pool)
+            .await
+            .unwrap();
+    let ctx = VerifyContext { now_ms: bus::now_ms(), kill_epoch: 0 };
+    let assign =
+        verifier(role).verify(&format!("fleet:tasks:{role}"), &frame, ctx, &mut MemoryReplayGuard::new()).unwrap();
+    let mut env = Envelope::new(
+        Sender { role, instance: Instance::parse(&format!("{role}-1")).unwrap() },
+        Role::Orchestrator,
+        bus::now_ms(),
+        60_000,
+        0,
+        TaskResult {
+            attempt: 1,
+            status: Status::Success,
+            summary: "ok".into(),
+            findings: vec![],
+            diff: diff.map(|d| d.as_bytes().to_vec()),
+            log: None,
+            change_sha256: judged.map(|b| changeset::ChangeId::of(b).to_string()),
+        }
+        .into(),
+    );
+    env.task_id = Some(task);
+    env.causation_id = Some(assign.id);
+    let wire = ring(role).seal(&env).unwrap();
+    let v = verifier(Role::Orchestrator).verify(streams::RESULTS, &wire, ctx, &mut MemoryReplayGuard::new()).unwrap();
+    f.engine.apply_result(&v).await.unwrap();
+}
+
+/// A compromised or confused Review (or QA) vouches for other bytes than the task's change:
+/// nothing moves forward and it is audited. A diff that reaches the artifacts without
+/// being passed and approved (a bug, a forged row) is never what gets pushed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_change_qa_passed_and_review_approved_is_pushed() {
+    let f = fleet(100_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let bare = bare_repo(dir.path());
+    let alice = Actor::operator("alice");
+
+    // A: Review approves bytes that are not the change.
+    let a = f.engine.submit(&alice, new_task(Some(bare.clone()), &["src/", "setup.py"])).await.unwrap().id;
+    result(&f, a, Role::Dev, Some(FIX), None).await;
+    result(&f, a, Role::Qa, None, Some(FIX.as_bytes())).await;
+    result(&f, a, Role::Review, None, Some(ESCAPE.as_bytes())).await;
+    assert_eq!(f.engine.get(a).await.unwrap().state, TaskState::Review, "retried, not approved");
+    let refused: String = sqlx::query_scalar(
+        "SELECT details->>'reason' FROM audit_trail WHERE action = 'task.result.refused' AND task_id = $1",
+    )
+    .bind(a)
+    .fetch_one(&f.pool)
+    .await
+    .unwrap();
+    assert_eq!(refused, "change_mismatch");
+    // QA's pass without naming any change does not count either.
+    let b = f.engine.submit(&alice, new_task(Some(bare.clone()), &["src/", "setup.py"])).await.unwrap().id;
+    result(&f, b, Role::Dev, Some(FIX), None).await;
+    result(&f, b, Role::Qa, None, None).await;
+    assert_eq!(f.engine.get(b).await.unwrap().state, TaskState::Qa);
+
+    // C: passed and approved; then a newer diff appears among the artifacts.
+    let c = f.engine.submit(&alice, new_task(Some(bare.clone()), &["src/", "setup.py"])).await.unwrap().id;
+    result(&f, c, Role::Dev, Some(FIX), None).await;
+    result(&f, c, Role::Qa, None, Some(FIX.as_bytes())).await;
+    result(&f, c, Role::Review, None, Some(FIX.as_bytes())).await;
+    assert_eq!(f.engine.get(c).await.unwrap().state, TaskState::Approved);
+    let inject = |task: Uuid| {
+        sqlx::query(
+            "INSERT INTO artifacts (id, task_id, kind, name, sha256, content) VALUES ($1, $2, 'diff', 'change.diff', $3, $4)",
+        )
+        .bind(Uuid::now_v7())
+        .bind(task)
+        .bind(hex::decode(changeset::ChangeId::of(ESCAPE.as_bytes()).as_str()).unwrap())
+        .bind(ESCAPE.as_bytes())
+        .execute(&f.pool)
+    };
+    inject(c).await.unwrap();
+    // D: passed and approved; then its current change is pointed at the injected diff.
+    let d = f.engine.submit(&alice, new_task(Some(bare.clone()), &["src/", "setup.py"])).await.unwrap().id;
+    result(&f, d, Role::Dev, Some(FIX), None).await;
+    result(&f, d, Role::Qa, None, Some(FIX.as_bytes())).await;
+    result(&f, d, Role::Review, None, Some(FIX.as_bytes())).await;
+    inject(d).await.unwrap();
+    sqlx::query("UPDATE tasks SET change_sha256 = $2 WHERE id = $1")
+        .bind(d)
+        .bind(changeset::ChangeId::of(ESCAPE.as_bytes()).to_string())
+        .execute(&f.pool)
+        .await
+        .unwrap();
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let pusher = tokio::spawn(orchestrator::proxy::push_loop(
+        f.engine.clone(),
+        matrix(),
+        orchestrator::gitops::GitConfig::default(),
+        Duration::from_millis(50),
+        stop.clone(),
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while f.engine.get(c).await.unwrap().state != TaskState::Merged
+        || f.engine.get(d).await.unwrap().state != TaskState::Failed
+    {
+        assert!(tokio::time::Instant::now() < deadline, "the push loop did not handle both tasks");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    pusher.await.unwrap();
+    let pushed = git(Path::new(&bare), &["show", &format!("agentfleet/task-{c}:setup.py")]);
+    assert_eq!(pushed, "print('setup')\n", "the injected diff was not pushed");
+    let why: String =
+        sqlx::query_scalar("SELECT details->>'reason' FROM audit_trail WHERE action = 'tool.refused' AND task_id = $1")
+            .bind(d)
+            .fetch_one(&f.pool)
+            .await
+            .unwrap();
+    assert!(why.contains("was not both passed by QA and approved by Review"), "{why}");
+    assert!(!git(Path::new(&bare), &["branch", "--list"]).contains(&d.to_string()), "nothing pushed for D");
+}
