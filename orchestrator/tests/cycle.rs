@@ -77,6 +77,11 @@ async fn last_sent(pool: &PgPool, stream: &str) -> Verified {
 }
 
 fn result_for(assign: &Verified, role: Role, status: Status, findings: &[&str]) -> Envelope {
+    // As a worker does: the result names the change it was given.
+    let judged = match &assign.payload {
+        Payload::TaskAssign(a) => a.change.as_deref().map(|c| changeset::ChangeId::of(c).to_string()),
+        _ => None,
+    };
     let mut env = Envelope::new(
         Sender { role, instance: Instance::parse(&format!("{role}-1")).unwrap() },
         Role::Orchestrator,
@@ -90,7 +95,7 @@ fn result_for(assign: &Verified, role: Role, status: Status, findings: &[&str]) 
             findings: findings.iter().map(|s| (*s).to_owned()).collect(),
             diff: (role == Role::Dev).then(|| b"--- a\n+++ b\n".to_vec()),
             log: None,
-            change_sha256: None,
+            change_sha256: judged,
         }
         .into(),
     );
