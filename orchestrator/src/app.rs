@@ -68,6 +68,10 @@ struct FileConfig {
     /// Workspaces are `<workspace_root>/task-<id>`; workers refuse one outside their own root.
     #[serde(default = "default_workspace_root")]
     workspace_root: String,
+    /// Where a task's repository may come from (`[repositories]`): allowed https hosts,
+    /// local roots, plaintext. Nothing by default.
+    #[serde(default)]
+    repositories: crate::repos::RepoPolicy,
     /// The tool proxy and capability leases; without it workers get no leases and tool
     /// requests go unanswered.
     #[serde(default)]
@@ -262,6 +266,13 @@ impl Config {
             return Err(ConfigError("setting `workspace_root` must be an absolute path".into()));
         }
         engine.workspace_root = file.workspace_root.trim_end_matches('/').to_owned();
+        if let Some(bad) = file.repositories.local_roots.iter().find(|r| !r.is_absolute()) {
+            return Err(ConfigError(format!(
+                "setting `repositories.local_roots`: {} is not an absolute path",
+                bad.display()
+            )));
+        }
+        engine.repositories = file.repositories;
         let tools = file.tools.map(|t| Tools::load(t, engine.assign_ttl, env)).transpose()?;
         Ok(Self {
             instance,

@@ -17,6 +17,7 @@
 //! - [`lease`]: capability leases (JWT) minted per assignment and checked on every tool request.
 //! - [`proxy`]: the tool proxy (`llm.complete` metered by the budget ledger) and the push of approved tasks.
 //! - [`gitops`]: `git.push_branch`: apply the approved diff to a fresh clone, push `agentfleet/task-<id>`.
+//! - [`repos`]: where a task's repository may come from (`[repositories]`), checked at intake.
 //! - [`tasks`]: the [`tasks::Engine`]: submit, apply results, heartbeats, deadlines, approvals, kill and resume.
 //! - [`api`]: the operators' HTTP API (axum) over the engine: bearer tokens with roles, per-client
 //!   intake rate limit, health, readiness and metrics.
@@ -31,6 +32,7 @@ pub mod lease;
 pub mod outbox;
 pub mod providers;
 pub mod proxy;
+pub mod repos;
 pub mod risk;
 pub mod service;
 pub mod state;

@@ -59,6 +59,8 @@ pub struct EngineConfig {
     pub retry_max: Duration,
     /// Workspaces live at `<root>/task-<id>`.
     pub workspace_root: String,
+    /// Where a task's repository may come from; nothing by default.
+    pub repositories: crate::repos::RepoPolicy,
 }
 
 impl EngineConfig {
@@ -72,6 +74,7 @@ impl EngineConfig {
             retry_base: Duration::from_secs(2),
             retry_max: Duration::from_secs(300),
             workspace_root: "/workspace".into(),
+            repositories: crate::repos::RepoPolicy::default(),
         }
     }
 
@@ -293,6 +296,9 @@ impl Engine {
     /// Accepts a task and assigns it to Dev, in one transaction.
     pub async fn submit(&self, by: &Actor, new: NewTask) -> Result<Task, EngineError> {
         new.validate()?;
+        if let Some(repo) = &new.repository {
+            self.cfg.repositories.check(repo, &self.cfg.workspace_root).map_err(EngineError::Invalid)?;
+        }
         let mut tx = self.pool.begin().await?;
         if fleet_halted(&mut tx).await? {
             return Err(EngineError::Halted);

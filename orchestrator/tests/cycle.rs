@@ -41,6 +41,7 @@ async fn fleet(tune: impl FnOnce(&mut EngineConfig)) -> Fleet {
     let mut cfg = EngineConfig::new(Instance::parse("orchestrator-0").unwrap());
     cfg.retry_base = Duration::from_millis(1);
     cfg.retry_max = Duration::from_millis(5);
+    cfg.repositories.allowed_hosts = vec!["git.example".into()];
     tune(&mut cfg);
     let key = AuditKey::new(vec![3; 32]).unwrap();
     let engine = Engine::new(pool.clone(), Arc::new(ring(Role::Orchestrator)), key.clone(), cfg);
@@ -323,4 +324,41 @@ async fn kill_halts_everything_and_resume_reissues_under_the_new_epoch() {
         assert_eq!(v.kill_epoch, 1, "re-issued under the new epoch");
     }
     assert_eq!(audit::verify(&f.pool, &f.key).await.unwrap().first_broken, None);
+}
+
+/// A task may name only a repository the policy allows: no credentials in the URL, no
+/// plaintext transport, no host or local path outside the configured ones, never another
+/// task's workspace. Refused at intake, before anything is stored or sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repositories_outside_the_policy_are_refused_at_intake() {
+    let f = fleet(|cfg| {
+        cfg.repositories.local_roots = vec!["/srv/repos".into(), "/".into()];
+    })
+    .await;
+    let op = Actor::operator("alice");
+    let refused = [
+        ("https://alice:ghp_0123456789abcdefghij0123456789abcdef@git.example/app.git", "credential helper"),
+        ("http://git.example/app.git", "plaintext"),
+        ("https://evil.example/app.git", "repositories.allowed_hosts"),
+        ("/workspace/task-0193/.git", "another's workspace"),
+        ("ext::sh -c id", "remote helper"),
+        ("git@git.example:app.git", "ssh location"),
+    ];
+    for (repo, says) in refused {
+        let mut task = new_task(Risk::Low);
+        task.repository = Some(repo.into());
+        match f.engine.submit(&op, task).await {
+            Err(orchestrator::tasks::EngineError::Invalid(why)) => {
+                assert!(why.contains(says), "{repo}: {why}");
+                assert!(!why.contains("ghp_"), "the refusal never echoes the credential: {why}");
+            }
+            other => panic!("{repo} was not refused: {other:?}"),
+        }
+    }
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks").fetch_one(&f.pool).await.unwrap();
+    let sent: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&f.pool).await.unwrap();
+    assert_eq!((stored, sent), (0, 0), "nothing stored, nothing sent");
+    let mut ok = new_task(Risk::Low);
+    ok.repository = Some("/srv/repos/app.git".into());
+    f.engine.submit(&op, ok).await.unwrap();
 }

@@ -78,7 +78,9 @@ async fn fleet(per_task_tokens: u64) -> Fleet {
         per_task_tokens: ledger_cfg.per_task_tokens,
         per_task_micro_usd: ledger_cfg.per_task_micro_usd.0,
     };
-    let cfg = EngineConfig::new(Instance::parse("orchestrator-0").unwrap());
+    let mut cfg = EngineConfig::new(Instance::parse("orchestrator-0").unwrap());
+    // The tests' repositories are bare repositories in temporary directories.
+    cfg.repositories = orchestrator::repos::RepoPolicy::local(std::env::temp_dir());
     let engine =
         Engine::new(pool.clone(), Arc::new(ring(Role::Orchestrator)), AuditKey::new(vec![3; 32]).unwrap(), cfg)
             .with_leases(Arc::new(issuer));
