@@ -36,14 +36,17 @@ pub use command::run;
 pub use passwords::{MIN_PASSWORD_LEN, Password, Passwords, PasswordsError};
 
 /// Commands every user may run, on no key: what the `redis` crate and deadpool-redis send
-/// when they connect and recycle (`AUTH` or `HELLO`, `CLIENT SETNAME`, `PING`).
+/// when they connect and recycle (`AUTH` or `HELLO`, `CLIENT SETNAME`, `PING`; deadpool-redis
+/// 0.23 recycles a pooled connection with `UNWATCH` and `PING <n>`, and a refused `UNWATCH`
+/// is silently ignored by it but still an ACL refusal in Redis's `ACL LOG`). `UNWATCH`
+/// only forgets the connection's own `WATCH`es.
 ///
 /// Redis 7.0 never ACL-checks `AUTH` and `HELLO` (they must work before authentication);
 /// they are listed so the line says what it means. `CLIENT SETINFO` is missing on purpose:
 /// Redis 7.0 does not know it (it came in 7.2) and refuses an ACL file that names it; the
 /// `redis` crate sends it on connect and ignores the error. `SELECT` is not granted: the
 /// fleet uses database 0, and the crate sends `SELECT` only for another one.
-pub const CONNECTION_COMMANDS: &[&str] = &["ping", "hello", "auth", "client|setname"];
+pub const CONNECTION_COMMANDS: &[&str] = &["ping", "hello", "auth", "client|setname", "unwatch"];
 
 /// What a publisher may do on the streams it publishes to, and nothing else.
 pub const PUBLISH_COMMANDS: &[&str] = &["xadd"];
@@ -570,7 +573,7 @@ mod tests {
         assert_eq!(
             dev,
             format!(
-                "user dev reset on #{hash} resetchannels -@all +ping +hello +auth +client|setname \
+                "user dev reset on #{hash} resetchannels -@all +ping +hello +auth +client|setname +unwatch \
                  (%W~fleet:dlq %W~fleet:heartbeats %W~fleet:questions %W~fleet:rejected %W~fleet:results \
                  %W~fleet:tool:requests resetchannels +xadd) \
                  (%R~fleet:dlq %R~fleet:heartbeats %R~fleet:questions %R~fleet:rejected %R~fleet:results \
