@@ -32,6 +32,13 @@ use uuid::Uuid;
 
 const PERMISSIONS: &str = include_str!("../../config/permissions.toml");
 
+/// A Redis user of the test's own, appended to the generated ACL file: it may read
+/// `ACL LOG` (every refusal of every fleet user) and nothing else.
+const INSPECTOR: &str = "acl-inspector";
+const INSPECTOR_PASSWORD: &str = "inspector-password-0123456789";
+/// SHA-256 of [`INSPECTOR_PASSWORD`], as the ACL file wants it.
+const INSPECTOR_HASH: &str = "dd06711a7b8ccdef0cb5a094a50266133c0265b16bb82beb1b45e342102d32c1";
+
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..").canonicalize().expect("repository root")
 }
@@ -198,11 +205,47 @@ impl Fleet {
 
     /// Fails if any process was refused by Redis's ACLs: the generated ACLs must grant
     /// every command the fleet's own code runs.
-    fn assert_no_acl_refusals(&self) {
+    ///
+    /// Redis itself is asked (`ACL LOG`, read as [`INSPECTOR`]): a process's log is not
+    /// enough. A refused `MULTI` made the `redis` crate's connection task panic in debug
+    /// builds ("attempt to subtract with overflow"), so the budget manager logged only
+    /// "broken pipe", never "NoPerm"; deadpool-redis ignores a refused `UNWATCH` on every
+    /// recycle and logs nothing at all. The logs are still searched, in any spelling, and
+    /// for panics, which no process of a healthy fleet has.
+    async fn assert_no_acl_refusals(&self) {
+        let url = format!("redis://{INSPECTOR}:{INSPECTOR_PASSWORD}@127.0.0.1:{}", self.redis_port);
+        let mut inspector = redis::Client::open(url.as_str())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap_or_else(|e| panic!("connect to Redis as {INSPECTOR}: {e}"));
+        let log: Vec<std::collections::HashMap<String, redis::Value>> =
+            redis::cmd("ACL").arg("LOG").query_async(&mut inspector).await.expect("ACL LOG");
+        let text = |v: Option<&redis::Value>| match v {
+            Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            other => format!("{other:?}"),
+        };
+        let refusals: Vec<String> = log
+            .iter()
+            .map(|e| {
+                format!(
+                    "user {} refused {} {} ({} times)",
+                    text(e.get("username")),
+                    text(e.get("reason")),
+                    text(e.get("object")),
+                    text(e.get("count"))
+                )
+            })
+            .collect();
+        assert!(refusals.is_empty(), "Redis's ACLs refused the fleet's own commands: {refusals:#?}\n{}", self.logs());
         for p in &self.procs {
             let text = std::fs::read_to_string(&p.log).unwrap_or_default();
-            if let Some(line) = text.lines().find(|l| l.contains("NoPerm") || l.contains("NOPERM")) {
-                panic!("{} was refused by the Redis ACLs: {line}", p.name);
+            let refused = |l: &str| {
+                let l = l.to_ascii_lowercase();
+                l.contains("noperm") || l.contains("no permissions") || l.contains("panicked at")
+            };
+            if let Some(line) = text.lines().find(|l| refused(l)) {
+                panic!("{} was refused by the Redis ACLs, or panicked: {line}", p.name);
             }
         }
     }
@@ -281,6 +324,12 @@ async fn start_fleet(fixture_extra: &str) -> Fleet {
         "--out",
         &acl.to_string_lossy(),
     ]);
+    let generated = std::fs::read_to_string(&acl).expect("ACL file");
+    std::fs::write(
+        &acl,
+        format!("{generated}user {INSPECTOR} on #{INSPECTOR_HASH} resetchannels -@all +hello +auth +acl|log\n"),
+    )
+    .expect("ACL file");
     let passwords: std::collections::HashMap<String, String> = std::fs::read_to_string(&secrets)
         .expect("secrets file")
         .lines()
@@ -706,7 +755,7 @@ async fn the_whole_cycle_survives_a_killed_worker_and_refuses_what_it_must() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    f.assert_no_acl_refusals();
+    f.assert_no_acl_refusals().await;
 }
 
 async fn killswitch(redis: &mut redis::aio::MultiplexedConnection) -> (u64, bool) {
@@ -828,5 +877,5 @@ async fn a_kill_mid_flight_freezes_the_fleet_and_resume_completes_every_open_tas
         assert!(Instant::now() < deadline, "the old-epoch assignment is not in fleet:rejected\n{}", f.logs());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    f.assert_no_acl_refusals();
+    f.assert_no_acl_refusals().await;
 }
