@@ -51,11 +51,6 @@ struct Fleet {
 }
 
 async fn fleet(per_task_tokens: u64) -> Fleet {
-    let pg = fleet_testkit::Postgres::start().expect("postgres must be installed; tests never skip");
-    let redis = fleet_testkit::RedisServer::start().expect("redis-server must be installed; tests never skip");
-    let url = pg.create_database().unwrap();
-    let pool = PgPool::connect(&url).await.unwrap();
-    orchestrator::db::migrate(&pool).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let fixture = dir.path().join("fixture.toml");
     std::fs::write(
@@ -63,10 +58,29 @@ async fn fleet(per_task_tokens: u64) -> Fleet {
         "[[response]]\nrole = \"dev\"\ntext = \"the answer\"\ninput_tokens = 120\noutput_tokens = 30\nmodel = \"scripted-1\"\n",
     )
     .unwrap();
-    let provider = orchestrator::providers::build(&ProviderConfig::Scripted(ScriptedConfig { fixture })).unwrap();
+    let provider = ProviderConfig::Scripted(ScriptedConfig { fixture });
+    fleet_with(dir, provider, per_task_tokens, "scripted-1", (1_000_000, 2_000_000)).await
+}
+
+/// A fleet whose proxy calls `provider` as `model`, priced at `(input, output)` µ$ per
+/// million tokens.
+async fn fleet_with(
+    dir: tempfile::TempDir,
+    provider: ProviderConfig,
+    per_task_tokens: u64,
+    model: &str,
+    (input_price, output_price): (u64, u64),
+) -> Fleet {
+    let pg = fleet_testkit::Postgres::start().expect("postgres must be installed; tests never skip");
+    let redis = fleet_testkit::RedisServer::start().expect("redis-server must be installed; tests never skip");
+    let url = pg.create_database().unwrap();
+    let pool = PgPool::connect(&url).await.unwrap();
+    orchestrator::db::migrate(&pool).await.unwrap();
+    let provider = orchestrator::providers::build(&provider).unwrap();
     let ledger_cfg = LedgerConfig::from_toml(&format!(
         "daily_tokens = 500000\ndaily_micro_usd = 10000000\nper_task_tokens = {per_task_tokens}\nper_task_micro_usd = 2000000\n\
-         reservation_ttl_secs = 60\n[prices.scripted-1]\ninput_micro_usd_per_mtok = 1000000\noutput_micro_usd_per_mtok = 2000000\n"
+         reservation_ttl_secs = 60\n[prices.{model}]\ninput_micro_usd_per_mtok = {input_price}\n\
+         output_micro_usd_per_mtok = {output_price}\n"
     ))
     .unwrap();
     let redis_pool = bus::pool(&SecretString::from(redis.url()), 4, Duration::from_secs(1)).unwrap();
@@ -84,7 +98,7 @@ async fn fleet(per_task_tokens: u64) -> Fleet {
     let engine =
         Engine::new(pool.clone(), Arc::new(ring(Role::Orchestrator)), AuditKey::new(vec![3; 32]).unwrap(), cfg)
             .with_leases(Arc::new(issuer));
-    let models: ModelConfig = toml::from_str("default = \"scripted-1\"").unwrap();
+    let models: ModelConfig = toml::from_str(&format!("default = \"{model}\"")).unwrap();
     let proxy = ToolProxy::new(engine.clone(), keys, matrix(), provider, ledger.clone(), models, redis_pool);
     Fleet { _pg: pg, _redis: redis, _dir: dir, pool, engine, proxy, ledger }
 }
@@ -548,4 +562,187 @@ async fn only_the_change_qa_passed_and_review_approved_is_pushed() {
             .unwrap();
     assert!(why.contains("was not both passed by QA and approved by Review"), "{why}");
     assert!(!git(Path::new(&bare), &["branch", "--list"]).contains(&d.to_string()), "nothing pushed for D");
+}
+
+/// A model provider that bills the worst a byte-level tokenizer can: one token per byte of
+/// every message, 3 per message for the chat framing and 3 for the answer's priming, and
+/// the whole `max_tokens` for the answer (OpenAI-compatible, on 127.0.0.1:0). It answers
+/// after a short pause, as a model does, so concurrent calls overlap.
+async fn worst_case_provider() -> String {
+    async fn complete(body: axum::body::Bytes) -> axum::Json<serde_json::Value> {
+        let req: serde_json::Value = serde_json::from_slice(&body).expect("the proxy sends JSON");
+        let messages = req["messages"].as_array().expect("messages");
+        let bytes: u64 = messages.iter().map(|m| m["content"].as_str().expect("text content").len() as u64).sum();
+        let prompt_tokens = bytes + 3 * messages.len() as u64 + 3;
+        let completion_tokens = req["max_tokens"].as_u64().expect("max_tokens");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        axum::Json(serde_json::json!({
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "model": req["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        }))
+    }
+    let app = axum::Router::new().route("/v1/chat/completions", axum::routing::post(complete));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/v1")
+}
+
+/// Prompts of 1 800 bytes that a characters ÷ 4 estimate takes for 113 to 450 tokens:
+/// CJK (600 characters), emoji (450) and base64 (1 800).
+fn hostile_prompt(i: usize) -> String {
+    use base64::Engine as _;
+    let prompt = match i % 3 {
+        0 => "漢".repeat(600),
+        1 => "🦀".repeat(450),
+        _ => base64::engine::general_purpose::STANDARD.encode((0..1350).map(|b| (b * 7 + i) as u8).collect::<Vec<_>>()),
+    };
+    assert_eq!(prompt.len(), 1800);
+    prompt
+}
+
+/// What a burst of hostile calls left behind.
+struct Burst {
+    /// Answered with a completion.
+    answered: usize,
+    /// Refusal codes, sorted.
+    refused: Vec<String>,
+    /// The most the task ever had committed plus held, sampled all through the burst.
+    peak: u64,
+    /// The most money the task ever had committed plus held.
+    peak_cost: u64,
+    /// The task's figures after the burst.
+    after: budget::ledger::TaskUsage,
+    /// The day's commits whose actual figures exceeded their reservation.
+    over_commits: u64,
+    task: Uuid,
+}
+
+/// Fifty concurrent `llm.complete` calls with hostile prompts and `max_tokens = 100`, each
+/// from its own Dev instance, on one task's lease, through the proxy's real handler
+/// against the worst-case provider priced at `price` µ$ per million tokens (in and out).
+async fn hostile_burst(price: u64) -> (Fleet, Burst) {
+    let base = worst_case_provider().await;
+    let provider: ProviderConfig =
+        toml::from_str(&format!("kind = \"openai\"\nbase_url = \"{base}\"\ntimeout_secs = 30\n")).unwrap();
+    // The ledger's own per-task limit is far above the lease's (LOW risk: 10 000 tokens,
+    // 500 000 µ$): only an atomic check of the lease's limits holds the task to them.
+    let f = fleet_with(tempfile::tempdir().unwrap(), provider, 100_000, "worst-1", (price, price)).await;
+    let task = f.engine.submit(&Actor::operator("alice"), new_task(None, &[])).await.unwrap();
+    let assign = last_sent(&f.pool, "fleet:tasks:dev", Role::Dev).await;
+    let mut deliveries = Vec::new();
+    for i in 0..50 {
+        let me = Instance::parse(&format!("dev-h{i}")).unwrap();
+        let input =
+            serde_json::json!({"messages": [{"role": "user", "content": hostile_prompt(i)}], "max_tokens": 100});
+        let mut env = Envelope::new(
+            Sender { role: Role::Dev, instance: me.clone() },
+            Role::Orchestrator,
+            bus::now_ms(),
+            60_000,
+            0,
+            ToolRequest { request_id: Uuid::now_v7(), action: "llm.complete".into(), input: input.to_string() }.into(),
+        );
+        env.task_id = assign.task_id;
+        env.causation_id = Some(assign.id);
+        env.lease = assign.lease.clone();
+        let wire = ring(Role::Dev).seal(&env).unwrap();
+        let ctx = VerifyContext { now_ms: bus::now_ms(), kill_epoch: 0 };
+        let verified = verifier(Role::Orchestrator)
+            .verify(streams::TOOL_REQUESTS, &wire, ctx, &mut MemoryReplayGuard::new())
+            .unwrap();
+        let entry_id = format!("1-{i}");
+        deliveries.push((
+            me,
+            Delivery { envelope: verified, stream: streams::TOOL_REQUESTS.into(), entry_id, deliveries: 1 },
+        ));
+    }
+
+    // Samples committed + held all through the burst.
+    let done = tokio_util::sync::CancellationToken::new();
+    let sampler = {
+        let (ledger, done) = (f.ledger.clone(), done.clone());
+        tokio::spawn(async move {
+            let (mut peak, mut peak_cost) = (0, 0);
+            while !done.is_cancelled() {
+                let u = ledger.task_usage(task.id).await.unwrap().usage;
+                peak = peak.max(u.tokens + u.held_tokens);
+                peak_cost = peak_cost.max(u.cost.0 + u.held_cost.0);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            (peak, peak_cost)
+        })
+    };
+    let mut burst = tokio::task::JoinSet::new();
+    let mut instances = Vec::new();
+    for (me, d) in deliveries {
+        let proxy = f.proxy.clone();
+        instances.push(me);
+        burst.spawn(async move { proxy.handle(d).await });
+    }
+    while let Some(handled) = burst.join_next().await {
+        handled.unwrap().unwrap();
+    }
+    done.cancel();
+    let (sampled, sampled_cost) = sampler.await.unwrap();
+
+    let (mut answered, mut refused) = (0, Vec::new());
+    for me in &instances {
+        let reply = last_sent(&f.pool, StreamName::tool_responses(Role::Dev, me).as_str(), Role::Dev).await;
+        let Payload::ToolResponse(r) = reply.into_inner().payload else { panic!("expected tool.response") };
+        if r.ok { answered += 1 } else { refused.push(code(&r)) }
+    }
+    refused.sort();
+    let after = f.ledger.task_usage(task.id).await.unwrap();
+    let over_commits = f.ledger.usage(f.ledger.today()).await.unwrap().over_commits;
+    let peak = sampled.max(after.usage.tokens + after.usage.held_tokens);
+    let peak_cost = sampled_cost.max(after.usage.cost.0 + after.usage.held_cost.0);
+    (f, Burst { answered, refused, peak, peak_cost, after, over_commits, task: task.id })
+}
+
+/// The reservation of each hostile call: 1 800 bytes + 4 framing + 3 priming in, 100 out.
+const HOSTILE_RESERVED: u64 = 1_807 + 100;
+/// What the worst-case provider bills for one: 1 800 + 3 + 3 in, 100 out.
+const HOSTILE_BILLED: u64 = 1_806 + 100;
+
+/// The refusals of a burst: each call either reached the ledger and was refused there
+/// (`budget_exceeded`, which blocks the task), or came after the block (`lease_stale`).
+fn assert_refused_for_budget(b: &Burst, n: usize) {
+    assert_eq!(b.refused.len(), n, "{:?}", b.refused);
+    assert!(b.refused.iter().all(|c| c == "budget_exceeded" || c == "lease_stale"), "{:?}", b.refused);
+    assert!(b.refused.iter().any(|c| c == "budget_exceeded"), "{:?}", b.refused);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_hostile_prompts_never_spend_past_the_lease_token_limit() {
+    // $1 per million tokens: 500 000 µ$ would buy 250 calls; the 10 000 tokens buy 5.
+    let (f, b) = hostile_burst(1_000_000).await;
+    assert_eq!(b.answered, 5, "10 000 / {HOSTILE_RESERVED} reserved per call; refused: {:?}", b.refused);
+    assert_refused_for_budget(&b, 45);
+    assert!(b.peak <= 10_000, "committed + held reached {} tokens, over the lease's 10 000", b.peak);
+    assert_eq!((b.after.usage.tokens, b.after.usage.held_tokens, b.after.usage.calls), (5 * HOSTILE_BILLED, 0, 5));
+    assert_eq!(b.over_commits, 0, "every reservation was an upper bound of what the provider billed");
+    assert_eq!(f.engine.get(b.task).await.unwrap().state, TaskState::Blocked);
+    let paid: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_trail WHERE action = 'tool.llm.complete'")
+        .fetch_one(&f.pool)
+        .await
+        .unwrap();
+    assert_eq!(paid, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_hostile_prompts_never_spend_past_the_lease_money_limit() {
+    // $80 per million tokens: each call holds 1 907 × 80 = 152 560 µ$, so the lease's
+    // 500 000 µ$ buy 3 calls, while its 10 000 tokens would buy 5.
+    let (f, b) = hostile_burst(80_000_000).await;
+    assert_eq!(b.answered, 3, "500 000 µ$ / {} reserved per call; refused: {:?}", HOSTILE_RESERVED * 80, b.refused);
+    assert_refused_for_budget(&b, 47);
+    assert!(b.peak_cost <= 500_000, "committed + held reached {} µ$, over the lease's 500 000", b.peak_cost);
+    assert_eq!((b.after.usage.cost.0, b.after.usage.held_cost.0), (3 * HOSTILE_BILLED * 80, 0));
+    assert_eq!(b.over_commits, 0);
+    assert_eq!(f.engine.get(b.task).await.unwrap().state, TaskState::Blocked);
 }
