@@ -223,6 +223,7 @@ impl Fleet {
             redis::cmd("ACL").arg("LOG").query_async(&mut inspector).await.expect("ACL LOG");
         let text = |v: Option<&redis::Value>| match v {
             Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            Some(redis::Value::Int(n)) => n.to_string(),
             other => format!("{other:?}"),
         };
         let refusals: Vec<String> = log
