@@ -241,9 +241,12 @@ impl Fleet {
         assert!(refusals.is_empty(), "Redis's ACLs refused the fleet's own commands: {refusals:#?}\n{}", self.logs());
         for p in &self.procs {
             let text = std::fs::read_to_string(&p.log).unwrap_or_default();
+            // A Rust panic's first line: "thread '<name>' (<id>) panicked at <file>:<line>".
             let refused = |l: &str| {
-                let l = l.to_ascii_lowercase();
-                l.contains("noperm") || l.contains("no permissions") || l.contains("panicked at")
+                let lower = l.to_ascii_lowercase();
+                lower.contains("noperm")
+                    || lower.contains("no permissions")
+                    || (l.starts_with("thread '") && l.contains(" panicked at "))
             };
             if let Some(line) = text.lines().find(|l| refused(l)) {
                 panic!("{} was refused by the Redis ACLs, or panicked: {line}", p.name);
