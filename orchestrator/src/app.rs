@@ -20,6 +20,14 @@ use crate::tasks::{Engine, EngineConfig};
 /// Concurrent tool-request consumers (model calls in flight at once).
 const TOOL_CONSUMERS: usize = 4;
 
+/// Consumers of a worker role's task group with nothing pending and idle this long are
+/// deleted by the orchestrator (workers' own consumers do not prune: they lack
+/// `XGROUP DELCONSUMER`). A live worker reads every `block_ms`, so it is never this idle.
+const WORKER_CONSUMERS_IDLE: Duration = Duration::from_secs(3600);
+
+/// How often the worker groups are looked at for idle consumers.
+const WORKER_CONSUMERS_PRUNE_EVERY: Duration = Duration::from_secs(60);
+
 /// The configuration file (TOML). Unknown keys are refused.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -409,6 +417,20 @@ impl App {
             &shutdown,
         )?;
         tasks.spawn(tick_loop(self.engine.clone(), self.tick, shutdown.clone()));
+        // Workers may not run XGROUP DELCONSUMER (it would let one drop a peer's task):
+        // the orchestrator prunes their groups' idle consumers for them.
+        let worker_groups = Role::ALL
+            .iter()
+            .filter(|r| r.is_worker())
+            .map(|r| (StreamName::tasks(*r).as_str().to_owned(), r.as_str().to_owned()))
+            .collect();
+        tasks.spawn(bus::pruner::run(
+            self.redis.clone(),
+            worker_groups,
+            WORKER_CONSUMERS_IDLE,
+            WORKER_CONSUMERS_PRUNE_EVERY,
+            shutdown.clone(),
+        ));
         if let Some((handler, matrix, git)) = self.proxy.take() {
             // Model calls take seconds to minutes: several consumers in the group, one entry
             // at a time each, so one slow call does not hold up every worker's request.

@@ -122,6 +122,9 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Resu
     consumer_cfg.retry_max = Duration::from_secs(cfg.consumer.retry_max_secs);
     consumer_cfg.max_deliveries = cfg.consumer.max_deliveries;
     consumer_cfg.grace = cfg.grace;
+    // Workers may not delete consumers (a peer's pending task would go with it); the
+    // orchestrator prunes this group.
+    consumer_cfg.remove_idle_consumers_after = None;
     let handler = TaskHandler {
         inner: Arc::new(HandlerInner {
             role,
