@@ -379,6 +379,10 @@ async fn a_peers_heartbeat_does_not_extend_the_deadline_and_is_audited() {
     let task = f.engine.submit(&Actor::operator("alice"), new_task(None, &[])).await.unwrap();
     let assign = last_sent(&f.pool, "fleet:tasks:dev", Role::Dev).await;
 
+    // Another role's worker naming the dev assignment binds nothing.
+    let qa = from_worker("qa-1", Role::Qa, &assign, streams::HEARTBEATS, Heartbeat { seq: 1, busy: true }.into());
+    assert!(!f.engine.heartbeat(&qa).await.unwrap());
+    assert_eq!(f.engine.get(task.id).await.unwrap().assigned_to, None);
     // dev-1 claims the assignment with its first heartbeat.
     assert!(f.engine.heartbeat(&heartbeat("dev-1", &assign)).await.unwrap());
     let bound = f.engine.get(task.id).await.unwrap();
@@ -411,6 +415,7 @@ async fn a_peers_heartbeat_does_not_extend_the_deadline_and_is_audited() {
     assert_eq!(
         not_held(&f.pool).await,
         [
+            row("heartbeat.refused", "lease_stale", None),
             row("heartbeat.refused", "lease_bound_elsewhere", Some("dev-1")),
             row("heartbeat.refused", "lease_stale", None)
         ]

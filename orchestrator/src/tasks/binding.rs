@@ -14,13 +14,14 @@
 //! the lease its peer already holds, and an instance that binds an unclaimed assignment
 //! first is no worse than one the assignment was delivered to.
 
-use envelope::{Envelope, Verified};
+use envelope::{Envelope, Role, Verified};
 use serde_json::json;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::{Actor, Engine, EngineError, Task};
 use crate::audit;
+use crate::state::TaskState;
 
 /// Reason code: the assignment is bound to another instance of the role.
 pub const HOLD_ELSEWHERE: &str = "lease_bound_elsewhere";
@@ -53,9 +54,9 @@ impl Hold {
     }
 }
 
-/// What a task row says about `instance` and `assignment`.
-pub(super) fn hold_of(task: &Task, assignment: Option<Uuid>, instance: &str) -> Hold {
-    if assignment.is_none() || task.assignment_id != assignment || task.state.worker().is_none() {
+/// What a task row says about `instance` of `role` and `assignment`.
+pub(super) fn hold_of(task: &Task, assignment: Option<Uuid>, role: Role, instance: &str) -> Hold {
+    if assignment.is_none() || task.assignment_id != assignment || task.state.worker() != Some(role) {
         return Hold::Stale;
     }
     match task.assigned_to.as_deref() {
@@ -64,24 +65,37 @@ pub(super) fn hold_of(task: &Task, assignment: Option<Uuid>, instance: &str) -> 
     }
 }
 
+/// The task state in which `role` works (`dev`, …); a role that never works on tasks gets
+/// a name no task state has, so nothing matches.
+fn worker_state(role: Role) -> &'static str {
+    match role {
+        Role::Dev => TaskState::Dev.as_str(),
+        Role::Qa => TaskState::Qa.as_str(),
+        Role::Review => TaskState::Review.as_str(),
+        Role::Refactor => TaskState::Refactor.as_str(),
+        Role::Orchestrator | Role::Budget => "-",
+    }
+}
+
 impl Engine {
-    /// Binds `assignment` of `task` to `instance` unless another instance holds it; says
-    /// whether `instance` holds it now. One `UPDATE`, so two instances racing for an
-    /// unbound assignment cannot both win.
-    pub async fn hold(&self, task: Uuid, assignment: Uuid, instance: &str) -> Result<Hold, EngineError> {
+    /// Binds `assignment` of `task` to `instance` of `role` unless another instance holds
+    /// it; says whether `instance` holds it now. One `UPDATE`, so two instances racing for
+    /// an unbound assignment cannot both win.
+    pub async fn hold(&self, task: Uuid, assignment: Uuid, role: Role, instance: &str) -> Result<Hold, EngineError> {
         let bound = sqlx::query(
-            "UPDATE tasks SET assigned_to = $3 WHERE id = $1 AND assignment_id = $2 \
-             AND state IN ('dev', 'qa', 'review', 'refactor') AND (assigned_to IS NULL OR assigned_to = $3)",
+            "UPDATE tasks SET assigned_to = $4 WHERE id = $1 AND assignment_id = $2 AND state = $3 \
+             AND (assigned_to IS NULL OR assigned_to = $4)",
         )
         .bind(task)
         .bind(assignment)
+        .bind(worker_state(role))
         .bind(instance)
         .execute(&self.pool)
         .await?;
         if bound.rows_affected() > 0 {
             return Ok(Hold::Held);
         }
-        Ok(hold_of(&self.get(task).await?, Some(assignment), instance))
+        Ok(hold_of(&self.get(task).await?, Some(assignment), role, instance))
     }
 
     /// A worker is alive: pushes back the deadline of the assignment it names
@@ -95,19 +109,20 @@ impl Engine {
         let deadline = chrono::Utc::now() + self.cfg.step_deadline;
         let updated = sqlx::query(
             "UPDATE tasks SET deadline_at = $1, assigned_to = $2 WHERE id = $3 AND assignment_id = $4 \
-             AND state IN ('dev', 'qa', 'review', 'refactor') AND (assigned_to IS NULL OR assigned_to = $2)",
+             AND state = $5 AND (assigned_to IS NULL OR assigned_to = $2)",
         )
         .bind(deadline)
         .bind(instance)
         .bind(task_id)
         .bind(env.causation_id)
+        .bind(worker_state(env.from.role))
         .execute(&self.pool)
         .await?;
         if updated.rows_affected() > 0 {
             return Ok(true);
         }
         let hold = match self.get(task_id).await {
-            Ok(task) => match hold_of(&task, env.causation_id, instance) {
+            Ok(task) => match hold_of(&task, env.causation_id, env.from.role, instance) {
                 // Bound between the two statements by this very instance: nothing to refuse.
                 Hold::Held => return Ok(false),
                 refused => refused,
@@ -133,7 +148,7 @@ impl Engine {
         env: &Verified<Envelope>,
     ) -> Result<Result<(), Hold>, EngineError> {
         let instance = env.from.instance.as_str();
-        match hold_of(task, env.causation_id, instance) {
+        match hold_of(task, env.causation_id, env.from.role, instance) {
             Hold::Held if task.assigned_to.is_none() => {
                 sqlx::query("UPDATE tasks SET assigned_to = $2 WHERE id = $1")
                     .bind(task.id)
