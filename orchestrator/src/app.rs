@@ -56,6 +56,10 @@ struct FileConfig {
     /// Seconds a worker may stay silent on a step.
     #[serde(default = "default_step_deadline")]
     step_deadline_secs: u64,
+    /// Seconds the worker holding a step may stay silent before a peer that reclaimed its
+    /// task entry takes the step's lease over (below the workers' `claim_idle_secs`).
+    #[serde(default = "default_takeover_after")]
+    takeover_after_secs: u64,
     /// Seconds between deadline checks.
     #[serde(default = "default_tick")]
     tick_secs: u64,
@@ -165,6 +169,9 @@ fn default_max_retries() -> u32 {
 fn default_step_deadline() -> u64 {
     300
 }
+fn default_takeover_after() -> u64 {
+    30
+}
 fn default_tick() -> u64 {
     1
 }
@@ -260,12 +267,15 @@ impl Config {
         api.listen = file.listen;
         api.rate_limit_burst = file.rate_limit_burst;
         api.rate_limit_per_second = file.rate_limit_per_second;
-        if file.step_deadline_secs == 0 || file.tick_secs == 0 {
-            return Err(ConfigError("settings `step_deadline_secs` and `tick_secs` must be at least 1".into()));
+        if file.step_deadline_secs == 0 || file.tick_secs == 0 || file.takeover_after_secs == 0 {
+            return Err(ConfigError(
+                "settings `step_deadline_secs`, `takeover_after_secs` and `tick_secs` must be at least 1".into(),
+            ));
         }
         let mut engine = EngineConfig::new(instance.clone());
         engine.max_retries = file.max_retries;
         engine.step_deadline = Duration::from_secs(file.step_deadline_secs);
+        engine.takeover_after = Duration::from_secs(file.takeover_after_secs);
         if !file.workspace_root.starts_with('/') {
             return Err(ConfigError("setting `workspace_root` must be an absolute path".into()));
         }

@@ -202,7 +202,7 @@ impl ToolProxy {
             return Ok(Err(refused("lease_stale", "the step this lease was issued for is over")));
         }
         // First use binds the lease to this instance; a peer presenting it is refused.
-        match self.0.engine.hold(claims.task, claims.jti, claims.role, env.from.instance.as_str()).await? {
+        match self.0.engine.hold(claims.task, Some(claims.jti), claims.role, env.from.instance.as_str()).await? {
             Hold::Held => {}
             Hold::Stale => {
                 return Ok(Err(refused(HOLD_STALE, "the step this lease was issued for is over")));

@@ -53,6 +53,9 @@ pub struct EngineConfig {
     pub max_retries: u32,
     /// How long a worker may stay silent (no heartbeat, no result) before the step is reassigned.
     pub step_deadline: Duration,
+    /// How long the instance holding a step may stay silent before another instance that
+    /// uses the same assignment (having reclaimed its task entry) takes the binding over.
+    pub takeover_after: Duration,
     /// `ttl_ms` of assignments.
     pub assign_ttl: Duration,
     /// First retry delay; doubles per retry.
@@ -70,6 +73,7 @@ impl EngineConfig {
             instance,
             max_retries: 3,
             step_deadline: Duration::from_secs(300),
+            takeover_after: Duration::from_secs(30),
             assign_ttl: Duration::from_secs(3600),
             retry_base: Duration::from_secs(2),
             retry_max: Duration::from_secs(300),

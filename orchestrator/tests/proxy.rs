@@ -280,6 +280,47 @@ async fn a_lease_dies_with_its_step_and_a_task_over_budget_is_blocked() {
     assert_eq!(refusals(&f.pool).await, ["lease_stale", "budget_exceeded"]);
 }
 
+/// A holder that falls silent (crashed; the bus hands its task entry to a peer after
+/// `claim_idle`) loses the binding to the peer that then uses the assignment: the step is
+/// finished once, without waiting for its deadline, and the takeover is audited. The old
+/// holder coming back is a peer like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_holders_step_is_taken_over_by_the_peer_that_reclaimed_it() {
+    let f = fleet_with(100_000, |c| c.takeover_after = Duration::from_millis(300)).await;
+    let task = f.engine.submit(&Actor::operator("alice"), new_task(None, &[])).await.unwrap();
+    let assign = last_sent(&f.pool, "fleet:tasks:dev", Role::Dev).await;
+    assert!(f.engine.heartbeat(&heartbeat("dev-1", &assign)).await.unwrap());
+    // While dev-1 is alive, dev-2 may not use its lease.
+    assert_eq!(
+        code(&ask_as(&f, "dev-2", Role::Dev, &assign, assign.lease.clone(), "llm.complete").await),
+        "lease_bound_elsewhere"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // dev-1 has been silent past takeover_after: dev-2 takes the step over.
+    assert!(ask_as(&f, "dev-2", Role::Dev, &assign, assign.lease.clone(), "llm.complete").await.ok);
+    assert_eq!(f.engine.get(task.id).await.unwrap().assigned_to.as_deref(), Some("dev-2"));
+    let rebound: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT actor_instance, details->>'from', details->>'to' FROM audit_trail WHERE action = 'task.rebound'",
+    )
+    .fetch_all(&f.pool)
+    .await
+    .unwrap();
+    assert_eq!(rebound, [("dev-2".to_owned(), "dev-1".to_owned(), "dev-2".to_owned())]);
+    // dev-1 comes back: dev-2 is alive, so dev-1 is the peer now.
+    assert!(!f.engine.heartbeat(&heartbeat("dev-1", &assign)).await.unwrap());
+    assert_eq!(
+        f.engine.apply_result(&dev_result("dev-1", &assign, ESCAPE)).await.unwrap(),
+        Applied::Refused(Hold::Elsewhere { holder: "dev-2".into() })
+    );
+    assert_eq!(f.engine.apply_result(&dev_result("dev-2", &assign, FIX)).await.unwrap(), Applied::Moved(TaskState::Qa));
+    let path: Vec<String> = sqlx::query_scalar("SELECT to_state FROM task_events WHERE task_id = $1 ORDER BY seq")
+        .bind(task.id)
+        .fetch_all(&f.pool)
+        .await
+        .unwrap();
+    assert_eq!(path, ["submitted", "dev", "qa"], "the step was finished once, not reassigned");
+}
+
 /// Charges `tokens` to `task` in the ledger, as earlier calls would have.
 async fn spend(f: &Fleet, task: Uuid, tokens: u64) {
     let r = f.ledger.reserve(task, Role::Dev, "scripted-1", tokens, 0).await.unwrap();
