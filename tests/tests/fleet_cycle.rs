@@ -320,7 +320,7 @@ async fn start_fleet(fixture_extra: &str) -> Fleet {
         format!(
             "instance = \"orchestrator-0\"\nkeyset = \"{d}/orchestrator.keyset.toml\"\npermissions = \"{p}\"\n\
              audit_key_file = \"{d}/audit.key\"\njwt_secret_file = \"{d}/jwt.secret\"\nlisten = \"127.0.0.1:{api_port}\"\n\
-             workspace_root = \"{d}/workspaces\"\nstep_deadline_secs = 120\n\
+             workspace_root = \"{d}/workspaces\"\nstep_deadline_secs = 120\ntakeover_after_secs = 3\n\
              [tools]\nlease_secret_file = \"{d}/lease.secret\"\nrisk_matrix = \"{m}\"\nledger = \"{d}/ledger.toml\"\n\
              [tools.provider]\nkind = \"scripted\"\nfixture = \"{f}\"\n[tools.models]\ndefault = \"scripted-1\"\n",
             d = d.display(),
