@@ -20,6 +20,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use envelope::{Instance, PermissionTable, Role, StreamName, streams};
 use fleet_testkit::RedisServer;
@@ -393,9 +394,16 @@ async fn consumers_work_their_own_streams_and_nobody_elses() {
                     .unwrap_or_else(|| panic!("nobody may publish to {s}"));
                 let id = fleet.seed(publisher, s).await;
                 let id = id.as_str();
+                // A worker may neither create nor delete consumers: every instance of the role
+                // shares the user, and deleting a peer's consumer drops the peer's task.
+                let (create, delete) = if role.is_worker() {
+                    (Expect::NoPerm, Expect::NoPerm)
+                } else {
+                    (Expect::Returns(Value::Int(1)), Expect::Allowed)
+                };
                 for (expect, args) in [
                     (Expect::Returns(Value::Okay), &["XGROUP", "CREATE", s, group, "0", "MKSTREAM"][..]),
-                    (Expect::Returns(Value::Int(1)), &["XGROUP", "CREATECONSUMER", s, group, c2]),
+                    (create, &["XGROUP", "CREATECONSUMER", s, group, c2]),
                     (Expect::Allowed, &["XREADGROUP", "GROUP", group, c1, "COUNT", "10", "STREAMS", s, ">"]),
                     (Expect::Allowed, &["XPENDING", s, group]),
                     (Expect::Allowed, &["XPENDING", s, group, "-", "+", "10"]),
@@ -407,7 +415,7 @@ async fn consumers_work_their_own_streams_and_nobody_elses() {
                     (Expect::Allowed, &["XINFO", "STREAM", s]),
                     (Expect::Returns(Value::Int(1)), &["XLEN", s]),
                     (Expect::Allowed, &["XRANGE", s, "-", "+"]),
-                    (Expect::Allowed, &["XGROUP", "DELCONSUMER", s, group, c2]),
+                    (delete, &["XGROUP", "DELCONSUMER", s, group, c2]),
                     // Its own inbox is not its to write.
                     (Expect::NoPerm, &["XADD", s, "*", "forged", "1"]),
                     (Expect::NoPerm, &["XDEL", s, id]),
@@ -436,8 +444,15 @@ async fn consumers_work_their_own_streams_and_nobody_elses() {
                     // A publisher reads the length and group lag of what it publishes to
                     // (the bus's backpressure), and nothing else of it.
                     let backlog = matches!(args[..2], ["XINFO", "GROUPS"] | ["XLEN", _]);
-                    let expect =
-                        if backlog && may_xadd(&fleet.table, user, s) { Expect::Permitted } else { Expect::NoPerm };
+                    // The orchestrator prunes the workers' task groups for them.
+                    let prune = user == User::Orchestrator
+                        && Role::WORKERS.iter().any(|w| StreamName::tasks(*w).as_str() == s)
+                        && matches!(args[..2], ["XINFO", "CONSUMERS"] | ["XGROUP", "DELCONSUMER"]);
+                    let expect = if (backlog && may_xadd(&fleet.table, user, s)) || prune {
+                        Expect::Permitted
+                    } else {
+                        Expect::NoPerm
+                    };
                     cases.push(case(user, expect, args));
                 }
             }
@@ -452,6 +467,40 @@ async fn consumers_work_their_own_streams_and_nobody_elses() {
         ));
     }
     fleet.expect_all("consumer commands on own and foreign streams", cases).await;
+}
+
+/// Issue 10, item 3: a compromised worker cannot delete a peer's consumer (which would drop
+/// the task the peer is working on from the group's pending list); the orchestrator prunes
+/// the workers' idle consumers for them, under the generated ACL.
+#[tokio::test]
+async fn a_worker_cannot_delete_a_peers_consumer_and_the_orchestrator_prunes_idle_ones() {
+    let mut fleet = Fleet::start();
+    let stream = StreamName::tasks(Role::Dev).to_string();
+    let s = stream.as_str();
+    fleet.seed(User::OutboxRelay, s).await;
+    let id = fleet.seed(User::OutboxRelay, s).await;
+    let cases = vec![
+        case(User::Dev, Expect::Returns(Value::Okay), &["XGROUP", "CREATE", s, "dev", "0"]),
+        // dev-1 is working on the first task; dev-2 read the second and is done with it.
+        case(User::Dev, Expect::Allowed, &["XREADGROUP", "GROUP", "dev", "dev-1", "COUNT", "1", "STREAMS", s, ">"]),
+        case(User::Dev, Expect::Allowed, &["XREADGROUP", "GROUP", "dev", "dev-2", "COUNT", "1", "STREAMS", s, ">"]),
+        case(User::Dev, Expect::Returns(Value::Int(1)), &["XACK", s, "dev", id.as_str()]),
+        // A compromised instance tries to make dev-1's task vanish.
+        case(User::Dev, Expect::NoPerm, &["XGROUP", "DELCONSUMER", s, "dev", "dev-1"]),
+        case(User::Dev, Expect::NoPerm, &["XGROUP", "DELCONSUMER", s, "dev", "dev-2"]),
+    ];
+    fleet.expect_all("a worker deleting consumers", cases).await;
+
+    let orchestrator = fleet.connection(User::Orchestrator).await;
+    let removed = bus::pruner::prune_idle_consumers(orchestrator, s, "dev", None, Duration::ZERO).await.unwrap();
+    assert_eq!(removed, 1, "only dev-2, which holds nothing, is pruned");
+    let args = |a: &[&str]| a.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
+    let pending = fleet.run(User::Dev, &args(&["XPENDING", s, "dev"])).await.unwrap();
+    let Value::Array(summary) = pending else { panic!("XPENDING: {pending:?}") };
+    assert_eq!(summary[0], Value::Int(1), "dev-1 still holds its task");
+    let consumers = fleet.run(User::Dev, &args(&["XINFO", "CONSUMERS", s, "dev"])).await.unwrap();
+    let Value::Array(consumers) = consumers else { panic!("XINFO CONSUMERS: {consumers:?}") };
+    assert_eq!(consumers.len(), 1, "dev-1 is kept: {consumers:?}");
 }
 
 #[tokio::test]

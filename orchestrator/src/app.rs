@@ -20,6 +20,14 @@ use crate::tasks::{Engine, EngineConfig};
 /// Concurrent tool-request consumers (model calls in flight at once).
 const TOOL_CONSUMERS: usize = 4;
 
+/// Consumers of a worker role's task group with nothing pending and idle this long are
+/// deleted by the orchestrator (workers' own consumers do not prune: they lack
+/// `XGROUP DELCONSUMER`). A live worker reads every `block_ms`, so it is never this idle.
+const WORKER_CONSUMERS_IDLE: Duration = Duration::from_secs(3600);
+
+/// How often the worker groups are looked at for idle consumers.
+const WORKER_CONSUMERS_PRUNE_EVERY: Duration = Duration::from_secs(60);
+
 /// The configuration file (TOML). Unknown keys are refused.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -48,6 +56,10 @@ struct FileConfig {
     /// Seconds a worker may stay silent on a step.
     #[serde(default = "default_step_deadline")]
     step_deadline_secs: u64,
+    /// Seconds the worker holding a step may stay silent before a peer that reclaimed its
+    /// task entry takes the step's lease over (below the workers' `claim_idle_secs`).
+    #[serde(default = "default_takeover_after")]
+    takeover_after_secs: u64,
     /// Seconds between deadline checks.
     #[serde(default = "default_tick")]
     tick_secs: u64,
@@ -161,6 +173,9 @@ fn default_max_retries() -> u32 {
 fn default_step_deadline() -> u64 {
     300
 }
+fn default_takeover_after() -> u64 {
+    30
+}
 fn default_tick() -> u64 {
     1
 }
@@ -256,12 +271,15 @@ impl Config {
         api.listen = file.listen;
         api.rate_limit_burst = file.rate_limit_burst;
         api.rate_limit_per_second = file.rate_limit_per_second;
-        if file.step_deadline_secs == 0 || file.tick_secs == 0 {
-            return Err(ConfigError("settings `step_deadline_secs` and `tick_secs` must be at least 1".into()));
+        if file.step_deadline_secs == 0 || file.tick_secs == 0 || file.takeover_after_secs == 0 {
+            return Err(ConfigError(
+                "settings `step_deadline_secs`, `takeover_after_secs` and `tick_secs` must be at least 1".into(),
+            ));
         }
         let mut engine = EngineConfig::new(instance.clone());
         engine.max_retries = file.max_retries;
         engine.step_deadline = Duration::from_secs(file.step_deadline_secs);
+        engine.takeover_after = Duration::from_secs(file.takeover_after_secs);
         if !file.workspace_root.starts_with('/') {
             return Err(ConfigError("setting `workspace_root` must be an absolute path".into()));
         }
@@ -420,6 +438,20 @@ impl App {
             &shutdown,
         )?;
         tasks.spawn(tick_loop(self.engine.clone(), self.tick, shutdown.clone()));
+        // Workers may not run XGROUP DELCONSUMER (it would let one drop a peer's task):
+        // the orchestrator prunes their groups' idle consumers for them.
+        let worker_groups = Role::ALL
+            .iter()
+            .filter(|r| r.is_worker())
+            .map(|r| (StreamName::tasks(*r).as_str().to_owned(), r.as_str().to_owned()))
+            .collect();
+        tasks.spawn(bus::pruner::run(
+            self.redis.clone(),
+            worker_groups,
+            WORKER_CONSUMERS_IDLE,
+            WORKER_CONSUMERS_PRUNE_EVERY,
+            shutdown.clone(),
+        ));
         if let Some((handler, matrix, git)) = self.proxy.take() {
             // Model calls take seconds to minutes: several consumers in the group, one entry
             // at a time each, so one slow call does not hold up every worker's request.

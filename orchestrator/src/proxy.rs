@@ -3,6 +3,8 @@
 //!
 //! Each `tool.request` on `fleet:tool:requests` is checked, in order: its capability lease
 //! (signature, expiry), that the lease is for this task, role and the task's *current* step,
+//! that the sending instance holds the step (the first to use an assignment binds it;
+//! another instance presenting the same lease is refused with `lease_bound_elsewhere`),
 //! that the action is granted, and the risk matrix's rule for the action's level. A refusal
 //! is answered (`ok = false`, with a code) and audited. An allowed `llm.complete` reserves
 //! an upper bound of its tokens (the prompt's bytes, plus `max_tokens`) and their money in
@@ -28,7 +30,7 @@ use crate::gitops::{self, GitConfig, PushError};
 use crate::lease::{LeaseClaims, LeaseKeys};
 use crate::providers::{AnyProvider, CompletionRequest, Message, MessageRole, Provider, input_token_bound};
 use crate::risk::{Decision, RiskMatrix};
-use crate::tasks::{Actor, Engine, EngineError};
+use crate::tasks::{Actor, Engine, EngineError, HOLD_ELSEWHERE, HOLD_STALE, Hold};
 
 /// Model choice (`[models]` in the orchestrator's configuration).
 #[derive(Debug, Clone, Deserialize)]
@@ -200,6 +202,17 @@ impl ToolProxy {
         let task = self.0.engine.get(claims.task).await?;
         if task.assignment_id != Some(claims.jti) {
             return Ok(Err(refused("lease_stale", "the step this lease was issued for is over")));
+        }
+        // First use binds the lease to this instance; a peer presenting it is refused.
+        match self.0.engine.hold(claims.task, Some(claims.jti), claims.role, env.from.instance.as_str()).await? {
+            Hold::Held => {}
+            Hold::Stale => {
+                return Ok(Err(refused(HOLD_STALE, "the step this lease was issued for is over")));
+            }
+            Hold::Elsewhere { holder } => {
+                let why = format!("the lease is bound to {holder}, the instance that first used it");
+                return Ok(Err(refused(HOLD_ELSEWHERE, why)));
+            }
         }
         if claims.grant(&req.action).is_none() {
             return Ok(Err(refused("action_not_granted", format!("the lease does not grant {}", req.action))));

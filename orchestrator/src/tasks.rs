@@ -16,7 +16,9 @@ use crate::lease::LeaseIssuer;
 use crate::outbox::{self, OutboxError};
 use crate::state::{self, Context, Event, IllegalTransition, Risk, TaskState};
 
+mod binding;
 mod tools;
+pub use binding::{HOLD_ELSEWHERE, HOLD_STALE, Hold};
 pub use tools::PushJob;
 
 /// Why an engine call failed.
@@ -51,6 +53,9 @@ pub struct EngineConfig {
     pub max_retries: u32,
     /// How long a worker may stay silent (no heartbeat, no result) before the step is reassigned.
     pub step_deadline: Duration,
+    /// How long the instance holding a step may stay silent before another instance that
+    /// uses the same assignment (having reclaimed its task entry) takes the binding over.
+    pub takeover_after: Duration,
     /// `ttl_ms` of assignments.
     pub assign_ttl: Duration,
     /// First retry delay; doubles per retry.
@@ -70,6 +75,7 @@ impl EngineConfig {
             instance,
             max_retries: 3,
             step_deadline: Duration::from_secs(300),
+            takeover_after: Duration::from_secs(30),
             assign_ttl: Duration::from_secs(3600),
             retry_base: Duration::from_secs(2),
             retry_max: Duration::from_secs(300),
@@ -160,7 +166,8 @@ pub struct Task {
     pub retries: i32,
     /// The current step's assignment envelope.
     pub assignment_id: Option<Uuid>,
-    /// Worker instance that last reported on the step.
+    /// The worker instance the current step is bound to: the first to use its assignment
+    /// (tool request, heartbeat or result); only it may go on using it.
     pub assigned_to: Option<String>,
     /// Silence past this reassigns the step.
     pub deadline_at: Option<DateTime<Utc>>,
@@ -208,6 +215,8 @@ pub enum Applied {
     Duplicate,
     /// It answers an assignment that is no longer current (reassigned, halted): ignored.
     Stale,
+    /// It answers the current assignment, which another instance holds: refused, audited.
+    Refused(Hold),
 }
 
 /// Who causes a change, for events and the audit trail.
@@ -393,6 +402,10 @@ impl Engine {
             tx.commit().await?;
             return Ok(Applied::Stale);
         }
+        if let Err(hold) = self.hold_for_result(&mut tx, &task, env).await? {
+            tx.commit().await?;
+            return Ok(Applied::Refused(hold));
+        }
         // QA's pass and Review's approval count only for the change they name, and that
         // must be the task's current change: a result about other bytes moves nothing
         // forward (the step is retried) and is audited.
@@ -490,21 +503,6 @@ impl Engine {
         .await?;
         tx.commit().await?;
         Ok(())
-    }
-
-    /// A worker is alive: pushes back the deadline of the task it is working on.
-    pub async fn heartbeat(&self, env: &Verified<Envelope>) -> Result<bool, EngineError> {
-        let Some(task_id) = env.task_id else { return Ok(false) };
-        let deadline = Utc::now() + self.cfg.step_deadline;
-        let updated = sqlx::query(
-            "UPDATE tasks SET deadline_at = $1, assigned_to = $2 WHERE id = $3 AND state IN ('dev', 'qa', 'review', 'refactor') AND assignment_id IS NOT NULL",
-        )
-        .bind(deadline)
-        .bind(env.from.instance.as_str())
-        .bind(task_id)
-        .execute(&self.pool)
-        .await?;
-        Ok(updated.rows_affected() > 0)
     }
 
     /// Reassigns steps whose worker stayed silent past the deadline (or fails them once

@@ -272,6 +272,8 @@ async fn a_silent_worker_loses_the_step_then_the_task_fails() {
         Heartbeat { seq: 1, busy: true }.into(),
     );
     hb.task_id = Some(kept.id);
+    // It names the assignment it keeps alive (and binds it to dev-9, the first to use it).
+    hb.causation_id = Some(last_sent(&f.pool, "fleet:tasks:dev").await.id);
     let wire = ring(Role::Dev).seal(&hb).unwrap();
     let hb = verifier(Role::Orchestrator)
         .verify(
