@@ -911,8 +911,9 @@ struct Burst {
     task: Uuid,
 }
 
-/// Fifty concurrent `llm.complete` calls with hostile prompts and `max_tokens = 100`, each
-/// from its own Dev instance, on one task's lease, through the proxy's real handler
+/// Fifty concurrent `llm.complete` calls with hostile prompts and `max_tokens = 100`, all
+/// from the Dev instance that holds the task's lease (a peer would be refused before the
+/// ledger: `lease_bound_elsewhere`), through the proxy's real handler
 /// against the worst-case provider priced at `price` µ$ per million tokens (in and out).
 async fn hostile_burst(price: u64) -> (Fleet, Burst) {
     let base = worst_case_provider().await;
@@ -924,8 +925,8 @@ async fn hostile_burst(price: u64) -> (Fleet, Burst) {
     let task = f.engine.submit(&Actor::operator("alice"), new_task(None, &[])).await.unwrap();
     let assign = last_sent(&f.pool, "fleet:tasks:dev", Role::Dev).await;
     let mut deliveries = Vec::new();
+    let me = Instance::parse("dev-h").unwrap();
     for i in 0..50 {
-        let me = Instance::parse(&format!("dev-h{i}")).unwrap();
         let input =
             serde_json::json!({"messages": [{"role": "user", "content": hostile_prompt(i)}], "max_tokens": 100});
         let mut env = Envelope::new(
@@ -945,10 +946,12 @@ async fn hostile_burst(price: u64) -> (Fleet, Burst) {
             .verify(streams::TOOL_REQUESTS, &wire, ctx, &mut MemoryReplayGuard::new())
             .unwrap();
         let entry_id = format!("1-{i}");
-        deliveries.push((
-            me,
-            Delivery { envelope: verified, stream: streams::TOOL_REQUESTS.into(), entry_id, deliveries: 1 },
-        ));
+        deliveries.push(Delivery {
+            envelope: verified,
+            stream: streams::TOOL_REQUESTS.into(),
+            entry_id,
+            deliveries: 1,
+        });
     }
 
     // Samples committed + held all through the burst.
@@ -967,10 +970,8 @@ async fn hostile_burst(price: u64) -> (Fleet, Burst) {
         })
     };
     let mut burst = tokio::task::JoinSet::new();
-    let mut instances = Vec::new();
-    for (me, d) in deliveries {
+    for d in deliveries {
         let proxy = f.proxy.clone();
-        instances.push(me);
         burst.spawn(async move { proxy.handle(d).await });
     }
     while let Some(handled) = burst.join_next().await {
@@ -980,8 +981,16 @@ async fn hostile_burst(price: u64) -> (Fleet, Burst) {
     let (sampled, sampled_cost) = sampler.await.unwrap();
 
     let (mut answered, mut refused) = (0, Vec::new());
-    for me in &instances {
-        let reply = last_sent(&f.pool, StreamName::tool_responses(Role::Dev, me).as_str(), Role::Dev).await;
+    let replies = StreamName::tool_responses(Role::Dev, &me);
+    let frames: Vec<Vec<u8>> = sqlx::query_scalar("SELECT frame FROM outbox WHERE stream = $1 ORDER BY id")
+        .bind(replies.as_str())
+        .fetch_all(&f.pool)
+        .await
+        .unwrap();
+    assert_eq!(frames.len(), 50, "every call answered once");
+    for frame in frames {
+        let ctx = VerifyContext { now_ms: bus::now_ms(), kill_epoch: 0 };
+        let reply = verifier(Role::Dev).verify(replies.as_str(), &frame, ctx, &mut MemoryReplayGuard::new()).unwrap();
         let Payload::ToolResponse(r) = reply.into_inner().payload else { panic!("expected tool.response") };
         if r.ok { answered += 1 } else { refused.push(code(&r)) }
     }
