@@ -38,6 +38,10 @@ const BOUNDARY: &str = r#"^|[^A-Za-z0-9]|\\[a-z]"#;
 /// Names of settings whose value is a secret, in `key=value`, `key: value` and JSON form.
 const SECRET_SETTING: &str = r#"(?i:password|passwd|pwd|(?:aws_?)?secret_?access_?key|aws_?secret_?key|client_?secret|api_?key|access_?token|refresh_?token|auth_?token)"#;
 
+/// An unquoted value: up to a space, a quote, a separator or a backslash escape, and not
+/// ending in a full stop or a closing bracket (`password=x.` ends a sentence).
+const VALUE: &str = r#"[^\s;&,"'\\]*[^\s;&,"'\\.)\]}]"#;
+
 /// The set, in priority order for matches starting at the same place.
 const PATTERNS: &[Pattern] = &[
     // Any PEM or OpenSSH private key block, over any number of lines; a block cut before
@@ -52,13 +56,13 @@ const PATTERNS: &[Pattern] = &[
     // bare credential; as a header, a JSON member or a `key=value` field.
     Pattern {
         lead: r#"(?i:authorization)\\?["']?\s*[:=]\s*(?:\\?["'])?(?:(?i:bearer|basic|token|bot|digest|negotiate|apikey)\s+)?"#,
-        secret: r#"[^\s"',;\\]+"#,
+        secret: VALUE,
         trail: "",
     },
     // Other credential headers.
     Pattern {
         lead: r#"(?i:x-api-key|api-key|x-auth-token|private-token|x-goog-api-key)\\?["']?\s*[:=]\s*(?:\\?["'])?"#,
-        secret: r#"[^\s"',;\\]+"#,
+        secret: VALUE,
         trail: "",
     },
     // A bearer token outside a header (`curl -H "…"`, an error quoting one).
@@ -72,7 +76,7 @@ const PATTERNS: &[Pattern] = &[
     Pattern { lead: r#"SETTING\\?["']?\s*[=:]\s*\\""#, secret: r#"(?:[^"\\]|\\[^"])*"#, trail: r#"\\""# },
     Pattern { lead: r#"SETTING\\?["']?\s*[=:]\s*""#, secret: r#"(?:[^"\\]|\\.)*"#, trail: "\"" },
     Pattern { lead: r#"SETTING\\?["']?\s*[=:]\s*'"#, secret: r"[^']*", trail: "'" },
-    Pattern { lead: r#"SETTING\\?["']?\s*[=:]\s*"#, secret: r#"[^\s;&,"'\\]+"#, trail: "" },
+    Pattern { lead: r#"SETTING\\?["']?\s*[=:]\s*"#, secret: VALUE, trail: "" },
     // AWS access key ids (long-term AKIA, temporary ASIA), with the secret key when it
     // stands right beside the id (`AKIA…:secret`, `AKIA… secret`).
     Pattern {

@@ -142,7 +142,7 @@ pub const SAMPLES: &[Sample] = &[
         "host=db user=app password=**REDACTED** sslmode=require",
         "hunter2",
     ),
-    s("env password", "POSTGRES_PASSWORD=hunter2", "POSTGRES_PASSWORD=**REDACTED**", "hunter2"),
+    s("env password", "set POSTGRES_PASSWORD=hunter2.", "set POSTGRES_PASSWORD=**REDACTED**.", "hunter2"),
     s(
         "odbc pwd",
         "Server=db;Database=fleet;Uid=app;Pwd=hunter2;",
