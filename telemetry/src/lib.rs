@@ -237,6 +237,9 @@ mod tests {
             let text = logged(false, || {
                 tracing::info!(summary = s.text, "Worker said {} and stopped.", s.text);
                 tracing::info!(error = %format!("failed:\t{}", s.text), "Tab before it.");
+                // A `Display` field is written bare after `name=`: with colours on, an escape
+                // code would stand between the `=` and the secret.
+                tracing::info!(token = %s.text, "Display field.");
             });
             assert!(!text.contains(s.secret), "{}: {text}", s.name);
             // A message is written as it is; a string field as Rust writes a `&str` with
@@ -247,6 +250,7 @@ mod tests {
                 s.name
             );
             assert!(text.contains(&format!("Tab before it. error=failed:\t{}\n", s.redacted)), "{}: {text}", s.name);
+            assert!(text.contains(&format!(" INFO Display field. token={}\n", s.redacted)), "{}: {text}", s.name);
         }
     }
 }
