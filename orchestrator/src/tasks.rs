@@ -567,6 +567,7 @@ impl Engine {
     /// eyes, [`EngineConfig::four_eyes`]) when the approver submitted the task: that refusal
     /// is audited (`task.approve.refused`) and changes nothing else.
     pub async fn approve(&self, id: Uuid, by: &Actor, reason: Option<String>) -> Result<Task, EngineError> {
+        let reason = reason.map(|r| telemetry::redact(&r).into_owned());
         let mut tx = self.pool.begin().await?;
         if fleet_halted(&mut tx).await? {
             return Err(EngineError::Halted);
@@ -634,6 +635,9 @@ impl Engine {
     /// The shared body of [`Engine::kill`] (`at` = None: the next epoch) and
     /// [`Engine::kill_at`].
     async fn halt_fleet(&self, by: &Actor, reason: &str, at: Option<u64>) -> Result<u64, EngineError> {
+        // Kept in `fleet_state`, sent to the budget manager, shown by `fleetctl status`.
+        let reason = telemetry::redact(reason);
+        let reason: &str = &reason;
         let mut tx = self.pool.begin().await?;
         let (epoch, halted): (i64, bool) =
             sqlx::query_as("SELECT kill_epoch, halted FROM fleet_state FOR UPDATE").fetch_one(&mut *tx).await?;

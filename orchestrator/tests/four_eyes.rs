@@ -80,10 +80,17 @@ async fn the_submitter_of_a_high_or_critical_task_cannot_approve_it_a_second_ope
             ]
         );
 
-        let other = app.call(Method::POST, &uri, &oscar, Some(&json!({"reason": "read the diff"}))).await;
+        let reason = "read the diff; the key was postgres://app:hunter2@db/app";
+        let other = app.call(Method::POST, &uri, &oscar, Some(&json!({"reason": reason}))).await;
         assert_eq!(other.status, StatusCode::OK, "{}", other.text);
         assert_eq!(other.json()["state"], "approved");
         assert_eq!(approvals(&app, &id).await, vec!["oscar".to_owned()]);
+        let kept: String = sqlx::query_scalar("SELECT reason FROM approvals WHERE task_id = $1::uuid")
+            .bind(&id)
+            .fetch_one(&app.pool)
+            .await
+            .unwrap();
+        assert_eq!(kept, "read the diff; the key was postgres://app:**REDACTED**@db/app", "reasons are kept redacted");
     }
     let report = orchestrator::audit::verify(&app.pool, &orchestrator::audit::AuditKey::new(vec![7; 32]).unwrap())
         .await

@@ -203,6 +203,8 @@ async fn audit_details_are_redacted_before_the_row_is_written() {
         .await
         .unwrap();
         assert_eq!(reason, json!(s.redacted), "{}", s.name);
+        let kept: String = sqlx::query_scalar("SELECT reason FROM fleet_state").fetch_one(&app.pool).await.unwrap();
+        assert_eq!(kept, s.redacted, "{}: fleet_state", s.name);
         assert_eq!(app.call(Method::POST, "/v1/resume", &admin, None).await.status, StatusCode::OK);
     }
     let all: Vec<String> =
