@@ -49,7 +49,7 @@ const PATTERNS: &[Pattern] = &[
     // ones, PEM header punctuation).
     Pattern {
         lead: "",
-        secret: r#"-----BEGIN[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----(?:[^"]*?-----END[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|[A-Za-z0-9+/=\r\n\\:,-]*)"#,
+        secret: r#"-----BEGIN[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----(?:[^"]*?-----END[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|(?:[A-Za-z0-9+/=\r\n:,-]|\\[nrt])*)"#,
         trail: "",
     },
     // `Authorization:` (and `Proxy-Authorization:`) headers: Bearer, Basic, token, … or a
@@ -173,6 +173,21 @@ mod tests {
                 let json = serde_json::to_string(&text).unwrap();
                 let back: String = serde_json::from_str(&redact(&json)).unwrap();
                 assert_eq!(back, format!("done:{before}{}", s.redacted), "{} in JSON after {before:?}", s.name);
+            }
+        }
+    }
+
+    #[test]
+    fn redacting_a_json_string_keeps_it_json() {
+        // A quote or a backslash right after a secret is JSON-escaped; the redaction must
+        // neither swallow half an escape nor run past the string's end.
+        for s in SAMPLES {
+            for after in ["\" and \\ end", "\\\" end", "\u{1b}[0m end"] {
+                let json = serde_json::to_string(&format!("{}{after}", s.text)).unwrap();
+                let back: String = serde_json::from_str(&redact(&json))
+                    .unwrap_or_else(|e| panic!("{}: {e} in {}", s.name, redact(&json)));
+                assert!(back.starts_with(s.redacted), "{}: {back}", s.name);
+                assert!(back.ends_with(" end") && !back.contains(s.secret), "{}: {back}", s.name);
             }
         }
     }
