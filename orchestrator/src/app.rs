@@ -84,6 +84,10 @@ struct FileConfig {
     /// local roots, plaintext. Nothing by default.
     #[serde(default)]
     repositories: crate::repos::RepoPolicy,
+    /// Four eyes: a HIGH or CRITICAL task needs an approver other than its submitter
+    /// (HTTP 403 otherwise, audited). Turn off only where one person runs the fleet alone.
+    #[serde(default = "default_true")]
+    four_eyes: bool,
     /// The tool proxy and capability leases; without it workers get no leases and tool
     /// requests go unanswered.
     #[serde(default)]
@@ -291,6 +295,7 @@ impl Config {
             )));
         }
         engine.repositories = file.repositories;
+        engine.four_eyes = file.four_eyes;
         let tools = file.tools.map(|t| Tools::load(t, engine.assign_ttl, env)).transpose()?;
         Ok(Self {
             instance,

@@ -14,9 +14,11 @@ use crate::tasks::{Applied, Engine, EngineError};
 fn classify(e: EngineError) -> HandlerError {
     match e {
         EngineError::Db(_) | EngineError::Outbox(_) => HandlerError::Transient(e.to_string()),
-        EngineError::NotFound(_) | EngineError::Illegal(_) | EngineError::Invalid(_) | EngineError::Halted => {
-            HandlerError::Permanent(e.to_string())
-        }
+        EngineError::NotFound(_)
+        | EngineError::Illegal(_)
+        | EngineError::Invalid(_)
+        | EngineError::Halted
+        | EngineError::SelfApproval { .. } => HandlerError::Permanent(e.to_string()),
     }
 }
 

@@ -36,6 +36,19 @@ pub enum EngineError {
     /// The fleet is halted: no new work, no approvals, no merges.
     #[error("the fleet is halted by the kill switch; an admin must resume it first")]
     Halted,
+    /// Four eyes: the submitter of a HIGH or CRITICAL task tried to approve it.
+    #[error(
+        "{approver:?} submitted task {task} ({risk} risk) and cannot also approve it: a HIGH or CRITICAL \
+         change needs a second person; ask another operator to approve it"
+    )]
+    SelfApproval {
+        /// The task.
+        task: Uuid,
+        /// Its risk (`HIGH`, `CRITICAL`).
+        risk: &'static str,
+        /// The operator who submitted it and tried to approve it.
+        approver: String,
+    },
     /// Sealing an outgoing envelope failed.
     #[error(transparent)]
     Outbox(#[from] OutboxError),
@@ -66,6 +79,9 @@ pub struct EngineConfig {
     pub workspace_root: String,
     /// Where a task's repository may come from; nothing by default.
     pub repositories: crate::repos::RepoPolicy,
+    /// Four eyes: a HIGH or CRITICAL task must be approved by someone other than its
+    /// submitter. On by default; off only where one person runs the fleet alone.
+    pub four_eyes: bool,
 }
 
 impl EngineConfig {
@@ -81,6 +97,7 @@ impl EngineConfig {
             retry_max: Duration::from_secs(300),
             workspace_root: "/workspace".into(),
             repositories: crate::repos::RepoPolicy::default(),
+            four_eyes: true,
         }
     }
 
@@ -546,13 +563,32 @@ impl Engine {
         Ok(touched)
     }
 
-    /// A human approves a HIGH/CRITICAL task. Refused while the fleet is halted.
+    /// A human approves a HIGH/CRITICAL task. Refused while the fleet is halted, and (four
+    /// eyes, [`EngineConfig::four_eyes`]) when the approver submitted the task: that refusal
+    /// is audited (`task.approve.refused`) and changes nothing else.
     pub async fn approve(&self, id: Uuid, by: &Actor, reason: Option<String>) -> Result<Task, EngineError> {
+        let reason = reason.map(|r| telemetry::redact(&r).into_owned());
         let mut tx = self.pool.begin().await?;
         if fleet_halted(&mut tx).await? {
             return Err(EngineError::Halted);
         }
         let task = lock_task(&mut tx, id).await?;
+        let self_approval = task.submitted_by.eq_ignore_ascii_case(&by.instance);
+        if self.cfg.four_eyes
+            && self_approval
+            && task.state == TaskState::AwaitingApproval
+            && matches!(task.risk, Risk::High | Risk::Critical)
+        {
+            let details = json!({"rule": "four_eyes", "risk": task.risk.as_str(), "submitted_by": task.submitted_by});
+            audit::append(&mut tx, &self.audit_key, by.entry("task.approve.refused", Some(id), details)).await?;
+            tx.commit().await?;
+            tracing::warn!(task_id = %id, by = %by.instance, "Refused a self-approval (four eyes).");
+            return Err(EngineError::SelfApproval {
+                task: id,
+                risk: task.risk.as_str(),
+                approver: by.instance.clone(),
+            });
+        }
         let change = Change::new(Event::Approved, "approved", json!({"reason": reason}), by);
         self.apply(&mut tx, &task, change).await?;
         sqlx::query("INSERT INTO approvals (id, task_id, decided_at, decided_by, decision, reason) VALUES ($1, $2, now(), $3, 'approved', $4)")
@@ -599,6 +635,9 @@ impl Engine {
     /// The shared body of [`Engine::kill`] (`at` = None: the next epoch) and
     /// [`Engine::kill_at`].
     async fn halt_fleet(&self, by: &Actor, reason: &str, at: Option<u64>) -> Result<u64, EngineError> {
+        // Kept in `fleet_state`, sent to the budget manager, shown by `fleetctl status`.
+        let reason = telemetry::redact(reason);
+        let reason: &str = &reason;
         let mut tx = self.pool.begin().await?;
         let (epoch, halted): (i64, bool) =
             sqlx::query_as("SELECT kill_epoch, halted FROM fleet_state FOR UPDATE").fetch_one(&mut *tx).await?;
@@ -702,6 +741,11 @@ impl Engine {
             resume: task.resume_state,
         };
         let to = state::next(task.state, &change.event, ctx)?;
+        // What workers and operators wrote (summaries, findings, reasons) is kept and shown
+        // only redacted; findings also reach the next assignment only so.
+        let mut change = change;
+        telemetry::redact_json(&mut change.detail);
+        change.findings.iter_mut().for_each(telemetry::redact_string);
         let counts_retry = matches!(change.event, Event::Retry | Event::SentBack) && to != TaskState::Failed;
         let retries = task.retries + i32::from(counts_retry);
         let resume_state = match to {
@@ -940,6 +984,8 @@ fn status_str(s: Status) -> &'static str {
     }
 }
 
+/// `s` redacted, then cut to `max` characters: in that order, since a secret cut in two
+/// may no longer look like one.
 fn cut(s: &str, max: usize) -> String {
-    s.chars().take(max).collect()
+    telemetry::redact(s).chars().take(max).collect()
 }

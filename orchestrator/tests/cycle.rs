@@ -221,14 +221,18 @@ async fn high_risk_waits_for_approval_and_illegal_moves_are_refused() {
     {
         assert_eq!(step(&f, role, Status::Success, &[]).await, Applied::Moved(to));
     }
-    let approved = f.engine.approve(task.id, &op, Some("looked at the diff".into())).await.unwrap();
+    // Four eyes: the submitter cannot approve; a second operator can.
+    let own = f.engine.approve(task.id, &op, None).await.unwrap_err();
+    assert!(matches!(own, orchestrator::tasks::EngineError::SelfApproval { .. }), "{own}");
+    let approved =
+        f.engine.approve(task.id, &Actor::operator("dave"), Some("looked at the diff".into())).await.unwrap();
     assert_eq!(approved.state, TaskState::Approved);
     let decided: String = sqlx::query_scalar("SELECT decided_by FROM approvals WHERE task_id = $1")
         .bind(task.id)
         .fetch_one(&f.pool)
         .await
         .unwrap();
-    assert_eq!(decided, "carol");
+    assert_eq!(decided, "dave");
     let missing = f.engine.get(Uuid::now_v7()).await.unwrap_err();
     assert!(missing.to_string().contains("not found"));
 }
