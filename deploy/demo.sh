@@ -168,6 +168,10 @@ jwt_secret_file = "$work/jwt.secret"
 listen = "127.0.0.1:$api_port"
 workspace_root = "$work/workspaces"
 
+# Tasks may name repositories under the demo's directory only (its bare repository).
+[repositories]
+local_roots = ["$work"]
+
 [tools]
 lease_secret_file = "$work/lease.secret"
 risk_matrix = "$repo_root/config/risk_matrix.toml"

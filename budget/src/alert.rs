@@ -120,8 +120,9 @@ pub struct Alert {
 pub const MAX_TEXT_CHARS: usize = 4000;
 
 impl Alert {
-    /// An alert of `kind` with a fresh id and the current time. `text` is cut to
-    /// [`MAX_TEXT_CHARS`].
+    /// An alert of `kind` with a fresh id and the current time. `text` and `details` are
+    /// redacted ([`telemetry::redact`]: a reason may quote a credential), before anything
+    /// is stored or sent, and `text` is then cut to [`MAX_TEXT_CHARS`].
     pub fn new(
         kind: AlertKind,
         epoch: u64,
@@ -130,6 +131,9 @@ impl Alert {
         details: serde_json::Value,
     ) -> Self {
         let mut text: String = text.into();
+        telemetry::redact_string(&mut text);
+        let mut details = details;
+        telemetry::redact_json(&mut details);
         if let Some((cut, _)) = text.char_indices().nth(MAX_TEXT_CHARS) {
             text.truncate(cut);
         }

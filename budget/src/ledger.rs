@@ -32,6 +32,9 @@
 //!   reservation names. Hard limits are then checked with that model's cost.
 //! - **The day** is the UTC day of the reservation; a call that straddles midnight is
 //!   charged to the day it reserved on. Per-task limits span the task's whole life.
+//! - **Caller caps**: [`Ledger::reserve_within`] lowers the task's limits to a [`TaskCap`]
+//!   (the capability lease's limits) inside the same script, so a cap is as atomic as the
+//!   ledger's own limits; a call over it is refused as [`Refusal::TaskLimit`].
 //! - **Refusal order**: the day's limits first (a day that cannot afford the call is the
 //!   kill switch's business), then the task's.
 //! - **Redis errors are returned, not retried**: the model proxy decides (the safe default
@@ -136,6 +139,18 @@ impl Reservation {
     }
 }
 
+/// Per-task limits of the caller's own, tighter than the ledger's: the capability lease's
+/// token and money limits for the task's risk level. [`Ledger::reserve_within`] checks the
+/// lower of each pair in the same script that holds the amounts, so concurrent calls of one
+/// task cannot both pass a cap that only one of them fits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TaskCap {
+    /// Tokens (input + output) the task may have committed and held, all calls together.
+    pub tokens: u64,
+    /// Money the task may have committed and held.
+    pub cost: MicroUsd,
+}
+
 /// What a limit is counted in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Unit {
@@ -180,7 +195,8 @@ impl fmt::Display for LimitHit {
 /// Why a reservation was refused. The caller does not call the model.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
-    /// The task cannot afford the call: the orchestrator blocks the task.
+    /// The task cannot afford the call: the orchestrator blocks the task. The limit is the
+    /// ledger's per-task limit, or the caller's [`TaskCap`] where that is lower.
     #[error("task {task_id} is over its budget: {hit}")]
     TaskLimit {
         /// The task.
@@ -498,8 +514,38 @@ impl Ledger {
         input_tokens: u64,
         output_tokens: u64,
     ) -> Result<Reservation, ReserveError> {
+        self.reserve_capped(task_id, role, model, input_tokens, output_tokens, None).await
+    }
+
+    /// [`Ledger::reserve`], with the task's limits lowered to `cap` where it is lower than
+    /// the ledger's own: checked and held by the same script, atomically. The model proxy
+    /// passes the capability lease's limits here rather than checking them first and
+    /// reserving after (two steps, which concurrent calls of one task could all pass).
+    pub async fn reserve_within(
+        &self,
+        task_id: Uuid,
+        role: Role,
+        model: &str,
+        input_tokens: u64,
+        output_tokens: u64,
+        cap: TaskCap,
+    ) -> Result<Reservation, ReserveError> {
+        self.reserve_capped(task_id, role, model, input_tokens, output_tokens, Some(cap)).await
+    }
+
+    async fn reserve_capped(
+        &self,
+        task_id: Uuid,
+        role: Role,
+        model: &str,
+        input_tokens: u64,
+        output_tokens: u64,
+        cap: Option<TaskCap>,
+    ) -> Result<Reservation, ReserveError> {
         let inner = &*self.inner;
         let cfg = &inner.config;
+        let task_tokens = cap.map_or(cfg.per_task_tokens, |c| c.tokens.min(cfg.per_task_tokens));
+        let task_cost = cap.map_or(cfg.per_task_micro_usd.0, |c| c.cost.0.min(cfg.per_task_micro_usd.0));
         let price = *cfg.prices.get(model).ok_or_else(|| LedgerError::UnknownModel(model.to_owned()))?;
         let tokens = total_tokens(input_tokens, output_tokens)?;
         let cost = price.cost(input_tokens, output_tokens).ok_or(LedgerError::TooLarge("the estimated cost"))?;
@@ -535,8 +581,8 @@ impl Ledger {
             .arg(ms(USAGE_RETENTION))
             .arg(cfg.daily_tokens)
             .arg(cfg.daily_micro_usd.0)
-            .arg(cfg.per_task_tokens)
-            .arg(cfg.per_task_micro_usd.0)
+            .arg(task_tokens)
+            .arg(task_cost)
             .arg(soft_tokens)
             .arg(soft_cost)
             .arg(tokens)

@@ -6,6 +6,7 @@
 //! | key | type | content |
 //! |---|---|---|
 //! | `usage:YYYYMMDD` | hash | the UTC day's usage reports: `t` (tokens), `in`, `out`, `m` (µ$), `calls`; per role `role:<role>:{t,m,calls}`; per model `model:<model>:{t,m,calls}`. Kept 40 days. |
+//! | `seen:<envelope id>` | string | the usage report was counted (kept 2 days); set by the same script as the increments |
 //! | `failures` | string | consecutive failed steps; a success and a resume reset it |
 //!
 //! # Triggers
@@ -47,6 +48,8 @@ pub fn usage_key(day: Day) -> String {
 const USAGE_RETENTION: Duration = Duration::from_secs(40 * 24 * 3600);
 /// How long a counted usage report's marker is kept: longer than any redelivery.
 const SEEN_RETENTION: Duration = Duration::from_secs(2 * 24 * 3600);
+/// Counts a usage report once: marker and increments in one script.
+const COUNT_USAGE_LUA: &str = include_str!("service/count_usage.lua");
 
 /// When the kill switch engages. `[killswitch]` in the budget's configuration file.
 #[derive(Debug, Clone, Deserialize)]
@@ -225,56 +228,48 @@ impl Budget {
 
     /// Records one usage report and checks the limits it may have crossed.
     ///
-    /// Counting is once per envelope (`id`): the increments and a marker go in one
-    /// MULTI/EXEC, and a redelivery (a check after the counting failed) finds the marker and
-    /// only re-reads the totals, so a retried report is never counted twice.
+    /// Counting is once per envelope (`id`): one Lua script sets the report's marker and,
+    /// only if it was new, adds the increments (`service/count_usage.lua`). A redelivery (the
+    /// check after the counting failed, or a second consumer that took the entry over
+    /// while the first still ran) finds the marker and only re-checks the totals, so a
+    /// report is never counted twice, nor half. The script needs nothing beyond the budget
+    /// user's ledger commands on `fleet:budget:counters:*` (no `MULTI`/`EXEC`).
     pub async fn record_usage(&self, id: uuid::Uuid, u: &envelope::Usage, at_ms: u64) -> Result<(), HandlerError> {
+        static SCRIPT: std::sync::LazyLock<redis::Script> =
+            std::sync::LazyLock::new(|| redis::Script::new(COUNT_USAGE_LUA));
         let day = Day::from_unix_ms(at_ms);
-        let key = usage_key(day);
         let tokens = u.input_tokens.saturating_add(u.output_tokens);
         let m = u.cost_micro_usd;
         let role = u.role.as_str();
         let model = &u.model;
-        let seen = format!("{COUNTERS_PREFIX}seen:{id}");
-        let mut c = self.pool.get().await.map_err(transient)?;
-        let counted: bool = redis::cmd("EXISTS").arg(&seen).query_async(&mut *c).await.map_err(transient)?;
-        if counted {
-            let (t, mm, rt, rm): (Option<u64>, Option<u64>, Option<u64>, Option<u64>) = redis::cmd("HMGET")
-                .arg(&key)
-                .arg("t")
-                .arg("m")
-                .arg(format!("role:{role}:t"))
-                .arg(format!("role:{role}:m"))
-                .query_async(&mut *c)
-                .await
-                .map_err(transient)?;
-            drop(c);
-            tracing::debug!(envelope = %id, "Usage already counted; re-checking the limits only.");
-            return self
-                .check_usage(u, day, (t.unwrap_or(0), mm.unwrap_or(0)), (rt.unwrap_or(0), rm.unwrap_or(0)))
-                .await;
-        }
-        let mut pipe = redis::pipe();
-        pipe.atomic();
-        pipe.cmd("HINCRBY").arg(&key).arg("t").arg(tokens);
-        pipe.cmd("HINCRBY").arg(&key).arg("m").arg(m);
-        pipe.cmd("HINCRBY").arg(&key).arg(format!("role:{role}:t")).arg(tokens);
-        pipe.cmd("HINCRBY").arg(&key).arg(format!("role:{role}:m")).arg(m);
+        let mut call = SCRIPT.key(usage_key(day));
+        call.key(format!("{COUNTERS_PREFIX}seen:{id}"))
+            .arg(SEEN_RETENTION.as_millis() as u64)
+            .arg(USAGE_RETENTION.as_millis() as u64)
+            .arg(format!("role:{role}:t"))
+            .arg(format!("role:{role}:m"));
         for (field, by) in [
+            ("t".to_owned(), tokens),
+            ("m".to_owned(), m),
             ("in".to_owned(), u.input_tokens),
             ("out".to_owned(), u.output_tokens),
             ("calls".to_owned(), 1),
+            (format!("role:{role}:t"), tokens),
+            (format!("role:{role}:m"), m),
             (format!("role:{role}:calls"), 1),
             (format!("model:{model}:t"), tokens),
             (format!("model:{model}:m"), m),
             (format!("model:{model}:calls"), 1),
         ] {
-            pipe.cmd("HINCRBY").arg(&key).arg(field).arg(by).ignore();
+            call.arg(field).arg(by);
         }
-        pipe.cmd("PEXPIRE").arg(&key).arg(USAGE_RETENTION.as_millis() as u64).ignore();
-        pipe.cmd("SET").arg(&seen).arg(1).arg("PX").arg(SEEN_RETENTION.as_millis() as u64).ignore();
-        let (t, m, role_t, role_m): (u64, u64, u64, u64) = pipe.query_async(&mut *c).await.map_err(transient)?;
+        let mut c = self.pool.get().await.map_err(transient)?;
+        let (counted, t, m, role_t, role_m): (u8, u64, u64, u64, u64) =
+            call.invoke_async(&mut *c).await.map_err(transient)?;
         drop(c);
+        if counted == 0 {
+            tracing::debug!(envelope = %id, "Usage already counted; re-checking the limits only.");
+        }
         self.check_usage(u, day, (t, m), (role_t, role_m)).await
     }
 

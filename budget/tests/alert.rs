@@ -738,3 +738,52 @@ async fn no_secret_reaches_the_logs() {
         assert!(!shown.contains(secret), "the {name} leaked into Debug output: {shown}");
     }
 }
+
+/// Redaction that holds (issue 10, item 7): a kill reason quoting a credential reaches
+/// neither the alert outbox nor Telegram nor the webhook; every sample comes out exactly
+/// redacted on both channels.
+#[tokio::test]
+async fn every_secret_in_an_alert_is_redacted_on_every_channel() {
+    use fleet_testkit::secrets::SAMPLES;
+    let redis = start_redis();
+    let pool = pool(&redis);
+    let (telegram, webhook) = (telegram_receiver().await, webhook_receiver().await);
+    let cfg = config(Some(&telegram), Some(&webhook));
+    let sender = AlertSender::new(pool.clone(), &cfg);
+    let running = Running::start(&pool, &cfg);
+
+    for (epoch, s) in (1u64..).zip(SAMPLES) {
+        let kill = Alert::kill_engaged(epoch, "operator olga", s.text, json!({"reason": s.text}));
+        queued(sender.enqueue(&kill).await.unwrap());
+    }
+    eventually("every alert delivered", || {
+        telegram.accepted().len() == SAMPLES.len() && webhook.accepted().len() == SAMPLES.len()
+    })
+    .await;
+    eventually_acked(&pool, names::TELEGRAM_GROUP).await;
+    eventually_acked(&pool, names::WEBHOOK_GROUP).await;
+    running.stop().await;
+
+    let (messages, payloads) = (telegram.accepted(), webhook.accepted());
+    for ((epoch, s), (message, payload)) in (1u64..).zip(SAMPLES).zip(messages.iter().zip(&payloads)) {
+        let text = format!(
+            "agentfleet: KILL SWITCH ENGAGED (epoch {epoch}) by operator olga: {}. All roles paused, merges frozen; \
+             resuming needs an operator.",
+            s.redacted
+        );
+        assert_eq!(message["text"], json!(text), "{}: Telegram", s.name);
+        assert_eq!(payload["data"]["text"], json!(text), "{}: webhook", s.name);
+        assert_eq!(payload["data"]["details"], json!({"reason": s.redacted}), "{}: webhook details", s.name);
+    }
+    // Nor in the outbox, which outlives the delivery.
+    let mut conn = pool.get().await.unwrap();
+    let stored: Vec<(String, Vec<(String, String)>)> =
+        redis::cmd("XRANGE").arg(names::STREAM).arg("-").arg("+").query_async(&mut *conn).await.unwrap();
+    assert_eq!(stored.len(), SAMPLES.len());
+    let everything = format!("{stored:?} {messages:?} {payloads:?}");
+    for s in SAMPLES {
+        assert!(!everything.contains(s.secret), "{} leaked", s.name);
+    }
+    telegram.assert_no_problems();
+    webhook.assert_no_problems();
+}

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use budget::ledger::{
     Clock, Found, Ledger, LedgerConfig, LedgerError, LimitHit, ManualClock, MicroUsd, Price, Refusal, Release,
-    ReserveError, RoleLimits, Unit,
+    ReserveError, RoleLimits, TaskCap, Unit,
 };
 use envelope::Role;
 use fleet_testkit::RedisServer;
@@ -162,6 +162,50 @@ async fn fifty_concurrent_callers_on_one_task_stay_within_its_money_limit() {
     assert_eq!(granted + refused, 1_000);
     assert!(granted >= 500_000 / 10_500, "at least the full-estimate count fits: {granted}");
     assert!(refused > 0, "the limit was reached");
+}
+
+/// 50 callers on one task reserve against a cap of their own (a capability lease's 10 000
+/// tokens and 50 000 µ$) far below the ledger's per-task limits: exactly as many fit as the
+/// tighter of the two caps allows, whatever the interleaving, and the refusals name the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_callers_on_one_task_stay_within_the_cap_they_pass() {
+    let s = setup(config());
+    let cap = TaskCap { tokens: 10_000, cost: MicroUsd(50_000) };
+    for (task, input, output, fits, unit, limit) in [
+        // 1 907 tokens, 1 807 × 3 + 100 × 15 = 6 921 µ$: tokens bind, 5 fit.
+        (Uuid::now_v7(), 1_807, 100, 5, Unit::Tokens, 10_000),
+        // 507 tokens, 7 × 3 + 500 × 15 = 7 521 µ$: money binds, 6 fit.
+        (Uuid::now_v7(), 7, 500, 6, Unit::MicroUsd, 50_000),
+    ] {
+        let mut callers = tokio::task::JoinSet::new();
+        for _ in 0..50 {
+            let ledger = s.ledger.clone();
+            callers.spawn(async move { ledger.reserve_within(task, Role::Dev, BIG, input, output, cap).await });
+        }
+        let (mut held, mut refused) = (Vec::new(), 0);
+        while let Some(r) = callers.join_next().await {
+            match r.unwrap() {
+                Ok(r) => held.push(r),
+                Err(ReserveError::Refused(Refusal::TaskLimit { task_id, hit })) => {
+                    assert_eq!((task_id, hit.unit, hit.limit), (task, unit, limit));
+                    refused += 1;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        assert_eq!((held.len(), refused), (fits, 50 - fits));
+        let usage = s.ledger.task_usage(task).await.unwrap().usage;
+        assert_eq!(usage.held_tokens, fits as u64 * (input + output));
+        assert!(usage.held_tokens <= cap.tokens && usage.held_cost <= cap.cost, "{usage:?}");
+        // The ledger's own limits still apply to a cap above them.
+        let loose = TaskCap { tokens: u64::MAX, cost: MicroUsd(u64::MAX) };
+        let lax = s.ledger.reserve_within(Uuid::now_v7(), Role::Dev, BIG, 1, 1, loose).await.unwrap();
+        assert_eq!(lax.tokens, 2);
+    }
+    let capped = setup(LedgerConfig { per_task_tokens: 1_000, ..config() });
+    let loose = TaskCap { tokens: 1_000_000, cost: MicroUsd(u64::MAX) };
+    let r = refusal(capped.ledger.reserve_within(Uuid::now_v7(), Role::Dev, BIG, 600, 401, loose).await);
+    assert!(matches!(r, Refusal::TaskLimit { hit: LimitHit { limit: 1_000, .. }, .. }), "{r:?}");
 }
 
 #[tokio::test]

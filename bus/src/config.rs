@@ -32,8 +32,10 @@ pub struct ConsumerConfig {
     pub retry_max: Duration,
     /// How often pending entries are scanned for retries and reclaim.
     pub maintenance_every: Duration,
-    /// Other consumers with nothing pending and idle this long are deleted from the group.
-    pub remove_idle_consumers_after: Duration,
+    /// Other consumers with nothing pending and idle this long are deleted from the group;
+    /// `None`: this consumer never deletes any (its Redis user may not run
+    /// `XGROUP DELCONSUMER`; workers' groups are pruned by the orchestrator).
+    pub remove_idle_consumers_after: Option<Duration>,
     /// How often idle consumers are looked for (`XINFO CONSUMERS`).
     pub prune_every: Duration,
     /// On shutdown, how long a running handler may take to finish.
@@ -54,7 +56,7 @@ impl ConsumerConfig {
             retry_base: Duration::from_millis(200),
             retry_max: Duration::from_secs(30),
             maintenance_every: Duration::from_millis(500),
-            remove_idle_consumers_after: Duration::from_secs(3600),
+            remove_idle_consumers_after: Some(Duration::from_secs(3600)),
             prune_every: Duration::from_secs(60),
             grace: Duration::from_secs(10),
         }

@@ -598,35 +598,19 @@ impl<H: Handler> Consumer<H> {
     }
 
     /// Deletes other consumers that have nothing pending and have been idle for long, so
-    /// restarts with new names don't grow the group forever.
+    /// restarts with new names don't grow the group forever. Not when
+    /// `remove_idle_consumers_after` is `None` (workers: their groups are pruned by the
+    /// orchestrator, see [`crate::pruner`]).
     async fn prune_idle_consumers(&mut self, c: &mut MultiplexedConnection) -> Result<(), BusError> {
-        let stream = self.cfg.stream.as_str();
-        let v: redis::Value =
-            redis::cmd("XINFO").arg("CONSUMERS").arg(stream).arg(&self.cfg.group).query_async(c).await?;
-        for info in reply::info_maps("XINFO CONSUMERS", &v)? {
-            let name = reply::info_get(&info, "name").and_then(reply::text).unwrap_or_default();
-            let pending = reply::info_get(&info, "pending").and_then(reply::int).unwrap_or(1);
-            let idle = reply::info_get(&info, "idle").and_then(reply::int).unwrap_or(0).max(0) as u64;
-            if name != self.cfg.consumer
-                && pending == 0
-                && Duration::from_millis(idle) > self.cfg.remove_idle_consumers_after
-            {
-                // DELCONSUMER drops the consumer's pending entries too. It had none a moment ago;
-                // its answer says how many it dropped, should it have read in between.
-                let dropped: i64 = redis::cmd("XGROUP")
-                    .arg("DELCONSUMER")
-                    .arg(stream)
-                    .arg(&self.cfg.group)
-                    .arg(&name)
-                    .query_async(c)
-                    .await?;
-                if dropped > 0 {
-                    tracing::error!(stream, group = %self.cfg.group, consumer = %name, dropped, "Removing an idle consumer dropped entries it had just read; they will not be redelivered, an operator must look at them.");
-                } else {
-                    tracing::info!(stream, consumer = %name, "Removed an idle consumer with nothing pending.");
-                }
-            }
-        }
+        let Some(after) = self.cfg.remove_idle_consumers_after else { return Ok(()) };
+        crate::pruner::prune_idle_consumers(
+            c,
+            self.cfg.stream.as_str(),
+            &self.cfg.group,
+            Some(&self.cfg.consumer),
+            after,
+        )
+        .await?;
         Ok(())
     }
 }

@@ -17,6 +17,8 @@
 //! - [`config`]: tunables with their defaults.
 //! - [`publisher`]: sealing and `XADD`, batch pipelining, backlog-aware trimming.
 //! - [`consumer`]: the read → verify → dedup → handle → ack loop, retries, reclaim, DLQ.
+//! - [`pruner`]: deleting a group's idle consumers, also on behalf of consumers whose Redis
+//!   user may not (`XGROUP DELCONSUMER` is not granted to workers).
 //! - [`reply`]: parsing of Redis stream replies (`XREADGROUP`, `XAUTOCLAIM`, `XPENDING`, …).
 //! - [`error`]: [`BusError`] and [`HandlerError`].
 //! - [`names`]: the keys the bus writes besides streams (replay guard, done markers) and the
@@ -27,6 +29,7 @@ pub mod consumer;
 pub mod control;
 pub mod error;
 pub mod names;
+pub mod pruner;
 pub mod publisher;
 pub mod reply;
 

@@ -363,7 +363,7 @@ async fn idle_consumers_with_nothing_pending_are_pruned() {
 
     let (rec, mut rx) = recorder();
     let mut cfg = config(GROUP, "live");
-    cfg.remove_idle_consumers_after = Duration::from_millis(300);
+    cfg.remove_idle_consumers_after = Some(Duration::from_millis(300));
     cfg.prune_every = Duration::from_millis(50);
     cfg.claim_idle = Duration::from_secs(60); // "holder" is not taken over here
     let consumer = spawn(&server, cfg, rec.clone());

@@ -36,14 +36,17 @@ pub use command::run;
 pub use passwords::{MIN_PASSWORD_LEN, Password, Passwords, PasswordsError};
 
 /// Commands every user may run, on no key: what the `redis` crate and deadpool-redis send
-/// when they connect and recycle (`AUTH` or `HELLO`, `CLIENT SETNAME`, `PING`).
+/// when they connect and recycle (`AUTH` or `HELLO`, `CLIENT SETNAME`, `PING`; deadpool-redis
+/// 0.23 recycles a pooled connection with `UNWATCH` and `PING <n>`, and a refused `UNWATCH`
+/// is silently ignored by it but still an ACL refusal in Redis's `ACL LOG`). `UNWATCH`
+/// only forgets the connection's own `WATCH`es.
 ///
 /// Redis 7.0 never ACL-checks `AUTH` and `HELLO` (they must work before authentication);
 /// they are listed so the line says what it means. `CLIENT SETINFO` is missing on purpose:
 /// Redis 7.0 does not know it (it came in 7.2) and refuses an ACL file that names it; the
 /// `redis` crate sends it on connect and ignores the error. `SELECT` is not granted: the
 /// fleet uses database 0, and the crate sends `SELECT` only for another one.
-pub const CONNECTION_COMMANDS: &[&str] = &["ping", "hello", "auth", "client|setname"];
+pub const CONNECTION_COMMANDS: &[&str] = &["ping", "hello", "auth", "client|setname", "unwatch"];
 
 /// What a publisher may do on the streams it publishes to, and nothing else.
 pub const PUBLISH_COMMANDS: &[&str] = &["xadd"];
@@ -54,7 +57,8 @@ pub const PUBLISH_COMMANDS: &[&str] = &["xadd"];
 pub const BACKLOG_COMMANDS: &[&str] = &["xlen", "xinfo|groups"];
 
 /// What a consumer group member does on its own inbox streams: read, acknowledge, reclaim,
-/// inspect. No `XADD`, `XDEL`, `XTRIM`, `XSETID`, `XGROUP DESTROY` or `XGROUP SETID`.
+/// inspect, prune idle consumers. No `XADD`, `XDEL`, `XTRIM`, `XSETID`, `XGROUP DESTROY` or
+/// `XGROUP SETID`. Workers get [`WORKER_CONSUMER_COMMANDS`].
 pub const CONSUMER_COMMANDS: &[&str] = &[
     "xreadgroup",
     "xack",
@@ -70,6 +74,30 @@ pub const CONSUMER_COMMANDS: &[&str] = &[
     "xlen",
     "xrange",
 ];
+
+/// [`CONSUMER_COMMANDS`] less `XGROUP CREATECONSUMER` and `XGROUP DELCONSUMER`, for the
+/// worker roles. Every instance of a role shares one user, and deleting a consumer drops its
+/// pending entries: a compromised worker could delete the consumer of a peer and with it the
+/// task the peer is working on. Workers never prune (`bus`'s `remove_idle_consumers_after`
+/// is off for them); the orchestrator prunes their groups ([`PRUNE_COMMANDS`]). Reading
+/// creates a consumer by itself, so nobody needs `CREATECONSUMER`.
+pub const WORKER_CONSUMER_COMMANDS: &[&str] = &[
+    "xreadgroup",
+    "xack",
+    "xautoclaim",
+    "xclaim",
+    "xpending",
+    "xgroup|create",
+    "xinfo|groups",
+    "xinfo|consumers",
+    "xinfo|stream",
+    "xlen",
+    "xrange",
+];
+
+/// What the orchestrator runs on the worker roles' task streams to delete their groups'
+/// idle consumers (`bus::pruner`), the one thing the workers' users may not do there.
+pub const PRUNE_COMMANDS: &[&str] = &["xinfo|consumers", "xgroup|delconsumer"];
 
 /// The replay guard's commands, on `fleet:seen:<group>:*` and `fleet:done:<group>:*`.
 pub const REPLAY_GUARD_COMMANDS: &[&str] = &["set", "get", "exists", "pexpire"];
@@ -277,6 +305,8 @@ pub enum Purpose {
     Backlog,
     /// The consumer commands on the streams addressed to the role.
     Consume,
+    /// The orchestrator's pruning of idle consumers in the worker roles' task groups.
+    Prune,
     /// The replay guard's `fleet:seen:<role>:*` and `fleet:done:<role>:*` keys.
     ReplayGuard,
     /// The budget ledger's scripts and keys.
@@ -385,7 +415,8 @@ fn role_grants(table: &PermissionTable, role: Role) -> Vec<Selector> {
         selectors.push(Selector::new(Purpose::Backlog, Access::Read, publish, BACKLOG_COMMANDS));
     }
     if consumer {
-        selectors.push(Selector::new(Purpose::Consume, Access::ReadWrite, inbox, CONSUMER_COMMANDS));
+        let commands = if role.is_worker() { WORKER_CONSUMER_COMMANDS } else { CONSUMER_COMMANDS };
+        selectors.push(Selector::new(Purpose::Consume, Access::ReadWrite, inbox, commands));
         // The consumer group is named after the role.
         let guard = REPLAY_GUARD_PREFIXES.iter().map(|prefix| format!("{prefix}:{role}:*")).collect();
         selectors.push(Selector::new(Purpose::ReplayGuard, Access::ReadWrite, guard, REPLAY_GUARD_COMMANDS));
@@ -412,6 +443,15 @@ fn role_grants(table: &PermissionTable, role: Role) -> Vec<Selector> {
     if role == Role::Orchestrator {
         let keys = BTreeSet::from([RATE_LIMIT_KEYS.to_owned()]);
         selectors.push(Selector::new(Purpose::RateLimit, Access::ReadWrite, keys, RATE_LIMIT_COMMANDS));
+        let worker_tasks: BTreeSet<String> = table
+            .rules()
+            .iter()
+            .filter(|rule| rule.to.is_worker() && rule.stream.as_redis_pattern() == StreamName::tasks(rule.to).as_str())
+            .map(|rule| rule.stream.as_redis_pattern())
+            .collect();
+        if !worker_tasks.is_empty() {
+            selectors.push(Selector::new(Purpose::Prune, Access::ReadWrite, worker_tasks, PRUNE_COMMANDS));
+        }
     }
     selectors
 }
@@ -486,6 +526,9 @@ mod tests {
         let consume = selector(&t, User::Dev, Purpose::Consume).unwrap();
         assert_eq!(consume.keys, keys(&["fleet:control:dev", "fleet:tasks:dev", "fleet:tool:responses:dev:*"]));
         assert!(!consume.commands.contains(&"xadd"), "a consumer must not XADD to its inbox");
+        // Deleting a consumer drops its pending entries: a peer's running task.
+        assert!(!consume.commands.iter().any(|c| c.starts_with("xgroup|") && c.ends_with("consumer")));
+        assert!(selector(&t, User::Dev, Purpose::Prune).is_none());
         let guard = selector(&t, User::Dev, Purpose::ReplayGuard).unwrap();
         assert_eq!(guard.keys, keys(&["fleet:done:dev:*", "fleet:seen:dev:*"]));
         assert!(selector(&t, User::Dev, Purpose::Ledger).is_none());
@@ -517,6 +560,14 @@ mod tests {
         assert_eq!(control.access, Access::Read);
         let budget = selector(&t, User::Budget, Purpose::Consume).unwrap();
         assert_eq!(budget.keys, keys(&["fleet:control:budget", "fleet:outcomes", "fleet:usage"]));
+        assert!(budget.commands.contains(&"xgroup|delconsumer"), "its own groups are its own to prune");
+        // The orchestrator prunes the workers' task groups, and may do nothing else there.
+        let prune = selector(&t, User::Orchestrator, Purpose::Prune).unwrap();
+        assert_eq!(
+            prune.to_string(),
+            "(~fleet:tasks:dev ~fleet:tasks:qa ~fleet:tasks:refactor ~fleet:tasks:review resetchannels \
+             +xinfo|consumers +xgroup|delconsumer)"
+        );
     }
 
     #[test]
@@ -570,13 +621,13 @@ mod tests {
         assert_eq!(
             dev,
             format!(
-                "user dev reset on #{hash} resetchannels -@all +ping +hello +auth +client|setname \
+                "user dev reset on #{hash} resetchannels -@all +ping +hello +auth +client|setname +unwatch \
                  (%W~fleet:dlq %W~fleet:heartbeats %W~fleet:questions %W~fleet:rejected %W~fleet:results \
                  %W~fleet:tool:requests resetchannels +xadd) \
                  (%R~fleet:dlq %R~fleet:heartbeats %R~fleet:questions %R~fleet:rejected %R~fleet:results \
                  %R~fleet:tool:requests resetchannels +xlen +xinfo|groups) \
                  (~fleet:control:dev ~fleet:tasks:dev ~fleet:tool:responses:dev:* resetchannels +xreadgroup \
-                 +xack +xautoclaim +xclaim +xpending +xgroup|create +xgroup|createconsumer +xgroup|delconsumer \
+                 +xack +xautoclaim +xclaim +xpending +xgroup|create \
                  +xinfo|groups +xinfo|consumers +xinfo|stream +xlen +xrange) \
                  (~fleet:done:dev:* ~fleet:seen:dev:* resetchannels +set +get +exists +pexpire) \
                  (%R~fleet:control:dev %R~fleet:killswitch %R~fleet:tool:responses:dev:* resetchannels +xread +xrevrange \

@@ -20,15 +20,22 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use envelope::{Instance, PermissionTable, Role, StreamName, streams};
 use fleet_testkit::RedisServer;
 use fleetctl::acl::{Passwords, User};
 use redis::Value;
 use redis::aio::MultiplexedConnection;
+use sha2::Digest as _;
 use tempfile::TempDir;
 
 const EX_USAGE: i32 = 64;
+
+/// A user of the tests' own, added after the generated ones by [`Fleet::start_inspected`]:
+/// reads `ACL LOG`, nothing else.
+const INSPECTOR: &str = "acl-inspector";
+const INSPECTOR_PASSWORD: &str = "inspector-password-0123456789";
 
 // ---------------------------------------------------------------------------------------
 // The binary
@@ -203,6 +210,20 @@ fn allowed_if(yes: bool) -> Expect {
 
 impl Fleet {
     fn start() -> Fleet {
+        Self::start_with(None)
+    }
+
+    /// [`Fleet::start`], plus one user of the test's own, [`INSPECTOR`], who may read the
+    /// server's `ACL LOG` and nothing else: every refusal of every user, whatever the
+    /// client did with the error.
+    fn start_inspected() -> Fleet {
+        Self::start_with(Some(&format!(
+            "user {INSPECTOR} on #{} resetchannels -@all +hello +auth +acl|log\n",
+            hex::encode(sha2::Sha256::digest(INSPECTOR_PASSWORD))
+        )))
+    }
+
+    fn start_with(extra_user: Option<&str>) -> Fleet {
         let dir = tempfile::tempdir().unwrap();
         ok(dir.path(), &["acl", "secrets", "new", "--out", "secrets.toml"]);
         ok(
@@ -218,6 +239,11 @@ impl Fleet {
                 "users.acl",
             ],
         );
+        if let Some(line) = extra_user {
+            let acl = dir.path().join("users.acl");
+            let generated = fs::read_to_string(&acl).unwrap();
+            fs::write(&acl, format!("{generated}{line}")).unwrap();
+        }
         let passwords = Passwords::parse(&fs::read_to_string(dir.path().join("secrets.toml")).unwrap()).unwrap();
         let table = PermissionTable::parse(&fs::read_to_string(permissions_file()).unwrap()).unwrap();
         let redis = RedisServer::builder()
@@ -260,6 +286,24 @@ impl Fleet {
             }
         }
         assert_failures(what, cases.len(), &failures);
+    }
+
+    /// The server's `ACL LOG` (newest first): one line per refusal, as
+    /// `<reason> <object> by <user>` (`command multi by budget`), read as [`INSPECTOR`].
+    async fn acl_log(&self) -> Vec<String> {
+        let url = format!("redis://{INSPECTOR}:{INSPECTOR_PASSWORD}@127.0.0.1:{}/", self.redis.port());
+        let mut inspector = connect(&url).await.unwrap_or_else(|err| panic!("{INSPECTOR} cannot connect: {err}"));
+        let entries: Vec<BTreeMap<String, Value>> =
+            redis::cmd("ACL").arg("LOG").query_async(&mut inspector).await.unwrap();
+        let text = |entry: &BTreeMap<String, Value>, field: &str| match entry.get(field) {
+            Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+            Some(Value::SimpleString(s)) => s.clone(),
+            other => format!("{other:?}"),
+        };
+        entries
+            .iter()
+            .map(|e| format!("{} {} by {}", text(e, "reason"), text(e, "object"), text(e, "username")))
+            .collect()
     }
 
     /// XADDs an entry to `stream` as `user` and returns its id.
@@ -350,9 +394,16 @@ async fn consumers_work_their_own_streams_and_nobody_elses() {
                     .unwrap_or_else(|| panic!("nobody may publish to {s}"));
                 let id = fleet.seed(publisher, s).await;
                 let id = id.as_str();
+                // A worker may neither create nor delete consumers: every instance of the role
+                // shares the user, and deleting a peer's consumer drops the peer's task.
+                let (create, delete) = if role.is_worker() {
+                    (Expect::NoPerm, Expect::NoPerm)
+                } else {
+                    (Expect::Returns(Value::Int(1)), Expect::Allowed)
+                };
                 for (expect, args) in [
                     (Expect::Returns(Value::Okay), &["XGROUP", "CREATE", s, group, "0", "MKSTREAM"][..]),
-                    (Expect::Returns(Value::Int(1)), &["XGROUP", "CREATECONSUMER", s, group, c2]),
+                    (create, &["XGROUP", "CREATECONSUMER", s, group, c2]),
                     (Expect::Allowed, &["XREADGROUP", "GROUP", group, c1, "COUNT", "10", "STREAMS", s, ">"]),
                     (Expect::Allowed, &["XPENDING", s, group]),
                     (Expect::Allowed, &["XPENDING", s, group, "-", "+", "10"]),
@@ -364,7 +415,7 @@ async fn consumers_work_their_own_streams_and_nobody_elses() {
                     (Expect::Allowed, &["XINFO", "STREAM", s]),
                     (Expect::Returns(Value::Int(1)), &["XLEN", s]),
                     (Expect::Allowed, &["XRANGE", s, "-", "+"]),
-                    (Expect::Allowed, &["XGROUP", "DELCONSUMER", s, group, c2]),
+                    (delete, &["XGROUP", "DELCONSUMER", s, group, c2]),
                     // Its own inbox is not its to write.
                     (Expect::NoPerm, &["XADD", s, "*", "forged", "1"]),
                     (Expect::NoPerm, &["XDEL", s, id]),
@@ -393,8 +444,15 @@ async fn consumers_work_their_own_streams_and_nobody_elses() {
                     // A publisher reads the length and group lag of what it publishes to
                     // (the bus's backpressure), and nothing else of it.
                     let backlog = matches!(args[..2], ["XINFO", "GROUPS"] | ["XLEN", _]);
-                    let expect =
-                        if backlog && may_xadd(&fleet.table, user, s) { Expect::Permitted } else { Expect::NoPerm };
+                    // The orchestrator prunes the workers' task groups for them.
+                    let prune = user == User::Orchestrator
+                        && Role::WORKERS.iter().any(|w| StreamName::tasks(*w).as_str() == s)
+                        && matches!(args[..2], ["XINFO", "CONSUMERS"] | ["XGROUP", "DELCONSUMER"]);
+                    let expect = if (backlog && may_xadd(&fleet.table, user, s)) || prune {
+                        Expect::Permitted
+                    } else {
+                        Expect::NoPerm
+                    };
                     cases.push(case(user, expect, args));
                 }
             }
@@ -409,6 +467,40 @@ async fn consumers_work_their_own_streams_and_nobody_elses() {
         ));
     }
     fleet.expect_all("consumer commands on own and foreign streams", cases).await;
+}
+
+/// Issue 10, item 3: a compromised worker cannot delete a peer's consumer (which would drop
+/// the task the peer is working on from the group's pending list); the orchestrator prunes
+/// the workers' idle consumers for them, under the generated ACL.
+#[tokio::test]
+async fn a_worker_cannot_delete_a_peers_consumer_and_the_orchestrator_prunes_idle_ones() {
+    let mut fleet = Fleet::start();
+    let stream = StreamName::tasks(Role::Dev).to_string();
+    let s = stream.as_str();
+    fleet.seed(User::OutboxRelay, s).await;
+    let id = fleet.seed(User::OutboxRelay, s).await;
+    let cases = vec![
+        case(User::Dev, Expect::Returns(Value::Okay), &["XGROUP", "CREATE", s, "dev", "0"]),
+        // dev-1 is working on the first task; dev-2 read the second and is done with it.
+        case(User::Dev, Expect::Allowed, &["XREADGROUP", "GROUP", "dev", "dev-1", "COUNT", "1", "STREAMS", s, ">"]),
+        case(User::Dev, Expect::Allowed, &["XREADGROUP", "GROUP", "dev", "dev-2", "COUNT", "1", "STREAMS", s, ">"]),
+        case(User::Dev, Expect::Returns(Value::Int(1)), &["XACK", s, "dev", id.as_str()]),
+        // A compromised instance tries to make dev-1's task vanish.
+        case(User::Dev, Expect::NoPerm, &["XGROUP", "DELCONSUMER", s, "dev", "dev-1"]),
+        case(User::Dev, Expect::NoPerm, &["XGROUP", "DELCONSUMER", s, "dev", "dev-2"]),
+    ];
+    fleet.expect_all("a worker deleting consumers", cases).await;
+
+    let orchestrator = fleet.connection(User::Orchestrator).await;
+    let removed = bus::pruner::prune_idle_consumers(orchestrator, s, "dev", None, Duration::ZERO).await.unwrap();
+    assert_eq!(removed, 1, "only dev-2, which holds nothing, is pruned");
+    let args = |a: &[&str]| a.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
+    let pending = fleet.run(User::Dev, &args(&["XPENDING", s, "dev"])).await.unwrap();
+    let Value::Array(summary) = pending else { panic!("XPENDING: {pending:?}") };
+    assert_eq!(summary[0], Value::Int(1), "dev-1 still holds its task");
+    let consumers = fleet.run(User::Dev, &args(&["XINFO", "CONSUMERS", s, "dev"])).await.unwrap();
+    let Value::Array(consumers) = consumers else { panic!("XINFO CONSUMERS: {consumers:?}") };
+    assert_eq!(consumers.len(), 1, "dev-1 is kept: {consumers:?}");
 }
 
 #[tokio::test]
@@ -703,7 +795,7 @@ async fn nobody_administers_deletes_or_reaches_outside_its_grants() {
 
 #[tokio::test]
 async fn every_user_connects_the_way_the_fleet_does() {
-    let mut fleet = Fleet::start();
+    let mut fleet = Fleet::start_inspected();
     let mut failures = Vec::new();
     for user in User::ALL {
         // RESP2 (AUTH) and RESP3 (HELLO 3 AUTH); both also send CLIENT SETINFO, which 7.0
@@ -722,11 +814,22 @@ async fn every_user_connects_the_way_the_fleet_does() {
                 Err(err) => failures.push(format!("user {user} ({query:?}) cannot connect: {err}")),
             }
         }
-        // deadpool-redis recycles connections with `PING <n>`.
+        // deadpool-redis recycles connections with `UNWATCH` and `PING <n>`, ignoring
+        // UNWATCH's error: only the server's ACL LOG would show a refusal.
         let cases = vec![case(user, Expect::Returns(Value::BulkString(b"42".to_vec())), &["PING", "42"])];
         fleet.expect_all("PING", cases).await;
+        let url = secrecy::SecretString::from(fleet.url(user, ""));
+        let pool = bus::pool(&url, 1, std::time::Duration::from_secs(1)).unwrap();
+        for round in 0..3 {
+            let mut connection = pool.get().await.unwrap_or_else(|err| panic!("{user}: pooled connection: {err}"));
+            let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut *connection).await;
+            if let Err(err) = pong {
+                failures.push(format!("user {user}: PING on a pooled connection (round {round}): {err}"));
+            }
+        }
     }
-    assert_failures("connecting", User::ALL.len() * 4, &failures);
+    assert_failures("connecting", User::ALL.len() * 7, &failures);
+    assert_eq!(fleet.acl_log().await, Vec::<String>::new(), "Redis refused what the clients send on their own");
 }
 
 /// Why the generator needs selectors, checked on the server itself: a read-only key
@@ -903,4 +1006,118 @@ async fn every_process_follows_its_own_control_stream_and_reads_the_kill_switch(
     cases.push(case(op, Expect::NoPerm, &["SET", "fleet:budget:counters:failures", "0"]));
     cases.push(case(op, Expect::NoPerm, &["GET", "fleet:seen:dev:x"]));
     fleet.expect_all("kill switch", cases).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The budget manager's own code under its user
+// ---------------------------------------------------------------------------------------
+
+/// The budget manager's usage handler, run as the generated `budget` user, counts one
+/// report exactly once however often the bus hands it over: four deliveries at once (a
+/// consumer took the entry over while the first still ran), a handling that fails after
+/// counting (the ledger unreachable) and its redelivery, and a last redelivery. Redis
+/// refuses none of its commands (`ACL LOG` stays empty): a refused `MULTI` used to leave
+/// the increments to run one by one, outside any transaction, and concurrent deliveries
+/// each counted the report.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_usage_report_is_counted_exactly_once_under_the_generated_acls_however_often_it_is_handled() {
+    use budget::alert::{AlertSender, AlertsConfig};
+    use budget::killswitch::KillSwitch;
+    use budget::ledger::{Ledger, LedgerConfig};
+    use budget::service::{Budget, TriggerConfig, UsageHandler, usage_key};
+    use bus::{Delivery, Handler, HandlerError, Publisher, PublisherConfig};
+    use envelope::{
+        Envelope, Keyring, MasterFile, MasterSecret, MemoryReplayGuard, Process, Sender, Usage, Verifier,
+        VerifierConfig, VerifyContext,
+    };
+    use secrecy::SecretString;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+    use std::time::Duration;
+
+    let fleet = Fleet::start_inspected();
+    let table = fleet.table.clone();
+    let master = MasterFile::new(MasterSecret::from_bytes([9; 32]));
+    let keyring = |role| Keyring::derive(&master, Process::Role(role), &table).unwrap();
+    let budget_url = SecretString::from(fleet.url(User::Budget, ""));
+    let pool = bus::pool(&budget_url, 8, Duration::from_secs(1)).unwrap();
+    let ledger_cfg = LedgerConfig::from_toml(
+        "daily_tokens = 500000\ndaily_micro_usd = 10000000\nper_task_tokens = 100000\nper_task_micro_usd = 2000000\n\
+         reservation_ttl_secs = 60\n[prices.m-1]\ninput_micro_usd_per_mtok = 1000000\noutput_micro_usd_per_mtok = 2000000\n",
+    )
+    .unwrap();
+    let budget_with = |ledger_pool: deadpool_redis::Pool| {
+        let alerts = AlertSender::new(pool.clone(), &AlertsConfig::default());
+        let publisher =
+            Arc::new(Publisher::new(pool.clone(), Arc::new(keyring(Role::Budget)), PublisherConfig::default()));
+        Budget {
+            killswitch: KillSwitch::new(pool.clone(), publisher, alerts.clone(), Instance::parse("budget-0").unwrap()),
+            ledger: Ledger::new(ledger_pool, ledger_cfg.clone()).unwrap(),
+            alerts,
+            pool: pool.clone(),
+            triggers: Arc::new(TriggerConfig::default()),
+            needs_reassert: Arc::new(AtomicBool::new(false)),
+        }
+    };
+    let handler = UsageHandler(budget_with(pool.clone()));
+    // The same budget manager, but its ledger (read after counting) cannot be reached: the
+    // handling fails after the report was counted, and the bus delivers it again.
+    let closed_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port()
+    };
+    let unreachable = SecretString::from(format!("redis://127.0.0.1:{closed_port}/"));
+    let failing = UsageHandler(budget_with(bus::pool(&unreachable, 1, Duration::from_secs(1)).unwrap()));
+
+    let usage =
+        Usage { role: Role::Dev, model: "m-1".into(), input_tokens: 120, output_tokens: 30, cost_micro_usd: 180 };
+    let from = Sender { role: Role::Orchestrator, instance: Instance::parse("orchestrator-0").unwrap() };
+    let env = Envelope::new(from, Role::Budget, bus::now_ms(), 60_000, 0, usage.into());
+    let wire = keyring(Role::Orchestrator).seal(&env).unwrap();
+    let verifier = Verifier::new(keyring(Role::Budget), table.clone(), VerifierConfig::default());
+    let delivery = |n: u64| {
+        let ctx = VerifyContext { now_ms: bus::now_ms(), kill_epoch: 0 };
+        let envelope = verifier.verify(streams::USAGE, &wire, ctx, &mut MemoryReplayGuard::new()).unwrap();
+        Delivery { envelope, stream: streams::USAGE.into(), entry_id: "1-1".into(), deliveries: n }
+    };
+
+    let mut at_once = tokio::task::JoinSet::new();
+    for n in 1..=4 {
+        let (handler, d) = (handler.clone(), delivery(n));
+        at_once.spawn(async move { handler.handle(d).await });
+    }
+    let mut results = Vec::new();
+    while let Some(r) = at_once.join_next().await {
+        results.push(r.unwrap().map_err(|e| e.to_string()));
+    }
+    assert_eq!(results, vec![Ok(()); 4], "every concurrent delivery is handled");
+    match failing.handle(delivery(5)).await {
+        Err(HandlerError::Transient(_)) => {}
+        other => panic!("the ledger is unreachable: the handling must fail, got {other:?}"),
+    }
+    handler.handle(delivery(6)).await.unwrap();
+    handler.handle(delivery(7)).await.unwrap();
+
+    let day = budget::ledger::Day::from_unix_ms(env.issued_at_ms);
+    let mut operator = connect(&fleet.url(User::Operator, "")).await.unwrap();
+    let counters: BTreeMap<String, u64> =
+        redis::cmd("HGETALL").arg(usage_key(day)).query_async(&mut operator).await.unwrap();
+    let expected: BTreeMap<String, u64> = [
+        ("t", 150),
+        ("in", 120),
+        ("out", 30),
+        ("m", 180),
+        ("calls", 1),
+        ("role:dev:t", 150),
+        ("role:dev:m", 180),
+        ("role:dev:calls", 1),
+        ("model:m-1:t", 150),
+        ("model:m-1:m", 180),
+        ("model:m-1:calls", 1),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    assert_eq!(counters, expected, "one report, counted once");
+    assert_eq!(fleet.acl_log().await, Vec::<String>::new(), "Redis refused the budget manager's own commands");
 }

@@ -20,6 +20,14 @@ use crate::tasks::{Engine, EngineConfig};
 /// Concurrent tool-request consumers (model calls in flight at once).
 const TOOL_CONSUMERS: usize = 4;
 
+/// Consumers of a worker role's task group with nothing pending and idle this long are
+/// deleted by the orchestrator (workers' own consumers do not prune: they lack
+/// `XGROUP DELCONSUMER`). A live worker reads every `block_ms`, so it is never this idle.
+const WORKER_CONSUMERS_IDLE: Duration = Duration::from_secs(3600);
+
+/// How often the worker groups are looked at for idle consumers.
+const WORKER_CONSUMERS_PRUNE_EVERY: Duration = Duration::from_secs(60);
+
 /// The configuration file (TOML). Unknown keys are refused.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -48,6 +56,10 @@ struct FileConfig {
     /// Seconds a worker may stay silent on a step.
     #[serde(default = "default_step_deadline")]
     step_deadline_secs: u64,
+    /// Seconds the worker holding a step may stay silent before a peer that reclaimed its
+    /// task entry takes the step's lease over (below the workers' `claim_idle_secs`).
+    #[serde(default = "default_takeover_after")]
+    takeover_after_secs: u64,
     /// Seconds between deadline checks.
     #[serde(default = "default_tick")]
     tick_secs: u64,
@@ -68,6 +80,14 @@ struct FileConfig {
     /// Workspaces are `<workspace_root>/task-<id>`; workers refuse one outside their own root.
     #[serde(default = "default_workspace_root")]
     workspace_root: String,
+    /// Where a task's repository may come from (`[repositories]`): allowed https hosts,
+    /// local roots, plaintext. Nothing by default.
+    #[serde(default)]
+    repositories: crate::repos::RepoPolicy,
+    /// Four eyes: a HIGH or CRITICAL task needs an approver other than its submitter
+    /// (HTTP 403 otherwise, audited). Turn off only where one person runs the fleet alone.
+    #[serde(default = "default_true")]
+    four_eyes: bool,
     /// The tool proxy and capability leases; without it workers get no leases and tool
     /// requests go unanswered.
     #[serde(default)]
@@ -156,6 +176,9 @@ fn default_max_retries() -> u32 {
 }
 fn default_step_deadline() -> u64 {
     300
+}
+fn default_takeover_after() -> u64 {
+    30
 }
 fn default_tick() -> u64 {
     1
@@ -252,16 +275,27 @@ impl Config {
         api.listen = file.listen;
         api.rate_limit_burst = file.rate_limit_burst;
         api.rate_limit_per_second = file.rate_limit_per_second;
-        if file.step_deadline_secs == 0 || file.tick_secs == 0 {
-            return Err(ConfigError("settings `step_deadline_secs` and `tick_secs` must be at least 1".into()));
+        if file.step_deadline_secs == 0 || file.tick_secs == 0 || file.takeover_after_secs == 0 {
+            return Err(ConfigError(
+                "settings `step_deadline_secs`, `takeover_after_secs` and `tick_secs` must be at least 1".into(),
+            ));
         }
         let mut engine = EngineConfig::new(instance.clone());
         engine.max_retries = file.max_retries;
         engine.step_deadline = Duration::from_secs(file.step_deadline_secs);
+        engine.takeover_after = Duration::from_secs(file.takeover_after_secs);
         if !file.workspace_root.starts_with('/') {
             return Err(ConfigError("setting `workspace_root` must be an absolute path".into()));
         }
         engine.workspace_root = file.workspace_root.trim_end_matches('/').to_owned();
+        if let Some(bad) = file.repositories.local_roots.iter().find(|r| !r.is_absolute()) {
+            return Err(ConfigError(format!(
+                "setting `repositories.local_roots`: {} is not an absolute path",
+                bad.display()
+            )));
+        }
+        engine.repositories = file.repositories;
+        engine.four_eyes = file.four_eyes;
         let tools = file.tools.map(|t| Tools::load(t, engine.assign_ttl, env)).transpose()?;
         Ok(Self {
             instance,
@@ -409,6 +443,20 @@ impl App {
             &shutdown,
         )?;
         tasks.spawn(tick_loop(self.engine.clone(), self.tick, shutdown.clone()));
+        // Workers may not run XGROUP DELCONSUMER (it would let one drop a peer's task):
+        // the orchestrator prunes their groups' idle consumers for them.
+        let worker_groups = Role::ALL
+            .iter()
+            .filter(|r| r.is_worker())
+            .map(|r| (StreamName::tasks(*r).as_str().to_owned(), r.as_str().to_owned()))
+            .collect();
+        tasks.spawn(bus::pruner::run(
+            self.redis.clone(),
+            worker_groups,
+            WORKER_CONSUMERS_IDLE,
+            WORKER_CONSUMERS_PRUNE_EVERY,
+            shutdown.clone(),
+        ));
         if let Some((handler, matrix, git)) = self.proxy.take() {
             // Model calls take seconds to minutes: several consumers in the group, one entry
             // at a time each, so one slow call does not hold up every worker's request.

@@ -20,8 +20,6 @@ use zeroize::Zeroizing;
 const HASH_DOMAIN: &[u8] = b"agentfleet/audit/v1";
 /// `prev_hash` of the first row.
 pub const GENESIS: [u8; 32] = [0; 32];
-/// Keys whose values never enter the trail, whatever a caller passes.
-const SECRET_KEYS: [&str; 7] = ["secret", "password", "token", "lease", "api_key", "authorization", "key"];
 
 /// The HMAC key of the trail. `Debug` never shows it.
 #[derive(Clone)]
@@ -68,26 +66,9 @@ pub struct AuditEntry<'a> {
     pub task_id: Option<Uuid>,
     /// Version of the prompt in use, when a model was involved.
     pub prompt_version: Option<&'a str>,
-    /// Structured details; values under secret-looking keys are redacted before hashing.
+    /// Structured details; values under secret-looking keys, and secrets inside any string
+    /// (the fleet's one set, [`telemetry::redact_json`]), are redacted before hashing.
     pub details: Value,
-}
-
-/// Replaces values under secret-looking keys, at any depth.
-fn redact(v: &mut Value) {
-    match v {
-        Value::Object(map) => {
-            for (k, val) in map.iter_mut() {
-                let lower = k.to_ascii_lowercase();
-                if SECRET_KEYS.iter().any(|s| lower == *s || lower.ends_with(&format!("_{s}"))) {
-                    *val = Value::String("**REDACTED**".into());
-                } else {
-                    redact(val);
-                }
-            }
-        }
-        Value::Array(items) => items.iter_mut().for_each(redact),
-        _ => {}
-    }
 }
 
 /// Replaces U+0000 in strings and keys with U+FFFD: jsonb refuses it, and one such
@@ -215,7 +196,8 @@ pub async fn append_at(
     at: DateTime<Utc>,
 ) -> Result<i64, sqlx::Error> {
     let mut entry = entry;
-    redact(&mut entry.details);
+    // Before the hash: what the trail never held cannot leak from it or from a backup.
+    telemetry::redact_json(&mut entry.details);
     replace_nul(&mut entry.details);
     // The details are hashed as Postgres will hand them back: jsonb rewrites some numbers
     // (`1e16` comes back as `10000000000000000`, `-0.0` as `0.0`), and hashing the caller's
@@ -427,7 +409,7 @@ mod tests {
     #[test]
     fn secrets_never_enter_the_trail() {
         let mut v = serde_json::json!({"lease": "eyJ...", "nested": {"api_key": "sk-1", "model_api_key": "x", "reason": "ok"}, "list": [{"token": "t"}]});
-        redact(&mut v);
+        telemetry::redact_json(&mut v);
         let text = v.to_string();
         assert!(
             !text.contains("eyJ") && !text.contains("sk-1") && !text.contains("\"t\"") && !text.contains("\"x\""),

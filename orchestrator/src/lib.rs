@@ -18,7 +18,9 @@
 //! - [`lease`]: capability leases (JWT) minted per assignment and checked on every tool request.
 //! - [`proxy`]: the tool proxy (`llm.complete` metered by the budget ledger) and the push of approved tasks.
 //! - [`gitops`]: `git.push_branch`: apply the approved diff to a fresh clone, push `agentfleet/task-<id>`.
-//! - [`tasks`]: the [`tasks::Engine`]: submit, apply results, heartbeats, deadlines, approvals, kill and resume.
+//! - [`repos`]: where a task's repository may come from (`[repositories]`), checked at intake.
+//! - [`tasks`]: the [`tasks::Engine`]: submit, apply results, heartbeats, deadlines, approvals, kill and resume;
+//!   each assignment bound to the one worker instance that uses it first (`tasks/binding.rs`).
 //! - [`api`]: the operators' HTTP API (axum) over the engine: bearer tokens with roles, per-client
 //!   intake rate limit, health, readiness and metrics.
 
@@ -33,6 +35,7 @@ pub mod outbox;
 pub mod providers;
 pub mod proxy;
 pub mod refusals;
+pub mod repos;
 pub mod risk;
 pub mod service;
 pub mod state;

@@ -7,7 +7,7 @@
 //! # Layout
 //! - this file: the request and answer types, [`ProviderError`], the [`Provider`] trait,
 //!   [`ProviderConfig`] (one `[provider]` table, tagged by `kind`), [`build`] and the
-//!   [`AnyProvider`] dispatcher, [`estimate_input_tokens`] for the budget reservation.
+//!   [`AnyProvider`] dispatcher, [`input_token_bound`] for the budget reservation.
 //! - [`openai`]: OpenAI-compatible chat completions (OpenAI, Ollama, vLLM, LiteLLM).
 //! - [`anthropic`]: the Anthropic Messages API.
 //! - [`scripted`]: a deterministic offline provider answering from a TOML fixture file.
@@ -400,13 +400,21 @@ pub fn build_with_env(
     })
 }
 
-/// The input tokens a call will probably cost, for the budget's reservation before the
-/// call: a quarter of the characters, rounded up, plus 4 per message (and the system
-/// prompt) and 3 for the answer's priming. The provider's own count replaces it after.
-pub fn estimate_input_tokens(req: &CompletionRequest) -> u64 {
+/// An upper bound on the input tokens of a call, for the budget's reservation before the
+/// call: the UTF-8 **bytes** of the system prompt and of every message, plus 4 per message
+/// (and the system prompt) for the chat template's framing and 3 for the answer's priming.
+///
+/// A byte-level BPE tokenizer (GPT's, Claude's, Llama 3's) never makes more tokens of a
+/// text than it has bytes, whatever the text; neither does a SentencePiece tokenizer with
+/// byte fallback. The usual estimate, a quarter of the characters, is not a bound: CJK
+/// text, emoji and base64 cost 1 to 3 tokens per character, so a prompt written to be
+/// cheap to reserve and dear to run beat it 4 to 12 times. The provider's own count is
+/// what the ledger commits after the call; a count above this bound is flagged there
+/// (`Commit::exceeded_reservation`).
+pub fn input_token_bound(req: &CompletionRequest) -> u64 {
     const PER_MESSAGE: u64 = 4;
     const PRIMING: u64 = 3;
-    let text = |s: &str| (s.chars().count() as u64).div_ceil(4) + PER_MESSAGE;
+    let text = |s: &str| (s.len() as u64).saturating_add(PER_MESSAGE);
     let system = req.system.as_deref().map_or(0, text);
     req.messages.iter().map(|m| text(&m.content)).fold(system + PRIMING, u64::saturating_add)
 }
@@ -604,14 +612,27 @@ mod tests {
     }
 
     #[test]
-    fn estimate_counts_quarters_rounded_up_plus_overhead() {
-        assert_eq!(estimate_input_tokens(&request(None, &[])), 3);
-        // 5 chars -> 2, + 4 overhead, + 3 priming.
-        assert_eq!(estimate_input_tokens(&request(None, &["hello"])), 9);
-        // system 4 chars -> 1 + 4; message 8 chars -> 2 + 4; + 3.
-        assert_eq!(estimate_input_tokens(&request(Some("abcd"), &["abcdefgh"])), 14);
-        // Characters, not bytes.
-        assert_eq!(estimate_input_tokens(&request(None, &["ñññññ"])), 9);
+    fn the_bound_counts_bytes_plus_framing() {
+        assert_eq!(input_token_bound(&request(None, &[])), 3);
+        // 5 bytes, + 4 framing, + 3 priming.
+        assert_eq!(input_token_bound(&request(None, &["hello"])), 12);
+        // system 4 bytes + 4; message 8 bytes + 4; + 3.
+        assert_eq!(input_token_bound(&request(Some("abcd"), &["abcdefgh"])), 23);
+        // Bytes, not characters: ñ is 2 bytes.
+        assert_eq!(input_token_bound(&request(None, &["ñññññ"])), 17);
+    }
+
+    #[test]
+    fn hostile_text_cannot_make_the_bound_small() {
+        // Text whose tokens outnumber a quarter of its characters: CJK (3 bytes and 1 to 2
+        // tokens a character), emoji (4 bytes, 1 to 3 tokens), base64 (about 3 characters a
+        // token). For each, the bound covers one token per byte, the worst any byte-level
+        // tokenizer can do.
+        for (text, chars) in [("漢".repeat(600), 600), ("🦀".repeat(450), 450), ("QUJD".repeat(450), 1800)] {
+            assert_eq!(text.chars().count(), chars);
+            let bound = input_token_bound(&request(None, &[&text]));
+            assert_eq!(bound, 1800 + 4 + 3, "{}", &text[..12]);
+        }
     }
 
     #[test]

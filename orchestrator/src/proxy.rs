@@ -3,11 +3,15 @@
 //!
 //! Each `tool.request` on `fleet:tool:requests` is checked, in order: its capability lease
 //! (signature, expiry), that the lease is for this task, role and the task's *current* step,
+//! that the sending instance holds the step (the first to use an assignment binds it;
+//! another instance presenting the same lease is refused with `lease_bound_elsewhere`),
 //! that the action is granted, and the risk matrix's rule for the action's level. A refusal
 //! is answered (`ok = false`, with a code) and audited. An allowed `llm.complete` reserves
-//! its estimated tokens and money in the ledger before the call, commits the provider's
-//! figures after it, and sends a `usage` envelope to the budget manager; the answer, its
-//! audit row and the usage go out in one transaction through the outbox.
+//! an upper bound of its tokens (the prompt's bytes, plus `max_tokens`) and their money in
+//! the ledger before the call — against the lease's limits and the ledger's, in one
+//! script — commits the provider's figures after it, and sends a `usage` envelope to the
+//! budget manager; the answer, its audit row and the usage go out in one transaction
+//! through the outbox.
 //!
 //! Approved tasks are pushed by [`push_loop`] (`git.push_branch`), also under the matrix.
 
@@ -15,7 +19,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use budget::ledger::{Ledger, Refusal, ReserveError};
+use budget::ledger::{Ledger, MicroUsd, Refusal, ReserveError, TaskCap};
 use bus::{Delivery, Handler, HandlerError};
 use envelope::{Envelope, Payload, Role, ToolRequest, ToolResponse, Usage, Verified};
 use serde::Deserialize;
@@ -24,9 +28,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::gitops::{self, GitConfig, PushError};
 use crate::lease::{LeaseClaims, LeaseKeys};
-use crate::providers::{AnyProvider, CompletionRequest, Message, MessageRole, Provider, estimate_input_tokens};
+use crate::providers::{AnyProvider, CompletionRequest, Message, MessageRole, Provider, input_token_bound};
 use crate::risk::{Decision, RiskMatrix};
-use crate::tasks::{Actor, Engine, EngineError};
+use crate::tasks::{Actor, Engine, EngineError, HOLD_ELSEWHERE, HOLD_STALE, Hold};
 
 /// Model choice (`[models]` in the orchestrator's configuration).
 #[derive(Debug, Clone, Deserialize)]
@@ -199,6 +203,17 @@ impl ToolProxy {
         if task.assignment_id != Some(claims.jti) {
             return Ok(Err(refused("lease_stale", "the step this lease was issued for is over")));
         }
+        // First use binds the lease to this instance; a peer presenting it is refused.
+        match self.0.engine.hold(claims.task, Some(claims.jti), claims.role, env.from.instance.as_str()).await? {
+            Hold::Held => {}
+            Hold::Stale => {
+                return Ok(Err(refused(HOLD_STALE, "the step this lease was issued for is over")));
+            }
+            Hold::Elsewhere { holder } => {
+                let why = format!("the lease is bound to {holder}, the instance that first used it");
+                return Ok(Err(refused(HOLD_ELSEWHERE, why)));
+            }
+        }
         if claims.grant(&req.action).is_none() {
             return Ok(Err(refused("action_not_granted", format!("the lease does not grant {}", req.action))));
         }
@@ -252,24 +267,24 @@ impl ToolProxy {
             task_id: Some(claims.task),
             role: claims.role.as_str().to_owned(),
         };
-        let estimate_in = estimate_input_tokens(&call);
-        // The lease's own limit (the task's risk level) before the ledger's.
-        let used = self.0.ledger.task_usage(claims.task).await.map_err(transient)?;
-        let spent = used.usage.tokens + used.usage.held_tokens;
-        if spent.saturating_add(estimate_in + u64::from(max_tokens)) > claims.max_tokens {
-            let why = format!("the task has used {spent} of its lease's {} tokens", claims.max_tokens);
-            self.0.engine.block(claims.task, &why).await.map_err(transient)?;
-            return self.refuse(env, req, refused("budget_exceeded", why)).await;
-        }
+        // A true upper bound (input bytes, and the whole output allowance), held against the
+        // lease's limits and the ledger's by one script: concurrent calls of the task (four
+        // proxy consumers, any number of orchestrators) cannot all pass a check that only
+        // some of them fit, and no prompt costs more than it reserved.
+        let bound_in = input_token_bound(&call);
+        let cap = TaskCap { tokens: claims.max_tokens, cost: MicroUsd(claims.max_cost_micro_usd) };
         let reservation = match self
             .0
             .ledger
-            .reserve(claims.task, claims.role, &call.model, estimate_in, u64::from(max_tokens))
+            .reserve_within(claims.task, claims.role, &call.model, bound_in, u64::from(max_tokens), cap)
             .await
         {
             Ok(r) => r,
             Err(ReserveError::Refused(Refusal::TaskLimit { hit, .. })) => {
-                let why = format!("the task is over its budget: {hit}");
+                let why = format!(
+                    "the task is over its budget (lease: {} tokens, {} micro-dollars): {hit}",
+                    claims.max_tokens, claims.max_cost_micro_usd
+                );
                 self.0.engine.block(claims.task, &why).await.map_err(transient)?;
                 return self.refuse(env, req, refused("budget_exceeded", why)).await;
             }
@@ -281,19 +296,6 @@ impl ToolProxy {
             }
             Err(ReserveError::Ledger(e)) => return Err(transient(format!("ledger: {e}"))),
         };
-        // The lease's money limit, at the price of the model actually reserved for.
-        let spent_money = used.usage.cost.0 + used.usage.held_cost.0;
-        if spent_money.saturating_add(reservation.cost.0) > claims.max_cost_micro_usd {
-            if let Err(e) = self.0.ledger.release(&reservation).await {
-                tracing::warn!(error = %e, "Cannot release a reservation; it lapses by itself.");
-            }
-            let why = format!(
-                "the task has spent {spent_money} of its lease's {} micro-dollars and this call may cost {}",
-                claims.max_cost_micro_usd, reservation.cost.0
-            );
-            self.0.engine.block(claims.task, &why).await.map_err(transient)?;
-            return self.refuse(env, req, refused("budget_exceeded", why)).await;
-        }
         call.model.clone_from(&reservation.model);
         let mut attempt = 0;
         let answer = loop {

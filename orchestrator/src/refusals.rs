@@ -1,8 +1,10 @@
 //! A per-sender rate limit on audited refusals.
 //!
-//! Every refused tool request and every stale or refused result used to add one audit row,
-//! so a compromised worker could grow the audit trail (hash-chained, append-only, never
-//! pruned) without limit by sending junk. Each sender — `(role, instance)` as signed in
+//! Every refused tool request (`tool.refused`), every stale or refused result
+//! (`task.result.stale`, `task.result.refused`) and every heartbeat or result from a worker
+//! that does not hold the assignment (`heartbeat.refused`, `task.result.refused`) used to
+//! add one audit row, so a compromised worker could grow the audit trail (hash-chained,
+//! append-only, never pruned) without limit by sending junk. Each sender — `(role, instance)` as signed in
 //! the envelope — has a token bucket: up to `burst` refusals are audited at once, then
 //! `per_minute`. Past that a refusal is still answered and logged, but only counted; the
 //! counts are written as one `audit.refusals.suppressed` row per sender at most once a

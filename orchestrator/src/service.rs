@@ -14,9 +14,11 @@ use crate::tasks::{Applied, Engine, EngineError};
 fn classify(e: EngineError) -> HandlerError {
     match e {
         EngineError::Db(_) | EngineError::Outbox(_) => HandlerError::Transient(e.to_string()),
-        EngineError::NotFound(_) | EngineError::Illegal(_) | EngineError::Invalid(_) | EngineError::Halted => {
-            HandlerError::Permanent(e.to_string())
-        }
+        EngineError::NotFound(_)
+        | EngineError::Illegal(_)
+        | EngineError::Invalid(_)
+        | EngineError::Halted
+        | EngineError::SelfApproval { .. } => HandlerError::Permanent(e.to_string()),
     }
 }
 
@@ -31,6 +33,9 @@ impl Handler for Results {
                 tracing::info!(task = ?d.envelope.task_id, to = %to, from = %d.envelope.from.instance, "Applied a result.")
             }
             Applied::Duplicate => tracing::debug!(envelope = %d.envelope.id, "Result already applied."),
+            Applied::Refused(hold) => {
+                tracing::warn!(envelope = %d.envelope.id, task = ?d.envelope.task_id, from = %d.envelope.from.instance, code = hold.code(), "Refused a result from an instance that does not hold the assignment.")
+            }
             Applied::Stale => {
                 tracing::warn!(envelope = %d.envelope.id, task = ?d.envelope.task_id, "Ignored a result for an assignment that is no longer current.")
             }

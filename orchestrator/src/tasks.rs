@@ -17,7 +17,9 @@ use crate::outbox::{self, OutboxError};
 use crate::refusals::{Admission, RefusalLimiter, RefusalLimits};
 use crate::state::{self, Context, Event, IllegalTransition, Risk, TaskState};
 
+mod binding;
 mod tools;
+pub use binding::{HOLD_ELSEWHERE, HOLD_STALE, Hold};
 pub use tools::PushJob;
 
 /// Why an engine call failed.
@@ -35,6 +37,19 @@ pub enum EngineError {
     /// The fleet is halted: no new work, no approvals, no merges.
     #[error("the fleet is halted by the kill switch; an admin must resume it first")]
     Halted,
+    /// Four eyes: the submitter of a HIGH or CRITICAL task tried to approve it.
+    #[error(
+        "{approver:?} submitted task {task} ({risk} risk) and cannot also approve it: a HIGH or CRITICAL \
+         change needs a second person; ask another operator to approve it"
+    )]
+    SelfApproval {
+        /// The task.
+        task: Uuid,
+        /// Its risk (`HIGH`, `CRITICAL`).
+        risk: &'static str,
+        /// The operator who submitted it and tried to approve it.
+        approver: String,
+    },
     /// Sealing an outgoing envelope failed.
     #[error(transparent)]
     Outbox(#[from] OutboxError),
@@ -52,6 +67,9 @@ pub struct EngineConfig {
     pub max_retries: u32,
     /// How long a worker may stay silent (no heartbeat, no result) before the step is reassigned.
     pub step_deadline: Duration,
+    /// How long the instance holding a step may stay silent before another instance that
+    /// uses the same assignment (having reclaimed its task entry) takes the binding over.
+    pub takeover_after: Duration,
     /// `ttl_ms` of assignments.
     pub assign_ttl: Duration,
     /// First retry delay; doubles per retry.
@@ -60,6 +78,11 @@ pub struct EngineConfig {
     pub retry_max: Duration,
     /// Workspaces live at `<root>/task-<id>`.
     pub workspace_root: String,
+    /// Where a task's repository may come from; nothing by default.
+    pub repositories: crate::repos::RepoPolicy,
+    /// Four eyes: a HIGH or CRITICAL task must be approved by someone other than its
+    /// submitter. On by default; off only where one person runs the fleet alone.
+    pub four_eyes: bool,
 }
 
 impl EngineConfig {
@@ -69,10 +92,13 @@ impl EngineConfig {
             instance,
             max_retries: 3,
             step_deadline: Duration::from_secs(300),
+            takeover_after: Duration::from_secs(30),
             assign_ttl: Duration::from_secs(3600),
             retry_base: Duration::from_secs(2),
             retry_max: Duration::from_secs(300),
             workspace_root: "/workspace".into(),
+            repositories: crate::repos::RepoPolicy::default(),
+            four_eyes: true,
         }
     }
 
@@ -158,7 +184,8 @@ pub struct Task {
     pub retries: i32,
     /// The current step's assignment envelope.
     pub assignment_id: Option<Uuid>,
-    /// Worker instance that last reported on the step.
+    /// The worker instance the current step is bound to: the first to use its assignment
+    /// (tool request, heartbeat or result); only it may go on using it.
     pub assigned_to: Option<String>,
     /// Silence past this reassigns the step.
     pub deadline_at: Option<DateTime<Utc>>,
@@ -206,6 +233,8 @@ pub enum Applied {
     Duplicate,
     /// It answers an assignment that is no longer current (reassigned, halted): ignored.
     Stale,
+    /// It answers the current assignment, which another instance holds: refused, audited.
+    Refused(Hold),
 }
 
 /// Who causes a change, for events and the audit trail.
@@ -340,6 +369,9 @@ impl Engine {
     /// Accepts a task and assigns it to Dev, in one transaction.
     pub async fn submit(&self, by: &Actor, new: NewTask) -> Result<Task, EngineError> {
         new.validate()?;
+        if let Some(repo) = &new.repository {
+            self.cfg.repositories.check(repo, &self.cfg.workspace_root).map_err(EngineError::Invalid)?;
+        }
         let mut tx = self.pool.begin().await?;
         if fleet_halted(&mut tx).await? {
             return Err(EngineError::Halted);
@@ -435,6 +467,10 @@ impl Engine {
             }
             tx.commit().await?;
             return Ok(Applied::Stale);
+        }
+        if let Err(hold) = self.hold_for_result(&mut tx, &task, env).await? {
+            tx.commit().await?;
+            return Ok(Applied::Refused(hold));
         }
         // QA's pass and Review's approval count only for the change they name, and that
         // must be the task's current change: a result about other bytes moves nothing
@@ -541,21 +577,6 @@ impl Engine {
         Ok(())
     }
 
-    /// A worker is alive: pushes back the deadline of the task it is working on.
-    pub async fn heartbeat(&self, env: &Verified<Envelope>) -> Result<bool, EngineError> {
-        let Some(task_id) = env.task_id else { return Ok(false) };
-        let deadline = Utc::now() + self.cfg.step_deadline;
-        let updated = sqlx::query(
-            "UPDATE tasks SET deadline_at = $1, assigned_to = $2 WHERE id = $3 AND state IN ('dev', 'qa', 'review', 'refactor') AND assignment_id IS NOT NULL",
-        )
-        .bind(deadline)
-        .bind(env.from.instance.as_str())
-        .bind(task_id)
-        .execute(&self.pool)
-        .await?;
-        Ok(updated.rows_affected() > 0)
-    }
-
     /// Reassigns steps whose worker stayed silent past the deadline (or fails them once
     /// retries are spent), and issues assignments whose backoff has passed. Returns how many
     /// tasks it touched. Safe to run from several orchestrators (`SKIP LOCKED`).
@@ -597,13 +618,32 @@ impl Engine {
         Ok(touched)
     }
 
-    /// A human approves a HIGH/CRITICAL task. Refused while the fleet is halted.
+    /// A human approves a HIGH/CRITICAL task. Refused while the fleet is halted, and (four
+    /// eyes, [`EngineConfig::four_eyes`]) when the approver submitted the task: that refusal
+    /// is audited (`task.approve.refused`) and changes nothing else.
     pub async fn approve(&self, id: Uuid, by: &Actor, reason: Option<String>) -> Result<Task, EngineError> {
+        let reason = reason.map(|r| telemetry::redact(&r).into_owned());
         let mut tx = self.pool.begin().await?;
         if fleet_halted(&mut tx).await? {
             return Err(EngineError::Halted);
         }
         let task = lock_task(&mut tx, id).await?;
+        let self_approval = task.submitted_by.eq_ignore_ascii_case(&by.instance);
+        if self.cfg.four_eyes
+            && self_approval
+            && task.state == TaskState::AwaitingApproval
+            && matches!(task.risk, Risk::High | Risk::Critical)
+        {
+            let details = json!({"rule": "four_eyes", "risk": task.risk.as_str(), "submitted_by": task.submitted_by});
+            audit::append(&mut tx, &self.audit_key, by.entry("task.approve.refused", Some(id), details)).await?;
+            tx.commit().await?;
+            tracing::warn!(task_id = %id, by = %by.instance, "Refused a self-approval (four eyes).");
+            return Err(EngineError::SelfApproval {
+                task: id,
+                risk: task.risk.as_str(),
+                approver: by.instance.clone(),
+            });
+        }
         let change = Change::new(Event::Approved, "approved", json!({"reason": reason}), by);
         self.apply(&mut tx, &task, change).await?;
         sqlx::query("INSERT INTO approvals (id, task_id, decided_at, decided_by, decision, reason) VALUES ($1, $2, now(), $3, 'approved', $4)")
@@ -650,6 +690,9 @@ impl Engine {
     /// The shared body of [`Engine::kill`] (`at` = None: the next epoch) and
     /// [`Engine::kill_at`].
     async fn halt_fleet(&self, by: &Actor, reason: &str, at: Option<u64>) -> Result<u64, EngineError> {
+        // Kept in `fleet_state`, sent to the budget manager, shown by `fleetctl status`.
+        let reason = telemetry::redact(reason);
+        let reason: &str = &reason;
         let mut tx = self.pool.begin().await?;
         let (epoch, halted): (i64, bool) =
             sqlx::query_as("SELECT kill_epoch, halted FROM fleet_state FOR UPDATE").fetch_one(&mut *tx).await?;
@@ -753,6 +796,11 @@ impl Engine {
             resume: task.resume_state,
         };
         let to = state::next(task.state, &change.event, ctx)?;
+        // What workers and operators wrote (summaries, findings, reasons) is kept and shown
+        // only redacted; findings also reach the next assignment only so.
+        let mut change = change;
+        telemetry::redact_json(&mut change.detail);
+        change.findings.iter_mut().for_each(telemetry::redact_string);
         let counts_retry = matches!(change.event, Event::Retry | Event::SentBack) && to != TaskState::Failed;
         let retries = task.retries + i32::from(counts_retry);
         let resume_state = match to {
@@ -991,6 +1039,8 @@ fn status_str(s: Status) -> &'static str {
     }
 }
 
+/// `s` redacted, then cut to `max` characters: in that order, since a secret cut in two
+/// may no longer look like one.
 fn cut(s: &str, max: usize) -> String {
-    s.chars().take(max).collect()
+    telemetry::redact(s).chars().take(max).collect()
 }

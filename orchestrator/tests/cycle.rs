@@ -41,6 +41,7 @@ async fn fleet(tune: impl FnOnce(&mut EngineConfig)) -> Fleet {
     let mut cfg = EngineConfig::new(Instance::parse("orchestrator-0").unwrap());
     cfg.retry_base = Duration::from_millis(1);
     cfg.retry_max = Duration::from_millis(5);
+    cfg.repositories.allowed_hosts = vec!["git.example".into()];
     tune(&mut cfg);
     let key = AuditKey::new(vec![3; 32]).unwrap();
     let engine = Engine::new(pool.clone(), Arc::new(ring(Role::Orchestrator)), key.clone(), cfg);
@@ -220,14 +221,18 @@ async fn high_risk_waits_for_approval_and_illegal_moves_are_refused() {
     {
         assert_eq!(step(&f, role, Status::Success, &[]).await, Applied::Moved(to));
     }
-    let approved = f.engine.approve(task.id, &op, Some("looked at the diff".into())).await.unwrap();
+    // Four eyes: the submitter cannot approve; a second operator can.
+    let own = f.engine.approve(task.id, &op, None).await.unwrap_err();
+    assert!(matches!(own, orchestrator::tasks::EngineError::SelfApproval { .. }), "{own}");
+    let approved =
+        f.engine.approve(task.id, &Actor::operator("dave"), Some("looked at the diff".into())).await.unwrap();
     assert_eq!(approved.state, TaskState::Approved);
     let decided: String = sqlx::query_scalar("SELECT decided_by FROM approvals WHERE task_id = $1")
         .bind(task.id)
         .fetch_one(&f.pool)
         .await
         .unwrap();
-    assert_eq!(decided, "carol");
+    assert_eq!(decided, "dave");
     let missing = f.engine.get(Uuid::now_v7()).await.unwrap_err();
     assert!(missing.to_string().contains("not found"));
 }
@@ -271,6 +276,8 @@ async fn a_silent_worker_loses_the_step_then_the_task_fails() {
         Heartbeat { seq: 1, busy: true }.into(),
     );
     hb.task_id = Some(kept.id);
+    // It names the assignment it keeps alive (and binds it to dev-9, the first to use it).
+    hb.causation_id = Some(last_sent(&f.pool, "fleet:tasks:dev").await.id);
     let wire = ring(Role::Dev).seal(&hb).unwrap();
     let hb = verifier(Role::Orchestrator)
         .verify(
@@ -323,4 +330,41 @@ async fn kill_halts_everything_and_resume_reissues_under_the_new_epoch() {
         assert_eq!(v.kill_epoch, 1, "re-issued under the new epoch");
     }
     assert_eq!(audit::verify(&f.pool, &f.key).await.unwrap().first_broken, None);
+}
+
+/// A task may name only a repository the policy allows: no credentials in the URL, no
+/// plaintext transport, no host or local path outside the configured ones, never another
+/// task's workspace. Refused at intake, before anything is stored or sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repositories_outside_the_policy_are_refused_at_intake() {
+    let f = fleet(|cfg| {
+        cfg.repositories.local_roots = vec!["/srv/repos".into(), "/".into()];
+    })
+    .await;
+    let op = Actor::operator("alice");
+    let refused = [
+        ("https://alice:ghp_0123456789abcdefghij0123456789abcdef@git.example/app.git", "credential helper"),
+        ("http://git.example/app.git", "plaintext"),
+        ("https://evil.example/app.git", "repositories.allowed_hosts"),
+        ("/workspace/task-0193/.git", "another's workspace"),
+        ("ext::sh -c id", "remote helper"),
+        ("git@git.example:app.git", "ssh location"),
+    ];
+    for (repo, says) in refused {
+        let mut task = new_task(Risk::Low);
+        task.repository = Some(repo.into());
+        match f.engine.submit(&op, task).await {
+            Err(orchestrator::tasks::EngineError::Invalid(why)) => {
+                assert!(why.contains(says), "{repo}: {why}");
+                assert!(!why.contains("ghp_"), "the refusal never echoes the credential: {why}");
+            }
+            other => panic!("{repo} was not refused: {other:?}"),
+        }
+    }
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks").fetch_one(&f.pool).await.unwrap();
+    let sent: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox").fetch_one(&f.pool).await.unwrap();
+    assert_eq!((stored, sent), (0, 0), "nothing stored, nothing sent");
+    let mut ok = new_task(Risk::Low);
+    ok.repository = Some("/srv/repos/app.git".into());
+    f.engine.submit(&op, ok).await.unwrap();
 }

@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::IntoResponse;
 use orchestrator::providers::{
     AnyProvider, Completion, CompletionRequest, Message, Provider, ProviderConfig, ProviderError, TokenUsage, build,
-    build_with_env, estimate_input_tokens,
+    build_with_env, input_token_bound,
 };
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -606,9 +606,9 @@ fn scripted_refuses_bad_fixture_files() {
 }
 
 #[test]
-fn the_estimate_grows_with_the_prompt() {
-    let short = estimate_input_tokens(&simple(None));
-    let long = estimate_input_tokens(&conversation());
+fn the_bound_grows_with_the_prompt() {
+    let short = input_token_bound(&simple(None));
+    let long = input_token_bound(&conversation());
     assert!(short > 0 && long > short, "{short} {long}");
 }
 

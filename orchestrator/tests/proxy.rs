@@ -16,7 +16,7 @@ use orchestrator::providers::{ProviderConfig, ScriptedConfig};
 use orchestrator::proxy::{ModelConfig, ToolProxy};
 use orchestrator::risk::RiskMatrix;
 use orchestrator::state::{Risk, TaskState};
-use orchestrator::tasks::{Actor, Engine, EngineConfig, NewTask};
+use orchestrator::tasks::{Actor, Applied, Engine, EngineConfig, Hold, NewTask};
 use secrecy::SecretString;
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -51,11 +51,11 @@ struct Fleet {
 }
 
 async fn fleet(per_task_tokens: u64) -> Fleet {
-    let pg = fleet_testkit::Postgres::start().expect("postgres must be installed; tests never skip");
-    let redis = fleet_testkit::RedisServer::start().expect("redis-server must be installed; tests never skip");
-    let url = pg.create_database().unwrap();
-    let pool = PgPool::connect(&url).await.unwrap();
-    orchestrator::db::migrate(&pool).await.unwrap();
+    fleet_tuned(per_task_tokens, |_| {}).await
+}
+
+/// [`fleet`] with the engine's settings tuned by `tune`.
+async fn fleet_tuned(per_task_tokens: u64, tune: impl FnOnce(&mut EngineConfig)) -> Fleet {
     let dir = tempfile::tempdir().unwrap();
     let fixture = dir.path().join("fixture.toml");
     std::fs::write(
@@ -63,10 +63,30 @@ async fn fleet(per_task_tokens: u64) -> Fleet {
         "[[response]]\nrole = \"dev\"\ntext = \"the answer\"\ninput_tokens = 120\noutput_tokens = 30\nmodel = \"scripted-1\"\n",
     )
     .unwrap();
-    let provider = orchestrator::providers::build(&ProviderConfig::Scripted(ScriptedConfig { fixture })).unwrap();
+    let provider = ProviderConfig::Scripted(ScriptedConfig { fixture });
+    fleet_with(dir, provider, per_task_tokens, "scripted-1", (1_000_000, 2_000_000), tune).await
+}
+
+/// A fleet whose proxy calls `provider` as `model`, priced at `(input, output)` µ$ per
+/// million tokens.
+async fn fleet_with(
+    dir: tempfile::TempDir,
+    provider: ProviderConfig,
+    per_task_tokens: u64,
+    model: &str,
+    (input_price, output_price): (u64, u64),
+    tune: impl FnOnce(&mut EngineConfig),
+) -> Fleet {
+    let pg = fleet_testkit::Postgres::start().expect("postgres must be installed; tests never skip");
+    let redis = fleet_testkit::RedisServer::start().expect("redis-server must be installed; tests never skip");
+    let url = pg.create_database().unwrap();
+    let pool = PgPool::connect(&url).await.unwrap();
+    orchestrator::db::migrate(&pool).await.unwrap();
+    let provider = orchestrator::providers::build(&provider).unwrap();
     let ledger_cfg = LedgerConfig::from_toml(&format!(
         "daily_tokens = 500000\ndaily_micro_usd = 10000000\nper_task_tokens = {per_task_tokens}\nper_task_micro_usd = 2000000\n\
-         reservation_ttl_secs = 60\n[prices.scripted-1]\ninput_micro_usd_per_mtok = 1000000\noutput_micro_usd_per_mtok = 2000000\n"
+         reservation_ttl_secs = 60\n[prices.{model}]\ninput_micro_usd_per_mtok = {input_price}\n\
+         output_micro_usd_per_mtok = {output_price}\n"
     ))
     .unwrap();
     let redis_pool = bus::pool(&SecretString::from(redis.url()), 4, Duration::from_secs(1)).unwrap();
@@ -78,11 +98,14 @@ async fn fleet(per_task_tokens: u64) -> Fleet {
         per_task_tokens: ledger_cfg.per_task_tokens,
         per_task_micro_usd: ledger_cfg.per_task_micro_usd.0,
     };
-    let cfg = EngineConfig::new(Instance::parse("orchestrator-0").unwrap());
+    let mut cfg = EngineConfig::new(Instance::parse("orchestrator-0").unwrap());
+    // The tests' repositories are bare repositories in temporary directories.
+    cfg.repositories = orchestrator::repos::RepoPolicy::local(std::env::temp_dir());
+    tune(&mut cfg);
     let engine =
         Engine::new(pool.clone(), Arc::new(ring(Role::Orchestrator)), AuditKey::new(vec![3; 32]).unwrap(), cfg)
             .with_leases(Arc::new(issuer));
-    let models: ModelConfig = toml::from_str("default = \"scripted-1\"").unwrap();
+    let models: ModelConfig = toml::from_str(&format!("default = \"{model}\"")).unwrap();
     let proxy = ToolProxy::new(engine.clone(), keys, matrix(), provider, ledger.clone(), models, redis_pool);
     Fleet { _pg: pg, _redis: redis, _dir: dir, pool, engine, proxy, ledger }
 }
@@ -112,7 +135,19 @@ async fn last_sent(pool: &PgPool, stream: &str, to: Role) -> Verified {
 /// A tool request from `role` about `assign`'s task, presenting `lease`; delivered to the
 /// proxy as the orchestrator's consumer would.
 async fn ask(f: &Fleet, role: Role, assign: &Verified, lease: Option<String>, action: &str) -> ToolResponse {
-    let me = Instance::parse(&format!("{role}-7")).unwrap();
+    ask_as(f, &format!("{role}-7"), role, assign, lease, action).await
+}
+
+/// [`ask`] from the worker instance `instance`.
+async fn ask_as(
+    f: &Fleet,
+    instance: &str,
+    role: Role,
+    assign: &Verified,
+    lease: Option<String>,
+    action: &str,
+) -> ToolResponse {
+    let me = Instance::parse(instance).unwrap();
     let request_id = Uuid::now_v7();
     let input = r#"{"messages":[{"role":"user","content":"fix the failing test"}],"max_tokens":200}"#;
     let mut env = Envelope::new(
@@ -263,10 +298,280 @@ async fn a_lease_dies_with_its_step_and_a_task_over_budget_is_blocked() {
     assert_eq!(refusals(&f.pool).await, ["lease_stale", "budget_exceeded"]);
 }
 
+/// A holder that falls silent (crashed; the bus hands its task entry to a peer after
+/// `claim_idle`) loses the binding to the peer that then uses the assignment: the step is
+/// finished once, without waiting for its deadline, and the takeover is audited. The old
+/// holder coming back is a peer like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_holders_step_is_taken_over_by_the_peer_that_reclaimed_it() {
+    let f = fleet_tuned(100_000, |c| c.takeover_after = Duration::from_millis(300)).await;
+    let task = f.engine.submit(&Actor::operator("alice"), new_task(None, &[])).await.unwrap();
+    let assign = last_sent(&f.pool, "fleet:tasks:dev", Role::Dev).await;
+    assert!(f.engine.heartbeat(&heartbeat("dev-1", &assign)).await.unwrap());
+    // While dev-1 is alive, dev-2 may not use its lease.
+    assert_eq!(
+        code(&ask_as(&f, "dev-2", Role::Dev, &assign, assign.lease.clone(), "llm.complete").await),
+        "lease_bound_elsewhere"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // dev-1 has been silent past takeover_after: dev-2 takes the step over.
+    assert!(ask_as(&f, "dev-2", Role::Dev, &assign, assign.lease.clone(), "llm.complete").await.ok);
+    assert_eq!(f.engine.get(task.id).await.unwrap().assigned_to.as_deref(), Some("dev-2"));
+    let rebound: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT actor_instance, details->>'from', details->>'to' FROM audit_trail WHERE action = 'task.rebound'",
+    )
+    .fetch_all(&f.pool)
+    .await
+    .unwrap();
+    assert_eq!(rebound, [("dev-2".to_owned(), "dev-1".to_owned(), "dev-2".to_owned())]);
+    // dev-1 comes back: dev-2 is alive, so dev-1 is the peer now.
+    assert!(!f.engine.heartbeat(&heartbeat("dev-1", &assign)).await.unwrap());
+    assert_eq!(
+        f.engine.apply_result(&dev_result("dev-1", &assign, ESCAPE)).await.unwrap(),
+        Applied::Refused(Hold::Elsewhere { holder: "dev-2".into() })
+    );
+    assert_eq!(f.engine.apply_result(&dev_result("dev-2", &assign, FIX)).await.unwrap(), Applied::Moved(TaskState::Qa));
+    let path: Vec<String> = sqlx::query_scalar("SELECT to_state FROM task_events WHERE task_id = $1 ORDER BY seq")
+        .bind(task.id)
+        .fetch_all(&f.pool)
+        .await
+        .unwrap();
+    assert_eq!(path, ["submitted", "dev", "qa"], "the step was finished once, not reassigned");
+}
+
 /// Charges `tokens` to `task` in the ledger, as earlier calls would have.
 async fn spend(f: &Fleet, task: Uuid, tokens: u64) {
     let r = f.ledger.reserve(task, Role::Dev, "scripted-1", tokens, 0).await.unwrap();
     f.ledger.commit(&r, tokens, 0).await.unwrap();
+}
+
+/// A worker's envelope about `assign`'s task (naming the assignment), sealed by `instance`
+/// of `role` and verified by the orchestrator on `stream`.
+fn from_worker(instance: &str, role: Role, assign: &Verified, stream: &str, payload: Payload) -> Verified {
+    let mut env = Envelope::new(
+        Sender { role, instance: Instance::parse(instance).unwrap() },
+        Role::Orchestrator,
+        bus::now_ms(),
+        60_000,
+        0,
+        payload,
+    );
+    env.task_id = assign.task_id;
+    env.causation_id = Some(assign.id);
+    let wire = ring(role).seal(&env).unwrap();
+    let ctx = VerifyContext { now_ms: bus::now_ms(), kill_epoch: 0 };
+    verifier(Role::Orchestrator).verify(stream, &wire, ctx, &mut MemoryReplayGuard::new()).unwrap()
+}
+
+fn heartbeat(instance: &str, assign: &Verified) -> Verified {
+    from_worker(instance, Role::Dev, assign, streams::HEARTBEATS, Heartbeat { seq: 1, busy: true }.into())
+}
+
+fn dev_result(instance: &str, assign: &Verified, diff: &str) -> Verified {
+    let result = TaskResult {
+        attempt: 1,
+        status: Status::Success,
+        summary: format!("{instance} is done"),
+        findings: vec![],
+        diff: Some(diff.as_bytes().to_vec()),
+        log: None,
+        change_sha256: None,
+    };
+    from_worker(instance, Role::Dev, assign, streams::RESULTS, result.into())
+}
+
+/// (action, code, holder) of every audit row about an envelope from a worker that does not
+/// hold the assignment it names, oldest first.
+async fn not_held(pool: &PgPool) -> Vec<(String, String, Option<String>)> {
+    sqlx::query_as(
+        "SELECT action, details->>'code', details->>'holder' FROM audit_trail \
+         WHERE action IN ('heartbeat.refused', 'task.result.refused') OR (action = 'tool.refused' AND details->>'code' = 'lease_bound_elsewhere') \
+         ORDER BY seq",
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
+fn row(action: &str, code: &str, holder: Option<&str>) -> (String, String, Option<String>) {
+    (action.to_owned(), code.to_owned(), holder.map(str::to_owned))
+}
+
+/// Issue 10, item 3: every dev instance reads every dev assignment. A second instance
+/// presenting the lease its peer already used is refused before anything is spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_presenting_a_lease_bound_to_another_instance_is_refused_and_audited() {
+    let f = fleet(100_000).await;
+    let task = f.engine.submit(&Actor::operator("alice"), new_task(None, &[])).await.unwrap();
+    let assign = last_sent(&f.pool, "fleet:tasks:dev", Role::Dev).await;
+    assert_eq!(f.engine.get(task.id).await.unwrap().assigned_to, None, "nobody holds a fresh assignment");
+
+    // dev-1 uses the lease first: it is bound to dev-1.
+    let r = ask_as(&f, "dev-1", Role::Dev, &assign, assign.lease.clone(), "llm.complete").await;
+    assert!(r.ok, "{}", r.output);
+    assert_eq!(f.engine.get(task.id).await.unwrap().assigned_to.as_deref(), Some("dev-1"));
+    // dev-2 read the same assignment off fleet:tasks:dev and presents the same lease.
+    for _ in 0..3 {
+        let r = ask_as(&f, "dev-2", Role::Dev, &assign, assign.lease.clone(), "llm.complete").await;
+        assert_eq!(code(&r), "lease_bound_elsewhere");
+    }
+    // The holder goes on working.
+    assert!(ask_as(&f, "dev-1", Role::Dev, &assign, assign.lease.clone(), "llm.complete").await.ok);
+
+    assert_eq!(refusals(&f.pool).await, ["lease_bound_elsewhere"; 3]);
+    let who: Vec<String> =
+        sqlx::query_scalar("SELECT actor_instance FROM audit_trail WHERE action = 'tool.refused' ORDER BY seq")
+            .fetch_all(&f.pool)
+            .await
+            .unwrap();
+    assert_eq!(who, ["dev-2"; 3], "the refusals name the instance that was refused");
+    // Only the holder's two calls were paid for; the task is not blocked and the fleet runs.
+    let spent = f.ledger.task_usage(task.id).await.unwrap();
+    assert_eq!((spent.usage.tokens, spent.usage.calls), (300, 2));
+    assert_eq!(f.engine.get(task.id).await.unwrap().state, TaskState::Dev);
+    assert_eq!(f.engine.fleet_state().await.unwrap(), (0, false));
+}
+
+/// A peer's heartbeat keeps nothing alive: the deadline is the holder's alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_heartbeat_does_not_extend_the_deadline_and_is_audited() {
+    let f = fleet(100_000).await;
+    let task = f.engine.submit(&Actor::operator("alice"), new_task(None, &[])).await.unwrap();
+    let assign = last_sent(&f.pool, "fleet:tasks:dev", Role::Dev).await;
+
+    // Another role's worker naming the dev assignment binds nothing.
+    let qa = from_worker("qa-1", Role::Qa, &assign, streams::HEARTBEATS, Heartbeat { seq: 1, busy: true }.into());
+    assert!(!f.engine.heartbeat(&qa).await.unwrap());
+    assert_eq!(f.engine.get(task.id).await.unwrap().assigned_to, None);
+    // dev-1 claims the assignment with its first heartbeat.
+    assert!(f.engine.heartbeat(&heartbeat("dev-1", &assign)).await.unwrap());
+    let bound = f.engine.get(task.id).await.unwrap();
+    assert_eq!(bound.assigned_to.as_deref(), Some("dev-1"));
+    let deadline = bound.deadline_at.unwrap();
+
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert!(!f.engine.heartbeat(&heartbeat("dev-2", &assign)).await.unwrap());
+    // A heartbeat that names the task but no assignment binds and extends nothing.
+    let mut bare = Envelope::new(
+        Sender { role: Role::Dev, instance: Instance::parse("dev-3").unwrap() },
+        Role::Orchestrator,
+        bus::now_ms(),
+        60_000,
+        0,
+        Heartbeat { seq: 1, busy: true }.into(),
+    );
+    bare.task_id = Some(task.id);
+    let wire = ring(Role::Dev).seal(&bare).unwrap();
+    let ctx = VerifyContext { now_ms: bus::now_ms(), kill_epoch: 0 };
+    let bare =
+        verifier(Role::Orchestrator).verify(streams::HEARTBEATS, &wire, ctx, &mut MemoryReplayGuard::new()).unwrap();
+    assert!(!f.engine.heartbeat(&bare).await.unwrap());
+    let after = f.engine.get(task.id).await.unwrap();
+    assert_eq!((after.deadline_at, after.assigned_to.as_deref()), (Some(deadline), Some("dev-1")));
+
+    // The holder's heartbeat still moves it.
+    assert!(f.engine.heartbeat(&heartbeat("dev-1", &assign)).await.unwrap());
+    assert!(f.engine.get(task.id).await.unwrap().deadline_at.unwrap() > deadline);
+    assert_eq!(
+        not_held(&f.pool).await,
+        [
+            row("heartbeat.refused", "lease_stale", None),
+            row("heartbeat.refused", "lease_bound_elsewhere", Some("dev-1")),
+            row("heartbeat.refused", "lease_stale", None)
+        ]
+    );
+}
+
+/// A peer's forged result for the task is refused and audited, and the task stays where
+/// it is; the holder's own result then moves it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peers_forged_result_is_refused_audited_and_moves_nothing() {
+    let f = fleet(100_000).await;
+    let task = f.engine.submit(&Actor::operator("alice"), new_task(None, &[])).await.unwrap();
+    let assign = last_sent(&f.pool, "fleet:tasks:dev", Role::Dev).await;
+    assert!(ask_as(&f, "dev-1", Role::Dev, &assign, assign.lease.clone(), "llm.complete").await.ok);
+
+    let forged = dev_result("dev-2", &assign, ESCAPE);
+    assert_eq!(
+        f.engine.apply_result(&forged).await.unwrap(),
+        Applied::Refused(Hold::Elsewhere { holder: "dev-1".into() })
+    );
+    let t = f.engine.get(task.id).await.unwrap();
+    assert_eq!((t.state, t.assignment_id, t.assigned_to.as_deref()), (TaskState::Dev, Some(assign.id), Some("dev-1")));
+    let artifacts: i64 = sqlx::query_scalar("SELECT count(*) FROM artifacts WHERE task_id = $1")
+        .bind(task.id)
+        .fetch_one(&f.pool)
+        .await
+        .unwrap();
+    assert_eq!(artifacts, 0, "the forged diff is not stored");
+    let events: Vec<String> = sqlx::query_scalar("SELECT to_state FROM task_events WHERE task_id = $1 ORDER BY seq")
+        .bind(task.id)
+        .fetch_all(&f.pool)
+        .await
+        .unwrap();
+    assert_eq!(events, ["submitted", "dev"]);
+    let outcomes: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE stream = 'fleet:outcomes'")
+        .fetch_one(&f.pool)
+        .await
+        .unwrap();
+    assert_eq!(outcomes, 0, "the budget manager hears of no outcome");
+    assert_eq!(not_held(&f.pool).await, [row("task.result.refused", "lease_bound_elsewhere", Some("dev-1"))]);
+
+    let honest = dev_result("dev-1", &assign, FIX);
+    assert_eq!(f.engine.apply_result(&honest).await.unwrap(), Applied::Moved(TaskState::Qa));
+}
+
+/// When the holder falls silent the step is reassigned with a new lease: the old one is
+/// stale, whoever uses the new one first holds it, and the old holder is a peer like any
+/// other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reassigned_step_carries_a_new_lease_that_binds_its_new_holder() {
+    let f = fleet_tuned(100_000, |c| {
+        c.step_deadline = Duration::from_millis(200);
+        c.retry_base = Duration::from_millis(1);
+        c.retry_max = Duration::from_millis(5);
+    })
+    .await;
+    let task = f.engine.submit(&Actor::operator("alice"), new_task(None, &[])).await.unwrap();
+    let first = last_sent(&f.pool, "fleet:tasks:dev", Role::Dev).await;
+    assert!(f.engine.heartbeat(&heartbeat("dev-1", &first)).await.unwrap());
+
+    // dev-1 goes silent; a peer's heartbeats do not keep the step for it.
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        assert!(!f.engine.heartbeat(&heartbeat("dev-2", &first)).await.unwrap());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        f.engine.tick().await.unwrap();
+        if f.engine.get(task.id).await.unwrap().assignment_id != Some(first.id) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < until, "the silent holder's step was never reassigned");
+    }
+    // The tick may issue the retry at once or after its backoff.
+    let second = loop {
+        let t = f.engine.get(task.id).await.unwrap();
+        if let Some(id) = t.assignment_id {
+            assert_ne!(id, first.id);
+            assert_eq!(t.assigned_to, None, "a new assignment starts unbound");
+            break last_sent(&f.pool, "fleet:tasks:dev", Role::Dev).await;
+        }
+        assert!(tokio::time::Instant::now() < until, "the step was never reissued");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        f.engine.tick().await.unwrap();
+    };
+    assert_eq!(Some(second.id), f.engine.get(task.id).await.unwrap().assignment_id);
+    assert_ne!(second.lease, first.lease, "a reassignment mints a new lease");
+
+    assert_eq!(code(&ask_as(&f, "dev-1", Role::Dev, &first, first.lease.clone(), "llm.complete").await), "lease_stale");
+    assert!(ask_as(&f, "dev-2", Role::Dev, &second, second.lease.clone(), "llm.complete").await.ok);
+    assert_eq!(
+        code(&ask_as(&f, "dev-1", Role::Dev, &second, second.lease.clone(), "llm.complete").await),
+        "lease_bound_elsewhere"
+    );
+    // dev-1's late result for its old step is stale; dev-2's result for the new one moves the task.
+    assert_eq!(f.engine.apply_result(&dev_result("dev-1", &first, FIX)).await.unwrap(), Applied::Stale);
+    assert_eq!(f.engine.apply_result(&dev_result("dev-2", &second, FIX)).await.unwrap(), Applied::Moved(TaskState::Qa));
+    assert_eq!(refusals(&f.pool).await, ["lease_stale", "lease_bound_elsewhere"]);
 }
 
 fn git(dir: &Path, args: &[&str]) -> String {
@@ -546,6 +851,198 @@ async fn only_the_change_qa_passed_and_review_approved_is_pushed() {
             .unwrap();
     assert!(why.contains("was not both passed by QA and approved by Review"), "{why}");
     assert!(!git(Path::new(&bare), &["branch", "--list"]).contains(&d.to_string()), "nothing pushed for D");
+}
+
+/// A model provider that bills the worst a byte-level tokenizer can: one token per byte of
+/// every message, 3 per message for the chat framing and 3 for the answer's priming, and
+/// the whole `max_tokens` for the answer (OpenAI-compatible, on 127.0.0.1:0). It answers
+/// after a short pause, as a model does, so concurrent calls overlap.
+async fn worst_case_provider() -> String {
+    async fn complete(body: axum::body::Bytes) -> axum::Json<serde_json::Value> {
+        let req: serde_json::Value = serde_json::from_slice(&body).expect("the proxy sends JSON");
+        let messages = req["messages"].as_array().expect("messages");
+        let bytes: u64 = messages.iter().map(|m| m["content"].as_str().expect("text content").len() as u64).sum();
+        let prompt_tokens = bytes + 3 * messages.len() as u64 + 3;
+        let completion_tokens = req["max_tokens"].as_u64().expect("max_tokens");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        axum::Json(serde_json::json!({
+            "id": "chatcmpl-1",
+            "object": "chat.completion",
+            "model": req["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "length"}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens},
+        }))
+    }
+    let app = axum::Router::new().route("/v1/chat/completions", axum::routing::post(complete));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    format!("http://{addr}/v1")
+}
+
+/// Prompts of 1 800 bytes that a characters ÷ 4 estimate takes for 113 to 450 tokens:
+/// CJK (600 characters), emoji (450) and base64 (1 800).
+fn hostile_prompt(i: usize) -> String {
+    use base64::Engine as _;
+    let prompt = match i % 3 {
+        0 => "漢".repeat(600),
+        1 => "🦀".repeat(450),
+        _ => base64::engine::general_purpose::STANDARD.encode((0..1350).map(|b| (b * 7 + i) as u8).collect::<Vec<_>>()),
+    };
+    assert_eq!(prompt.len(), 1800);
+    prompt
+}
+
+/// What a burst of hostile calls left behind.
+struct Burst {
+    /// Answered with a completion.
+    answered: usize,
+    /// Refusal codes, sorted.
+    refused: Vec<String>,
+    /// The most the task ever had committed plus held, sampled all through the burst.
+    peak: u64,
+    /// The most money the task ever had committed plus held.
+    peak_cost: u64,
+    /// The task's figures after the burst.
+    after: budget::ledger::TaskUsage,
+    /// The day's commits whose actual figures exceeded their reservation.
+    over_commits: u64,
+    task: Uuid,
+}
+
+/// Fifty concurrent `llm.complete` calls with hostile prompts and `max_tokens = 100`, all
+/// from the Dev instance that holds the task's lease (a peer would be refused before the
+/// ledger: `lease_bound_elsewhere`), through the proxy's real handler
+/// against the worst-case provider priced at `price` µ$ per million tokens (in and out).
+async fn hostile_burst(price: u64) -> (Fleet, Burst) {
+    let base = worst_case_provider().await;
+    let provider: ProviderConfig =
+        toml::from_str(&format!("kind = \"openai\"\nbase_url = \"{base}\"\ntimeout_secs = 30\n")).unwrap();
+    // The ledger's own per-task limit is far above the lease's (LOW risk: 10 000 tokens,
+    // 500 000 µ$): only an atomic check of the lease's limits holds the task to them.
+    let f = fleet_with(tempfile::tempdir().unwrap(), provider, 100_000, "worst-1", (price, price), |_| {}).await;
+    let task = f.engine.submit(&Actor::operator("alice"), new_task(None, &[])).await.unwrap();
+    let assign = last_sent(&f.pool, "fleet:tasks:dev", Role::Dev).await;
+    let mut deliveries = Vec::new();
+    let me = Instance::parse("dev-h").unwrap();
+    for i in 0..50 {
+        let input =
+            serde_json::json!({"messages": [{"role": "user", "content": hostile_prompt(i)}], "max_tokens": 100});
+        let mut env = Envelope::new(
+            Sender { role: Role::Dev, instance: me.clone() },
+            Role::Orchestrator,
+            bus::now_ms(),
+            60_000,
+            0,
+            ToolRequest { request_id: Uuid::now_v7(), action: "llm.complete".into(), input: input.to_string() }.into(),
+        );
+        env.task_id = assign.task_id;
+        env.causation_id = Some(assign.id);
+        env.lease = assign.lease.clone();
+        let wire = ring(Role::Dev).seal(&env).unwrap();
+        let ctx = VerifyContext { now_ms: bus::now_ms(), kill_epoch: 0 };
+        let verified = verifier(Role::Orchestrator)
+            .verify(streams::TOOL_REQUESTS, &wire, ctx, &mut MemoryReplayGuard::new())
+            .unwrap();
+        let entry_id = format!("1-{i}");
+        deliveries.push(Delivery {
+            envelope: verified,
+            stream: streams::TOOL_REQUESTS.into(),
+            entry_id,
+            deliveries: 1,
+        });
+    }
+
+    // Samples committed + held all through the burst.
+    let done = tokio_util::sync::CancellationToken::new();
+    let sampler = {
+        let (ledger, done) = (f.ledger.clone(), done.clone());
+        tokio::spawn(async move {
+            let (mut peak, mut peak_cost) = (0, 0);
+            while !done.is_cancelled() {
+                let u = ledger.task_usage(task.id).await.unwrap().usage;
+                peak = peak.max(u.tokens + u.held_tokens);
+                peak_cost = peak_cost.max(u.cost.0 + u.held_cost.0);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            (peak, peak_cost)
+        })
+    };
+    let mut burst = tokio::task::JoinSet::new();
+    for d in deliveries {
+        let proxy = f.proxy.clone();
+        burst.spawn(async move { proxy.handle(d).await });
+    }
+    while let Some(handled) = burst.join_next().await {
+        handled.unwrap().unwrap();
+    }
+    done.cancel();
+    let (sampled, sampled_cost) = sampler.await.unwrap();
+
+    let (mut answered, mut refused) = (0, Vec::new());
+    let replies = StreamName::tool_responses(Role::Dev, &me);
+    let frames: Vec<Vec<u8>> = sqlx::query_scalar("SELECT frame FROM outbox WHERE stream = $1 ORDER BY id")
+        .bind(replies.as_str())
+        .fetch_all(&f.pool)
+        .await
+        .unwrap();
+    assert_eq!(frames.len(), 50, "every call answered once");
+    for frame in frames {
+        let ctx = VerifyContext { now_ms: bus::now_ms(), kill_epoch: 0 };
+        let reply = verifier(Role::Dev).verify(replies.as_str(), &frame, ctx, &mut MemoryReplayGuard::new()).unwrap();
+        let Payload::ToolResponse(r) = reply.into_inner().payload else { panic!("expected tool.response") };
+        if r.ok { answered += 1 } else { refused.push(code(&r)) }
+    }
+    refused.sort();
+    let after = f.ledger.task_usage(task.id).await.unwrap();
+    let over_commits = f.ledger.usage(f.ledger.today()).await.unwrap().over_commits;
+    let peak = sampled.max(after.usage.tokens + after.usage.held_tokens);
+    let peak_cost = sampled_cost.max(after.usage.cost.0 + after.usage.held_cost.0);
+    (f, Burst { answered, refused, peak, peak_cost, after, over_commits, task: task.id })
+}
+
+/// The reservation of each hostile call: 1 800 bytes + 4 framing + 3 priming in, 100 out.
+const HOSTILE_RESERVED: u64 = 1_807 + 100;
+/// What the worst-case provider bills for one: 1 800 + 3 + 3 in, 100 out.
+const HOSTILE_BILLED: u64 = 1_806 + 100;
+
+/// The refusals of a burst: each call either reached the ledger and was refused there
+/// (`budget_exceeded`, which blocks the task), or came after the block (`lease_stale`).
+fn assert_refused_for_budget(b: &Burst, n: usize) {
+    assert_eq!(b.refused.len(), n, "{:?}", b.refused);
+    assert!(b.refused.iter().all(|c| c == "budget_exceeded" || c == "lease_stale"), "{:?}", b.refused);
+    assert!(b.refused.iter().any(|c| c == "budget_exceeded"), "{:?}", b.refused);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_hostile_prompts_never_spend_past_the_lease_token_limit() {
+    // $1 per million tokens: 500 000 µ$ would buy 250 calls; the 10 000 tokens buy 5.
+    let (f, b) = hostile_burst(1_000_000).await;
+    assert_eq!(b.answered, 5, "10 000 / {HOSTILE_RESERVED} reserved per call; refused: {:?}", b.refused);
+    assert_refused_for_budget(&b, 45);
+    assert!(b.peak <= 10_000, "committed + held reached {} tokens, over the lease's 10 000", b.peak);
+    assert_eq!((b.after.usage.tokens, b.after.usage.held_tokens, b.after.usage.calls), (5 * HOSTILE_BILLED, 0, 5));
+    assert_eq!(b.over_commits, 0, "every reservation was an upper bound of what the provider billed");
+    assert_eq!(f.engine.get(b.task).await.unwrap().state, TaskState::Blocked);
+    let paid: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_trail WHERE action = 'tool.llm.complete'")
+        .fetch_one(&f.pool)
+        .await
+        .unwrap();
+    assert_eq!(paid, 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_concurrent_hostile_prompts_never_spend_past_the_lease_money_limit() {
+    // $80 per million tokens: each call holds 1 907 × 80 = 152 560 µ$, so the lease's
+    // 500 000 µ$ buy 3 calls, while its 10 000 tokens would buy 5.
+    let (f, b) = hostile_burst(80_000_000).await;
+    assert_eq!(b.answered, 3, "500 000 µ$ / {} reserved per call; refused: {:?}", HOSTILE_RESERVED * 80, b.refused);
+    assert_refused_for_budget(&b, 47);
+    assert!(b.peak_cost <= 500_000, "committed + held reached {} µ$, over the lease's 500 000", b.peak_cost);
+    assert_eq!((b.after.usage.cost.0, b.after.usage.held_cost.0), (3 * HOSTILE_BILLED * 80, 0));
+    assert_eq!(b.over_commits, 0);
+    assert_eq!(f.engine.get(b.task).await.unwrap().state, TaskState::Blocked);
 }
 
 /// Item 5 of issue 10: 1000 junk tool requests (no lease) from one worker. Every one is

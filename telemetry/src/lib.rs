@@ -1,69 +1,44 @@
 //! What every agentfleet binary starts with.
 //!
 //! # Layout
+//! - [`redact`] (`redact.rs`): the fleet's one redaction set (AWS, GitHub, GitLab, Slack and
+//!   model-provider keys, `Authorization` headers, JWTs, private key blocks, passwords in
+//!   URLs and connection strings) and [`redact()`], [`redact_json`], [`redact_string`],
+//!   which every sink of free text calls: logs, API answers, the audit trail, stored
+//!   worker summaries, alerts.
 //! - [`init`]: structured logs (`tracing`), JSON or text, filtered by `RUST_LOG`, written
-//!   through [`Redactor`], a second net behind the `Secret` types that catches token
-//!   patterns (bearer tokens, JWTs, API keys, passwords in URLs) before they reach a log.
+//!   through [`Redacting`], a second net behind the `Secret` types that passes each whole
+//!   record through [`redact()`] before it reaches stderr; [`subscriber`] builds the same
+//!   for a writer of the caller's choice (tests).
 //! - [`shutdown`]: a cancellation token cancelled on SIGINT or SIGTERM, and a grace-period
 //!   helper for draining.
 //! - [`parse_args`]: command-line parsing with the fleet's exit codes (0 for `--help`, 64
 //!   for usage errors).
 
+pub mod redact;
+
 use std::io::{self, Write};
-use std::sync::OnceLock;
 use std::time::Duration;
 
-use regex::Regex;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 
-/// Patterns that must never reach a log, with what replaces them.
-fn patterns() -> &'static [(Regex, &'static str)] {
-    static P: OnceLock<Vec<(Regex, &'static str)>> = OnceLock::new();
-    P.get_or_init(|| {
-        [
-            // Passwords in URLs: scheme://user:password@host
-            (r"(?P<pre>[a-z][a-z0-9+.-]*://[^:/@\s]*:)[^@\s]+@", "${pre}**REDACTED**@"),
-            (r"(?i)(?P<pre>bearer\s+)[A-Za-z0-9._~+/=-]+", "${pre}**REDACTED**"),
-            // JWTs (capability leases, operator tokens).
-            (r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]+", "**REDACTED**"),
-            // Provider keys and tokens (OpenAI/Anthropic sk-…, GitHub gh?_…, Slack xox?-…, AWS AKIA…).
-            (r"\bsk-[A-Za-z0-9_-]{16,}", "**REDACTED**"),
-            (r"\bgh[pousr]_[A-Za-z0-9]{20,}", "**REDACTED**"),
-            (r"\bxox[abposr]-[A-Za-z0-9-]{10,}", "**REDACTED**"),
-            (r"\bAKIA[0-9A-Z]{16}\b", "**REDACTED**"),
-            // Telegram bot tokens: <digits>:<35 chars>
-            (r"\b[0-9]{6,12}:[A-Za-z0-9_-]{30,}", "**REDACTED**"),
-        ]
-        .into_iter()
-        .map(|(p, r)| (Regex::new(p).expect("redaction patterns are valid"), r))
-        .collect()
-    })
-}
+pub use redact::{REDACTED, redact, redact_json, redact_string};
 
-/// Replaces every secret-looking token in `line`.
-pub fn redact(line: &str) -> String {
-    let mut out = line.to_owned();
-    for (re, with) in patterns() {
-        if re.is_match(&out) {
-            out = re.replace_all(&out, *with).into_owned();
-        }
-    }
-    out
-}
-
-/// A writer that redacts each formatted log record before writing it to stderr.
+/// A [`MakeWriter`] whose writers redact each formatted log record before handing it to
+/// the inner writer (stderr in [`init`]).
 #[derive(Debug, Default, Clone, Copy)]
-pub struct Redactor;
+pub struct Redacting<M>(pub M);
 
-/// One log record being formatted.
-#[derive(Debug, Default)]
-pub struct RedactingWriter {
+/// One log record being formatted; written, redacted, when dropped.
+#[derive(Debug)]
+pub struct RedactingWriter<W: Write> {
     buf: Vec<u8>,
+    inner: W,
 }
 
-impl Write for RedactingWriter {
+impl<W: Write> Write for RedactingWriter<W> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         self.buf.extend_from_slice(data);
         Ok(data.len())
@@ -74,27 +49,48 @@ impl Write for RedactingWriter {
     }
 }
 
-impl Drop for RedactingWriter {
+impl<W: Write> Drop for RedactingWriter<W> {
     fn drop(&mut self) {
-        // tracing-subscriber formats one record per writer, so the record is whole here.
-        let text = redact(&String::from_utf8_lossy(&self.buf));
-        let _ = io::stderr().lock().write_all(text.as_bytes());
+        // tracing-subscriber formats one record per writer, so the record is whole here: a
+        // private key block over several lines is seen at once.
+        // The record's final newline is kept out of it: a private key block cut short is
+        // redacted up to where it stops looking like one, line breaks included.
+        let text = String::from_utf8_lossy(&self.buf);
+        let (body, end) = text.strip_suffix('\n').map_or((&*text, ""), |b| (b, "\n"));
+        let _ = self.inner.write_all(redact(body).as_bytes());
+        let _ = self.inner.write_all(end.as_bytes());
+        let _ = self.inner.flush();
     }
 }
 
-impl<'a> MakeWriter<'a> for Redactor {
-    type Writer = RedactingWriter;
+impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for Redacting<M> {
+    type Writer = RedactingWriter<M::Writer>;
     fn make_writer(&'a self) -> Self::Writer {
-        RedactingWriter::default()
+        RedactingWriter { buf: Vec::new(), inner: self.0.make_writer() }
     }
+}
+
+/// The fleet's log subscriber: JSON lines when `json`, text otherwise, every record
+/// redacted on its way to `writer`. No ANSI colours: escape codes between a field's name,
+/// its `=` and its value would hide `password=…` or `…=ghp_…` from the redaction.
+pub fn subscriber<W>(json: bool, filter: EnvFilter, writer: W) -> Box<dyn tracing::Subscriber + Send + Sync>
+where
+    W: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(Redacting(writer))
+        .with_ansi(false)
+        .with_target(false);
+    if json { Box::new(builder.json().finish()) } else { Box::new(builder.finish()) }
 }
 
 /// Installs the global subscriber: JSON lines when `json`, text otherwise; level from
 /// `RUST_LOG` (default `info`). Call once, first thing in `main`.
 pub fn init(service: &'static str, json: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(Redactor).with_target(false);
-    let _ = if json { builder.json().try_init() } else { builder.try_init() };
+    // `try_init`, not `set_global_default`: it also routes the `log` crate's records here.
+    let _ = tracing_subscriber::util::SubscriberInitExt::try_init(subscriber(json, filter, io::stderr));
     tracing::info!(service, version = env!("CARGO_PKG_VERSION"), "Starting.");
 }
 
@@ -178,18 +174,83 @@ pub async fn drain(work: impl std::future::Future<Output = ()>, grace: Duration)
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
+    use fleet_testkit::secrets::SAMPLES;
+    use std::sync::{Arc, Mutex};
+
+    /// Collects what the subscriber writes.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Captured {
+        fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(data);
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Captured {
+        type Writer = Captured;
+        fn make_writer(&'a self) -> Self::Writer {
+            self.clone()
+        }
+    }
+
+    /// Logs `f`'s events through the fleet's subscriber; returns what reached the writer.
+    fn logged(json: bool, f: impl FnOnce()) -> String {
+        let out = Captured::default();
+        tracing::subscriber::with_default(subscriber(json, EnvFilter::new("info"), out.clone()), f);
+        let bytes = out.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap()
+    }
 
     #[test]
-    fn secrets_are_redacted_and_the_rest_kept() {
-        let line = "connect redis://orchestrator:s3cret-pass@127.0.0.1:6379 with Authorization: Bearer abc.def-ghi \
-                    lease eyJhbGciOiJIUzI1NiJ9.eyJ0YXNrIjoiMDE5MyJ9.c2lnbmF0dXJl key sk-proj-ABCDEFGHIJKLMNOPQRST \
-                    bot 123456789:AAHdqTcvCH1vGWJxfSeofSAs0K5PALDsaw0 gh ghp_0123456789abcdefghijABCDEFGHIJ task 42";
-        let out = redact(line);
-        for secret in ["s3cret-pass", "abc.def-ghi", "eyJhbGciOiJIUzI1NiJ9", "sk-proj-ABCD", "AAHdqTcv", "ghp_0123"] {
-            assert!(!out.contains(secret), "{secret} leaked: {out}");
+    fn json_logs_redact_every_sample_in_messages_and_fields_also_after_an_escape() {
+        for s in SAMPLES {
+            let text = logged(true, || {
+                tracing::info!(
+                    summary = s.text,
+                    after_newline = format!("ok\n{}", s.text),
+                    "Worker said {} and stopped.",
+                    s.text
+                );
+                tracing::warn!(error = %format!("failed:\t{}", s.text), "Tab before it.");
+            });
+            assert!(!text.contains(s.secret), "{}: {text}", s.name);
+            let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+            assert_eq!(lines.len(), 2, "{}: {text}", s.name);
+            assert_eq!(lines[0]["fields"]["message"], format!("Worker said {} and stopped.", s.redacted), "{}", s.name);
+            assert_eq!(lines[0]["fields"]["summary"], s.redacted, "{}", s.name);
+            assert_eq!(lines[0]["fields"]["after_newline"], format!("ok\n{}", s.redacted), "{}", s.name);
+            assert_eq!(lines[1]["fields"]["error"], format!("failed:\t{}", s.redacted), "{}", s.name);
         }
-        assert!(out.contains("redis://orchestrator:**REDACTED**@127.0.0.1:6379"), "{out}");
-        assert!(out.contains("task 42"));
+    }
+
+    #[test]
+    fn text_logs_redact_every_sample_in_messages_and_fields_also_after_an_escape() {
+        for s in SAMPLES {
+            let text = logged(false, || {
+                tracing::info!(summary = s.text, "Worker said {} and stopped.", s.text);
+                tracing::info!(error = %format!("failed:\t{}", s.text), "Tab before it.");
+                // A `Display` field is written bare after `name=`: with colours on, an escape
+                // code would stand between the `=` and the secret.
+                tracing::info!(token = %s.text, "Display field.");
+            });
+            assert!(!text.contains(s.secret), "{}: {text}", s.name);
+            // A message is written as it is; a string field as Rust writes a `&str` with
+            // `{:?}`: quoted, with `\n` for a newline.
+            assert!(
+                text.contains(&format!("Worker said {} and stopped. summary={:?}\n", s.redacted, s.redacted)),
+                "{}: {text}",
+                s.name
+            );
+            assert!(text.contains(&format!("Tab before it. error=failed:\t{}\n", s.redacted)), "{}: {text}", s.name);
+            assert!(text.contains(&format!(" INFO Display field. token={}\n", s.redacted)), "{}: {text}", s.name);
+        }
     }
 }

@@ -35,6 +35,8 @@
 //! - `scratch.rs`: the servers' directories, on `/dev/shm` when it has room (creating
 //!   files there is far cheaper than on a VM's disk), else in the temp dir; each is
 //!   locked by its test process, and the next start sweeps up those whose process died.
+//! - [`secrets`]: made-up secrets of every kind in lines of text, with what the fleet's
+//!   redaction must turn each line into; sinks' tests send every one through.
 
 #![forbid(unsafe_code)]
 
@@ -44,6 +46,7 @@ mod postgres;
 mod process;
 mod redis_server;
 mod scratch;
+pub mod secrets;
 
 pub use error::HarnessError;
 pub use postgres::{Postgres, PostgresBuilder};

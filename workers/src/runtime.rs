@@ -1,6 +1,10 @@
 //! The worker runtime shared by the four roles: connect, follow the kill switch, send
 //! heartbeats, read tool responses, and consume the role's task stream one task at a time.
 //!
+//! Heartbeats name the running task and its assignment; one goes out as soon as a task is
+//! claimed, so the orchestrator binds the assignment (and its lease) to this instance before
+//! the role's first tool call. A peer of the same role cannot use that lease afterwards.
+//!
 //! A task is acknowledged only after its `task.result` is in Redis: the handler publishes
 //! the result and only then returns `Ok`. A result that cannot be published makes the
 //! handler fail transiently, so the entry is redelivered. On `control.pause` the consumer
@@ -120,6 +124,9 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Resu
     consumer_cfg.retry_max = Duration::from_secs(cfg.consumer.retry_max_secs);
     consumer_cfg.max_deliveries = cfg.consumer.max_deliveries;
     consumer_cfg.grace = cfg.grace;
+    // Workers may not delete consumers (a peer's pending task would go with it); the
+    // orchestrator prunes this group.
+    consumer_cfg.remove_idle_consumers_after = None;
     let handler = TaskHandler {
         inner: Arc::new(HandlerInner {
             role,
@@ -172,18 +179,34 @@ async fn wait_for_redis(pool: &deadpool_redis::Pool, shutdown: &CancellationToke
     }
 }
 
-/// The task this process is working on, for heartbeats.
+/// The step this process is working on (task and assignment envelope ids), for heartbeats.
+/// Setting it wakes the heartbeat loop, so the orchestrator hears at once that this instance
+/// holds the assignment (the first heartbeat naming it binds it here).
 #[derive(Debug, Clone, Default)]
-struct Busy(Arc<Mutex<Option<Uuid>>>);
+struct Busy(Arc<(Mutex<Option<Step>>, tokio::sync::Notify)>);
+
+/// A task's assignment: the task and the `task.assign` envelope's id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Step {
+    task: Uuid,
+    assignment: Uuid,
+}
 
 impl Busy {
-    fn get(&self) -> Option<Uuid> {
-        self.0.lock().map(|g| *g).unwrap_or(None)
+    fn get(&self) -> Option<Step> {
+        self.0.0.lock().map(|g| *g).unwrap_or(None)
     }
-    fn set(&self, task: Option<Uuid>) {
-        if let Ok(mut g) = self.0.lock() {
-            *g = task;
+    fn set(&self, step: Option<Step>) {
+        if let Ok(mut g) = self.0.0.lock() {
+            *g = step;
         }
+        if step.is_some() {
+            self.0.1.notify_one();
+        }
+    }
+    /// Until [`Busy::set`] names a step (at once if one was named since the last wait).
+    async fn claimed(&self) {
+        self.0.1.notified().await;
     }
 }
 
@@ -211,10 +234,11 @@ async fn heartbeats(
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            () = busy.claimed() => {}
             () = shutdown.cancelled() => return,
         }
         seq += 1;
-        let task = busy.get();
+        let step = busy.get();
         let ttl = (every.as_millis() as u64).saturating_mul(3).max(10_000);
         let mut env = Envelope::new(
             from.clone(),
@@ -222,9 +246,12 @@ async fn heartbeats(
             now_ms(),
             ttl,
             epoch.get(),
-            Payload::Heartbeat(Heartbeat { seq, busy: task.is_some() }),
+            Payload::Heartbeat(Heartbeat { seq, busy: step.is_some() }),
         );
-        env.task_id = task;
+        // Naming the assignment: the orchestrator extends only the deadline of the step
+        // this instance holds.
+        env.task_id = step.map(|s| s.task);
+        env.causation_id = step.map(|s| s.assignment);
         if let Err(e) = publisher.publish(&stream, &env).await {
             tracing::warn!(error = %e, seq, "Heartbeat not sent.");
         }
@@ -270,7 +297,9 @@ impl HandlerInner {
         let Some(task_id) = env.task_id else {
             return Err(HandlerError::Permanent("task.assign without a task_id".into()));
         };
-        self.busy.set(Some(task_id));
+        // Wakes the heartbeat loop: its heartbeat naming this assignment binds it here
+        // before the role's first tool call.
+        self.busy.set(Some(Step { task: task_id, assignment: env.id }));
         let _busy = BusyGuard(self.busy.clone());
         tracing::info!(task = %task_id, attempt = assign.attempt, deliveries = d.deliveries, "Task received.");
 
@@ -449,4 +478,79 @@ fn judged_change(assign_env: &Envelope) -> Option<String> {
 
 fn unreachable_keep_alive() -> Outcome {
     Outcome::error("internal error: keep-alive ended")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use envelope::{
+        Keyring, MasterFile, MasterSecret, MemoryReplayGuard, PermissionTable, Process, VerifyContext, streams,
+    };
+
+    use super::*;
+
+    const PERMISSIONS: &str = include_str!("../../config/permissions.toml");
+
+    fn ring(role: Role) -> Keyring {
+        let master = MasterFile::new(MasterSecret::from_bytes([4; 32]));
+        Keyring::derive(&master, Process::Role(role), &PermissionTable::parse(PERMISSIONS).unwrap()).unwrap()
+    }
+
+    /// The heartbeats on `fleet:heartbeats` so far, verified as the orchestrator would.
+    async fn sent(pool: &deadpool_redis::Pool) -> Vec<Envelope> {
+        let verifier =
+            Verifier::new(ring(Role::Orchestrator), PermissionTable::parse(PERMISSIONS).unwrap(), Default::default());
+        let mut c = pool.get().await.unwrap();
+        let reply: redis::Value =
+            redis::cmd("XRANGE").arg(streams::HEARTBEATS).arg("-").arg("+").query_async(&mut c).await.unwrap();
+        bus::reply::entries("XRANGE", &reply)
+            .unwrap()
+            .into_iter()
+            .map(|e| {
+                let ctx = VerifyContext { now_ms: now_ms(), kill_epoch: 0 };
+                let wire = e.field(bus::names::ENV_FIELD).unwrap();
+                verifier.verify(streams::HEARTBEATS, wire, ctx, &mut MemoryReplayGuard::new()).unwrap().into_inner()
+            })
+            .collect()
+    }
+
+    /// Issue 10, item 3: the orchestrator binds an assignment to the first instance that
+    /// names it, so a worker names its assignment in a heartbeat the moment it claims it,
+    /// not a heartbeat period later (after its peers could have used the lease).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn claiming_a_task_sends_a_heartbeat_naming_its_assignment_at_once() {
+        let redis = fleet_testkit::RedisServer::start().expect("redis-server must be installed; tests never skip");
+        let pool = bus::pool(&secrecy::SecretString::from(redis.url()), 4, Duration::from_secs(1)).unwrap();
+        let publisher = Arc::new(Publisher::new(pool.clone(), Arc::new(ring(Role::Dev)), PublisherConfig::default()));
+        let from = Sender { role: Role::Dev, instance: Instance::parse("dev-1").unwrap() };
+        let busy = Busy::default();
+        let stop = CancellationToken::new();
+        // An hour between periodic heartbeats: any heartbeat after the first is the claim's.
+        let every = Duration::from_secs(3600);
+        let beats = tokio::spawn(heartbeats(publisher, from, KillEpoch::new(0), busy.clone(), every, stop.clone()));
+
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while sent(&pool).await.is_empty() {
+            assert!(tokio::time::Instant::now() < deadline, "no heartbeat at start");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let idle = sent(&pool).await;
+        assert_eq!((idle.len(), idle[0].task_id, idle[0].causation_id), (1, None, None));
+
+        let step = Step { task: Uuid::now_v7(), assignment: Uuid::now_v7() };
+        let claimed_at = tokio::time::Instant::now();
+        busy.set(Some(step));
+        let beat = loop {
+            if let Some(b) = sent(&pool).await.get(1).cloned() {
+                break b;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "no heartbeat after the claim");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(claimed_at.elapsed() < Duration::from_secs(5));
+        assert_eq!((beat.task_id, beat.causation_id), (Some(step.task), Some(step.assignment)));
+        assert!(matches!(beat.payload, Payload::Heartbeat(Heartbeat { seq: 2, busy: true })));
+        stop.cancel();
+        beats.await.unwrap();
+    }
 }

@@ -393,6 +393,7 @@ async fn filling_the_workspace_past_its_limit_kills_the_run() {
     assert!(!out.success());
     assert!(!text(&out).contains("dd finished"), "dd ran to its end: {}", text(&out));
     let written = std::fs::metadata(ws.path().join("big")).unwrap().len();
+    eprintln!("dd wrote {written} bytes against a limit of {limit} before the watchdog killed it");
     assert!(written > limit && written < 1024 * 1024 * 1024, "dd was stopped after {written} bytes");
     let free_after = free_bytes(ws.path());
     assert!(

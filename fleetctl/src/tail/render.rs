@@ -430,10 +430,13 @@ fn word(s: &str) -> String {
     if plain { s.to_owned() } else { quoted(s, WORD_CHARS) }
 }
 
-/// `"text"`, cut to `max` characters (then `…` after the closing quote), with `"` and `\`
-/// escaped and control characters written as escapes.
+/// `"text"`, redacted ([`telemetry::redact`]: a summary, a question or instructions may
+/// quote a credential), then cut to `max` characters (then `…` after the closing quote),
+/// with `"` and `\` escaped and control characters written as escapes. Redacted before
+/// the cut, since a secret cut in two may no longer look like one.
 fn quoted(s: &str, max: usize) -> String {
-    let (head, more) = cut(s, max);
+    let s = telemetry::redact(s);
+    let (head, more) = cut(&s, max);
     let mut out = String::with_capacity(head.len() + 4);
     out.push('"');
     for c in head.chars() {
@@ -498,6 +501,17 @@ mod tests {
 
     const PERMISSIONS: &str = include_str!("../../../config/permissions.toml");
     const NOW: u64 = 1_750_000_000_000;
+
+    #[test]
+    fn free_text_is_shown_redacted_and_redacted_before_the_cut() {
+        for s in fleet_testkit::secrets::SAMPLES {
+            let shown = quoted(s.text, 1000);
+            assert_eq!(shown, quoted(s.redacted, 1000), "{}", s.name);
+            assert!(!shown.contains(s.secret), "{}: {shown}", s.name);
+        }
+        // Cut first, the token would be too short to look like one.
+        assert_eq!(quoted("token ghp_0123456789abcdefghijABCDEFGHIJ012345", 20), r#""token **REDACTED**""#);
+    }
 
     fn master() -> MasterFile {
         MasterFile::new(MasterSecret::from_bytes([9; 32]))

@@ -27,7 +27,7 @@ pub enum ApiError {
         /// The RFC 6750 `error_description` when a token was presented and refused.
         rejection: Option<&'static str>,
     },
-    /// 403: the token's role is too low.
+    /// 403: the token's role is too low, or four eyes refuse a self-approval.
     #[error("{0}")]
     Forbidden(String),
     /// 400: unparseable JSON, a bad query or path parameter.
@@ -118,6 +118,7 @@ impl From<EngineError> for ApiError {
             EngineError::Illegal(t) => ApiError::Conflict(illegal_message(&t)),
             EngineError::Invalid(m) => ApiError::Unprocessable(m),
             EngineError::Halted => ApiError::Conflict(EngineError::Halted.to_string()),
+            err @ EngineError::SelfApproval { .. } => ApiError::Forbidden(err.to_string()),
             err @ (EngineError::Db(_) | EngineError::Outbox(_)) => {
                 tracing::error!(error = %err, "The engine failed to handle an API request.");
                 ApiError::Internal
@@ -144,7 +145,9 @@ fn illegal_message(t: &IllegalTransition) -> String {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status();
-        let mut response = (status, Json(json!({"error": self.to_string()}))).into_response();
+        // A message may quote what the client sent (a scope entry, a task id): redacted.
+        let message = self.to_string();
+        let mut response = (status, Json(json!({"error": telemetry::redact(&message)}))).into_response();
         let headers = response.headers_mut();
         match &self {
             ApiError::Unauthenticated { rejection, .. } => {

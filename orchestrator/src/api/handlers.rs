@@ -63,6 +63,15 @@ impl<S: Send + Sync> FromRequestParts<S> for TaskId {
     }
 }
 
+/// A task as answers show it: its title and every string of its submission redacted
+/// ([`telemetry::redact`]), since a submission may quote a credential (a URL with a
+/// password, a token in the instructions). The stored task keeps what was sent.
+fn shown(mut task: Task) -> Task {
+    telemetry::redact_string(&mut task.title);
+    telemetry::redact_json(&mut task.spec);
+    task
+}
+
 /// `POST /v1/tasks`: operator; rate-limited per client. 201 with the task.
 pub(super) async fn submit(
     State(state): State<ApiState>,
@@ -72,7 +81,7 @@ pub(super) async fn submit(
     let task = state.engine.submit(&Actor::operator(&caller.sub), new).await?;
     tracing::info!(task_id = %task.id, by = %caller.sub, "Task submitted.");
     let location = format!("/v1/tasks/{}", task.id);
-    Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(task)))
+    Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(shown(task))))
 }
 
 /// `GET /v1/tasks/{id}`: viewer.
@@ -81,7 +90,7 @@ pub(super) async fn get_task(
     _: Authorized<AtLeastViewer>,
     TaskId(id): TaskId,
 ) -> Result<Json<Task>, ApiError> {
-    Ok(Json(state.engine.get(id).await?))
+    Ok(Json(shown(state.engine.get(id).await?)))
 }
 
 /// Query of `GET /v1/tasks`.
@@ -115,7 +124,7 @@ pub(super) async fn list(
     if !(1..=MAX_LIST).contains(&limit) {
         return Err(ApiError::BadRequest(format!("`limit` must be between 1 and {MAX_LIST}, not {limit}")));
     }
-    let tasks = state.engine.list(wanted, limit).await?;
+    let tasks: Vec<Task> = state.engine.list(wanted, limit).await?.into_iter().map(shown).collect();
     Ok(Json(json!({ "tasks": tasks })))
 }
 
@@ -132,7 +141,8 @@ impl Described for ApproveBody {
     const WHAT: &'static str = "approval";
 }
 
-/// `POST /v1/tasks/{id}/approve`: operator. 200 with the task.
+/// `POST /v1/tasks/{id}/approve`: operator. 200 with the task; 403 when four eyes refuse
+/// the task's own submitter (HIGH and CRITICAL risk).
 pub(super) async fn approve(
     State(state): State<ApiState>,
     Authorized(caller, _): Authorized<AtLeastOperator>,
@@ -145,7 +155,7 @@ pub(super) async fn approve(
     }
     let task = state.engine.approve(id, &Actor::operator(&caller.sub), reason).await?;
     tracing::info!(task_id = %id, by = %caller.sub, "Task approved.");
-    Ok(Json(task))
+    Ok(Json(shown(task)))
 }
 
 /// Body of `POST /v1/kill`.

@@ -6,7 +6,7 @@
 -- ARGV[1] now (ms)   ARGV[2] slot   ARGV[3] when the slot's bucket ends (the reservation
 -- lapses)   ARGV[4] record lifetime (ms)   ARGV[5] usage hashes' lifetime (ms)
 -- ARGV[6] daily token limit   ARGV[7] daily µ$ limit   ARGV[8] task token limit
--- ARGV[9] task µ$ limit   ARGV[10] role soft tokens, -1: none   ARGV[11] role soft µ$, -1: none
+-- ARGV[9] task µ$ limit (both: the ledger's, or the caller's cap where lower)   ARGV[10] role soft tokens, -1: none   ARGV[11] role soft µ$, -1: none
 -- ARGV[12] tokens   ARGV[13] unused   ARGV[14] the cost with the model asked for
 -- ARGV[15] '1' if the role has a cheaper model, else ''   ARGV[16] the cost with it
 -- ARGV[17] slots in the ring   ARGV[18..20] the slot's field names 'h:<s>:t', 'h:<s>:m',
