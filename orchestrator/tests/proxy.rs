@@ -1077,3 +1077,35 @@ async fn a_flood_of_junk_requests_adds_a_bounded_number_of_audit_rows() {
     assert_eq!(rows().await - before, audited + 1, "the flood's refusal rows plus one summary, nothing else");
     assert_eq!(f.engine.flush_refusal_summaries(true).await.unwrap(), 0, "nothing more owed");
 }
+
+/// Item 5 of issue 10, with item 3's binding: a peer that does not hold the assignment
+/// sends 500 heartbeats naming it. Each is refused, but at most the sender's burst (20) plus
+/// its rate become `heartbeat.refused` rows, and one summary row counts the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_a_peers_heartbeats_adds_a_bounded_number_of_audit_rows() {
+    let f = fleet(100_000).await;
+    f.engine.submit(&Actor::operator("alice"), new_task(None, &[])).await.unwrap();
+    let assign = last_sent(&f.pool, "fleet:tasks:dev", Role::Dev).await;
+    assert!(f.engine.heartbeat(&heartbeat("dev-1", &assign)).await.unwrap());
+    let started = std::time::Instant::now();
+    for _ in 0..500 {
+        assert!(!f.engine.heartbeat(&heartbeat("dev-2", &assign)).await.unwrap());
+    }
+    let allowed = 20 + (6.0 * started.elapsed().as_secs_f64() / 60.0).ceil() as i64;
+    let audited: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_trail WHERE action = 'heartbeat.refused' AND actor_instance = 'dev-2'",
+    )
+    .fetch_one(&f.pool)
+    .await
+    .unwrap();
+    assert!((20..=allowed).contains(&audited), "{audited} heartbeat.refused rows for 500 (allowed {allowed})");
+    assert_eq!(f.engine.flush_refusal_summaries(true).await.unwrap(), 1);
+    let count: i64 = sqlx::query_scalar(
+        "SELECT (details->>'count')::bigint FROM audit_trail \
+         WHERE action = 'audit.refusals.suppressed' AND actor_instance = 'dev-2'",
+    )
+    .fetch_one(&f.pool)
+    .await
+    .unwrap();
+    assert_eq!(count, 500 - audited);
+}
