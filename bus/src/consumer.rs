@@ -26,7 +26,7 @@ use uuid::Uuid;
 
 use crate::config::ConsumerConfig;
 use crate::control::Gate;
-use crate::names::{ENV_FIELD, done_key, fields, seen_key};
+use crate::names::{ENV_FIELD, SIDE_STREAM_CAP, done_key, fields, seen_key, side_copy, side_detail};
 use crate::reply::{self, Entry};
 use crate::{BusError, HandlerError, KillEpoch, now_ms};
 
@@ -94,8 +94,6 @@ fn bump(c: &AtomicU64) {
     c.fetch_add(1, Ordering::Relaxed);
 }
 
-/// Cap of `fleet:rejected` and `fleet:dlq`: they are read by operators, not consumed.
-const SIDE_STREAM_CAP: u64 = 100_000;
 /// How many `XAUTOCLAIM` pages one maintenance pass follows.
 const AUTOCLAIM_PAGES: usize = 8;
 
@@ -451,8 +449,10 @@ impl<H: Handler> Consumer<H> {
                 .arg(fields::REASON)
                 .arg(*reason)
                 .arg(fields::DETAIL)
-                .arg(detail);
-            x.arg(fields::AT_MS).arg(&at).arg(ENV_FIELD).arg(e.field(ENV_FIELD).unwrap_or_default()).ignore();
+                .arg(side_detail(detail));
+            let (kept, len, sha) = side_copy(e.field(ENV_FIELD).unwrap_or_default());
+            x.arg(fields::AT_MS).arg(&at).arg(fields::ENV_LEN).arg(len).arg(fields::ENV_SHA256).arg(sha);
+            x.arg(ENV_FIELD).arg(kept).ignore();
             ack_ids.push(&e.id);
         }
         for (e, n, detail) in &out.dead {
@@ -464,8 +464,10 @@ impl<H: Handler> Consumer<H> {
                 .arg(fields::DELIVERIES)
                 .arg(*n)
                 .arg(fields::DETAIL)
-                .arg(detail);
-            x.arg(fields::AT_MS).arg(&at).arg(ENV_FIELD).arg(e.field(ENV_FIELD).unwrap_or_default()).ignore();
+                .arg(side_detail(detail));
+            let (kept, len, sha) = side_copy(e.field(ENV_FIELD).unwrap_or_default());
+            x.arg(fields::AT_MS).arg(&at).arg(fields::ENV_LEN).arg(len).arg(fields::ENV_SHA256).arg(sha);
+            x.arg(ENV_FIELD).arg(kept).ignore();
             ack_ids.push(&e.id);
         }
         for (id, ttl) in &out.done {

@@ -275,3 +275,39 @@ async fn a_live_consumer_working_through_a_slow_batch_keeps_its_entries() {
     assert_eq!(other_rec.calls(), vec![], "nothing was taken from the live consumer");
     assert!(drain(&mut other_rx).is_empty());
 }
+
+/// A poison entry of 300 KiB (within the verifier's limit, so its handler sees it and
+/// fails for good) is dead-lettered as its first 4096 bytes plus its length and SHA-256.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_poison_entry_is_kept_in_fleet_dlq_as_a_prefix_and_its_hash() {
+    use sha2::Digest as _;
+    let server = redis();
+    let publisher = dev_publisher(&server);
+    let stream = results_stream();
+    let mut c = connect(&server).await;
+    let (rec, _rx) = recorder();
+    let rec = rec.failing(|_| Some(HandlerError::Permanent("x".repeat(10_000))));
+    let consumer = spawn(&server, config(GROUP, "orch-1"), rec.clone());
+    let mut big = result(1);
+    if let envelope::Payload::TaskResult(r) = &mut big.payload {
+        r.diff = Some(vec![b'+'; 300 * 1024]);
+    }
+    let entry = publisher.publish(&stream, &big).await.unwrap();
+    eventually(Duration::from_secs(10), "the entry is in fleet:dlq", || {
+        let mut c = c.clone();
+        async move { xlen(&mut c, streams::DLQ).await == 1 }
+    })
+    .await;
+    consumer.shutdown().await;
+
+    let original = read_stream(&mut c, streams::RESULTS).await.into_iter().find(|r| r.id == entry).unwrap();
+    let wire = original.bytes(ENV_FIELD).unwrap().to_vec();
+    assert!(wire.len() > 300 * 1024);
+    let dlq = read_stream(&mut c, streams::DLQ).await;
+    let [dead] = &dlq[..] else { panic!("one DLQ entry: {dlq:?}") };
+    assert_eq!(dead.text(fields::ENTRY), entry);
+    assert_eq!(dead.bytes(ENV_FIELD).unwrap(), &wire[..4096], "exactly the first 4096 bytes");
+    assert_eq!(dead.text(fields::ENV_LEN), wire.len().to_string());
+    assert_eq!(dead.text(fields::ENV_SHA256), hex::encode(sha2::Sha256::digest(&wire)));
+    assert_eq!(dead.text(fields::DETAIL).len(), bus::names::SIDE_DETAIL_MAX, "the handler's long error is cut");
+}

@@ -9,10 +9,15 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bus::KillEpoch;
-use bus::names::{ENV_FIELD, fields};
+use bus::names::{ENV_FIELD, SIDE_COPY_MAX, fields};
 use common::*;
 use envelope::wire::SignedEnvelope;
 use envelope::{ControlPause, Envelope, Instance, Role, Sender, StreamName, streams};
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(bytes))
+}
 
 /// Flips one bit of the frame at the first occurrence of `needle`.
 fn flip_bit_in(wire: &[u8], needle: &[u8]) -> Vec<u8> {
@@ -121,7 +126,11 @@ async fn invalid_entries_are_rejected_with_their_reason_and_never_handled() {
         assert_eq!(row.text(fields::GROUP), GROUP);
         assert_eq!(row.text(fields::CONSUMER), "orch-1");
         assert!(!row.text(fields::DETAIL).is_empty());
-        assert_eq!(row.bytes(ENV_FIELD), Some(wire.as_slice()), "entry {entry} ({reason}) keeps its raw bytes");
+        // Its raw bytes, or past SIDE_COPY_MAX their prefix; always their length and hash.
+        let kept = &wire[..wire.len().min(SIDE_COPY_MAX)];
+        assert_eq!(row.bytes(ENV_FIELD), Some(kept), "entry {entry} ({reason}) keeps its raw bytes");
+        assert_eq!(row.text(fields::ENV_LEN), wire.len().to_string(), "entry {entry} ({reason})");
+        assert_eq!(row.text(fields::ENV_SHA256), sha256_hex(wire), "entry {entry} ({reason})");
     }
     let replay = rejected.iter().find(|r| r.text(fields::REASON) == "replay").unwrap();
     assert!(replay.text(fields::DETAIL).contains(&v1_entry), "names the entry that carried it first");
@@ -199,4 +208,45 @@ async fn envelopes_of_a_stale_kill_epoch_are_rejected() {
     assert_eq!(stats.rejected_by_reason(), BTreeMap::from([("stale_epoch", 1)]));
     assert_eq!(rec.calls().iter().map(|g| g.summary.as_str()).collect::<Vec<_>>(), ["result 0", "result 2"]);
     assert!(drain(&mut rx).is_empty());
+}
+
+/// An oversized entry (a 4 MiB frame, past the verifier's 1 MiB limit) is rejected as
+/// `too_large`, and `fleet:rejected` keeps exactly its first 4096 bytes plus its length and
+/// SHA-256 — not the 4 MiB.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_entry_is_kept_in_fleet_rejected_as_a_prefix_and_its_hash() {
+    let server = redis();
+    let mut c = connect(&server).await;
+    let mut big = result(1);
+    if let envelope::Payload::TaskResult(r) = &mut big.payload {
+        r.diff = Some(vec![b'+'; 4 << 20]);
+    }
+    let wire = seal_dev(&big);
+    assert!(wire.len() > 4 << 20);
+    let entry = xadd_env(&mut c, streams::RESULTS, &wire).await;
+
+    let (rec, _rx) = recorder();
+    let consumer = spawn(&server, config(GROUP, "orch-1"), rec.clone());
+    eventually(Duration::from_secs(10), "the oversized entry is in fleet:rejected", || {
+        let mut c = c.clone();
+        async move { xlen(&mut c, streams::REJECTED).await == 1 }
+    })
+    .await;
+    wait_all_acked(&mut c, streams::RESULTS, GROUP, Duration::from_secs(10)).await;
+    consumer.shutdown().await;
+
+    let rejected = read_stream(&mut c, streams::REJECTED).await;
+    let [row] = &rejected[..] else { panic!("one rejected entry: {}", rejected.len()) };
+    assert_eq!(row.text(fields::ENTRY), entry);
+    assert_eq!(row.text(fields::REASON), "too_large");
+    assert_eq!(SIDE_COPY_MAX, 4096);
+    assert_eq!(row.bytes(ENV_FIELD).unwrap().len(), 4096, "exactly the prefix");
+    assert_eq!(row.bytes(ENV_FIELD).unwrap(), &wire[..4096]);
+    assert_eq!(row.text(fields::ENV_LEN), wire.len().to_string());
+    assert_eq!(row.text(fields::ENV_SHA256), sha256_hex(&wire));
+    // Everything the side stream holds for it, fields included, stays a few KiB.
+    let mut c2 = c.clone();
+    let used: i64 = redis::cmd("MEMORY").arg("USAGE").arg(streams::REJECTED).query_async(&mut c2).await.unwrap();
+    assert!(used < 64 * 1024, "fleet:rejected uses {used} bytes for one oversized entry");
+    assert_eq!(rec.call_count(), 0);
 }

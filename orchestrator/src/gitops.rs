@@ -345,15 +345,36 @@ async fn git_bytes(dir: &Path, args: &[&str], timeout: Duration) -> Result<Vec<u
 /// git runs.
 const GIT_ENV_KEPT: [&str; 4] = ["PATH", "HOME", "SSH_AUTH_SOCK", "XDG_CONFIG_HOME"];
 
+/// Most bytes one git command of a push may print: every output a push reads (a commit id,
+/// one remote ref, the staged paths of an approved change) is far smaller, so a repository
+/// or remote that makes git print more fails the push instead of filling memory.
+const GIT_OUTPUT_CAP: usize = 16 * 1024 * 1024;
+/// How much of a failing git's stderr is kept for the error; the rest is drained.
+const STDERR_KEEP: usize = 64 * 1024;
+
 /// Runs git with a clean environment and the fleet's hardening: no hooks, no fsmonitor,
 /// no global attributes, only the local, `file`, `https`, `http`, `ssh` and `git`
-/// transports, no prompts, no system configuration.
+/// transports, no prompts, no system configuration. Stdout is capped at
+/// [`GIT_OUTPUT_CAP`].
 async fn run(
     dir: &Path,
     args: &[&str],
     stdin: Option<&[u8]>,
     env: &[(&str, &str)],
     timeout: Duration,
+) -> Result<Vec<u8>, PushError> {
+    run_capped(dir, args, stdin, env, timeout, GIT_OUTPUT_CAP).await
+}
+
+/// [`run`] with stdout capped at `cap` bytes: past it git is killed and the push fails,
+/// without the output ever being held whole.
+async fn run_capped(
+    dir: &Path,
+    args: &[&str],
+    stdin: Option<&[u8]>,
+    env: &[(&str, &str)],
+    timeout: Duration,
+    cap: usize,
 ) -> Result<Vec<u8>, PushError> {
     let mut cmd = tokio::process::Command::new("git");
     cmd.env_clear();
@@ -391,25 +412,118 @@ async fn run(
     // Feeding stdin and waiting share one deadline: a git that stops reading must not
     // hold the push loop forever.
     let exchange = async {
-        if let (Some(input), Some(mut pipe)) = (stdin, pipe) {
-            pipe.write_all(input).await.map_err(|e| PushError::Failed(format!("writing to git: {e}")))?;
-            drop(pipe);
-        }
-        child.wait_with_output().await.map_err(|e| PushError::Failed(format!("git {}: {e}", args[0])))
+        let feed = async {
+            if let (Some(input), Some(mut pipe)) = (stdin, pipe) {
+                // A git that exits early (output cap) closes its stdin: not an error here.
+                let _ = pipe.write_all(input).await;
+            }
+        };
+        let (_, out) = tokio::join!(feed, capped_output(&mut child, cap));
+        out.map_err(|e| PushError::Failed(format!("git {}: {e}", args[0])))
     };
     let out = tokio::time::timeout(timeout, exchange)
         .await
         .map_err(|_| PushError::Failed(format!("git {} took longer than {}s", args[0], timeout.as_secs())))??;
+    let Some(stdout) = out.stdout else {
+        tracing::warn!(command = args[0], cap, "Git printed more than the output cap; killed.");
+        return Err(PushError::Failed(format!("git {} printed more than {cap} bytes and was killed", args[0])));
+    };
     if !out.status.success() {
         let err: String = String::from_utf8_lossy(&out.stderr).chars().take(400).collect();
         return Err(PushError::Failed(format!("git {} exited with {}: {}", args[0], out.status, err.trim())));
     }
-    Ok(out.stdout)
+    Ok(stdout)
+}
+
+/// What a child wrote: stdout (`None` past the cap), the first [`STDERR_KEEP`] bytes of
+/// stderr, and how it exited.
+struct CappedOutput {
+    status: std::process::ExitStatus,
+    stdout: Option<Vec<u8>>,
+    stderr: Vec<u8>,
+}
+
+/// Reads the child's stdout and stderr to their end, keeping at most `cap` bytes of stdout:
+/// past it the child is killed and stdout is reported as `None`. Stderr past
+/// [`STDERR_KEEP`] is read and dropped, so the child never blocks on a full pipe.
+async fn capped_output(child: &mut tokio::process::Child, cap: usize) -> std::io::Result<CappedOutput> {
+    use tokio::io::AsyncReadExt;
+    async fn keep(pipe: Option<impl tokio::io::AsyncRead + Unpin>, cap: usize) -> std::io::Result<(Vec<u8>, bool)> {
+        let Some(mut pipe) = pipe else { return Ok((Vec::new(), false)) };
+        let mut kept = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = pipe.read(&mut buf).await?;
+            if n == 0 {
+                return Ok((kept, false));
+            }
+            if kept.len() + n > cap {
+                return Ok((kept, true));
+            }
+            kept.extend_from_slice(&buf[..n]);
+        }
+    }
+    let stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let (out, err) = tokio::join!(
+        async {
+            let read = keep(stdout, cap).await;
+            if matches!(read, Ok((_, true))) {
+                let _ = child.start_kill();
+            }
+            read
+        },
+        async {
+            let (kept, over) = keep(stderr.as_mut(), STDERR_KEEP).await?;
+            if over && let Some(pipe) = stderr.as_mut() {
+                tokio::io::copy(pipe, &mut tokio::io::sink()).await?;
+            }
+            Ok::<_, std::io::Error>(kept)
+        }
+    );
+    let (stdout, over) = out?;
+    let stderr = err?;
+    let status = child.wait().await?;
+    Ok(CappedOutput { status, stdout: (!over).then_some(stdout), stderr })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Item 5 of issue 10: a repository whose content makes git print 48 MiB (here `git
+    /// show` of a large commit) fails cleanly at a 1 MiB cap: git is killed, the error says
+    /// so, and the output was never held whole.
+    #[tokio::test]
+    async fn huge_git_output_fails_cleanly_at_the_cap() {
+        use std::io::Write as _;
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path();
+        let sh = |args: &[&str]| {
+            let out = std::process::Command::new("git")
+                .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{args:?}");
+        };
+        sh(&["init", "-q"]);
+        let mut big = std::io::BufWriter::new(std::fs::File::create(dir.join("big.txt")).unwrap());
+        for i in 0..48 * 1024 {
+            writeln!(big, "{i:01023}").unwrap();
+        }
+        big.into_inner().unwrap().sync_all().unwrap();
+        sh(&["add", "."]);
+        sh(&["commit", "-qm", "big"]);
+        let timeout = Duration::from_secs(60);
+        let err = run_capped(dir, &["show", "HEAD"], None, &[], timeout, 1024 * 1024).await.unwrap_err();
+        let PushError::Failed(text) = err else { panic!("{err:?}") };
+        assert_eq!(text, "git show printed more than 1048576 bytes and was killed");
+        // Under the cap the same runner returns the output whole.
+        let head = run_capped(dir, &["rev-parse", "HEAD"], None, &[], timeout, 1024 * 1024).await.unwrap();
+        assert_eq!(head.len(), 41);
+    }
 
     #[test]
     fn scope_is_a_set_of_prefixes_and_never_escapes() {

@@ -13,6 +13,7 @@
 //! - [`service`]: bus handlers (results, heartbeats, questions) and the tick loop.
 //! - [`outbox`]: inserting sealed envelopes in the caller's transaction.
 //! - [`providers`]: the models behind the tool proxy's `llm.complete`: OpenAI-compatible, Anthropic, scripted.
+//! - [`refusals`]: the per-sender rate limit on audited refusals (junk cannot grow the audit trail).
 //! - [`risk`]: the risk matrix (`config/risk_matrix.toml`): action levels, their rules, role grants.
 //! - [`lease`]: capability leases (JWT) minted per assignment and checked on every tool request.
 //! - [`proxy`]: the tool proxy (`llm.complete` metered by the budget ledger) and the push of approved tasks.
@@ -33,6 +34,7 @@ pub mod lease;
 pub mod outbox;
 pub mod providers;
 pub mod proxy;
+pub mod refusals;
 pub mod repos;
 pub mod risk;
 pub mod service;

@@ -234,13 +234,7 @@ impl ToolProxy {
         let detail = json!({"action": req.action, "request_id": req.request_id.to_string(), "code": r.code, "message": r.message});
         self.0
             .engine
-            .answer_tool(
-                env,
-                ToolResponse { request_id: req.request_id, ok: false, output },
-                "tool.refused",
-                detail,
-                None,
-            )
+            .refuse_tool(env, ToolResponse { request_id: req.request_id, ok: false, output }, detail)
             .await
             .map_err(transient)
     }

@@ -94,5 +94,8 @@ pub async fn tick_loop(engine: Engine, every: Duration, shutdown: CancellationTo
             Ok(n) => tracing::info!(tasks = n, "Reassigned or issued steps."),
             Err(e) => tracing::warn!(error = %e, "Tick failed; retrying next tick."),
         }
+        if let Err(e) = engine.flush_refusal_summaries(false).await {
+            tracing::warn!(error = %e, "Cannot write the suppressed refusals' summary rows; retrying next tick.");
+        }
     }
 }

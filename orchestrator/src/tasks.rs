@@ -14,6 +14,7 @@ use uuid::Uuid;
 use crate::audit::{self, AuditEntry, AuditKey};
 use crate::lease::LeaseIssuer;
 use crate::outbox::{self, OutboxError};
+use crate::refusals::{Admission, RefusalLimiter, RefusalLimits};
 use crate::state::{self, Context, Event, IllegalTransition, Risk, TaskState};
 
 mod binding;
@@ -279,6 +280,8 @@ pub struct Engine {
     /// Mints each assignment's capability lease; without it assignments carry none (tests
     /// of the cycle alone).
     leases: Option<Arc<LeaseIssuer>>,
+    /// Per-sender rate limit of audited refusals (see [`crate::refusals`]).
+    refusals: Arc<RefusalLimiter>,
 }
 
 struct Change<'a> {
@@ -301,7 +304,51 @@ impl<'a> Change<'a> {
 impl Engine {
     /// An engine over `pool`, signing with `keyring`, auditing with `audit_key`.
     pub fn new(pool: PgPool, keyring: Arc<Keyring>, audit_key: AuditKey, cfg: EngineConfig) -> Self {
-        Self { pool, keyring, audit_key, cfg, leases: None }
+        Self {
+            pool,
+            keyring,
+            audit_key,
+            cfg,
+            leases: None,
+            refusals: Arc::new(RefusalLimiter::new(Default::default())),
+        }
+    }
+
+    /// Audits refusals per sender at most as `limits` allow (default: 20, then 6 a minute).
+    pub fn with_refusal_limits(mut self, limits: RefusalLimits) -> Self {
+        self.refusals = Arc::new(RefusalLimiter::new(limits));
+        self
+    }
+
+    /// Whether a refusal of `env`'s sender gets its own audit row now (else it is counted
+    /// for the next `audit.refusals.suppressed` row).
+    pub fn audit_refusal(&self, env: &Envelope) -> bool {
+        self.refusals.admit(env.from.role.as_str(), env.from.instance.as_str()) == Admission::Audit
+    }
+
+    /// Writes one `audit.refusals.suppressed` row per sender whose refusals were counted
+    /// instead of audited (at most one per sender a minute, unless `force`); returns how
+    /// many rows it wrote. Called from the tick loop.
+    pub async fn flush_refusal_summaries(&self, force: bool) -> Result<usize, EngineError> {
+        let due = self.refusals.take_suppressed(force);
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let write = async {
+            let mut tx = self.pool.begin().await?;
+            for s in &due {
+                let actor = Actor { role: s.role.clone(), instance: s.instance.clone() };
+                let detail = json!({ "count": s.count, "reason": "refusals over the per-sender audit rate" });
+                audit::append(&mut tx, &self.audit_key, actor.entry("audit.refusals.suppressed", None, detail)).await?;
+            }
+            tx.commit().await?;
+            Ok::<_, EngineError>(())
+        };
+        if let Err(e) = write.await {
+            self.refusals.restore(&due);
+            return Err(e);
+        }
+        Ok(due.len())
     }
 
     /// Mints a capability lease into every assignment from now on.
@@ -406,16 +453,18 @@ impl Engine {
         let answers_current = env.causation_id.is_some() && env.causation_id == task.assignment_id;
         if !answers_current || task.state.worker() != Some(env.from.role) {
             let actor = Actor::of(env);
-            audit::append(
-                &mut tx,
-                &self.audit_key,
-                actor.entry(
-                    "task.result.stale",
-                    Some(task_id),
-                    json!({"envelope_id": env.id.to_string(), "state": task.state.as_str()}),
-                ),
-            )
-            .await?;
+            if self.audit_refusal(env) {
+                audit::append(
+                    &mut tx,
+                    &self.audit_key,
+                    actor.entry(
+                        "task.result.stale",
+                        Some(task_id),
+                        json!({"envelope_id": env.id.to_string(), "state": task.state.as_str()}),
+                    ),
+                )
+                .await?;
+            }
             tx.commit().await?;
             return Ok(Applied::Stale);
         }
@@ -437,8 +486,14 @@ impl Engine {
                 "judged": result.change_sha256,
                 "current": current_change,
             });
-            audit::append(&mut tx, &self.audit_key, actor.entry("task.result.refused", Some(task_id), detail.clone()))
+            if self.audit_refusal(env) {
+                audit::append(
+                    &mut tx,
+                    &self.audit_key,
+                    actor.entry("task.result.refused", Some(task_id), detail.clone()),
+                )
                 .await?;
+            }
             let change = Change {
                 event: Event::Retry,
                 cause: "result names another change",

@@ -1044,3 +1044,68 @@ async fn fifty_concurrent_hostile_prompts_never_spend_past_the_lease_money_limit
     assert_eq!(b.over_commits, 0);
     assert_eq!(f.engine.get(b.task).await.unwrap().state, TaskState::Blocked);
 }
+
+/// Item 5 of issue 10: 1000 junk tool requests (no lease) from one worker. Every one is
+/// answered with its refusal, but the audit trail grows by at most the sender's burst (20)
+/// plus what its rate (6 a minute) allows while the flood lasts, and one summary row that
+/// counts the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_junk_requests_adds_a_bounded_number_of_audit_rows() {
+    let f = fleet(100_000).await;
+    f.engine.submit(&Actor::operator("alice"), new_task(None, &[])).await.unwrap();
+    let assign = last_sent(&f.pool, "fleet:tasks:dev", Role::Dev).await;
+    let rows =
+        async || -> i64 { sqlx::query_scalar("SELECT count(*) FROM audit_trail").fetch_one(&f.pool).await.unwrap() };
+    let before = rows().await;
+    let started = std::time::Instant::now();
+    for _ in 0..1000 {
+        assert_eq!(code(&ask(&f, Role::Dev, &assign, None, "llm.complete").await), "lease_missing");
+    }
+    let minutes = started.elapsed().as_secs_f64() / 60.0;
+    let audited = refusals(&f.pool).await.len() as i64;
+    let allowed = 20 + (6.0 * minutes).ceil() as i64;
+    assert!((20..=allowed).contains(&audited), "{audited} tool.refused rows for 1000 refusals (allowed {allowed})");
+    assert_eq!(f.engine.flush_refusal_summaries(true).await.unwrap(), 1, "one summary row for the sender");
+    let summary: (String, String, i64) = sqlx::query_as(
+        "SELECT actor_role, actor_instance, (details->>'count')::bigint FROM audit_trail \
+         WHERE action = 'audit.refusals.suppressed'",
+    )
+    .fetch_one(&f.pool)
+    .await
+    .unwrap();
+    assert_eq!(summary, ("dev".to_owned(), "dev-7".to_owned(), 1000 - audited));
+    assert_eq!(rows().await - before, audited + 1, "the flood's refusal rows plus one summary, nothing else");
+    assert_eq!(f.engine.flush_refusal_summaries(true).await.unwrap(), 0, "nothing more owed");
+}
+
+/// Item 5 of issue 10, with item 3's binding: a peer that does not hold the assignment
+/// sends 500 heartbeats naming it. Each is refused, but at most the sender's burst (20) plus
+/// its rate become `heartbeat.refused` rows, and one summary row counts the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_a_peers_heartbeats_adds_a_bounded_number_of_audit_rows() {
+    let f = fleet(100_000).await;
+    f.engine.submit(&Actor::operator("alice"), new_task(None, &[])).await.unwrap();
+    let assign = last_sent(&f.pool, "fleet:tasks:dev", Role::Dev).await;
+    assert!(f.engine.heartbeat(&heartbeat("dev-1", &assign)).await.unwrap());
+    let started = std::time::Instant::now();
+    for _ in 0..500 {
+        assert!(!f.engine.heartbeat(&heartbeat("dev-2", &assign)).await.unwrap());
+    }
+    let allowed = 20 + (6.0 * started.elapsed().as_secs_f64() / 60.0).ceil() as i64;
+    let audited: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM audit_trail WHERE action = 'heartbeat.refused' AND actor_instance = 'dev-2'",
+    )
+    .fetch_one(&f.pool)
+    .await
+    .unwrap();
+    assert!((20..=allowed).contains(&audited), "{audited} heartbeat.refused rows for 500 (allowed {allowed})");
+    assert_eq!(f.engine.flush_refusal_summaries(true).await.unwrap(), 1);
+    let count: i64 = sqlx::query_scalar(
+        "SELECT (details->>'count')::bigint FROM audit_trail \
+         WHERE action = 'audit.refusals.suppressed' AND actor_instance = 'dev-2'",
+    )
+    .fetch_one(&f.pool)
+    .await
+    .unwrap();
+    assert_eq!(count, 500 - audited);
+}

@@ -5,11 +5,12 @@
 //! redis_url = "redis://dev:…@127.0.0.1:6379"   # or FLEET_REDIS_URL (wins)
 //! keyset = "secrets/dev.keyset.toml"            # fleetctl keys derive --process dev
 //! permissions = "config/permissions.toml"       # default
-//! instance = "dev-1"                            # default <role>-<hostname>-<pid>
+//! instance = "dev-1"                            # default <role>-<hostname>-<slot>, stable across restarts
 //! workspace_root = "/workspace"                 # default; assignments outside it are refused
 //! heartbeat_secs = 5
 //! tool_timeout_secs = 180
 //! git_timeout_secs = 120
+//! git_output_cap_bytes = 8388608                # a git command printing more is killed
 //! grace_secs = 10
 //!
 //! [sandbox]                                     # workers::sandbox::SandboxConfig
@@ -59,6 +60,9 @@ struct FileConfig {
     /// Seconds one git command may take (clone included).
     #[serde(default = "default_git_timeout")]
     git_timeout_secs: u64,
+    /// Most bytes one git command may print before it is killed (the step fails).
+    #[serde(default = "default_git_output_cap")]
+    git_output_cap_bytes: usize,
     /// Seconds a running task gets on SIGTERM before it is abandoned (left pending).
     #[serde(default = "default_grace")]
     grace_secs: u64,
@@ -107,6 +111,9 @@ fn default_tool_timeout() -> u64 {
 fn default_git_timeout() -> u64 {
     120
 }
+fn default_git_output_cap() -> usize {
+    crate::workspace::DEFAULT_GIT_OUTPUT_CAP
+}
 fn default_grace() -> u64 {
     10
 }
@@ -136,6 +143,12 @@ pub struct WorkerConfig {
     pub tool_timeout: Duration,
     /// Git command timeout.
     pub git_timeout: Duration,
+    /// Cap of one git command's output.
+    pub git_output_cap: usize,
+    /// The lock on this process's instance slot when the name is the default one: held
+    /// for the life of the process, so no other worker of the role on this host takes the
+    /// same name while this one runs, and a restarted one takes it again.
+    pub instance_slot: Option<std::fs::File>,
     /// Drain period on shutdown.
     pub grace: Duration,
     /// The sandbox settings.
@@ -161,8 +174,17 @@ fn read(path: &Path, what: &str, fix: &str) -> Result<String, ConfigError> {
         .map_err(|e| ConfigError(format!("cannot read {what} '{}': {e}; {fix}", path.display())))
 }
 
-/// `<role>-<hostname>-<pid>`, lower-cased and cut to a valid instance name.
-pub fn default_instance(role: Role) -> String {
+/// How many workers of one role one host may run under default names.
+const INSTANCE_SLOTS: u32 = 64;
+
+/// The default instance name, `<role>-<hostname>-<slot>`: the lowest slot that no live
+/// worker of this role holds, locked (`flock`) under `<workspace_root>/.agentfleet-git/
+/// instances/`. The name is stable across restarts: a restarted worker takes its
+/// predecessor's slot again (the dead process's lock is gone), so its start-up sweep finds
+/// the predecessor's sandbox containers and its consumer name finds the predecessor's
+/// pending entries. Two live workers never share a name. Returns the name and the lock,
+/// which must be held for as long as the process runs.
+pub fn default_instance(role: Role, workspace_root: &Path) -> Result<(String, std::fs::File), ConfigError> {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
         .unwrap_or_else(|_| "host".into());
@@ -173,7 +195,28 @@ pub fn default_instance(role: Role) -> String {
         .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '-' })
         .take(40)
         .collect();
-    format!("{role}-{host}-{}", std::process::id())
+    let dir = workspace_root.join(crate::workspace::GIT_STORE).join("instances");
+    std::fs::create_dir_all(&dir).map_err(|e| {
+        ConfigError(format!(
+            "setting `instance` is unset and the default needs {}: {e}; set `instance` or fix `workspace_root`",
+            dir.display()
+        ))
+    })?;
+    for slot in 0..INSTANCE_SLOTS {
+        let path = dir.join(format!("{role}-{slot}.lock"));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| ConfigError(format!("cannot open the instance slot {}: {e}", path.display())))?;
+        if file.try_lock().is_ok() {
+            return Ok((format!("{role}-{host}-{slot}"), file));
+        }
+    }
+    Err(ConfigError(format!(
+        "setting `instance` is unset and all {INSTANCE_SLOTS} default names of {role} on this host are taken; set `instance`"
+    )))
 }
 
 impl WorkerConfig {
@@ -195,7 +238,19 @@ impl WorkerConfig {
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: &Path| if p.is_absolute() || p.exists() { p.to_path_buf() } else { base.join(p) };
 
-        let instance = instance.or(file.instance).unwrap_or_else(|| default_instance(role));
+        if !file.workspace_root.is_absolute() {
+            return Err(ConfigError(format!(
+                "setting `workspace_root` ('{}'): must be an absolute path",
+                file.workspace_root.display()
+            )));
+        }
+        let (instance, instance_slot) = match instance.or(file.instance) {
+            Some(name) => (name, None),
+            None => {
+                let (name, slot) = default_instance(role, &file.workspace_root)?;
+                (name, Some(slot))
+            }
+        };
         if instance.bytes().any(|b| b.is_ascii_uppercase()) {
             return Err(ConfigError(format!(
                 "setting `instance` {instance:?}: use lower case (it is part of a stream name)"
@@ -226,16 +281,11 @@ impl WorkerConfig {
             "set `permissions` to config/permissions.toml",
         )?)
         .map_err(|e| ConfigError(format!("setting `permissions`: {e}")))?;
-        if !file.workspace_root.is_absolute() {
-            return Err(ConfigError(format!(
-                "setting `workspace_root` ('{}'): must be an absolute path",
-                file.workspace_root.display()
-            )));
-        }
         for (name, v) in [
             ("heartbeat_secs", file.heartbeat_secs),
             ("tool_timeout_secs", file.tool_timeout_secs),
             ("git_timeout_secs", file.git_timeout_secs),
+            ("git_output_cap_bytes", file.git_output_cap_bytes as u64),
             ("consumer.claim_idle_secs", file.consumer.claim_idle_secs),
             ("consumer.block_ms", file.consumer.block_ms),
             ("consumer.max_deliveries", file.consumer.max_deliveries),
@@ -259,6 +309,8 @@ impl WorkerConfig {
             heartbeat_every: Duration::from_secs(file.heartbeat_secs),
             tool_timeout: Duration::from_secs(file.tool_timeout_secs),
             git_timeout: Duration::from_secs(file.git_timeout_secs),
+            git_output_cap: file.git_output_cap_bytes,
+            instance_slot,
             grace: Duration::from_secs(file.grace_secs),
             sandbox: file.sandbox,
             consumer: file.consumer,
@@ -272,10 +324,46 @@ mod tests {
 
     #[test]
     fn default_instance_is_a_valid_lower_case_name() {
-        let i = default_instance(Role::Qa);
+        let root = tempfile::tempdir().unwrap();
+        let (i, _slot) = default_instance(Role::Qa, root.path()).unwrap();
         assert!(i.starts_with("qa-"), "{i}");
         assert!(Instance::parse(&i).is_ok(), "{i}");
         assert!(!i.bytes().any(|b| b.is_ascii_uppercase()));
+    }
+
+    /// A restarted worker (its predecessor's lock gone with the process) gets the same
+    /// default name, so its start-up sweep finds the predecessor's containers; two live
+    /// workers of a role never share one. The old default (`<role>-<host>-<pid>`) changed
+    /// on every restart.
+    #[test]
+    fn default_instance_is_stable_across_restarts_and_unique_among_live_workers() {
+        let root = tempfile::tempdir().unwrap();
+        let (first, first_slot) = default_instance(Role::Dev, root.path()).unwrap();
+        let (second, second_slot) = default_instance(Role::Dev, root.path()).unwrap();
+        assert_ne!(first, second, "two live workers of one role");
+        assert!(first.ends_with("-0") && second.ends_with("-1"), "{first} {second}");
+        let (qa, _qa_slot) = default_instance(Role::Qa, root.path()).unwrap();
+        assert!(qa.starts_with("qa-") && qa.ends_with("-0"), "slots are per role: {qa}");
+        drop(first_slot); // the first worker dies
+        let (restarted, _slot) = default_instance(Role::Dev, root.path()).unwrap();
+        assert_eq!(restarted, first, "the restarted worker takes its predecessor's name");
+        drop(second_slot);
+        // A lock taken by another process (flock, as a separate worker would) counts too.
+        let path = root.path().join(crate::workspace::GIT_STORE).join("instances/review-0.lock");
+        std::fs::write(&path, b"").unwrap();
+        let mut holder = std::process::Command::new("flock")
+            .arg("--no-fork")
+            .arg(&path)
+            .args(["sleep", "30"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("flock(1) is needed");
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let (review, _slot) = default_instance(Role::Review, root.path()).unwrap();
+        holder.kill().unwrap();
+        holder.wait().unwrap();
+        assert!(review.ends_with("-1"), "{review}");
     }
 
     #[test]

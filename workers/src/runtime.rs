@@ -41,6 +41,8 @@ const RESULT_TTL_MS: u64 = 6 * 3600 * 1000;
 pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let role = cfg.role;
     let instance = cfg.instance.clone();
+    // Held while the process lives: the instance name's slot (see `config::default_instance`).
+    let _instance_slot = cfg.instance_slot;
     tracing::info!(role = %role, instance = %instance, "Worker starting.");
 
     let sandbox = Sandbox::connect(cfg.sandbox.clone()).await.context("Failed to set up the sandbox")?;
@@ -137,6 +139,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Resu
             busy,
             workspace_root: cfg.workspace_root,
             git_timeout: cfg.git_timeout,
+            git_output_cap: cfg.git_output_cap,
             group: role.as_str().to_owned(),
             keep_alive_every: consumer_cfg.claim_idle / 4,
             shutdown: shutdown.clone(),
@@ -272,6 +275,7 @@ struct HandlerInner {
     busy: Busy,
     workspace_root: std::path::PathBuf,
     git_timeout: Duration,
+    git_output_cap: usize,
     group: String,
     keep_alive_every: Duration,
     shutdown: CancellationToken,
@@ -337,10 +341,15 @@ impl HandlerInner {
                 return o;
             }
         };
+        // A container of this task may still be running (a dead worker's, under another
+        // instance name, or one whose removal timed out): stop it before git touches the tree.
+        if let Err(e) = self.sandbox.quiesce_task(&task_id.to_string()).await {
+            return Outcome::error(format!("cannot stop this task's earlier sandbox containers: {e}"));
+        }
         let ws = match Workspace::prepare(&self.workspace_root, &rel, assign.repository.as_deref(), self.git_timeout)
             .await
         {
-            Ok(ws) => ws,
+            Ok(ws) => ws.with_output_cap(self.git_output_cap),
             Err(e) => return Outcome::error(format!("cannot prepare the workspace: {e}")),
         };
         let ctx = TaskContext {

@@ -78,6 +78,15 @@ pub struct SandboxConfig {
     /// A seccomp profile (JSON) to apply instead of Docker's default one. `None` keeps
     /// Docker's default profile; there is no way to run unconfined.
     pub seccomp_profile: Option<PathBuf>,
+    /// Most the workspace may hold while a run goes on, in bytes (each file counts its
+    /// apparent or allocated size, whichever is larger, and at least 4 KiB, so a flood of
+    /// empty files counts too). Past it the container is killed and the run reports
+    /// [`RunOutput::disk_limit_exceeded`]. See `docs/sandbox.md` for why a watchdog and
+    /// not a mount option.
+    pub workspace_max_bytes: u64,
+    /// How often the watchdog measures the workspace during a run, in milliseconds. What
+    /// a run can write past the limit is its write rate times this period.
+    pub workspace_poll_ms: u64,
 }
 
 impl Default for SandboxConfig {
@@ -93,6 +102,8 @@ impl Default for SandboxConfig {
             output_cap_bytes: 64 * 1024,
             tmpfs_bytes: 64 * 1024 * 1024,
             seccomp_profile: None,
+            workspace_max_bytes: 1024 * 1024 * 1024,
+            workspace_poll_ms: 100,
         }
     }
 }
@@ -132,6 +143,12 @@ impl SandboxConfig {
         }
         if self.tmpfs_bytes == 0 {
             return invalid("tmpfs_bytes", "must be positive");
+        }
+        if self.workspace_max_bytes == 0 {
+            return invalid("workspace_max_bytes", "must be positive (1073741824 = 1 GiB)");
+        }
+        if self.workspace_poll_ms == 0 {
+            return invalid("workspace_poll_ms", "must be positive");
         }
         let runtimes = self.runtime.iter().chain(self.runtime_by_risk.values());
         if runtimes.into_iter().any(|r| r.trim().is_empty()) {
@@ -211,6 +228,9 @@ pub struct RunOutput {
     pub oom_killed: bool,
     /// True if the cancellation token fired and the container was killed.
     pub cancelled: bool,
+    /// True if the workspace grew past [`SandboxConfig::workspace_max_bytes`] and the
+    /// container was killed; what it wrote is still there (the caller resets it).
+    pub disk_limit_exceeded: bool,
     /// Wall-clock time from creating the container to having removed it.
     pub duration: Duration,
 }
@@ -218,7 +238,7 @@ pub struct RunOutput {
 impl RunOutput {
     /// True if the command ran to completion and exited 0.
     pub fn success(&self) -> bool {
-        self.exit_code == Some(0) && !self.timed_out && !self.cancelled && !self.oom_killed
+        self.exit_code == Some(0) && !self.timed_out && !self.cancelled && !self.oom_killed && !self.disk_limit_exceeded
     }
 }
 
@@ -352,6 +372,7 @@ impl Sandbox {
                 timed_out: false,
                 cancelled: true,
                 oom_killed: false,
+                disk_limit_exceeded: false,
                 duration: started.elapsed(),
             });
         }
@@ -364,7 +385,7 @@ impl Sandbox {
         let mut guard = RemoveOnDrop { docker: Some(self.docker.clone()), name: name.clone() };
         tracing::debug!(container = %name, task = %spec.labels.task, "Sandbox container created.");
 
-        let result = self.drive(&name, timeout, cancel).await;
+        let result = self.drive(&name, &spec.workspace, timeout, cancel).await;
         guard.docker = None;
         let removed = tokio::time::timeout(REMOVE_TIMEOUT, remove_container(&self.docker, &name)).await;
         let mut output = result?;
@@ -389,6 +410,37 @@ impl Sandbox {
         if let Some(instance) = instance {
             labels.push(format!("{LABEL_INSTANCE}={instance}"));
         }
+        let removed = self.remove_labelled(labels).await?;
+        if removed > 0 {
+            tracing::info!(removed, instance = instance.unwrap_or("*"), "Sandbox containers swept.");
+        }
+        Ok(removed)
+    }
+
+    /// Kills and removes every sandbox container of `task`, whichever worker started it (a
+    /// dead predecessor's under another instance name included), and checks with the
+    /// engine that none is left. Host-side git calls this before it reads, resets or
+    /// patches the task's workspace: no container may write the workspace meanwhile.
+    /// Returns how many containers it removed.
+    pub async fn quiesce_task(&self, task: &str) -> Result<usize, SandboxError> {
+        let labels = vec![format!("{LABEL_SANDBOX}=1"), format!("{LABEL_TASK}={task}")];
+        let removed = self.remove_labelled(labels.clone()).await?;
+        // `rm -f` returns once the container is gone; make sure nothing slipped in between.
+        let left = self.list_labelled(labels).await?;
+        if let Some(id) = left.into_iter().next() {
+            return Err(SandboxError::RemoveStuck { container: id, waited: REMOVE_TIMEOUT });
+        }
+        if removed > 0 {
+            tracing::warn!(
+                task,
+                removed,
+                "Removed live sandbox containers of this task before touching its workspace."
+            );
+        }
+        Ok(removed)
+    }
+
+    async fn list_labelled(&self, labels: Vec<String>) -> Result<Vec<String>, SandboxError> {
         let options = ListContainersOptions {
             all: true,
             filters: Some(HashMap::from([("label".to_owned(), labels)])),
@@ -399,9 +451,16 @@ impl Sandbox {
             .list_containers(Some(options))
             .await
             .map_err(SandboxError::docker("list sandbox containers"))?;
+        Ok(containers.into_iter().filter_map(|c| c.id).collect())
+    }
+
+    /// Force-removes (SIGKILL, then remove) every container carrying all of `labels`, each
+    /// for at most 30 s; reports the first failure after trying them all.
+    async fn remove_labelled(&self, labels: Vec<String>) -> Result<usize, SandboxError> {
+        let containers = self.list_labelled(labels).await?;
         let mut removed = 0;
         let mut first_failure = None;
-        for id in containers.into_iter().filter_map(|c| c.id) {
+        for id in containers {
             let outcome = match tokio::time::timeout(REMOVE_TIMEOUT, remove_container(&self.docker, &id)).await {
                 Ok(Ok(gone)) => Ok(gone),
                 Ok(Err(source)) => Err(SandboxError::Docker { action: "remove a sandbox container", source }),
@@ -416,9 +475,6 @@ impl Sandbox {
                 }
             }
         }
-        if removed > 0 {
-            tracing::info!(removed, instance = instance.unwrap_or("*"), "Sandbox containers swept.");
-        }
         if let Some(error) = first_failure {
             return Err(error);
         }
@@ -429,9 +485,15 @@ impl Sandbox {
     async fn drive(
         &self,
         name: &str,
+        workspace: &Path,
         timeout: Duration,
         cancel: &CancellationToken,
     ) -> Result<RunOutput, SandboxError> {
+        let watchdog = watch_workspace(
+            workspace.to_owned(),
+            self.config.workspace_max_bytes,
+            Duration::from_millis(self.config.workspace_poll_ms),
+        );
         let attach =
             AttachContainerOptions { stream: true, logs: false, stdout: true, stderr: true, ..Default::default() };
         let attached = self
@@ -463,6 +525,10 @@ impl Sandbox {
                 },
                 () = tokio::time::sleep(timeout) => Ending::TimedOut,
                 () = cancel.cancelled() => Ending::Cancelled,
+                used = watchdog => {
+                    tracing::warn!(container = %name, used, limit = self.config.workspace_max_bytes, "The sandbox filled its workspace past the limit; killing it.");
+                    Ending::DiskLimit
+                }
             }
         };
 
@@ -494,6 +560,7 @@ impl Sandbox {
             timed_out: ending == Ending::TimedOut,
             oom_killed: state.oom_killed.unwrap_or(false),
             cancelled: ending == Ending::Cancelled,
+            disk_limit_exceeded: ending == Ending::DiskLimit,
             duration: Duration::ZERO,
         })
     }
@@ -577,6 +644,44 @@ enum Ending {
     Exited,
     TimedOut,
     Cancelled,
+    DiskLimit,
+}
+
+/// Resolves (with the size measured) once `dir` holds more than `max` bytes, measuring it
+/// every `every`; never resolves otherwise.
+async fn watch_workspace(dir: PathBuf, max: u64, every: Duration) -> u64 {
+    loop {
+        tokio::time::sleep(every).await;
+        let d = dir.clone();
+        match tokio::task::spawn_blocking(move || disk_usage(&d, max)).await {
+            Ok(used) if used > max => return used,
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "Cannot measure the workspace."),
+        }
+    }
+}
+
+/// What `root` holds, for the workspace limit: per entry the larger of its apparent and
+/// allocated size, and at least 4 KiB (so empty files and directories count). Symlinks
+/// are not followed. Stops counting once past `stop_above`.
+pub fn disk_usage(root: &Path, stop_above: u64) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0u64;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let Ok(meta) = entry.path().symlink_metadata() else { continue };
+            total = total.saturating_add(meta.len().max(meta.blocks().saturating_mul(512)).max(4096));
+            if meta.is_dir() {
+                stack.push(entry.path());
+            }
+            if total > stop_above {
+                return total;
+            }
+        }
+    }
+    total
 }
 
 /// Keeps the first `cap` bytes and counts the rest as truncated.

@@ -17,6 +17,10 @@ use tokio::io::AsyncWriteExt;
 
 /// The directory under the workspace root holding the git directories.
 pub const GIT_STORE: &str = ".agentfleet-git";
+/// Default cap of one git command's stdout (see [`Workspace::with_output_cap`]).
+pub const DEFAULT_GIT_OUTPUT_CAP: usize = 8 * 1024 * 1024;
+/// How much of a failing git command's stderr is kept for the error; the rest is drained.
+const STDERR_KEEP: usize = 64 * 1024;
 
 /// Why a workspace could not be prepared or a git command failed.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +37,9 @@ pub enum WorkspaceError {
     /// A git command failed.
     #[error("git {command} failed: {detail}")]
     Git { command: String, detail: String },
+    /// A git command wrote more than the output cap; it was killed and its output dropped.
+    #[error("git {command} wrote more than {cap} bytes and was killed; the workspace is too large to handle")]
+    OutputTooLarge { command: String, cap: usize },
     /// A git command ran past its timeout and was killed.
     #[error("git {command} did not finish within {secs} s and was killed")]
     Timeout { command: String, secs: u64 },
@@ -107,6 +114,9 @@ pub struct Workspace {
     /// The git directory, outside the working tree.
     git_dir: PathBuf,
     timeout: Duration,
+    /// Most bytes one git command may write to stdout before it is killed: what a sandbox
+    /// can make git print (a huge diff, a huge file) is never held whole in memory.
+    output_cap: usize,
 }
 
 impl Workspace {
@@ -128,7 +138,7 @@ impl Workspace {
         tokio::fs::create_dir_all(&store)
             .await
             .map_err(io(format!("cannot create the git store {}", store.display())))?;
-        let ws = Self { dir, git_dir, timeout };
+        let ws = Self { dir, git_dir, timeout, output_cap: DEFAULT_GIT_OUTPUT_CAP };
         if ws.git_dir.exists() && ws.git(&["rev-parse", "--verify", "-q", "HEAD"]).await.is_ok() {
             ws.neutralize_attributes().await?;
             return Ok(ws);
@@ -143,7 +153,8 @@ impl Workspace {
             }
         }
         let partial_s = partial.to_string_lossy().into_owned();
-        run_git(None, &["clone", "--quiet", "--bare", "--", repo, &partial_s], None, &store, timeout).await?;
+        run_git(None, &["clone", "--quiet", "--bare", "--", repo, &partial_s], None, &store, timeout, ws.output_cap)
+            .await?;
         tokio::fs::rename(&partial, &ws.git_dir).await.map_err(io("cannot move the fresh clone into place"))?;
         ws.git(&["config", "core.bare", "false"]).await?;
         ws.neutralize_attributes().await?;
@@ -153,6 +164,14 @@ impl Workspace {
         })?;
         ws.reset().await?;
         Ok(ws)
+    }
+
+    /// The same workspace with another cap on git's stdout (default
+    /// [`DEFAULT_GIT_OUTPUT_CAP`]); a command that writes more fails with
+    /// [`WorkspaceError::OutputTooLarge`].
+    pub fn with_output_cap(mut self, cap: usize) -> Self {
+        self.output_cap = cap;
+        self
     }
 
     /// Puts the working tree back to the base commit: tracked files restored, everything
@@ -276,11 +295,11 @@ impl Workspace {
     }
 
     async fn git(&self, args: &[&str]) -> Result<Vec<u8>, WorkspaceError> {
-        run_git(Some(self), args, None, &self.dir, self.timeout).await
+        run_git(Some(self), args, None, &self.dir, self.timeout, self.output_cap).await
     }
 
     async fn git_stdin(&self, args: &[&str], input: &[u8]) -> Result<Vec<u8>, WorkspaceError> {
-        run_git(Some(self), args, Some(input), &self.dir, self.timeout).await
+        run_git(Some(self), args, Some(input), &self.dir, self.timeout, self.output_cap).await
     }
 }
 
@@ -343,6 +362,7 @@ async fn run_git(
     input: Option<&[u8]>,
     cwd: &Path,
     timeout: Duration,
+    output_cap: usize,
 ) -> Result<Vec<u8>, WorkspaceError> {
     let mut cmd = tokio::process::Command::new("git");
     for setting in [
@@ -391,17 +411,74 @@ async fn run_git(
             let _ = stdin.write_all(&data).await;
         });
     }
-    let out = match tokio::time::timeout(timeout, child.wait_with_output()).await {
+    let out = match tokio::time::timeout(timeout, capped_output(&mut child, output_cap)).await {
         Ok(out) => out.map_err(io(format!("git {command}")))?,
         Err(_) => return Err(WorkspaceError::Timeout { command, secs: timeout.as_secs() }),
     };
+    let Some(stdout) = out.stdout else {
+        tracing::warn!(command = %command, cap = output_cap, "Git wrote more than the output cap; killed.");
+        return Err(WorkspaceError::OutputTooLarge { command, cap: output_cap });
+    };
     if out.status.success() {
-        Ok(out.stdout)
+        Ok(stdout)
     } else {
         let detail = String::from_utf8_lossy(&out.stderr);
         let detail: String = detail.trim().chars().take(2000).collect();
         Err(WorkspaceError::Git { command, detail: if detail.is_empty() { out.status.to_string() } else { detail } })
     }
+}
+
+/// What a child wrote: stdout (`None` past the cap), the first [`STDERR_KEEP`] bytes of
+/// stderr, and how it exited.
+struct CappedOutput {
+    status: std::process::ExitStatus,
+    stdout: Option<Vec<u8>>,
+    stderr: Vec<u8>,
+}
+
+/// Reads the child's stdout and stderr to their end, keeping at most `cap` bytes of stdout:
+/// past it the child is killed and stdout is reported as `None`. Stderr past
+/// [`STDERR_KEEP`] is read and dropped, so the child never blocks on a full pipe.
+async fn capped_output(child: &mut tokio::process::Child, cap: usize) -> std::io::Result<CappedOutput> {
+    use tokio::io::AsyncReadExt;
+    async fn keep(pipe: Option<impl tokio::io::AsyncRead + Unpin>, cap: usize) -> std::io::Result<(Vec<u8>, bool)> {
+        let Some(mut pipe) = pipe else { return Ok((Vec::new(), false)) };
+        let mut kept = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = pipe.read(&mut buf).await?;
+            if n == 0 {
+                return Ok((kept, false));
+            }
+            if kept.len() + n > cap {
+                return Ok((kept, true));
+            }
+            kept.extend_from_slice(&buf[..n]);
+        }
+    }
+    let stdout = child.stdout.take();
+    let mut stderr = child.stderr.take();
+    let (out, err) = tokio::join!(
+        async {
+            let read = keep(stdout, cap).await;
+            if matches!(read, Ok((_, true))) {
+                // Over the cap: stop git now, drop what it wrote.
+                let _ = child.start_kill();
+            }
+            read
+        },
+        async {
+            let (kept, over) = keep(stderr.as_mut(), STDERR_KEEP).await?;
+            if over && let Some(pipe) = stderr.as_mut() {
+                tokio::io::copy(pipe, &mut tokio::io::sink()).await?;
+            }
+            Ok::<_, std::io::Error>(kept)
+        }
+    );
+    let (stdout, over) = out?;
+    let stderr = err?;
+    let status = child.wait().await?;
+    Ok(CappedOutput { status, stdout: (!over).then_some(stdout), stderr })
 }
 
 #[cfg(test)]
@@ -468,6 +545,61 @@ mod tests {
         assert!(!ws.dir.join("b.txt").exists());
         assert!(ws.apply(b"--- a/zzz\n+++ b/zzz\n@@ -1 +1 @@\n-q\n+r\n").await.is_err());
         assert_eq!(ws.files().await.unwrap(), vec!["a.txt"]);
+    }
+
+    /// Peak resident memory of this process (nextest runs each test in its own process).
+    fn peak_rss_bytes() -> u64 {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+        line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 1024
+    }
+
+    /// Code in the sandbox writes a 96 MiB text file; the diff of it would be about as
+    /// large. With a 1 MiB cap git is killed, the step gets `OutputTooLarge`, and the
+    /// worker never held the output (its peak memory grows by far less than 96 MiB).
+    #[tokio::test]
+    async fn a_huge_diff_fails_cleanly_without_being_held() {
+        use std::io::Write as _;
+        let tmp = tempfile::tempdir().unwrap();
+        let src = tmp.path().join("src");
+        std::fs::create_dir(&src).unwrap();
+        std::fs::write(src.join("a.txt"), "a\n").unwrap();
+        for args in [&["init", "-q"][..], &["add", "."], &["commit", "-qm", "init"]] {
+            let out = std::process::Command::new("git")
+                .args(["-c", "user.name=t", "-c", "user.email=t@t"])
+                .args(args)
+                .current_dir(&src)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{args:?}");
+        }
+        let root = tmp.path().join("ws");
+        std::fs::create_dir(&root).unwrap();
+        let rel = check_workspace_path(&root, &root.join("task-1").to_string_lossy()).unwrap();
+        let ws = Workspace::prepare(&root, &rel, Some(&src.to_string_lossy()), Duration::from_secs(60))
+            .await
+            .unwrap()
+            .with_output_cap(1024 * 1024);
+        let mut big = std::io::BufWriter::new(std::fs::File::create(ws.dir.join("big.txt")).unwrap());
+        let line = [b'x'; 1023];
+        for _ in 0..96 * 1024 {
+            big.write_all(&line).unwrap();
+            big.write_all(b"\n").unwrap();
+        }
+        big.into_inner().unwrap().sync_all().unwrap();
+        let before = peak_rss_bytes();
+        let started = std::time::Instant::now();
+        let err = ws.diff().await.unwrap_err();
+        assert!(
+            matches!(&err, WorkspaceError::OutputTooLarge { command, cap } if command == "diff" && *cap == 1024 * 1024),
+            "{err}"
+        );
+        let grown = peak_rss_bytes().saturating_sub(before);
+        assert!(grown < 16 * 1024 * 1024, "the worker's peak memory grew by {grown} bytes");
+        assert!(started.elapsed() < Duration::from_secs(30));
+        // A reset (which prints nothing) still works, and then the diff is empty again.
+        ws.reset().await.unwrap();
+        assert!(ws.diff().await.unwrap().is_empty());
     }
 
     /// A nested repository planted by sandboxed code must not make the host-side git run

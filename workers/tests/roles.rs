@@ -304,3 +304,68 @@ async fn a_hostile_change_hides_nothing_from_review_and_qa() {
     assert_eq!(r.status, Status::Error, "{r:?}");
     assert!(r.summary.contains("refused the assigned change: its bytes hash to"), "{}", r.summary);
 }
+
+/// Item 8 of issue 10: a dead worker's sandbox container of task T is still running and
+/// writing T's workspace (a `tick` file every 50 ms). A new Dev worker, under another
+/// instance name, takes T's step: it removes that container before its git touches the
+/// workspace, so the diff it returns carries none of the container's writes, the container
+/// is gone, and nothing writes the workspace afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_workers_container_is_stopped_before_git_touches_the_workspace() {
+    let fleet = Fleet::new();
+    let origin = fleet.origin("race", |_| {});
+    fleet.proxy_text(fixture_dev_answer());
+    let task = Uuid::now_v7();
+    let ws = fleet.workspace(task);
+    std::fs::create_dir_all(&ws).unwrap();
+    std::fs::set_permissions(&ws, std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    let dead = format!("dev-dead-{}", task.simple());
+    let out = std::process::Command::new("docker")
+        .args(["run", "-d", "--network", "none", "--user", "10001:10001"])
+        .args(["--label", "agentfleet.sandbox=1", "--label", &format!("agentfleet.task={task}")])
+        .args(["--label", "agentfleet.role=dev", "--label", &format!("agentfleet.instance={dead}")])
+        .args(["-v", &format!("{}:/workspace", ws.display()), workers::sandbox::DEFAULT_IMAGE])
+        .args(["sh", "-c", "while :; do date +%s%N >> /workspace/tick; sleep 0.05; done"])
+        .output()
+        .expect("the docker CLI is needed");
+    assert!(out.status.success(), "docker run: {}", String::from_utf8_lossy(&out.stderr));
+    wait_until("the dead worker's container writes the workspace", WAIT, async || ws.join("tick").exists()).await;
+
+    fleet.start_worker(Role::Dev, &format!("dev-new-{}", task.simple()));
+    let id = fleet.assign(Role::Dev, task, fleet.assignment(task, &origin), 0).await;
+    let (_, r) = fleet.result(id, WAIT).await;
+    assert_eq!(r.status, Status::Success, "{r:?}");
+    let diff = text(&r.diff);
+    assert!(diff.contains("calc.py"), "{diff}");
+    assert!(!diff.contains("tick"), "the diff carries the dead container's writes: {diff}");
+    assert!(containers_of(&dead).is_empty(), "the dead worker's container is still there");
+    assert!(!ws.join("tick").exists(), "the workspace was reset after the container stopped");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!ws.join("tick").exists(), "something still writes the workspace");
+}
+
+/// Item 5 of issue 10: QA's test command fills the workspace (`dd` of 4 GiB) on a worker
+/// whose workspace limit is 64 MiB. The sandbox is killed early, the step fails with the
+/// reason, the workspace is reset (the file is gone) and the host disk keeps its space.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_step_writing_past_the_workspace_limit_fails_and_the_workspace_is_reset() {
+    let fleet = Fleet::new();
+    let origin = fleet.origin("fill", |_| {});
+    fleet.start_worker_with(Role::Qa, "qa-fill", "workspace_max_bytes = 67108864");
+    let task = Uuid::now_v7();
+    let mut a = fleet.assignment(task, &origin);
+    a.test_command = Some("dd if=/dev/zero of=big bs=1M count=4096 2>/dev/null; echo dd finished".into());
+    let free_before = free_bytes(&fleet.root);
+    let id = fleet.assign(Role::Qa, task, a, 0).await;
+    let (_, r) = fleet.result(id, WAIT).await;
+    assert_eq!(r.status, Status::Error, "{r:?}");
+    assert!(r.summary.contains("more than the workspace limit of 67108864 bytes"), "{}", r.summary);
+    assert!(!fleet.workspace(task).join("big").exists(), "the workspace was reset");
+    assert!(fleet.workspace(task).join("calc.py").exists());
+    let free_after = free_bytes(&fleet.root);
+    assert!(
+        free_after + 512 * 1024 * 1024 > free_before,
+        "the host disk lost {} bytes",
+        free_before.saturating_sub(free_after)
+    );
+}

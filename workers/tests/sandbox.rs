@@ -371,3 +371,41 @@ async fn connect_names_what_is_missing() {
     let error = Sandbox::connect(bad_profile).await.unwrap_err();
     assert!(matches!(error, SandboxError::SeccompProfile { .. }), "{error}");
 }
+
+fn free_bytes(path: &Path) -> u64 {
+    let out = std::process::Command::new("df").args(["--output=avail", "-B1"]).arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().nth(1).unwrap().trim().parse().unwrap()
+}
+
+/// Item 5 of issue 10: `dd` writing 4 GiB into `/workspace` under a 64 MiB limit. The
+/// watchdog kills the container long before dd finishes, the run reports it and is not a
+/// success, and the host disk keeps its space (less than 1 GiB was ever written).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn filling_the_workspace_past_its_limit_kills_the_run() {
+    let limit: u64 = 64 * 1024 * 1024;
+    let sandbox = sandbox_with(SandboxConfig { workspace_max_bytes: limit, ..Default::default() }).await;
+    let ws = workspace();
+    let id = instance("disk");
+    let free_before = free_bytes(ws.path());
+    let command = "dd if=/dev/zero of=/workspace/big bs=1M count=4096 2>/dev/null; echo dd finished";
+    let out = run(&sandbox, spec(ws.path(), &id, &["sh", "-c", command])).await;
+    assert!(out.disk_limit_exceeded, "{out:?}");
+    assert!(!out.success());
+    assert!(!text(&out).contains("dd finished"), "dd ran to its end: {}", text(&out));
+    let written = std::fs::metadata(ws.path().join("big")).unwrap().len();
+    eprintln!("dd wrote {written} bytes against a limit of {limit} before the watchdog killed it");
+    assert!(written > limit && written < 1024 * 1024 * 1024, "dd was stopped after {written} bytes");
+    let free_after = free_bytes(ws.path());
+    assert!(
+        free_after + 1024 * 1024 * 1024 > free_before,
+        "the host disk lost {} bytes",
+        free_before.saturating_sub(free_after)
+    );
+    assert_gone(&id).await;
+    // Under the limit nothing happens: the same command writing 8 MiB succeeds.
+    let small = "dd if=/dev/zero of=/workspace/small bs=1M count=8 2>/dev/null && echo ok";
+    std::fs::remove_file(ws.path().join("big")).unwrap();
+    let out = run(&sandbox, spec(ws.path(), &id, &["sh", "-c", small])).await;
+    assert!(out.success() && !out.disk_limit_exceeded, "{out:?}");
+    assert_gone(&id).await;
+}

@@ -69,6 +69,12 @@ struct Origin {
     detail: Option<String>,
     deliveries: Option<String>,
     at_ms: Option<String>,
+    /// The original frame's length (`env_len`); the `env` field holds at most 4096 bytes of it.
+    env_len: Option<u64>,
+    /// The original frame's SHA-256 (`env_sha256`).
+    env_sha256: Option<String>,
+    /// How many bytes of the frame the entry kept.
+    kept: usize,
 }
 
 /// The verifier's judgement of one frame.
@@ -188,6 +194,21 @@ impl Origin {
             detail: text(fields::DETAIL),
             deliveries: text(fields::DELIVERIES),
             at_ms: text(fields::AT_MS),
+            env_len: text(fields::ENV_LEN).and_then(|t| t.parse().ok()),
+            env_sha256: text(fields::ENV_SHA256),
+            kept: entry.field(ENV_FIELD).map_or(0, <[u8]>::len),
+        }
+    }
+
+    /// ` [frame of N bytes, first K kept, sha256 H]` when the side stream kept a prefix only.
+    fn cut_frame(&self) -> String {
+        match self.env_len {
+            Some(len) if len > self.kept as u64 => {
+                let hex = |h: &&str| h.len() <= 64 && h.bytes().all(|b| b.is_ascii_hexdigit());
+                let sha = self.env_sha256.as_deref().filter(hex).unwrap_or("?");
+                format!(" [frame of {len} bytes, first {} kept, sha256 {sha}]", self.kept)
+            }
+            _ => String::new(),
         }
     }
 
@@ -197,13 +218,20 @@ impl Origin {
         let detail = self.detail.as_deref().map_or_else(|| "no detail".to_owned(), |d| cut_safe(d, DETAIL_CHARS));
         if self.dead_letter {
             format!(
-                "dead-lettered from {} {} after {} deliveries: {detail}",
+                "dead-lettered from {} {} after {} deliveries: {detail}{}",
                 name(&self.stream),
                 name(&self.entry),
-                name(&self.deliveries)
+                name(&self.deliveries),
+                self.cut_frame()
             )
         } else {
-            format!("rejected from {} {}: {} ({detail})", name(&self.stream), name(&self.entry), name(&self.reason))
+            format!(
+                "rejected from {} {}: {} ({detail}){}",
+                name(&self.stream),
+                name(&self.entry),
+                name(&self.reason),
+                self.cut_frame()
+            )
         }
     }
 
@@ -220,6 +248,8 @@ impl Origin {
             "detail": text(&self.detail),
             "deliveries": int(&self.deliveries),
             "at_ms": int(&self.at_ms),
+            "env_len": self.env_len,
+            "env_sha256": text(&self.env_sha256),
         })
     }
 }
@@ -681,6 +711,30 @@ mod tests {
         assert_eq!(j["origin"]["kind"], "rejected");
         assert_eq!(j["origin"]["at_ms"], 5);
         assert_eq!(j["authentic"], false);
+    }
+
+    #[test]
+    fn a_rejected_entry_kept_as_a_prefix_names_its_length_and_hash() {
+        let e = entry(
+            "7-0",
+            &[
+                ("stream", b"fleet:results"),
+                ("entry", b"6-0"),
+                ("reason", b"too_large"),
+                ("detail", b"too big"),
+                ("env_len", b"4194400"),
+                ("env_sha256", b"ab12"),
+                ("env", &[0x93; 4096]),
+            ],
+        );
+        let line = Line::of("fleet:rejected", &e, &verifier(), NOW);
+        assert!(
+            line.summary()
+                .starts_with("rejected from fleet:results 6-0: too_large (too big) [frame of 4194400 bytes, first 4096 kept, sha256 ab12]"),
+            "{}",
+            line.summary()
+        );
+        assert_eq!(line.json()["origin"]["env_len"], 4194400);
     }
 
     #[test]

@@ -208,6 +208,11 @@ impl Engine {
         action: &str,
         hold: &Hold,
     ) -> Result<(), EngineError> {
+        // A worker that is not the holder can send these as fast as it likes: audited per
+        // sender at the refusal rate, counted beyond it (crate::refusals).
+        if !self.audit_refusal(env) {
+            return Ok(());
+        }
         let holder = match hold {
             Hold::Elsewhere { holder } => Some(holder.as_str()),
             _ => None,

@@ -63,9 +63,34 @@ impl Engine {
         detail: Value,
         usage: Option<Usage>,
     ) -> Result<(), EngineError> {
+        self.answer_tool_audited(request, response, Some((action, detail)), usage).await
+    }
+
+    /// Answers a refused tool request: audited as `tool.refused` with `detail` while the
+    /// sender is within its refusal rate ([`crate::refusals`]), otherwise answered and
+    /// only counted.
+    pub async fn refuse_tool(
+        &self,
+        request: &Verified<Envelope>,
+        response: ToolResponse,
+        detail: Value,
+    ) -> Result<(), EngineError> {
+        let audit = self.audit_refusal(request).then_some(("tool.refused", detail));
+        self.answer_tool_audited(request, response, audit, None).await
+    }
+
+    async fn answer_tool_audited(
+        &self,
+        request: &Verified<Envelope>,
+        response: ToolResponse,
+        audit: Option<(&str, Value)>,
+        usage: Option<Usage>,
+    ) -> Result<(), EngineError> {
         let mut tx = self.pool.begin().await?;
-        let actor = Actor::of(request);
-        audit::append(&mut tx, &self.audit_key, actor.entry(action, request.task_id, detail)).await?;
+        if let Some((action, detail)) = audit {
+            let actor = Actor::of(request);
+            audit::append(&mut tx, &self.audit_key, actor.entry(action, request.task_id, detail)).await?;
+        }
         if let Some(usage) = usage {
             let stream = StreamName::parse(streams::USAGE).expect("fleet:usage is a valid stream name");
             self.enqueue(&mut tx, &stream, Role::Budget, request.task_id, Some(request.id), usage.into()).await?;

@@ -178,6 +178,8 @@ pub fn describe_run(out: &RunOutput) -> String {
         "killed at the time limit".into()
     } else if out.oom_killed {
         "killed for using too much memory".into()
+    } else if out.disk_limit_exceeded {
+        "killed for writing more than the workspace limit".into()
     } else if out.cancelled {
         "cancelled".into()
     } else {
@@ -199,8 +201,27 @@ pub async fn sandbox_sh(ctx: &TaskContext, command: &str) -> Result<RunOutput, S
     let mut spec = RunSpec::new(command_line, ctx.workspace.dir.clone(), ctx.labels.clone());
     spec.risk = ctx.call.lease.as_deref().and_then(crate::tools::lease_risk);
     tracing::info!(task = %ctx.task_id, command, "Running in the sandbox.");
-    let out = ctx.sandbox.run(spec, &ctx.cancel).await.map_err(|e| format!("the sandbox failed: {e}"))?;
+    let out = ctx.sandbox.run(spec, &ctx.cancel).await.map_err(|e| format!("the sandbox failed: {e}"));
+    // Whatever happened, no container of this task may outlive the run: host-side git
+    // touches the workspace next (a removal that timed out above would leave one writing).
+    ctx.sandbox
+        .quiesce_task(&ctx.labels.task)
+        .await
+        .map_err(|e| format!("cannot stop this task's sandbox containers: {e}"))?;
+    let out = out?;
     tracing::info!(task = %ctx.task_id, command, result = %describe_run(&out), duration_ms = out.duration.as_millis() as u64, "Sandbox run finished.");
+    if out.disk_limit_exceeded {
+        // The run filled the workspace: drop all it wrote (and the change with it) before
+        // anything reads the tree; the step fails.
+        let limit = ctx.sandbox.config().workspace_max_bytes;
+        ctx.workspace
+            .reset()
+            .await
+            .map_err(|e| format!("the sandbox run wrote past the workspace limit and the reset failed: {e}"))?;
+        return Err(format!(
+            "the sandbox run wrote more than the workspace limit of {limit} bytes; it was killed and the workspace reset"
+        ));
+    }
     Ok(out)
 }
 

@@ -127,12 +127,17 @@ impl Fleet {
 
     /// Writes the worker's keyset and configuration; returns the configuration's path.
     pub fn worker_config(&self, role: Role, instance: &str, extra: &str) -> PathBuf {
+        self.worker_config_with(role, instance, extra, "")
+    }
+
+    /// [`Self::worker_config`] with `sandbox_extra` lines in its `[sandbox]` table.
+    pub fn worker_config_with(&self, role: Role, instance: &str, extra: &str, sandbox_extra: &str) -> PathBuf {
         let ks = self.dir.path().join(format!("{role}.keyset.toml"));
         std::fs::write(&ks, keyset(Process::Role(role)).to_toml().as_bytes()).unwrap();
         let cfg = format!(
             "redis_url = \"{}\"\nkeyset = \"{}\"\npermissions = \"{PERMISSIONS_PATH}\"\ninstance = \"{instance}\"\n\
              workspace_root = \"{}\"\nheartbeat_secs = 1\ntool_timeout_secs = 20\ngrace_secs = 2\n{extra}\n\
-             [sandbox]\ntimeout_secs = 60\n[consumer]\nclaim_idle_secs = 20\nretry_max_secs = 2\nblock_ms = 500\n",
+             [sandbox]\ntimeout_secs = 60\n{sandbox_extra}\n[consumer]\nclaim_idle_secs = 20\nretry_max_secs = 2\nblock_ms = 500\n",
             self.redis.url(),
             ks.display(),
             self.root.display()
@@ -144,7 +149,12 @@ impl Fleet {
 
     /// Starts a worker inside this test process.
     pub fn start_worker(&self, role: Role, instance: &str) -> tokio::task::JoinHandle<()> {
-        let path = self.worker_config(role, instance, "");
+        self.start_worker_with(role, instance, "")
+    }
+
+    /// [`Self::start_worker`] with `sandbox_extra` lines in its `[sandbox]` table.
+    pub fn start_worker_with(&self, role: Role, instance: &str, sandbox_extra: &str) -> tokio::task::JoinHandle<()> {
+        let path = self.worker_config_with(role, instance, "", sandbox_extra);
         let cfg = workers::config::WorkerConfig::load(&path, role, None, &|_| None).unwrap();
         let stop = self.shutdown.clone();
         tokio::spawn(async move {
@@ -361,4 +371,10 @@ pub async fn wait_until(what: &str, within: Duration, mut cond: impl AsyncFnMut(
         assert!(Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Bytes the file system holding `path` has available, as `df` reports them.
+pub fn free_bytes(path: &Path) -> u64 {
+    let out = std::process::Command::new("df").args(["--output=avail", "-B1"]).arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).lines().nth(1).unwrap().trim().parse().unwrap()
 }
