@@ -349,8 +349,6 @@ const GIT_ENV_KEPT: [&str; 4] = ["PATH", "HOME", "SSH_AUTH_SOCK", "XDG_CONFIG_HO
 /// one remote ref, the staged paths of an approved change) is far smaller, so a repository
 /// or remote that makes git print more fails the push instead of filling memory.
 const GIT_OUTPUT_CAP: usize = 16 * 1024 * 1024;
-/// How much of a failing git's stderr is kept for the error; the rest is drained.
-const STDERR_KEEP: usize = 64 * 1024;
 
 /// Runs git with a clean environment and the fleet's hardening: no hooks, no fsmonitor,
 /// no global attributes, only the local, `file`, `https`, `http`, `ssh` and `git`
@@ -418,7 +416,7 @@ async fn run_capped(
                 let _ = pipe.write_all(input).await;
             }
         };
-        let (_, out) = tokio::join!(feed, capped_output(&mut child, cap));
+        let (_, out) = tokio::join!(feed, childio::capped_output(&mut child, cap));
         out.map_err(|e| PushError::Failed(format!("git {}: {e}", args[0])))
     };
     let out = tokio::time::timeout(timeout, exchange)
@@ -433,58 +431,6 @@ async fn run_capped(
         return Err(PushError::Failed(format!("git {} exited with {}: {}", args[0], out.status, err.trim())));
     }
     Ok(stdout)
-}
-
-/// What a child wrote: stdout (`None` past the cap), the first [`STDERR_KEEP`] bytes of
-/// stderr, and how it exited.
-struct CappedOutput {
-    status: std::process::ExitStatus,
-    stdout: Option<Vec<u8>>,
-    stderr: Vec<u8>,
-}
-
-/// Reads the child's stdout and stderr to their end, keeping at most `cap` bytes of stdout:
-/// past it the child is killed and stdout is reported as `None`. Stderr past
-/// [`STDERR_KEEP`] is read and dropped, so the child never blocks on a full pipe.
-async fn capped_output(child: &mut tokio::process::Child, cap: usize) -> std::io::Result<CappedOutput> {
-    use tokio::io::AsyncReadExt;
-    async fn keep(pipe: Option<impl tokio::io::AsyncRead + Unpin>, cap: usize) -> std::io::Result<(Vec<u8>, bool)> {
-        let Some(mut pipe) = pipe else { return Ok((Vec::new(), false)) };
-        let mut kept = Vec::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = pipe.read(&mut buf).await?;
-            if n == 0 {
-                return Ok((kept, false));
-            }
-            if kept.len() + n > cap {
-                return Ok((kept, true));
-            }
-            kept.extend_from_slice(&buf[..n]);
-        }
-    }
-    let stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
-    let (out, err) = tokio::join!(
-        async {
-            let read = keep(stdout, cap).await;
-            if matches!(read, Ok((_, true))) {
-                let _ = child.start_kill();
-            }
-            read
-        },
-        async {
-            let (kept, over) = keep(stderr.as_mut(), STDERR_KEEP).await?;
-            if over && let Some(pipe) = stderr.as_mut() {
-                tokio::io::copy(pipe, &mut tokio::io::sink()).await?;
-            }
-            Ok::<_, std::io::Error>(kept)
-        }
-    );
-    let (stdout, over) = out?;
-    let stderr = err?;
-    let status = child.wait().await?;
-    Ok(CappedOutput { status, stdout: (!over).then_some(stdout), stderr })
 }
 
 #[cfg(test)]

@@ -19,8 +19,6 @@ use tokio::io::AsyncWriteExt;
 pub const GIT_STORE: &str = ".agentfleet-git";
 /// Default cap of one git command's stdout (see [`Workspace::with_output_cap`]).
 pub const DEFAULT_GIT_OUTPUT_CAP: usize = 8 * 1024 * 1024;
-/// How much of a failing git command's stderr is kept for the error; the rest is drained.
-const STDERR_KEEP: usize = 64 * 1024;
 
 /// Why a workspace could not be prepared or a git command failed.
 #[derive(Debug, thiserror::Error)]
@@ -411,7 +409,7 @@ async fn run_git(
             let _ = stdin.write_all(&data).await;
         });
     }
-    let out = match tokio::time::timeout(timeout, capped_output(&mut child, output_cap)).await {
+    let out = match tokio::time::timeout(timeout, childio::capped_output(&mut child, output_cap)).await {
         Ok(out) => out.map_err(io(format!("git {command}")))?,
         Err(_) => return Err(WorkspaceError::Timeout { command, secs: timeout.as_secs() }),
     };
@@ -426,59 +424,6 @@ async fn run_git(
         let detail: String = detail.trim().chars().take(2000).collect();
         Err(WorkspaceError::Git { command, detail: if detail.is_empty() { out.status.to_string() } else { detail } })
     }
-}
-
-/// What a child wrote: stdout (`None` past the cap), the first [`STDERR_KEEP`] bytes of
-/// stderr, and how it exited.
-struct CappedOutput {
-    status: std::process::ExitStatus,
-    stdout: Option<Vec<u8>>,
-    stderr: Vec<u8>,
-}
-
-/// Reads the child's stdout and stderr to their end, keeping at most `cap` bytes of stdout:
-/// past it the child is killed and stdout is reported as `None`. Stderr past
-/// [`STDERR_KEEP`] is read and dropped, so the child never blocks on a full pipe.
-async fn capped_output(child: &mut tokio::process::Child, cap: usize) -> std::io::Result<CappedOutput> {
-    use tokio::io::AsyncReadExt;
-    async fn keep(pipe: Option<impl tokio::io::AsyncRead + Unpin>, cap: usize) -> std::io::Result<(Vec<u8>, bool)> {
-        let Some(mut pipe) = pipe else { return Ok((Vec::new(), false)) };
-        let mut kept = Vec::new();
-        let mut buf = vec![0u8; 64 * 1024];
-        loop {
-            let n = pipe.read(&mut buf).await?;
-            if n == 0 {
-                return Ok((kept, false));
-            }
-            if kept.len() + n > cap {
-                return Ok((kept, true));
-            }
-            kept.extend_from_slice(&buf[..n]);
-        }
-    }
-    let stdout = child.stdout.take();
-    let mut stderr = child.stderr.take();
-    let (out, err) = tokio::join!(
-        async {
-            let read = keep(stdout, cap).await;
-            if matches!(read, Ok((_, true))) {
-                // Over the cap: stop git now, drop what it wrote.
-                let _ = child.start_kill();
-            }
-            read
-        },
-        async {
-            let (kept, over) = keep(stderr.as_mut(), STDERR_KEEP).await?;
-            if over && let Some(pipe) = stderr.as_mut() {
-                tokio::io::copy(pipe, &mut tokio::io::sink()).await?;
-            }
-            Ok::<_, std::io::Error>(kept)
-        }
-    );
-    let (stdout, over) = out?;
-    let stderr = err?;
-    let status = child.wait().await?;
-    Ok(CappedOutput { status, stdout: (!over).then_some(stdout), stderr })
 }
 
 #[cfg(test)]
