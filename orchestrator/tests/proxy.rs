@@ -132,6 +132,44 @@ async fn last_sent(pool: &PgPool, stream: &str, to: Role) -> Verified {
     verifier(to).verify(stream, &frame, ctx, &mut MemoryReplayGuard::new()).unwrap()
 }
 
+/// A `tool.request` from `me` (of `role`) about `assign`'s step, presenting `lease`, sealed
+/// with the role's key: the envelope and its wire bytes.
+fn tool_request(
+    me: &Instance,
+    role: Role,
+    assign: &Verified,
+    lease: Option<String>,
+    action: &str,
+    input: &str,
+) -> (Envelope, Vec<u8>) {
+    let mut env = Envelope::new(
+        Sender { role, instance: me.clone() },
+        Role::Orchestrator,
+        bus::now_ms(),
+        60_000,
+        0,
+        ToolRequest { request_id: Uuid::now_v7(), action: action.into(), input: input.into() }.into(),
+    );
+    env.task_id = assign.task_id;
+    env.causation_id = Some(assign.id);
+    env.lease = lease;
+    let wire = ring(role).seal(&env).unwrap();
+    (env, wire)
+}
+
+fn request_id_of(env: &Envelope) -> Uuid {
+    let Payload::ToolRequest(r) = &env.payload else { panic!("expected tool.request") };
+    r.request_id
+}
+
+/// `wire` verified as the orchestrator's tool-request consumer does, as bus entry `entry_id`.
+fn delivery(wire: &[u8], entry_id: &str) -> Delivery {
+    let ctx = VerifyContext { now_ms: bus::now_ms(), kill_epoch: 0 };
+    let envelope =
+        verifier(Role::Orchestrator).verify(streams::TOOL_REQUESTS, wire, ctx, &mut MemoryReplayGuard::new()).unwrap();
+    Delivery { envelope, stream: streams::TOOL_REQUESTS.into(), entry_id: entry_id.into(), deliveries: 1 }
+}
+
 /// A tool request from `role` about `assign`'s task, presenting `lease`; delivered to the
 /// proxy as the orchestrator's consumer would.
 async fn ask(f: &Fleet, role: Role, assign: &Verified, lease: Option<String>, action: &str) -> ToolResponse {
@@ -148,25 +186,10 @@ async fn ask_as(
     action: &str,
 ) -> ToolResponse {
     let me = Instance::parse(instance).unwrap();
-    let request_id = Uuid::now_v7();
     let input = r#"{"messages":[{"role":"user","content":"fix the failing test"}],"max_tokens":200}"#;
-    let mut env = Envelope::new(
-        Sender { role, instance: me.clone() },
-        Role::Orchestrator,
-        bus::now_ms(),
-        60_000,
-        0,
-        ToolRequest { request_id, action: action.into(), input: input.into() }.into(),
-    );
-    env.task_id = assign.task_id;
-    env.causation_id = Some(assign.id);
-    env.lease = lease;
-    let wire = ring(role).seal(&env).unwrap();
-    let ctx = VerifyContext { now_ms: bus::now_ms(), kill_epoch: 0 };
-    let verified =
-        verifier(Role::Orchestrator).verify(streams::TOOL_REQUESTS, &wire, ctx, &mut MemoryReplayGuard::new()).unwrap();
-    let d =
-        Delivery { envelope: verified, stream: streams::TOOL_REQUESTS.into(), entry_id: "1-1".into(), deliveries: 1 };
+    let (env, wire) = tool_request(&me, role, assign, lease, action, input);
+    let request_id = request_id_of(&env);
+    let d = delivery(&wire, "1-1");
     f.proxy.handle(d).await.unwrap();
     let reply = last_sent(&f.pool, StreamName::tool_responses(role, &me).as_str(), role).await;
     assert_eq!(reply.causation_id, Some(env.id));
@@ -696,26 +719,10 @@ async fn a_redelivered_model_request_is_answered_again_but_paid_once() {
     let assign = last_sent(&f.pool, "fleet:tasks:dev", Role::Dev).await;
     let me = Instance::parse("dev-7").unwrap();
     let input = r#"{"messages":[{"role":"user","content":"fix the failing test"}],"max_tokens":200}"#;
-    let mut env = Envelope::new(
-        Sender { role: Role::Dev, instance: me.clone() },
-        Role::Orchestrator,
-        bus::now_ms(),
-        60_000,
-        0,
-        ToolRequest { request_id: Uuid::now_v7(), action: "llm.complete".into(), input: input.into() }.into(),
-    );
-    env.task_id = assign.task_id;
-    env.causation_id = Some(assign.id);
-    env.lease = assign.lease.clone();
-    let wire = ring(Role::Dev).seal(&env).unwrap();
+    let (_, wire) = tool_request(&me, Role::Dev, &assign, assign.lease.clone(), "llm.complete", input);
     // The bus hands the same entry over again when the first handling's outcome was lost.
     for _ in 0..2 {
-        let ctx = VerifyContext { now_ms: bus::now_ms(), kill_epoch: 0 };
-        let v = verifier(Role::Orchestrator)
-            .verify(streams::TOOL_REQUESTS, &wire, ctx, &mut MemoryReplayGuard::new())
-            .unwrap();
-        let d = Delivery { envelope: v, stream: streams::TOOL_REQUESTS.into(), entry_id: "1-1".into(), deliveries: 1 };
-        f.proxy.handle(d).await.unwrap();
+        f.proxy.handle(delivery(&wire, "1-1")).await.unwrap();
     }
     let spent = f.ledger.task_usage(task.id).await.unwrap();
     assert_eq!((spent.usage.tokens, spent.usage.calls), (150, 1), "one call paid");
@@ -929,29 +936,8 @@ async fn hostile_burst(price: u64) -> (Fleet, Burst) {
     for i in 0..50 {
         let input =
             serde_json::json!({"messages": [{"role": "user", "content": hostile_prompt(i)}], "max_tokens": 100});
-        let mut env = Envelope::new(
-            Sender { role: Role::Dev, instance: me.clone() },
-            Role::Orchestrator,
-            bus::now_ms(),
-            60_000,
-            0,
-            ToolRequest { request_id: Uuid::now_v7(), action: "llm.complete".into(), input: input.to_string() }.into(),
-        );
-        env.task_id = assign.task_id;
-        env.causation_id = Some(assign.id);
-        env.lease = assign.lease.clone();
-        let wire = ring(Role::Dev).seal(&env).unwrap();
-        let ctx = VerifyContext { now_ms: bus::now_ms(), kill_epoch: 0 };
-        let verified = verifier(Role::Orchestrator)
-            .verify(streams::TOOL_REQUESTS, &wire, ctx, &mut MemoryReplayGuard::new())
-            .unwrap();
-        let entry_id = format!("1-{i}");
-        deliveries.push(Delivery {
-            envelope: verified,
-            stream: streams::TOOL_REQUESTS.into(),
-            entry_id,
-            deliveries: 1,
-        });
+        let (_, wire) = tool_request(&me, Role::Dev, &assign, assign.lease.clone(), "llm.complete", &input.to_string());
+        deliveries.push(delivery(&wire, &format!("1-{i}")));
     }
 
     // Samples committed + held all through the burst.
