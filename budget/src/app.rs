@@ -13,10 +13,9 @@
 //! [alerts]          # budget::alert::AlertsConfig: telegram, webhook, retry tunables
 //! ```
 //!
-//! Environment overrides (read through the `env` function passed to [`Config::load`]):
-//! `FLEET_REDIS_URL`, `FLEET_BUDGET_INSTANCE`, `FLEET_TELEGRAM_BOT_TOKEN` and
-//! `FLEET_TELEGRAM_CHAT_ID` (both, to add or replace the Telegram channel),
-//! `FLEET_WEBHOOK_URL` and `FLEET_WEBHOOK_SECRET` (both, for the webhook).
+//! Loaded by `fleetconf`: the file, then `FLEET_<KEY>` for every setting
+//! (`FLEET_INSTANCE`, `FLEET_ALERTS__TELEGRAM__CHAT_ID`), then `FLEET_<KEY>_FILE` for the
+//! secrets in [`SECRETS`] (`FLEET_REDIS_URL_FILE`, `FLEET_ALERTS__WEBHOOK__SECRET_FILE`).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -29,7 +28,7 @@ use secrecy::SecretString;
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::alert::{AlertDispatcher, AlertSender, AlertsConfig, TelegramConfig, WebhookConfig};
+use crate::alert::{AlertDispatcher, AlertSender, AlertsConfig};
 use crate::killswitch::KillSwitch;
 use crate::ledger::{Ledger, LedgerConfig};
 use crate::service::{Budget, ControlHandler, OutcomeHandler, TriggerConfig, UsageHandler};
@@ -42,8 +41,8 @@ struct FileConfig {
     /// the pauses. Stable across restarts.
     #[serde(default = "default_instance")]
     instance: String,
-    /// Redis URL; `FLEET_REDIS_URL` overrides it.
-    redis_url: Option<String>,
+    /// Redis URL (secret: it may carry a password).
+    redis_url: Option<SecretString>,
     /// The budget's keyset (`fleetctl keys derive --process budget`).
     keyset: PathBuf,
     /// The permission table.
@@ -107,29 +106,31 @@ impl std::fmt::Debug for Config {
     }
 }
 
+/// Settings that are secrets: also read from `FLEET_<KEY>_FILE`.
+pub const SECRETS: &[&str] = &[
+    "redis_url",
+    "alerts.telegram.bot_token",
+    "alerts.telegram.chat_id",
+    "alerts.webhook.url",
+    "alerts.webhook.secret",
+];
+
 fn read(path: &Path, what: &str, fix: &str) -> Result<String, ConfigError> {
     std::fs::read_to_string(path)
         .map_err(|e| ConfigError(format!("cannot read {what} '{}': {e}; {fix}", path.display())))
 }
 
 impl Config {
-    /// Reads the TOML file at `path`, with `env` for the `FLEET_…` overrides (passed in, so
-    /// tests never touch the process environment).
-    pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let text = read(path, "configuration file", "pass --config with the budget's TOML file")?;
-        Self::parse(&text, path, env)
-    }
-
-    /// [`Config::load`] from text; relative paths in it are as given (relative to the
-    /// working directory).
-    pub fn parse(text: &str, path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let mut file: FileConfig = toml::from_str(text)
-            .map_err(|e| ConfigError(format!("invalid configuration file '{}': {}", path.display(), e.message())))?;
-        let instance = env("FLEET_BUDGET_INSTANCE").unwrap_or(file.instance);
-        let instance = Instance::parse(&instance).map_err(|e| ConfigError(format!("setting `instance`: {e}")))?;
-        let redis_url = env("FLEET_REDIS_URL")
-            .or(file.redis_url)
-            .ok_or_else(|| ConfigError("no Redis URL: set `redis_url` or FLEET_REDIS_URL".into()))?;
+    /// Loads the file at `path` (if any) under the environment `env`.
+    pub fn load(path: Option<&Path>, env: &fleetconf::Env) -> Result<Self, ConfigError> {
+        let file: FileConfig = fleetconf::Layers::new(path, env, SECRETS).extract().map_err(|e| ConfigError(e.0))?;
+        let instance = Instance::parse(&file.instance).map_err(|e| ConfigError(format!("setting `instance`: {e}")))?;
+        let redis_url = file.redis_url.ok_or_else(|| {
+            ConfigError(
+                "setting `redis_url` is missing: set it in the configuration file or with FLEET_REDIS_URL or FLEET_REDIS_URL_FILE"
+                    .into(),
+            )
+        })?;
         let keyset =
             Keyset::parse(&read(&file.keyset, "keyset", "derive it with `fleetctl keys derive --process budget`")?)
                 .map_err(|e| ConfigError(format!("setting `keyset` ('{}'): {e}", file.keyset.display())))?;
@@ -148,20 +149,9 @@ impl Config {
         .map_err(|e| ConfigError(format!("setting `permissions`: {e}")))?;
         file.ledger.validate().map_err(|e| ConfigError(format!("section [ledger]: {e}")))?;
         file.killswitch.validate().map_err(ConfigError)?;
-        if let (Some(token), Some(chat)) = (env("FLEET_TELEGRAM_BOT_TOKEN"), env("FLEET_TELEGRAM_CHAT_ID")) {
-            let base = file.alerts.telegram.take().map(|t| t.base_url);
-            let mut t = TelegramConfig::new(token.into(), chat.into());
-            if let Some(b) = base {
-                t.base_url = b;
-            }
-            file.alerts.telegram = Some(t);
-        }
-        if let (Some(url), Some(secret)) = (env("FLEET_WEBHOOK_URL"), env("FLEET_WEBHOOK_SECRET")) {
-            file.alerts.webhook = Some(WebhookConfig { url: url.into(), secret: secret.into() });
-        }
         Ok(Self {
             instance,
-            redis_url: redis_url.into(),
+            redis_url,
             keyset,
             permissions,
             ledger: file.ledger,

@@ -22,11 +22,13 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
-    /// The TOML configuration file (budget/budget.example.toml). FLEET_REDIS_URL,
-    /// FLEET_BUDGET_INSTANCE, FLEET_TELEGRAM_BOT_TOKEN + FLEET_TELEGRAM_CHAT_ID and
-    /// FLEET_WEBHOOK_URL + FLEET_WEBHOOK_SECRET override it.
-    #[arg(long, value_name = "FILE")]
-    config: PathBuf,
+    /// The TOML configuration file (budget/budget.example.toml). Optional: FLEET_<KEY>
+    /// variables set every setting (nested keys joined with __, e.g.
+    /// FLEET_ALERTS__TELEGRAM__CHAT_ID) and win over the file; FLEET_<KEY>_FILE reads a
+    /// secret (redis_url, alerts.telegram.bot_token, alerts.telegram.chat_id,
+    /// alerts.webhook.url, alerts.webhook.secret) from a file. See docs/deployment.md.
+    #[arg(long, env = "FLEET_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Log JSON lines instead of text.
     #[arg(long)]
     json_logs: bool,
@@ -39,7 +41,7 @@ async fn main() -> ExitCode {
         Err(code) => return code,
     };
     telemetry::init("budget", cli.json_logs);
-    let config = budget::app::Config::load(&cli.config, &|k| std::env::var(k).ok());
+    let config = budget::app::Config::load(cli.config.as_deref(), &fleetconf::Env::process());
     telemetry::serve("budget", config, |config, shutdown| async move {
         let app = budget::app::App::build(config).await?;
         app.run(shutdown).await

@@ -76,7 +76,18 @@ impl Env {
 /// a setting's value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct ConfigError(pub String);
+pub struct ConfigError(pub String, Option<String>);
+
+impl ConfigError {
+    fn new(message: String) -> Self {
+        Self(message, None)
+    }
+
+    /// The dotted key of the (first) setting that is wrong, when one is.
+    pub fn setting(&self) -> Option<&str> {
+        self.1.as_deref()
+    }
+}
 
 /// Where one binary's settings come from.
 #[derive(Debug, Clone)]
@@ -100,7 +111,7 @@ impl<'a> Layers<'a> {
             // figment reads a missing file as an empty one; an operator who named a file
             // meant it to exist.
             std::fs::File::open(path).map_err(|e| {
-                ConfigError(format!(
+                ConfigError::new(format!(
                     "cannot read the configuration file '{}': {e}; pass --config with an existing TOML file, or leave it out and configure with FLEET_… variables",
                     path.display()
                 ))
@@ -128,14 +139,14 @@ impl EnvLayer {
             }
             let key = rest.to_lowercase().replace("__", ".");
             if key.split('.').any(str::is_empty) {
-                return Err(ConfigError(format!(
+                return Err(ConfigError::new(format!(
                     "environment variable {name}: not a setting's name (nested keys are joined with one `__`)"
                 )));
             }
             if let Some(secret) = key.strip_suffix("_file").filter(|k| secrets.contains(k)) {
                 let plain = Env::variable_of(secret);
                 if env.get(&plain).is_some() {
-                    return Err(ConfigError(format!("both {plain} and {name} are set: set only one of them")));
+                    return Err(ConfigError::new(format!("both {plain} and {name} are set: set only one of them")));
                 }
                 values.push((secret.to_owned(), Value::from(read_secret(name, Path::new(raw))?)));
             } else if secrets.contains(&key.as_str()) {
@@ -152,7 +163,7 @@ impl EnvLayer {
 /// editors add). The error names the variable and the path, never the contents.
 fn read_secret(variable: &str, path: &Path) -> Result<String, ConfigError> {
     let mut text = std::fs::read_to_string(path).map_err(|e| {
-        ConfigError(format!(
+        ConfigError::new(format!(
             "environment variable {variable}: cannot read the secret file '{}': {e}; mount the secret there or unset the variable",
             path.display()
         ))
@@ -164,7 +175,7 @@ fn read_secret(variable: &str, path: &Path) -> Result<String, ConfigError> {
         }
     }
     if text.is_empty() {
-        return Err(ConfigError(format!(
+        return Err(ConfigError::new(format!(
             "environment variable {variable}: the secret file '{}' is empty",
             path.display()
         )));
@@ -180,12 +191,12 @@ fn parse_value(variable: &str, raw: &str) -> Result<Value, ConfigError> {
         return Ok(Value::from(raw.to_owned()));
     }
     let table: toml::Table = toml::from_str(&format!("v = {raw}")).map_err(|_| {
-        ConfigError(format!(
+        ConfigError::new(format!(
             "environment variable {variable}: a value starting with `[` or `{{` must be a TOML array or inline table, e.g. [\"a\", \"b\"] or {{ key = 1 }}"
         ))
     })?;
     let inner = table.get("v").cloned().unwrap_or(toml::Value::Boolean(false));
-    Value::serialize(inner).map_err(|e| ConfigError(format!("environment variable {variable}: {}", e.kind)))
+    Value::serialize(inner).map_err(|e| ConfigError::new(format!("environment variable {variable}: {}", e.kind)))
 }
 
 impl Provider for EnvLayer {
@@ -224,11 +235,13 @@ fn insert(dict: &mut Dict, key: &str, value: Value) {
 
 /// One message for all of figment's errors: each names its setting and source.
 fn describe(error: figment::Error, secrets: &[&str]) -> ConfigError {
-    let lines: Vec<String> = error.into_iter().map(|e| describe_one(&e, secrets)).collect();
-    ConfigError(lines.join("; "))
+    let all: Vec<(String, String)> = error.into_iter().map(|e| describe_one(&e, secrets)).collect();
+    let setting = all.first().map(|(k, _)| k.clone());
+    ConfigError(all.into_iter().map(|(_, m)| m).collect::<Vec<_>>().join("; "), setting)
 }
 
-fn describe_one(e: &figment::Error, secrets: &[&str]) -> String {
+/// The setting's dotted key and the message.
+fn describe_one(e: &figment::Error, secrets: &[&str]) -> (String, String) {
     use figment::error::Kind;
     let parent = e.path.join(".");
     let key = |field: &str| if parent.is_empty() { field.to_owned() } else { format!("{parent}.{field}") };
@@ -248,24 +261,32 @@ fn describe_one(e: &figment::Error, secrets: &[&str]) -> String {
             } else {
                 Env::variable_of(&k)
             };
-            format!("setting `{k}` is missing: set it in the configuration file or with {hint}")
+            let message = format!("setting `{k}` is missing: set it in the configuration file or with {hint}");
+            (k, message)
         }
         Kind::UnknownField(_, expected) => {
             // figment's path of an unknown field already ends with the field.
-            let k = parent.clone();
             let table = e.path[..e.path.len().saturating_sub(1)].join(".");
             let place = if table.is_empty() { String::new() } else { format!(" in `{table}`") };
             let known = if expected.is_empty() { "none".to_owned() } else { expected.join(", ") };
-            format!("unknown setting `{k}`{from}: remove it or fix its name (known{place}: {known})")
+            let message =
+                format!("unknown setting `{parent}`{from}: remove it or fix its name (known{place}: {known})");
+            (parent, message)
         }
         Kind::InvalidType(actual, expected) | Kind::InvalidValue(actual, expected) => {
-            format!("setting `{parent}`{from}: expected {expected}, found {}", kind_of(actual))
+            let message = format!("setting `{parent}`{from}: expected {expected}, found {}", kind_of(actual));
+            (parent, message)
         }
         Kind::UnknownVariant(variant, expected) => {
             let shown: String = variant.chars().take(40).collect();
-            format!("setting `{parent}`{from}: unknown variant {shown:?}, expected one of {}", expected.join(", "))
+            let message =
+                format!("setting `{parent}`{from}: unknown variant {shown:?}, expected one of {}", expected.join(", "));
+            (parent, message)
         }
-        other => format!("setting `{parent}`{from}: {}", message_of(other)),
+        other => {
+            let message = format!("setting `{parent}`{from}: {}", message_of(other));
+            (parent, message)
+        }
     }
 }
 

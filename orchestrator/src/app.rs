@@ -34,10 +34,10 @@ const WORKER_CONSUMERS_PRUNE_EVERY: Duration = Duration::from_secs(60);
 struct FileConfig {
     /// This process's instance name (`orchestrator-0`).
     instance: String,
-    /// Postgres URL; `FLEET_DATABASE_URL` overrides it.
-    database_url: Option<String>,
-    /// Redis URL; `FLEET_REDIS_URL` overrides it.
-    redis_url: Option<String>,
+    /// Postgres URL (secret: it may carry a password).
+    database_url: Option<SecretString>,
+    /// Redis URL (secret: it may carry a password).
+    redis_url: Option<SecretString>,
     /// The orchestrator's keyset (`fleetctl keys derive --process orchestrator`).
     keyset: PathBuf,
     /// The permission table.
@@ -133,7 +133,7 @@ struct Tools {
 }
 
 impl Tools {
-    fn load(file: ToolsFile, lease_ttl: Duration, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+    fn load(file: ToolsFile, lease_ttl: Duration, env: &fleetconf::Env) -> Result<Self, ConfigError> {
         let secret = read(&file.lease_secret_file, "lease secret file", "write at least 32 random characters into it")?;
         let leases = crate::lease::LeaseKeys::new(&SecretString::from(secret.trim().to_owned()), lease_ttl)
             .map_err(|e| ConfigError(format!("setting `tools.lease_secret_file`: {e}")))?;
@@ -155,7 +155,7 @@ impl Tools {
                 )));
             }
         }
-        let provider = crate::providers::build_with_env(&file.provider, |k| env(k))
+        let provider = crate::providers::build_with_env(&file.provider, |k| env.get(k).map(str::to_owned))
             .map_err(|e| ConfigError(format!("setting `tools.provider`: {e}")))?;
         Ok(Self { leases, matrix, ledger, provider, models: file.models, git: file.git })
     }
@@ -223,25 +223,28 @@ impl std::fmt::Debug for Config {
     }
 }
 
+/// Settings that are secrets: also read from `FLEET_<KEY>_FILE`.
+pub const SECRETS: &[&str] = &["database_url", "redis_url", "tools.provider.api_key"];
+
 fn read(path: &Path, what: &str, fix: &str) -> Result<String, ConfigError> {
     std::fs::read_to_string(path)
         .map_err(|e| ConfigError(format!("cannot read {what} '{}': {e}; {fix}", path.display())))
 }
 
 impl Config {
-    /// Reads the TOML file at `path`, with `env` for the `FLEET_…` overrides (passed in, so
-    /// tests never touch the process environment).
-    pub fn load(path: &Path, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let text = read(path, "configuration file", "pass --config with the orchestrator's TOML file")?;
-        let file: FileConfig = toml::from_str(&text)
-            .map_err(|e| ConfigError(format!("invalid configuration file '{}': {}", path.display(), e.message())))?;
+    /// Loads the file at `path` (if any) under the environment `env` (passed in, so tests
+    /// never touch the process environment).
+    pub fn load(path: Option<&Path>, env: &fleetconf::Env) -> Result<Self, ConfigError> {
+        let file: FileConfig = fleetconf::Layers::new(path, env, SECRETS).extract().map_err(|e| ConfigError(e.0))?;
         let instance = Instance::parse(&file.instance).map_err(|e| ConfigError(format!("setting `instance`: {e}")))?;
-        let database_url = env("FLEET_DATABASE_URL")
-            .or(file.database_url)
-            .ok_or_else(|| ConfigError("no database URL: set `database_url` or FLEET_DATABASE_URL".into()))?;
-        let redis_url = env("FLEET_REDIS_URL")
-            .or(file.redis_url)
-            .ok_or_else(|| ConfigError("no Redis URL: set `redis_url` or FLEET_REDIS_URL".into()))?;
+        let missing = |key: &str| {
+            let var = fleetconf::Env::variable_of(key);
+            ConfigError(format!(
+                "setting `{key}` is missing: set it in the configuration file or with {var} or {var}_FILE"
+            ))
+        };
+        let database_url = file.database_url.ok_or_else(|| missing("database_url"))?;
+        let redis_url = file.redis_url.ok_or_else(|| missing("redis_url"))?;
         let keyset = Keyset::parse(&read(
             &file.keyset,
             "keyset",
@@ -299,8 +302,8 @@ impl Config {
         let tools = file.tools.map(|t| Tools::load(t, engine.assign_ttl, env)).transpose()?;
         Ok(Self {
             instance,
-            database_url: database_url.into(),
-            redis_url: redis_url.into(),
+            database_url,
+            redis_url,
             keyset,
             permissions,
             audit_key,

@@ -15,10 +15,13 @@ use clap::Parser;
 #[command(
     version,
     after_long_help = concat!(
-        "The configuration file is TOML; unknown keys are refused. Settings (defaults in brackets):\n",
+        "Settings come from the TOML file, then FLEET_<KEY> variables for every setting (nested keys\n",
+        "joined with __, e.g. FLEET_TOOLS__GIT__PUSH_ON_APPROVE), then FLEET_<KEY>_FILE for the\n",
+        "secrets database_url, redis_url and tools.provider.api_key (docs/deployment.md).\n",
+        "Unknown keys are refused. Settings (defaults in brackets):\n",
         "  instance              this process's name, e.g. orchestrator-0 [required]\n",
-        "  database_url          postgres://… (secret; or FLEET_DATABASE_URL, which wins)\n",
-        "  redis_url             redis://… (secret; or FLEET_REDIS_URL, which wins)\n",
+        "  database_url          postgres://… (secret) [required]\n",
+        "  redis_url             redis://… or rediss://… (secret) [required]\n",
         "  keyset                fleetctl keys derive --process orchestrator [required]\n",
         "  permissions           [config/permissions.toml]\n",
         "  audit_key_file        fleetctl audit key new [required]\n",
@@ -41,10 +44,10 @@ use clap::Parser;
     )
 )]
 struct Cli {
-    /// The TOML configuration file (see docs/operations.md). FLEET_DATABASE_URL and
-    /// FLEET_REDIS_URL override the URLs in it.
-    #[arg(long, value_name = "FILE")]
-    config: PathBuf,
+    /// The TOML configuration file (docs/deployment.md). Optional: every setting can come
+    /// from FLEET_<KEY> variables instead, and they win over the file.
+    #[arg(long, env = "FLEET_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Log JSON lines instead of text.
     #[arg(long)]
     json_logs: bool,
@@ -57,7 +60,7 @@ async fn main() -> ExitCode {
         Err(code) => return code,
     };
     telemetry::init("orchestrator", cli.json_logs);
-    let config = orchestrator::app::Config::load(&cli.config, &|k| std::env::var(k).ok());
+    let config = orchestrator::app::Config::load(cli.config.as_deref(), &fleetconf::Env::process());
     telemetry::serve("orchestrator", config, |config, shutdown| async move {
         use anyhow::Context;
         let app = orchestrator::app::App::build(config).await.context("Failed to start")?;

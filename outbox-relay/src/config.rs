@@ -1,8 +1,10 @@
-//! The relay's configuration: a TOML file plus `FLEET_…` environment overrides.
+//! The relay's configuration, loaded by `fleetconf`: the TOML file (optional), then
+//! `FLEET_<KEY>` for every setting, then `FLEET_DATABASE_URL_FILE` and
+//! `FLEET_REDIS_URL_FILE` for the secret URLs.
 //!
-//! Parsing is separate from the process environment ([`Config::parse`] takes a lookup
-//! function), so tests never touch `std::env`. Every error names the setting that is wrong,
-//! and none ever contains a secret.
+//! The environment is passed in ([`Config::load`] takes a `fleetconf::Env`), so tests
+//! never touch `std::env`. Every error names the setting that is wrong, and none ever
+//! contains a secret.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -10,10 +12,8 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
-/// Environment variable that overrides `database_url`.
-pub const ENV_DATABASE_URL: &str = "FLEET_DATABASE_URL";
-/// Environment variable that overrides `redis_url`.
-pub const ENV_REDIS_URL: &str = "FLEET_REDIS_URL";
+/// Settings that are secrets: also read from `FLEET_<KEY>_FILE`.
+pub const SECRETS: &[&str] = &["database_url", "redis_url"];
 
 /// The configuration file as written. Every field is optional except the two URLs (which
 /// may come from the environment instead); defaults are in [`RelayConfig::default`].
@@ -145,25 +145,18 @@ impl ConfigError {
 }
 
 impl Config {
-    /// Reads and parses `path`, with overrides from the process environment.
-    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new("--config", format!("cannot read {}: {e}", path.display())))?;
-        Self::parse(&text, |name| std::env::var(name).ok())
-    }
-
-    /// Parses the TOML `text`; `env` looks up `FLEET_DATABASE_URL` and `FLEET_REDIS_URL`,
-    /// which override the file.
-    pub fn parse(text: &str, env: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let file: File = toml::from_str(text).map_err(|e| file_error(text, &e))?;
-
-        let database_url = env(ENV_DATABASE_URL).map(SecretString::from).or(file.database_url).ok_or_else(|| {
-            ConfigError::new("database_url", format!("missing (set it in the file or {ENV_DATABASE_URL})"))
+    /// Loads the file at `path` (if any) under the environment `env`.
+    pub fn load(path: Option<&std::path::Path>, env: &fleetconf::Env) -> Result<Self, ConfigError> {
+        let file: File = fleetconf::Layers::new(path, env, SECRETS).extract().map_err(|e| ConfigError {
+            setting: e.setting().unwrap_or("configuration").to_owned(),
+            problem: e.0.clone(),
         })?;
-        let redis_url = env(ENV_REDIS_URL)
-            .map(SecretString::from)
-            .or(file.redis_url)
-            .ok_or_else(|| ConfigError::new("redis_url", format!("missing (set it in the file or {ENV_REDIS_URL})")))?;
+        let missing = |key: &str| {
+            let var = fleetconf::Env::variable_of(key);
+            ConfigError::new(key, format!("missing (set it in the file, or with {var} or {var}_FILE)"))
+        };
+        let database_url = file.database_url.ok_or_else(|| missing("database_url"))?;
+        let redis_url = file.redis_url.ok_or_else(|| missing("redis_url"))?;
         check_database_url(&database_url)?;
         check_redis_url(&redis_url)?;
 
@@ -222,25 +215,6 @@ impl Config {
     }
 }
 
-/// toml's `Display` quotes the offending line, which could hold a URL with a password, so
-/// the error is rebuilt from its message and the key on that line (never its value).
-fn file_error(text: &str, e: &toml::de::Error) -> ConfigError {
-    let line = e.span().map(|span| {
-        let start = text[..span.start.min(text.len())].rfind('\n').map_or(0, |i| i + 1);
-        let number = text[..start].matches('\n').count() + 1;
-        let key = text[start..].lines().next().and_then(|l| l.split_once('=')).map(|(k, _)| k.trim().to_owned());
-        (number, key)
-    });
-    let message = e.message().lines().next().unwrap_or("invalid TOML").to_owned();
-    match line {
-        Some((number, Some(key))) if !key.is_empty() && !key.starts_with('[') => {
-            ConfigError::new(key, format!("{message} (line {number})"))
-        }
-        Some((number, _)) => ConfigError::new("config file", format!("{message} (line {number})")),
-        None => ConfigError::new("config file", message),
-    }
-}
-
 fn within<T: PartialOrd + std::fmt::Display + Copy>(setting: &str, v: T, lo: T, hi: T) -> Result<T, ConfigError> {
     if v < lo || v > hi {
         return Err(ConfigError::new(setting, format!("{v} is out of range ({lo} to {hi})")));
@@ -278,16 +252,18 @@ fn check_redis_url(url: &SecretString) -> Result<(), ConfigError> {
 mod tests {
     use super::*;
 
-    fn no_env(_: &str) -> Option<String> {
-        None
-    }
-
     const MINIMAL: &str =
         "database_url = \"postgres://relay:pw@127.0.0.1/fleet\"\nredis_url = \"redis://127.0.0.1:6379\"\n";
 
+    fn parse(text: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(file.path(), text).expect("write");
+        Config::load(Some(file.path()), &fleetconf::Env::from_pairs(env.iter().copied()))
+    }
+
     #[test]
     fn defaults_apply() {
-        let c = Config::parse(MINIMAL, no_env).expect("valid");
+        let c = parse(MINIMAL, &[]).expect("valid");
         assert_eq!(c.relay.batch_size, 256);
         assert_eq!(c.relay.poll_interval, Duration::from_secs(1));
         assert_eq!(c.relay.retention, Duration::from_secs(86_400));
@@ -295,12 +271,22 @@ mod tests {
 
     #[test]
     fn environment_overrides_the_file() {
-        let env = |name: &str| (name == ENV_REDIS_URL).then(|| "redis://other:7000".to_owned());
-        let c = Config::parse(MINIMAL, env).expect("valid");
+        let c =
+            parse(MINIMAL, &[("FLEET_REDIS_URL", "redis://other:7000"), ("FLEET_BATCH_SIZE", "17")]).expect("valid");
         assert_eq!(c.endpoints.redis_url.expose_secret(), "redis://other:7000");
-        let env = |name: &str| (name == ENV_DATABASE_URL).then(|| "postgres://x@h/db".to_owned());
-        let c = Config::parse("redis_url = \"redis://h\"", env).expect("URL from the environment");
+        assert_eq!(c.relay.batch_size, 17);
+        let c = parse("redis_url = \"redis://h\"", &[("FLEET_DATABASE_URL", "postgres://x@h/db")])
+            .expect("URL from the environment");
         assert_eq!(c.endpoints.database_url.expose_secret(), "postgres://x@h/db");
+        let secret = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(secret.path(), "postgres://y@h/db\n").expect("write");
+        let path = secret.path().display().to_string();
+        let c = Config::load(
+            None,
+            &fleetconf::Env::from_pairs([("FLEET_DATABASE_URL_FILE", path.as_str()), ("FLEET_REDIS_URL", "redis://h")]),
+        )
+        .expect("no file, the secret from a file");
+        assert_eq!(c.endpoints.database_url.expose_secret(), "postgres://y@h/db");
     }
 
     #[test]
@@ -316,7 +302,7 @@ mod tests {
             ("database_url = \"postgres://h/db\"\nredis_url = \"http://u:secretpw@h\"", "redis_url"),
         ];
         for (text, setting) in cases {
-            let e = Config::parse(text, no_env).expect_err(text);
+            let e = parse(text, &[]).expect_err(text);
             assert_eq!(e.setting, setting, "{text}: {e}");
             assert!(!e.to_string().contains("secretpw"), "{e}");
         }
@@ -324,7 +310,7 @@ mod tests {
 
     #[test]
     fn debug_redacts_urls() {
-        let c = Config::parse(MINIMAL, no_env).expect("valid");
+        let c = parse(MINIMAL, &[]).expect("valid");
         let text = format!("{c:?}");
         assert!(!text.contains("pw@"), "{text}");
         assert!(text.contains("REDACTED"));

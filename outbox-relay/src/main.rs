@@ -12,9 +12,11 @@ use outbox_relay::{Config, Relay};
 #[command(
     version,
     after_long_help = concat!(
-        "The configuration file is TOML; unknown keys are refused. Settings (defaults in brackets):\n",
-        "  database_url            postgres://… (secret; or FLEET_DATABASE_URL, which wins)\n",
-        "  redis_url               redis://… (secret; or FLEET_REDIS_URL, which wins)\n",
+        "Settings come from the TOML file, then FLEET_<KEY> variables for every setting, then\n",
+        "FLEET_DATABASE_URL_FILE / FLEET_REDIS_URL_FILE for the secret URLs (docs/deployment.md).\n",
+        "Unknown keys are refused. Settings (defaults in brackets):\n",
+        "  database_url            postgres://… (secret) [required]\n",
+        "  redis_url               redis://… or rediss://… (secret) [required]\n",
         "  batch_size              rows per claim and XADD pipeline [256]\n",
         "  poll_interval_ms        poll when no NOTIFY arrives [1000]\n",
         "  retention_secs          keep dispatched rows this long [86400]\n",
@@ -33,9 +35,10 @@ use outbox_relay::{Config, Relay};
     )
 )]
 struct Cli {
-    /// The TOML configuration file.
-    #[arg(long, value_name = "FILE")]
-    config: PathBuf,
+    /// The TOML configuration file. Optional: every setting can come from FLEET_<KEY>
+    /// variables instead.
+    #[arg(long, env = "FLEET_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
     /// Log JSON lines instead of text.
     #[arg(long)]
     json_logs: bool,
@@ -48,12 +51,16 @@ async fn main() -> ExitCode {
         Err(code) => return code,
     };
     telemetry::init("outbox-relay", cli.json_logs);
-    telemetry::serve("outbox-relay", Config::load(&cli.config), |cfg, shutdown| async move {
-        let relay = Relay::connect(&cfg.endpoints, cfg.relay)?;
-        // The relay drains itself: on cancellation it lets the batch in flight finish within
-        // `shutdown_grace`, then returns.
-        relay.run(shutdown).await;
-        Ok::<(), outbox_relay::RelayError>(())
-    })
+    telemetry::serve(
+        "outbox-relay",
+        Config::load(cli.config.as_deref(), &fleetconf::Env::process()),
+        |cfg, shutdown| async move {
+            let relay = Relay::connect(&cfg.endpoints, cfg.relay)?;
+            // The relay drains itself: on cancellation it lets the batch in flight finish within
+            // `shutdown_grace`, then returns.
+            relay.run(shutdown).await;
+            Ok::<(), outbox_relay::RelayError>(())
+        },
+    )
     .await
 }

@@ -14,8 +14,10 @@ use crate::config::WorkerConfig;
 #[command(
     version,
     after_long_help = concat!(
-        "The configuration file is TOML; unknown keys are refused. Settings (defaults in brackets):\n",
-        "  redis_url            redis://… (secret; or FLEET_REDIS_URL, which wins)\n",
+        "Settings come from the TOML file, then FLEET_<KEY> variables for every setting (nested keys\n",
+        "joined with __, e.g. FLEET_SANDBOX__IMAGE), then FLEET_REDIS_URL_FILE for the secret URL\n",
+        "(docs/deployment.md). Unknown keys are refused. Settings (defaults in brackets):\n",
+        "  redis_url            redis://… or rediss://… (secret) [required]\n",
         "  keyset               this role's keyset file (fleetctl keys derive --process <role>) [required]\n",
         "  permissions          the permission table [config/permissions.toml]\n",
         "  instance             consumer name, stable per process slot [<role>-<hostname>-<slot>]\n",
@@ -30,7 +32,7 @@ use crate::config::WorkerConfig;
         "  [consumer]           claim_idle_secs [60], block_ms [1000], retry_max_secs [30],\n",
         "                       max_deliveries [5]\n",
         "\n",
-        "Environment: FLEET_REDIS_URL (Redis URL), FLEET_INSTANCE (same as --instance),\n",
+        "Environment: FLEET_CONFIG (same as --config), FLEET_INSTANCE (same as --instance),\n",
         "DOCKER_HOST (the engine; default /var/run/docker.sock), RUST_LOG (log filter).\n",
         "Needs: a reachable Redis, the Docker engine with the sandbox image (deploy/sandbox-image.sh),\n",
         "git on PATH. See docs/workers.md.\n",
@@ -38,9 +40,10 @@ use crate::config::WorkerConfig;
     )
 )]
 pub struct Cli {
-    /// The TOML configuration file.
-    #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    /// The TOML configuration file. Optional: every setting can come from FLEET_<KEY>
+    /// variables instead (see below).
+    #[arg(long, env = "FLEET_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
     /// This process's instance name (overrides `instance` in the file). Keep it stable
     /// across restarts of the same process slot: a restarted worker then finds its own
     /// unfinished task at once and removes its own leftover sandboxes.
@@ -65,7 +68,6 @@ pub async fn main(role: Role) -> ExitCode {
         _ => "worker",
     };
     telemetry::init(service, cli.json_logs);
-    let env = |name: &str| std::env::var(name).ok();
-    let cfg = WorkerConfig::load(&cli.config, role, cli.instance, &env);
+    let cfg = WorkerConfig::load(cli.config.as_deref(), role, cli.instance, &fleetconf::Env::process());
     telemetry::serve(service, cfg, crate::runtime::run).await
 }

@@ -1,5 +1,8 @@
-//! A worker's configuration: one TOML file (`--config`), `FLEET_REDIS_URL` overriding the
-//! Redis URL, `--instance` overriding the instance name. Unknown keys are refused.
+//! A worker's configuration, loaded by `fleetconf`: the TOML file (`--config`, optional),
+//! then `FLEET_<KEY>` for every setting (`FLEET_SANDBOX__IMAGE`), then
+//! `FLEET_REDIS_URL_FILE` for the secret URL; `--instance` wins over all of them. Unknown
+//! keys are refused. Relative paths are relative to the file's directory when they exist
+//! there, else to the working directory.
 //!
 //! ```toml
 //! redis_url = "redis://dev:…@127.0.0.1:6379"   # or FLEET_REDIS_URL (wins)
@@ -37,8 +40,8 @@ use crate::sandbox::SandboxConfig;
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
-    /// Redis URL; `FLEET_REDIS_URL` overrides it.
-    redis_url: Option<String>,
+    /// Redis URL (secret: it may carry a password).
+    redis_url: Option<SecretString>,
     /// This role's keyset (`fleetctl keys derive --process <role>`).
     keyset: PathBuf,
     /// The permission table every verifier checks against.
@@ -169,6 +172,9 @@ impl std::fmt::Debug for WorkerConfig {
     }
 }
 
+/// Settings that are secrets: also read from `FLEET_<KEY>_FILE`.
+pub const SECRETS: &[&str] = &["redis_url"];
+
 fn read(path: &Path, what: &str, fix: &str) -> Result<String, ConfigError> {
     std::fs::read_to_string(path)
         .map_err(|e| ConfigError(format!("cannot read {what} '{}': {e}; {fix}", path.display())))
@@ -220,22 +226,19 @@ pub fn default_instance(role: Role, workspace_root: &Path) -> Result<(String, st
 }
 
 impl WorkerConfig {
-    /// Reads the TOML file at `path` for `role`; `instance` (from `--instance`) wins over
-    /// the file; `env` supplies the `FLEET_…` overrides (passed in, so tests never touch the
-    /// process environment).
+    /// Loads `role`'s settings from the file at `path` (if any) and `env`; `instance`
+    /// (from `--instance`) wins over both.
     pub fn load(
-        path: &Path,
+        path: Option<&Path>,
         role: Role,
         instance: Option<String>,
-        env: &dyn Fn(&str) -> Option<String>,
+        env: &fleetconf::Env,
     ) -> Result<Self, ConfigError> {
         if !role.is_worker() {
             return Err(ConfigError(format!("{role} is not a worker role")));
         }
-        let text = read(path, "configuration file", "pass --config with the worker's TOML file")?;
-        let file: FileConfig = toml::from_str(&text)
-            .map_err(|e| ConfigError(format!("invalid configuration file '{}': {}", path.display(), e.message())))?;
-        let base = path.parent().unwrap_or(Path::new("."));
+        let file: FileConfig = fleetconf::Layers::new(path, env, SECRETS).extract().map_err(|e| ConfigError(e.0))?;
+        let base = path.and_then(Path::parent).unwrap_or(Path::new("."));
         let resolve = |p: &Path| if p.is_absolute() || p.exists() { p.to_path_buf() } else { base.join(p) };
 
         if !file.workspace_root.is_absolute() {
@@ -257,9 +260,12 @@ impl WorkerConfig {
             )));
         }
         let instance = Instance::parse(&instance).map_err(|e| ConfigError(format!("setting `instance`: {e}")))?;
-        let redis_url = env("FLEET_REDIS_URL")
-            .or(file.redis_url)
-            .ok_or_else(|| ConfigError("no Redis URL: set `redis_url` or FLEET_REDIS_URL".into()))?;
+        let redis_url = file.redis_url.ok_or_else(|| {
+            ConfigError(
+                "setting `redis_url` is missing: set it in the configuration file or with FLEET_REDIS_URL or FLEET_REDIS_URL_FILE"
+                    .into(),
+            )
+        })?;
         let keyset_path = resolve(&file.keyset);
         let keyset = Keyset::parse(&read(
             &keyset_path,
@@ -302,7 +308,7 @@ impl WorkerConfig {
         Ok(Self {
             role,
             instance,
-            redis_url: redis_url.into(),
+            redis_url,
             keyset,
             permissions,
             workspace_root: file.workspace_root,
@@ -384,19 +390,36 @@ mod tests {
             "keyset = \"dev.keyset.toml\"\npermissions = \"perms.toml\"\n[sandbox]\ntimeout_secs = 30\n",
         )
         .unwrap();
-        let env = |k: &str| (k == "FLEET_REDIS_URL").then(|| "redis://127.0.0.1:1".to_owned());
-        let c = WorkerConfig::load(&cfg, Role::Dev, Some("dev-a".into()), &env).unwrap();
+        let env = fleetconf::Env::from_pairs([("FLEET_REDIS_URL", "redis://127.0.0.1:1")]);
+        let c = WorkerConfig::load(Some(&cfg), Role::Dev, Some("dev-a".into()), &env).unwrap();
         assert_eq!(c.instance.as_str(), "dev-a");
         assert_eq!(c.sandbox.timeout_secs, 30);
         assert_eq!(c.workspace_root, PathBuf::from("/workspace"));
         // The wrong role's keyset, an unknown key, no Redis URL.
-        let e = WorkerConfig::load(&cfg, Role::Qa, None, &env).err().unwrap().0;
+        let e = WorkerConfig::load(Some(&cfg), Role::Qa, None, &env).err().unwrap().0;
         assert!(e.contains("not of qa"), "{e}");
         std::fs::write(&cfg, "keyset = \"dev.keyset.toml\"\nbogus = 1\n").unwrap();
-        let e = WorkerConfig::load(&cfg, Role::Dev, None, &env).err().unwrap().0;
+        let e = WorkerConfig::load(Some(&cfg), Role::Dev, None, &env).err().unwrap().0;
         assert!(e.contains("bogus"), "{e}");
         std::fs::write(&cfg, "keyset = \"dev.keyset.toml\"\npermissions = \"perms.toml\"\n").unwrap();
-        let e = WorkerConfig::load(&cfg, Role::Dev, None, &|_| None).err().unwrap().0;
-        assert!(e.contains("FLEET_REDIS_URL"), "{e}");
+        let e = WorkerConfig::load(Some(&cfg), Role::Dev, None, &fleetconf::Env::default()).err().unwrap().0;
+        assert!(e.contains("FLEET_REDIS_URL or FLEET_REDIS_URL_FILE"), "{e}");
+        // Every setting from the environment, the secret from a file, no configuration file.
+        let url = dir.path().join("redis-url");
+        std::fs::write(&url, "redis://127.0.0.1:2\n").unwrap();
+        let env = fleetconf::Env::from_pairs([
+            ("FLEET_KEYSET", dir.path().join("dev.keyset.toml").display().to_string()),
+            ("FLEET_PERMISSIONS", dir.path().join("perms.toml").display().to_string()),
+            ("FLEET_REDIS_URL_FILE", url.display().to_string()),
+            ("FLEET_INSTANCE", "dev-env".to_owned()),
+            ("FLEET_SANDBOX__TIMEOUT_SECS", "45".to_owned()),
+            ("FLEET_CONSUMER__BLOCK_MS", "250".to_owned()),
+        ]);
+        let c = WorkerConfig::load(None, Role::Dev, None, &env).unwrap();
+        use secrecy::ExposeSecret;
+        assert_eq!(c.redis_url.expose_secret(), "redis://127.0.0.1:2");
+        assert_eq!(c.instance.as_str(), "dev-env");
+        assert_eq!(c.sandbox.timeout_secs, 45);
+        assert_eq!(c.consumer.block_ms, 250);
     }
 }

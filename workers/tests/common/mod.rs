@@ -155,7 +155,7 @@ impl Fleet {
     /// [`Self::start_worker`] with `sandbox_extra` lines in its `[sandbox]` table.
     pub fn start_worker_with(&self, role: Role, instance: &str, sandbox_extra: &str) -> tokio::task::JoinHandle<()> {
         let path = self.worker_config_with(role, instance, "", sandbox_extra);
-        let cfg = workers::config::WorkerConfig::load(&path, role, None, &|_| None).unwrap();
+        let cfg = workers::config::WorkerConfig::load(Some(&path), role, None, &fleetconf::Env::default()).unwrap();
         let stop = self.shutdown.clone();
         tokio::spawn(async move {
             if let Err(e) = workers::runtime::run(cfg, stop).await {
