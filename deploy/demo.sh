@@ -44,13 +44,28 @@ if [ "${#packages[@]}" -gt 0 ]; then
     "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${packages[@]}"
 fi
 
-say "Building the fleet (release): fleetctl, orchestrator, outbox-relay, budget, dev/qa/review/refactor-worker"
-cargo build --release --locked -q -p fleetctl -p orchestrator -p outbox-relay -p budget -p workers
-bin=$repo_root/target/release
+# The sandbox image (debootstrap: mostly downloads) builds while cargo compiles.
+say "Sandbox image (built locally from Debian packages if missing; no registry needed), in the background"
+image_log=$(mktemp /tmp/agentfleet-sandbox-image.XXXXXX)
+"$repo_root/deploy/sandbox-image.sh" >"$image_log" 2>&1 &
+image_pid=$!
+
+# The dev profile, the one the test command builds too: `./deploy/test.sh` after the demo
+# reuses this build, and a first run is a few minutes instead of the quarter hour a
+# release build with LTO takes on two cores. Images and benchmarks keep the tuned
+# release profile.
+say "Building the fleet: fleetctl, orchestrator, outbox-relay, budget, dev/qa/review/refactor-worker"
+cargo build --locked -q -p fleetctl -p orchestrator -p outbox-relay -p budget -p workers
+bin=$repo_root/target/debug
 fleetctl=$bin/fleetctl
 
-say "Sandbox image (built locally from Debian packages if missing; no registry needed)"
-image=$("$repo_root/deploy/sandbox-image.sh" | tail -n 1)
+if ! wait "$image_pid"; then
+    cat "$image_log" >&2
+    rm -f "$image_log"
+    fail "building the sandbox image failed (deploy/sandbox-image.sh; its output is above)"
+fi
+image=$(tail -n 1 "$image_log")
+rm -f "$image_log"
 echo "sandbox image: $image"
 
 work=$(mktemp -d /tmp/agentfleet-demo.XXXXXX)
@@ -83,6 +98,9 @@ pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || tr
 
 redis_url=${FLEET_REDIS_URL:-}
 db_url=${FLEET_DATABASE_URL:-}
+# Each process gets exactly the settings it has: a worker refuses FLEET_DATABASE_URL (an
+# unknown setting), so nothing FLEET_… is inherited.
+unset FLEET_REDIS_URL FLEET_DATABASE_URL
 api_port=${DEMO_API_PORT:-18080}
 acl=0
 if [ -z "$redis_url" ]; then
@@ -128,7 +146,6 @@ if [ -z "$db_url" ]; then
         -o "-p $pg_port -k $work/pgsock -c listen_addresses=127.0.0.1 -c fsync=off" start >/dev/null
     db_url="postgres://postgres@127.0.0.1:$pg_port/postgres"
 fi
-export FLEET_DATABASE_URL=$db_url
 
 say "Operator: master secret, one keyset per process, audit key, API token and lease secrets"
 "$fleetctl" keys master new --out "$work/master.toml" >/dev/null
@@ -202,9 +219,9 @@ TOML
 done
 
 say "Starting orchestrator (API on 127.0.0.1:$api_port), outbox-relay, budget and one worker per role"
-FLEET_REDIS_URL=$(url_for orchestrator) "$bin/orchestrator" --config "$work/orchestrator.toml" >"$work/orchestrator.log" 2>&1 &
+FLEET_REDIS_URL=$(url_for orchestrator) FLEET_DATABASE_URL=$db_url "$bin/orchestrator" --config "$work/orchestrator.toml" >"$work/orchestrator.log" 2>&1 &
 pids+=($!)
-FLEET_REDIS_URL=$(url_for outbox-relay) "$bin/outbox-relay" --config "$work/relay.toml" >"$work/relay.log" 2>&1 &
+FLEET_REDIS_URL=$(url_for outbox-relay) FLEET_DATABASE_URL=$db_url "$bin/outbox-relay" --config "$work/relay.toml" >"$work/relay.log" 2>&1 &
 pids+=($!)
 FLEET_REDIS_URL=$(url_for budget) "$bin/budget" --config "$work/budget.toml" >"$work/budget.log" 2>&1 &
 pids+=($!)

@@ -8,9 +8,10 @@
 #   2. Installs cargo-nextest if it is missing.
 #   3. Stops and disables the system's own redis-server and postgresql services, which
 #      the tests do not use.
-#   4. Checks the Docker engine and builds the sandbox image if missing
-#      (deploy/sandbox-image.sh: a Debian rootfs from debootstrap, no registry needed):
-#      the sandbox and whole-fleet tests run real containers, and fail loudly without.
+#   4. Checks the Docker engine and builds the sandbox image if missing, in the background
+#      while the tests compile (deploy/sandbox-image.sh: a Debian rootfs from debootstrap,
+#      no registry needed): the sandbox and whole-fleet tests run real containers, and
+#      fail loudly without.
 #   5. Runs the doc tests, then every other test with nextest (profile `ci` in
 #      .config/nextest.toml), and fails if either failed.
 set -euo pipefail
@@ -76,16 +77,27 @@ else
 fi
 echo "Done."
 
-# 4. The sandboxes' engine and image.
-step "Docker engine and the sandbox image."
+# 4. The sandboxes' engine and image. The image (debootstrap: mostly downloads) builds in
+#    the background while cargo compiles; the tests start only once it is there.
+step "Docker engine and the sandbox image (building in the background)."
 command -v docker >/dev/null 2>&1 || fail "docker not found: the sandbox tests need a Docker engine (apt-get install docker.io)."
 docker info >/dev/null 2>&1 || fail "the Docker engine is not reachable (is dockerd running? /var/run/docker.sock)."
-./deploy/sandbox-image.sh
+image_log=$(mktemp /tmp/agentfleet-sandbox-image.XXXXXX)
+./deploy/sandbox-image.sh >"$image_log" 2>&1 &
+image_pid=$!
 
-# 5. The tests. Doc tests first, so that the last thing printed is nextest's summary.
+# 5. The tests. Doc tests first, so that the last thing printed is nextest's summary. The
+#    dev profile, as the demo's build: after `./deploy/demo.sh` only the test harnesses
+#    are left to compile.
 status=0
 step "cargo test --workspace --doc --locked"
 cargo test --workspace --doc --locked || status=1
+step "cargo nextest run --workspace --locked --no-run (compiling the tests)"
+cargo nextest run --workspace --locked --no-run --cargo-quiet || status=1
+step "Waiting for the sandbox image."
+wait "$image_pid" || { cat "$image_log" >&2; fail "building the sandbox image failed (deploy/sandbox-image.sh; output above)."; }
+tail -n 3 "$image_log"
+rm -f "$image_log"
 step "cargo nextest run --workspace --locked --no-fail-fast --profile ci"
 cargo nextest run --workspace --locked --no-fail-fast --profile ci || status=1
 
