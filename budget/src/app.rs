@@ -43,6 +43,9 @@ struct FileConfig {
     instance: String,
     /// Redis URL (secret: it may carry a password).
     redis_url: Option<SecretString>,
+    /// PEM file of the CA that signs the Redis server's certificate (`rediss://` only);
+    /// unset trusts the system's roots.
+    redis_ca_file: Option<PathBuf>,
     /// The budget's keyset (`fleetctl keys derive --process budget`).
     keyset: PathBuf,
     /// The permission table.
@@ -81,7 +84,7 @@ pub struct ConfigError(String);
 pub struct Config {
     /// Consumer name and sender instance.
     pub instance: Instance,
-    redis_url: SecretString,
+    redis: bus::RedisEndpoint,
     keyset: Keyset,
     permissions: PermissionTable,
     /// Limits and prices.
@@ -98,7 +101,7 @@ impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
             .field("instance", &self.instance)
-            .field("redis_url", &"**REDACTED**")
+            .field("redis", &self.redis)
             .field("ledger", &self.ledger)
             .field("triggers", &self.triggers)
             .field("alerts", &self.alerts)
@@ -131,6 +134,8 @@ impl Config {
                     .into(),
             )
         })?;
+        let redis = bus::RedisEndpoint::new(redis_url, file.redis_ca_file.as_deref())
+            .map_err(|e| ConfigError(format!("setting `redis_url` / `redis_ca_file`: {e}")))?;
         let keyset =
             Keyset::parse(&read(&file.keyset, "keyset", "derive it with `fleetctl keys derive --process budget`")?)
                 .map_err(|e| ConfigError(format!("setting `keyset` ('{}'): {e}", file.keyset.display())))?;
@@ -151,7 +156,7 @@ impl Config {
         file.killswitch.validate().map_err(ConfigError)?;
         Ok(Self {
             instance,
-            redis_url,
+            redis,
             keyset,
             permissions,
             ledger: file.ledger,
@@ -184,7 +189,7 @@ impl App {
     pub async fn build(cfg: Config) -> anyhow::Result<Self> {
         use anyhow::Context;
         let block = cfg.alerts.block.max(Duration::from_secs(2));
-        let redis = bus::pool(&cfg.redis_url, 16, block).context("Failed to set up the Redis pool")?;
+        let redis = bus::pool(&cfg.redis, 16, block).context("Failed to set up the Redis pool")?;
         let keyring = Arc::new(cfg.keyset.into_keyring());
         let verifier = Arc::new(Verifier::new((*keyring).clone(), cfg.permissions, VerifierConfig::default()));
         let publisher = Arc::new(Publisher::new(redis.clone(), keyring, PublisherConfig::default()));

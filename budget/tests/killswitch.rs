@@ -204,7 +204,7 @@ async fn fleet() -> Fleet {
     std::fs::write(dir.path().join("budget-keys.toml"), keyset.to_toml().as_bytes()).unwrap();
     std::fs::write(dir.path().join("permissions.toml"), PERMISSIONS).unwrap();
     let (telegram, webhook) = receivers().await;
-    let pool = bus::pool(&redis.url().into(), 8, Duration::from_secs(2)).unwrap();
+    let pool = bus::pool(secrecy::SecretString::from(redis.url()), 8, Duration::from_secs(2)).unwrap();
     let orchestrator =
         Arc::new(Publisher::new(pool.clone(), keyring(Role::Orchestrator), bus::PublisherConfig::default()));
     let ledger = LedgerConfig::from_toml(LEDGER).unwrap();

@@ -20,6 +20,7 @@
 //! - [`pruner`]: deleting a group's idle consumers, also on behalf of consumers whose Redis
 //!   user may not (`XGROUP DELCONSUMER` is not granted to workers).
 //! - [`reply`]: parsing of Redis stream replies (`XREADGROUP`, `XAUTOCLAIM`, `XPENDING`, …).
+//! - [`endpoint`]: [`RedisEndpoint`], a server's URL and, for TLS, its CA.
 //! - [`error`]: [`BusError`] and [`HandlerError`].
 //! - [`names`]: the keys the bus writes besides streams (replay guard, done markers) and the
 //!   field names of stream entries.
@@ -27,6 +28,7 @@
 pub mod config;
 pub mod consumer;
 pub mod control;
+pub mod endpoint;
 pub mod error;
 pub mod names;
 pub mod pruner;
@@ -40,6 +42,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 pub use config::{ConsumerConfig, PublisherConfig};
 pub use consumer::{Consumer, ConsumerStats, Consumers, Delivery, Handler};
 pub use control::{ControlEvent, ControlListener, Gate, KillState};
+pub use endpoint::RedisEndpoint;
 pub use error::{BusError, HandlerError};
 pub use publisher::Publisher;
 
@@ -89,15 +92,15 @@ pub fn now_ms() -> u64 {
 /// redis's default response timeout (500 ms) would cut an `XREADGROUP BLOCK` short, so the
 /// timeout is set above the longest block this process uses.
 pub fn pool(
-    url: &secrecy::SecretString,
+    endpoint: impl Into<RedisEndpoint>,
     max_size: usize,
     longest_block: std::time::Duration,
 ) -> Result<deadpool_redis::Pool, BusError> {
-    use secrecy::ExposeSecret;
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
         .set_response_timeout(Some(longest_block + std::time::Duration::from_secs(5)));
-    let manager = deadpool_redis::Manager::new_with_config(url.expose_secret(), config)
+    let info = endpoint.into().connection_info()?;
+    let manager = deadpool_redis::Manager::new_with_config(info, config)
         .map_err(|e| BusError::Config(format!("invalid Redis URL: {}", redact_redis_error(&e))))?;
     deadpool_redis::Pool::builder(manager)
         .max_size(max_size)

@@ -417,6 +417,11 @@ pub struct TailArgs {
         value_parser = parse_secret
     )]
     pub redis: secrecy::SecretString,
+
+    /// PEM file of the CA that signs the Redis server's certificate, for rediss:// URLs
+    /// (default: the system's roots).
+    #[arg(long, value_name = "FILE", env = "FLEET_REDIS_CA_FILE")]
+    pub redis_ca: Option<PathBuf>,
 }
 
 /// Parses a stream name with envelope's rules.

@@ -63,6 +63,11 @@ pub struct StatusArgs {
         value_parser = |v: &str| Ok::<_, std::convert::Infallible>(secrecy::SecretString::from(v))
     )]
     pub redis: secrecy::SecretString,
+
+    /// PEM file of the CA that signs the Redis server's certificate, for rediss:// URLs
+    /// (default: the system's roots).
+    #[arg(long, value_name = "FILE", env = "FLEET_REDIS_CA_FILE")]
+    pub redis_ca: Option<PathBuf>,
 }
 
 /// One consumer group of a stream.
@@ -238,7 +243,7 @@ async fn workers(
 
 /// Reads everything.
 pub async fn gather(
-    redis_url: &secrecy::SecretString,
+    redis_url: impl Into<bus::RedisEndpoint>,
     verifier: &Verifier,
     ledger: LedgerConfig,
     window: Duration,
@@ -453,7 +458,13 @@ pub fn command(args: StatusArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("Failed to start the async runtime")?;
-    let status = runtime.block_on(gather(&args.redis, &verifier, ledger, Duration::from_secs(args.window)))?;
+    let status = runtime.block_on(gather(
+        bus::RedisEndpoint::new(args.redis.clone(), args.redis_ca.as_deref())
+            .map_err(|e| UsageError::new(format!("--redis / --redis-ca: {e}")))?,
+        &verifier,
+        ledger,
+        Duration::from_secs(args.window),
+    ))?;
     if args.json {
         println!("{}", status.to_json());
     } else {

@@ -32,7 +32,7 @@ async fn status_shows_the_switch_the_budget_the_backlog_and_the_live_workers() {
                        [ledger.prices.m]\ninput_micro_usd_per_mtok = 1_000_000\noutput_micro_usd_per_mtok = 1_000_000\n";
     std::fs::write(dir.path().join("budget.toml"), budget_toml).unwrap();
 
-    let pool = bus::pool(&redis.url().into(), 4, Duration::from_secs(2)).unwrap();
+    let pool = bus::pool(secrecy::SecretString::from(redis.url()), 4, Duration::from_secs(2)).unwrap();
     let cfg = LedgerConfig::from_toml(&budget_toml.replace("[ledger]\n", "").replace("[ledger.", "[")).unwrap();
     let ledger = Ledger::with_clock(pool.clone(), cfg, Arc::new(SystemClock)).unwrap();
     let r = ledger.reserve(uuid::Uuid::now_v7(), Role::Dev, "m", 1_000, 500).await.unwrap();

@@ -79,7 +79,7 @@ impl Fleet {
     }
 
     fn publisher(&self, role: Role) -> Publisher {
-        let pool = bus::pool(&self.server.url().into(), 2, Duration::from_secs(2)).unwrap();
+        let pool = bus::pool(secrecy::SecretString::from(self.server.url()), 2, Duration::from_secs(2)).unwrap();
         Publisher::new(pool, self.ring(role), PublisherConfig::default())
     }
 

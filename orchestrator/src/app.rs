@@ -38,6 +38,9 @@ struct FileConfig {
     database_url: Option<SecretString>,
     /// Redis URL (secret: it may carry a password).
     redis_url: Option<SecretString>,
+    /// PEM file of the CA that signs the Redis server's certificate (`rediss://` only);
+    /// unset trusts the system's roots.
+    redis_ca_file: Option<PathBuf>,
     /// The orchestrator's keyset (`fleetctl keys derive --process orchestrator`).
     keyset: PathBuf,
     /// The permission table.
@@ -202,7 +205,7 @@ pub struct ConfigError(String);
 pub struct Config {
     instance: Instance,
     database_url: SecretString,
-    redis_url: SecretString,
+    redis: bus::RedisEndpoint,
     keyset: Keyset,
     permissions: PermissionTable,
     audit_key: AuditKey,
@@ -245,6 +248,8 @@ impl Config {
         };
         let database_url = file.database_url.ok_or_else(|| missing("database_url"))?;
         let redis_url = file.redis_url.ok_or_else(|| missing("redis_url"))?;
+        let redis = bus::RedisEndpoint::new(redis_url, file.redis_ca_file.as_deref())
+            .map_err(|e| ConfigError(format!("setting `redis_url` / `redis_ca_file`: {e}")))?;
         let keyset = Keyset::parse(&read(
             &file.keyset,
             "keyset",
@@ -303,7 +308,7 @@ impl Config {
         Ok(Self {
             instance,
             database_url,
-            redis_url,
+            redis,
             keyset,
             permissions,
             audit_key,
@@ -348,7 +353,7 @@ impl App {
                 .await
                 .context("Failed to create this and next month's audit partitions")?;
         }
-        let redis = bus::pool(&cfg.redis_url, 16, Duration::from_secs(2)).context("Failed to set up the Redis pool")?;
+        let redis = bus::pool(&cfg.redis, 16, Duration::from_secs(2)).context("Failed to set up the Redis pool")?;
         let keyring = Arc::new(cfg.keyset.into_keyring());
         let verifier = Arc::new(Verifier::new((*keyring).clone(), cfg.permissions, VerifierConfig::default()));
         let mut engine = Engine::new(pool, keyring, cfg.audit_key, cfg.engine);
@@ -364,8 +369,9 @@ impl App {
             // One multiplexed connection for the ledger's scripts: concurrent model calls'
             // reservations reach Redis together (docs/benchmarks.md, "Budget ledger": 1.4x
             // the throughput of a connection per caller).
-            use secrecy::ExposeSecret;
-            let ledger_conn = redis::Client::open(cfg.redis_url.expose_secret())
+            let ledger_conn = cfg
+                .redis
+                .client()
                 .context("Invalid Redis URL")?
                 .get_connection_manager()
                 .await

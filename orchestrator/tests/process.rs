@@ -102,7 +102,7 @@ async fn answer(pool: &PgPool, redis_url: &str, id: Uuid, role: Role) {
     env.causation_id = Some(assignment);
     // Each role signs with its own keyring.
     let ring = Arc::new(keyset(role).into_keyring());
-    let pool_r = bus::pool(&redis_url.to_owned().into(), 2, Duration::from_secs(2)).unwrap();
+    let pool_r = bus::pool(secrecy::SecretString::from(redis_url.to_owned()), 2, Duration::from_secs(2)).unwrap();
     bus::Publisher::new(pool_r, ring, bus::PublisherConfig::default())
         .publish(&StreamName::parse(streams::RESULTS).unwrap(), &env)
         .await

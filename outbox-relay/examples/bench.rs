@@ -290,7 +290,8 @@ async fn latency(pool: &PgPool, url: &str, redis: &RedisServer, samples: usize) 
 }
 
 fn relay_for(url: &str, redis: &RedisServer) -> Relay {
-    let endpoints = Endpoints { database_url: url.to_owned().into(), redis_url: redis.url().into() };
+    let endpoints =
+        Endpoints { database_url: url.to_owned().into(), redis_url: redis.url().into(), redis_ca_file: None };
     Relay::connect(&endpoints, RelayConfig { batch_size: BATCH, ..RelayConfig::default() }).expect("relay")
 }
 

@@ -24,6 +24,8 @@ struct File {
     database_url: Option<SecretString>,
     /// `redis://outbox-relay:password@host:6379`. Secret: may carry a password.
     redis_url: Option<SecretString>,
+    /// PEM file of the CA that signs the Redis server's certificate (`rediss://` only).
+    redis_ca_file: Option<std::path::PathBuf>,
     /// Rows claimed per transaction.
     batch_size: Option<u32>,
     /// How often the outbox is polled when no notification arrives (a missed `NOTIFY`).
@@ -59,6 +61,8 @@ pub struct Endpoints {
     pub database_url: SecretString,
     /// The Redis the fleet's streams live on.
     pub redis_url: SecretString,
+    /// The CA of the Redis server's certificate, for `rediss://`; `None` trusts the system's roots.
+    pub redis_ca_file: Option<std::path::PathBuf>,
 }
 
 impl std::fmt::Debug for Endpoints {
@@ -159,6 +163,8 @@ impl Config {
         let redis_url = file.redis_url.ok_or_else(|| missing("redis_url"))?;
         check_database_url(&database_url)?;
         check_redis_url(&redis_url)?;
+        bus::RedisEndpoint::new(redis_url.clone(), file.redis_ca_file.as_deref())
+            .map_err(|e| ConfigError::new("redis_ca_file", e.to_string()))?;
 
         let d = RelayConfig::default();
         let ms = Duration::from_millis;
@@ -211,7 +217,7 @@ impl Config {
         if relay.retry_max < relay.retry_min {
             return Err(ConfigError::new("retry_max_ms", "must not be below retry_min_ms"));
         }
-        Ok(Config { endpoints: Endpoints { database_url, redis_url }, relay })
+        Ok(Config { endpoints: Endpoints { database_url, redis_url, redis_ca_file: file.redis_ca_file }, relay })
     }
 }
 

@@ -127,7 +127,11 @@ impl Relay {
             .max_connections(cfg.pg_max_connections)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(options);
-        let redis = bus::pool(&endpoints.redis_url, cfg.redis_pool_size, Duration::ZERO)?;
+        let redis = bus::pool(
+            bus::RedisEndpoint::new(endpoints.redis_url.clone(), endpoints.redis_ca_file.as_deref())?,
+            cfg.redis_pool_size,
+            Duration::ZERO,
+        )?;
         let keyless = Arc::new(envelope::Keyring::default());
         let publisher = Arc::new(Publisher::new(redis, keyless, cfg.publisher.clone()));
         Ok(Self::new(pool, publisher, cfg))

@@ -112,7 +112,7 @@ async fn rows_published_but_not_marked_are_published_again_and_consumed_once() {
     cfg.block = Duration::from_millis(100);
     cfg.maintenance_every = Duration::from_millis(50);
     let seen = Seen::default();
-    let redis_pool = bus::pool(&env.redis.url().into(), 4, Duration::from_secs(1)).expect("pool");
+    let redis_pool = bus::pool(secrecy::SecretString::from(env.redis.url()), 4, Duration::from_secs(1)).expect("pool");
     let consumer = Consumer::new(cfg, redis_pool, verifier, KillEpoch::new(0), seen.clone()).expect("consumer");
     let consumer_stats = consumer.stats();
     let stop = CancellationToken::new();

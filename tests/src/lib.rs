@@ -47,6 +47,7 @@ mod process;
 mod redis_server;
 mod scratch;
 pub mod secrets;
+pub mod tls;
 
 pub use error::HarnessError;
 pub use postgres::{Postgres, PostgresBuilder};

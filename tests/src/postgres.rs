@@ -54,11 +54,13 @@ pub struct PostgresBuilder {
     settings: Vec<(String, String)>,
     /// Generous, because on 2 cores many test processes start servers at once.
     startup_timeout: Duration,
+    /// `ssl = on` with this certificate (TCP clients may then ask for TLS).
+    tls: Option<crate::tls::ServerCert>,
 }
 
 impl Default for PostgresBuilder {
     fn default() -> Self {
-        Self { bin_dir: None, settings: Vec::new(), startup_timeout: DEFAULT_STARTUP_TIMEOUT }
+        Self { bin_dir: None, settings: Vec::new(), startup_timeout: DEFAULT_STARTUP_TIMEOUT, tls: None }
     }
 }
 
@@ -78,6 +80,12 @@ impl PostgresBuilder {
     /// How long a start may take before it fails. Defaults to 60 seconds.
     pub fn startup_timeout(mut self, timeout: Duration) -> Self {
         self.startup_timeout = timeout;
+        self
+    }
+
+    /// Serves TLS with `cert` (`ssl = on`), so clients can use `sslmode=verify-full`.
+    pub fn tls(mut self, cert: crate::tls::ServerCert) -> Self {
+        self.tls = Some(cert);
         self
     }
 
@@ -101,12 +109,27 @@ impl PostgresBuilder {
         // and is shared by every server on the machine.
         let socket_dir = dir.path().join("sockets");
         fs::create_dir(&socket_dir).map_err(HarnessError::io(format!("create {}", socket_dir.display())))?;
+        let mut builder = self;
+        if let Some(cert) = builder.tls.take() {
+            use std::os::unix::fs::PermissionsExt;
+            for (name, pem) in [("server.crt", &cert.cert_pem), ("server.key", &cert.key_pem)] {
+                let path = dir.path().join(name);
+                fs::write(&path, pem).map_err(HarnessError::io(format!("write {}", path.display())))?;
+                // The server refuses a key others can read.
+                fs::set_permissions(&path, fs::Permissions::from_mode(0o600))
+                    .map_err(HarnessError::io(format!("chmod {}", path.display())))?;
+            }
+            builder = builder
+                .setting("ssl", "on")
+                .setting("ssl_cert_file", dir.path().join("server.crt").display().to_string())
+                .setting("ssl_key_file", dir.path().join("server.key").display().to_string());
+        }
         if let Some(owner) = owner {
             chown_tree(dir.path(), owner)
                 .map_err(HarnessError::io(format!("hand {} to the postgres user", dir.path().display())))?;
         }
 
-        let (child, port) = launch(&self, &binaries, owner, dir.path())?;
+        let (child, port) = launch(&builder, &binaries, owner, dir.path())?;
         Ok(Postgres { binaries, port, dir, child })
     }
 }

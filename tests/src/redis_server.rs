@@ -46,6 +46,9 @@ pub struct RedisServerBuilder {
     acl_file: Option<PathBuf>,
     /// Passed after the harness's own arguments, so they can override them.
     extra_args: Vec<OsString>,
+    /// TLS on a second port (the plaintext one stays, for the readiness probe), with this
+    /// certificate; the port is chosen on the first start and kept across restarts.
+    tls: Option<(crate::tls::ServerCert, Option<u16>)>,
     /// Generous, because on 2 cores many test processes start servers at once.
     startup_timeout: Duration,
 }
@@ -57,6 +60,7 @@ impl Default for RedisServerBuilder {
             appendonly: false,
             acl_file: None,
             extra_args: Vec::new(),
+            tls: None,
             startup_timeout: DEFAULT_STARTUP_TIMEOUT,
         }
     }
@@ -112,6 +116,12 @@ impl RedisServerBuilder {
         self
     }
 
+    /// Also serves TLS with `cert` on a port of its own ([`RedisServer::tls_url`]).
+    pub fn tls(mut self, cert: crate::tls::ServerCert) -> Self {
+        self.tls = Some((cert, None));
+        self
+    }
+
     /// Starts the server and waits until it answers `PING`.
     ///
     /// Blocks for as long as that takes (tens of milliseconds, usually).
@@ -125,6 +135,13 @@ impl RedisServerBuilder {
             );
         }
         let dir = ScratchDir::create("redis")?;
+        if let Some((cert, port)) = &mut self.tls {
+            for (name, pem) in [("tls.crt", &cert.cert_pem), ("tls.key", &cert.key_pem)] {
+                let path = dir.path().join(name);
+                std::fs::write(&path, pem).map_err(HarnessError::io(format!("write {}", path.display())))?;
+            }
+            *port = Some(process::free_port()?);
+        }
         let (child, port) = launch(&self, dir.path(), None)?;
         Ok(RedisServer { builder: self, port, dir, child: Some(child) })
     }
@@ -174,6 +191,11 @@ impl RedisServer {
     /// `redis://127.0.0.1:PORT`, with no credentials.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// `rediss://127.0.0.1:TLS_PORT` when the server was built with [`RedisServerBuilder::tls`].
+    pub fn tls_url(&self) -> Option<String> {
+        self.builder.tls.as_ref().and_then(|(_, port)| *port).map(|port| format!("rediss://127.0.0.1:{port}"))
     }
 
     /// The server's working directory (`dir`): RDB and AOF files, and the log.
@@ -260,6 +282,17 @@ fn spawn(builder: &RedisServerBuilder, dir: &Path, log: &Path, port: u16) -> Res
         .args(["--logfile", "", "--loglevel", "notice"]);
     if let Some(acl_file) = &builder.acl_file {
         command.arg("--aclfile").arg(acl_file);
+    }
+    if let Some((_, Some(tls_port))) = &builder.tls {
+        command
+            .arg("--tls-port")
+            .arg(tls_port.to_string())
+            .arg("--tls-cert-file")
+            .arg(dir.join("tls.crt"))
+            .arg("--tls-key-file")
+            .arg(dir.join("tls.key"))
+            // Servers authenticate to clients; clients authenticate with ACL passwords.
+            .args(["--tls-auth-clients", "no"]);
     }
     command.args(&builder.extra_args).current_dir(dir).stdin(Stdio::null()).stdout(stdout).stderr(stderr);
     let child = command.spawn().map_err(HarnessError::io(format!("start {}", builder.binary.display())))?;

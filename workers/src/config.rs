@@ -42,6 +42,9 @@ use crate::sandbox::SandboxConfig;
 struct FileConfig {
     /// Redis URL (secret: it may carry a password).
     redis_url: Option<SecretString>,
+    /// PEM file of the CA that signs the Redis server's certificate (`rediss://` only);
+    /// unset trusts the system's roots.
+    redis_ca_file: Option<PathBuf>,
     /// This role's keyset (`fleetctl keys derive --process <role>`).
     keyset: PathBuf,
     /// The permission table every verifier checks against.
@@ -132,8 +135,8 @@ pub struct WorkerConfig {
     pub role: Role,
     /// This process's instance name.
     pub instance: Instance,
-    /// The Redis URL (secret: it may carry a password).
-    pub redis_url: SecretString,
+    /// The Redis server (its URL is a secret: it may carry a password).
+    pub redis: bus::RedisEndpoint,
     /// The role's keyset.
     pub keyset: Keyset,
     /// The permission table.
@@ -165,7 +168,7 @@ impl std::fmt::Debug for WorkerConfig {
         f.debug_struct("WorkerConfig")
             .field("role", &self.role)
             .field("instance", &self.instance)
-            .field("redis_url", &"**REDACTED**")
+            .field("redis", &self.redis)
             .field("workspace_root", &self.workspace_root)
             .field("sandbox", &self.sandbox)
             .finish_non_exhaustive()
@@ -266,6 +269,8 @@ impl WorkerConfig {
                     .into(),
             )
         })?;
+        let redis = bus::RedisEndpoint::new(redis_url, file.redis_ca_file.as_deref().map(|p| resolve(p)).as_deref())
+            .map_err(|e| ConfigError(format!("setting `redis_url` / `redis_ca_file`: {e}")))?;
         let keyset_path = resolve(&file.keyset);
         let keyset = Keyset::parse(&read(
             &keyset_path,
@@ -308,7 +313,7 @@ impl WorkerConfig {
         Ok(Self {
             role,
             instance,
-            redis_url,
+            redis,
             keyset,
             permissions,
             workspace_root: file.workspace_root,
@@ -416,8 +421,8 @@ mod tests {
             ("FLEET_CONSUMER__BLOCK_MS", "250".to_owned()),
         ]);
         let c = WorkerConfig::load(None, Role::Dev, None, &env).unwrap();
-        use secrecy::ExposeSecret;
-        assert_eq!(c.redis_url.expose_secret(), "redis://127.0.0.1:2");
+        assert!(!c.redis.is_tls());
+        assert!(!format!("{c:?}").contains("127.0.0.1:2"), "the URL is not in Debug");
         assert_eq!(c.instance.as_str(), "dev-env");
         assert_eq!(c.sandbox.timeout_secs, 45);
         assert_eq!(c.consumer.block_ms, 250);

@@ -58,7 +58,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Resu
         .with_context(|| format!("Failed to create workspace_root {}", cfg.workspace_root.display()))?;
 
     let block = Duration::from_millis(cfg.consumer.block_ms).max(Duration::from_secs(1));
-    let pool = bus::pool(&cfg.redis_url, 8, block).context("Failed to set up the Redis pool")?;
+    let pool = bus::pool(&cfg.redis, 8, block).context("Failed to set up the Redis pool")?;
     wait_for_redis(&pool, &shutdown).await?;
     if shutdown.is_cancelled() {
         return Ok(());

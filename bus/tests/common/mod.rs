@@ -49,7 +49,7 @@ pub fn redis() -> RedisServer {
 }
 
 pub fn pool(server: &RedisServer) -> deadpool_redis::Pool {
-    bus::pool(&server.url().into(), 16, Duration::from_secs(2)).expect("pool")
+    bus::pool(secrecy::SecretString::from(server.url()), 16, Duration::from_secs(2)).expect("pool")
 }
 
 pub fn dev_publisher(server: &RedisServer) -> Publisher {

@@ -41,14 +41,15 @@ impl fmt::Debug for RedisEndpoint {
 impl RedisEndpoint {
     /// Parses `url`; `block` is the longest `XREAD BLOCK` that will be sent. An invalid URL
     /// is a [`UsageError`] that does not quote it.
-    pub fn parse(url: &SecretString, block: Duration) -> Result<Self, UsageError> {
+    pub fn parse(url: &SecretString, ca: Option<&std::path::Path>, block: Duration) -> Result<Self, UsageError> {
         let invalid = |why: String| {
             UsageError::new(format!(
                 "invalid Redis URL in --redis or FLEET_REDIS_URL (not shown: it may hold a password): {why}; \
                  expected redis://[USER:PASSWORD@]HOST[:PORT]"
             ))
         };
-        let client = redis::Client::open(url.expose_secret()).map_err(|e| invalid(e.to_string()))?;
+        let client =
+            bus::RedisEndpoint::new(url.clone(), ca).and_then(|e| e.client()).map_err(|e| invalid(e.to_string()))?;
         let info = client.get_connection_info();
         let address = match info.addr() {
             ConnectionAddr::Tcp(host, port) => format!("{host}:{port}"),
@@ -103,7 +104,7 @@ mod tests {
     #[test]
     fn messages_name_host_and_port_only() {
         let url = SecretString::from("redis://operator:hunter2-secret@10.0.0.7:6380/0");
-        let e = RedisEndpoint::parse(&url, Duration::from_secs(1)).unwrap();
+        let e = RedisEndpoint::parse(&url, None, Duration::from_secs(1)).unwrap();
         assert_eq!(e.address(), "10.0.0.7:6380");
         assert!(!format!("{e:?}").contains("hunter2"));
         let err = redis::RedisError::from((redis::ErrorKind::Io, "boom", "hunter2-secret".to_owned()));
@@ -114,7 +115,7 @@ mod tests {
     #[test]
     fn an_invalid_url_is_not_echoed() {
         let url = SecretString::from("http://operator:hunter2@somewhere");
-        let err = RedisEndpoint::parse(&url, Duration::from_secs(1)).unwrap_err().to_string();
+        let err = RedisEndpoint::parse(&url, None, Duration::from_secs(1)).unwrap_err().to_string();
         assert!(err.starts_with("invalid Redis URL") && !err.contains("hunter2"), "{err}");
     }
 }

@@ -51,7 +51,11 @@ impl Env {
     }
 
     pub fn endpoints(&self) -> Endpoints {
-        Endpoints { database_url: self.database_url.clone().into(), redis_url: self.redis.url().into() }
+        Endpoints {
+            database_url: self.database_url.clone().into(),
+            redis_url: self.redis.url().into(),
+            redis_ca_file: None,
+        }
     }
 
     /// A relay for this environment with `cfg`.
@@ -61,7 +65,7 @@ impl Env {
 
     /// A publisher like the relay's (no keys), for tests that play a relay by hand.
     pub fn publisher(&self) -> bus::Publisher {
-        let pool = bus::pool(&self.redis.url().into(), 4, Duration::ZERO).expect("redis pool");
+        let pool = bus::pool(secrecy::SecretString::from(self.redis.url()), 4, Duration::ZERO).expect("redis pool");
         bus::Publisher::new(pool, Arc::new(envelope::Keyring::default()), bus::PublisherConfig::default())
     }
 
