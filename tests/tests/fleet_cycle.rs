@@ -400,7 +400,15 @@ async fn start_fleet(fixture_extra: &str) -> Fleet {
     )
     .expect("budget config");
     let url = |user: &str| format!("redis://{user}:{}@127.0.0.1:{redis_port}", passwords[user]);
-    let env = |user: &str| [("FLEET_REDIS_URL", url(user)), ("FLEET_DATABASE_URL", db_url.clone())];
+    // Each process gets only its own settings: the budget refuses FLEET_DATABASE_URL (an
+    // unknown setting), as it would in a real deployment.
+    let env = |user: &str| {
+        let mut env = vec![("FLEET_REDIS_URL", url(user))];
+        if matches!(user, "orchestrator" | "outbox-relay") {
+            env.push(("FLEET_DATABASE_URL", db_url.clone()));
+        }
+        env
+    };
     let cfg = |n: &str| d.join(n).to_string_lossy().into_owned();
     let start = |name: &str, user: &str, config: &str| {
         let env = env(user);
