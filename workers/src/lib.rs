@@ -27,6 +27,7 @@ pub mod cli;
 pub mod config;
 pub mod patch;
 pub mod roles;
+pub mod runner;
 pub mod runtime;
 pub mod sandbox;
 pub mod tools;

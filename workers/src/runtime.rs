@@ -346,6 +346,19 @@ impl HandlerInner {
         if let Err(e) = self.sandbox.quiesce_task(&task_id.to_string()).await {
             return Outcome::error(format!("cannot stop this task's earlier sandbox containers: {e}"));
         }
+        if self.sandbox.uses_runner() && rel.components().count() != 1 {
+            let e = format!(
+                "workspace {} is not directly under workspace_root, which the sandbox runner needs",
+                assign.workspace
+            );
+            tracing::warn!(task = %task_id, error = %e, "Assignment refused.");
+            let mut o = Outcome::error(format!("refused: {e}"));
+            o.refused_assignment = Some(e);
+            return o;
+        }
+        if let Err(e) = self.sandbox.prepare_workspace(&self.workspace_root.join(&rel)).await {
+            return Outcome::error(format!("cannot prepare the workspace: {e}"));
+        }
         let ws = match Workspace::prepare(&self.workspace_root, &rel, assign.repository.as_deref(), self.git_timeout)
             .await
         {

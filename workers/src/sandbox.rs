@@ -87,6 +87,11 @@ pub struct SandboxConfig {
     /// How often the watchdog measures the workspace during a run, in milliseconds. What
     /// a run can write past the limit is its write rate times this period.
     pub workspace_poll_ms: u64,
+    /// The unix socket of this host's sandbox runner (`sandbox-runner`). When set, this
+    /// process never talks to the Docker engine: the runner holds the engine, and its own
+    /// settings (image, limits, runtime, seccomp) decide every container. Workers in
+    /// containers must use it: a container with the engine's socket is root on the host.
+    pub runner: Option<PathBuf>,
 }
 
 impl Default for SandboxConfig {
@@ -104,6 +109,7 @@ impl Default for SandboxConfig {
             seccomp_profile: None,
             workspace_max_bytes: 1024 * 1024 * 1024,
             workspace_poll_ms: 100,
+            runner: None,
         }
     }
 }
@@ -281,6 +287,14 @@ pub enum SandboxError {
          on it (docker rm -f hangs): restart dockerd, then sweep again"
     )]
     RemoveStuck { container: String, waited: Duration },
+    /// The sandbox runner could not be reached, or broke the protocol.
+    #[error(
+        "the sandbox runner at {socket} {problem}; is sandbox-runner running on this host, and may this user use its socket?"
+    )]
+    RunnerUnreachable { socket: PathBuf, problem: String },
+    /// The sandbox runner refused the request or failed to carry it out.
+    #[error("the sandbox runner: {0}")]
+    Runner(String),
     /// An engine call failed; the sandbox container (if any) has been removed.
     #[error("the Docker engine failed to {action}: {source}")]
     Docker {
@@ -296,16 +310,93 @@ impl SandboxError {
     }
 }
 
-/// A handle on the local Docker engine that runs sandboxes. Cheap to clone.
+/// Where sandboxes run: the local Docker engine, or the host's sandbox runner
+/// (`sandbox.runner`), which holds the engine so that this process need not. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Sandbox {
+    backend: Backend,
+    config: Arc<SandboxConfig>,
+}
+
+#[derive(Debug, Clone)]
+enum Backend {
+    Engine(Engine),
+    Runner(crate::runner::RunnerClient),
+}
+
+impl Sandbox {
+    /// With `config.runner` set, checks that the runner answers; otherwise connects to the
+    /// local engine ([`Engine::connect`]).
+    pub async fn connect(config: SandboxConfig) -> Result<Self, SandboxError> {
+        let backend = match &config.runner {
+            Some(socket) => Backend::Runner(crate::runner::RunnerClient::connect(socket).await?),
+            None => Backend::Engine(Engine::connect(config.clone()).await?),
+        };
+        Ok(Self { backend, config: Arc::new(config) })
+    }
+
+    /// The configuration this sandbox was connected with. With a runner, the runner's own
+    /// settings decide the container; this process's decide only what it asks for.
+    pub fn config(&self) -> &SandboxConfig {
+        &self.config
+    }
+
+    /// Runs one command in a fresh container that is removed afterwards ([`Engine::run`]).
+    pub async fn run(&self, spec: RunSpec, cancel: &CancellationToken) -> Result<RunOutput, SandboxError> {
+        match &self.backend {
+            Backend::Engine(engine) => engine.run(spec, cancel).await,
+            Backend::Runner(runner) => runner.run(spec, cancel).await,
+        }
+    }
+
+    /// Removes every sandbox container, or only `instance`'s ([`Engine::sweep`]).
+    pub async fn sweep(&self, instance: Option<&str>) -> Result<usize, SandboxError> {
+        match &self.backend {
+            Backend::Engine(engine) => engine.sweep(instance).await,
+            Backend::Runner(runner) => runner.sweep(instance).await,
+        }
+    }
+
+    /// Whether sandboxes run through the host's runner rather than a local engine.
+    pub fn uses_runner(&self) -> bool {
+        matches!(self.backend, Backend::Runner(_))
+    }
+
+    /// Makes sure the task's workspace directory exists and sandboxes may mount it. With a
+    /// runner, the runner creates it under its root (workers cannot add entries there:
+    /// see `crate::runner`); with the local engine, the caller's own directory is used.
+    pub async fn prepare_workspace(&self, workspace: &Path) -> Result<(), SandboxError> {
+        match &self.backend {
+            Backend::Engine(_) => Ok(()),
+            Backend::Runner(runner) => {
+                let name = workspace.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
+                    SandboxError::InvalidSpec(format!("workspace {} has no name", workspace.display()))
+                })?;
+                runner.prepare(name).await
+            }
+        }
+    }
+
+    /// Kills and removes every sandbox container of `task` ([`Engine::quiesce_task`]).
+    pub async fn quiesce_task(&self, task: &str) -> Result<usize, SandboxError> {
+        match &self.backend {
+            Backend::Engine(engine) => engine.quiesce_task(task).await,
+            Backend::Runner(runner) => runner.quiesce_task(task).await,
+        }
+    }
+}
+
+/// A handle on the local Docker engine that runs sandboxes. Cheap to clone. Workers use it
+/// through [`Sandbox`]; the sandbox runner (`crate::runner`) directly.
+#[derive(Debug, Clone)]
+pub struct Engine {
     docker: Docker,
     config: Arc<SandboxConfig>,
     /// The seccomp profile's JSON, read once at connect.
     seccomp: Option<Arc<str>>,
 }
 
-impl Sandbox {
+impl Engine {
     /// Connects to the local engine (`DOCKER_HOST` or `/var/run/docker.sock`), checks that
     /// it answers, that the image exists locally and that every configured runtime is
     /// registered, and reads the seccomp profile.
