@@ -49,7 +49,7 @@ case "$profile" in
 esac
 
 log() { echo "images: $*" >&2; }
-binaries=(orchestrator outbox-relay budget fleetctl dev-worker qa-worker review-worker refactor-worker)
+binaries=(orchestrator outbox-relay budget fleetctl dev-worker qa-worker review-worker refactor-worker sandbox-runner)
 all=("${binaries[@]}" redis postgres)
 if [ "${#only[@]}" -eq 0 ]; then only=("${all[@]}"); fi
 for name in "${only[@]}"; do
@@ -110,14 +110,14 @@ with_libs() {
 
 # The parts every image has: users, name resolution, the CA bundle, a writable /tmp mount point.
 base_rootfs() {
-    local root=$1 user=$2 home=$3
+    local root=$1 user=$2 home=$3 uid=${4:-65532}
     mkdir -p "$root/etc/ssl/certs" "$root/tmp" "$root$home"
-    printf 'root:x:0:0:root:/root:/nonexistent\n%s:x:65532:65532:%s:%s:/nonexistent\n' "$user" "$user" "$home" >"$root/etc/passwd"
-    printf 'root:x:0:\n%s:x:65532:\n' "$user" >"$root/etc/group"
+    printf 'root:x:0:0:root:/root:/nonexistent\n%s:x:%s:%s:%s:%s:/nonexistent\n' "$user" "$uid" "$uid" "$user" "$home" >"$root/etc/passwd"
+    printf 'root:x:0:\n%s:x:%s:\n' "$user" "$uid" >"$root/etc/group"
     printf 'passwd: files\ngroup: files\nhosts: files dns\n' >"$root/etc/nsswitch.conf"
     cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/"
     chmod 1777 "$root/tmp"
-    chown 65532:65532 "$root$home"
+    chown "$uid:$uid" "$root$home"
 }
 
 # Imports rootfs dir $2 as image $1 with the image settings in the remaining arguments
@@ -152,7 +152,7 @@ crates=()
 for name in "${binaries[@]}"; do
     if wanted "$name"; then
         case "$name" in
-            *-worker) crates+=(-p workers) ;;
+            *-worker|sandbox-runner) crates+=(-p workers) ;;
             *) crates+=(-p "$name") ;;
         esac
     fi
@@ -164,7 +164,10 @@ fi
 for name in "${binaries[@]}"; do
     wanted "$name" || continue
     root="$work/rootfs-$name"
-    base_rootfs "$root" fleet /home/fleet
+    # The runner is another user than the workers: it owns the workspace root, which the
+    # workers must not be able to change (workers::runner).
+    if [ "$name" = sandbox-runner ]; then uid=65533; else uid=65532; fi
+    base_rootfs "$root" fleet /home/fleet "$uid"
     mkdir -p "$root/usr/local/bin" "$root/etc/agentfleet/config"
     # Stripped: the images carry no debugger, and symbols are most of a binary's size.
     objcopy --strip-all "$repo_root/target/$target_dir/$name" "$root/usr/local/bin/$name"
@@ -179,7 +182,7 @@ for name in "${binaries[@]}"; do
             mkdir -p "$root/workspace" && chown 65532:65532 "$root/workspace"
             ;;
     esac
-    build "$name" "$root" "$label" 'USER 65532:65532' 'WORKDIR /etc/agentfleet' \
+    build "$name" "$root" "$label" "USER $uid:$uid" 'WORKDIR /etc/agentfleet' \
         'ENV PATH=/usr/local/bin:/usr/bin:/bin' 'ENV HOME=/home/fleet' "ENTRYPOINT [\"/usr/local/bin/$name\"]"
 done
 
@@ -189,7 +192,8 @@ if wanted redis; then
     base_rootfs "$root" redis /data
     # Debian's redis-server is a symlink to one binary that acts on the name it is run by.
     real=$(readlink -f "$(command -v redis-server)")
-    with_libs "$root" "$real"
+    # redis-cli for the health check (a TLS PING: NOAUTH is an answer too).
+    with_libs "$root" "$real" "$(command -v redis-cli)"
     [ "$real" = /usr/bin/redis-server ] || ln -s "$(basename "$real")" "$root/usr/bin/redis-server"
     build redis "$root" "$label" 'USER 65532:65532' 'WORKDIR /data' 'VOLUME /data' 'EXPOSE 6379' \
         'ENTRYPOINT ["/usr/bin/redis-server"]'
