@@ -74,7 +74,8 @@ INVARIANTS = [
     "every *_FILE variable and every path setting in a config file names a file the pod mounts",
     "probes on every container unless the workload says why not; requests and limits everywhere",
     "every image is covered by kustomization `images`",
-    "one ScaledObject per worker, on fleet:tasks:<role> in group <role>, with TLS, lag, and its credentials",
+    "one ScaledObject per worker, on fleet:tasks:<role> in group <role>, with TLS, lag, its credentials, "
+    "and no formula that a missing group would freeze at zero",
     "the policy ConfigMap is config/*.toml byte for byte; budget's [ledger] is the orchestrator's ledger.toml",
     "Redis: TLS only, appendonly yes, appendfsync everysec",
 ]
@@ -570,6 +571,11 @@ def check_keda(objects: list[dict], kust: dict, keda_schema: dict, res: Result) 
             res.fail(where, "sets spec.replicas, which KEDA owns: every `kubectl apply` would reset the scale")
         spec = so["spec"]
         triggers = [t for t in spec.get("triggers") or [] if t.get("type") == "redis-streams"]
+        if ((spec.get("advanced") or {}).get("scalingModifiers") or {}).get("formula") and any(
+                "pendingEntriesCount" in (t.get("metadata") or {}) for t in triggers):
+            res.fail(ident(so), "combines a pendingEntriesCount trigger in a scalingModifiers formula: KEDA counts "
+                                "the object inactive while any trigger fails, XPENDING fails (NOGROUP) until a worker "
+                                "created the group, so the role would never leave zero replicas")
         if not triggers:
             res.fail(ident(so), "has no redis-streams trigger")
         if spec.get("minReplicaCount", 0) == 0 and not any("lagCount" in t.get("metadata", {}) for t in triggers):
@@ -757,6 +763,11 @@ def wrong_group(doc):
         t["metadata"]["consumerGroup"] = "qa"
 
 
+def add_formula(doc):
+    doc["spec"].setdefault("advanced", {})["scalingModifiers"] = {
+        "formula": "queued + running", "target": "1", "metricType": "AverageValue"}
+
+
 def config_path_unmounted(doc):
     doc["data"]["config.toml"] = doc["data"]["config.toml"].replace(
         "/run/secrets/agentfleet/keyset.toml", "/run/secrets/agentfleet/dev.keyset.toml")
@@ -796,6 +807,8 @@ BREAKAGES = [
      named("Deployment", "orchestrator")(unknown_field), "Kubernetes 1.33 schema"),
     ("a ScaledObject reading another role's consumer group", "keda.yaml",
      named("ScaledObject", "review-worker")(wrong_group), "not the role's 'review'"),
+    ("a ScaledObject summing lag and pending in a scalingModifiers formula", "keda.yaml",
+     named("ScaledObject", "qa-worker")(add_formula), "would never leave zero replicas"),
     ("a worker config naming a secret file its pod does not mount", "configmaps.yaml",
      named("ConfigMap", "dev-worker-config")(config_path_unmounted), "which the container does not mount"),
     ("budget's [ledger] drifting from the orchestrator's ledger.toml", "configmaps.yaml",
