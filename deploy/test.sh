@@ -12,7 +12,8 @@
 #      while the tests compile (deploy/sandbox-image.sh: a Debian rootfs from debootstrap,
 #      no registry needed): the sandbox and whole-fleet tests run real containers, and
 #      fail loudly without.
-#   5. Runs the doc tests, then every other test with nextest (profile `ci` in
+#   5. Checks the Kubernetes manifests (deploy/k8s/check.sh), runs the doc tests, then
+#      every other test with nextest (profile `ci` in
 #      .config/nextest.toml), and fails if either failed.
 set -euo pipefail
 
@@ -90,6 +91,8 @@ image_pid=$!
 #    dev profile, as the demo's build: after `./deploy/demo.sh` only the test harnesses
 #    are left to compile.
 status=0
+step "Kubernetes manifests (deploy/k8s/check.sh: Kubernetes and KEDA schemas, policy invariants, self-test)"
+deploy/k8s/check.sh || status=1
 step "cargo test --workspace --doc --locked"
 cargo test --workspace --doc --locked || status=1
 step "cargo nextest run --workspace --locked --no-run (compiling the tests)"
