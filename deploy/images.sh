@@ -181,6 +181,10 @@ for name in "${binaries[@]}"; do
             ln -s dash "$root/bin/sh"
             mkdir -p "$root/workspace" && chown 65532:65532 "$root/workspace"
             ;;
+        sandbox-runner)
+            # The socket's directory: a volume shared with the workers starts as this.
+            mkdir -p "$root/run/agentfleet" && chown "$uid:$uid" "$root/run/agentfleet"
+            ;;
     esac
     build "$name" "$root" "$label" "USER $uid:$uid" 'WORKDIR /etc/agentfleet' \
         'ENV PATH=/usr/local/bin:/usr/bin:/bin' 'ENV HOME=/home/fleet' "ENTRYPOINT [\"/usr/local/bin/$name\"]"

@@ -235,6 +235,11 @@ fn read(path: &Path, what: &str, fix: &str) -> Result<String, ConfigError> {
 }
 
 impl Config {
+    /// Where the HTTP API listens.
+    pub fn listen(&self) -> SocketAddr {
+        self.api.listen
+    }
+
     /// Loads the file at `path` (if any) under the environment `env` (passed in, so tests
     /// never touch the process environment).
     pub fn load(path: Option<&Path>, env: &fleetconf::Env) -> Result<Self, ConfigError> {

@@ -51,6 +51,45 @@ struct Cli {
     /// Log JSON lines instead of text.
     #[arg(long)]
     json_logs: bool,
+    /// Ask the running orchestrator of this configuration whether it is ready (GET /readyz
+    /// on its `listen` address) and exit 0 if so, 1 if not: the container health check
+    /// (the image has no shell and no curl).
+    #[arg(long)]
+    healthcheck: bool,
+}
+
+/// `--healthcheck`: 0 when /readyz answers 200 within 5 s.
+async fn healthcheck(config: Result<orchestrator::app::Config, orchestrator::app::ConfigError>) -> ExitCode {
+    let config = match config {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("orchestrator: invalid configuration: {e}");
+            return ExitCode::from(64);
+        }
+    };
+    let mut addr = config.listen();
+    if addr.ip().is_unspecified() {
+        addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+    }
+    let url = format!("http://{addr}/readyz");
+    let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(5)).build();
+    match client.map(|c| c.get(&url)) {
+        Ok(request) => match request.send().await {
+            Ok(r) if r.status().is_success() => ExitCode::SUCCESS,
+            Ok(r) => {
+                eprintln!("orchestrator: {url} answered {}", r.status());
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                eprintln!("orchestrator: {url}: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Err(e) => {
+            eprintln!("orchestrator: cannot build an HTTP client: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 #[tokio::main]
@@ -59,8 +98,11 @@ async fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    telemetry::init("orchestrator", cli.json_logs);
     let config = orchestrator::app::Config::load(cli.config.as_deref(), &fleetconf::Env::process());
+    if cli.healthcheck {
+        return healthcheck(config).await;
+    }
+    telemetry::init("orchestrator", cli.json_logs);
     telemetry::serve("orchestrator", config, |config, shutdown| async move {
         use anyhow::Context;
         let app = orchestrator::app::App::build(config).await.context("Failed to start")?;

@@ -54,6 +54,10 @@ struct FileConfig {
     /// tool-response stream. Must stay the same across restarts of one process slot, so a
     /// restarted worker finds its own pending entries.
     instance: Option<String>,
+    /// The host part of the default instance name `<role>-<host>-<slot>`; the kernel's
+    /// hostname when unset. Containers should set it: their hostname changes whenever they
+    /// are recreated, and the name must not.
+    host_name: Option<String>,
     /// Every assignment's workspace must be inside this directory.
     #[serde(default = "default_workspace_root")]
     workspace_root: PathBuf,
@@ -193,10 +197,17 @@ const INSTANCE_SLOTS: u32 = 64;
 /// the predecessor's sandbox containers and its consumer name finds the predecessor's
 /// pending entries. Two live workers never share a name. Returns the name and the lock,
 /// which must be held for as long as the process runs.
-pub fn default_instance(role: Role, workspace_root: &Path) -> Result<(String, std::fs::File), ConfigError> {
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .unwrap_or_else(|_| "host".into());
+pub fn default_instance(
+    role: Role,
+    workspace_root: &Path,
+    host: Option<&str>,
+) -> Result<(String, std::fs::File), ConfigError> {
+    let host = match host {
+        Some(h) => h.to_owned(),
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+            .unwrap_or_else(|_| "host".into()),
+    };
     let host: String = host
         .trim()
         .to_ascii_lowercase()
@@ -253,7 +264,7 @@ impl WorkerConfig {
         let (instance, instance_slot) = match instance.or(file.instance) {
             Some(name) => (name, None),
             None => {
-                let (name, slot) = default_instance(role, &file.workspace_root)?;
+                let (name, slot) = default_instance(role, &file.workspace_root, file.host_name.as_deref())?;
                 (name, Some(slot))
             }
         };
@@ -336,7 +347,7 @@ mod tests {
     #[test]
     fn default_instance_is_a_valid_lower_case_name() {
         let root = tempfile::tempdir().unwrap();
-        let (i, _slot) = default_instance(Role::Qa, root.path()).unwrap();
+        let (i, _slot) = default_instance(Role::Qa, root.path(), None).unwrap();
         assert!(i.starts_with("qa-"), "{i}");
         assert!(Instance::parse(&i).is_ok(), "{i}");
         assert!(!i.bytes().any(|b| b.is_ascii_uppercase()));
@@ -349,14 +360,16 @@ mod tests {
     #[test]
     fn default_instance_is_stable_across_restarts_and_unique_among_live_workers() {
         let root = tempfile::tempdir().unwrap();
-        let (first, first_slot) = default_instance(Role::Dev, root.path()).unwrap();
-        let (second, second_slot) = default_instance(Role::Dev, root.path()).unwrap();
+        let (first, first_slot) = default_instance(Role::Dev, root.path(), None).unwrap();
+        let (second, second_slot) = default_instance(Role::Dev, root.path(), None).unwrap();
         assert_ne!(first, second, "two live workers of one role");
         assert!(first.ends_with("-0") && second.ends_with("-1"), "{first} {second}");
-        let (qa, _qa_slot) = default_instance(Role::Qa, root.path()).unwrap();
+        let (qa, _qa_slot) = default_instance(Role::Qa, root.path(), None).unwrap();
+        let (named, _named_slot) = default_instance(Role::Qa, root.path(), Some("Compose_Host")).unwrap();
+        assert_eq!(named, "qa-compose-host-1", "the configured host, cleaned, and the next slot");
         assert!(qa.starts_with("qa-") && qa.ends_with("-0"), "slots are per role: {qa}");
         drop(first_slot); // the first worker dies
-        let (restarted, _slot) = default_instance(Role::Dev, root.path()).unwrap();
+        let (restarted, _slot) = default_instance(Role::Dev, root.path(), None).unwrap();
         assert_eq!(restarted, first, "the restarted worker takes its predecessor's name");
         drop(second_slot);
         // A lock taken by another process (flock, as a separate worker would) counts too.
@@ -371,7 +384,7 @@ mod tests {
             .spawn()
             .expect("flock(1) is needed");
         std::thread::sleep(std::time::Duration::from_millis(300));
-        let (review, _slot) = default_instance(Role::Review, root.path()).unwrap();
+        let (review, _slot) = default_instance(Role::Review, root.path(), None).unwrap();
         holder.kill().unwrap();
         holder.wait().unwrap();
         assert!(review.ends_with("-1"), "{review}");
