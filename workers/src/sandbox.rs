@@ -35,6 +35,9 @@ pub const LABEL_TASK: &str = "agentfleet.task";
 pub const LABEL_ROLE: &str = "agentfleet.role";
 /// The label naming the worker instance that started it (what `sweep(Some(..))` matches).
 pub const LABEL_INSTANCE: &str = "agentfleet.instance";
+/// The label naming the sandbox runner that started it: a runner's sweeps and quiesces
+/// touch only its own containers, whoever else shares the engine.
+pub const LABEL_RUNNER: &str = "agentfleet.runner";
 /// The image name `deploy/sandbox-image.sh` tags on every build, and the default image.
 pub const DEFAULT_IMAGE: &str = "agentfleet/sandbox:current";
 /// Where the workspace is mounted inside the container, and the default working directory.
@@ -390,6 +393,8 @@ impl Sandbox {
 /// through [`Sandbox`]; the sandbox runner (`crate::runner`) directly.
 #[derive(Debug, Clone)]
 pub struct Engine {
+    /// The runner this engine handle works for ([`Engine::owned_by`]).
+    owner: Option<Arc<str>>,
     docker: Docker,
     config: Arc<SandboxConfig>,
     /// The seccomp profile's JSON, read once at connect.
@@ -397,6 +402,21 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// Containers this handle starts carry `agentfleet.runner=<name>`, and its sweeps and
+    /// quiesces touch only such containers.
+    pub fn owned_by(mut self, name: &str) -> Self {
+        self.owner = Some(Arc::from(name));
+        self
+    }
+
+    fn own_labels(&self) -> Vec<String> {
+        let mut labels = vec![format!("{LABEL_SANDBOX}=1")];
+        if let Some(owner) = &self.owner {
+            labels.push(format!("{LABEL_RUNNER}={owner}"));
+        }
+        labels
+    }
+
     /// Connects to the local engine (`DOCKER_HOST` or `/var/run/docker.sock`), checks that
     /// it answers, that the image exists locally and that every configured runtime is
     /// registered, and reads the seccomp profile.
@@ -435,7 +455,7 @@ impl Engine {
             }
         }
         tracing::debug!(image = %config.image, "Sandbox engine connected.");
-        Ok(Self { docker, config: Arc::new(config), seccomp })
+        Ok(Self { owner: None, docker, config: Arc::new(config), seccomp })
     }
 
     /// The configuration this sandbox was connected with.
@@ -497,7 +517,7 @@ impl Engine {
     /// many it removed. Workers call it at start and when the kill switch engages. It tries
     /// every container, each for at most 30 s, then reports the first failure.
     pub async fn sweep(&self, instance: Option<&str>) -> Result<usize, SandboxError> {
-        let mut labels = vec![format!("{LABEL_SANDBOX}=1")];
+        let mut labels = self.own_labels();
         if let Some(instance) = instance {
             labels.push(format!("{LABEL_INSTANCE}={instance}"));
         }
@@ -514,7 +534,8 @@ impl Engine {
     /// patches the task's workspace: no container may write the workspace meanwhile.
     /// Returns how many containers it removed.
     pub async fn quiesce_task(&self, task: &str) -> Result<usize, SandboxError> {
-        let labels = vec![format!("{LABEL_SANDBOX}=1"), format!("{LABEL_TASK}={task}")];
+        let mut labels = self.own_labels();
+        labels.push(format!("{LABEL_TASK}={task}"));
         let removed = self.remove_labelled(labels.clone()).await?;
         // `rm -f` returns once the container is gone; make sure nothing slipped in between.
         let left = self.list_labelled(labels).await?;
@@ -680,6 +701,10 @@ impl Engine {
             (LABEL_ROLE.to_owned(), spec.labels.role.clone()),
             (LABEL_INSTANCE.to_owned(), spec.labels.instance.clone()),
         ]);
+        let mut labels = labels;
+        if let Some(owner) = &self.owner {
+            labels.insert(LABEL_RUNNER.to_owned(), owner.to_string());
+        }
         let host_config = HostConfig {
             network_mode: Some("none".to_owned()),
             readonly_rootfs: Some(true),

@@ -50,7 +50,8 @@ impl Runner {
         policy.prepare_root().unwrap();
         let engine = Engine::connect(SandboxConfig { image, timeout_secs, ..SandboxConfig::default() })
             .await
-            .unwrap_or_else(|e| panic!("the Docker engine is needed: {e}"));
+            .unwrap_or_else(|e| panic!("the Docker engine is needed: {e}"))
+            .owned_by(&format!("test-runner-{}", std::process::id()));
         let listener = tokio::net::UnixListener::bind(&socket).unwrap();
         let stop = CancellationToken::new();
         tokio::spawn(workers::runner::serve(listener, engine, Arc::new(policy), stop.clone()));
@@ -272,4 +273,29 @@ async fn the_runner_binary_refuses_a_world_writable_socket() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_sandbox-runner")).arg("--help").output().unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("workspace_root"));
+}
+
+#[tokio::test]
+async fn a_runner_sweeps_only_its_own_containers() {
+    let image = image().await;
+    let docker = bollard::Docker::connect_with_local_defaults().unwrap().negotiate_version().await.unwrap();
+    // Another fleet's sandbox on the same engine (created, never started).
+    let name = format!("foreign-sandbox-{}", std::process::id());
+    let labels =
+        HashMap::from([(LABEL_SANDBOX.to_owned(), "1".to_owned()), (LABEL_INSTANCE.to_owned(), "foreign".to_owned())]);
+    let body = bollard::models::ContainerCreateBody {
+        image: Some(image.clone()),
+        cmd: Some(vec!["true".into()]),
+        labels: Some(labels),
+        ..Default::default()
+    };
+    let options = bollard::query_parameters::CreateContainerOptions { name: Some(name.clone()), ..Default::default() };
+    docker.create_container(Some(options), body).await.unwrap();
+    let engine = Engine::connect(SandboxConfig { image, ..SandboxConfig::default() }).await.unwrap().owned_by("mine");
+    let swept = engine.sweep(None).await;
+    let left = containers_of("foreign").await;
+    let remove = bollard::query_parameters::RemoveContainerOptions { force: true, ..Default::default() };
+    docker.remove_container(&name, Some(remove)).await.unwrap();
+    assert_eq!(swept.unwrap(), 0);
+    assert_eq!(left, 1, "another runner's container is not this runner's to sweep");
 }

@@ -23,6 +23,8 @@ use workers::sandbox::{Engine, SandboxConfig};
     after_long_help = concat!(
         "Settings come from the TOML file, then FLEET_<KEY> variables (nested keys joined with __,\n",
         "e.g. FLEET_SANDBOX__MEMORY_BYTES). Unknown keys are refused. Settings (defaults in brackets):\n",
+        "  name             this runner's name, on its containers' agentfleet.runner label; it\n",
+        "                   sweeps only those [sandbox-runner]\n",
         "  socket           the unix socket workers connect to [/run/agentfleet/runner.sock]\n",
         "  socket_mode      its permission bits, octal [0660]\n",
         "  socket_group     gid given the socket (the workers' group) [unchanged]\n",
@@ -51,6 +53,8 @@ struct Cli {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileConfig {
+    #[serde(default = "default_name")]
+    name: String,
     #[serde(default = "default_socket")]
     socket: PathBuf,
     #[serde(default = "default_mode")]
@@ -66,6 +70,9 @@ struct FileConfig {
     sandbox: SandboxConfig,
 }
 
+fn default_name() -> String {
+    "sandbox-runner".into()
+}
 fn default_socket() -> PathBuf {
     "/run/agentfleet/runner.sock".into()
 }
@@ -80,6 +87,7 @@ fn default_concurrent() -> usize {
 }
 
 struct Config {
+    name: String,
     socket: PathBuf,
     mode: u32,
     group: Option<u32>,
@@ -114,7 +122,11 @@ fn load(path: Option<&Path>) -> Result<Config, String> {
         allowed_uids: file.allowed_uids,
         max_concurrent: file.max_concurrent.max(1),
     };
-    Ok(Config { socket: file.socket, mode, group: file.socket_group, policy, sandbox: file.sandbox })
+    if file.name.is_empty() || !file.name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(format!("setting `name`: {:?} is not 1 or more of [A-Za-z0-9._-]", file.name));
+    }
+    Ok(Config { name: file.name, socket: file.socket, mode, group: file.socket_group, policy, sandbox: file.sandbox })
 }
 
 #[tokio::main]
@@ -127,7 +139,8 @@ async fn main() -> ExitCode {
     telemetry::serve("sandbox-runner", load(cli.config.as_deref()), |cfg, shutdown| async move {
         use anyhow::Context;
         cfg.policy.prepare_root().map_err(anyhow::Error::msg).context("Failed to prepare the workspace root")?;
-        let engine = Engine::connect(cfg.sandbox).await.context("Failed to set up the sandbox engine")?;
+        let engine =
+            Engine::connect(cfg.sandbox).await.context("Failed to set up the sandbox engine")?.owned_by(&cfg.name);
         let swept = engine.sweep(None).await.context("Failed to sweep leftover sandboxes")?;
         if let Some(dir) = cfg.socket.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("Failed to create {}", dir.display()))?;
