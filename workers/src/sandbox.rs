@@ -712,7 +712,17 @@ impl Engine {
                 "/tmp".to_owned(),
                 format!("rw,noexec,nosuid,nodev,size={}", cfg.tmpfs_bytes),
             )])),
-            binds: Some(vec![format!("{workspace}:{WORKSPACE_MOUNT}:rw")]),
+            // A `mount` rather than a `bind`: the engine refuses a source that does not exist
+            // where it looks (its own host), where a bind would quietly create an empty
+            // directory. A runner whose workspace path differs from the host's gets an error,
+            // not sandboxes that see nothing.
+            mounts: Some(vec![bollard::models::Mount {
+                target: Some(WORKSPACE_MOUNT.to_owned()),
+                source: Some(workspace.to_string()),
+                typ: Some(bollard::models::MountTypeEnum::BIND),
+                read_only: Some(false),
+                ..Default::default()
+            }]),
             cap_drop: Some(vec!["ALL".to_owned()]),
             security_opt: Some(security_opt),
             pids_limit: Some(cfg.pids_limit),

@@ -129,6 +129,41 @@ fn load(path: Option<&Path>) -> Result<Config, String> {
     Ok(Config { name: file.name, socket: file.socket, mode, group: file.socket_group, policy, sandbox: file.sandbox })
 }
 
+/// Runs one sandbox over a directory of the workspace root holding a fresh marker, and
+/// checks that the sandbox reads the marker: the engine resolves mount paths on its own
+/// host, so a runner whose workspace_root is mounted at another path than the host's would
+/// otherwise hand sandboxes directories they cannot see.
+async fn probe(engine: &Engine, root: &Path, name: &str) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use std::os::unix::fs::PermissionsExt;
+    let marker = uuid::Uuid::now_v7().to_string();
+    let dir = root.join(format!(".probe-{marker}"));
+    std::fs::create_dir(&dir).with_context(|| format!("Failed to create {}", dir.display()))?;
+    let result = async {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::write(dir.join("marker"), &marker)?;
+        let labels =
+            workers::sandbox::SandboxLabels { task: "probe".into(), role: "probe".into(), instance: name.into() };
+        let spec = workers::sandbox::RunSpec::new(vec!["cat".into(), "/workspace/marker".into()], &dir, labels);
+        let out = engine.run(spec, &tokio_util::sync::CancellationToken::new()).await?;
+        anyhow::ensure!(
+            out.success() && out.output == marker.as_bytes(),
+            "a sandbox over {} did not see the runner's files (exit {:?})",
+            dir.display(),
+            out.exit_code
+        );
+        Ok(())
+    }
+    .await;
+    let _ = std::fs::remove_dir_all(&dir);
+    result.with_context(|| {
+        format!(
+            "The engine does not see workspace_root {} as this runner does: mount the host's directory at the same path in the runner's container",
+            root.display()
+        )
+    })
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli: Cli = match telemetry::parse_args() {
@@ -142,6 +177,7 @@ async fn main() -> ExitCode {
         let engine =
             Engine::connect(cfg.sandbox).await.context("Failed to set up the sandbox engine")?.owned_by(&cfg.name);
         let swept = engine.sweep(None).await.context("Failed to sweep leftover sandboxes")?;
+        probe(&engine, &cfg.policy.workspace_root, &cfg.name).await?;
         if let Some(dir) = cfg.socket.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("Failed to create {}", dir.display()))?;
         }
