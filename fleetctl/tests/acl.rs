@@ -823,7 +823,7 @@ async fn the_redis_cli_commands_in_the_docs_work_under_the_generated_acls() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     let mut ran = 0;
     let mut failures = Vec::new();
-    for doc in ["docs/operations.md"] {
+    for doc in ["docs/operations.md", "docs/deployment.md"] {
         let text = fs::read_to_string(root.join(doc)).unwrap();
         // Lines of fenced code blocks only.
         let mut fenced = false;

@@ -553,3 +553,6 @@ impl App {
         serve_result.map_err(anyhow::Error::from)
     }
 }
+
+#[cfg(test)]
+mod tests;

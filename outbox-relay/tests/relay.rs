@@ -391,6 +391,19 @@ async fn the_relay_role_of_relay_role_sql_is_enough_and_no_more() {
     su("CREATE ROLE fleet_relay LOGIN PASSWORD 'relay-password'");
     su(RELAY_ROLE_SQL);
     su(RELAY_ROLE_SQL); // idempotent: run again after every migration
+    // docs/deployment.md shows what the script grants on `outbox`, as plain SQL.
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/deployment.md")).expect("doc");
+    let grants: Vec<String> = RELAY_ROLE_SQL
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("EXECUTE format('"))
+        .filter_map(|l| l.split_once("', relay);"))
+        .map(|(grant, _)| format!("{};", grant.replace("%I", "fleet_relay")))
+        .filter(|grant| grant.starts_with("GRANT") && grant.contains(" ON outbox "))
+        .collect();
+    assert_eq!(grants.len(), 3, "{grants:?}");
+    for grant in grants {
+        assert!(doc.contains(&grant), "docs/deployment.md does not show `{grant}`");
+    }
     let relay_url = format!("postgres://fleet_relay:relay-password@127.0.0.1:{}/{database}", env.postgres.port());
     let endpoints = outbox_relay::config::Endpoints { database_url: relay_url.clone().into(), ..env.endpoints() };
 
