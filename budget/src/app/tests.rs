@@ -30,7 +30,7 @@ fn every_setting_has_a_row_in_docs_deployment_md() {
 fn the_example_configuration_and_the_ledger_file_load() {
     let dir = tempfile::tempdir().expect("temp dir");
     let perms_path = root().join("config/permissions.toml");
-    let perms = PermissionTable::parse(&std::fs::read_to_string(&perms_path).unwrap()).expect("permission table");
+    let perms = PermissionTable::parse(&std::fs::read_to_string(&perms_path).expect("read")).expect("permission table");
     let master = envelope::MasterFile::new(envelope::MasterSecret::from_bytes([7; 32]));
     let keyset = dir.path().join("budget.keyset.toml");
     std::fs::write(&keyset, master.derive_keyset(envelope::Process::Role(Role::Budget), &perms).to_toml().as_bytes())

@@ -34,8 +34,9 @@ struct Files {
 impl Files {
     fn new() -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
-        let perms = PermissionTable::parse(&std::fs::read_to_string(root().join("config/permissions.toml")).unwrap())
-            .expect("the shipped permission table");
+        let perms =
+            PermissionTable::parse(&std::fs::read_to_string(root().join("config/permissions.toml")).expect("read"))
+                .expect("the shipped permission table");
         let master = envelope::MasterFile::new(envelope::MasterSecret::from_bytes([7; 32]));
         let keyset = master.derive_keyset(envelope::Process::Role(Role::Orchestrator), &perms);
         let write = |name: &str, text: &str| std::fs::write(dir.path().join(name), text).expect("write");
@@ -91,10 +92,10 @@ fn the_example_configuration_loads() {
 
     // The lease secret must not be the API token secret.
     let same = files.env(&[("FLEET_TOOLS__LEASE_SECRET_FILE", files.path("api-jwt.secret"))]);
-    let e = Config::load(Some(&example), &same).err().expect("the same secret twice").0;
+    let e = Config::load(Some(&example), &same).expect_err("the same secret twice").0;
     assert!(e.contains("tools.lease_secret_file") && e.contains("jwt_secret_file"), "{e}");
     // A model without a price in the ledger file is refused by name.
     let unpriced = files.env(&[("FLEET_TOOLS__MODELS__DEFAULT", "unpriced-model".to_owned())]);
-    let e = Config::load(Some(&example), &unpriced).err().expect("a model without a price").0;
+    let e = Config::load(Some(&example), &unpriced).expect_err("a model without a price").0;
     assert!(e.contains("unpriced-model"), "{e}");
 }
