@@ -44,7 +44,8 @@ pub use error::ApiError;
 
 use crate::tasks::Engine;
 
-/// The API's settings: the `[api]` table of the orchestrator's configuration.
+/// The API's settings, filled from top-level keys of the orchestrator's configuration
+/// (`listen`, `jwt_secret_file`, `rate_limit_burst`, …; there is no `[api]` table).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
