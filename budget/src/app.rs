@@ -264,3 +264,6 @@ impl App {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -22,7 +22,7 @@ use clap::Parser;
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Cli {
-    /// The TOML configuration file (budget/budget.example.toml). Optional: FLEET_<KEY>
+    /// The TOML configuration file (config/examples/budget.toml). Optional: FLEET_<KEY>
     /// variables set every setting (nested keys joined with __, e.g.
     /// FLEET_ALERTS__TELEGRAM__CHAT_ID) and win over the file; FLEET_<KEY>_FILE reads a
     /// secret (redis_url, alerts.telegram.bot_token, alerts.telegram.chat_id,

@@ -27,7 +27,11 @@
 //! - [`Env`]: a snapshot of environment variables.
 //! - [`Layers`]: the file, the environment and the secrets list; [`Layers::extract`].
 //! - [`ConfigError`]: what is wrong, and with which setting.
+//! - [`settings`]: the settings a binary's loader accepts, and the check that
+//!   `docs/deployment.md` lists each of them (for the binaries' tests).
 #![forbid(unsafe_code)]
+
+pub mod settings;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -189,7 +189,23 @@ pub const OPERATOR_COMMANDS: &[&str] = &["xread", "xrange", "xrevrange", "xlen",
 /// The keys the operator may read.
 pub const OPERATOR_KEYS: &str = "fleet:*";
 
-/// A Redis user of the fleet: one per role, the outbox relay, and the operator.
+/// What the `monitor` user may run: the server's `INFO`, and the sizes, groups, consumers
+/// and pending counts of the fleet's streams, so a dashboard or an alerting probe can watch
+/// backlogs. Nothing that returns an entry's fields (no `XRANGE`, `XREAD`, `XREADGROUP`,
+/// and no `XINFO STREAM`, whose reply holds the first and last entries) and nothing that
+/// writes. `PING` is a connection command every user has.
+pub const MONITOR_COMMANDS: &[&str] = &["info", "xinfo|groups", "xinfo|consumers", "xlen", "xpending"];
+
+/// The keys the monitor may look at (read-only).
+pub const MONITOR_KEYS: &str = "fleet:*";
+
+/// The `admin` user's rules after its password: every command, key and channel. It is the
+/// operators' own user for `ACL LOAD`, `CONFIG`, `INFO` and repairs, separate from every
+/// process of the fleet, so no fleet host needs its password.
+pub const ADMIN_RULES: &str = "~* &* +@all";
+
+/// A Redis user of the fleet: one per role, the outbox relay, the operator, the monitor and
+/// the administrator.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum User {
     Orchestrator,
@@ -202,11 +218,17 @@ pub enum User {
     OutboxRelay,
     /// `fleetctl tail` and `fleetctl status`: reads everything, writes nothing.
     Operator,
+    /// Monitoring (dashboards, `redis-cli` probes): `INFO`, stream lengths, groups and
+    /// pending counts; never an entry's contents, never a write.
+    Monitor,
+    /// The operators' administrative user: everything ([`ADMIN_RULES`]). No fleet process
+    /// connects as it.
+    Admin,
 }
 
 impl User {
     /// Every user, in the order of the ACL file.
-    pub const ALL: [User; 8] = [
+    pub const ALL: [User; 10] = [
         User::Orchestrator,
         User::Budget,
         User::Dev,
@@ -215,6 +237,8 @@ impl User {
         User::Refactor,
         User::OutboxRelay,
         User::Operator,
+        User::Monitor,
+        User::Admin,
     ];
 
     /// The Redis user name, also the key in the secrets file.
@@ -228,6 +252,8 @@ impl User {
             User::Refactor => "refactor",
             User::OutboxRelay => "outbox-relay",
             User::Operator => "operator",
+            User::Monitor => "monitor",
+            User::Admin => "admin",
         }
     }
 
@@ -248,7 +274,8 @@ impl User {
         }
     }
 
-    /// The role whose processes connect as this user; `None` for the relay and the operator.
+    /// The role whose processes connect as this user; `None` for the relay, the operator, the
+    /// monitor and the administrator.
     pub const fn role(self) -> Option<Role> {
         match self {
             User::Orchestrator => Some(Role::Orchestrator),
@@ -257,7 +284,7 @@ impl User {
             User::Qa => Some(Role::Qa),
             User::Review => Some(Role::Review),
             User::Refactor => Some(Role::Refactor),
-            User::OutboxRelay | User::Operator => None,
+            User::OutboxRelay | User::Operator | User::Monitor | User::Admin => None,
         }
     }
 
@@ -325,6 +352,8 @@ pub enum Purpose {
     Forward,
     /// The operator's reads.
     Inspect,
+    /// The monitor's counts: `INFO`, lengths, groups, pending entries.
+    Monitor,
 }
 
 /// One ACL selector: `commands` on keys matching `keys`, and nothing in it applies to
@@ -365,10 +394,18 @@ impl fmt::Display for Selector {
 }
 
 /// The selectors of `user` under `table`. A role that neither publishes nor receives gets
-/// none: it can connect and nothing else.
+/// none: it can connect and nothing else. The administrator has none either: its rules are
+/// [`ADMIN_RULES`], at the root.
 pub fn grants(table: &PermissionTable, user: User) -> Vec<Selector> {
     match user.role() {
         Some(role) => role_grants(table, role),
+        None if user == User::Admin => Vec::new(),
+        None if user == User::Monitor => vec![Selector::new(
+            Purpose::Monitor,
+            Access::Read,
+            BTreeSet::from([MONITOR_KEYS.to_owned()]),
+            MONITOR_COMMANDS,
+        )],
         None if user == User::OutboxRelay => {
             let keys = publish_patterns(table, Role::Orchestrator);
             if keys.is_empty() {
@@ -463,7 +500,7 @@ fn publish_patterns(table: &PermissionTable, role: Role) -> BTreeSet<String> {
 
 /// The ACL file for `table`: `default` off, then one line per [`User`], each with its
 /// password's SHA-256 (`#<hex>`), connection commands at the root and one selector per
-/// grant (see [`grants`]).
+/// grant (see [`grants`]); the administrator's line has [`ADMIN_RULES`] instead.
 ///
 /// Redis 7.0's ACL file has no comments, so the file says nothing about where it came
 /// from; `docs/operations.md` does.
@@ -474,6 +511,10 @@ pub fn render(table: &PermissionTable, passwords: &Passwords) -> String {
     let mut out = String::from("user default reset off resetchannels -@all\n");
     for user in User::ALL {
         let hash = passwords.get(user).redis_hash();
+        if user == User::Admin {
+            out.push_str(&format!("user {user} reset on #{hash} {ADMIN_RULES}\n"));
+            continue;
+        }
         out.push_str(&format!("user {user} reset on #{hash} resetchannels -@all"));
         for command in CONNECTION_COMMANDS {
             out.push_str(&format!(" +{command}"));
@@ -594,22 +635,42 @@ mod tests {
         assert_eq!(lines[0], "user default reset off resetchannels -@all");
         for (line, user) in lines[1..].iter().zip(User::ALL) {
             let password = passwords.get(user);
-            let prefix = format!("user {user} reset on #{} resetchannels -@all +ping", password.redis_hash());
+            let prefix = if user == User::Admin {
+                format!("user admin reset on #{} ~* &* +@all", password.redis_hash())
+            } else {
+                format!("user {user} reset on #{} resetchannels -@all +ping", password.redis_hash())
+            };
             assert!(line.starts_with(&prefix), "{line}");
             assert!(!text.contains(password.expose()), "plaintext password of {user} in the file");
         }
         // Only characters that mean what they say in an ACL rule: no spaces inside a rule,
-        // no glob characters other than the prefix `*`.
+        // no glob characters other than the prefix `*` (and the administrator's `~*`, `&*`).
         for rule in text.split_whitespace() {
             assert!(
                 rule.bytes().all(|b| b.is_ascii_lowercase()
                     || b.is_ascii_digit()
                     || b":._-*~%#@|()+".contains(&b)
                     || b == b'R'
-                    || b == b'W'),
+                    || b == b'W')
+                    || rule == "&*",
                 "{rule}"
             );
         }
+        // Only the administrator has more than connection commands outside a selector.
+        let admin = lines.iter().filter(|l| l.contains("+@all")).collect::<Vec<_>>();
+        assert_eq!(admin.len(), 1, "{admin:?}");
+        assert!(admin[0].starts_with("user admin "), "{admin:?}");
+    }
+
+    #[test]
+    fn the_monitor_counts_and_reads_no_entry() {
+        let monitor = grants(&shipped(), User::Monitor);
+        assert_eq!(monitor.len(), 1);
+        assert_eq!(
+            monitor[0].to_string(),
+            "(%R~fleet:* resetchannels +info +xinfo|groups +xinfo|consumers +xlen +xpending)"
+        );
+        assert!(grants(&shipped(), User::Admin).is_empty(), "the administrator's rules are at its root");
     }
 
     #[test]

@@ -51,7 +51,9 @@ pub enum Command {
     /// worker's `XADD fleet:tasks:qa` fails with NOPERM. Users: orchestrator, budget, dev,
     /// qa, review, refactor (publish to the streams their rules grant, consume the streams
     /// addressed to them), outbox-relay (XADD to the orchestrator's streams only), operator
-    /// (read-only, for `fleetctl tail`/`status`); the `default` user is off.
+    /// (read-only, for `fleetctl tail`/`status`), monitor (INFO, XINFO GROUPS/CONSUMERS,
+    /// XLEN, XPENDING: counts, never entries), admin (everything; the operators' own user);
+    /// the `default` user is off.
     ///
     /// Files: the secrets file (`acl secrets new`; TOML, mode 0600) holds one password per
     /// user under `[passwords]`. The ACL file (`acl generate`) holds only their SHA-256
@@ -185,11 +187,13 @@ pub enum AclCommand {
     /// `fleet:budget:*` and `fleet:killswitch*`. Consumers may also XADD to `fleet:rejected`
     /// and `fleet:dlq`. Selectors are needed because XACK and XAUTOCLAIM need write access
     /// to the stream: with plain key patterns, a consumer could XADD into its own inbox.
+    /// Two users are not the fleet's processes: `monitor` (INFO, XINFO GROUPS/CONSUMERS,
+    /// XLEN and XPENDING on `fleet:*`; no entry contents, no writes) for monitoring, and
+    /// `admin` (`~* &* +@all`) for the operators.
     ///
     /// Load the file with `redis-server --aclfile FILE` (or `aclfile FILE` in redis.conf,
     /// which must then have no `user` lines). Redis re-reads it when restarted, or on
-    /// `ACL LOAD` from a user allowed to run it; none of the generated users is, so a
-    /// regenerated file normally takes effect with a restart. Needs Redis 7.0 or later.
+    /// `ACL LOAD` run as `admin` (no fleet user may run it). Needs Redis 7.0 or later.
     ///
     /// Without --out the file goes to stdout.
     Generate(GenerateArgs),
@@ -207,7 +211,7 @@ pub enum SecretsCommand {
     /// Each password is 32 bytes from the OS random generator, as 64 hex digits (usable in a
     /// `redis://USER:PASSWORD@HOST` URL as it is). The file is TOML, mode 0600:
     /// `[passwords]` with `orchestrator = "…"`, `budget`, `dev`, `qa`, `review`, `refactor`,
-    /// `outbox-relay`, `operator`. An existing file is never overwritten.
+    /// `outbox-relay`, `operator`, `monitor`, `admin`. An existing file is never overwritten.
     New(SecretsNewArgs),
 }
 

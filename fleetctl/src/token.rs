@@ -1,8 +1,10 @@
 //! `fleetctl token …`: the HTTP API's bearer tokens.
 //!
-//! `token secret new` writes the HS256 secret the orchestrator verifies tokens with
-//! (`api.jwt_secret`); `token issue` mints a token with it. Whoever holds the secret can
-//! mint an admin token: it is as sensitive as the master file.
+//! `token secret new` writes an HS256 secret: by default the one the orchestrator verifies
+//! API tokens with (its `jwt_secret_file`), with `--for lease` the one it signs workers'
+//! capability leases with (`[tools] lease_secret_file`). `token issue` mints an API token
+//! with the former. Whoever holds the API secret can mint an admin token: it is as
+//! sensitive as the master file. The two must be different secrets.
 
 use std::io::{self, Write};
 use std::path::PathBuf;
@@ -18,8 +20,7 @@ use crate::exit::UsageError;
 use crate::files::{self, Existing};
 use crate::keys;
 
-const SECRET_HINT: &str =
-    "create one with `fleetctl token secret new --out FILE` (the orchestrator's api.jwt_secret must be the same)";
+const SECRET_HINT: &str = "create one with `fleetctl token secret new --out FILE` (the orchestrator's jwt_secret_file must hold the same secret)";
 
 /// `fleetctl token …`
 #[derive(Debug, Subcommand)]
@@ -37,7 +38,7 @@ pub enum TokenCommand {
     /// too short secret file.
     Issue(IssueArgs),
 
-    /// Manage the secret tokens are signed with.
+    /// Make the secrets the orchestrator signs with: API tokens' and capability leases'.
     #[command(subcommand)]
     Secret(SecretCommand),
 }
@@ -46,8 +47,16 @@ pub enum TokenCommand {
 #[derive(Debug, Subcommand)]
 pub enum SecretCommand {
     /// Write a fresh secret: 32 bytes from the OS random generator as 64 hex digits, in a
-    /// file with mode 0600. Give the same text to the orchestrator (api.jwt_secret). An
-    /// existing file is never overwritten.
+    /// file with mode 0600. An existing file is never overwritten.
+    ///
+    /// `--for api` (the default): the API token secret. Point the orchestrator's
+    /// `jwt_secret_file` (FLEET_JWT_SECRET_FILE) at a copy and keep one with the operators,
+    /// who mint tokens with `fleetctl token issue`. Whoever holds it can mint an admin token.
+    ///
+    /// `--for lease`: the capability-lease secret, for the orchestrator's
+    /// `[tools] lease_secret_file` (FLEET_TOOLS__LEASE_SECRET_FILE) and nobody else. It signs
+    /// the leases in workers' assignments; it mints no API token. Never reuse the API
+    /// secret for it.
     New(SecretNewArgs),
 }
 
@@ -77,6 +86,21 @@ pub struct SecretNewArgs {
     /// Where to write the secret; it must not exist yet.
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
+
+    /// What the secret signs: `api` (operators' bearer tokens; the orchestrator's
+    /// jwt_secret_file) or `lease` (workers' capability leases; its [tools]
+    /// lease_secret_file). Make one of each.
+    #[arg(long = "for", value_name = "USE", value_enum, default_value_t = SecretUse::Api)]
+    pub purpose: SecretUse,
+}
+
+/// What a secret from `token secret new` signs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SecretUse {
+    /// The HTTP API's bearer tokens (`jwt_secret_file`).
+    Api,
+    /// The capability leases in assignments (`[tools] lease_secret_file`).
+    Lease,
 }
 
 fn parse_role(text: &str) -> Result<ApiRole, String> {
@@ -135,15 +159,22 @@ fn new_secret(args: &SecretNewArgs) -> anyhow::Result<()> {
         .context("Failed to read 32 bytes from the operating system's random number generator")?;
     let text = Zeroizing::new(format!("{}\n", hex::encode(bytes.as_slice())));
     files::write_secret(&args.out, "secret file", text.as_bytes(), Existing::Refuse)?;
-    writeln!(
-        io::stdout().lock(),
-        "Wrote a new API token secret to '{}' (mode 0600).\n\
-         Whoever holds it can mint an admin token: keep it with the operators, and give the same text to\n\
-         the orchestrator as api.jwt_secret. Then: fleetctl token issue --secret-file {} --role ROLE --sub NAME",
-        args.out.display(),
-        args.out.display()
-    )
-    .context("Failed to write to stdout")
+    let p = args.out.display();
+    let report = match args.purpose {
+        SecretUse::Api => format!(
+            "Wrote a new API token secret to '{p}' (mode 0600).\n\
+             Whoever holds it can mint an admin token: keep it with the operators, and point the\n\
+             orchestrator's jwt_secret_file (FLEET_JWT_SECRET_FILE) at a copy. Then:\n\
+             \x20 fleetctl token issue --secret-file {p} --role ROLE --sub NAME"
+        ),
+        SecretUse::Lease => format!(
+            "Wrote a new capability-lease secret to '{p}' (mode 0600).\n\
+             Only the orchestrator holds it: point its [tools] lease_secret_file\n\
+             (FLEET_TOOLS__LEASE_SECRET_FILE) at it. It signs the leases in workers' assignments and\n\
+             mints no API token; keep it apart from the API token secret."
+        ),
+    };
+    writeln!(io::stdout().lock(), "{report}").context("Failed to write to stdout")
 }
 
 #[cfg(test)]

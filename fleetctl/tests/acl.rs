@@ -99,8 +99,15 @@ fn may_xadd(table: &PermissionTable, user: User, key: &str) -> bool {
                 || (is_consumer(table, role) && [streams::REJECTED, streams::DLQ].contains(&key))
         }
         None if user == User::OutboxRelay => publishes_to(table, Role::Orchestrator, key),
+        // The operators' administrative user may do anything; no fleet process has it.
+        None if user == User::Admin => true,
         None => false,
     }
+}
+
+/// The users the fleet's processes, `fleetctl` and monitoring connect as: all but `admin`.
+fn fleet_users() -> impl Iterator<Item = User> {
+    User::ALL.into_iter().filter(|user| *user != User::Admin)
 }
 
 /// Every concrete stream of the fleet: per-role, per-instance and shared.
@@ -156,6 +163,7 @@ fn the_oracle_agrees_with_the_design() {
     assert!(!may_xadd(&t, User::OutboxRelay, "fleet:rejected"));
     for key in fleet_streams() {
         assert!(!may_xadd(&t, User::Operator, &key));
+        assert!(!may_xadd(&t, User::Monitor, &key));
     }
     assert!(receives_on(&t, Role::Dev, "fleet:tool:responses:dev:inst-1"));
     assert!(!receives_on(&t, Role::Dev, "fleet:tasks:qa"));
@@ -363,7 +371,7 @@ async fn xadd_is_allowed_exactly_where_the_permission_table_says() {
     for user in User::ALL {
         for key in fleet_streams().iter().map(String::as_str).chain(NOT_STREAMS.iter().copied()) {
             let may = may_xadd(&fleet.table, user, key);
-            allowed += usize::from(may);
+            allowed += usize::from(may && user != User::Admin);
             cases.push(case(user, allowed_if(may), &["XADD", key, "*", "probe", user.as_str()]));
             // The capped form publishers use.
             cases.push(case(user, allowed_if(may), &["XADD", key, "MAXLEN", "~", "100000", "*", "probe", "1"]));
@@ -388,8 +396,7 @@ async fn consumers_work_their_own_streams_and_nobody_elses() {
             let s = stream.as_str();
             if receives_on(&fleet.table, *role, s) {
                 // Someone else publishes an entry for the group to work on.
-                let publisher = User::ALL
-                    .into_iter()
+                let publisher = fleet_users()
                     .find(|u| *u != user && may_xadd(&fleet.table, *u, s))
                     .unwrap_or_else(|| panic!("nobody may publish to {s}"));
                 let id = fleet.seed(publisher, s).await;
@@ -709,6 +716,167 @@ async fn the_outbox_relay_only_forwards() {
     fleet.expect_all("outbox-relay", cases).await;
 }
 
+/// The monitor sees how much is where (lengths, groups, consumers, pending entries, the
+/// server's INFO) and nothing of what the entries say, and changes nothing.
+#[tokio::test]
+async fn the_monitor_counts_but_reads_no_entry_and_writes_nothing() {
+    let mut fleet = Fleet::start();
+    let id = fleet.seed(User::OutboxRelay, "fleet:tasks:dev").await;
+    let args = |a: &[&str]| a.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
+    fleet.run(User::Dev, &args(&["XGROUP", "CREATE", "fleet:tasks:dev", "dev", "0"])).await.unwrap();
+    fleet
+        .run(
+            User::Dev,
+            &args(&["XREADGROUP", "GROUP", "dev", "dev-1", "COUNT", "1", "STREAMS", "fleet:tasks:dev", ">"]),
+        )
+        .await
+        .unwrap();
+
+    let m = User::Monitor;
+    let s = "fleet:tasks:dev";
+    let mut cases = vec![
+        case(m, Expect::Returns(Value::SimpleString("PONG".into())), &["PING"]),
+        case(m, Expect::Allowed, &["INFO"]),
+        case(m, Expect::Allowed, &["INFO", "clients"]),
+        case(m, Expect::Returns(Value::Int(1)), &["XLEN", s]),
+        case(m, Expect::Allowed, &["XINFO", "GROUPS", s]),
+        case(m, Expect::Allowed, &["XINFO", "CONSUMERS", s, "dev"]),
+        case(m, Expect::Allowed, &["XPENDING", s, "dev"]),
+        case(m, Expect::Allowed, &["XPENDING", s, "dev", "-", "+", "10"]),
+        case(m, Expect::Permitted, &["XINFO", "GROUPS", "fleet:alerts"]),
+        case(m, Expect::Returns(Value::Int(0)), &["XLEN", "fleet:results"]),
+        // No entry's contents: XINFO STREAM answers with the first and last entries.
+        case(m, Expect::NoPerm, &["XRANGE", s, "-", "+"]),
+        case(m, Expect::NoPerm, &["XREVRANGE", s, "+", "-", "COUNT", "1"]),
+        case(m, Expect::NoPerm, &["XREAD", "STREAMS", s, "0"]),
+        case(m, Expect::NoPerm, &["XREADGROUP", "GROUP", "dev", "spy", "STREAMS", s, ">"]),
+        case(m, Expect::NoPerm, &["XINFO", "STREAM", s]),
+        case(m, Expect::NoPerm, &["XINFO", "STREAM", s, "FULL"]),
+        case(m, Expect::NoPerm, &["XCLAIM", s, "dev", "spy", "0", &id]),
+        case(m, Expect::NoPerm, &["XAUTOCLAIM", s, "dev", "spy", "0", "0-0"]),
+        case(m, Expect::NoPerm, &["HGETALL", "fleet:killswitch"]),
+        case(m, Expect::NoPerm, &["GET", "fleet:budget:counters:failures"]),
+        case(m, Expect::NoPerm, &["SLOWLOG", "GET"]),
+        // No writes, no administration, nothing outside the fleet's keys.
+        case(m, Expect::NoPerm, &["XADD", s, "*", "forged", "1"]),
+        case(m, Expect::NoPerm, &["XACK", s, "dev", &id]),
+        case(m, Expect::NoPerm, &["XGROUP", "CREATE", s, "monitor", "0"]),
+        case(m, Expect::NoPerm, &["XGROUP", "DELCONSUMER", s, "dev", "dev-1"]),
+        case(m, Expect::NoPerm, &["XTRIM", s, "MAXLEN", "0"]),
+        case(m, Expect::NoPerm, &["DEL", s]),
+        case(m, Expect::NoPerm, &["CONFIG", "GET", "maxmemory"]),
+        case(m, Expect::NoPerm, &["CONFIG", "SET", "maxmemory", "1mb"]),
+        case(m, Expect::NoPerm, &["ACL", "LIST"]),
+        case(m, Expect::NoPerm, &["CLIENT", "LIST"]),
+        case(m, Expect::NoPerm, &["KEYS", "*"]),
+        case(m, Expect::NoPerm, &["XLEN", "other:key"]),
+        case(m, Expect::NoPerm, &["XPENDING", "other:key", "g"]),
+    ];
+    for stream in fleet_streams() {
+        cases.push(case(m, Expect::NoPerm, &["XADD", &stream, "*", "a", "1"]));
+        cases.push(case(m, Expect::NoPerm, &["XRANGE", &stream, "-", "+"]));
+    }
+    fleet.expect_all("monitor", cases).await;
+}
+
+/// The operators' own user administers the server; no fleet process has its password.
+#[tokio::test]
+async fn the_admin_administers() {
+    let mut fleet = Fleet::start();
+    let a = User::Admin;
+    let cases = vec![
+        case(a, Expect::Returns(Value::BulkString(b"admin".to_vec())), &["ACL", "WHOAMI"]),
+        case(a, Expect::Allowed, &["CONFIG", "GET", "maxmemory"]),
+        case(a, Expect::Allowed, &["ACL", "LIST"]),
+        case(a, Expect::Allowed, &["ACL", "LOG"]),
+        case(a, Expect::Allowed, &["INFO", "persistence"]),
+        case(a, Expect::Allowed, &["XADD", "fleet:results", "*", "a", "1"]),
+        case(a, Expect::Returns(Value::Int(1)), &["XLEN", "fleet:results"]),
+        case(a, Expect::Allowed, &["XRANGE", "fleet:results", "-", "+"]),
+        case(a, Expect::Returns(Value::Int(1)), &["DEL", "fleet:results"]),
+        case(a, Expect::Allowed, &["SCAN", "0"]),
+        case(a, Expect::Allowed, &["CLIENT", "LIST"]),
+    ];
+    fleet.expect_all("admin", cases).await;
+    // `ACL LOAD` as admin re-reads the generated file, the way a regenerated one is applied.
+    let load: Vec<String> = ["ACL", "LOAD"].map(str::to_owned).to_vec();
+    assert_eq!(fleet.run(a, &load).await.unwrap(), Value::Okay);
+}
+
+/// Every `redis-cli … --user NAME …` line of the guides works as written under the
+/// generated ACLs: run with the real `redis-cli`, as that user (`REDISCLI_AUTH`), against a
+/// fleet whose alert stream has its two groups and a pending alert.
+#[tokio::test]
+async fn the_redis_cli_commands_in_the_docs_work_under_the_generated_acls() {
+    let mut fleet = Fleet::start();
+    let admin = |a: &[&str]| a.iter().map(|x| (*x).to_owned()).collect::<Vec<_>>();
+    for args in [
+        &["XADD", "fleet:alerts", "*", "alert", "{}"][..],
+        &["XGROUP", "CREATE", "fleet:alerts", "telegram", "0"],
+        &["XGROUP", "CREATE", "fleet:alerts", "webhook", "0"],
+        &["XREADGROUP", "GROUP", "telegram", "budget-0", "COUNT", "1", "STREAMS", "fleet:alerts", ">"],
+        &["XADD", "fleet:tasks:dev", "*", "env", "x"],
+        &["XGROUP", "CREATE", "fleet:tasks:dev", "dev", "0"],
+    ] {
+        fleet.run(User::Admin, &admin(args)).await.unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let mut ran = 0;
+    let mut failures = Vec::new();
+    for doc in ["docs/operations.md", "docs/deployment.md"] {
+        let text = fs::read_to_string(root.join(doc)).unwrap();
+        // Lines of fenced code blocks only.
+        let mut fenced = false;
+        let code = text.lines().filter(|l| {
+            if l.starts_with("```") {
+                fenced = !fenced;
+                return false;
+            }
+            fenced
+        });
+        for line in code.filter(|l| l.contains("redis-cli ") && l.contains(" --user ")) {
+            let command = line.split(" # ").next().unwrap();
+            let words: Vec<&str> = command.split_whitespace().collect();
+            let start = words.iter().position(|w| *w == "redis-cli").unwrap() + 1;
+            let (mut user, mut args) = (None, Vec::new());
+            let mut rest = words[start..].iter();
+            while let Some(word) = rest.next() {
+                match *word {
+                    "-h" => {
+                        rest.next();
+                    }
+                    "--user" => user = rest.next().and_then(|name| User::parse(name)),
+                    other => args.push(other.to_owned()),
+                }
+            }
+            let Some(user) = user else {
+                failures.push(format!("{doc}: `{line}`: --user names no generated user"));
+                continue;
+            };
+            let out = Command::new("redis-cli")
+                .args(["-p", &fleet.redis.port().to_string(), "--no-auth-warning", "--user", user.as_str()])
+                .args(&args)
+                .env("REDISCLI_AUTH", fleet.passwords.get(user).expose())
+                .output()
+                .expect("redis-cli must be installed (apt-get install redis-tools); tests never skip");
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let refused = stdout.lines().any(|l| {
+                ["NOPERM", "ERR", "NOGROUP", "WRONGPASS", "NOAUTH", "WRONGTYPE"].iter().any(|e| l.starts_with(e))
+            });
+            if !out.status.success() || refused {
+                failures.push(format!(
+                    "{doc}: `{}` as {user}: {stdout}{}",
+                    args.join(" "),
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            ran += 1;
+        }
+    }
+    assert!(ran >= 5, "the guides' redis-cli examples are gone ({ran} found)");
+    assert_failures("redis-cli examples", ran, &failures);
+}
+
 #[tokio::test]
 async fn the_default_user_can_do_nothing() {
     let fleet = Fleet::start();
@@ -785,7 +953,7 @@ async fn nobody_administers_deletes_or_reaches_outside_its_grants() {
         &["SHUTDOWN", "NOSAVE"],
     ];
     let mut cases = Vec::new();
-    for user in User::ALL {
+    for user in fleet_users() {
         for args in forbidden {
             cases.push(case(user, Expect::NoPerm, args));
         }

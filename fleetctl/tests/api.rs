@@ -164,6 +164,14 @@ async fn tokens_tasks_and_the_kill_switch_through_the_binary() {
     let foreign = ok(dir, api, None, &foreign).await.trim().to_owned();
     fails(dir, api, Some(&foreign), &["tasks"], 1, "signature").await;
     fails(dir, api, None, &["token", "secret", "new", "--out", "new.secret"], EX_USAGE, "already exists").await;
+    // The report says what the file is for: the API's secret mints admin tokens, the
+    // lease secret does not.
+    let report = ok(dir, api, None, &["token", "secret", "new", "--out", "api2.secret"]).await;
+    assert!(report.contains("jwt_secret_file") && report.contains("admin token"), "{report}");
+    let report = ok(dir, api, None, &["token", "secret", "new", "--for", "lease", "--out", "lease.secret"]).await;
+    assert!(report.contains("lease_secret_file") && report.contains("mints no API token"), "{report}");
+    assert!(!report.contains("can mint"), "{report}");
+    assert_eq!(fs::metadata(dir.join("lease.secret")).unwrap().permissions().mode() & 0o777, 0o600);
 
     // The kill switch.
     assert_eq!(

@@ -1,5 +1,6 @@
--- Grants for the application role: the less privileged role the orchestrator and the
--- outbox relay connect as. Run by an operator, as the database owner (the role that ran the
+-- Grants for the application role: the less privileged role the orchestrator connects as
+-- (with `migrate_on_start = false`). The outbox relay has a role of its own with far less,
+-- outbox-relay/sql/relay_role.sql. Run by an operator, as the database owner (the role that ran the
 -- migrations), after `fleetctl db migrate`, and again after every migration that adds a
 -- table. Not a migration, because the role's name and password belong to the deployment.
 --

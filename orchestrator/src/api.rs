@@ -44,7 +44,8 @@ pub use error::ApiError;
 
 use crate::tasks::Engine;
 
-/// The API's settings: the `[api]` table of the orchestrator's configuration.
+/// The API's settings, filled from top-level keys of the orchestrator's configuration
+/// (`listen`, `jwt_secret_file`, `rate_limit_burst`, …; there is no `[api]` table).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ApiConfig {
@@ -125,15 +126,15 @@ impl ApiState {
     /// The state for `engine`, with the rate limiter's buckets in `redis`. Fails on a
     /// setting that can't work (short secret, empty bucket, zero limits).
     pub fn new(engine: Engine, redis: deadpool_redis::Pool, config: &ApiConfig) -> Result<Self, ApiConfigError> {
-        let keys =
-            auth::TokenKeys::new(&config.jwt_secret).map_err(|e| ApiConfigError(format!("api.jwt_secret: {e}")))?;
+        let keys = auth::TokenKeys::new(&config.jwt_secret)
+            .map_err(|e| ApiConfigError(format!("setting `jwt_secret_file`: {e}")))?;
         let limiter = ratelimit::RateLimiter::new(redis, config.rate_limit_burst, config.rate_limit_per_second)
             .map_err(|e| ApiConfigError(e.to_string()))?;
         if config.max_body_bytes < 1024 {
-            return Err(ApiConfigError("api.max_body_bytes must be at least 1024".into()));
+            return Err(ApiConfigError("setting `max_body_bytes` must be at least 1024".into()));
         }
         if config.request_timeout_secs == 0 {
-            return Err(ApiConfigError("api.request_timeout_secs must be at least 1".into()));
+            return Err(ApiConfigError("setting `request_timeout_secs` must be at least 1".into()));
         }
         Ok(Self {
             engine,

@@ -72,6 +72,12 @@ struct FileConfig {
     /// Task intake refill per client per second.
     #[serde(default = "default_rate")]
     rate_limit_per_second: f64,
+    /// Largest HTTP request body accepted, in bytes (at least 1024).
+    #[serde(default = "default_max_body")]
+    max_body_bytes: usize,
+    /// Seconds an HTTP request may take before it is answered with 503.
+    #[serde(default = "default_request_timeout")]
+    request_timeout_secs: u64,
     /// Seconds a running handler gets on shutdown.
     #[serde(default = "default_grace")]
     grace_secs: u64,
@@ -136,8 +142,20 @@ struct Tools {
 }
 
 impl Tools {
-    fn load(file: ToolsFile, lease_ttl: Duration, env: &fleetconf::Env) -> Result<Self, ConfigError> {
-        let secret = read(&file.lease_secret_file, "lease secret file", "write at least 32 random characters into it")?;
+    /// `jwt_secret` is the API's token secret, which the lease secret must not be.
+    fn load(file: ToolsFile, lease_ttl: Duration, env: &fleetconf::Env, jwt_secret: &str) -> Result<Self, ConfigError> {
+        let secret = read(
+            &file.lease_secret_file,
+            "lease secret file",
+            "create one with `fleetctl token secret new --for lease --out FILE`",
+        )?;
+        if secret.trim() == jwt_secret {
+            return Err(ConfigError(
+                "settings `tools.lease_secret_file` and `jwt_secret_file` hold the same secret: whoever could mint \
+                 leases could mint admin tokens; make a lease secret of its own with `fleetctl token secret new --for lease`"
+                    .into(),
+            ));
+        }
         let leases = crate::lease::LeaseKeys::new(&SecretString::from(secret.trim().to_owned()), lease_ttl)
             .map_err(|e| ConfigError(format!("setting `tools.lease_secret_file`: {e}")))?;
         let matrix = Arc::new(
@@ -147,7 +165,7 @@ impl Tools {
         let ledger = budget::ledger::LedgerConfig::from_toml(&read(
             &file.ledger,
             "ledger configuration",
-            "point `tools.ledger` at the budget's limits and prices (budget/budget.example.toml)",
+            "point `tools.ledger` at the ledger's limits and prices (config/examples/ledger.toml, docs/deployment.md)",
         )?)
         .map_err(|e| ConfigError(format!("setting `tools.ledger` ('{}'): {e}", file.ledger.display())))?;
         for model in std::iter::once(&file.models.default).chain(file.models.per_role.values()) {
@@ -194,6 +212,12 @@ fn default_rate() -> f64 {
 }
 fn default_grace() -> u64 {
     10
+}
+fn default_max_body() -> usize {
+    256 * 1024
+}
+fn default_request_timeout() -> u64 {
+    30
 }
 
 /// A configuration problem: the message names the setting and what to do.
@@ -280,7 +304,8 @@ impl Config {
             "create one with `fleetctl audit key new`",
         )?)
         .map_err(|e| ConfigError(format!("setting `audit_key_file`: {e}")))?;
-        let jwt = read(&file.jwt_secret_file, "JWT secret file", "write at least 32 random bytes into it")?;
+        let jwt =
+            read(&file.jwt_secret_file, "JWT secret file", "create one with `fleetctl token secret new --out FILE`")?;
         if jwt.trim().len() < 32 {
             return Err(ConfigError("setting `jwt_secret_file`: the secret must be at least 32 characters".into()));
         }
@@ -288,6 +313,19 @@ impl Config {
         api.listen = file.listen;
         api.rate_limit_burst = file.rate_limit_burst;
         api.rate_limit_per_second = file.rate_limit_per_second;
+        api.max_body_bytes = file.max_body_bytes;
+        api.request_timeout_secs = file.request_timeout_secs;
+        if file.max_body_bytes < 1024 {
+            return Err(ConfigError("setting `max_body_bytes` must be at least 1024".into()));
+        }
+        if file.request_timeout_secs == 0 || file.rate_limit_burst == 0 {
+            return Err(ConfigError(
+                "settings `request_timeout_secs` and `rate_limit_burst` must be at least 1".into(),
+            ));
+        }
+        if !(file.rate_limit_per_second.is_finite() && file.rate_limit_per_second > 0.0) {
+            return Err(ConfigError("setting `rate_limit_per_second` must be a positive number".into()));
+        }
         if file.step_deadline_secs == 0 || file.tick_secs == 0 || file.takeover_after_secs == 0 {
             return Err(ConfigError(
                 "settings `step_deadline_secs`, `takeover_after_secs` and `tick_secs` must be at least 1".into(),
@@ -309,7 +347,7 @@ impl Config {
         }
         engine.repositories = file.repositories;
         engine.four_eyes = file.four_eyes;
-        let tools = file.tools.map(|t| Tools::load(t, engine.assign_ttl, env)).transpose()?;
+        let tools = file.tools.map(|t| Tools::load(t, engine.assign_ttl, env, jwt.trim())).transpose()?;
         Ok(Self {
             instance,
             database_url,
@@ -520,3 +558,6 @@ impl App {
         serve_result.map_err(anyhow::Error::from)
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -314,6 +314,48 @@ mod tests {
         }
     }
 
+    fn root() -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    }
+
+    /// `docs/deployment.md` has a row for every setting the loader accepts.
+    #[test]
+    fn every_setting_has_a_row_in_docs_deployment_md() {
+        let probe = |text: &str| parse(text, &[]).err().map(|e| e.to_string());
+        let settings = fleetconf::settings::discover(&probe);
+        for key in ["database_url", "redis_ca_file", "stream_caps", "batch_size"] {
+            assert!(settings.contains(key), "{key} was not discovered: {settings:?}");
+        }
+        let doc = std::fs::read_to_string(root().join("docs/deployment.md")).expect("docs/deployment.md");
+        let problems = fleetconf::settings::undocumented(&doc, "outbox-relay", &settings, SECRETS);
+        assert!(problems.is_empty(), "docs/deployment.md is out of date:\n{}", problems.join("\n"));
+    }
+
+    /// `config/examples/outbox-relay.toml` loads, with the URLs from the environment as the
+    /// example says (the database's from a file).
+    #[test]
+    fn the_example_configuration_loads() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let url = dir.path().join("database-url");
+        std::fs::write(
+            &url,
+            "postgres://fleet_relay:pw@127.0.0.1:5432/agentfleet?sslmode=verify-full&sslrootcert=/ca.pem\n",
+        )
+        .expect("write");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, fleet_testkit::tls::TestCa::new().cert_pem).expect("write");
+        let env = fleetconf::Env::from_pairs([
+            ("FLEET_DATABASE_URL_FILE", url.display().to_string()),
+            ("FLEET_REDIS_URL", "rediss://outbox-relay:pw@127.0.0.1:6380".to_owned()),
+            ("FLEET_REDIS_CA_FILE", ca.display().to_string()),
+        ]);
+        let c = Config::load(Some(&root().join("config/examples/outbox-relay.toml")), &env)
+            .unwrap_or_else(|e| panic!("config/examples/outbox-relay.toml does not load: {e}"));
+        assert_eq!(c.relay.batch_size, RelayConfig::default().batch_size);
+        assert_eq!(c.relay.publisher.caps.get("fleet:tasks:dev"), Some(&200_000));
+        assert!(c.endpoints.redis_ca_file.is_some());
+    }
+
     #[test]
     fn debug_redacts_urls() {
         let c = parse(MINIMAL, &[]).expect("valid");

@@ -17,6 +17,7 @@ use outbox_relay::{Config, Relay};
         "Unknown keys are refused. Settings (defaults in brackets):\n",
         "  database_url            postgres://… (secret) [required]\n",
         "  redis_url               redis://… or rediss://… (secret) [required]\n",
+        "  redis_ca_file           PEM CA of Redis's certificate (rediss:// only) [system roots]\n",
         "  batch_size              rows per claim and XADD pipeline [256]\n",
         "  poll_interval_ms        poll when no NOTIFY arrives [1000]\n",
         "  retention_secs          keep dispatched rows this long [86400]\n",

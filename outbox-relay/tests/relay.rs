@@ -378,3 +378,77 @@ async fn shutdown_is_prompt_and_leaves_no_batch_half_done() {
     assert_eq!(read_stream(&mut redis, DEV).await.len() as i64, marked);
     assert_eq!(RelayStats::get(&stats.published) as i64, marked);
 }
+
+/// The relay connected as a role with only `sql/relay_role.sql`'s grants does all of its
+/// work (claim, mark, LISTEN wake-ups, the horizon check, pruning), and that role can do
+/// nothing else to the outbox or any other table.
+#[tokio::test]
+async fn the_relay_role_of_relay_role_sql_is_enough_and_no_more() {
+    const RELAY_ROLE_SQL: &str = include_str!("../sql/relay_role.sql");
+    let env = Env::start().await;
+    let database = env.database_url.rsplit('/').next().expect("a database name").to_owned();
+    let su = |sql: &str| env.postgres.psql(&database, sql).unwrap_or_else(|e| panic!("{sql}: {e}"));
+    su("CREATE ROLE fleet_relay LOGIN PASSWORD 'relay-password'");
+    su(RELAY_ROLE_SQL);
+    su(RELAY_ROLE_SQL); // idempotent: run again after every migration
+    // docs/deployment.md shows what the script grants on `outbox`, as plain SQL.
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/deployment.md")).expect("doc");
+    let grants: Vec<String> = RELAY_ROLE_SQL
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("EXECUTE format('"))
+        .filter_map(|l| l.split_once("', relay);"))
+        .map(|(grant, _)| format!("{};", grant.replace("%I", "fleet_relay")))
+        .filter(|grant| grant.starts_with("GRANT") && grant.contains(" ON outbox "))
+        .collect();
+    assert_eq!(grants.len(), 3, "{grants:?}");
+    for grant in grants {
+        assert!(doc.contains(&grant), "docs/deployment.md does not show `{grant}`");
+    }
+    let relay_url = format!("postgres://fleet_relay:relay-password@127.0.0.1:{}/{database}", env.postgres.port());
+    let endpoints = outbox_relay::config::Endpoints { database_url: relay_url.clone().into(), ..env.endpoints() };
+
+    // Rows before the relay starts (found by its first claim), and after (a notification).
+    let before: Vec<TestRow> = (0..5).map(|i| TestRow::new(DEV, Uuid::now_v7(), i, 40)).collect();
+    let ids = insert_committed(&env.pool, &before).await;
+    let cfg = RelayConfig { poll_interval: Duration::from_secs(60), ..fast() };
+    let running = spawn(outbox_relay::Relay::connect(&endpoints, cfg.clone()).expect("relay"));
+    env.drained(Duration::from_secs(10)).await;
+    let after: Vec<TestRow> = (0..3).map(|i| TestRow::new(QA, Uuid::now_v7(), i, 40)).collect();
+    insert_committed(&env.pool, &after).await;
+    env.drained(Duration::from_secs(10)).await;
+    assert_eq!(load(&running.stats, |s| &s.published), 8);
+    assert_eq!(load(&running.stats, |s| &s.errors), 0, "no statement was refused");
+    running.shutdown().await;
+    let mut redis = env.redis().await;
+    assert_eq!(read_stream(&mut redis, DEV).await.len(), 5);
+    assert_eq!(read_stream(&mut redis, QA).await.len(), 3);
+
+    // Pruning, and the status queries, as the relay's role.
+    sqlx::query("UPDATE outbox SET dispatched_at = now() - interval '2 days' WHERE id = ANY($1)")
+        .bind(&ids)
+        .execute(&env.pool)
+        .await
+        .expect("age rows");
+    let relay = outbox_relay::Relay::connect(&endpoints, cfg).expect("relay");
+    assert_eq!(relay.prune(&tokio_util::sync::CancellationToken::new()).await.expect("prune as the relay"), 5);
+    let mut conn = <sqlx::PgConnection as sqlx::Connection>::connect(&relay_url).await.expect("connect");
+    assert_eq!(outbox::backlog(&mut conn).await.expect("backlog"), 0);
+    assert!(!outbox::waiting_beyond_horizon(&mut conn).await.expect("horizon"));
+
+    // Nothing else: no new rows, no other column, no other table.
+    for sql in [
+        "INSERT INTO outbox (stream, envelope_id, frame) VALUES ('fleet:tasks:dev', gen_random_uuid(), '\\x00')",
+        "UPDATE outbox SET frame = '\\x00'",
+        "UPDATE outbox SET stream = 'fleet:tasks:qa'",
+        "SELECT envelope_id FROM outbox",
+        "SELECT * FROM outbox",
+        "SELECT count(*) FROM tasks",
+        "SELECT count(*) FROM audit_trail",
+        "UPDATE fleet_state SET halted = true",
+        "TRUNCATE outbox",
+        "CREATE TABLE intruder (x int)",
+    ] {
+        let e = sqlx::query(sql).execute(&mut conn).await.expect_err(sql).to_string();
+        assert!(e.contains("permission denied"), "{sql}: {e}");
+    }
+}

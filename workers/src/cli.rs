@@ -18,6 +18,7 @@ use crate::config::WorkerConfig;
         "joined with __, e.g. FLEET_SANDBOX__IMAGE), then FLEET_REDIS_URL_FILE for the secret URL\n",
         "(docs/deployment.md). Unknown keys are refused. Settings (defaults in brackets):\n",
         "  redis_url            redis://… or rediss://… (secret) [required]\n",
+        "  redis_ca_file        PEM CA of Redis's certificate (rediss:// only) [system roots]\n",
         "  keyset               this role's keyset file (fleetctl keys derive --process <role>) [required]\n",
         "  permissions          the permission table [config/permissions.toml]\n",
         "  instance             consumer name, stable per process slot [<role>-<host_name>-<slot>]\n",

@@ -390,6 +390,61 @@ mod tests {
         assert!(review.ends_with("-1"), "{review}");
     }
 
+    fn root() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+    }
+
+    /// `docs/deployment.md` has a row for every setting the loader accepts.
+    #[test]
+    fn every_setting_has_a_row_in_docs_deployment_md() {
+        let probe = |text: &str| {
+            let file = tempfile::NamedTempFile::new().expect("temp file");
+            std::fs::write(file.path(), text).expect("write");
+            WorkerConfig::load(Some(file.path()), Role::Dev, Some("dev-probe".into()), &fleetconf::Env::default())
+                .err()
+                .map(|e| e.0)
+        };
+        let settings = fleetconf::settings::discover(&probe);
+        for key in ["redis_ca_file", "sandbox.memory_bytes", "sandbox.runtime_by_risk", "consumer.block_ms"] {
+            assert!(settings.contains(key), "{key} was not discovered: {settings:?}");
+        }
+        let doc = std::fs::read_to_string(root().join("docs/deployment.md")).expect("docs/deployment.md");
+        let problems = fleetconf::settings::undocumented(&doc, "workers", &settings, SECRETS);
+        assert!(problems.is_empty(), "docs/deployment.md is out of date:\n{}", problems.join("\n"));
+    }
+
+    /// `config/examples/dev-worker.toml` loads for Dev, and (with its keyset) for every
+    /// other worker role: the four share the format.
+    #[test]
+    fn the_example_configuration_loads_for_every_worker_role() {
+        let dir = tempfile::tempdir().unwrap();
+        let master = envelope::MasterFile::new(envelope::MasterSecret::from_bytes([7; 32]));
+        let perms_path = root().join("config/permissions.toml");
+        let perms = PermissionTable::parse(&std::fs::read_to_string(&perms_path).unwrap()).unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, fleet_testkit::tls::TestCa::new().cert_pem).unwrap();
+        let url = dir.path().join("redis-url");
+        std::fs::write(&url, "rediss://dev:pw@127.0.0.1:6380\n").unwrap();
+        let example = root().join("config/examples/dev-worker.toml");
+        for role in [Role::Dev, Role::Qa, Role::Review, Role::Refactor] {
+            let keyset = dir.path().join(format!("{role}.keyset.toml"));
+            std::fs::write(&keyset, master.derive_keyset(Process::Role(role), &perms).to_toml().as_bytes()).unwrap();
+            let env = fleetconf::Env::from_pairs([
+                ("FLEET_KEYSET", keyset.display().to_string()),
+                ("FLEET_PERMISSIONS", perms_path.display().to_string()),
+                ("FLEET_REDIS_CA_FILE", ca.display().to_string()),
+                ("FLEET_REDIS_URL_FILE", url.display().to_string()),
+            ]);
+            let c = WorkerConfig::load(Some(&example), role, None, &env)
+                .unwrap_or_else(|e| panic!("config/examples/dev-worker.toml does not load as {role}: {e}"));
+            assert_eq!(c.instance.as_str(), "dev-1");
+            assert!(c.redis.is_tls());
+            assert_eq!(c.sandbox.image, crate::sandbox::DEFAULT_IMAGE);
+            assert_eq!(c.workspace_root, PathBuf::from("/srv/agentfleet/workspaces"));
+            assert!(c.instance_slot.is_none(), "a named instance takes no slot under workspace_root");
+        }
+    }
+
     #[test]
     fn load_checks_settings() {
         let dir = tempfile::tempdir().unwrap();

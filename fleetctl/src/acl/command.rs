@@ -26,7 +26,8 @@ pub fn run(cmd: AclCommand) -> anyhow::Result<()> {
 fn generate(args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let table = keys::load_permissions(&args.permissions)?;
     let passwords = load_passwords(&args.secrets)?;
-    for user in User::ALL {
+    // The monitor's and the administrator's grants do not come from the table.
+    for user in User::ALL.into_iter().filter(|u| u.role().is_some() || *u == User::OutboxRelay) {
         if grants(&table, user).is_empty() {
             keys::warn(&format!(
                 "user {user} is on no rule of permission file '{}': it can connect and do nothing else",
@@ -50,9 +51,10 @@ fn generate(args: &GenerateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         "Wrote the Redis ACL file '{p}' (mode 0600): user default off; users {} with password hashes.\n\
          Install it where redis-server can read it and nobody else can, then start Redis with it:\n\
          \x20 redis-server --aclfile {p}      (or `aclfile {p}` in redis.conf, with no `user` lines there)\n\
-         A running Redis re-reads it on restart, or on `ACL LOAD` from a user allowed to run it (the\n\
-         generated users are not). Each process connects as its role's user (outbox-relay and operator\n\
-         as themselves) with its password from the secrets file. See docs/operations.md, \"Broker ACLs\".",
+         A running Redis re-reads it on restart, or on `ACL LOAD` run as the admin user (no fleet\n\
+         process has its password). Each process connects as its role's user (outbox-relay as itself),\n\
+         operators' fleetctl as operator, monitoring probes as monitor, each with its password from the\n\
+         secrets file. See docs/operations.md, \"Broker ACLs\", and docs/deployment.md.",
         User::list()
     )
     .context("Failed to write to stdout")

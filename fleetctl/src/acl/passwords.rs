@@ -140,7 +140,8 @@ impl Passwords {
         let mut text = Zeroizing::new(String::from(
             "# agentfleet Redis passwords, one per ACL user (`fleetctl acl secrets new`).\n\
              # Secret: keep it mode 0600 with the operators. Each process gets only its own\n\
-             # user's password; `fleetctl acl generate --secrets FILE` hashes them into the ACL file.\n\
+             # user's password; `monitor` goes to monitoring, `admin` stays with the operators.\n\
+             # `fleetctl acl generate --secrets FILE` hashes them into the ACL file.\n\
              [passwords]\n",
         ));
         for user in User::ALL {

@@ -1,5 +1,5 @@
 //! Operator tokens: HS256 JWTs signed with the secret of the orchestrator's
-//! configuration (`api.jwt_secret`), issued by `fleetctl token issue`.
+//! configuration (the secret in its `jwt_secret_file`), issued by `fleetctl token issue`.
 //!
 //! Claims: `sub` (the operator's name, recorded as the actor of everything they do),
 //! `role` (`viewer`, `operator` or `admin`), `iat`, `exp`, `iss = "agentfleet"`,

@@ -104,7 +104,7 @@ impl ApiError {
                 ApiError::NotJson(format!("the {what} must be sent with `Content-Type: application/json`"))
             }
             other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(format!(
-                "the {what} is larger than this API accepts (api.max_body_bytes); send a smaller body"
+                "the {what} is larger than this API accepts (the orchestrator's max_body_bytes); send a smaller body"
             )),
             _ => ApiError::BadRequest(format!("cannot read the {what}: {detail}")),
         }
@@ -226,7 +226,7 @@ pub(crate) async fn json_for_bare_errors(response: Response) -> Response {
     }
     let message = match status {
         StatusCode::SERVICE_UNAVAILABLE => {
-            "the request took longer than api.request_timeout_secs and was cut off; it may or may not have taken \
+            "the request took longer than the orchestrator's request_timeout_secs and was cut off; it may or may not have taken \
              effect: check with a GET before retrying"
                 .to_owned()
         }

@@ -50,10 +50,10 @@ return {allowed, wait}
 #[derive(Debug, thiserror::Error)]
 pub enum RateLimitConfigError {
     /// Capacity 0 would refuse everything.
-    #[error("api.rate_limit_burst must be at least 1")]
+    #[error("setting `rate_limit_burst` must be at least 1")]
     Burst,
     /// Refill must be positive and finite.
-    #[error("api.rate_limit_per_second must be a positive number")]
+    #[error("setting `rate_limit_per_second` must be a positive number")]
     Rate,
 }
 
