@@ -154,7 +154,7 @@ for p in orchestrator operator budget dev qa review refactor; do
 done
 "$fleetctl" audit key new --out "$work/audit.key" >/dev/null
 "$fleetctl" token secret new --out "$work/jwt.secret" >/dev/null
-"$fleetctl" token secret new --out "$work/lease.secret" >/dev/null
+"$fleetctl" token secret new --for lease --out "$work/lease.secret" >/dev/null
 "$fleetctl" db migrate --database-url "$db_url"
 
 say "The example repository (a Python project whose test fails) as a local bare repository"

@@ -188,6 +188,7 @@ docker run --rm --network "${p}_db" --read-only --user 65532:65532 \
     -e FLEET_DATABASE_URL \
     agentfleet/fleetctl:current audit verify --audit-key-file /run/secrets/audit.key \
     || fail "fleetctl audit verify failed"
+echo "the audit trail verifies"
 dlq=$(REDISCLI_AUTH=$(sed -n 's/^operator *= *"\([0-9a-f]*\)"/\1/p' "$state/secrets/redis-secrets.toml") \
     docker exec -e REDISCLI_AUTH "${p}_redis_1" redis-cli --tls --cacert /run/secrets/ca.crt -h 127.0.0.1 --user operator --no-auth-warning XLEN fleet:dlq)
 [ "$dlq" = 0 ] || fail "fleet:dlq holds $dlq entries"

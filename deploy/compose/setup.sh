@@ -55,7 +55,7 @@ for p in orchestrator operator budget dev qa review refactor; do
 done
 fleetctl audit key new --out /out/audit.key >/dev/null
 fleetctl token secret new --out /out/jwt.secret >/dev/null
-fleetctl token secret new --out /out/lease.secret >/dev/null
+fleetctl token secret new --for lease --out /out/lease.secret >/dev/null
 
 log "Redis users (fleetctl acl generate from config/permissions.toml)"
 fleetctl acl secrets new --out /out/redis-secrets.toml >/dev/null
@@ -86,13 +86,13 @@ relay_pw=$(openssl rand -hex 32)
 cat >"$s/postgres-init.sql" <<SQL
 CREATE ROLE orchestrator LOGIN PASSWORD '$orch_pw';
 
-CREATE ROLE outbox_relay LOGIN PASSWORD '$relay_pw';
+CREATE ROLE fleet_relay LOGIN PASSWORD '$relay_pw';
 
 CREATE DATABASE agentfleet OWNER orchestrator;
 
 REVOKE ALL ON DATABASE agentfleet FROM PUBLIC;
 
-GRANT CONNECT ON DATABASE agentfleet TO outbox_relay;
+GRANT CONNECT ON DATABASE agentfleet TO fleet_relay;
 SQL
 cat >"$s/pg_hba.conf" <<'HBA'
 # Local socket: the image's own tools. Network: TLS and scram only.
@@ -104,7 +104,7 @@ hostnossl all  all  ::/0           reject
 HBA
 tls='sslmode=verify-full&sslrootcert=/run/secrets/ca.crt'
 printf 'postgres://orchestrator:%s@postgres:5432/agentfleet?%s' "$orch_pw" "$tls" >"$s/database-url-orchestrator"
-printf 'postgres://outbox_relay:%s@postgres:5432/agentfleet?%s' "$relay_pw" "$tls" >"$s/database-url-outbox-relay"
+printf 'postgres://fleet_relay:%s@postgres:5432/agentfleet?%s' "$relay_pw" "$tls" >"$s/database-url-outbox-relay"
 
 log "configuration files"
 c=$state/config
