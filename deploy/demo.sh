@@ -111,7 +111,8 @@ if [ -z "$redis_url" ]; then
     "$fleetctl" acl secrets new --out "$work/redis-secrets.toml" >/dev/null
     "$fleetctl" acl generate --secrets "$work/redis-secrets.toml" --permissions "$repo_root/config/permissions.toml" \
         --out "$work/users.acl" >/dev/null
-    redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --dir "$work" \
+    # Append-only, fsynced every second, as deployments run it: a restart keeps the streams.
+    redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly yes --appendfsync everysec --dir "$work" \
         --aclfile "$work/users.acl" --daemonize no >"$work/redis.log" 2>&1 &
     pids+=($!)
     acl=1

@@ -15,6 +15,8 @@
 #   5. Checks the Kubernetes manifests (deploy/k8s/check.sh), runs the doc tests, then
 #      every other test with nextest (profile `ci` in
 #      .config/nextest.toml), and fails if either failed.
+#   6. Builds the container images from that build and runs the containerised fleet under
+#      faults (deploy/compose/chaos.sh).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -37,6 +39,8 @@ command -v cargo >/dev/null 2>&1 \
 packages=()
 command -v redis-server >/dev/null 2>&1 || packages+=(redis-server)
 command -v git >/dev/null 2>&1 || packages+=(git)
+command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || packages+=(docker-compose)
+command -v openssl >/dev/null 2>&1 || packages+=(openssl)
 if ! compgen -G '/usr/lib/postgresql/*/bin/initdb' >/dev/null \
     && ! command -v initdb >/dev/null 2>&1; then
     packages+=(postgresql)
@@ -103,6 +107,16 @@ tail -n 3 "$image_log"
 rm -f "$image_log"
 step "cargo nextest run --workspace --locked --no-fail-fast --profile ci"
 cargo nextest run --workspace --locked --no-fail-fast --profile ci || status=1
+
+# 6. The fleet as its users run it: images (from the test build above, not a release
+#    build), the compose deployment, and the chaos run against it (deploy/compose/chaos.sh).
+step "Container images (deploy/images.sh --profile dev) and the compose chaos run"
+if deploy/images.sh --profile dev >/dev/null && deploy/compose/setup.sh && deploy/compose/chaos.sh; then
+    echo "compose chaos run: passed"
+else
+    echo "compose chaos run: FAILED" >&2
+    status=1
+fi
 
 if [ "$status" -ne 0 ]; then
     printf '\ndeploy/test.sh: some tests failed (see above).\n' >&2

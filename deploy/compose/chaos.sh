@@ -31,7 +31,11 @@ export COMPOSE_PROJECT_NAME=agentfleet-chaos
 export FLEET_API_PORT=${CHAOS_API_PORT:-18480}
 base=/var/lib/agentfleet-chaos
 export FLEET_WORKSPACE=$base/workspace FLEET_REPOS=$base/repos
-compose=(docker-compose -f "$deploy/compose.yaml")
+if command -v docker-compose >/dev/null 2>&1; then
+    compose=(docker-compose -f "$deploy/compose.yaml")
+else
+    compose=(docker compose -f "$deploy/compose.yaml")
+fi
 p=$COMPOSE_PROJECT_NAME
 fleetctl=${FLEETCTL:-$repo_root/target/debug/fleetctl}
 [ -x "$fleetctl" ] || (cargo build --locked -q -p fleetctl)
