@@ -145,6 +145,13 @@ pub const RATE_LIMIT_KEYS: &str = "fleet:ratelimit:*";
 /// Loading and running the rate limiter's script, and what the script calls.
 pub const RATE_LIMIT_COMMANDS: &[&str] = &["eval", "evalsha", "script|load", "hmget", "hset", "pexpire", "time"];
 
+/// The orchestrator's Redis sentinel (orchestrator/src/sentinel.rs): a value also kept in
+/// Postgres, whose absence from Redis means Redis lost its data.
+pub const SENTINEL_KEY: &str = "fleet:sentinel";
+
+/// Reading and (only if absent) writing the sentinel.
+pub const SENTINEL_COMMANDS: &[&str] = &["get", "set"];
+
 /// The budget manager's alert outbox (budget/src/alert): the stream its dispatchers
 /// consume, and the dedup markers its enqueue script sets.
 pub const ALERT_KEYS: &[&str] = &["fleet:alerts", "fleet:alerts:dedup:*"];
@@ -340,6 +347,8 @@ pub enum Purpose {
     Ledger,
     /// The orchestrator's intake rate limiter.
     RateLimit,
+    /// The orchestrator's sentinel that tells it Redis lost its data.
+    Sentinel,
     /// The budget manager's alert outbox.
     Alerts,
     /// Following the role's control stream and reading the kill switch's record.
@@ -480,6 +489,8 @@ fn role_grants(table: &PermissionTable, role: Role) -> Vec<Selector> {
     if role == Role::Orchestrator {
         let keys = BTreeSet::from([RATE_LIMIT_KEYS.to_owned()]);
         selectors.push(Selector::new(Purpose::RateLimit, Access::ReadWrite, keys, RATE_LIMIT_COMMANDS));
+        let keys = BTreeSet::from([SENTINEL_KEY.to_owned()]);
+        selectors.push(Selector::new(Purpose::Sentinel, Access::ReadWrite, keys, SENTINEL_COMMANDS));
         let worker_tasks: BTreeSet<String> = table
             .rules()
             .iter()

@@ -25,6 +25,10 @@ const TOOL_CONSUMERS: usize = 4;
 /// `XGROUP DELCONSUMER`). A live worker reads every `block_ms`, so it is never this idle.
 const WORKER_CONSUMERS_IDLE: Duration = Duration::from_secs(3600);
 
+/// How often the orchestrator checks that Redis still holds its sentinel (that Redis did
+/// not lose its data); a loss is recovered within this and one tick.
+const SENTINEL_EVERY: Duration = Duration::from_secs(2);
+
 /// How often the worker groups are looked at for idle consumers.
 const WORKER_CONSUMERS_PRUNE_EVERY: Duration = Duration::from_secs(60);
 
@@ -495,6 +499,7 @@ impl App {
             &shutdown,
         )?;
         tasks.spawn(tick_loop(self.engine.clone(), self.tick, shutdown.clone()));
+        tasks.spawn(crate::sentinel::watch(self.engine.clone(), self.redis.clone(), SENTINEL_EVERY, shutdown.clone()));
         // Workers may not run XGROUP DELCONSUMER (it would let one drop a peer's task):
         // the orchestrator prunes their groups' idle consumers for them.
         let worker_groups = Role::ALL

@@ -15,6 +15,7 @@
 //! - [`providers`]: the models behind the tool proxy's `llm.complete`: OpenAI-compatible, Anthropic, scripted.
 //! - [`refusals`]: the per-sender rate limit on audited refusals (junk cannot grow the audit trail).
 //! - [`risk`]: the risk matrix (`config/risk_matrix.toml`): action levels, their rules, role grants.
+//! - [`sentinel`]: noticing that Redis lost its data, and re-issuing every open step at once.
 //! - [`lease`]: capability leases (JWT) minted per assignment and checked on every tool request.
 //! - [`proxy`]: the tool proxy (`llm.complete` metered by the budget ledger) and the push of approved tasks.
 //! - [`gitops`]: `git.push_branch`: apply the approved diff to a fresh clone, push `agentfleet/task-<id>`.
@@ -37,6 +38,7 @@ pub mod proxy;
 pub mod refusals;
 pub mod repos;
 pub mod risk;
+pub mod sentinel;
 pub mod service;
 pub mod state;
 pub mod tasks;

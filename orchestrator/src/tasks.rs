@@ -779,6 +779,54 @@ impl Engine {
         Ok(())
     }
 
+    /// Redis lost its data, and every assignment and kill record with it: clears the
+    /// working steps' assignments so that the next tick issues each one again under the
+    /// current epoch (within a tick, not at the step deadline), tells the budget manager
+    /// the kill state again if the fleet is halted, and audits it. Results for the lost
+    /// assignments that still arrive are refused as stale. Returns how many steps.
+    pub async fn reissue_after_redis_loss(&self, detail: &str) -> Result<u64, EngineError> {
+        let me = self.me();
+        let mut tx = self.pool.begin().await?;
+        let (epoch, halted, reason): (i64, bool, Option<String>) =
+            sqlx::query_as("SELECT kill_epoch, halted, reason FROM fleet_state FOR UPDATE").fetch_one(&mut *tx).await?;
+        let cleared = sqlx::query(
+            "UPDATE tasks SET assignment_id = NULL, not_before = now()
+             WHERE state IN ('dev', 'qa', 'review', 'refactor') AND assignment_id IS NOT NULL",
+        )
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        let audit = me.entry(
+            "fleet.redis_lost",
+            None,
+            json!({"detail": detail, "reissued_steps": cleared, "epoch": epoch, "halted": halted}),
+        );
+        audit::append(&mut tx, &self.audit_key, audit).await?;
+        if epoch > 0 {
+            // The kill record went too: every process that reads it afresh would take epoch 0
+            // and have its envelopes refused as stale. The budget manager writes it again on
+            // a pause at the same epoch (and pauses every role); a running fleet is resumed
+            // at once under that epoch (the budget manager alerts both, which an operator
+            // should hear about after losing Redis's data).
+            let budget = StreamName::control(Role::Budget);
+            let pause = envelope::ControlPause {
+                epoch: epoch as u64,
+                reason: if halted {
+                    reason.unwrap_or_else(|| "kill switch (restored after Redis lost its data)".into())
+                } else {
+                    "restoring the kill record after Redis lost its data".into()
+                },
+            };
+            self.enqueue(&mut tx, &budget, Role::Budget, None, None, pause.into()).await?;
+            if !halted {
+                let resume = envelope::ControlResume { epoch: epoch as u64 };
+                self.enqueue(&mut tx, &budget, Role::Budget, None, None, resume.into()).await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(cleared)
+    }
+
     /// The fleet's kill state: (epoch, halted).
     pub async fn fleet_state(&self) -> Result<(u64, bool), EngineError> {
         let (epoch, halted): (i64, bool) =

@@ -32,6 +32,12 @@ pub fn ring(role: Role) -> Keyring {
     Keyring::derive(&master(), Process::Role(role), &PermissionTable::parse(PERMISSIONS).unwrap()).unwrap()
 }
 
+/// `frame` from `stream`, verified as `role`'s process would.
+pub fn verify_as(role: Role, stream: &str, frame: &[u8]) -> Verified {
+    let ctx = VerifyContext { now_ms: bus::now_ms(), kill_epoch: 0 };
+    verifier(role).verify(stream, frame, ctx, &mut MemoryReplayGuard::new()).unwrap()
+}
+
 fn verifier(role: Role) -> Verifier {
     Verifier::new(ring(role), PermissionTable::parse(PERMISSIONS).unwrap(), VerifierConfig::default())
 }
@@ -42,6 +48,8 @@ pub struct App {
     pub engine: Engine,
     pub keys: TokenKeys,
     pub pool: PgPool,
+    /// A pool on the Redis the API uses.
+    pub redis: deadpool_redis::Pool,
     _redis: RedisServer,
     _pg: Postgres,
 }
@@ -58,12 +66,13 @@ pub async fn app(tune: impl FnOnce(&mut EngineConfig)) -> App {
     let engine =
         Engine::new(pool.clone(), Arc::new(ring(Role::Orchestrator)), AuditKey::new(vec![7; 32]).unwrap(), cfg);
     let redis_pool = bus::pool(&SecretString::from(redis.url()), 4, Duration::from_secs(1)).unwrap();
-    let state = ApiState::new(engine.clone(), redis_pool, &ApiConfig::new(SecretString::from(SECRET))).unwrap();
+    let state = ApiState::new(engine.clone(), redis_pool.clone(), &ApiConfig::new(SecretString::from(SECRET))).unwrap();
     App {
         router: api::router(state),
         engine,
         keys: TokenKeys::new(&SecretString::from(SECRET)).unwrap(),
         pool,
+        redis: redis_pool,
         _redis: redis,
         _pg: pg,
     }
