@@ -4,8 +4,9 @@
 #   30 tasks are submitted to one dev worker; dev workers are scaled 1 -> 4; a dev worker
 #   container is `docker kill`ed while tasks are in flight; Redis's container is cut off
 #   its network for 10 s and reconnected; Redis's container is killed and started again
-#   (its append-only file keeps the streams); Postgres's container is restarted; dev
-#   workers are scaled 4 -> 1.
+#   (its append-only file keeps the streams); Redis loses all its data (FLUSHALL) and the
+#   orchestrator re-issues the open steps; Postgres's container is restarted; dev workers
+#   are scaled 4 -> 1.
 #
 # Then it checks: every task ended `merged`, each pushed exactly one branch, `fleetctl
 # audit verify` passes, fleet:dlq is empty, and no sandbox container is left. It runs as
@@ -144,6 +145,13 @@ say "Redis killed (SIGKILL) and started again: the append-only file keeps the st
 docker kill "${p}_redis_1" >/dev/null
 docker start "${p}_redis_1" >/dev/null
 wait_merged_at_least 12
+echo "states: $(states)"
+
+say "Redis loses its data (FLUSHALL as the admin user, as a lost volume would): re-issued within seconds"
+REDISCLI_AUTH=$(sed -n 's/^admin *= *"\([0-9a-f]*\)"/\1/p' "$state/secrets/redis-secrets.toml") \
+    docker exec -e REDISCLI_AUTH "${p}_redis_1" \
+    redis-cli --tls --cacert /run/secrets/ca.crt -h 127.0.0.1 --user admin --no-auth-warning FLUSHALL
+wait_merged_at_least 14
 echo "states: $(states)"
 
 say "Postgres restarted"
