@@ -129,8 +129,10 @@ say "dev workers 1 -> 4"
 wait_merged_at_least 3
 echo "states: $(states)"
 
-say "docker kill a dev worker container mid-run (its restart policy brings it back under the same name)"
+say "docker kill a dev worker container mid-run, then start it again: it takes back its own name and its pending task"
 docker kill "${p}_dev-worker_2" >/dev/null
+sleep 3
+docker start "${p}_dev-worker_2" >/dev/null
 wait_merged_at_least 6
 echo "states: $(states)"
 
