@@ -152,7 +152,7 @@ crates=()
 for name in "${binaries[@]}"; do
     if wanted "$name"; then
         case "$name" in
-            *-worker|sandbox-runner) crates+=(-p workers) ;;
+            *-worker|sandbox-runner) [[ " ${crates[*]} " == *" workers "* ]] || crates+=(-p workers) ;;
             *) crates+=(-p "$name") ;;
         esac
     fi
