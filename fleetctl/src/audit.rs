@@ -76,8 +76,9 @@ pub enum KeyCommand {
 pub struct VerifyArgs {
     /// The database, `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE`. Never printed:
     /// messages name only host:port.
+    /// Or FLEET_DATABASE_URL_FILE, a file holding it.
     #[arg(long, value_name = "URL", env = "FLEET_DATABASE_URL", hide_env_values = true, value_parser = parse_secret)]
-    pub database_url: secrecy::SecretString,
+    pub database_url: Option<secrecy::SecretString>,
 
     /// The audit key file (hex, at least 32 bytes), as given to the orchestrator.
     #[arg(long, value_name = "FILE")]
@@ -107,7 +108,13 @@ pub fn run(cmd: AuditCommand) -> anyhow::Result<()> {
 
 fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
     let key = load_key(&args.audit_key_file)?;
-    let db = Database::parse(&args.database_url)?;
+    let db = Database::parse(
+        &crate::files::secret_or_file(args.database_url.clone(), "FLEET_DATABASE_URL")?.ok_or_else(|| {
+            UsageError::new(
+                "no database URL: pass --database-url, or set FLEET_DATABASE_URL or FLEET_DATABASE_URL_FILE",
+            )
+        })?,
+    )?;
     let report = runtime()?.block_on(async {
         let pool = db.connect().await?;
         let report = orchestrator::audit::verify(&pool, &key)

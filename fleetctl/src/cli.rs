@@ -410,17 +410,17 @@ pub struct TailArgs {
     #[arg(long, value_name = "FILE", default_value = "config/permissions.toml")]
     pub permissions: PathBuf,
 
-    /// Redis URL, `redis://[USER:PASSWORD@]HOST[:PORT]`. Never printed: messages name only
+    /// Redis URL, `redis://[USER:PASSWORD@]HOST[:PORT]` [default: redis://127.0.0.1:6379], or
+    /// FLEET_REDIS_URL_FILE, a file holding it. Never printed: messages name only
     /// host:port.
     #[arg(
         long,
         value_name = "URL",
         env = "FLEET_REDIS_URL",
         hide_env_values = true,
-        default_value = "redis://127.0.0.1:6379",
         value_parser = parse_secret
     )]
-    pub redis: secrecy::SecretString,
+    pub redis: Option<secrecy::SecretString>,
 
     /// PEM file of the CA that signs the Redis server's certificate, for rediss:// URLs
     /// (default: the system's roots).

@@ -75,9 +75,9 @@ pub struct Client {
 impl Client {
     /// A client for `args`; no token is a usage error.
     pub fn new(args: &ApiArgs) -> anyhow::Result<Self> {
-        let Some(token) = args.token.clone() else {
+        let Some(token) = crate::files::secret_or_file(args.token.clone(), "FLEET_TOKEN")? else {
             return Err(UsageError::new(
-                "no API token: pass --token or set FLEET_TOKEN (an admin issues tokens with `fleetctl token issue`)",
+                "no API token: pass --token, or set FLEET_TOKEN or FLEET_TOKEN_FILE (an admin issues tokens with `fleetctl token issue`)",
             )
             .into());
         };

@@ -41,8 +41,9 @@ pub enum DbCommand {
 pub struct MigrateArgs {
     /// The database, `postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE`, as its owner. Never
     /// printed: messages name only host:port.
+    /// Or FLEET_DATABASE_URL_FILE, a file holding it.
     #[arg(long, value_name = "URL", env = "FLEET_DATABASE_URL", hide_env_values = true, value_parser = parse_secret)]
-    pub database_url: SecretString,
+    pub database_url: Option<SecretString>,
 }
 
 /// Takes a secret as it is: a parse error here would make clap quote the value.
@@ -58,7 +59,13 @@ pub fn run(cmd: DbCommand) -> anyhow::Result<()> {
 }
 
 fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
-    let db = Database::parse(&args.database_url)?;
+    let db = Database::parse(
+        &crate::files::secret_or_file(args.database_url.clone(), "FLEET_DATABASE_URL")?.ok_or_else(|| {
+            UsageError::new(
+                "no database URL: pass --database-url, or set FLEET_DATABASE_URL or FLEET_DATABASE_URL_FILE",
+            )
+        })?,
+    )?;
     let report = runtime()?.block_on(async {
         let pool = db.connect().await?;
         let before = applied(&db, &pool).await?;

@@ -19,6 +19,39 @@ use crate::exit::UsageError;
 /// Mode of every file `fleetctl` writes: they all hold secrets.
 pub const SECRET_MODE: u32 = 0o600;
 
+/// A secret given by flag or `var` (`value`, from clap), else read from the file named by
+/// `<var>_FILE` (Docker and Kubernetes secrets), one trailing newline dropped. Both set is
+/// refused: which one was meant is not ours to guess.
+pub fn secret_or_file(
+    value: Option<secrecy::SecretString>,
+    var: &str,
+) -> Result<Option<secrecy::SecretString>, UsageError> {
+    let file_var = format!("{var}_FILE");
+    let Some(path) = std::env::var_os(&file_var).filter(|p| !p.is_empty()) else { return Ok(value) };
+    if value.is_some() {
+        return Err(UsageError::new(format!(
+            "both {file_var} and the value itself (its flag or {var}) are given: give one"
+        )));
+    }
+    let text = read_input(
+        Path::new(&path),
+        &format!("the secret file in {file_var}"),
+        "mount the secret there or unset the variable",
+    )?;
+    let text = text.strip_suffix('\n').unwrap_or(&text);
+    let text = text.strip_suffix('\r').unwrap_or(text);
+    if text.is_empty() {
+        return Err(UsageError::new(format!("the secret file in {file_var} is empty")));
+    }
+    Ok(Some(secrecy::SecretString::from(text.to_owned())))
+}
+
+/// The Redis URL of `tail` and `status`: flag, `FLEET_REDIS_URL`, `FLEET_REDIS_URL_FILE`,
+/// else a local server.
+pub fn redis_url(value: Option<secrecy::SecretString>) -> Result<secrecy::SecretString, UsageError> {
+    Ok(secret_or_file(value, "FLEET_REDIS_URL")?.unwrap_or_else(|| "redis://127.0.0.1:6379".into()))
+}
+
 /// Reads a text file the operator named. Any failure is a [`UsageError`] that names the
 /// file, the cause and `hint` (what to do about it).
 pub fn read_input(path: &Path, what: &str, hint: &str) -> Result<Zeroizing<String>, UsageError> {

@@ -53,16 +53,16 @@ pub struct StatusArgs {
     pub window: u64,
 
     /// Redis URL, `redis://[USER:PASSWORD@]HOST[:PORT]` (the read-only `operator` user is
-    /// enough). Never printed.
+    /// enough) [default: redis://127.0.0.1:6379], or FLEET_REDIS_URL_FILE, a file holding it.
+    /// Never printed.
     #[arg(
         long,
         value_name = "URL",
         env = "FLEET_REDIS_URL",
         hide_env_values = true,
-        default_value = "redis://127.0.0.1:6379",
         value_parser = |v: &str| Ok::<_, std::convert::Infallible>(secrecy::SecretString::from(v))
     )]
-    pub redis: secrecy::SecretString,
+    pub redis: Option<secrecy::SecretString>,
 
     /// PEM file of the CA that signs the Redis server's certificate, for rediss:// URLs
     /// (default: the system's roots).
@@ -459,7 +459,7 @@ pub fn command(args: StatusArgs) -> anyhow::Result<()> {
         .build()
         .context("Failed to start the async runtime")?;
     let status = runtime.block_on(gather(
-        bus::RedisEndpoint::new(args.redis.clone(), args.redis_ca.as_deref())
+        bus::RedisEndpoint::new(crate::files::redis_url(args.redis.clone())?, args.redis_ca.as_deref())
             .map_err(|e| UsageError::new(format!("--redis / --redis-ca: {e}")))?,
         &verifier,
         ledger,

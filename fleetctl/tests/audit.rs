@@ -165,6 +165,29 @@ async fn an_intact_trail_verifies_and_a_tampered_one_names_the_row() {
     );
     from_env.assert_code(0);
     assert_eq!(from_env.stdout, "intact: 4 rows\n");
+    // Or from a secrets file (Docker and Kubernetes secrets), with its trailing newline.
+    std::fs::write(f.dir.path().join("database-url"), format!("{}\n", f.url)).unwrap();
+    let from_file = fleetctl_env(
+        f.dir.path(),
+        &["audit", "verify", "--audit-key-file", "audit.key"],
+        &[("FLEET_DATABASE_URL_FILE", "database-url")],
+    );
+    from_file.assert_code(0);
+    assert_eq!(from_file.stdout, "intact: 4 rows\n");
+    let both = fleetctl_env(
+        f.dir.path(),
+        &["audit", "verify", "--audit-key-file", "audit.key"],
+        &[("FLEET_DATABASE_URL_FILE", "database-url"), ("FLEET_DATABASE_URL", &f.url)],
+    );
+    both.assert_code(EX_USAGE);
+    assert!(both.stderr.contains("both FLEET_DATABASE_URL_FILE and the value itself"), "{}", both.stderr);
+    let missing = fleetctl_env(
+        f.dir.path(),
+        &["audit", "verify", "--audit-key-file", "audit.key"],
+        &[("FLEET_DATABASE_URL_FILE", "no-such-file")],
+    );
+    missing.assert_code(EX_USAGE);
+    assert!(missing.stderr.contains("FLEET_DATABASE_URL_FILE"), "{}", missing.stderr);
     let json: Value = serde_json::from_str(&f.verify(&["--json"]).stdout).unwrap();
     assert_eq!(json, json!({"intact": true, "rows": 4, "broken": null}));
 

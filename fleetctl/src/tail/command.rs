@@ -23,7 +23,8 @@ pub fn command(args: TailArgs) -> anyhow::Result<()> {
     opts.from_start = args.from_start;
     opts.count = args.count;
     opts.json = args.json;
-    let redis = RedisEndpoint::parse(&args.redis, args.redis_ca.as_deref(), opts.block)?;
+    let redis =
+        RedisEndpoint::parse(&crate::files::redis_url(args.redis.clone())?, args.redis_ca.as_deref(), opts.block)?;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
