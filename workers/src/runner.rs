@@ -23,7 +23,7 @@
 //! is killed and removed.
 //!
 //! # Layout
-//! - [`Request`], [`Response`]: the wire.
+//! - [`Request`], [`Response`]: the wire ([`RunOutput`] travels as it is).
 //! - [`RunnerPolicy`], [`serve`]: the runner's side.
 //! - [`RunnerClient`]: the workers' side, behind [`crate::sandbox::Sandbox`].
 
@@ -96,56 +96,12 @@ pub struct RunRequest {
 pub enum Response {
     Pong,
     Prepared,
-    Ran(RunResult),
+    Ran(RunOutput),
     Removed(usize),
     /// The request broke the runner's rules (the reason says which); nothing was run.
     Refused(String),
     /// The engine failed.
     Failed(String),
-}
-
-/// [`RunOutput`] on the wire.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RunResult {
-    pub exit_code: Option<i64>,
-    #[serde(with = "serde_bytes")]
-    pub output: Vec<u8>,
-    pub truncated: bool,
-    pub timed_out: bool,
-    pub oom_killed: bool,
-    pub cancelled: bool,
-    pub disk_limit_exceeded: bool,
-    pub duration_ms: u64,
-}
-
-impl From<RunOutput> for RunResult {
-    fn from(o: RunOutput) -> Self {
-        Self {
-            exit_code: o.exit_code,
-            output: o.output,
-            truncated: o.truncated,
-            timed_out: o.timed_out,
-            oom_killed: o.oom_killed,
-            cancelled: o.cancelled,
-            disk_limit_exceeded: o.disk_limit_exceeded,
-            duration_ms: o.duration.as_millis() as u64,
-        }
-    }
-}
-
-impl From<RunResult> for RunOutput {
-    fn from(r: RunResult) -> Self {
-        Self {
-            exit_code: r.exit_code,
-            output: r.output,
-            truncated: r.truncated,
-            timed_out: r.timed_out,
-            oom_killed: r.oom_killed,
-            cancelled: r.cancelled,
-            disk_limit_exceeded: r.disk_limit_exceeded,
-            duration: Duration::from_millis(r.duration_ms),
-        }
-    }
 }
 
 async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Vec<u8>> {
@@ -386,7 +342,7 @@ async fn handle(
                 let result = engine.run(spec, &cancel).await;
                 watcher.abort();
                 let response = match result {
-                    Ok(output) => Response::Ran(output.into()),
+                    Ok(output) => Response::Ran(output),
                     Err(e) => Response::Failed(e.to_string()),
                 };
                 if let Err(e) = write_frame(&mut write, &response).await {
@@ -425,6 +381,14 @@ fn prepare(policy: &RunnerPolicy, name: &str) -> Result<(), String> {
     // The worker (another uid) fills it; the sandbox user writes it.
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777))
         .map_err(|e| format!("cannot chmod {name}: {e}"))
+}
+
+/// The name under the runner's root of a worker's workspace directory (its last component).
+pub(crate) fn workspace_name(workspace: &Path) -> Result<&str, SandboxError> {
+    workspace
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| SandboxError::InvalidSpec(format!("workspace {} has no name", workspace.display())))
 }
 
 /// The workers' side: one connection per request to the runner's socket.
@@ -470,12 +434,7 @@ impl RunnerClient {
     /// directory directly under the runner's root; cancelling closes the request's write
     /// side, and the runner kills the container and reports the run as cancelled.
     pub async fn run(&self, spec: RunSpec, cancel: &CancellationToken) -> Result<RunOutput, SandboxError> {
-        let name = spec
-            .workspace
-            .file_name()
-            .and_then(|n| n.to_str())
-            .ok_or_else(|| SandboxError::InvalidSpec(format!("workspace {} has no name", spec.workspace.display())))?
-            .to_owned();
+        let name = workspace_name(&spec.workspace)?.to_owned();
         let request = Request::Run(RunRequest {
             command: spec.command,
             workspace: name,
@@ -500,7 +459,7 @@ impl RunnerClient {
         };
         let body = answer.map_err(|e| self.protocol(format!("gave no result ({e})")))?;
         match rmp_serde::from_slice(&body).map_err(|e| self.protocol(format!("answered something unreadable ({e})")))? {
-            Response::Ran(result) => Ok(result.into()),
+            Response::Ran(output) => Ok(output),
             other => Err(unexpected(other)),
         }
     }

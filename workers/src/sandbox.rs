@@ -223,11 +223,13 @@ impl std::fmt::Debug for RunSpec {
 }
 
 /// What a run produced.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Serialized as is on the sandbox runner's wire (`crate::runner`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RunOutput {
     /// The exit code the engine recorded (137 after a SIGKILL); `None` if it never ran.
     pub exit_code: Option<i64>,
     /// stdout and stderr interleaved in arrival order, at most `output_cap_bytes`.
+    #[serde(with = "serde_bytes")]
     pub output: Vec<u8>,
     /// True if output past the cap was dropped.
     pub truncated: bool,
@@ -241,7 +243,23 @@ pub struct RunOutput {
     /// container was killed; what it wrote is still there (the caller resets it).
     pub disk_limit_exceeded: bool,
     /// Wall-clock time from creating the container to having removed it.
+    #[serde(with = "millis")]
     pub duration: Duration,
+}
+
+/// A duration as whole milliseconds.
+mod millis {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
 }
 
 impl RunOutput {
@@ -371,12 +389,7 @@ impl Sandbox {
     pub async fn prepare_workspace(&self, workspace: &Path) -> Result<(), SandboxError> {
         match &self.backend {
             Backend::Engine(_) => Ok(()),
-            Backend::Runner(runner) => {
-                let name = workspace.file_name().and_then(|n| n.to_str()).ok_or_else(|| {
-                    SandboxError::InvalidSpec(format!("workspace {} has no name", workspace.display()))
-                })?;
-                runner.prepare(name).await
-            }
+            Backend::Runner(runner) => runner.prepare(crate::runner::workspace_name(workspace)?).await,
         }
     }
 

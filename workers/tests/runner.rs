@@ -29,7 +29,8 @@ async fn image() -> String {
 
 /// A runner serving a socket in a temp dir, over its own workspace root.
 struct Runner {
-    dir: tempfile::TempDir,
+    /// Kept for its lifetime: the socket and the workspace root live in it.
+    _dir: tempfile::TempDir,
     socket: PathBuf,
     root: PathBuf,
     stop: CancellationToken,
@@ -55,7 +56,7 @@ impl Runner {
         let listener = tokio::net::UnixListener::bind(&socket).unwrap();
         let stop = CancellationToken::new();
         tokio::spawn(workers::runner::serve(listener, engine, Arc::new(policy), stop.clone()));
-        Self { dir, socket, root, stop }
+        Self { _dir: dir, socket, root, stop }
     }
 
     fn labels(&self, instance: &str) -> SandboxLabels {
@@ -66,7 +67,6 @@ impl Runner {
 impl Drop for Runner {
     fn drop(&mut self) {
         self.stop.cancel();
-        let _ = &self.dir;
     }
 }
 
