@@ -848,6 +848,7 @@ impl BenchEnvelopes {
             diff: None,
             log: None,
             change_sha256: None,
+            calls: Vec::new(),
         };
         Envelope::new(self.sender.clone(), Role::Orchestrator, bus::now_ms(), 60_000, 0, payload.into())
     }

@@ -368,6 +368,27 @@ fn is_ci_path(path: &str) -> bool {
     DIRS.iter().any(|d| lower.starts_with(d)) || FILES.contains(&lower.as_str())
 }
 
+/// Whether writing `path` changes how git shows or applies files, how the repository is
+/// built and deployed, or what the fleet itself runs; `Some(what)` names it. Review refuses
+/// such a change and the agents' write tools refuse such a path, each unless the task's
+/// scope names the exact path.
+pub fn protected(path: &str) -> Option<&'static str> {
+    let name = basename(path);
+    if name.eq_ignore_ascii_case(".gitattributes") {
+        return Some("git attributes file, which changes how git shows and applies files");
+    }
+    if name.eq_ignore_ascii_case(".gitmodules") {
+        return Some("submodule definition");
+    }
+    if is_ci_path(path) {
+        return Some("CI/CD configuration");
+    }
+    if path.to_ascii_lowercase().starts_with(".agentfleet/") {
+        return Some("the repository's agentfleet scripts, which the fleet itself runs");
+    }
+    None
+}
+
 fn basename(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or(path)
 }
@@ -392,18 +413,8 @@ pub fn hidden_findings(files: &[FileChange], scope: &[String]) -> Vec<String> {
             flag(shown, "binary patch, which no review can read");
         }
         for p in f.paths() {
-            let name = basename(p);
-            if name.eq_ignore_ascii_case(".gitattributes") {
-                flag(p, "git attributes file, which changes how git shows and applies files");
-            }
-            if name.eq_ignore_ascii_case(".gitmodules") {
-                flag(p, "submodule definition");
-            }
-            if is_ci_path(p) {
-                flag(p, "CI/CD configuration");
-            }
-            if p.to_ascii_lowercase().starts_with(".agentfleet/") {
-                flag(p, "the repository's agentfleet scripts, which the fleet itself runs");
+            if let Some(what) = protected(p) {
+                flag(p, what);
             }
         }
         if f.old_mode == Some(MODE_GITLINK) || f.new_mode == Some(MODE_GITLINK) {

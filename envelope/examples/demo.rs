@@ -35,6 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         diff: Some(b"--- a/app.py\n+++ b/app.py\n@@ -1 +1,2 @@\n+validate(user)\n".to_vec()),
         log: None,
         change_sha256: None,
+        calls: Vec::new(),
     };
     let env = Envelope::new(me.clone(), Role::Orchestrator, now, 60_000, 0, result.into());
     let wire = dev.seal(&env)?;

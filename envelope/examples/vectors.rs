@@ -74,6 +74,7 @@ fn dev_result(n: u8) -> Envelope {
             diff: None,
             log: None,
             change_sha256: None,
+            calls: Vec::new(),
         },
     )
 }
@@ -159,6 +160,7 @@ fn main() {
         diff: Some(b"--- a/app.py\n+++ b/app.py\n".to_vec()),
         log: Some(b"FAILED test_login\n".to_vec()),
         change_sha256: None,
+        calls: Vec::new(),
     }
     .into();
 
@@ -324,6 +326,7 @@ fn main() {
                 diff: None,
                 log: None,
                 change_sha256: None,
+                calls: Vec::new(),
             },
         )
         .expect("payload");

@@ -219,6 +219,39 @@ pub struct TaskResult {
     /// counts only for that change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub change_sha256: Option<String>,
+    /// The agent's tool calls in this step, in order, each with the verdict the worker's
+    /// policy gave it (Dev, Review, Refactor). The orchestrator audits every refused call.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub calls: Vec<ToolCallRecord>,
+}
+
+/// One tool call an agent made, as the worker's policy judged it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolCallRecord {
+    /// The tool the model called (`read_file`, `edit_file`, ...), as the model named it.
+    pub tool: String,
+    /// Its arguments, shortened for the record (never file contents).
+    pub args: String,
+    /// `ok`, `refused` (the policy said no; it never ran) or `failed` (it ran and failed).
+    pub verdict: CallVerdict,
+    /// Why it was refused or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// How long it took, milliseconds.
+    pub ms: u64,
+}
+
+/// What became of a [`ToolCallRecord`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallVerdict {
+    /// Allowed and done.
+    Ok,
+    /// Refused by the policy before it ran.
+    Refused,
+    /// Allowed, but it failed (a missing file, an edit that did not match).
+    Failed,
 }
 
 /// `heartbeat`: a worker is alive.

@@ -27,7 +27,7 @@ pub mod wire;
 
 pub use body::{
     ControlPause, ControlResume, Envelope, Heartbeat, Outcome, Payload, Question, Sender, Status, TaskAssign,
-    TaskResult, ToolRequest, ToolResponse, Usage,
+    TaskResult, ToolCallRecord, CallVerdict, ToolRequest, ToolResponse, Usage,
 };
 pub use keys::{Edge, KeyError, Keyring, Keyset, KeysetEntry, Kid, MasterFile, MasterSecret, Process};
 pub use names::{Instance, MessageType, Role, StreamName, streams};

@@ -182,6 +182,7 @@ fn result(role: Role, summary: &str, issued_at_ms: u64) -> Envelope {
         diff: None,
         log: None,
         change_sha256: None,
+        calls: Vec::new(),
     };
     Envelope::new(sender(role, &format!("{role}-1")), Role::Orchestrator, issued_at_ms, 60_000, 0, payload.into())
 }

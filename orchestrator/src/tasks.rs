@@ -222,6 +222,9 @@ fn task_from_row(r: &sqlx::postgres::PgRow) -> Result<Task, sqlx::Error> {
     })
 }
 
+/// Refused tool calls of one result audited one row each; the rest are counted in one row.
+const MAX_REFUSED_AUDITED: usize = 64;
+
 const TASK_COLUMNS: &str = "id, state, resume_state, title, spec, risk, attempt, retries, assignment_id, assigned_to, deadline_at, submitted_by, created_at, updated_at";
 
 /// What applying a worker's result did.
@@ -528,7 +531,32 @@ impl Engine {
         record_change(&mut tx, task_id, env.from.role, result.status, diff.as_deref(), current_change.as_deref())
             .await?;
         let actor = Actor::of(env);
-        let detail = json!({"status": status_str(result.status), "summary": cut(&result.summary, 500), "attempt": result.attempt});
+        // Every tool call the worker's policy refused is audited with the step, so the trail
+        // names each attempt (a prompt injection obeyed, a tool the role lacks). A result
+        // carries at most a few hundred; past MAX_REFUSED_AUDITED one row counts the rest.
+        let refused: Vec<&envelope::ToolCallRecord> =
+            result.calls.iter().filter(|c| c.verdict == envelope::CallVerdict::Refused).collect();
+        for c in refused.iter().take(MAX_REFUSED_AUDITED) {
+            let detail = json!({
+                "tool": cut(&c.tool, 64),
+                "args": cut(&c.args, 200),
+                "reason": cut(c.reason.as_deref().unwrap_or(""), 300),
+                "attempt": result.attempt,
+                "envelope_id": env.id.to_string(),
+            });
+            audit::append(&mut tx, &self.audit_key, actor.entry("tool.call.refused", Some(task_id), detail)).await?;
+        }
+        if refused.len() > MAX_REFUSED_AUDITED {
+            let detail = json!({"more": refused.len() - MAX_REFUSED_AUDITED, "envelope_id": env.id.to_string()});
+            audit::append(&mut tx, &self.audit_key, actor.entry("tool.call.refused.more", Some(task_id), detail)).await?;
+        }
+        let detail = json!({
+            "status": status_str(result.status),
+            "summary": cut(&result.summary, 500),
+            "attempt": result.attempt,
+            "tool_calls": result.calls.len(),
+            "refused_calls": refused.len(),
+        });
         let outcome = Outcome { role: env.from.role, status: result.status, error_kind: None };
         self.enqueue(
             &mut tx,

@@ -97,6 +97,7 @@ fn result_for(assign: &Verified, role: Role, status: Status, findings: &[&str]) 
             diff: (role == Role::Dev).then(|| b"--- a\n+++ b\n".to_vec()),
             log: None,
             change_sha256: judged,
+            calls: Vec::new(),
         }
         .into(),
     );

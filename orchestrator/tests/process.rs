@@ -95,6 +95,7 @@ async fn answer(pool: &PgPool, redis_url: &str, id: Uuid, role: Role) {
             diff: None,
             log: None,
             change_sha256: None,
+            calls: Vec::new(),
         }
         .into(),
     );

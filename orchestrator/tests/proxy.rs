@@ -301,6 +301,7 @@ async fn a_lease_dies_with_its_step_and_a_task_over_budget_is_blocked() {
             diff: None,
             log: None,
             change_sha256: None,
+            calls: Vec::new(),
         }
         .into(),
     );
@@ -399,6 +400,7 @@ fn dev_result(instance: &str, assign: &Verified, diff: &str) -> Verified {
         diff: Some(diff.as_bytes().to_vec()),
         log: None,
         change_sha256: None,
+        calls: Vec::new(),
     };
     from_worker(instance, Role::Dev, assign, streams::RESULTS, result.into())
 }
@@ -676,6 +678,7 @@ async fn an_approved_task_is_pushed_and_merged_by_the_push_loop() {
                 diff: (role == Role::Dev).then(|| FIX.as_bytes().to_vec()),
                 log: None,
                 change_sha256: (role != Role::Dev).then(|| changeset::ChangeId::of(FIX.as_bytes()).to_string()),
+                calls: Vec::new(),
             }
             .into(),
         );
@@ -761,6 +764,7 @@ async fn result(f: &Fleet, task: Uuid, role: Role, diff: Option<&str>, judged: O
             diff: diff.map(|d| d.as_bytes().to_vec()),
             log: None,
             change_sha256: judged.map(|b| changeset::ChangeId::of(b).to_string()),
+            calls: Vec::new(),
         }
         .into(),
     );

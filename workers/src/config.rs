@@ -8,6 +8,7 @@
 //! redis_url = "redis://dev:…@127.0.0.1:6379"   # or FLEET_REDIS_URL (wins)
 //! keyset = "secrets/dev.keyset.toml"            # fleetctl keys derive --process dev
 //! permissions = "config/permissions.toml"       # default
+//! agents = "config/agents.toml"                 # the agents' tools and limits; built in when unset
 //! instance = "dev-1"                            # default <role>-<hostname>-<slot>, stable across restarts
 //! workspace_root = "/workspace"                 # default; assignments outside it are refused
 //! heartbeat_secs = 5
@@ -50,6 +51,8 @@ struct FileConfig {
     /// The permission table every verifier checks against.
     #[serde(default = "default_permissions")]
     permissions: PathBuf,
+    /// What each role's model may do (`config/agents.toml`); the built-in copy when unset.
+    agents: Option<PathBuf>,
     /// This process's name: its consumer name in the role's group and the suffix of its
     /// tool-response stream. Must stay the same across restarts of one process slot, so a
     /// restarted worker finds its own pending entries.
@@ -163,6 +166,8 @@ pub struct WorkerConfig {
     pub grace: Duration,
     /// The sandbox settings.
     pub sandbox: SandboxConfig,
+    /// The agents' grants and limits (`agents`).
+    pub agents: std::sync::Arc<crate::agent::policy::AgentsFile>,
     /// The task consumer's tunables.
     pub consumer: ConsumerTunables,
 }
@@ -303,6 +308,15 @@ impl WorkerConfig {
             "set `permissions` to config/permissions.toml",
         )?)
         .map_err(|e| ConfigError(format!("setting `permissions`: {e}")))?;
+        let agents = match &file.agents {
+            None => crate::agent::policy::AgentsFile::parse(crate::agent::policy::BUILT_IN)
+                .map_err(|e| ConfigError(format!("the built-in agents file: {e}")))?,
+            Some(p) => {
+                let p = resolve(p);
+                crate::agent::policy::AgentsFile::parse(&read(&p, "agents file", "set `agents` to config/agents.toml or leave it unset")?)
+                    .map_err(|e| ConfigError(format!("setting `agents` ('{}'): {e}", p.display())))?
+            }
+        };
         for (name, v) in [
             ("heartbeat_secs", file.heartbeat_secs),
             ("tool_timeout_secs", file.tool_timeout_secs),
@@ -335,6 +349,7 @@ impl WorkerConfig {
             instance_slot,
             grace: Duration::from_secs(file.grace_secs),
             sandbox: file.sandbox,
+            agents: std::sync::Arc::new(agents),
             consumer: file.consumer,
         })
     }

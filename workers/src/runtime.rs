@@ -140,6 +140,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Resu
             workspace_root: cfg.workspace_root,
             git_timeout: cfg.git_timeout,
             git_output_cap: cfg.git_output_cap,
+            agents: cfg.agents.clone(),
             group: role.as_str().to_owned(),
             keep_alive_every: consumer_cfg.claim_idle / 4,
             shutdown: shutdown.clone(),
@@ -276,6 +277,7 @@ struct HandlerInner {
     workspace_root: std::path::PathBuf,
     git_timeout: Duration,
     git_output_cap: usize,
+    agents: Arc<crate::agent::policy::AgentsFile>,
     group: String,
     keep_alive_every: Duration,
     shutdown: CancellationToken,
@@ -378,6 +380,7 @@ impl HandlerInner {
                 instance: self.instance.as_str().to_owned(),
             },
             cancel: cancel.clone(),
+            agents: self.agents.clone(),
         };
         roles::run(self.role, &ctx).await
     }
@@ -449,6 +452,7 @@ impl HandlerInner {
             diff: o.diff,
             log: o.log,
             change_sha256: judged_change(assign_env),
+            calls: o.calls,
         };
         let mut env = Envelope::new(
             Sender { role: self.role, instance: self.instance.clone() },

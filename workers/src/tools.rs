@@ -66,7 +66,7 @@ pub enum ToolError {
     Shutdown,
 }
 
-/// `llm.complete` input.
+/// `llm.complete` input (the contract is in `docs/tool-proxy.md`).
 #[derive(Debug, Clone, Serialize)]
 pub struct CompletionRequest {
     /// The system prompt.
@@ -75,15 +75,57 @@ pub struct CompletionRequest {
     pub messages: Vec<ChatMessage>,
     /// Longest answer, in tokens.
     pub max_tokens: u32,
+    /// The tools offered (name, description, JSON-schema parameters); none: plain text.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<serde_json::Value>,
+    /// A hash of the system prompt and the tool schemas, recorded in the call's audit row.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt_version: Option<String>,
 }
 
-/// One chat message.
+/// One message of the conversation.
 #[derive(Debug, Clone, Serialize)]
 pub struct ChatMessage {
-    /// `user` or `assistant`.
+    /// `user`, `assistant` or `tool`.
     pub role: String,
-    /// The text.
+    /// The text (a tool result's text for `tool`).
     pub content: String,
+    /// The tool calls of an assistant message.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ModelToolCall>,
+    /// The call a `tool` message answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// Whether a `tool` message reports a failure or a refusal.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub is_error: bool,
+}
+
+impl ChatMessage {
+    /// A user message.
+    pub fn user(content: impl Into<String>) -> Self {
+        Self { role: "user".into(), content: content.into(), tool_calls: Vec::new(), tool_call_id: None, is_error: false }
+    }
+    /// The model's earlier answer.
+    pub fn assistant(content: impl Into<String>, tool_calls: Vec<ModelToolCall>) -> Self {
+        Self { role: "assistant".into(), content: content.into(), tool_calls, tool_call_id: None, is_error: false }
+    }
+    /// The result of tool call `id`.
+    pub fn tool(id: impl Into<String>, content: impl Into<String>, is_error: bool) -> Self {
+        Self { role: "tool".into(), content: content.into(), tool_calls: Vec::new(), tool_call_id: Some(id.into()), is_error }
+    }
+}
+
+/// A tool call the model made.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ModelToolCall {
+    /// The provider's id of the call, echoed in the result.
+    pub id: String,
+    /// The tool's name, as the model wrote it.
+    pub name: String,
+    /// The arguments (a JSON string when the model's were not JSON).
+    #[serde(default)]
+    pub arguments: serde_json::Value,
 }
 
 /// `llm.complete` output.
@@ -91,6 +133,12 @@ pub struct ChatMessage {
 pub struct Completion {
     /// The model's answer.
     pub text: String,
+    /// The tools the model called.
+    #[serde(default)]
+    pub tool_calls: Vec<ModelToolCall>,
+    /// Why the model stopped, as the provider said.
+    #[serde(default)]
+    pub finish_reason: Option<String>,
     /// The model that answered.
     #[serde(default)]
     pub model: String,

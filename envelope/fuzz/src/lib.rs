@@ -78,6 +78,7 @@ pub fn seed_envelopes() -> Vec<(&'static str, Envelope)> {
                 diff: None,
                 log: None,
                 change_sha256: None,
+                calls: Vec::new(),
             }),
         );
         env.id = id(1);

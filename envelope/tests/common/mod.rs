@@ -38,6 +38,7 @@ pub fn dev_result(summary_len: usize) -> Envelope {
             diff: None,
             log: None,
             change_sha256: None,
+            calls: Vec::new(),
         }),
     );
     env.task_id = Some(uuid::Uuid::now_v7());

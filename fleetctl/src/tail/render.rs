@@ -534,6 +534,7 @@ mod tests {
             diff: Some(vec![0; 10]),
             log: None,
             change_sha256: None,
+            calls: Vec::new(),
         };
         Envelope::new(
             Sender { role: Role::Dev, instance: Instance::parse("dev-1").unwrap() },

@@ -143,6 +143,7 @@ impl App {
                 diff: (role == Role::Dev).then(|| b"--- a/x\n+++ b/x\n".to_vec()),
                 log: None,
                 change_sha256: judged,
+                calls: Vec::new(),
             }
             .into(),
         );

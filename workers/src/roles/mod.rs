@@ -13,17 +13,15 @@ use envelope::{Role, Status, TaskAssign};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
+use crate::agent::Run;
+use crate::agent::policy::{AgentsFile, Judge};
 use crate::patch::{extract_diff, scope_violation, touched_paths};
 use crate::sandbox::{RunOutput, RunSpec, Sandbox, SandboxLabels};
-use crate::tools::{CallContext, ChatMessage, CompletionRequest, ToolClient, ToolError};
+use crate::tools::{CallContext, ToolClient, ToolError};
 use crate::workspace::Workspace;
 
 /// Largest log sent back in a result.
 pub const LOG_CAP: usize = 32 * 1024;
-/// How much repository text goes into a prompt.
-pub const PROMPT_FILES_BUDGET: usize = 48 * 1024;
-/// The answer length asked of the model.
-pub const MAX_TOKENS: u32 = 4096;
 
 /// Everything a role needs for one assignment.
 #[derive(Debug)]
@@ -44,6 +42,8 @@ pub struct TaskContext {
     pub labels: SandboxLabels,
     /// Cancelled on shutdown: sandbox runs stop at once.
     pub cancel: CancellationToken,
+    /// What each role's model may do.
+    pub agents: std::sync::Arc<AgentsFile>,
 }
 
 /// What a role produced; becomes the `task.result`.
@@ -64,6 +64,8 @@ pub struct Outcome {
     pub refused_assignment: Option<String>,
     /// A question for a human, sent as a `question` envelope before the result.
     pub question: Option<String>,
+    /// The agent's tool calls, judged (audited by the orchestrator when refused).
+    pub calls: Vec<envelope::ToolCallRecord>,
 }
 
 impl Outcome {
@@ -76,6 +78,7 @@ impl Outcome {
             log: None,
             refused_assignment: None,
             question: None,
+            calls: Vec::new(),
         }
     }
     /// The step did its job.
@@ -96,6 +99,16 @@ impl Outcome {
     }
     fn with_log(mut self, log: &[u8]) -> Self {
         self.log = Some(cap_log(log, LOG_CAP));
+        self
+    }
+    /// Adds the loop's transcript and findings.
+    pub fn with_run(mut self, run: &mut Run) -> Self {
+        self.calls.append(&mut run.calls);
+        for f in run.findings.drain(..) {
+            if !self.findings.contains(&f) {
+                self.findings.push(f);
+            }
+        }
         self
     }
 }
@@ -257,48 +270,10 @@ pub async fn restore(ctx: &TaskContext, before: &[u8]) -> Result<(), Outcome> {
     undo.await.map_err(|e| Outcome::error(format!("cannot restore the workspace after the sandbox run: {e}")))
 }
 
-/// The repository as the model sees it: the file list, then the text of files until
-/// [`PROMPT_FILES_BUDGET`] is spent.
-pub async fn repo_snapshot(ctx: &TaskContext) -> String {
-    let files = ctx.workspace.current_files().await.unwrap_or_default();
-    let mut out = String::from("Repository files:\n");
-    for f in &files {
-        out.push_str("  ");
-        out.push_str(f);
-        out.push('\n');
-    }
-    let mut budget = PROMPT_FILES_BUDGET;
-    let mut omitted = Vec::new();
-    out.push_str("\nFile contents:\n");
-    for f in &files {
-        let Some(bytes) = ctx.workspace.read_file(f, budget as u64).await else {
-            omitted.push(f.as_str());
-            continue;
-        };
-        let Ok(text) = String::from_utf8(bytes) else {
-            omitted.push(f.as_str());
-            continue;
-        };
-        if text.contains('\0') {
-            omitted.push(f.as_str());
-            continue;
-        }
-        budget = budget.saturating_sub(text.len());
-        out.push_str(&format!("=== {f} ===\n{text}"));
-        if !text.ends_with('\n') {
-            out.push('\n');
-        }
-    }
-    if !omitted.is_empty() {
-        out.push_str(&format!("(not shown: binary or too large: {})\n", omitted.join(", ")));
-    }
-    out
-}
-
 /// The scope in words, for prompts.
 pub fn scope_text(scope: &[String]) -> String {
     if scope.is_empty() {
-        "You may change any file of the repository (never .git).".into()
+        "You may change any file of the repository (never .git, CI configuration or .agentfleet/).".into()
     } else {
         format!("You may change only paths under: {}.", scope.join(", "))
     }
@@ -320,57 +295,67 @@ pub fn tool_failure(e: ToolError) -> Outcome {
     }
 }
 
-/// What came of asking the model for a diff.
+/// The outcome of a loop that did not end well, with what it did on the way.
+pub fn loop_failure(run: &mut Run) -> Outcome {
+    let o = match run.tool_error.take() {
+        Some(e) => tool_failure(e),
+        None => Outcome::error(match &run.end {
+            Err(e) => e.clone(),
+            Ok(_) => "the agent ended".into(),
+        }),
+    };
+    o.with_run(run)
+}
+
+/// What a model's plain-text final answer asked for.
 #[derive(Debug)]
-pub enum ModelDiff {
-    /// A diff, checked against the scope and applied to the workspace.
+pub enum TextAnswer {
+    /// A unified diff, judged path by path like `write_file` and applied.
     Applied,
-    /// The model said no change is needed (or answered without a diff).
-    NoDiff(String),
-    /// The model needs a human to decide something first (its answer began `QUESTION:`).
+    /// No change.
+    Nothing,
+    /// The model needs a human first (the answer began `QUESTION:`).
     Question(String),
 }
 
-/// Asks `llm.complete` for a unified diff, refuses one that leaves the repository, and
-/// applies it. `Err` is the outcome to report.
-pub async fn ask_and_apply(ctx: &TaskContext, system: &str, prompt: String) -> Result<ModelDiff, Outcome> {
-    let request = CompletionRequest {
-        system: system.to_owned(),
-        messages: vec![ChatMessage { role: "user".into(), content: prompt }],
-        max_tokens: MAX_TOKENS,
-    };
-    let completion = ctx.tools.complete(&ctx.call, &request).await.map_err(tool_failure)?;
-    tracing::info!(
-        task = %ctx.task_id,
-        model = %completion.model,
-        input_tokens = completion.input_tokens,
-        output_tokens = completion.output_tokens,
-        "Model answered."
-    );
-    if let Some(question) = completion.text.trim_start().strip_prefix("QUESTION:") {
-        return Ok(ModelDiff::Question(question.trim().chars().take(4000).collect()));
+/// Whether a plain-text answer ends a Dev or Refactor step: a diff, a question, or (for
+/// Refactor) `NO CHANGES`. A model without tool support answers this way.
+pub fn final_text(text: &str) -> bool {
+    let t = text.trim_start();
+    t.starts_with("QUESTION:") || t.starts_with("NO CHANGES") || extract_diff(text).is_some()
+}
+
+/// Acts on a plain-text final answer: every path the diff touches is judged as a write
+/// (workspace, secret files, scope, protected files); one refusal refuses the whole diff,
+/// and each refusal is recorded in the transcript.
+pub async fn apply_text_answer(ctx: &TaskContext, judge: &Judge, run: &mut Run, text: &str) -> Result<TextAnswer, Outcome> {
+    if let Some(question) = text.trim_start().strip_prefix("QUESTION:") {
+        return Ok(TextAnswer::Question(question.trim().chars().take(4000).collect()));
     }
-    let Some(diff) = extract_diff(&completion.text) else {
-        let excerpt: String = completion.text.chars().take(300).collect();
-        return Ok(ModelDiff::NoDiff(excerpt));
-    };
-    // Paths that leave the repository are refused here: applying them would write outside
-    // the workspace. Paths outside the task's scope are not: Review is the gatekeeper that
-    // rejects them (and the push refuses them again), and it tells Dev why.
-    let refused: Vec<String> = touched_paths(&diff).iter().filter_map(|p| scope_violation(p, &[])).collect();
+    let Some(diff) = extract_diff(text) else { return Ok(TextAnswer::Nothing) };
+    let mut refused = Vec::new();
+    for p in touched_paths(&diff) {
+        if let Err(why) = judge.writable(&ctx.workspace.dir, &p) {
+            tracing::warn!(task = %ctx.task_id, path = %p, reason = %why, "Refused a path of the model's diff.");
+            run.calls.push(envelope::ToolCallRecord {
+                tool: "diff".into(),
+                args: format!("path={p:?}"),
+                verdict: envelope::CallVerdict::Refused,
+                reason: Some(why.clone()),
+                ms: 0,
+            });
+            refused.push(why);
+        }
+    }
     if !refused.is_empty() {
-        return Err(Outcome::error(format!("refused the model's diff: {}", refused.join("; "))));
-    }
-    let outside: Vec<String> =
-        touched_paths(&diff).iter().filter_map(|p| scope_violation(p, &ctx.assign.scope)).collect();
-    if !outside.is_empty() {
-        tracing::warn!(task = %ctx.task_id, paths = %outside.join("; "), "The model's diff leaves the task's scope; Review will decide.");
+        let o = Outcome::error(format!("refused the model's diff: {}", refused.join("; ")));
+        return Err(o.with_run(run));
     }
     ctx.workspace
         .apply(diff.as_bytes())
         .await
-        .map_err(|e| Outcome::error(format!("the model's diff does not apply: {e}")))?;
-    Ok(ModelDiff::Applied)
+        .map_err(|e| Outcome::error(format!("the model's diff does not apply: {e}")).with_run(run))?;
+    Ok(TextAnswer::Applied)
 }
 
 #[cfg(test)]

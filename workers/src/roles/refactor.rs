@@ -2,19 +2,33 @@
 //! it has none, asks the model for a cleanup diff; returns the whole change against the base
 //! commit, which goes back through QA.
 
-use super::{
-    ModelDiff, Outcome, TaskContext, ask_and_apply, current_diff, describe_run, log_tail, repo_script, repo_snapshot,
-    sandbox_sh, scope_text,
-};
+use envelope::Role;
 
-/// The system prompt when the model does the cleanup.
-pub const SYSTEM: &str = "You are the Refactor agent of agentfleet, an automated software team. \
-You clean up a change that review approved: fix the review's findings and obvious style problems \
-without changing behaviour. Answer with a unified diff against the current files only (git diff \
-format, paths prefixed a/ and b/), or with the words NO CHANGES if nothing needs cleaning.";
+use super::{
+    Outcome, TaskContext, TextAnswer, apply_text_answer, current_diff, describe_run, final_text, log_tail,
+    loop_failure, repo_script, sandbox_sh, scope_text,
+};
+use crate::agent::{Agent, End, Run};
+
+/// Refactor's job when the model does the cleanup, the first part of its system prompt.
+pub const JOB: &str = "You are the Refactor agent of agentfleet, an automated software team. You clean up a \
+change that review approved: fix the review's findings (read_findings) and obvious style problems without changing \
+behaviour. show_diff shows the change so far; edit with edit_file or write_file, check with run_check, and end with \
+finish and a one-line summary (say so when nothing needed cleaning).";
+
+fn task_message(ctx: &TaskContext) -> String {
+    let a = &ctx.assign;
+    format!(
+        "Clean up the change made for this task.\n\nTask:\n{}\n\n{}\n\nReview left {} finding(s): read_findings shows them.\n",
+        a.instructions.trim(),
+        scope_text(&a.scope),
+        a.findings.len()
+    )
+}
 
 /// Runs the Refactor step.
 pub async fn run(ctx: &TaskContext) -> Outcome {
+    let mut transcript: Option<Run> = None;
     let how = if let Some(format) = repo_script(ctx, "format").await {
         let out = match sandbox_sh(ctx, &format).await {
             Ok(out) => out,
@@ -31,34 +45,32 @@ pub async fn run(ctx: &TaskContext) -> Outcome {
         }
         "formatter ran".to_owned()
     } else {
-        let current = match current_diff(ctx).await {
-            Ok(d) => d,
-            Err(o) => return o,
-        };
-        let a = &ctx.assign;
-        let mut p = format!("The task was:\n{}\n\n", a.instructions.trim());
-        if !a.findings.is_empty() {
-            p.push_str("Review findings to clean up:\n");
-            for f in &a.findings {
-                p.push_str(&format!("- {f}\n"));
+        let policy = ctx.agents.role(Role::Refactor);
+        let agent = Agent::new(ctx, Role::Refactor, policy, JOB);
+        let mut run = agent.run(task_message(ctx), final_text).await;
+        let how = match &run.end {
+            Ok(End::Finished(f)) => format!("model cleanup: {}", f.summary.trim().chars().take(200).collect::<String>()),
+            Ok(End::Text(text)) => {
+                let text = text.clone();
+                match apply_text_answer(ctx, &agent.judge, &mut run, &text).await {
+                    Ok(TextAnswer::Applied) => "model cleanup applied".to_owned(),
+                    // A cleanup is optional: a question for a human is noted and the change kept as is.
+                    Ok(TextAnswer::Nothing | TextAnswer::Question(_)) => "nothing to clean up".to_owned(),
+                    Err(o) => return o,
+                }
             }
-            p.push('\n');
-        }
-        p.push_str(&format!("The change so far:\n```diff\n{}```\n\n", String::from_utf8_lossy(&current)));
-        p.push_str(&scope_text(&a.scope));
-        p.push_str("\n\n");
-        p.push_str(&repo_snapshot(ctx).await);
-        p.push_str("\nAnswer with a unified diff against the current files only, or NO CHANGES.\n");
-        match ask_and_apply(ctx, SYSTEM, p).await {
-            Ok(ModelDiff::Applied) => "model cleanup applied".to_owned(),
-            // A cleanup is optional: a question for a human is noted and the change kept as is.
-            Ok(ModelDiff::NoDiff(_) | ModelDiff::Question(_)) => "nothing to clean up".to_owned(),
-            Err(o) => return o,
-        }
+            Err(_) => return loop_failure(&mut run),
+        };
+        transcript = Some(run);
+        how
     };
-    match current_diff(ctx).await {
+    let o = match current_diff(ctx).await {
         Ok(diff) if diff.is_empty() => Outcome::error(format!("{how}, but the workspace has no change left")),
         Ok(diff) => Outcome::success(how).with_diff(diff),
         Err(o) => o,
+    };
+    match transcript {
+        Some(mut run) => o.with_run(&mut run),
+        None => o,
     }
 }

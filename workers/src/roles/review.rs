@@ -3,7 +3,10 @@
 //! Dependency changes and style problems are reported without blocking; an approval with
 //! findings makes the orchestrator send the task to Refactor once.
 
+use envelope::Role;
+
 use super::{Outcome, TaskContext, current_diff};
+use crate::agent::{Agent, End};
 use crate::checks::{Family, is_dependency_file, scan_added, style_findings};
 use crate::patch::{scope_violation, touched_paths};
 
@@ -68,7 +71,30 @@ pub fn review(change: Option<&[u8]>, diff: &str, scope: &[String]) -> Verdict {
     Verdict { critical, notes }
 }
 
-/// Runs the Review step.
+/// The LLM reviewer's job, the first part of its system prompt.
+pub const JOB: &str = "You are the Review agent of agentfleet, an automated software team: the second reviewer of \
+a change, next to rule-based checks. Read the change with show_diff, look at the code around it with read_file, \
+search and list_files, and decide whether it does what the task asks, safely: reject a change that does something \
+the task did not ask for, weakens tests or security, leaks or plants credentials, or cannot be understood. End \
+with finish, giving verdict \"approve\" or \"reject\" and your reasons. You cannot change files.";
+
+/// The LLM reviewer's first message.
+fn task_message(ctx: &TaskContext) -> String {
+    let a = &ctx.assign;
+    let mut p = format!(
+        "Review the change made for this task.\n\nTask:\n{}\n\n{}\n",
+        a.instructions.trim(),
+        super::scope_text(&a.scope)
+    );
+    if !a.findings.is_empty() {
+        p.push_str("Earlier steps left findings; read_findings shows them.\n");
+    }
+    p.push_str("\nshow_diff shows the change; the workspace holds the repository with the change applied.\n");
+    p
+}
+
+/// Runs the Review step: the rules first; when they approve and the LLM reviewer is on,
+/// the LLM reviewer too. Either one rejecting rejects.
 pub async fn run(ctx: &TaskContext) -> Outcome {
     let diff = match current_diff(ctx).await {
         Ok(d) => d,
@@ -79,9 +105,34 @@ pub async fn run(ctx: &TaskContext) -> Outcome {
         o.findings.push("critical: there is no change to review".into());
         return o;
     }
-    let v = review(ctx.assign.change.as_deref(), &String::from_utf8_lossy(&diff), &ctx.assign.scope);
-    if v.critical.is_empty() {
-        let mut o = Outcome::success("approved");
+    let mut v = review(ctx.assign.change.as_deref(), &String::from_utf8_lossy(&diff), &ctx.assign.scope);
+    let policy = ctx.agents.role(Role::Review);
+    let mut llm_note = None;
+    let mut transcript = None;
+    if v.critical.is_empty() && policy.llm_review == Some(true) {
+        let agent = Agent::new(ctx, Role::Review, policy, JOB);
+        let mut run = agent.run(task_message(ctx), |_| false).await;
+        match &run.end {
+            Ok(End::Finished(f)) if f.verdict.as_deref() == Some("reject") => {
+                let reasons: Vec<String> = f.reasons.iter().map(|r| r.trim().chars().take(500).collect()).filter(|r: &String| !r.is_empty()).collect();
+                if reasons.is_empty() {
+                    v.critical.push("critical: LLM review rejected the change (no reason given)".into());
+                }
+                v.critical.extend(reasons.into_iter().map(|r| format!("critical: LLM review: {r}")));
+            }
+            Ok(End::Finished(f)) => {
+                llm_note = Some(format!("LLM review approved ({} turn(s))", run.turns));
+                v.notes.extend(f.reasons.iter().take(5).map(|r| format!("LLM review note: {}", r.chars().take(500).collect::<String>())));
+            }
+            Ok(End::Text(_)) | Err(_) => return super::loop_failure(&mut run),
+        }
+        transcript = Some(run);
+    }
+    let o = if v.critical.is_empty() {
+        let mut o = Outcome::success(match llm_note {
+            Some(n) => format!("approved (rules; {n})"),
+            None => "approved".into(),
+        });
         o.findings = v.notes;
         o.with_diff(diff)
     } else {
@@ -89,6 +140,10 @@ pub async fn run(ctx: &TaskContext) -> Outcome {
         let mut o = Outcome::failure(format!("rejected: {}", reasons.join("; ")));
         o.findings = v.critical.into_iter().chain(v.notes).collect();
         o.with_diff(diff)
+    };
+    match transcript {
+        Some(mut run) => o.with_run(&mut run),
+        None => o,
     }
 }
 
