@@ -548,7 +548,8 @@ impl Engine {
         }
         if refused.len() > MAX_REFUSED_AUDITED {
             let detail = json!({"more": refused.len() - MAX_REFUSED_AUDITED, "envelope_id": env.id.to_string()});
-            audit::append(&mut tx, &self.audit_key, actor.entry("tool.call.refused.more", Some(task_id), detail)).await?;
+            audit::append(&mut tx, &self.audit_key, actor.entry("tool.call.refused.more", Some(task_id), detail))
+                .await?;
         }
         let detail = json!({
             "status": status_str(result.status),

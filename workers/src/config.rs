@@ -313,8 +313,12 @@ impl WorkerConfig {
                 .map_err(|e| ConfigError(format!("the built-in agents file: {e}")))?,
             Some(p) => {
                 let p = resolve(p);
-                crate::agent::policy::AgentsFile::parse(&read(&p, "agents file", "set `agents` to config/agents.toml or leave it unset")?)
-                    .map_err(|e| ConfigError(format!("setting `agents` ('{}'): {e}", p.display())))?
+                crate::agent::policy::AgentsFile::parse(&read(
+                    &p,
+                    "agents file",
+                    "set `agents` to config/agents.toml or leave it unset",
+                )?)
+                .map_err(|e| ConfigError(format!("setting `agents` ('{}'): {e}", p.display())))?
             }
         };
         for (name, v) in [

@@ -104,7 +104,13 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A user message.
     pub fn user(content: impl Into<String>) -> Self {
-        Self { role: "user".into(), content: content.into(), tool_calls: Vec::new(), tool_call_id: None, is_error: false }
+        Self {
+            role: "user".into(),
+            content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+            is_error: false,
+        }
     }
     /// The model's earlier answer.
     pub fn assistant(content: impl Into<String>, tool_calls: Vec<ModelToolCall>) -> Self {
@@ -112,7 +118,13 @@ impl ChatMessage {
     }
     /// The result of tool call `id`.
     pub fn tool(id: impl Into<String>, content: impl Into<String>, is_error: bool) -> Self {
-        Self { role: "tool".into(), content: content.into(), tool_calls: Vec::new(), tool_call_id: Some(id.into()), is_error }
+        Self {
+            role: "tool".into(),
+            content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: Some(id.into()),
+            is_error,
+        }
     }
 }
 

@@ -50,10 +50,30 @@ async fn the_four_roles_fix_the_example_repository() {
         assert_eq!(req.request.action, "llm.complete");
         assert_eq!(req.envelope.causation_id, Some(id));
         assert_eq!(req.envelope.task_id, Some(task));
-        assert_eq!(req.envelope.lease.as_deref(), Some(format!("lease-for-{task}").as_str()));
+        let claims = workers::agent::policy::LeaseView::read(req.envelope.lease.as_deref().unwrap()).unwrap();
+        assert_eq!((claims.task, claims.role), (task, Role::Dev));
         let input: serde_json::Value = serde_json::from_str(&req.request.input).unwrap();
         let prompt = input["messages"][0]["content"].as_str().unwrap();
-        assert!(prompt.contains("=== calc.py ===") && prompt.contains("correcting calc.py"), "{prompt}");
+        // The operator's instructions are the message; the repository is not pasted into
+        // it (the model reads it through its tools, as data).
+        assert!(prompt.contains("correcting calc.py") && !prompt.contains("def add"), "{prompt}");
+        let tools: Vec<&str> = input["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+        assert_eq!(
+            tools,
+            [
+                "list_files",
+                "read_file",
+                "search",
+                "read_findings",
+                "edit_file",
+                "write_file",
+                "run_tests",
+                "run_check",
+                "finish"
+            ]
+        );
+        assert!(input["prompt_version"].as_str().unwrap().starts_with("sha256:"));
+        assert!(input["system"].as_str().unwrap().contains("untrusted data"));
     }
 
     let id = fleet.assign(Role::Qa, task, a.clone(), 0).await;
@@ -62,8 +82,14 @@ async fn the_four_roles_fix_the_example_repository() {
 
     let id = fleet.assign(Role::Review, task, a.clone(), 0).await;
     let (_, r) = fleet.result(id, WAIT).await;
-    assert_eq!((r.status, r.summary.as_str()), (Status::Success, "approved"), "{r:?}");
+    assert_eq!(
+        (r.status, r.summary.as_str()),
+        (Status::Success, "approved (rules; LLM review approved in 1 turn(s))"),
+        "{r:?}"
+    );
     assert_eq!(r.findings, vec!["style: calc.py: trailing whitespace (line 6)"]);
+    assert_eq!(r.calls.len(), 1, "{:?}", r.calls);
+    assert_eq!((r.calls[0].tool.as_str(), r.calls[0].verdict), ("finish", envelope::CallVerdict::Ok));
 
     let mut refactor = a.clone();
     refactor.findings = r.findings.clone();
@@ -136,11 +162,16 @@ async fn rejections_refusals_and_bad_assignments() {
         r.findings.iter().any(|f| f.starts_with("critical: hard-coded credential (AWS access key) in settings.py:1"))
     );
 
-    // Dev whose scope excludes the model's file still applies it: Review is the gate (above).
+    // Dev whose scope excludes the model's file refuses the write where it is made (not
+    // only later at Review): an Error naming it, nothing applied, the refusal in the
+    // transcript for the orchestrator's audit.
     let id = fleet.assign(Role::Dev, task, a, 0).await;
     let (_, r) = fleet.result(id, WAIT).await;
-    assert_eq!(r.status, Status::Success, "{r:?}");
-    assert!(String::from_utf8_lossy(r.diff.as_deref().unwrap_or_default()).contains("settings.py"));
+    assert_eq!(r.status, Status::Error, "{r:?}");
+    assert_eq!(r.summary, "refused the model's diff: settings.py is outside the task's scope (calc.py)");
+    assert_eq!(r.diff, None);
+    assert_eq!(r.calls.len(), 1, "{:?}", r.calls);
+    assert_eq!((r.calls[0].tool.as_str(), r.calls[0].verdict), ("diff", envelope::CallVerdict::Refused));
 
     // The tool proxy refuses: an Error result naming the refusal.
     let b = fleet.assignment(refuse_task, &origin);

@@ -116,7 +116,11 @@ fn cap(text: String, cap: usize) -> String {
 fn size(messages: &[ChatMessage]) -> usize {
     messages
         .iter()
-        .map(|m| m.content.len() + m.tool_calls.iter().map(|c| c.name.len() + c.arguments.to_string().len() + 32).sum::<usize>() + 16)
+        .map(|m| {
+            m.content.len()
+                + m.tool_calls.iter().map(|c| c.name.len() + c.arguments.to_string().len() + 32).sum::<usize>()
+                + 16
+        })
         .sum()
 }
 
@@ -171,16 +175,24 @@ impl<'a> Agent<'a> {
     pub async fn run(&self, task: String, accept_text: impl Fn(&str) -> bool) -> Run {
         let tools: Vec<Value> = self.judge.offered.iter().map(|t| t.spec(self.review)).collect();
         let version = prompt_version(&self.system, &tools);
-        let ceiling = self
-            .policy
-            .max_task_tokens
-            .min(self.judge.lease.as_ref().and_then(|l| l.max_tokens).unwrap_or(u64::MAX));
+        let ceiling =
+            self.policy.max_task_tokens.min(self.judge.lease.as_ref().and_then(|l| l.max_tokens).unwrap_or(u64::MAX));
         let mut messages = vec![ChatMessage::user(task)];
-        let mut run = Run { end: Err(String::new()), tool_error: None, calls: Vec::new(), findings: Vec::new(), turns: 0, tokens: 0 };
+        let mut run = Run {
+            end: Err(String::new()),
+            tool_error: None,
+            calls: Vec::new(),
+            findings: Vec::new(),
+            turns: 0,
+            tokens: 0,
+        };
         let task_id = self.ctx.task_id;
         while run.turns < self.policy.max_turns {
             if run.tokens >= ceiling {
-                run.end = Err(format!("the agent used {} tokens, reaching its ceiling of {ceiling}, without finishing", run.tokens));
+                run.end = Err(format!(
+                    "the agent used {} tokens, reaching its ceiling of {ceiling}, without finishing",
+                    run.tokens
+                ));
                 return run;
             }
             fit(&mut messages, self.policy.max_context_bytes);
@@ -215,9 +227,7 @@ impl<'a> Agent<'a> {
                     return run;
                 }
                 messages.push(ChatMessage::assistant(answer.text, Vec::new()));
-                messages.push(ChatMessage::user(
-                    "Use your tools to work on the task, and end with the finish tool.",
-                ));
+                messages.push(ChatMessage::user("Use your tools to work on the task, and end with the finish tool."));
                 continue;
             }
             messages.push(ChatMessage::assistant(answer.text.clone(), answer.tool_calls.clone()));
@@ -316,8 +326,12 @@ impl<'a> Agent<'a> {
         let tool: String = call.name.chars().take(64).collect();
         let args = tools::short_args(&call.arguments);
         match verdict {
-            CallVerdict::Refused => tracing::warn!(task = %self.ctx.task_id, tool = %tool, args = %args, reason = reason.as_deref().unwrap_or(""), "Tool call refused."),
-            _ => tracing::info!(task = %self.ctx.task_id, tool = %tool, args = %args, verdict = ?verdict, duration_ms = ms, "Tool call."),
+            CallVerdict::Refused => {
+                tracing::warn!(task = %self.ctx.task_id, tool = %tool, args = %args, reason = reason.as_deref().unwrap_or(""), "Tool call refused.")
+            }
+            _ => {
+                tracing::info!(task = %self.ctx.task_id, tool = %tool, args = %args, verdict = ?verdict, duration_ms = ms, "Tool call.")
+            }
         }
         if run.calls.len() < MAX_RECORDS {
             let reason = reason.map(|r| r.chars().take(300).collect());
@@ -344,7 +358,10 @@ mod tests {
     fn old_results_are_elided_first_and_the_newest_turn_is_kept() {
         let mut m = vec![ChatMessage::user("task")];
         for i in 0..5 {
-            m.push(ChatMessage::assistant("", vec![ModelToolCall { id: format!("c{i}"), name: "read_file".into(), arguments: Value::Null }]));
+            m.push(ChatMessage::assistant(
+                "",
+                vec![ModelToolCall { id: format!("c{i}"), name: "read_file".into(), arguments: Value::Null }],
+            ));
             m.push(ChatMessage::tool(format!("c{i}"), "x".repeat(10_000), false));
         }
         fit(&mut m, 25_000);

@@ -348,7 +348,11 @@ pub async fn run(ctx: &TaskContext, judge: &Judge, tool: ToolName, raw: &Value) 
                 .size_limit(1 << 20)
                 .build()
                 .map_err(|e| format!("not a valid regular expression: {e}"))?;
-            let folder = if a.path.trim().is_empty() { String::new() } else { judge.readable(&root, &a.path).map_err(Fail::Refused)? };
+            let folder = if a.path.trim().is_empty() {
+                String::new()
+            } else {
+                judge.readable(&root, &a.path).map_err(Fail::Refused)?
+            };
             let files = ctx.workspace.current_files().await.map_err(|e| format!("cannot list files: {e}"))?;
             let mut hits = Vec::new();
             let mut scanned = 0usize;

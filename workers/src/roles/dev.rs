@@ -11,8 +11,8 @@
 use envelope::Role;
 
 use super::{
-    Outcome, TaskContext, TextAnswer, apply_text_answer, current_diff, describe_run, final_text, log_tail, loop_failure,
-    repo_script, restore, sandbox_sh, scope_text,
+    Outcome, TaskContext, TextAnswer, apply_text_answer, current_diff, describe_run, final_text, log_tail,
+    loop_failure, repo_script, restore, sandbox_sh, scope_text,
 };
 use crate::agent::{Agent, End};
 
@@ -53,7 +53,8 @@ pub async fn run(ctx: &TaskContext) -> Outcome {
                 Ok(TextAnswer::Applied) => String::new(),
                 Ok(TextAnswer::Nothing) => {
                     let excerpt: String = text.chars().take(300).collect();
-                    return Outcome::error(format!("the model's answer contains no change: {excerpt:?}")).with_run(&mut run);
+                    return Outcome::error(format!("the model's answer contains no change: {excerpt:?}"))
+                        .with_run(&mut run);
                 }
                 Ok(TextAnswer::Question(q)) => {
                     let mut o = Outcome::error(format!("the agent needs a human before it can change anything: {q}"));
@@ -80,7 +81,9 @@ pub async fn run(ctx: &TaskContext) -> Outcome {
         format!("{said} ({files} file(s), {turns} turn(s))")
     };
     let Some(build) = repo_script(ctx, "build").await else {
-        return Outcome::success(format!("{head}; the repository has no build check")).with_diff(diff).with_run(&mut run);
+        return Outcome::success(format!("{head}; the repository has no build check"))
+            .with_diff(diff)
+            .with_run(&mut run);
     };
     let out = match sandbox_sh(ctx, &build).await {
         Ok(out) => out,

@@ -328,7 +328,12 @@ pub fn final_text(text: &str) -> bool {
 /// Acts on a plain-text final answer: every path the diff touches is judged as a write
 /// (workspace, secret files, scope, protected files); one refusal refuses the whole diff,
 /// and each refusal is recorded in the transcript.
-pub async fn apply_text_answer(ctx: &TaskContext, judge: &Judge, run: &mut Run, text: &str) -> Result<TextAnswer, Outcome> {
+pub async fn apply_text_answer(
+    ctx: &TaskContext,
+    judge: &Judge,
+    run: &mut Run,
+    text: &str,
+) -> Result<TextAnswer, Outcome> {
     if let Some(question) = text.trim_start().strip_prefix("QUESTION:") {
         return Ok(TextAnswer::Question(question.trim().chars().take(4000).collect()));
     }

@@ -49,7 +49,9 @@ pub async fn run(ctx: &TaskContext) -> Outcome {
         let agent = Agent::new(ctx, Role::Refactor, policy, JOB);
         let mut run = agent.run(task_message(ctx), final_text).await;
         let how = match &run.end {
-            Ok(End::Finished(f)) => format!("model cleanup: {}", f.summary.trim().chars().take(200).collect::<String>()),
+            Ok(End::Finished(f)) => {
+                format!("model cleanup: {}", f.summary.trim().chars().take(200).collect::<String>())
+            }
             Ok(End::Text(text)) => {
                 let text = text.clone();
                 match apply_text_answer(ctx, &agent.judge, &mut run, &text).await {

@@ -114,16 +114,20 @@ pub async fn run(ctx: &TaskContext) -> Outcome {
         let mut run = agent.run(task_message(ctx), |_| false).await;
         match &run.end {
             Ok(End::Finished(f)) if f.verdict.as_deref() == Some("reject") => {
-                let reasons: Vec<String> = f.reasons.iter().map(|r| r.trim().chars().take(500).collect()).filter(|r: &String| !r.is_empty()).collect();
+                let reasons: Vec<String> = f
+                    .reasons
+                    .iter()
+                    .map(|r| r.trim().chars().take(500).collect())
+                    .filter(|r: &String| !r.is_empty())
+                    .collect();
                 if reasons.is_empty() {
                     v.critical.push("critical: LLM review rejected the change (no reason given)".into());
                 }
                 v.critical.extend(reasons.into_iter().map(|r| format!("critical: LLM review: {r}")));
             }
-            Ok(End::Finished(f)) => {
-                llm_note = Some(format!("LLM review approved ({} turn(s))", run.turns));
-                v.notes.extend(f.reasons.iter().take(5).map(|r| format!("LLM review note: {}", r.chars().take(500).collect::<String>())));
-            }
+            // An approval's reasons are not findings: findings send an approved change to
+            // Refactor, and "looks right" needs no cleanup.
+            Ok(End::Finished(_)) => llm_note = Some(format!("LLM review approved in {} turn(s)", run.turns)),
             Ok(End::Text(_)) | Err(_) => return super::loop_failure(&mut run),
         }
         transcript = Some(run);

@@ -18,6 +18,33 @@ pub const PERMISSIONS_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../conf
 pub const EXAMPLE_REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/example-repo");
 pub const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/fixtures/demo.toml");
 
+/// A capability lease as the orchestrator mints it (the worker reads its claims; only the
+/// orchestrator checks the signature, so the test's is a placeholder), granting what the
+/// risk matrix grants `role`.
+pub fn lease(task: Uuid, role: Role) -> String {
+    lease_granting(task, role, &grants(role))
+}
+
+/// The risk matrix's grants of `role`, as shipped.
+pub fn grants(role: Role) -> Vec<&'static str> {
+    match role {
+        Role::Dev => vec!["llm.complete", "read_files", "write_to_task_branch", "run_tests", "linter"],
+        Role::Qa => vec!["llm.complete", "read_files", "run_tests"],
+        Role::Review => vec!["llm.complete", "read_files"],
+        _ => vec!["llm.complete", "read_files", "write_to_task_branch", "linter"],
+    }
+}
+
+/// A lease of `task` for `role` granting `actions`, valid for ten minutes.
+pub fn lease_granting(task: Uuid, role: Role, actions: &[&str]) -> String {
+    use base64::Engine as _;
+    let b = |s: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s);
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 600;
+    let actions: Vec<_> = actions.iter().map(|a| serde_json::json!({"action": a, "risk": "low"})).collect();
+    let claims = serde_json::json!({"task": task, "role": role.as_str(), "exp": exp, "actions": actions, "risk": "low", "max_tokens": 100000});
+    format!("{}.{}.test-signature", b(r#"{"alg":"HS256","typ":"JWT"}"#), b(&claims.to_string()))
+}
+
 pub fn master() -> MasterFile {
     MasterFile::new(MasterSecret::from_bytes([11; 32]))
 }
@@ -188,7 +215,7 @@ impl Fleet {
         let from = Sender { role: Role::Orchestrator, instance: Instance::parse("orchestrator-test").unwrap() };
         let mut env = Envelope::new(from, role, now_ms(), 600_000, epoch, Payload::TaskAssign(a));
         env.task_id = Some(task);
-        env.lease = Some(format!("lease-for-{task}"));
+        env.lease = Some(lease(task, role));
         self.orchestrator.publish(&StreamName::tasks(role), &env).await.unwrap();
         env.id
     }
@@ -302,9 +329,13 @@ impl Fleet {
         seen
     }
 
-    /// Answers every `llm.complete` with `text`.
+    /// Answers every `llm.complete` with `text`, except the LLM reviewer's, which approves
+    /// through `finish`.
     pub fn proxy_text(&self, text: String) -> Arc<std::sync::Mutex<Vec<SeenRequest>>> {
-        self.proxy(Arc::new(move |_| {
+        self.proxy(Arc::new(move |req| {
+            if req.envelope.from.role == Role::Review {
+                return (true, approve_answer());
+            }
             let out = serde_json::json!({"text": text, "model": "scripted-1", "input_tokens": 10, "output_tokens": 5});
             (true, out.to_string())
         }))
@@ -365,6 +396,21 @@ pub fn containers_of(instance: &str) -> Vec<String> {
 }
 
 /// Waits until `cond` holds.
+/// The LLM reviewer's approval: one `finish` call.
+pub fn approve_answer() -> String {
+    tool_answer(&[("finish", serde_json::json!({"verdict": "approve", "reasons": ["does what the task asks"]}))])
+}
+
+/// A model answer calling `calls` (name, arguments), as the tool proxy returns it.
+pub fn tool_answer(calls: &[(&str, serde_json::Value)]) -> String {
+    let calls: Vec<_> = calls
+        .iter()
+        .enumerate()
+        .map(|(i, (name, args))| serde_json::json!({"id": format!("call_{i}"), "name": name, "arguments": args}))
+        .collect();
+    serde_json::json!({"text": "", "tool_calls": calls, "finish_reason": "tool_calls", "model": "scripted-1", "input_tokens": 10, "output_tokens": 5}).to_string()
+}
+
 pub async fn wait_until(what: &str, within: Duration, mut cond: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + within;
     while !cond().await {
