@@ -261,7 +261,18 @@ impl ToolProxy {
         let mut call = CompletionRequest {
             model: models.model_for(claims.role).to_owned(),
             system: input.system,
-            messages: input.messages.into_iter().map(|m| Message { role: m.role, content: m.content }).collect(),
+            messages: input
+                .messages
+                .into_iter()
+                .map(|m| Message {
+                    role: m.role,
+                    content: m.content,
+                    tool_calls: Vec::new(),
+                    tool_call_id: None,
+                    is_error: false,
+                })
+                .collect(),
+            tools: Vec::new(),
             max_tokens,
             temperature: None,
             task_id: Some(claims.task),

@@ -111,6 +111,7 @@ fn conversation() -> CompletionRequest {
             Message::assistant("Which test fails?"),
             Message::user("tests::adds_two"),
         ],
+        tools: Vec::new(),
         max_tokens: 512,
         temperature: Some(0.25),
         task_id: Some(Uuid::now_v7()),
@@ -197,6 +198,7 @@ async fn openai_sends_the_documented_request_and_reads_the_answer() {
         completion,
         Completion {
             text: "--- a/src/lib.rs\n+++ b/src/lib.rs\n".into(),
+            tool_calls: Vec::new(),
             usage: TokenUsage { input_tokens: 1117, output_tokens: 46 },
             model: "gpt-4o-2024-08-06".into(),
             finish_reason: Some("stop".into()),
@@ -269,6 +271,7 @@ async fn anthropic_sends_the_documented_request_and_reads_the_answer() {
         completion,
         Completion {
             text: "Here is the fix:\n--- a/src/lib.rs\n+++ b/src/lib.rs\n".into(),
+            tool_calls: Vec::new(),
             usage: TokenUsage { input_tokens: 2095, output_tokens: 503 },
             model: "claude-sonnet-4-5-20250929".into(),
             finish_reason: Some("end_turn".into()),

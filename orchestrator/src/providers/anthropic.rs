@@ -141,6 +141,8 @@ fn parse(bytes: &[u8]) -> Result<Completion, ProviderError> {
     let text = blocks.into_iter().filter(|b| b.kind == "text").filter_map(|b| b.text).collect::<String>();
     Ok(Completion {
         text,
+        // Read from the answer by the next commit.
+        tool_calls: Vec::new(),
         usage,
         model: answer.model.ok_or_else(|| super::missing(NAME, "model"))?,
         finish_reason: answer.stop_reason,

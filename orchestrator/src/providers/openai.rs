@@ -141,6 +141,8 @@ fn parse(bytes: &[u8]) -> Result<Completion, ProviderError> {
     let message = choice.message.ok_or_else(|| super::missing(NAME, "choices[0].message"))?;
     Ok(Completion {
         text: message.content.unwrap_or_default(),
+        // Read from the answer by the next commit.
+        tool_calls: Vec::new(),
         usage,
         model: answer.model.ok_or_else(|| super::missing(NAME, "model"))?,
         finish_reason: choice.finish_reason,

@@ -135,6 +135,7 @@ impl ScriptedProvider {
         })?;
         Ok(Completion {
             text: entry.text.clone(),
+            tool_calls: Vec::new(),
             usage: TokenUsage { input_tokens: entry.input_tokens, output_tokens: entry.output_tokens },
             model: entry.model.clone(),
             finish_reason: Some(entry.finish_reason.clone()),
