@@ -11,8 +11,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::IntoResponse;
 use orchestrator::providers::{
-    AnyProvider, Completion, CompletionRequest, Message, Provider, ProviderConfig, ProviderError, TokenUsage, build,
-    build_with_env, input_token_bound,
+    AnyProvider, Completion, CompletionRequest, Message, Provider, ProviderConfig, ProviderError, TokenUsage, ToolCall,
+    ToolSpec, build, build_with_env, input_token_bound,
 };
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -45,7 +45,8 @@ impl Reply {
 
 #[derive(Clone)]
 struct Server {
-    reply: Reply,
+    /// The answer to the n-th request; the last one answers every request after it.
+    replies: Arc<Vec<Reply>>,
     seen: Arc<Mutex<Vec<Seen>>>,
 }
 
@@ -57,21 +58,31 @@ async fn record(
     body: Bytes,
 ) -> impl IntoResponse {
     let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    server.seen.lock().expect("not poisoned").push(Seen { method, path: uri.path().to_owned(), headers, body });
-    tokio::time::sleep(server.reply.delay).await;
+    let reply = {
+        let mut seen = server.seen.lock().expect("not poisoned");
+        seen.push(Seen { method, path: uri.path().to_owned(), headers, body });
+        server.replies[(seen.len() - 1).min(server.replies.len() - 1)].clone()
+    };
+    tokio::time::sleep(reply.delay).await;
     let mut headers = HeaderMap::new();
     headers.insert("content-type", "application/json".parse().expect("valid"));
-    for (name, value) in &server.reply.headers {
+    for (name, value) in &reply.headers {
         headers.insert(*name, value.parse().expect("valid"));
     }
-    (StatusCode::from_u16(server.reply.status).expect("valid status"), headers, server.reply.body.clone())
+    (StatusCode::from_u16(reply.status).expect("valid status"), headers, reply.body)
 }
 
 /// Starts a server on 127.0.0.1:0 answering `reply` on every path; returns its base URL
 /// and the requests it received.
 async fn serve(reply: Reply) -> (String, Arc<Mutex<Vec<Seen>>>) {
+    serve_each(vec![reply]).await
+}
+
+/// [`serve`], answering the n-th request with `replies[n]` (and the last with the last).
+async fn serve_each(replies: Vec<Reply>) -> (String, Arc<Mutex<Vec<Seen>>>) {
+    assert!(!replies.is_empty());
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let app = Router::new().fallback(record).with_state(Server { reply, seen: seen.clone() });
+    let app = Router::new().fallback(record).with_state(Server { replies: Arc::new(replies), seen: seen.clone() });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -127,6 +138,39 @@ fn simple(system: Option<&str>) -> CompletionRequest {
         ..conversation()
     }
 }
+
+/// Every request the server received, in order.
+fn all_requests(seen: &Arc<Mutex<Vec<Seen>>>) -> Vec<Seen> {
+    seen.lock().expect("not poisoned").clone()
+}
+
+/// The tools of the tool-loop tests.
+fn tools() -> Vec<ToolSpec> {
+    vec![
+        ToolSpec {
+            name: "search".into(),
+            description: "Search the workspace for a pattern.".into(),
+            parameters: json!({"type": "object", "properties": {"pattern": {"type": "string"}}, "required": ["pattern"]}),
+        },
+        ToolSpec {
+            name: "edit".into(),
+            description: "Replace text in a file.".into(),
+            parameters: json!({"type": "object", "properties": {"path": {"type": "string"}}}),
+        },
+    ]
+}
+
+/// The first request of a tool loop: the task and the tools.
+fn tool_loop() -> CompletionRequest {
+    CompletionRequest {
+        tools: tools(),
+        messages: vec![Message::user("Fix the failing test in src/lib.rs.")],
+        ..conversation()
+    }
+}
+
+const FOUND: &str = "src/lib.rs:1: pub fn add(a: i32, b: i32) -> i32 { a - b }";
+const NOT_JSON: &str = "{\"path\": \"src/lib.rs\", \"find\": ";
 
 /// OpenAI's documented chat.completion object.
 fn openai_answer() -> Value {
@@ -237,6 +281,7 @@ async fn openai_without_key_sends_no_authorization_and_no_unset_fields() {
     assert_eq!(header(&req, "authorization"), None);
     assert_eq!(req.body["messages"], json!([{"role": "user", "content": "hello"}]));
     assert!(req.body.get("temperature").is_none(), "{}", req.body);
+    assert!(req.body.get("tools").is_none(), "no tools, no field: {}", req.body);
 }
 
 #[tokio::test]
@@ -258,6 +303,132 @@ async fn openai_null_content_is_empty_text() {
     let completion = openai(&base, Some(KEY)).complete(&simple(None)).await.expect("completes");
     assert_eq!(completion.text, "");
     assert_eq!(completion.finish_reason.as_deref(), Some("content_filter"));
+}
+
+/// `openai_answer()` with the message's content, tool calls and finish reason replaced.
+fn openai_calls(content: Value, tool_calls: Value, finish_reason: &str) -> Value {
+    let mut answer = openai_answer();
+    answer["choices"][0]["message"]["content"] = content;
+    answer["choices"][0]["message"]["tool_calls"] = tool_calls;
+    answer["choices"][0]["finish_reason"] = json!(finish_reason);
+    answer
+}
+
+#[tokio::test]
+async fn openai_carries_tools_calls_and_results_through_a_tool_loop() {
+    let turn1 = openai_calls(
+        Value::Null,
+        json!([{"id": "call_a", "type": "function", "function": {"name": "search", "arguments": "{\"pattern\":\"fn add\"}"}}]),
+        "tool_calls",
+    );
+    let turn2 = openai_calls(
+        json!("Editing."),
+        json!([
+            {"id": "call_b", "type": "function", "function": {"name": "edit", "arguments": NOT_JSON}},
+            {"id": "call_c", "type": "function", "function": {"name": "search", "arguments": "{\"pattern\": \"a - b\"}"}}
+        ]),
+        "tool_calls",
+    );
+    let (base, seen) =
+        serve_each(vec![Reply::json(200, turn1), Reply::json(200, turn2), Reply::json(200, openai_answer())]).await;
+    let provider = openai(&base, Some(KEY));
+    let mut req = tool_loop();
+
+    // Turn 1: content null, one call.
+    let first = provider.complete(&req).await.expect("turn 1");
+    assert_eq!(first.text, "");
+    assert_eq!(
+        first.tool_calls,
+        [ToolCall { id: "call_a".into(), name: "search".into(), arguments: json!({"pattern": "fn add"}) }]
+    );
+    assert_eq!(first.finish_reason.as_deref(), Some("tool_calls"));
+    req.messages.push(Message::assistant_calls(first.text, first.tool_calls));
+    req.messages.push(Message::tool_result("call_a", FOUND, false));
+
+    // Turn 2: text and two calls, the first with arguments that are not JSON.
+    let second = provider.complete(&req).await.expect("turn 2: arguments that are not JSON fail nothing");
+    assert_eq!(second.text, "Editing.");
+    assert_eq!(
+        second.tool_calls,
+        [
+            ToolCall { id: "call_b".into(), name: "edit".into(), arguments: json!(NOT_JSON) },
+            ToolCall { id: "call_c".into(), name: "search".into(), arguments: json!({"pattern": "a - b"}) },
+        ]
+    );
+    req.messages.push(Message::assistant_calls(second.text, second.tool_calls));
+    req.messages.push(Message::tool_result("call_b", "the arguments are not JSON", true));
+    req.messages.push(Message::tool_result("call_c", "no match", false));
+    req.messages.push(Message::user("Keep the change minimal."));
+
+    // Turn 3: a plain answer has no calls.
+    let third = provider.complete(&req).await.expect("turn 3");
+    assert_eq!((third.tool_calls.len(), third.finish_reason.as_deref()), (0, Some("stop")));
+
+    let system = json!({"role": "system", "content": "You are the Dev agent. Answer with a unified diff."});
+    let task = json!({"role": "user", "content": "Fix the failing test in src/lib.rs."});
+    let call_a = json!({"role": "assistant", "content": null, "tool_calls": [
+        {"id": "call_a", "type": "function", "function": {"name": "search", "arguments": "{\"pattern\":\"fn add\"}"}}
+    ]});
+    let result_a = json!({"role": "tool", "tool_call_id": "call_a", "content": FOUND});
+    // The text that was not JSON goes back as it came.
+    let calls_bc = json!({"role": "assistant", "content": "Editing.", "tool_calls": [
+        {"id": "call_b", "type": "function", "function": {"name": "edit", "arguments": NOT_JSON}},
+        {"id": "call_c", "type": "function", "function": {"name": "search", "arguments": "{\"pattern\":\"a - b\"}"}}
+    ]});
+    let result_b = json!({"role": "tool", "tool_call_id": "call_b", "content": "ERROR: the arguments are not JSON"});
+    let result_c = json!({"role": "tool", "tool_call_id": "call_c", "content": "no match"});
+    let nudge = json!({"role": "user", "content": "Keep the change minimal."});
+    let expected = [
+        json!([system, task]),
+        json!([system, task, call_a, result_a]),
+        json!([system, task, call_a, result_a, calls_bc, result_b, result_c, nudge]),
+    ];
+    let wire_tools = json!([
+        {"type": "function", "function": {
+            "name": "search",
+            "description": "Search the workspace for a pattern.",
+            "parameters": {"type": "object", "properties": {"pattern": {"type": "string"}}, "required": ["pattern"]}
+        }},
+        {"type": "function", "function": {
+            "name": "edit",
+            "description": "Replace text in a file.",
+            "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}
+        }}
+    ]);
+    let requests = all_requests(&seen);
+    assert_eq!(requests.len(), 3);
+    for (i, (request, messages)) in requests.iter().zip(expected).enumerate() {
+        assert_eq!(request.body["tools"], wire_tools, "request {i}");
+        assert_eq!(request.body["messages"], messages, "request {i}");
+        assert!(request.body.get("tool_choice").is_none(), "request {i}: the model chooses");
+    }
+}
+
+#[tokio::test]
+async fn openai_reads_tool_call_arguments_leniently() {
+    // A compatible server that sends the object itself, one that sends no arguments, and an
+    // empty string (not JSON): none fails the call.
+    let answer = openai_calls(
+        Value::Null,
+        json!([
+            {"id": "c1", "type": "function", "function": {"name": "a", "arguments": {"x": 1}}},
+            {"id": "c2", "type": "function", "function": {"name": "b"}},
+            {"id": "c3", "type": "function", "function": {"name": "c", "arguments": ""}}
+        ]),
+        "tool_calls",
+    );
+    let (base, _seen) = serve(Reply::json(200, answer)).await;
+    let completion = openai(&base, None).complete(&simple(None)).await.expect("completes");
+    let arguments: Vec<&Value> = completion.tool_calls.iter().map(|c| &c.arguments).collect();
+    assert_eq!(arguments, [&json!({"x": 1}), &json!({}), &json!("")]);
+
+    // `tool_calls: null` is no calls; a call without an id is malformed.
+    let (base, _seen) = serve(Reply::json(200, openai_calls(json!("hi"), Value::Null, "stop"))).await;
+    assert_eq!(openai(&base, None).complete(&simple(None)).await.expect("completes").tool_calls, []);
+    let answer = openai_calls(Value::Null, json!([{"type": "function", "function": {"name": "a"}}]), "tool_calls");
+    let (base, _seen) = serve(Reply::json(200, answer)).await;
+    let err = openai(&base, None).complete(&simple(None)).await.expect_err("no id");
+    assert!(err.to_string().contains("choices[0].message.tool_calls[0].id"), "{err}");
 }
 
 // --- Anthropic --------------------------------------------------------------------------
@@ -312,6 +483,7 @@ async fn anthropic_omits_absent_system_and_sends_the_configured_version() {
     assert_eq!(header(&req, "anthropic-version"), Some("2024-01-01"));
     assert!(req.body.get("system").is_none(), "{}", req.body);
     assert!(req.body.get("temperature").is_none(), "{}", req.body);
+    assert!(req.body.get("tools").is_none(), "no tools, no field: {}", req.body);
 }
 
 #[tokio::test]
