@@ -207,7 +207,7 @@ fn openai_answer() -> Value {
     })
 }
 
-/// Anthropic's documented Messages answer, with a non-text block between two text blocks.
+/// Anthropic's documented Messages answer, with a tool call between two text blocks.
 fn anthropic_answer() -> Value {
     json!({
         "id": "msg_013Zva2CMHLNnXjNJJKqJ2EF",
@@ -442,7 +442,7 @@ async fn anthropic_sends_the_documented_request_and_reads_the_answer() {
         completion,
         Completion {
             text: "Here is the fix:\n--- a/src/lib.rs\n+++ b/src/lib.rs\n".into(),
-            tool_calls: Vec::new(),
+            tool_calls: vec![ToolCall { id: "toolu_01".into(), name: "noop".into(), arguments: json!({}) }],
             usage: TokenUsage { input_tokens: 2095, output_tokens: 503 },
             model: "claude-sonnet-4-5-20250929".into(),
             finish_reason: Some("end_turn".into()),
@@ -500,6 +500,132 @@ async fn anthropic_counts_cache_tokens_as_input() {
 fn anthropic_needs_a_key() {
     let err = build(&config("kind = \"anthropic\"\n")).expect_err("no key");
     assert!(matches!(err, ProviderError::Config { .. }), "{err:?}");
+}
+
+/// An Anthropic answer of `content` blocks, stopped for `stop_reason`.
+fn anthropic_blocks(content: Value, stop_reason: &str) -> Value {
+    let mut answer = anthropic_answer();
+    answer["content"] = content;
+    answer["stop_reason"] = json!(stop_reason);
+    answer
+}
+
+#[tokio::test]
+async fn anthropic_carries_tools_calls_and_results_through_a_tool_loop() {
+    let turn1 = anthropic_blocks(
+        json!([
+            {"type": "text", "text": "Searching."},
+            {"type": "tool_use", "id": "toolu_a", "name": "search", "input": {"pattern": "fn add"}}
+        ]),
+        "tool_use",
+    );
+    let turn2 = anthropic_blocks(
+        json!([
+            {"type": "tool_use", "id": "toolu_b", "name": "edit", "input": {"path": "src/lib.rs"}},
+            {"type": "tool_use", "id": "toolu_c", "name": "search", "input": {"pattern": "a - b"}}
+        ]),
+        "tool_use",
+    );
+    let turn3 = anthropic_blocks(json!([{"type": "text", "text": "Done."}]), "end_turn");
+    let (base, seen) =
+        serve_each(vec![Reply::json(200, turn1), Reply::json(200, turn2), Reply::json(200, turn3)]).await;
+    let provider = anthropic(&base);
+    let mut req = tool_loop();
+
+    let first = provider.complete(&req).await.expect("turn 1");
+    assert_eq!(first.text, "Searching.");
+    assert_eq!(
+        first.tool_calls,
+        [ToolCall { id: "toolu_a".into(), name: "search".into(), arguments: json!({"pattern": "fn add"}) }]
+    );
+    assert_eq!(first.finish_reason.as_deref(), Some("tool_use"));
+    req.messages.push(Message::assistant_calls(first.text, first.tool_calls));
+    req.messages.push(Message::tool_result("toolu_a", FOUND, false));
+
+    let second = provider.complete(&req).await.expect("turn 2");
+    assert_eq!(second.text, "");
+    assert_eq!(
+        second.tool_calls,
+        [
+            ToolCall { id: "toolu_b".into(), name: "edit".into(), arguments: json!({"path": "src/lib.rs"}) },
+            ToolCall { id: "toolu_c".into(), name: "search".into(), arguments: json!({"pattern": "a - b"}) },
+        ]
+    );
+    req.messages.push(Message::assistant_calls(second.text, second.tool_calls));
+    req.messages.push(Message::tool_result("toolu_b", "no such text in src/lib.rs", true));
+    req.messages.push(Message::tool_result("toolu_c", "no match", false));
+    req.messages.push(Message::user("Keep the change minimal."));
+
+    let third = provider.complete(&req).await.expect("turn 3");
+    assert_eq!(
+        (third.text.as_str(), third.tool_calls.len(), third.finish_reason.as_deref()),
+        ("Done.", 0, Some("end_turn"))
+    );
+
+    let task = json!({"role": "user", "content": "Fix the failing test in src/lib.rs."});
+    let call_a = json!({"role": "assistant", "content": [
+        {"type": "text", "text": "Searching."},
+        {"type": "tool_use", "id": "toolu_a", "name": "search", "input": {"pattern": "fn add"}}
+    ]});
+    let result_a = json!({"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "toolu_a", "content": FOUND, "is_error": false}
+    ]});
+    // No empty text block before the calls.
+    let calls_bc = json!({"role": "assistant", "content": [
+        {"type": "tool_use", "id": "toolu_b", "name": "edit", "input": {"path": "src/lib.rs"}},
+        {"type": "tool_use", "id": "toolu_c", "name": "search", "input": {"pattern": "a - b"}}
+    ]});
+    // Two results and the user's words after them: one user message, roles alternate.
+    let results_bc = json!({"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "toolu_b", "content": "no such text in src/lib.rs", "is_error": true},
+        {"type": "tool_result", "tool_use_id": "toolu_c", "content": "no match", "is_error": false},
+        {"type": "text", "text": "Keep the change minimal."}
+    ]});
+    let expected =
+        [json!([task]), json!([task, call_a, result_a]), json!([task, call_a, result_a, calls_bc, results_bc])];
+    let wire_tools = json!([
+        {
+            "name": "search",
+            "description": "Search the workspace for a pattern.",
+            "input_schema": {"type": "object", "properties": {"pattern": {"type": "string"}}, "required": ["pattern"]}
+        },
+        {
+            "name": "edit",
+            "description": "Replace text in a file.",
+            "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}}
+        }
+    ]);
+    let requests = all_requests(&seen);
+    assert_eq!(requests.len(), 3);
+    for (i, (request, messages)) in requests.iter().zip(expected).enumerate() {
+        assert_eq!(request.body["tools"], wire_tools, "request {i}");
+        assert_eq!(request.body["messages"], messages, "request {i}");
+        assert_eq!(request.body["system"], "You are the Dev agent. Answer with a unified diff.", "request {i}");
+    }
+}
+
+#[tokio::test]
+async fn anthropic_merges_consecutive_tool_results_into_one_user_message() {
+    let (base, seen) = serve(Reply::json(200, anthropic_answer())).await;
+    let calls = vec![
+        ToolCall { id: "toolu_1".into(), name: "search".into(), arguments: json!({"pattern": "x"}) },
+        ToolCall { id: "toolu_2".into(), name: "search".into(), arguments: json!({"pattern": "y"}) },
+    ];
+    let mut req = tool_loop();
+    req.messages.push(Message::assistant_calls("", calls));
+    req.messages.push(Message::tool_result("toolu_1", "x found", false));
+    req.messages.push(Message::tool_result("toolu_2", "y failed", true));
+    anthropic(&base).complete(&req).await.expect("completes");
+
+    let messages = only_request(&seen).body["messages"].clone();
+    assert_eq!(messages.as_array().map(Vec::len), Some(3), "{messages}");
+    assert_eq!(
+        messages[2],
+        json!({"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": "x found", "is_error": false},
+            {"type": "tool_result", "tool_use_id": "toolu_2", "content": "y failed", "is_error": true}
+        ]})
+    );
 }
 
 // --- Errors -----------------------------------------------------------------------------
