@@ -251,7 +251,9 @@ pub enum ProviderError {
         provider: &'static str,
     },
     /// The scripted provider's fixture has no entry for this request.
-    #[error("no fixture entry in {fixture} matches task {task}, role {role:?}, last user message {prompt:?}")]
+    #[error(
+        "no fixture entry in {fixture} matches task {task}, role {role:?}, turn {turn}, last user message {prompt:?}"
+    )]
     Fixture {
         /// The fixture file.
         fixture: PathBuf,
@@ -259,6 +261,8 @@ pub enum ProviderError {
         task: String,
         /// The request's role.
         role: String,
+        /// The model's turn the request asks for: 1 + the assistant messages so far.
+        turn: u32,
         /// The start of the last user message.
         prompt: String,
     },

@@ -871,8 +871,9 @@ async fn scripted_matches_on_the_last_user_message_only() {
     req.messages[0].content = "fix the failing test".into();
     let err = provider.complete(&req).await.expect_err("earlier message does not count");
     match &err {
-        ProviderError::Fixture { role, prompt, task, fixture } => {
+        ProviderError::Fixture { role, prompt, task, fixture, turn } => {
             assert_eq!(role, "dev");
+            assert_eq!(*turn, 2, "one assistant message so far");
             assert_eq!(prompt, "something else");
             assert_eq!(task, &req.task_id.expect("set").to_string());
             assert!(fixture.ends_with("fixture.toml"));
@@ -906,6 +907,135 @@ fn scripted_refuses_bad_fixture_files() {
     assert!(err.to_string().contains("/nonexistent/fixture.toml"), "{err}");
 }
 
+/// A three-turn tool loop: search, edit what the search found, finish.
+const TOOL_LOOP: &str = r#"
+[[response]]
+role = "dev"
+match = "fix the failing"
+turn = 1
+tool_calls = [{ name = "search", arguments = { pattern = "fn add", max = 5, paths = ["src/"] } }]
+input_tokens = 300
+output_tokens = 20
+
+[[response]]
+role = "dev"
+turn = 2
+result_match = "src/lib.rs:1:"
+text = "The sign is wrong."
+tool_calls = [
+  { name = "edit", arguments = { path = "src/lib.rs", find = "a - b", replace = "a + b" } },
+  { name = "run_tests" },
+]
+input_tokens = 420
+output_tokens = 40
+
+[[response]]
+role = "dev"
+turn = 3
+text = "Fixed: add now adds."
+input_tokens = 480
+output_tokens = 8
+"#;
+
+#[tokio::test]
+async fn scripted_plays_a_tool_loop_turn_by_turn() {
+    let (_dir, provider) = scripted(TOOL_LOOP);
+    let provider = provider.expect("builds");
+    let mut req = asking("dev", "Please fix the failing test.");
+    req.messages = vec![Message::user("Please fix the failing test.")];
+    req.tools = tools();
+
+    let first = provider.complete(&req).await.expect("turn 1");
+    assert_eq!(
+        first,
+        Completion {
+            text: String::new(),
+            tool_calls: vec![ToolCall {
+                id: "call_1_0".into(),
+                name: "search".into(),
+                arguments: json!({"pattern": "fn add", "max": 5, "paths": ["src/"]}),
+            }],
+            usage: TokenUsage { input_tokens: 300, output_tokens: 20 },
+            model: "scripted".into(),
+            finish_reason: Some("tool_calls".into()),
+        }
+    );
+    req.messages.push(Message::assistant_calls(first.text, first.tool_calls));
+
+    // Turn 2 wants the search's result to name the line.
+    let mut missed = req.clone();
+    missed.messages.push(Message::tool_result("call_1_0", "no match", false));
+    match provider.complete(&missed).await.expect_err("result_match does not fit") {
+        ProviderError::Fixture { turn, prompt, .. } => {
+            assert_eq!((turn, prompt.as_str()), (2, "Please fix the failing test."))
+        }
+        other => panic!("expected Fixture, got {other:?}"),
+    }
+    req.messages.push(Message::tool_result(
+        "call_1_0",
+        "src/lib.rs:1: pub fn add(a: i32, b: i32) -> i32 { a - b }",
+        false,
+    ));
+    let second = provider.complete(&req).await.expect("turn 2");
+    assert_eq!(second.text, "The sign is wrong.");
+    assert_eq!(
+        second.tool_calls,
+        [
+            ToolCall {
+                id: "call_2_0".into(),
+                name: "edit".into(),
+                arguments: json!({"path": "src/lib.rs", "find": "a - b", "replace": "a + b"}),
+            },
+            ToolCall { id: "call_2_1".into(), name: "run_tests".into(), arguments: json!({}) },
+        ]
+    );
+    assert_eq!(second.usage, TokenUsage { input_tokens: 420, output_tokens: 40 });
+    assert_eq!(second.finish_reason.as_deref(), Some("tool_calls"));
+    req.messages.push(Message::assistant_calls(second.text, second.tool_calls));
+    req.messages.push(Message::tool_result("call_2_0", "edited", false));
+    req.messages.push(Message::tool_result("call_2_1", "1 passed", false));
+
+    let third = provider.complete(&req).await.expect("turn 3");
+    assert_eq!((third.text.as_str(), third.tool_calls.len()), ("Fixed: add now adds.", 0));
+    assert_eq!((third.usage.input_tokens, third.finish_reason.as_deref()), (480, Some("stop")));
+
+    // There is no fourth turn.
+    req.messages.push(Message::assistant(third.text));
+    req.messages.push(Message::user("Please fix the failing test again."));
+    let err = provider.complete(&req).await.expect_err("no turn 4");
+    assert!(err.to_string().contains("turn 4"), "{err}");
+}
+
+#[test]
+fn scripted_refuses_entries_without_an_answer_or_with_turn_zero() {
+    let ok = "[[response]]\ntext = \"a\"\ninput_tokens = 1\noutput_tokens = 1\n";
+    for (second, expected) in [
+        ("[[response]]\ninput_tokens = 1\noutput_tokens = 1\n", "response[1] has neither text nor tool_calls"),
+        (
+            "[[response]]\ntool_calls = []\ninput_tokens = 1\noutput_tokens = 1\n",
+            "response[1] has neither text nor tool_calls",
+        ),
+        ("[[response]]\nturn = 0\ntext = \"a\"\ninput_tokens = 1\noutput_tokens = 1\n", "response[1].turn is 0"),
+        (
+            "[[response]]\ntool_calls = [{ name = \"run tests\" }]\ninput_tokens = 1\noutput_tokens = 1\n",
+            "response[1].tool_calls[0].name \"run tests\" is not a tool name",
+        ),
+        (
+            "[[response]]\nresult_match = \"\"\ntext = \"a\"\ninput_tokens = 1\noutput_tokens = 1\n",
+            "response[1].result_match is empty",
+        ),
+    ] {
+        let (_dir, result) = scripted(&format!("{ok}\n{second}"));
+        let err = result.expect_err(expected);
+        assert!(matches!(err, ProviderError::Config { .. }), "{err:?}");
+        assert!(err.to_string().contains(expected), "{err}");
+    }
+    let (_dir, result) =
+        scripted("[[response]]\ntool_calls = [{ name = \"x\", args = {} }]\ninput_tokens = 1\noutput_tokens = 1\n");
+    let err = result.expect_err("unknown key in a tool call");
+    assert!(err.to_string().contains("args"), "{err}");
+}
+
 #[test]
 fn the_bound_grows_with_the_prompt() {
     let short = input_token_bound(&simple(None));
@@ -920,4 +1050,18 @@ async fn the_example_fixture_loads_and_answers() {
     let dev = provider.complete(&asking("dev", "Please fix the failing test.")).await.expect("dev entry");
     assert_eq!(dev.usage, TokenUsage { input_tokens: 812, output_tokens: 240 });
     assert!(provider.complete(&asking("qa", "run the tests")).await.is_err(), "no qa entry in the example");
+
+    // Its tool loop, turn by turn.
+    let mut req = asking("dev", "Please rename old_name.");
+    req.messages = vec![Message::user("Please rename old_name.")];
+    let search = provider.complete(&req).await.expect("turn 1");
+    assert_eq!(search.tool_calls[0].arguments, json!({"pattern": "fn old_name"}));
+    req.messages.push(Message::assistant_calls(search.text, search.tool_calls));
+    req.messages.push(Message::tool_result("call_1_0", "src/lib.rs:3: pub fn old_name() {}", false));
+    let edit = provider.complete(&req).await.expect("turn 2");
+    assert_eq!((edit.tool_calls[0].id.as_str(), edit.tool_calls[0].name.as_str()), ("call_2_0", "edit"));
+    req.messages.push(Message::assistant_calls(edit.text, edit.tool_calls));
+    req.messages.push(Message::tool_result("call_2_0", "edited", false));
+    let done = provider.complete(&req).await.expect("turn 3");
+    assert_eq!((done.text.as_str(), done.finish_reason.as_deref()), ("Renamed old_name to new_name.", Some("stop")));
 }
