@@ -498,12 +498,13 @@ const TOOL_PREAMBLE: u64 = 600;
 /// An upper bound on the input tokens of a call, for the budget's reservation before the
 /// call: the UTF-8 **bytes** of every text the prompt is made of, plus framing:
 ///
-/// - the system prompt and each message's content, plus [`PER_MESSAGE`] (4) each;
-/// - each tool offered: its name, description and serialized `parameters`, plus
-///   [`PER_TOOL_ITEM`] (32); and, once when there is any, [`TOOL_PREAMBLE`] (600);
+/// - the system prompt and each message's content, plus 4 each (`PER_MESSAGE`);
+/// - each tool offered: its name, description and serialized `parameters`, plus 32
+///   (`PER_TOOL_ITEM`); and, once when there is any, 600 (`TOOL_PREAMBLE`);
 /// - each tool call of an assistant message: its id, name and serialized arguments, plus
-///   [`PER_TOOL_ITEM`]; each tool result: its `tool_call_id`, plus [`PER_TOOL_ITEM`];
-/// - [`PRIMING`] (3) for the answer.
+///   32; each tool result: its `tool_call_id`, plus 32 (which also covers OpenAI's
+///   `ERROR: ` prefix of a failed result);
+/// - 3 for the answer (`PRIMING`).
 ///
 /// A byte-level BPE tokenizer (GPT's, Claude's, Llama 3's) never makes more tokens of a
 /// text than it has bytes, whatever the text; neither does a SentencePiece tokenizer with

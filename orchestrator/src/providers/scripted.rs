@@ -26,7 +26,7 @@
 //!
 //! An entry needs `text`, `tool_calls` or both. A tool call's `arguments` (optional, default
 //! `{}`) is a TOML table, answered as the JSON object it reads as (a datetime becomes its
-//! RFC 3339 text); its id is `call_<turn>_<index>`: the model's turn (1 for the first
+//! TOML text); its id is `call_<turn>_<index>`: the model's turn (1 for the first
 //! answer) and the call's place in the entry, from 0. In a tool loop the tool results are
 //! messages of their own role, so the last *user* message stays the task's prompt: `match`
 //! picks the task, `turn` the step of the loop, and `result_match` what the tool answered.
