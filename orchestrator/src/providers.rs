@@ -47,6 +47,10 @@ pub struct CompletionRequest {
     pub system: Option<String>,
     /// The conversation, oldest first.
     pub messages: Vec<Message>,
+    /// The tools the model may call; none means a plain completion (and no `tools` field
+    /// is sent).
+    #[serde(default)]
+    pub tools: Vec<ToolSpec>,
     /// Cap on the answer's length; also what the budget reserves for the output.
     pub max_tokens: u32,
     /// Sampling temperature; the provider's default when absent.
@@ -57,6 +61,33 @@ pub struct CompletionRequest {
     pub role: String,
 }
 
+/// A tool the model may call, as both APIs describe one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolSpec {
+    /// What the model calls it by: `^[a-zA-Z0-9_-]{1,64}$` (both APIs' rule; the tool proxy
+    /// checks it).
+    pub name: String,
+    /// What the tool does, for the model.
+    pub description: String,
+    /// The JSON Schema of its arguments (an object schema): OpenAI's `parameters`,
+    /// Anthropic's `input_schema`.
+    pub parameters: serde_json::Value,
+}
+
+/// A call of a tool, by the model: in an answer ([`Completion::tool_calls`]) and, sent back,
+/// in an assistant [`Message`] of the conversation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ToolCall {
+    /// The provider's id of the call; the [`Message::tool_result`] answering it names it.
+    pub id: String,
+    /// The tool called.
+    pub name: String,
+    /// The arguments as the model gave them: a JSON value (normally an object). OpenAI sends
+    /// them as JSON text; text that is not JSON is kept as a JSON string holding it, never
+    /// a failed call (the worker answers such a call with a tool error).
+    pub arguments: serde_json::Value,
+}
+
 /// Who said a [`Message`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -65,14 +96,18 @@ pub enum MessageRole {
     User,
     /// A previous answer of the model.
     Assistant,
+    /// The result of a tool call the model made (Anthropic: a `tool_result` block of a user
+    /// message).
+    Tool,
 }
 
 impl MessageRole {
-    /// The role as both APIs spell it.
+    /// The role as OpenAI spells it (Anthropic has no `tool` role).
     pub fn as_str(self) -> &'static str {
         match self {
             MessageRole::User => "user",
             MessageRole::Assistant => "assistant",
+            MessageRole::Tool => "tool",
         }
     }
 }
@@ -82,32 +117,66 @@ impl MessageRole {
 pub struct Message {
     /// Who said it.
     pub role: MessageRole,
-    /// What was said (plain text).
+    /// What was said (plain text); for a [`MessageRole::Tool`] message, the tool's result.
+    /// May be empty on an assistant message that only calls tools.
     pub content: String,
+    /// The tools an assistant message called; empty on every other role.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// The [`ToolCall::id`] a [`MessageRole::Tool`] message answers; `None` on every other role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    /// Whether a tool result reports a failure (Anthropic's `is_error`; OpenAI has none, so
+    /// its content is prefixed with `ERROR: `). False on every other role.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub is_error: bool,
 }
 
 impl Message {
     /// A user turn.
     pub fn user(content: impl Into<String>) -> Self {
-        Message { role: MessageRole::User, content: content.into() }
+        Message::plain(MessageRole::User, content.into())
     }
 
-    /// An assistant turn.
+    /// An assistant turn without tool calls.
     pub fn assistant(content: impl Into<String>) -> Self {
-        Message { role: MessageRole::Assistant, content: content.into() }
+        Message::plain(MessageRole::Assistant, content.into())
+    }
+
+    /// An assistant turn that calls tools (its text may be empty).
+    pub fn assistant_calls(content: impl Into<String>, tool_calls: Vec<ToolCall>) -> Self {
+        Message { tool_calls, ..Message::assistant(content) }
+    }
+
+    /// The result of the tool call `tool_call_id`; `is_error` when the tool failed.
+    pub fn tool_result(tool_call_id: impl Into<String>, content: impl Into<String>, is_error: bool) -> Self {
+        Message {
+            tool_call_id: Some(tool_call_id.into()),
+            is_error,
+            ..Message::plain(MessageRole::Tool, content.into())
+        }
+    }
+
+    fn plain(role: MessageRole, content: String) -> Self {
+        Message { role, content, tool_calls: Vec::new(), tool_call_id: None, is_error: false }
     }
 }
 
 /// The model's answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Completion {
-    /// The answer's text (Anthropic: all text blocks, concatenated).
+    /// The answer's text (Anthropic: all text blocks, concatenated); may be empty when the
+    /// model only called tools.
     pub text: String,
+    /// The tools the model called, in its order; empty when it called none.
+    #[serde(default)]
+    pub tool_calls: Vec<ToolCall>,
     /// Tokens as the provider counted them: what the budget commits.
     pub usage: TokenUsage,
     /// The model as the provider reported it (may be more specific than the one asked for).
     pub model: String,
-    /// Why the model stopped (`stop`, `length`, `end_turn`, `max_tokens`, ...), as reported.
+    /// Why the model stopped (`stop`, `length`, `tool_calls`, `end_turn`, `tool_use`,
+    /// `max_tokens`, ...), as reported.
     pub finish_reason: Option<String>,
 }
 
@@ -182,7 +251,9 @@ pub enum ProviderError {
         provider: &'static str,
     },
     /// The scripted provider's fixture has no entry for this request.
-    #[error("no fixture entry in {fixture} matches task {task}, role {role:?}, last user message {prompt:?}")]
+    #[error(
+        "no fixture entry in {fixture} matches task {task}, role {role:?}, turn {turn}, last user message {prompt:?}"
+    )]
     Fixture {
         /// The fixture file.
         fixture: PathBuf,
@@ -190,6 +261,8 @@ pub enum ProviderError {
         task: String,
         /// The request's role.
         role: String,
+        /// The model's turn the request asks for: 1 + the assistant messages so far.
+        turn: u32,
         /// The start of the last user message.
         prompt: String,
     },
@@ -400,23 +473,71 @@ pub fn build_with_env(
     })
 }
 
+/// Longest tool name both APIs accept.
+pub const MAX_TOOL_NAME_CHARS: usize = 64;
+
+/// Whether `name` is a tool name both APIs accept: `^[a-zA-Z0-9_-]{1,64}$`.
+pub fn is_tool_name(name: &str) -> bool {
+    (1..=MAX_TOOL_NAME_CHARS).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Tokens of a chat template's framing around each message (and the system prompt).
+const PER_MESSAGE: u64 = 4;
+/// Tokens priming the answer.
+const PRIMING: u64 = 3;
+/// Tokens of framing around each tool definition, each tool call and each tool result: the
+/// template's wrapper and the keys of the API's JSON (`"name"`, `"input_schema"`, ...)
+/// that [`input_token_bound`] does not count as bytes.
+const PER_TOOL_ITEM: u64 = 32;
+/// Tokens of the tool-use system prompt a provider adds when a call offers tools. The
+/// largest Anthropic documents is 530 (Claude 3 Opus, `tool_choice` auto; 346 for the
+/// Claude 4 models); OpenAI's `namespace functions` preamble is a few dozen.
+const TOOL_PREAMBLE: u64 = 600;
+
 /// An upper bound on the input tokens of a call, for the budget's reservation before the
-/// call: the UTF-8 **bytes** of the system prompt and of every message, plus 4 per message
-/// (and the system prompt) for the chat template's framing and 3 for the answer's priming.
+/// call: the UTF-8 **bytes** of every text the prompt is made of, plus framing:
+///
+/// - the system prompt and each message's content, plus 4 each (`PER_MESSAGE`);
+/// - each tool offered: its name, description and serialized `parameters`, plus 32
+///   (`PER_TOOL_ITEM`); and, once when there is any, 600 (`TOOL_PREAMBLE`);
+/// - each tool call of an assistant message: its id, name and serialized arguments, plus
+///   32; each tool result: its `tool_call_id`, plus 32 (which also covers OpenAI's
+///   `ERROR: ` prefix of a failed result);
+/// - 3 for the answer (`PRIMING`).
 ///
 /// A byte-level BPE tokenizer (GPT's, Claude's, Llama 3's) never makes more tokens of a
 /// text than it has bytes, whatever the text; neither does a SentencePiece tokenizer with
 /// byte fallback. The usual estimate, a quarter of the characters, is not a bound: CJK
 /// text, emoji and base64 cost 1 to 3 tokens per character, so a prompt written to be
-/// cheap to reserve and dear to run beat it 4 to 12 times. The provider's own count is
-/// what the ledger commits after the call; a count above this bound is flagged there
-/// (`Commit::exceeded_reservation`).
+/// cheap to reserve and dear to run beat it 4 to 12 times. The framing constants cover the
+/// providers' templates (which are not published) with room to spare. The provider's own
+/// count is what the ledger commits after the call; a count above this bound is flagged
+/// there (`Commit::exceeded_reservation`).
 pub fn input_token_bound(req: &CompletionRequest) -> u64 {
-    const PER_MESSAGE: u64 = 4;
-    const PRIMING: u64 = 3;
-    let text = |s: &str| (s.len() as u64).saturating_add(PER_MESSAGE);
-    let system = req.system.as_deref().map_or(0, text);
-    req.messages.iter().map(|m| text(&m.content)).fold(system + PRIMING, u64::saturating_add)
+    let bytes = |s: &str| s.len() as u64;
+    let json = |v: &serde_json::Value| v.to_string().len() as u64;
+    let mut bound = PRIMING;
+    let mut add = |n: u64| bound = bound.saturating_add(n);
+    if let Some(system) = &req.system {
+        add(bytes(system) + PER_MESSAGE);
+    }
+    for m in &req.messages {
+        add(bytes(&m.content) + PER_MESSAGE);
+        for call in &m.tool_calls {
+            add(bytes(&call.id) + bytes(&call.name) + json(&call.arguments) + PER_TOOL_ITEM);
+        }
+        if let Some(id) = &m.tool_call_id {
+            add(bytes(id) + PER_TOOL_ITEM);
+        }
+    }
+    if !req.tools.is_empty() {
+        add(TOOL_PREAMBLE);
+    }
+    for tool in &req.tools {
+        add(bytes(&tool.name) + bytes(&tool.description) + json(&tool.parameters) + PER_TOOL_ITEM);
+    }
+    bound
 }
 
 // ---------------------------------------------------------------------------------------
@@ -604,6 +725,7 @@ mod tests {
             model: "m".into(),
             system: system.map(str::to_owned),
             messages: messages.iter().map(|m| Message::user(*m)).collect(),
+            tools: Vec::new(),
             max_tokens: 10,
             temperature: None,
             task_id: None,
@@ -620,6 +742,51 @@ mod tests {
         assert_eq!(input_token_bound(&request(Some("abcd"), &["abcdefgh"])), 23);
         // Bytes, not characters: ñ is 2 bytes.
         assert_eq!(input_token_bound(&request(None, &["ñññññ"])), 17);
+    }
+
+    #[test]
+    fn the_bound_counts_tools_calls_and_results() {
+        let tool = ToolSpec {
+            name: "search".into(),
+            description: "Find text.".into(),
+            parameters: serde_json::json!({"type": "object"}),
+        };
+        let call = ToolCall { id: "call_1".into(), name: "search".into(), arguments: serde_json::json!({"q": "x"}) };
+        let mut req = request(None, &["go"]);
+        // 2 + 4, + 3.
+        assert_eq!(input_token_bound(&req), 9);
+        // The tool: 6 + 10 + 17 (`{"type":"object"}`) + 32, and the preamble once.
+        req.tools.push(tool.clone());
+        assert_eq!(input_token_bound(&req), 9 + 65 + 600);
+        req.tools.push(ToolSpec { name: "edit".into(), ..tool });
+        assert_eq!(input_token_bound(&req), 9 + 65 + 63 + 600);
+        req.tools.clear();
+        // An assistant message "ok" calling it: 2 + 4; 6 + 6 + 9 (`{"q":"x"}`) + 32.
+        req.messages.push(Message::assistant_calls("ok", vec![call]));
+        assert_eq!(input_token_bound(&req), 9 + 6 + 53);
+        // Its result "found" (an error or not): 5 + 4; 6 + 32.
+        req.messages.push(Message::tool_result("call_1", "found", true));
+        assert_eq!(input_token_bound(&req), 9 + 6 + 53 + 47);
+    }
+
+    #[test]
+    fn hostile_tool_fields_cannot_make_the_bound_small() {
+        // Every byte of a tool's and a call's fields counts, whatever the text.
+        let cjk = "漢".repeat(100);
+        let mut req = request(None, &[]);
+        req.tools.push(ToolSpec {
+            name: "t".into(),
+            description: cjk.clone(),
+            parameters: serde_json::json!({"description": cjk}),
+        });
+        req.messages.push(Message::assistant_calls(
+            "",
+            vec![ToolCall { id: "i".into(), name: "t".into(), arguments: serde_json::json!(cjk) }],
+        ));
+        req.messages.push(Message::tool_result(cjk.clone(), cjk.clone(), false));
+        // 3 priming + 600 preamble; the tool: 1 + 300 + 318 + 32; the assistant message: 0 + 4,
+        // its call: 1 + 1 + 302 + 32; the result: 300 + 4, its id: 300 + 32.
+        assert_eq!(input_token_bound(&req), 3 + 600 + 651 + 4 + 336 + 636);
     }
 
     #[test]

@@ -13,6 +13,12 @@
 //! budget manager; the answer, its audit row and the usage go out in one transaction
 //! through the outbox.
 //!
+//! `llm.complete` carries native tool calling: the input may offer tools and hold the
+//! model's earlier tool calls and their results (checked by `CompleteInput::check`: which
+//! fields each role may carry, results answering earlier calls, tool names and schemas;
+//! anything else is `bad_input`); the output holds the tool calls the model made now and
+//! why it stopped. The contract, with examples: docs/tool-proxy.md.
+//!
 //! Approved tasks are pushed by [`push_loop`] (`git.push_branch`), also under the matrix.
 
 use std::collections::BTreeMap;
@@ -28,7 +34,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::gitops::{self, GitConfig, PushError};
 use crate::lease::{LeaseClaims, LeaseKeys};
-use crate::providers::{AnyProvider, CompletionRequest, Message, MessageRole, Provider, input_token_bound};
+use crate::providers::{
+    AnyProvider, CompletionRequest, MAX_TOOL_NAME_CHARS, Message, MessageRole, Provider, ToolCall, ToolSpec,
+    input_token_bound, is_tool_name,
+};
 use crate::risk::{Decision, RiskMatrix};
 use crate::tasks::{Actor, Engine, EngineError, HOLD_ELSEWHERE, HOLD_STALE, Hold};
 
@@ -62,22 +71,160 @@ impl ModelConfig {
     }
 }
 
-/// What `llm.complete` takes (the request's `input`, JSON).
+/// Most tools one `llm.complete` may offer.
+pub const MAX_TOOLS: usize = 32;
+/// Longest `prompt_version`, in characters.
+pub const MAX_PROMPT_VERSION_CHARS: usize = 80;
+
+/// What `llm.complete` takes (the request's `input`, JSON), as sent; [`CompleteInput::check`]
+/// makes the provider's request of it.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CompleteInput {
+    /// The system prompt.
     #[serde(default)]
     system: Option<String>,
+    /// The conversation, oldest first.
     messages: Vec<InputMessage>,
+    /// The tools the model may call.
+    #[serde(default)]
+    tools: Vec<InputTool>,
+    /// The answer's cap; clamped to `models.max_output_tokens`.
     #[serde(default)]
     max_tokens: Option<u32>,
+    /// Which prompt the worker used (its own label, e.g. a hash): recorded in the audit row.
+    #[serde(default)]
+    prompt_version: Option<String>,
 }
 
+/// One message as sent. Which fields a role may carry is checked by [`CompleteInput::check`],
+/// so a refusal can say what is wrong.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct InputMessage {
     role: MessageRole,
-    content: String,
+    /// Required, except on an assistant message (default empty).
+    #[serde(default)]
+    content: Option<String>,
+    /// Assistant messages only.
+    #[serde(default)]
+    tool_calls: Option<Vec<InputToolCall>>,
+    /// Tool messages only, and required there.
+    #[serde(default)]
+    tool_call_id: Option<String>,
+    /// Tool messages only; default false.
+    #[serde(default)]
+    is_error: Option<bool>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InputToolCall {
+    id: String,
+    name: String,
+    /// Whatever the model gave (normally an object; a string when it was not JSON).
+    arguments: Value,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InputTool {
+    name: String,
+    #[serde(default)]
+    description: String,
+    parameters: Value,
+}
+
+/// A checked `llm.complete` input.
+#[derive(Debug)]
+struct Checked {
+    system: Option<String>,
+    messages: Vec<Message>,
+    tools: Vec<ToolSpec>,
+    max_tokens: Option<u32>,
+    prompt_version: Option<String>,
+}
+
+impl CompleteInput {
+    /// The contract of docs/tool-proxy.md: which fields each role may carry, tool results
+    /// answering earlier calls, tool names and schemas. The error says what is wrong.
+    fn check(self) -> Result<Checked, String> {
+        if self.messages.is_empty() {
+            return Err("llm.complete needs at least one message".to_owned());
+        }
+        if let Some(v) = &self.prompt_version
+            && v.chars().count() > MAX_PROMPT_VERSION_CHARS
+        {
+            return Err(format!("prompt_version is longer than {MAX_PROMPT_VERSION_CHARS} characters"));
+        }
+        if self.tools.len() > MAX_TOOLS {
+            return Err(format!("{} tools offered; at most {MAX_TOOLS}", self.tools.len()));
+        }
+        let mut tools: Vec<ToolSpec> = Vec::with_capacity(self.tools.len());
+        for (i, t) in self.tools.into_iter().enumerate() {
+            if !is_tool_name(&t.name) {
+                return Err(format!(
+                    "tools[{i}].name {:?} is not a tool name: 1 to {MAX_TOOL_NAME_CHARS} of a-z, A-Z, 0-9, _ and -",
+                    t.name
+                ));
+            }
+            if tools.iter().any(|seen| seen.name == t.name) {
+                return Err(format!("tools[{i}].name {:?} is offered twice", t.name));
+            }
+            if !t.parameters.is_object() {
+                return Err(format!("tools[{i}].parameters must be a JSON object (a JSON Schema)"));
+            }
+            tools.push(ToolSpec { name: t.name, description: t.description, parameters: t.parameters });
+        }
+        let mut calls_so_far: Vec<String> = Vec::new();
+        let mut messages = Vec::with_capacity(self.messages.len());
+        for (i, m) in self.messages.into_iter().enumerate() {
+            let at = format!("messages[{i}] ({})", m.role.as_str());
+            if m.tool_calls.is_some() && m.role != MessageRole::Assistant {
+                return Err(format!("{at}: tool_calls are allowed only on assistant messages"));
+            }
+            if m.role != MessageRole::Tool {
+                if m.tool_call_id.is_some() {
+                    return Err(format!("{at}: tool_call_id is allowed only on tool messages"));
+                }
+                if m.is_error.is_some() {
+                    return Err(format!("{at}: is_error is allowed only on tool messages"));
+                }
+            }
+            let message = match m.role {
+                MessageRole::User => Message::user(m.content.ok_or_else(|| format!("{at}: content is missing"))?),
+                MessageRole::Assistant => {
+                    let mut calls = Vec::new();
+                    for (j, c) in m.tool_calls.unwrap_or_default().into_iter().enumerate() {
+                        if c.id.is_empty() {
+                            return Err(format!("{at}: tool_calls[{j}].id is empty"));
+                        }
+                        calls_so_far.push(c.id.clone());
+                        calls.push(ToolCall { id: c.id, name: c.name, arguments: c.arguments });
+                    }
+                    Message::assistant_calls(m.content.unwrap_or_default(), calls)
+                }
+                MessageRole::Tool => {
+                    let id = m.tool_call_id.ok_or_else(|| format!("{at}: tool_call_id is missing"))?;
+                    if !calls_so_far.contains(&id) {
+                        return Err(format!(
+                            "{at}: tool_call_id {id:?} answers no tool call of an earlier assistant message"
+                        ));
+                    }
+                    let content = m.content.ok_or_else(|| format!("{at}: content is missing"))?;
+                    Message::tool_result(id, content, m.is_error.unwrap_or(false))
+                }
+            };
+            messages.push(message);
+        }
+        Ok(Checked {
+            system: self.system,
+            messages,
+            tools,
+            max_tokens: self.max_tokens,
+            prompt_version: self.prompt_version,
+        })
+    }
 }
 
 /// A refusal: code for machines, message for people.
@@ -249,19 +396,21 @@ impl ToolProxy {
             tracing::info!(request = %req.request_id, "Answering a redelivered model request from its paid answer.");
             return self.answer_paid(env, req, paid).await;
         }
-        let input: CompleteInput = match serde_json::from_str(&req.input) {
-            Ok(i) => i,
-            Err(e) => return self.refuse(env, req, refused("bad_input", format!("llm.complete input: {e}"))).await,
+        let input = match serde_json::from_str::<CompleteInput>(&req.input) {
+            Ok(i) => i.check(),
+            Err(e) => Err(e.to_string()),
         };
-        if input.messages.is_empty() {
-            return self.refuse(env, req, refused("bad_input", "llm.complete needs at least one message")).await;
-        }
+        let input = match input {
+            Ok(i) => i,
+            Err(why) => return self.refuse(env, req, refused("bad_input", format!("llm.complete input: {why}"))).await,
+        };
         let models = &self.0.models;
         let max_tokens = input.max_tokens.unwrap_or(models.max_output_tokens).clamp(1, models.max_output_tokens);
         let mut call = CompletionRequest {
             model: models.model_for(claims.role).to_owned(),
             system: input.system,
-            messages: input.messages.into_iter().map(|m| Message { role: m.role, content: m.content }).collect(),
+            messages: input.messages,
+            tools: input.tools,
             max_tokens,
             temperature: None,
             task_id: Some(claims.task),
@@ -334,21 +483,27 @@ impl ToolProxy {
                 return Err(transient(e));
             }
         };
-        let output = json!({
-            "text": completion.text,
-            "model": completion.model,
-            "input_tokens": completion.usage.input_tokens,
-            "output_tokens": completion.usage.output_tokens,
-        })
-        .to_string();
-        let detail = json!({
+        let mut detail = json!({
             "request_id": req.request_id.to_string(),
             "model": reservation.model,
             "rerouted": reservation.rerouted(),
             "input_tokens": completion.usage.input_tokens,
             "output_tokens": completion.usage.output_tokens,
             "cost_micro_usd": commit.cost.0,
+            "tool_calls": completion.tool_calls.len(),
         });
+        if let Some(version) = input.prompt_version {
+            detail["prompt_version"] = Value::String(version);
+        }
+        let output = json!({
+            "text": completion.text,
+            "tool_calls": completion.tool_calls,
+            "finish_reason": completion.finish_reason,
+            "model": completion.model,
+            "input_tokens": completion.usage.input_tokens,
+            "output_tokens": completion.usage.output_tokens,
+        })
+        .to_string();
         let paid = PaidAnswer {
             output,
             detail,
@@ -481,5 +636,133 @@ pub async fn push_loop(
                 Err(PushError::Failed(why)) => tracing::warn!(task = %task.id, error = %why, "Push failed; retrying."),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(input: Value) -> Result<Checked, String> {
+        serde_json::from_value::<CompleteInput>(input).map_err(|e| e.to_string())?.check()
+    }
+
+    fn refused_with(input: Value, expected: &str) {
+        let err = check(input).expect_err(expected);
+        assert!(err.contains(expected), "{err}");
+    }
+
+    fn tool(name: &str) -> Value {
+        json!({"name": name, "description": "d", "parameters": {"type": "object"}})
+    }
+
+    #[test]
+    fn a_tool_loop_is_read_into_the_providers_types() {
+        let checked = check(json!({
+            "system": "s",
+            "messages": [
+                {"role": "user", "content": "fix it"},
+                {"role": "assistant", "tool_calls": [{"id": "c1", "name": "search", "arguments": {"q": "x"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "found", "is_error": true},
+                {"role": "assistant", "content": "bad call", "tool_calls": [{"id": "c2", "name": "edit", "arguments": "{oops"}]},
+                {"role": "tool", "tool_call_id": "c2", "content": "not JSON"},
+                {"role": "assistant", "content": "done"}
+            ],
+            "tools": [tool("search"), {"name": "edit", "parameters": {"type": "object"}}],
+            "max_tokens": 10,
+            "prompt_version": "sha256:0123456789abcdef"
+        }))
+        .expect("valid");
+        assert_eq!(
+            checked.messages,
+            [
+                Message::user("fix it"),
+                Message::assistant_calls(
+                    "",
+                    vec![ToolCall { id: "c1".into(), name: "search".into(), arguments: json!({"q": "x"}) }]
+                ),
+                Message::tool_result("c1", "found", true),
+                Message::assistant_calls(
+                    "bad call",
+                    vec![ToolCall { id: "c2".into(), name: "edit".into(), arguments: json!("{oops") }]
+                ),
+                Message::tool_result("c2", "not JSON", false),
+                Message::assistant("done"),
+            ]
+        );
+        assert_eq!(checked.tools.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(), ["search", "edit"]);
+        assert_eq!(checked.tools[1].description, "", "description is optional");
+        assert_eq!(checked.prompt_version.as_deref(), Some("sha256:0123456789abcdef"));
+        assert_eq!((checked.system.as_deref(), checked.max_tokens), (Some("s"), Some(10)));
+    }
+
+    #[test]
+    fn fields_out_of_their_role_are_refused() {
+        let user = |extra: Value| {
+            let mut m = json!({"role": "user", "content": "x"});
+            m.as_object_mut().expect("object").extend(extra.as_object().expect("object").clone());
+            json!({"messages": [m]})
+        };
+        refused_with(user(json!({"tool_calls": []})), "messages[0] (user): tool_calls are allowed only on assistant");
+        refused_with(user(json!({"tool_call_id": "c"})), "messages[0] (user): tool_call_id is allowed only on tool");
+        refused_with(user(json!({"is_error": false})), "messages[0] (user): is_error is allowed only on tool");
+        refused_with(json!({"messages": [{"role": "user"}]}), "messages[0] (user): content is missing");
+        refused_with(json!({"messages": []}), "at least one message");
+        refused_with(json!({"messages": [{"role": "system", "content": "x"}]}), "unknown variant `system`");
+        refused_with(json!({"messages": [{"role": "user", "content": "x", "name": "y"}]}), "unknown field `name`");
+        refused_with(json!({"messages": [{"role": "user", "content": "x"}], "tool_choice": "auto"}), "unknown field");
+    }
+
+    #[test]
+    fn tool_results_must_answer_an_earlier_call() {
+        let call =
+            json!({"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "name": "t", "arguments": {}}]});
+        refused_with(
+            json!({"messages": [{"role": "user", "content": "x"}, call, {"role": "tool", "content": "r"}]}),
+            "messages[2] (tool): tool_call_id is missing",
+        );
+        refused_with(
+            json!({"messages": [{"role": "user", "content": "x"}, call, {"role": "tool", "tool_call_id": "c9", "content": "r"}]}),
+            "messages[2] (tool): tool_call_id \"c9\" answers no tool call of an earlier assistant message",
+        );
+        // A result before its call answers nothing either.
+        refused_with(
+            json!({"messages": [{"role": "tool", "tool_call_id": "c1", "content": "r"}, call]}),
+            "messages[0] (tool): tool_call_id \"c1\" answers no tool call",
+        );
+        refused_with(
+            json!({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [{"id": "", "name": "t", "arguments": {}}]}]}),
+            "messages[1] (assistant): tool_calls[0].id is empty",
+        );
+        refused_with(
+            json!({"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": [{"id": "c", "name": "t"}]}]}),
+            "missing field `arguments`",
+        );
+    }
+
+    #[test]
+    fn tools_are_checked() {
+        let with = |tools: Value| json!({"messages": [{"role": "user", "content": "x"}], "tools": tools});
+        assert!(check(with(json!([tool("a-Z_09"), tool(&"n".repeat(64))]))).is_ok());
+        refused_with(with(json!([tool("run tests")])), "tools[0].name \"run tests\" is not a tool name");
+        refused_with(with(json!([tool("a"), tool("")])), "tools[1].name \"\" is not a tool name");
+        refused_with(with(json!([tool(&"n".repeat(65))])), "is not a tool name");
+        refused_with(with(json!([tool("só")])), "is not a tool name");
+        refused_with(with(json!([tool("a"), tool("a")])), "tools[1].name \"a\" is offered twice");
+        refused_with(
+            with(json!([{"name": "a", "parameters": "{\"type\":\"object\"}"}])),
+            "tools[0].parameters must be a JSON object",
+        );
+        refused_with(with(json!([{"name": "a"}])), "missing field `parameters`");
+        let many: Vec<Value> = (0..=MAX_TOOLS).map(|i| tool(&format!("t{i}"))).collect();
+        refused_with(with(json!(many)), "33 tools offered; at most 32");
+        assert!(check(with(json!(many[..MAX_TOOLS]))).is_ok());
+    }
+
+    #[test]
+    fn prompt_version_is_at_most_80_characters() {
+        let with = |v: &str| json!({"messages": [{"role": "user", "content": "x"}], "prompt_version": v});
+        assert!(check(with(&"é".repeat(80))).is_ok());
+        refused_with(with(&"é".repeat(81)), "prompt_version is longer than 80 characters");
     }
 }

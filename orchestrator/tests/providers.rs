@@ -11,8 +11,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::IntoResponse;
 use orchestrator::providers::{
-    AnyProvider, Completion, CompletionRequest, Message, Provider, ProviderConfig, ProviderError, TokenUsage, build,
-    build_with_env, input_token_bound,
+    AnyProvider, Completion, CompletionRequest, Message, Provider, ProviderConfig, ProviderError, TokenUsage, ToolCall,
+    ToolSpec, build, build_with_env, input_token_bound,
 };
 use serde_json::{Value, json};
 use uuid::Uuid;
@@ -45,7 +45,8 @@ impl Reply {
 
 #[derive(Clone)]
 struct Server {
-    reply: Reply,
+    /// The answer to the n-th request; the last one answers every request after it.
+    replies: Arc<Vec<Reply>>,
     seen: Arc<Mutex<Vec<Seen>>>,
 }
 
@@ -57,21 +58,31 @@ async fn record(
     body: Bytes,
 ) -> impl IntoResponse {
     let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    server.seen.lock().expect("not poisoned").push(Seen { method, path: uri.path().to_owned(), headers, body });
-    tokio::time::sleep(server.reply.delay).await;
+    let reply = {
+        let mut seen = server.seen.lock().expect("not poisoned");
+        seen.push(Seen { method, path: uri.path().to_owned(), headers, body });
+        server.replies[(seen.len() - 1).min(server.replies.len() - 1)].clone()
+    };
+    tokio::time::sleep(reply.delay).await;
     let mut headers = HeaderMap::new();
     headers.insert("content-type", "application/json".parse().expect("valid"));
-    for (name, value) in &server.reply.headers {
+    for (name, value) in &reply.headers {
         headers.insert(*name, value.parse().expect("valid"));
     }
-    (StatusCode::from_u16(server.reply.status).expect("valid status"), headers, server.reply.body.clone())
+    (StatusCode::from_u16(reply.status).expect("valid status"), headers, reply.body)
 }
 
 /// Starts a server on 127.0.0.1:0 answering `reply` on every path; returns its base URL
 /// and the requests it received.
 async fn serve(reply: Reply) -> (String, Arc<Mutex<Vec<Seen>>>) {
+    serve_each(vec![reply]).await
+}
+
+/// [`serve`], answering the n-th request with `replies[n]` (and the last with the last).
+async fn serve_each(replies: Vec<Reply>) -> (String, Arc<Mutex<Vec<Seen>>>) {
+    assert!(!replies.is_empty());
     let seen = Arc::new(Mutex::new(Vec::new()));
-    let app = Router::new().fallback(record).with_state(Server { reply, seen: seen.clone() });
+    let app = Router::new().fallback(record).with_state(Server { replies: Arc::new(replies), seen: seen.clone() });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     tokio::spawn(async move { axum::serve(listener, app).await });
@@ -111,6 +122,7 @@ fn conversation() -> CompletionRequest {
             Message::assistant("Which test fails?"),
             Message::user("tests::adds_two"),
         ],
+        tools: Vec::new(),
         max_tokens: 512,
         temperature: Some(0.25),
         task_id: Some(Uuid::now_v7()),
@@ -126,6 +138,39 @@ fn simple(system: Option<&str>) -> CompletionRequest {
         ..conversation()
     }
 }
+
+/// Every request the server received, in order.
+fn all_requests(seen: &Arc<Mutex<Vec<Seen>>>) -> Vec<Seen> {
+    seen.lock().expect("not poisoned").clone()
+}
+
+/// The tools of the tool-loop tests.
+fn tools() -> Vec<ToolSpec> {
+    vec![
+        ToolSpec {
+            name: "search".into(),
+            description: "Search the workspace for a pattern.".into(),
+            parameters: json!({"type": "object", "properties": {"pattern": {"type": "string"}}, "required": ["pattern"]}),
+        },
+        ToolSpec {
+            name: "edit".into(),
+            description: "Replace text in a file.".into(),
+            parameters: json!({"type": "object", "properties": {"path": {"type": "string"}}}),
+        },
+    ]
+}
+
+/// The first request of a tool loop: the task and the tools.
+fn tool_loop() -> CompletionRequest {
+    CompletionRequest {
+        tools: tools(),
+        messages: vec![Message::user("Fix the failing test in src/lib.rs.")],
+        ..conversation()
+    }
+}
+
+const FOUND: &str = "src/lib.rs:1: pub fn add(a: i32, b: i32) -> i32 { a - b }";
+const NOT_JSON: &str = "{\"path\": \"src/lib.rs\", \"find\": ";
 
 /// OpenAI's documented chat.completion object.
 fn openai_answer() -> Value {
@@ -162,7 +207,7 @@ fn openai_answer() -> Value {
     })
 }
 
-/// Anthropic's documented Messages answer, with a non-text block between two text blocks.
+/// Anthropic's documented Messages answer, with a tool call between two text blocks.
 fn anthropic_answer() -> Value {
     json!({
         "id": "msg_013Zva2CMHLNnXjNJJKqJ2EF",
@@ -197,6 +242,7 @@ async fn openai_sends_the_documented_request_and_reads_the_answer() {
         completion,
         Completion {
             text: "--- a/src/lib.rs\n+++ b/src/lib.rs\n".into(),
+            tool_calls: Vec::new(),
             usage: TokenUsage { input_tokens: 1117, output_tokens: 46 },
             model: "gpt-4o-2024-08-06".into(),
             finish_reason: Some("stop".into()),
@@ -235,6 +281,7 @@ async fn openai_without_key_sends_no_authorization_and_no_unset_fields() {
     assert_eq!(header(&req, "authorization"), None);
     assert_eq!(req.body["messages"], json!([{"role": "user", "content": "hello"}]));
     assert!(req.body.get("temperature").is_none(), "{}", req.body);
+    assert!(req.body.get("tools").is_none(), "no tools, no field: {}", req.body);
 }
 
 #[tokio::test]
@@ -258,6 +305,132 @@ async fn openai_null_content_is_empty_text() {
     assert_eq!(completion.finish_reason.as_deref(), Some("content_filter"));
 }
 
+/// `openai_answer()` with the message's content, tool calls and finish reason replaced.
+fn openai_calls(content: Value, tool_calls: Value, finish_reason: &str) -> Value {
+    let mut answer = openai_answer();
+    answer["choices"][0]["message"]["content"] = content;
+    answer["choices"][0]["message"]["tool_calls"] = tool_calls;
+    answer["choices"][0]["finish_reason"] = json!(finish_reason);
+    answer
+}
+
+#[tokio::test]
+async fn openai_carries_tools_calls_and_results_through_a_tool_loop() {
+    let turn1 = openai_calls(
+        Value::Null,
+        json!([{"id": "call_a", "type": "function", "function": {"name": "search", "arguments": "{\"pattern\":\"fn add\"}"}}]),
+        "tool_calls",
+    );
+    let turn2 = openai_calls(
+        json!("Editing."),
+        json!([
+            {"id": "call_b", "type": "function", "function": {"name": "edit", "arguments": NOT_JSON}},
+            {"id": "call_c", "type": "function", "function": {"name": "search", "arguments": "{\"pattern\": \"a - b\"}"}}
+        ]),
+        "tool_calls",
+    );
+    let (base, seen) =
+        serve_each(vec![Reply::json(200, turn1), Reply::json(200, turn2), Reply::json(200, openai_answer())]).await;
+    let provider = openai(&base, Some(KEY));
+    let mut req = tool_loop();
+
+    // Turn 1: content null, one call.
+    let first = provider.complete(&req).await.expect("turn 1");
+    assert_eq!(first.text, "");
+    assert_eq!(
+        first.tool_calls,
+        [ToolCall { id: "call_a".into(), name: "search".into(), arguments: json!({"pattern": "fn add"}) }]
+    );
+    assert_eq!(first.finish_reason.as_deref(), Some("tool_calls"));
+    req.messages.push(Message::assistant_calls(first.text, first.tool_calls));
+    req.messages.push(Message::tool_result("call_a", FOUND, false));
+
+    // Turn 2: text and two calls, the first with arguments that are not JSON.
+    let second = provider.complete(&req).await.expect("turn 2: arguments that are not JSON fail nothing");
+    assert_eq!(second.text, "Editing.");
+    assert_eq!(
+        second.tool_calls,
+        [
+            ToolCall { id: "call_b".into(), name: "edit".into(), arguments: json!(NOT_JSON) },
+            ToolCall { id: "call_c".into(), name: "search".into(), arguments: json!({"pattern": "a - b"}) },
+        ]
+    );
+    req.messages.push(Message::assistant_calls(second.text, second.tool_calls));
+    req.messages.push(Message::tool_result("call_b", "the arguments are not JSON", true));
+    req.messages.push(Message::tool_result("call_c", "no match", false));
+    req.messages.push(Message::user("Keep the change minimal."));
+
+    // Turn 3: a plain answer has no calls.
+    let third = provider.complete(&req).await.expect("turn 3");
+    assert_eq!((third.tool_calls.len(), third.finish_reason.as_deref()), (0, Some("stop")));
+
+    let system = json!({"role": "system", "content": "You are the Dev agent. Answer with a unified diff."});
+    let task = json!({"role": "user", "content": "Fix the failing test in src/lib.rs."});
+    let call_a = json!({"role": "assistant", "content": null, "tool_calls": [
+        {"id": "call_a", "type": "function", "function": {"name": "search", "arguments": "{\"pattern\":\"fn add\"}"}}
+    ]});
+    let result_a = json!({"role": "tool", "tool_call_id": "call_a", "content": FOUND});
+    // The text that was not JSON goes back as it came.
+    let calls_bc = json!({"role": "assistant", "content": "Editing.", "tool_calls": [
+        {"id": "call_b", "type": "function", "function": {"name": "edit", "arguments": NOT_JSON}},
+        {"id": "call_c", "type": "function", "function": {"name": "search", "arguments": "{\"pattern\":\"a - b\"}"}}
+    ]});
+    let result_b = json!({"role": "tool", "tool_call_id": "call_b", "content": "ERROR: the arguments are not JSON"});
+    let result_c = json!({"role": "tool", "tool_call_id": "call_c", "content": "no match"});
+    let nudge = json!({"role": "user", "content": "Keep the change minimal."});
+    let expected = [
+        json!([system, task]),
+        json!([system, task, call_a, result_a]),
+        json!([system, task, call_a, result_a, calls_bc, result_b, result_c, nudge]),
+    ];
+    let wire_tools = json!([
+        {"type": "function", "function": {
+            "name": "search",
+            "description": "Search the workspace for a pattern.",
+            "parameters": {"type": "object", "properties": {"pattern": {"type": "string"}}, "required": ["pattern"]}
+        }},
+        {"type": "function", "function": {
+            "name": "edit",
+            "description": "Replace text in a file.",
+            "parameters": {"type": "object", "properties": {"path": {"type": "string"}}}
+        }}
+    ]);
+    let requests = all_requests(&seen);
+    assert_eq!(requests.len(), 3);
+    for (i, (request, messages)) in requests.iter().zip(expected).enumerate() {
+        assert_eq!(request.body["tools"], wire_tools, "request {i}");
+        assert_eq!(request.body["messages"], messages, "request {i}");
+        assert!(request.body.get("tool_choice").is_none(), "request {i}: the model chooses");
+    }
+}
+
+#[tokio::test]
+async fn openai_reads_tool_call_arguments_leniently() {
+    // A compatible server that sends the object itself, one that sends no arguments, and an
+    // empty string (not JSON): none fails the call.
+    let answer = openai_calls(
+        Value::Null,
+        json!([
+            {"id": "c1", "type": "function", "function": {"name": "a", "arguments": {"x": 1}}},
+            {"id": "c2", "type": "function", "function": {"name": "b"}},
+            {"id": "c3", "type": "function", "function": {"name": "c", "arguments": ""}}
+        ]),
+        "tool_calls",
+    );
+    let (base, _seen) = serve(Reply::json(200, answer)).await;
+    let completion = openai(&base, None).complete(&simple(None)).await.expect("completes");
+    let arguments: Vec<&Value> = completion.tool_calls.iter().map(|c| &c.arguments).collect();
+    assert_eq!(arguments, [&json!({"x": 1}), &json!({}), &json!("")]);
+
+    // `tool_calls: null` is no calls; a call without an id is malformed.
+    let (base, _seen) = serve(Reply::json(200, openai_calls(json!("hi"), Value::Null, "stop"))).await;
+    assert_eq!(openai(&base, None).complete(&simple(None)).await.expect("completes").tool_calls, []);
+    let answer = openai_calls(Value::Null, json!([{"type": "function", "function": {"name": "a"}}]), "tool_calls");
+    let (base, _seen) = serve(Reply::json(200, answer)).await;
+    let err = openai(&base, None).complete(&simple(None)).await.expect_err("no id");
+    assert!(err.to_string().contains("choices[0].message.tool_calls[0].id"), "{err}");
+}
+
 // --- Anthropic --------------------------------------------------------------------------
 
 #[tokio::test]
@@ -269,6 +442,7 @@ async fn anthropic_sends_the_documented_request_and_reads_the_answer() {
         completion,
         Completion {
             text: "Here is the fix:\n--- a/src/lib.rs\n+++ b/src/lib.rs\n".into(),
+            tool_calls: vec![ToolCall { id: "toolu_01".into(), name: "noop".into(), arguments: json!({}) }],
             usage: TokenUsage { input_tokens: 2095, output_tokens: 503 },
             model: "claude-sonnet-4-5-20250929".into(),
             finish_reason: Some("end_turn".into()),
@@ -309,6 +483,7 @@ async fn anthropic_omits_absent_system_and_sends_the_configured_version() {
     assert_eq!(header(&req, "anthropic-version"), Some("2024-01-01"));
     assert!(req.body.get("system").is_none(), "{}", req.body);
     assert!(req.body.get("temperature").is_none(), "{}", req.body);
+    assert!(req.body.get("tools").is_none(), "no tools, no field: {}", req.body);
 }
 
 #[tokio::test]
@@ -325,6 +500,132 @@ async fn anthropic_counts_cache_tokens_as_input() {
 fn anthropic_needs_a_key() {
     let err = build(&config("kind = \"anthropic\"\n")).expect_err("no key");
     assert!(matches!(err, ProviderError::Config { .. }), "{err:?}");
+}
+
+/// An Anthropic answer of `content` blocks, stopped for `stop_reason`.
+fn anthropic_blocks(content: Value, stop_reason: &str) -> Value {
+    let mut answer = anthropic_answer();
+    answer["content"] = content;
+    answer["stop_reason"] = json!(stop_reason);
+    answer
+}
+
+#[tokio::test]
+async fn anthropic_carries_tools_calls_and_results_through_a_tool_loop() {
+    let turn1 = anthropic_blocks(
+        json!([
+            {"type": "text", "text": "Searching."},
+            {"type": "tool_use", "id": "toolu_a", "name": "search", "input": {"pattern": "fn add"}}
+        ]),
+        "tool_use",
+    );
+    let turn2 = anthropic_blocks(
+        json!([
+            {"type": "tool_use", "id": "toolu_b", "name": "edit", "input": {"path": "src/lib.rs"}},
+            {"type": "tool_use", "id": "toolu_c", "name": "search", "input": {"pattern": "a - b"}}
+        ]),
+        "tool_use",
+    );
+    let turn3 = anthropic_blocks(json!([{"type": "text", "text": "Done."}]), "end_turn");
+    let (base, seen) =
+        serve_each(vec![Reply::json(200, turn1), Reply::json(200, turn2), Reply::json(200, turn3)]).await;
+    let provider = anthropic(&base);
+    let mut req = tool_loop();
+
+    let first = provider.complete(&req).await.expect("turn 1");
+    assert_eq!(first.text, "Searching.");
+    assert_eq!(
+        first.tool_calls,
+        [ToolCall { id: "toolu_a".into(), name: "search".into(), arguments: json!({"pattern": "fn add"}) }]
+    );
+    assert_eq!(first.finish_reason.as_deref(), Some("tool_use"));
+    req.messages.push(Message::assistant_calls(first.text, first.tool_calls));
+    req.messages.push(Message::tool_result("toolu_a", FOUND, false));
+
+    let second = provider.complete(&req).await.expect("turn 2");
+    assert_eq!(second.text, "");
+    assert_eq!(
+        second.tool_calls,
+        [
+            ToolCall { id: "toolu_b".into(), name: "edit".into(), arguments: json!({"path": "src/lib.rs"}) },
+            ToolCall { id: "toolu_c".into(), name: "search".into(), arguments: json!({"pattern": "a - b"}) },
+        ]
+    );
+    req.messages.push(Message::assistant_calls(second.text, second.tool_calls));
+    req.messages.push(Message::tool_result("toolu_b", "no such text in src/lib.rs", true));
+    req.messages.push(Message::tool_result("toolu_c", "no match", false));
+    req.messages.push(Message::user("Keep the change minimal."));
+
+    let third = provider.complete(&req).await.expect("turn 3");
+    assert_eq!(
+        (third.text.as_str(), third.tool_calls.len(), third.finish_reason.as_deref()),
+        ("Done.", 0, Some("end_turn"))
+    );
+
+    let task = json!({"role": "user", "content": "Fix the failing test in src/lib.rs."});
+    let call_a = json!({"role": "assistant", "content": [
+        {"type": "text", "text": "Searching."},
+        {"type": "tool_use", "id": "toolu_a", "name": "search", "input": {"pattern": "fn add"}}
+    ]});
+    let result_a = json!({"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "toolu_a", "content": FOUND, "is_error": false}
+    ]});
+    // No empty text block before the calls.
+    let calls_bc = json!({"role": "assistant", "content": [
+        {"type": "tool_use", "id": "toolu_b", "name": "edit", "input": {"path": "src/lib.rs"}},
+        {"type": "tool_use", "id": "toolu_c", "name": "search", "input": {"pattern": "a - b"}}
+    ]});
+    // Two results and the user's words after them: one user message, roles alternate.
+    let results_bc = json!({"role": "user", "content": [
+        {"type": "tool_result", "tool_use_id": "toolu_b", "content": "no such text in src/lib.rs", "is_error": true},
+        {"type": "tool_result", "tool_use_id": "toolu_c", "content": "no match", "is_error": false},
+        {"type": "text", "text": "Keep the change minimal."}
+    ]});
+    let expected =
+        [json!([task]), json!([task, call_a, result_a]), json!([task, call_a, result_a, calls_bc, results_bc])];
+    let wire_tools = json!([
+        {
+            "name": "search",
+            "description": "Search the workspace for a pattern.",
+            "input_schema": {"type": "object", "properties": {"pattern": {"type": "string"}}, "required": ["pattern"]}
+        },
+        {
+            "name": "edit",
+            "description": "Replace text in a file.",
+            "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}}
+        }
+    ]);
+    let requests = all_requests(&seen);
+    assert_eq!(requests.len(), 3);
+    for (i, (request, messages)) in requests.iter().zip(expected).enumerate() {
+        assert_eq!(request.body["tools"], wire_tools, "request {i}");
+        assert_eq!(request.body["messages"], messages, "request {i}");
+        assert_eq!(request.body["system"], "You are the Dev agent. Answer with a unified diff.", "request {i}");
+    }
+}
+
+#[tokio::test]
+async fn anthropic_merges_consecutive_tool_results_into_one_user_message() {
+    let (base, seen) = serve(Reply::json(200, anthropic_answer())).await;
+    let calls = vec![
+        ToolCall { id: "toolu_1".into(), name: "search".into(), arguments: json!({"pattern": "x"}) },
+        ToolCall { id: "toolu_2".into(), name: "search".into(), arguments: json!({"pattern": "y"}) },
+    ];
+    let mut req = tool_loop();
+    req.messages.push(Message::assistant_calls("", calls));
+    req.messages.push(Message::tool_result("toolu_1", "x found", false));
+    req.messages.push(Message::tool_result("toolu_2", "y failed", true));
+    anthropic(&base).complete(&req).await.expect("completes");
+
+    let messages = only_request(&seen).body["messages"].clone();
+    assert_eq!(messages.as_array().map(Vec::len), Some(3), "{messages}");
+    assert_eq!(
+        messages[2],
+        json!({"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": "x found", "is_error": false},
+            {"type": "tool_result", "tool_use_id": "toolu_2", "content": "y failed", "is_error": true}
+        ]})
+    );
 }
 
 // --- Errors -----------------------------------------------------------------------------
@@ -570,8 +871,9 @@ async fn scripted_matches_on_the_last_user_message_only() {
     req.messages[0].content = "fix the failing test".into();
     let err = provider.complete(&req).await.expect_err("earlier message does not count");
     match &err {
-        ProviderError::Fixture { role, prompt, task, fixture } => {
+        ProviderError::Fixture { role, prompt, task, fixture, turn } => {
             assert_eq!(role, "dev");
+            assert_eq!(*turn, 2, "one assistant message so far");
             assert_eq!(prompt, "something else");
             assert_eq!(task, &req.task_id.expect("set").to_string());
             assert!(fixture.ends_with("fixture.toml"));
@@ -605,6 +907,135 @@ fn scripted_refuses_bad_fixture_files() {
     assert!(err.to_string().contains("/nonexistent/fixture.toml"), "{err}");
 }
 
+/// A three-turn tool loop: search, edit what the search found, finish.
+const TOOL_LOOP: &str = r#"
+[[response]]
+role = "dev"
+match = "fix the failing"
+turn = 1
+tool_calls = [{ name = "search", arguments = { pattern = "fn add", max = 5, paths = ["src/"] } }]
+input_tokens = 300
+output_tokens = 20
+
+[[response]]
+role = "dev"
+turn = 2
+result_match = "src/lib.rs:1:"
+text = "The sign is wrong."
+tool_calls = [
+  { name = "edit", arguments = { path = "src/lib.rs", find = "a - b", replace = "a + b" } },
+  { name = "run_tests" },
+]
+input_tokens = 420
+output_tokens = 40
+
+[[response]]
+role = "dev"
+turn = 3
+text = "Fixed: add now adds."
+input_tokens = 480
+output_tokens = 8
+"#;
+
+#[tokio::test]
+async fn scripted_plays_a_tool_loop_turn_by_turn() {
+    let (_dir, provider) = scripted(TOOL_LOOP);
+    let provider = provider.expect("builds");
+    let mut req = asking("dev", "Please fix the failing test.");
+    req.messages = vec![Message::user("Please fix the failing test.")];
+    req.tools = tools();
+
+    let first = provider.complete(&req).await.expect("turn 1");
+    assert_eq!(
+        first,
+        Completion {
+            text: String::new(),
+            tool_calls: vec![ToolCall {
+                id: "call_1_0".into(),
+                name: "search".into(),
+                arguments: json!({"pattern": "fn add", "max": 5, "paths": ["src/"]}),
+            }],
+            usage: TokenUsage { input_tokens: 300, output_tokens: 20 },
+            model: "scripted".into(),
+            finish_reason: Some("tool_calls".into()),
+        }
+    );
+    req.messages.push(Message::assistant_calls(first.text, first.tool_calls));
+
+    // Turn 2 wants the search's result to name the line.
+    let mut missed = req.clone();
+    missed.messages.push(Message::tool_result("call_1_0", "no match", false));
+    match provider.complete(&missed).await.expect_err("result_match does not fit") {
+        ProviderError::Fixture { turn, prompt, .. } => {
+            assert_eq!((turn, prompt.as_str()), (2, "Please fix the failing test."))
+        }
+        other => panic!("expected Fixture, got {other:?}"),
+    }
+    req.messages.push(Message::tool_result(
+        "call_1_0",
+        "src/lib.rs:1: pub fn add(a: i32, b: i32) -> i32 { a - b }",
+        false,
+    ));
+    let second = provider.complete(&req).await.expect("turn 2");
+    assert_eq!(second.text, "The sign is wrong.");
+    assert_eq!(
+        second.tool_calls,
+        [
+            ToolCall {
+                id: "call_2_0".into(),
+                name: "edit".into(),
+                arguments: json!({"path": "src/lib.rs", "find": "a - b", "replace": "a + b"}),
+            },
+            ToolCall { id: "call_2_1".into(), name: "run_tests".into(), arguments: json!({}) },
+        ]
+    );
+    assert_eq!(second.usage, TokenUsage { input_tokens: 420, output_tokens: 40 });
+    assert_eq!(second.finish_reason.as_deref(), Some("tool_calls"));
+    req.messages.push(Message::assistant_calls(second.text, second.tool_calls));
+    req.messages.push(Message::tool_result("call_2_0", "edited", false));
+    req.messages.push(Message::tool_result("call_2_1", "1 passed", false));
+
+    let third = provider.complete(&req).await.expect("turn 3");
+    assert_eq!((third.text.as_str(), third.tool_calls.len()), ("Fixed: add now adds.", 0));
+    assert_eq!((third.usage.input_tokens, third.finish_reason.as_deref()), (480, Some("stop")));
+
+    // There is no fourth turn.
+    req.messages.push(Message::assistant(third.text));
+    req.messages.push(Message::user("Please fix the failing test again."));
+    let err = provider.complete(&req).await.expect_err("no turn 4");
+    assert!(err.to_string().contains("turn 4"), "{err}");
+}
+
+#[test]
+fn scripted_refuses_entries_without_an_answer_or_with_turn_zero() {
+    let ok = "[[response]]\ntext = \"a\"\ninput_tokens = 1\noutput_tokens = 1\n";
+    for (second, expected) in [
+        ("[[response]]\ninput_tokens = 1\noutput_tokens = 1\n", "response[1] has neither text nor tool_calls"),
+        (
+            "[[response]]\ntool_calls = []\ninput_tokens = 1\noutput_tokens = 1\n",
+            "response[1] has neither text nor tool_calls",
+        ),
+        ("[[response]]\nturn = 0\ntext = \"a\"\ninput_tokens = 1\noutput_tokens = 1\n", "response[1].turn is 0"),
+        (
+            "[[response]]\ntool_calls = [{ name = \"run tests\" }]\ninput_tokens = 1\noutput_tokens = 1\n",
+            "response[1].tool_calls[0].name \"run tests\" is not a tool name",
+        ),
+        (
+            "[[response]]\nresult_match = \"\"\ntext = \"a\"\ninput_tokens = 1\noutput_tokens = 1\n",
+            "response[1].result_match is empty",
+        ),
+    ] {
+        let (_dir, result) = scripted(&format!("{ok}\n{second}"));
+        let err = result.expect_err(expected);
+        assert!(matches!(err, ProviderError::Config { .. }), "{err:?}");
+        assert!(err.to_string().contains(expected), "{err}");
+    }
+    let (_dir, result) =
+        scripted("[[response]]\ntool_calls = [{ name = \"x\", args = {} }]\ninput_tokens = 1\noutput_tokens = 1\n");
+    let err = result.expect_err("unknown key in a tool call");
+    assert!(err.to_string().contains("args"), "{err}");
+}
+
 #[test]
 fn the_bound_grows_with_the_prompt() {
     let short = input_token_bound(&simple(None));
@@ -619,4 +1050,18 @@ async fn the_example_fixture_loads_and_answers() {
     let dev = provider.complete(&asking("dev", "Please fix the failing test.")).await.expect("dev entry");
     assert_eq!(dev.usage, TokenUsage { input_tokens: 812, output_tokens: 240 });
     assert!(provider.complete(&asking("qa", "run the tests")).await.is_err(), "no qa entry in the example");
+
+    // Its tool loop, turn by turn.
+    let mut req = asking("dev", "Please rename old_name.");
+    req.messages = vec![Message::user("Please rename old_name.")];
+    let search = provider.complete(&req).await.expect("turn 1");
+    assert_eq!(search.tool_calls[0].arguments, json!({"pattern": "fn old_name"}));
+    req.messages.push(Message::assistant_calls(search.text, search.tool_calls));
+    req.messages.push(Message::tool_result("call_1_0", "src/lib.rs:3: pub fn old_name() {}", false));
+    let edit = provider.complete(&req).await.expect("turn 2");
+    assert_eq!((edit.tool_calls[0].id.as_str(), edit.tool_calls[0].name.as_str()), ("call_2_0", "edit"));
+    req.messages.push(Message::assistant_calls(edit.text, edit.tool_calls));
+    req.messages.push(Message::tool_result("call_2_0", "edited", false));
+    let done = provider.complete(&req).await.expect("turn 3");
+    assert_eq!((done.text.as_str(), done.finish_reason.as_deref()), ("Renamed old_name to new_name.", Some("stop")));
 }

@@ -89,7 +89,7 @@ async fn fleet_with(
          output_micro_usd_per_mtok = {output_price}\n"
     ))
     .unwrap();
-    let redis_pool = bus::pool(&SecretString::from(redis.url()), 4, Duration::from_secs(1)).unwrap();
+    let redis_pool = bus::pool(SecretString::from(redis.url()), 4, Duration::from_secs(1)).unwrap();
     let ledger = Ledger::new(redis_pool.clone(), ledger_cfg.clone()).unwrap();
     let keys = LeaseKeys::new(&SecretString::from(SECRET.to_owned()), Duration::from_secs(600)).unwrap();
     let issuer = LeaseIssuer {
@@ -185,8 +185,21 @@ async fn ask_as(
     lease: Option<String>,
     action: &str,
 ) -> ToolResponse {
-    let me = Instance::parse(instance).unwrap();
     let input = r#"{"messages":[{"role":"user","content":"fix the failing test"}],"max_tokens":200}"#;
+    ask_with(f, instance, role, assign, lease, action, input).await
+}
+
+/// [`ask_as`] with `input` as the request's input.
+async fn ask_with(
+    f: &Fleet,
+    instance: &str,
+    role: Role,
+    assign: &Verified,
+    lease: Option<String>,
+    action: &str,
+    input: &str,
+) -> ToolResponse {
+    let me = Instance::parse(instance).unwrap();
     let (env, wire) = tool_request(&me, role, assign, lease, action, input);
     let request_id = request_id_of(&env);
     let d = delivery(&wire, "1-1");
@@ -225,6 +238,8 @@ async fn a_leased_model_call_is_answered_metered_and_audited() {
         (out["text"].as_str(), out["input_tokens"].as_u64(), out["output_tokens"].as_u64()),
         (Some("the answer"), Some(120), Some(30))
     );
+    // No tools offered, none called; the finish reason as the provider gave it.
+    assert_eq!((&out["tool_calls"], &out["finish_reason"]), (&serde_json::json!([]), &serde_json::json!("stop")));
 
     // The budget manager hears of the spend, at the ledger's price.
     let usage = last_sent(&f.pool, streams::USAGE, Role::Budget).await;
@@ -735,6 +750,201 @@ async fn a_redelivered_model_request_is_answered_again_but_paid_once() {
         .await
         .unwrap();
     assert_eq!(answers, 2, "both deliveries answered");
+}
+
+/// A scripted tool loop for Dev: a search, then an answer once the search found the line.
+const TOOL_LOOP: &str = r#"
+[[response]]
+role = "dev"
+turn = 1
+tool_calls = [{ name = "search", arguments = { pattern = "fn add" } }]
+input_tokens = 120
+output_tokens = 30
+model = "scripted-1"
+
+[[response]]
+role = "dev"
+turn = 2
+result_match = "src/lib.rs:1:"
+text = "the fix"
+input_tokens = 200
+output_tokens = 40
+model = "scripted-1"
+"#;
+
+/// A fleet whose scripted model plays [`TOOL_LOOP`].
+async fn tool_loop_fleet() -> Fleet {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = dir.path().join("fixture.toml");
+    std::fs::write(&fixture, TOOL_LOOP).unwrap();
+    let provider = ProviderConfig::Scripted(ScriptedConfig { fixture });
+    fleet_with(dir, provider, 100_000, "scripted-1", (1_000_000, 2_000_000), |_| {}).await
+}
+
+/// The `details` of every `tool.llm.complete` audit row, oldest first.
+async fn model_calls(pool: &PgPool) -> Vec<serde_json::Value> {
+    sqlx::query_scalar("SELECT details FROM audit_trail WHERE action = 'tool.llm.complete' ORDER BY seq")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_model_call_with_tools_answers_tool_calls_and_audits_the_prompt_version() {
+    let f = tool_loop_fleet().await;
+    let task = f.engine.submit(&Actor::operator("alice"), new_task(None, &["src/"])).await.unwrap();
+    let assign = last_sent(&f.pool, "fleet:tasks:dev", Role::Dev).await;
+    let tools = serde_json::json!([{
+        "name": "search",
+        "description": "Search the workspace.",
+        "parameters": {"type": "object", "properties": {"pattern": {"type": "string"}}, "required": ["pattern"]}
+    }]);
+    let task_prompt = serde_json::json!({"role": "user", "content": "fix the failing test"});
+    let first = serde_json::json!({
+        "system": "You are Dev.",
+        "messages": [task_prompt],
+        "tools": tools,
+        "max_tokens": 200,
+        "prompt_version": "sha256:0123456789abcdef"
+    })
+    .to_string();
+
+    let r = ask_with(&f, "dev-7", Role::Dev, &assign, assign.lease.clone(), "llm.complete", &first).await;
+    assert!(r.ok, "{}", r.output);
+    let out: serde_json::Value = serde_json::from_str(&r.output).unwrap();
+    assert_eq!(
+        out,
+        serde_json::json!({
+            "text": "",
+            "tool_calls": [{"id": "call_1_0", "name": "search", "arguments": {"pattern": "fn add"}}],
+            "finish_reason": "tool_calls",
+            "model": "scripted-1",
+            "input_tokens": 120,
+            "output_tokens": 30
+        })
+    );
+
+    // The worker runs the tool and sends the loop so far back.
+    let second = serde_json::json!({
+        "system": "You are Dev.",
+        "messages": [
+            task_prompt,
+            {"role": "assistant", "content": "", "tool_calls": out["tool_calls"]},
+            {"role": "tool", "tool_call_id": "call_1_0", "content": "src/lib.rs:1: pub fn add", "is_error": false}
+        ],
+        "tools": tools,
+        "max_tokens": 200
+    })
+    .to_string();
+    let r = ask_with(&f, "dev-7", Role::Dev, &assign, assign.lease.clone(), "llm.complete", &second).await;
+    assert!(r.ok, "{}", r.output);
+    let out: serde_json::Value = serde_json::from_str(&r.output).unwrap();
+    assert_eq!(
+        (&out["text"], &out["tool_calls"], &out["finish_reason"]),
+        (&serde_json::json!("the fix"), &serde_json::json!([]), &serde_json::json!("stop"))
+    );
+
+    // Each call's audit row: the prompt version when the worker named one, the calls made.
+    let calls = model_calls(&f.pool).await;
+    assert_eq!(calls.len(), 2);
+    assert_eq!(calls[0]["prompt_version"], "sha256:0123456789abcdef");
+    assert_eq!(calls[0]["tool_calls"], 1);
+    assert!(calls[1].get("prompt_version").is_none(), "{}", calls[1]);
+    assert_eq!(calls[1]["tool_calls"], 0);
+    let spent = f.ledger.task_usage(task.id).await.unwrap();
+    assert_eq!((spent.usage.tokens, spent.usage.calls), (150 + 240, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivered_tool_call_answer_is_replayed_with_its_tool_calls() {
+    let f = tool_loop_fleet().await;
+    let task = f.engine.submit(&Actor::operator("alice"), new_task(None, &[])).await.unwrap();
+    let assign = last_sent(&f.pool, "fleet:tasks:dev", Role::Dev).await;
+    let me = Instance::parse("dev-7").unwrap();
+    let input = serde_json::json!({
+        "messages": [{"role": "user", "content": "fix the failing test"}],
+        "tools": [{"name": "search", "description": "", "parameters": {"type": "object"}}],
+        "prompt_version": "v1"
+    })
+    .to_string();
+    let (_, wire) = tool_request(&me, Role::Dev, &assign, assign.lease.clone(), "llm.complete", &input);
+    for _ in 0..2 {
+        f.proxy.handle(delivery(&wire, "1-1")).await.unwrap();
+    }
+    let outputs: Vec<String> = {
+        let frames: Vec<Vec<u8>> = sqlx::query_scalar("SELECT frame FROM outbox WHERE stream = $1 ORDER BY id")
+            .bind(StreamName::tool_responses(Role::Dev, &me).as_str())
+            .fetch_all(&f.pool)
+            .await
+            .unwrap();
+        frames
+            .iter()
+            .map(|frame| {
+                let ctx = VerifyContext { now_ms: bus::now_ms(), kill_epoch: 0 };
+                let stream = StreamName::tool_responses(Role::Dev, &me);
+                let reply =
+                    verifier(Role::Dev).verify(stream.as_str(), frame, ctx, &mut MemoryReplayGuard::new()).unwrap();
+                let Payload::ToolResponse(r) = reply.into_inner().payload else { panic!("expected tool.response") };
+                r.output
+            })
+            .collect()
+    };
+    assert_eq!(outputs.len(), 2, "both deliveries answered");
+    assert_eq!(outputs[0], outputs[1], "the replay is the paid answer");
+    let out: serde_json::Value = serde_json::from_str(&outputs[1]).unwrap();
+    assert_eq!(out["tool_calls"][0]["id"], "call_1_0");
+    let spent = f.ledger.task_usage(task.id).await.unwrap();
+    assert_eq!((spent.usage.tokens, spent.usage.calls), (150, 1), "one call paid");
+    let calls = model_calls(&f.pool).await;
+    assert_eq!(calls.len(), 2);
+    assert_eq!(
+        (&calls[1]["prompt_version"], &calls[1]["tool_calls"]),
+        (&serde_json::json!("v1"), &serde_json::json!(1))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tool_calling_inputs_outside_the_contract_are_refused_as_bad_input() {
+    let f = tool_loop_fleet().await;
+    let task = f.engine.submit(&Actor::operator("alice"), new_task(None, &[])).await.unwrap();
+    let assign = last_sent(&f.pool, "fleet:tasks:dev", Role::Dev).await;
+    let user = serde_json::json!({"role": "user", "content": "fix the failing test"});
+    let call = serde_json::json!({"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1_0", "name": "search", "arguments": {"pattern": "x"}}
+    ]});
+    let cases = [
+        (
+            serde_json::json!({"messages": [user, call, {"role": "tool", "content": "found"}]}),
+            "tool_call_id is missing",
+        ),
+        (
+            serde_json::json!({"messages": [{"role": "user", "content": "x", "tool_calls": [
+                {"id": "c", "name": "search", "arguments": {}}
+            ]}]}),
+            "tool_calls are allowed only on assistant messages",
+        ),
+        (
+            serde_json::json!({"messages": [user], "tools": [
+                {"name": "run tests", "description": "", "parameters": {"type": "object"}}
+            ]}),
+            "\"run tests\" is not a tool name",
+        ),
+        (
+            serde_json::json!({"messages": [user, call, {"role": "tool", "tool_call_id": "call_9", "content": "found"}]}),
+            "\"call_9\" answers no tool call of an earlier assistant message",
+        ),
+    ];
+    for (input, expected) in &cases {
+        let r =
+            ask_with(&f, "dev-7", Role::Dev, &assign, assign.lease.clone(), "llm.complete", &input.to_string()).await;
+        assert_eq!(code(&r), "bad_input", "{input}");
+        let message: serde_json::Value = serde_json::from_str(&r.output).unwrap();
+        let message = message["message"].as_str().unwrap();
+        assert!(message.starts_with("llm.complete input: ") && message.contains(expected), "{message}");
+    }
+    assert_eq!(refusals(&f.pool).await, ["bad_input"; 4]);
+    assert!(model_calls(&f.pool).await.is_empty());
+    assert_eq!(f.ledger.task_usage(task.id).await.unwrap().usage.tokens, 0, "nothing reserved or spent");
 }
 
 /// `role`'s result for its newest assignment of `task`, naming `judged` as the change it
