@@ -89,7 +89,11 @@ impl Engine {
         let mut tx = self.pool.begin().await?;
         if let Some((action, detail)) = audit {
             let actor = Actor::of(request);
-            audit::append(&mut tx, &self.audit_key, actor.entry(action, request.task_id, detail)).await?;
+            // A model call names the prompt it was made with in the row's own column.
+            let version = detail.get("prompt_version").and_then(Value::as_str).map(str::to_owned);
+            let mut entry = actor.entry(action, request.task_id, detail);
+            entry.prompt_version = version.as_deref();
+            audit::append(&mut tx, &self.audit_key, entry).await?;
         }
         if let Some(usage) = usage {
             let stream = StreamName::parse(streams::USAGE).expect("fleet:usage is a valid stream name");

@@ -16,7 +16,6 @@ use uuid::Uuid;
 pub const PERMISSIONS: &str = include_str!("../../../config/permissions.toml");
 pub const PERMISSIONS_PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/permissions.toml");
 pub const EXAMPLE_REPO: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/example-repo");
-pub const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../config/fixtures/demo.toml");
 
 /// A capability lease as the orchestrator mints it (the worker reads its claims; only the
 /// orchestrator checks the signature, so the test's is a placeholder), granting what the
@@ -61,12 +60,10 @@ pub fn verifier(role: Role) -> Verifier {
     )
 }
 
-/// The Dev answer of the demo fixture.
+/// A Dev answer from a model without tool support: the demo's fix as a unified diff in
+/// plain text (trailing whitespace on purpose, for Refactor's formatter).
 pub fn fixture_dev_answer() -> String {
-    let doc: toml::Table = toml::from_str(&std::fs::read_to_string(FIXTURE).unwrap()).unwrap();
-    let responses = doc["response"].as_array().unwrap();
-    let dev = responses.iter().find(|r| r.get("role").and_then(|v| v.as_str()) == Some("dev")).unwrap();
-    dev["text"].as_str().unwrap().to_owned()
+    "Here is the fix:\n\n```diff\ndiff --git a/calc.py b/calc.py\n--- a/calc.py\n+++ b/calc.py\n@@ -3,7 +3,7 @@\n \n def add(a, b):\n     \"\"\"Return the sum of a and b.\"\"\"\n-    return a - b\n+    return a + b \n \n \n def sub(a, b):\n```\n".to_owned()
 }
 
 fn git(dir: &Path, args: &[&str]) {
