@@ -340,6 +340,20 @@ fn payload_summary(env: &Envelope) -> String {
             if let Some(log) = &r.log {
                 s.push_str(&format!(" log={}B", log.len()));
             }
+            // The agent's tool calls in order, a refused one marked `!`: the loop at a glance.
+            if !r.calls.is_empty() {
+                let shown: Vec<String> = r
+                    .calls
+                    .iter()
+                    .take(12)
+                    .map(|c| {
+                        let mark = if c.verdict == envelope::CallVerdict::Refused { "!" } else { "" };
+                        format!("{}{mark}", word(&c.tool))
+                    })
+                    .collect();
+                let more = if r.calls.len() > 12 { format!(",+{}", r.calls.len() - 12) } else { String::new() };
+                s.push_str(&format!(" calls={}{more}", shown.join(",")));
+            }
             s
         }
         Payload::Heartbeat(h) => format!("seq={} busy={}", h.seq, h.busy),
@@ -511,6 +525,32 @@ mod tests {
         }
         // Cut first, the token would be too short to look like one.
         assert_eq!(quoted("token ghp_0123456789abcdefghijABCDEFGHIJ012345", 20), r#""token **REDACTED**""#);
+    }
+
+    #[test]
+    fn a_results_tool_calls_are_listed_and_a_hostile_tool_name_is_quoted() {
+        let call = |tool: &str, verdict| envelope::ToolCallRecord {
+            tool: tool.to_owned(),
+            args: String::new(),
+            verdict,
+            reason: None,
+            ms: 1,
+        };
+        let with = |calls: Vec<envelope::ToolCallRecord>| {
+            let mut env = result("ok", NOW);
+            if let Payload::TaskResult(r) = &mut env.payload {
+                r.calls = calls;
+            }
+            payload_summary(&env)
+        };
+        let text = with(vec![
+            call("search", envelope::CallVerdict::Ok),
+            call("read_file", envelope::CallVerdict::Refused),
+            call("x\u{1b}[2J", envelope::CallVerdict::Refused),
+        ]);
+        assert!(text.ends_with(r#" calls=search,read_file!,"x\u{1b}[2J"!"#), "{text}");
+        let many = with((0..15).map(|_| call("list_files", envelope::CallVerdict::Ok)).collect());
+        assert!(many.ends_with(",list_files,+3"), "{many}");
     }
 
     fn master() -> MasterFile {
