@@ -151,3 +151,43 @@ fn the_python_implementation_agrees_with_every_vector() {
     assert!(out.status.success(), "check_vectors.py failed:\n{text}");
     assert!(text.contains("vectors agree"), "{text}");
 }
+
+/// §11 of `docs/wire-format.md` lists every accepted and negative vector in the row of the
+/// rule it names, and names no vector that does not exist: a third party reading the table
+/// sees exactly the vectors there are.
+#[test]
+fn the_conformance_table_lists_every_vector_under_its_rule() {
+    let spec = include_str!("../../docs/wire-format.md");
+    let section = spec.split("\n## 11. Conformance").nth(1).expect("the spec has §11");
+    let section = section.split("\n## ").next().expect("§11's text");
+    // `| `rule` | § | what it says | refused | accepted |`: the last two cells hold vectors.
+    let rows: std::collections::HashMap<&str, String> = section
+        .lines()
+        .filter(|l| l.starts_with("| `"))
+        .map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            assert_eq!(cells.len(), 7, "five cells: {l}");
+            (cells[1].trim_matches('`'), format!("{} {}", cells[4], cells[5]))
+        })
+        .collect();
+    assert!(rows.len() >= 40, "{} rules", rows.len());
+    let mut names = std::collections::HashSet::new();
+    for name in positives().into_iter().map(|v| v.name) {
+        assert!(names.insert(name.clone()), "two vectors named {name}");
+    }
+    let listed: Vec<(String, String)> = accepted()
+        .into_iter()
+        .map(|v| (v.name, v.rule))
+        .chain(negatives().into_iter().map(|v| (v.name, v.rule)))
+        .collect();
+    for (name, rule) in &listed {
+        assert!(names.insert(name.clone()), "two vectors named {name}");
+        let row = rows.get(rule.as_str()).unwrap_or_else(|| panic!("{name}: rule {rule} is not in §11"));
+        assert!(row.contains(&format!("`{name}`")), "§11 row {rule} does not list {name}");
+    }
+    for (rule, cells) in &rows {
+        for quoted in cells.split('`').skip(1).step_by(2) {
+            assert!(names.contains(quoted), "§11 row {rule} names {quoted}, which is no vector");
+        }
+    }
+}
