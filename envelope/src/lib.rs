@@ -13,6 +13,7 @@
 //! - [`names`]: roles, message types, stream names: every wire name, in one place.
 //! - [`body`]: [`Envelope`] and its payload types, and their MessagePack encoding.
 //! - [`wire`]: the outer frame and the signing input.
+//! - `strict`: holds a decoded body to the MessagePack types the spec names.
 //! - [`keys`]: key ids, the master secret, HKDF derivation, keyset files, [`Keyring`].
 //! - [`permissions`]: the table from `config/permissions.toml`.
 //! - [`verify`]: [`Keyring::seal`], [`Verifier`] with its ordered checks, [`Verified`], and
@@ -22,6 +23,7 @@ pub mod body;
 pub mod keys;
 pub mod names;
 pub mod permissions;
+mod strict;
 pub mod verify;
 pub mod wire;
 

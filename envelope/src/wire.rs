@@ -18,22 +18,18 @@ pub const SIGNING_DOMAIN: &[u8] = b"agentfleet/envelope/sig";
 /// Length of an HMAC-SHA256 tag.
 pub const SIG_LEN: usize = 32;
 
-/// A received frame, borrowing from the wire bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+/// A received frame, borrowing from the wire bytes; made by [`decode_frame`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SignedEnvelopeRef<'a> {
     /// Wire version; only [`WIRE_VERSION`] is accepted.
     pub v: u8,
     /// Key id, `<from>><to>:<generation>`.
-    #[serde(borrow)]
     pub kid: &'a str,
     /// Algorithm; only [`ALG_HS256`] is accepted.
-    #[serde(borrow)]
     pub alg: &'a str,
     /// The exact signed body bytes.
-    #[serde(borrow, with = "serde_bytes")]
     pub body: &'a [u8],
     /// The tag over [`signing_input`].
-    #[serde(borrow, with = "serde_bytes")]
     pub sig: &'a [u8],
 }
 
@@ -100,7 +96,8 @@ pub fn signing_input(v: u8, kid: &str, alg: &str, body: &[u8]) -> Vec<u8> {
 }
 
 /// Decodes one MessagePack value from `bytes` and refuses trailing bytes, so a body has
-/// no smuggled suffix.
+/// no smuggled suffix. Each value must have the MessagePack type its Rust type asks for
+/// ([`crate::strict`]), and every `str` must be UTF-8.
 ///
 /// Strings and byte strings are borrowed from `bytes` while decoding (rmp-serde's
 /// `Deserializer::new` over a `&[u8]` would copy each one into a scratch buffer first, which
@@ -108,13 +105,13 @@ pub fn signing_input(v: u8, kid: &str, alg: &str, body: &[u8]) -> Vec<u8> {
 /// the end is checked by reading one more marker: only an empty remainder fails that read.
 pub(crate) fn from_slice_exact<'de, T: Deserialize<'de>>(bytes: &'de [u8]) -> Result<T, rmp_serde::decode::Error> {
     let mut de = rmp_serde::Deserializer::from_read_ref(bytes);
-    let value = T::deserialize(&mut de)?;
+    let value = T::deserialize(crate::strict::Strict(&mut de))?;
     match NoValue::deserialize(&mut de) {
-        Err(rmp_serde::decode::Error::InvalidMarkerRead(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-            Ok(value)
-        }
-        _ => Err(serde::de::Error::custom("trailing bytes after the body")),
+        Err(rmp_serde::decode::Error::InvalidMarkerRead(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {}
+        _ => return Err(serde::de::Error::custom("trailing bytes after the body")),
     }
+    crate::strict::check_utf8(bytes).map_err(<rmp_serde::decode::Error as serde::de::Error>::custom)?;
+    Ok(value)
 }
 
 /// Accepts no value at all: its visitor keeps serde's defaults, which refuse every type
@@ -136,43 +133,84 @@ impl<'de> Deserialize<'de> for NoValue {
     }
 }
 
-/// Decodes the outer frame (not the body). The frame must use MessagePack's shortest
-/// encodings and nothing may follow it: each frame then has exactly one byte form.
+/// Decodes the outer frame (not the body). The frame is read byte by byte against its one
+/// allowed form: `95`, then `v` as a positive fixint (or a uint8 from 128), `kid` and `alg`
+/// as UTF-8 `str`, `body` and `sig` as `bin`, each header the shortest for its length, and
+/// nothing after `sig`. Each frame then has exactly one byte form, and no other MessagePack
+/// type stands in for the one named (a `str` of 32 bytes has a header as long as a `bin`'s).
 pub fn decode_frame(wire: &[u8]) -> Result<SignedEnvelopeRef<'_>, rmp_serde::decode::Error> {
-    let frame: SignedEnvelopeRef<'_> = rmp_serde::from_slice(wire)?;
-    let canonical = 1
-        + uint_len(frame.v)
-        + str_len(frame.kid.len())
-        + str_len(frame.alg.len())
-        + bin_len(frame.body.len())
-        + bin_len(frame.sig.len());
-    if wire.len() != canonical {
-        return Err(serde::de::Error::custom(format_args!(
-            "frame is {} bytes but its shortest encoding is {canonical}: trailing bytes or a non-canonical header",
-            wire.len()
-        )));
+    let mut rd = FrameReader(wire);
+    if rd.byte("the frame")? != 0x95 {
+        return Err(frame_err("a frame is a MessagePack fixarray of 5 elements (first byte 0x95)"));
     }
-    Ok(frame)
-}
-
-fn uint_len(v: u8) -> usize {
-    if v < 0x80 { 1 } else { 2 }
-}
-
-fn str_len(n: usize) -> usize {
-    n + match n {
-        0..32 => 1,
-        32..256 => 2,
-        256..65536 => 3,
-        _ => 5,
+    let v = match rd.byte("v")? {
+        v @ 0x00..=0x7f => v,
+        0xcc => match rd.byte("v")? {
+            v @ 0x80.. => v,
+            _ => return Err(frame_err("v is written as a uint8 but fits a positive fixint")),
+        },
+        _ => return Err(frame_err("v is not an integer 0..=255 in its shortest form")),
+    };
+    let kid = rd.str("kid")?;
+    let alg = rd.str("alg")?;
+    let body = rd.bin("body")?;
+    let sig = rd.bin("sig")?;
+    if !rd.0.is_empty() {
+        return Err(frame_err(format_args!("{} trailing bytes after the frame", rd.0.len())));
     }
+    Ok(SignedEnvelopeRef { v, kid, alg, body, sig })
 }
 
-fn bin_len(n: usize) -> usize {
-    n + match n {
-        0..256 => 2,
-        256..65536 => 3,
-        _ => 5,
+fn frame_err(msg: impl std::fmt::Display) -> rmp_serde::decode::Error {
+    serde::de::Error::custom(msg)
+}
+
+/// The unread rest of a frame.
+struct FrameReader<'a>(&'a [u8]);
+
+impl<'a> FrameReader<'a> {
+    fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8], rmp_serde::decode::Error> {
+        let (head, rest) =
+            self.0.split_at_checked(n).ok_or_else(|| frame_err(format_args!("the frame ends in {what}")))?;
+        self.0 = rest;
+        Ok(head)
+    }
+
+    fn byte(&mut self, what: &str) -> Result<u8, rmp_serde::decode::Error> {
+        Ok(self.take(1, what)?[0])
+    }
+
+    /// A big-endian length of `width` bytes that must be at least `min`, the first length
+    /// that needs this width (else a shorter header would do).
+    fn len(&mut self, width: usize, min: usize, what: &str) -> Result<usize, rmp_serde::decode::Error> {
+        let n = self.take(width, what)?.iter().fold(0usize, |acc, b| acc << 8 | usize::from(*b));
+        if n < min {
+            return Err(frame_err(format_args!(
+                "{what} has a {width}-byte length for {n} bytes: not the shortest header"
+            )));
+        }
+        Ok(n)
+    }
+
+    fn str(&mut self, what: &str) -> Result<&'a str, rmp_serde::decode::Error> {
+        let n = match self.byte(what)? {
+            m @ 0xa0..=0xbf => usize::from(m & 0x1f),
+            0xd9 => self.len(1, 32, what)?,
+            0xda => self.len(2, 256, what)?,
+            0xdb => self.len(4, 65536, what)?,
+            m => return Err(frame_err(format_args!("{what} is not a str (marker 0x{m:02x})"))),
+        };
+        std::str::from_utf8(self.take(n, what)?).map_err(|e| frame_err(format_args!("{what} is not UTF-8: {e}")))
+    }
+
+    fn bin(&mut self, what: &str) -> Result<&'a [u8], rmp_serde::decode::Error> {
+        let n = match self.byte(what)? {
+            0xc4 => self.len(1, 0, what)?,
+            0xc5 => self.len(2, 256, what)?,
+            0xc6 => self.len(4, 65536, what)?,
+            m => return Err(frame_err(format_args!("{what} is not a bin (marker 0x{m:02x})"))),
+        };
+        self.take(n, what)
     }
 }
 
@@ -195,5 +233,29 @@ mod tests {
         }
         // A value cut short is still a plain decode error.
         assert!(from_slice_exact::<std::collections::BTreeMap<String, String>>(&value[..5]).is_err());
+    }
+
+    #[test]
+    fn a_frame_has_one_byte_form() {
+        let body = vec![0x80; 40];
+        let good = encode_frame(1, "dev>orchestrator:3", ALG_HS256, &body, &[7; SIG_LEN]);
+        let f = decode_frame(&good).expect("the reference frame decodes");
+        assert_eq!((f.v, f.kid, f.alg, f.body, f.sig), (1, "dev>orchestrator:3", "HS256", &body[..], &[7; 32][..]));
+        let sig_at = good.len() - 34;
+        let body_at = sig_at - 42;
+        // Each of these decodes to the same five values with rmp-serde; each must be refused.
+        let mut variants: Vec<(&str, Vec<u8>)> = Vec::new();
+        let splice = |at: usize, cut: usize, with: &[u8]| [&good[..at], with, &good[at + cut..]].concat();
+        variants.push(("v as uint8", splice(1, 1, &[0xcc, 0x01])));
+        variants.push(("v as int8", splice(1, 1, &[0xd0, 0x01])));
+        variants.push(("kid as str8", splice(2, 1, &[0xd9, 18])));
+        variants.push(("sig as str8", splice(sig_at, 1, &[0xd9])));
+        variants.push(("body as str8", splice(body_at, 1, &[0xd9])));
+        variants.push(("body as bin16", splice(body_at, 2, &[0xc5, 0x00, 40])));
+        variants.push(("array16 frame", splice(0, 1, &[0xdc, 0x00, 0x05])));
+        variants.push(("trailing byte", [&good[..], &[0xc0]].concat()));
+        for (what, bytes) in variants {
+            assert!(decode_frame(&bytes).is_err(), "{what} must be refused");
+        }
     }
 }

@@ -66,12 +66,34 @@ pub struct Positive {
     pub kill_epoch: u64,
 }
 
+/// `accepted.json` entries: frames a verifier must accept although the reference signer
+/// would have written them differently (another key order, wider integers, longer headers)
+/// or that sit exactly on a limit.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Accepted {
+    pub name: String,
+    pub description: String,
+    /// The rule of `docs/wire-format.md` §11 that makes a verifier accept it.
+    pub rule: String,
+    pub kid: String,
+    /// What the body means, in the notation of [`Positive::fields`].
+    pub fields: Envelope,
+    pub body_hex: String,
+    pub wire_hex: String,
+    pub stream: String,
+    pub now_ms: u64,
+    pub kill_epoch: u64,
+}
+
 /// `negative.json` entries.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Negative {
     pub name: String,
     pub description: String,
+    /// The rule of `docs/wire-format.md` §11 the frame breaks (the first, in check order).
+    pub rule: String,
     pub wire_hex: String,
     pub stream: String,
     pub now_ms: u64,
