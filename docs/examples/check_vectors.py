@@ -50,7 +50,7 @@ PAYLOADS = {
     "task.assign": ["attempt u32", "instructions str", "workspace str", "repository? str", "test_command? str",
                     "findings[] strs", "scope[] strs", "change? bin", "change_sha256? str"],
     "task.result": ["attempt u32", "status status", "summary str", "findings[] strs", "diff? bin", "log? bin",
-                    "change_sha256? str"],
+                    "change_sha256? str", "calls[] calls"],
     "heartbeat": ["seq u64", "busy bool"],
     "question": ["text str"],
     "tool.request": ["request_id uuid", "action str", "input str"],
@@ -64,6 +64,10 @@ PAYLOADS = {
     t: [(k.rstrip("?[]"), ty, not k.endswith(("?", "[]"))) for k, ty in (e.split() for e in keys)]
     for t, keys in PAYLOADS.items()
 }
+# §3.3: one entry of task.result's `calls`, keys in wire order.
+CALL = [("tool", "str", True), ("args", "str", True), ("verdict", "verdict", True), ("reason", "str", False),
+        ("ms", "u64", True)]
+VERDICTS = {"ok", "refused", "failed"}
 
 
 class Reject(Exception):
@@ -205,6 +209,11 @@ def parse_frame(wire: bytes):
 
 def check_value(ty: str, x, where: str):
     """Returns x as the JSON notation of the vectors (UUIDs as text, bin as byte lists)."""
+    if ty == "calls":
+        if type(x) is not list:
+            raise decode_error(f"{where}: not an array: {x!r}")
+        return [check_map(c, CALL, f"{where}[{i}]", lambda k, ty, v: check_value(ty, v, f"{where}[{i}].{k}"))
+                for i, c in enumerate(x)]
     ok = {
         "u32": lambda: type(x) is int and 0 <= x < 1 << 32,
         "u64": lambda: type(x) is int and 0 <= x < 1 << 64,
@@ -216,6 +225,7 @@ def check_value(ty: str, x, where: str):
         "role": lambda: type(x) is str and x in ROLES,
         "type": lambda: type(x) is str and x in PAYLOADS,
         "status": lambda: type(x) is str and x in STATUSES,
+        "verdict": lambda: type(x) is str and x in VERDICTS,
     }[ty]()
     if not ok:
         raise decode_error(f"{where}: not a {ty}: {x!r}")
@@ -283,7 +293,7 @@ def encode_body(fields: dict) -> bytes:
             return b"\xcf" + struct.pack(">Q", x)
         if ty == "bool":
             return b"\xc3" if x else b"\xc2"
-        if ty in ("str", "role", "type", "status"):
+        if ty in ("str", "role", "type", "status", "verdict"):
             b = x.encode()
             n = len(b)
             head = bytes([0xA0 | n]) if n < 32 else b"\xd9" + bytes([n]) if n < 256 else b"\xda" + struct.pack(">H", n)
@@ -293,6 +303,9 @@ def encode_body(fields: dict) -> bytes:
             return (b"\xc4" + bytes([len(b)]) if len(b) < 256 else b"\xc5" + struct.pack(">H", len(b))) + b
         if ty == "strs":
             return bytes([0x90 | len(x)]) + b"".join(enc("str", s) for s in x)
+        if ty == "calls":
+            head = bytes([0x90 | len(x)]) if len(x) < 16 else b"\xdc" + struct.pack(">H", len(x))
+            return head + b"".join(mapping(CALL, c, lambda k, ty, v: enc(ty, v)) for c in x)
         raise ValueError(ty)
 
     def mapping(schema, values, inner) -> bytes:

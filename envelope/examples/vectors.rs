@@ -356,7 +356,22 @@ fn main() {
         diff: Some(b"--- a/app.py\n+++ b/app.py\n".to_vec()),
         log: Some(b"FAILED test_login\n".to_vec()),
         change_sha256: None,
-        calls: Vec::new(),
+        calls: vec![
+            envelope::ToolCallRecord {
+                tool: "read_file".into(),
+                args: "path=\"app.py\"".into(),
+                verdict: envelope::CallVerdict::Ok,
+                reason: None,
+                ms: 3,
+            },
+            envelope::ToolCallRecord {
+                tool: "read_file".into(),
+                args: "path=\".env\"".into(),
+                verdict: envelope::CallVerdict::Refused,
+                reason: Some(".env is an environment file (.env*); agents never read or write those".into()),
+                ms: 0,
+            },
+        ],
     }
     .into();
 
