@@ -332,9 +332,17 @@ pub async fn run(ctx: &TaskContext, judge: &Judge, tool: ToolName, raw: &Value) 
             }
             let lines: Vec<&str> = text.split_inclusive('\n').collect();
             let start = a.start_line.unwrap_or(1).max(1);
-            let end = a.end_line.unwrap_or(start + READ_MAX_LINES - 1).min(start + READ_MAX_LINES - 1).min(lines.len());
-            if start > lines.len().max(1) {
+            // Saturating: the numbers are the model's, and may be anything.
+            let last = start.saturating_add(READ_MAX_LINES - 1);
+            let end = a.end_line.unwrap_or(last).min(last).min(lines.len());
+            if lines.is_empty() {
+                return Ok(format!("{path} is empty"));
+            }
+            if start > lines.len() {
                 return Err(format!("{path} has {} lines; start_line {start} is past its end", lines.len()).into());
+            }
+            if end < start {
+                return Err(format!("end_line is before start_line {start}").into());
             }
             let body: String = lines.get(start - 1..end).unwrap_or_default().concat();
             Ok(format!("{path} (lines {start}-{end} of {}):\n{body}", lines.len()))
