@@ -182,6 +182,14 @@ impl Tools {
         }
         let provider = crate::providers::build_with_env(&file.provider, |k| env.get(k).map(str::to_owned))
             .map_err(|e| ConfigError(format!("setting `tools.provider`: {e}")))?;
+        // The LLM reviewer is the second review only if it is a different model: the same
+        // model that wrote a change shares its blind spots when it reviews it.
+        if file.models.model_for(Role::Review) == file.models.model_for(Role::Dev) {
+            tracing::warn!(
+                model = file.models.model_for(Role::Dev),
+                "The LLM reviewer uses the same model as Dev; set tools.models.per_role.review to another model."
+            );
+        }
         Ok(Self { leases, matrix, ledger, provider, models: file.models, git: file.git })
     }
 }

@@ -66,7 +66,8 @@ fn attempts() -> u32 {
 }
 
 impl ModelConfig {
-    fn model_for(&self, role: Role) -> &str {
+    /// The model `role`'s calls go to.
+    pub fn model_for(&self, role: Role) -> &str {
         self.per_role.get(&role).map_or(self.default.as_str(), String::as_str)
     }
 }
