@@ -258,7 +258,7 @@ mod tests {
         assert_eq!(m.level(Risk::Low).token_limit, 200_000);
         assert_eq!(m.level(Risk::Medium).cost_limit_micro_usd, 2_000_000);
         let dev: Vec<String> = m.grants(Role::Dev).into_iter().map(|(a, _)| a).collect();
-        assert_eq!(dev, ["llm.complete", "read_files", "write_to_task_branch", "run_tests", "linter"]);
+        assert_eq!(dev, ["linter", "llm.complete", "read_files", "run_tests", "write_to_task_branch"]);
         let review: Vec<String> = m.grants(Role::Review).into_iter().map(|(a, _)| a).collect();
         assert_eq!(review, ["llm.complete", "read_files"]);
     }
@@ -291,7 +291,8 @@ mod tests {
         assert!(RiskMatrix::parse(&dup).unwrap_err().to_string().contains("two levels"));
         let lax = base.replacen("auto_approve = \"never\"", "auto_approve = \"always\"", 1);
         assert!(RiskMatrix::parse(&lax).unwrap_err().to_string().contains("never"));
-        let grant = base.replace("dev = [\"llm.complete\"]", "dev = [\"format_disk\"]");
+        let grant = base.replace("dev = [\"llm.complete\",", "dev = [\"format_disk\",");
+        assert_ne!(grant, base, "the test must edit dev's grants");
         assert!(RiskMatrix::parse(&grant).unwrap_err().to_string().contains("no level lists"));
         let hours = base.replace("start = \"08:00\"", "start = \"8am\"");
         assert!(RiskMatrix::parse(&hours).unwrap_err().to_string().contains("HH:MM"));
