@@ -115,6 +115,15 @@ pub enum Command {
     /// read.
     Status(crate::status::StatusArgs),
 
+    /// The fleet live in the terminal: tasks by state, each worker and what it is doing,
+    /// stream lag and pending entries, the day's budget and its burn rate, the kill switch,
+    /// the latest rejections and dead letters. Refreshes every --interval seconds; `q`
+    /// (or Esc, Ctrl-C) quits. Works over a plain SSH terminal.
+    ///
+    /// Reads Redis like `status` (the read-only operator user and the operator keyset are
+    /// enough) and, when a token is given, the API's task list (a viewer token is enough).
+    Top(crate::top::TopArgs),
+
     /// Verify the orchestrator's hash-chained audit trail; create its key.
     ///
     /// See `fleetctl audit verify --help` and docs/operations.md, "Audit trail".

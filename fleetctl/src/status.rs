@@ -34,6 +34,15 @@ pub struct StatusArgs {
     #[arg(long)]
     pub json: bool,
 
+    /// Where the figures come from.
+    #[command(flatten)]
+    pub source: Source,
+}
+
+/// Where `status` and `top` read the fleet: Redis, verified with the operator keyset, with
+/// the budget's limits.
+#[derive(Debug, Args)]
+pub struct Source {
     /// The operator keyset (`fleetctl keys derive --process operator`): heartbeats are
     /// verified with it before they count as live workers.
     #[arg(long, value_name = "FILE")]
@@ -68,6 +77,48 @@ pub struct StatusArgs {
     /// (default: the system's roots).
     #[arg(long, value_name = "FILE", env = "FLEET_REDIS_CA_FILE")]
     pub redis_ca: Option<PathBuf>,
+}
+
+/// A [`Source`], read and checked: the verifier, the ledger's limits, the Redis endpoint.
+#[derive(Debug)]
+pub struct Opened {
+    /// Verifies heartbeats.
+    pub verifier: Verifier,
+    /// The budget's limits.
+    pub ledger: LedgerConfig,
+    /// Redis.
+    pub redis: bus::RedisEndpoint,
+    /// The live-worker window.
+    pub window: Duration,
+}
+
+impl Source {
+    /// Reads the keyset, permissions and budget configuration; usage errors name the file.
+    pub fn open(&self) -> anyhow::Result<Opened> {
+        let text = files::read_input(&self.keyset, "keyset file", KEYSET_HINT)?;
+        let keyset = Keyset::parse(&text).map_err(|e| {
+            UsageError::new(format!("invalid keyset file '{}': {e}; {KEYSET_HINT}", self.keyset.display()))
+        })?;
+        let table = keys::load_permissions(&self.permissions)?;
+        let verifier = Verifier::new(keyset.into_keyring(), table, VerifierConfig::default());
+        let ledger = match &self.budget_config {
+            None => LedgerConfig::default(),
+            Some(path) => {
+                let text = files::read_input(path, "budget configuration file", "pass the budget's TOML file")?;
+                let doc: toml::Table = toml::from_str(&text)
+                    .map_err(|e| UsageError::new(format!("invalid budget configuration '{}': {e}", path.display())))?;
+                let section = doc.get("ledger").cloned().unwrap_or(toml::Value::Table(toml::Table::new()));
+                let cfg: LedgerConfig = section
+                    .try_into()
+                    .map_err(|e| UsageError::new(format!("invalid [ledger] section in '{}': {e}", path.display())))?;
+                cfg.validate().map_err(|e| UsageError::new(format!("'{}': {e}", path.display())))?;
+                cfg
+            }
+        };
+        let redis = bus::RedisEndpoint::new(crate::files::redis_url(self.redis.clone())?, self.redis_ca.as_deref())
+            .map_err(|e| UsageError::new(format!("--redis / --redis-ca: {e}")))?;
+        Ok(Opened { verifier, ledger, redis, window: Duration::from_secs(self.window) })
+    }
 }
 
 /// One consumer group of a stream.
@@ -249,6 +300,16 @@ pub async fn gather(
     window: Duration,
 ) -> anyhow::Result<Status> {
     let pool = bus::pool(redis_url, 2, Duration::from_secs(1)).context("Invalid Redis URL")?;
+    gather_on(&pool, verifier, ledger, window).await
+}
+
+/// [`gather`] on an open pool (`top` reads again every few seconds).
+pub async fn gather_on(
+    pool: &deadpool_redis::Pool,
+    verifier: &Verifier,
+    ledger: LedgerConfig,
+    window: Duration,
+) -> anyhow::Result<Status> {
     let mut c = deadpool_redis::Connection::take(pool.get().await.context("Failed to connect to Redis")?);
     let now_ms = bus::now_ms();
     let kill = bus::control::read_state(&mut c).await.context("Failed to read the kill switch (fleet:killswitch)")?;
@@ -435,36 +496,12 @@ const KEYSET_HINT: &str = "derive the operator keyset with `fleetctl keys derive
 
 /// Runs `fleetctl status`.
 pub fn command(args: StatusArgs) -> anyhow::Result<()> {
-    let text = files::read_input(&args.keyset, "keyset file", KEYSET_HINT)?;
-    let keyset = Keyset::parse(&text)
-        .map_err(|e| UsageError::new(format!("invalid keyset file '{}': {e}; {KEYSET_HINT}", args.keyset.display())))?;
-    let table = keys::load_permissions(&args.permissions)?;
-    let verifier = Verifier::new(keyset.into_keyring(), table, VerifierConfig::default());
-    let ledger = match &args.budget_config {
-        None => LedgerConfig::default(),
-        Some(path) => {
-            let text = files::read_input(path, "budget configuration file", "pass the budget's TOML file")?;
-            let doc: toml::Table = toml::from_str(&text)
-                .map_err(|e| UsageError::new(format!("invalid budget configuration '{}': {e}", path.display())))?;
-            let section = doc.get("ledger").cloned().unwrap_or(toml::Value::Table(toml::Table::new()));
-            let cfg: LedgerConfig = section
-                .try_into()
-                .map_err(|e| UsageError::new(format!("invalid [ledger] section in '{}': {e}", path.display())))?;
-            cfg.validate().map_err(|e| UsageError::new(format!("'{}': {e}", path.display())))?;
-            cfg
-        }
-    };
+    let opened = args.source.open()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("Failed to start the async runtime")?;
-    let status = runtime.block_on(gather(
-        bus::RedisEndpoint::new(crate::files::redis_url(args.redis.clone())?, args.redis_ca.as_deref())
-            .map_err(|e| UsageError::new(format!("--redis / --redis-ca: {e}")))?,
-        &verifier,
-        ledger,
-        Duration::from_secs(args.window),
-    ))?;
+    let status = runtime.block_on(gather(opened.redis, &opened.verifier, opened.ledger, opened.window))?;
     if args.json {
         println!("{}", status.to_json());
     } else {
