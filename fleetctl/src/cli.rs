@@ -124,6 +124,16 @@ pub enum Command {
     /// enough) and, when a token is given, the API's task list (a viewer token is enough).
     Top(crate::top::TopArgs),
 
+    /// One task's steps with their timings, from its history and audit trail in Postgres.
+    ///
+    /// A step is a stay in one state (dev, qa, review, …): when it started (from the
+    /// task's first event), how long it took, where it went and why, the model calls paid
+    /// for in it (CALLS, TOKENS), the agent tool calls the worker's policy refused (REFUSED)
+    /// and the requests the tool proxy refused (PROXY). Then every event in time order:
+    /// transitions, model calls with their model, tokens and prompt version, refusals.
+    /// Read-only; a read-only database role is enough.
+    Trace(crate::trace::TraceArgs),
+
     /// Verify the orchestrator's hash-chained audit trail; create its key.
     ///
     /// See `fleetctl audit verify --help` and docs/operations.md, "Audit trail".

@@ -19,6 +19,7 @@
 //!   with the users' passwords ([`acl::Passwords`]).
 //! - [`status`]: `fleetctl status`: kill switch, budget, stream backlog, live workers.
 //! - [`top`]: `fleetctl top`: the same and tasks, rejections and dead letters, live (ratatui).
+//! - [`trace`]: `fleetctl trace TASK`: one task's steps and timings from Postgres.
 //! - [`tail`]: `fleetctl tail STREAM`: follow a stream, verify and summarise each entry.
 //! - [`audit`]: `fleetctl audit verify` (the orchestrator's audit trail) and `audit key new`.
 //! - [`db`]: `fleetctl db migrate`, and connecting to Postgres with the URL kept secret.
@@ -42,6 +43,7 @@ pub mod tail;
 pub mod tasks_cmd;
 pub mod token;
 pub mod top;
+pub mod trace;
 
 pub use cli::Cli;
 
@@ -53,6 +55,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         cli::Command::Tail(args) => tail::command(args),
         cli::Command::Status(args) => status::command(args),
         cli::Command::Top(args) => top::command(args),
+        cli::Command::Trace(args) => trace::command(args),
         cli::Command::Token(cmd) => token::run(cmd),
         cli::Command::Submit(args) => tasks_cmd::submit(args),
         cli::Command::Tasks(args) => tasks_cmd::tasks(args),

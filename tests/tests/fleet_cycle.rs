@@ -1247,6 +1247,28 @@ async fn agents_work_through_judged_tools_on_big_and_hostile_repositories() {
     println!(
         "big repository: {files} files, {bytes} bytes; bytes sent per Dev turn: {turns:?} (bound {TURN_BYTES_BOUND})"
     );
+    // `fleetctl trace` tells the same story from the audit trail: Dev's step paid five
+    // model calls, the LLM reviewer's two, and the task ended merged.
+    let trace = {
+        let out = Command::new(binary("fleetctl"))
+            .args(["trace", &big_task.to_string(), "--json"])
+            .env("FLEET_DATABASE_URL", &f.db_url)
+            .output()
+            .expect("fleetctl trace");
+        assert!(out.status.success(), "fleetctl trace: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("trace --json")
+    };
+    let steps = trace["steps"].as_array().expect("steps");
+    let step =
+        |state: &str| steps.iter().find(|s| s["state"] == state).unwrap_or_else(|| panic!("no {state} step: {trace}"));
+    assert_eq!(
+        (step("dev")["model_calls"].as_u64(), step("dev")["refused_calls"].as_u64()),
+        (Some(5), Some(0)),
+        "{trace}"
+    );
+    assert_eq!(step("review")["model_calls"].as_u64(), Some(2), "{trace}");
+    assert_eq!(steps.last().expect("a step")["state"], "merged", "{trace}");
+    assert!(step("dev")["duration_ms"].as_i64().is_some_and(|ms| ms > 0), "{trace}");
 
     // Story B's end: every obeyed instruction was refused where it was made and audited;
     // the legitimate fix went through, and nothing else was pushed.
