@@ -222,8 +222,9 @@ fn task_from_row(r: &sqlx::postgres::PgRow) -> Result<Task, sqlx::Error> {
     })
 }
 
-/// Refused tool calls of one result audited one row each; the rest are counted in one row.
-const MAX_REFUSED_AUDITED: usize = 64;
+/// Refused tool calls of one result audited one row each (the worker sends at most 1,024, a
+/// flood of over-the-limit calls as one); the rest are counted in one row.
+const MAX_REFUSED_AUDITED: usize = 256;
 
 const TASK_COLUMNS: &str = "id, state, resume_state, title, spec, risk, attempt, retries, assignment_id, assigned_to, deadline_at, submitted_by, created_at, updated_at";
 

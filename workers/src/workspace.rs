@@ -277,6 +277,12 @@ impl Workspace {
         tokio::fs::read(&path).await.ok()
     }
 
+    /// Where credential-named files wait outside the working tree while a sandbox runs
+    /// (next to the git directory, so a rename moves them).
+    pub fn stash_dir(&self) -> PathBuf {
+        self.git_dir.with_extension("stash")
+    }
+
     /// True if the working tree has a regular file at `rel`.
     pub async fn has_file(&self, rel: &str) -> bool {
         self.read_file(rel, u64::MAX >> 1).await.is_some()

@@ -183,6 +183,8 @@ pub struct Judge {
     pub lease: Option<LeaseView>,
     /// The task's scope (empty: the whole repository).
     pub scope: Vec<String>,
+    /// The role's `max_result_bytes`, for tools that page their output.
+    pub result_bytes: usize,
 }
 
 impl Judge {
@@ -235,14 +237,20 @@ pub fn secret_file(path: &str) -> Option<&'static str> {
     let lower = path.to_ascii_lowercase();
     let parts: Vec<&str> = lower.split('/').collect();
     let name = parts.last().copied().unwrap_or("");
-    if parts.iter().any(|p| *p == ".ssh") {
-        return Some("an SSH directory");
-    }
-    if lower == ".aws/credentials" || lower.ends_with("/.aws/credentials") || parts.iter().any(|p| *p == ".aws") {
-        return Some("cloud credentials");
-    }
-    if name.starts_with(".env") {
-        return Some("an environment file (.env*)");
+    // Folders whose every file is a credential, wherever they are.
+    for p in &parts {
+        if *p == ".ssh" || *p == ".gnupg" {
+            return Some("an SSH or GnuPG directory");
+        }
+        if *p == ".aws" || *p == ".kube" || *p == ".docker" || *p == ".azure" || *p == "gcloud" {
+            return Some("cloud or cluster credentials");
+        }
+        if p.starts_with(".env") {
+            return Some("an environment file (.env*)");
+        }
+        if *p == "secrets" || *p == ".secrets" {
+            return Some("a secrets folder");
+        }
     }
     if name.ends_with(".pem") || name.ends_with(".key") || name.ends_with(".p12") || name.ends_with(".pfx") {
         return Some("a key or certificate file");
@@ -250,11 +258,15 @@ pub fn secret_file(path: &str) -> Option<&'static str> {
     if ["id_rsa", "id_ed25519", "id_ecdsa", "id_dsa"].iter().any(|k| name.starts_with(k)) {
         return Some("an SSH private key");
     }
-    if [".npmrc", ".pypirc", ".netrc", ".git-credentials", ".dockercfg"].contains(&name) {
+    if [".npmrc", ".pypirc", ".netrc", ".git-credentials", ".dockercfg", ".htpasswd"].contains(&name) {
         return Some("a package-registry or login credentials file");
     }
     if name.starts_with("credentials.") || name == "credentials" || name.starts_with("secrets.") {
         return Some("a credentials or secrets file");
+    }
+    if name.ends_with(".tfvars") || name.ends_with(".tfstate") || name.ends_with(".keystore") || name.ends_with(".jks")
+    {
+        return Some("an infrastructure state, variables or keystore file");
     }
     None
 }
@@ -344,6 +356,11 @@ mod tests {
             "pkg/.pypirc",
             "credentials.json",
             "config/secrets.yaml",
+            ".env/prod",
+            "deploy/secrets/db.json",
+            ".kube/config",
+            ".docker/config.json",
+            "prod.tfvars",
             "/etc/passwd",
             "~/.ssh/id_rsa",
             "../outside",
@@ -383,6 +400,7 @@ mod tests {
             offered: f.review.offered(),
             lease: Some(lease(task, "review", 2000, &["read_files"])),
             scope: vec!["src/".into()],
+            result_bytes: 16_384,
         };
         assert!(j.check(ToolName::ReadFile, 1000).is_ok());
         assert_eq!(j.check(ToolName::EditFile, 1000).unwrap_err(), "the review role has no edit_file tool");

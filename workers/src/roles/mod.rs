@@ -204,11 +204,101 @@ pub fn describe_run(out: &RunOutput) -> String {
     }
 }
 
-/// Runs `sh -c <command>` in a sandbox on the workspace.
+/// Moves every credential-named file or folder of the working tree
+/// ([`crate::agent::policy::secret_file`]) into `stash`, so code in a sandbox cannot read
+/// them (and print them into a test log that reaches the model or a finding). Returns what
+/// was moved, to be put back by [`unstash_secrets`]. Links are moved as links, never
+/// followed.
+fn stash_secrets(root: &std::path::Path, stash: &std::path::Path) -> std::io::Result<Vec<String>> {
+    fn walk(root: &std::path::Path, rel: &str, out: &mut Vec<String>) -> std::io::Result<()> {
+        let dir = if rel.is_empty() { root.to_path_buf() } else { root.join(rel) };
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let path = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+            if crate::agent::policy::secret_file(&path).is_some() {
+                out.push(path);
+            } else if entry.file_type()?.is_dir() {
+                walk(root, &path, out)?;
+            }
+        }
+        Ok(())
+    }
+    let mut found = Vec::new();
+    walk(root, "", &mut found)?;
+    if found.is_empty() {
+        return Ok(found);
+    }
+    if stash.exists() {
+        std::fs::remove_dir_all(stash)?;
+    }
+    std::fs::create_dir_all(stash)?;
+    for (i, rel) in found.iter().enumerate() {
+        std::fs::rename(root.join(rel), stash.join(i.to_string()))?;
+    }
+    Ok(found)
+}
+
+/// Puts back what [`stash_secrets`] moved, replacing whatever a sandbox left at those
+/// paths; a folder on the way that is now a link is replaced by a real folder.
+fn unstash_secrets(root: &std::path::Path, stash: &std::path::Path, moved: &[String]) -> std::io::Result<()> {
+    for (i, rel) in moved.iter().enumerate() {
+        let mut at = root.to_path_buf();
+        let parts: Vec<&str> = rel.split('/').collect();
+        for part in &parts[..parts.len() - 1] {
+            at.push(part);
+            match std::fs::symlink_metadata(&at) {
+                Ok(m) if m.is_dir() => {}
+                Ok(_) => {
+                    std::fs::remove_file(&at)?;
+                    std::fs::create_dir(&at)?;
+                }
+                Err(_) => std::fs::create_dir(&at)?,
+            }
+        }
+        let target = root.join(rel);
+        match std::fs::symlink_metadata(&target) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&target)?,
+            Ok(_) => std::fs::remove_file(&target)?,
+            Err(_) => {}
+        }
+        std::fs::rename(stash.join(i.to_string()), &target)?;
+    }
+    if stash.exists() {
+        std::fs::remove_dir_all(stash)?;
+    }
+    Ok(())
+}
+
+/// Runs `sh -c <command>` in a sandbox on the workspace, with the workspace's
+/// credential-named files moved out of its reach for the run.
 ///
 /// The command is wrapped in `timeout -s KILL` (a few seconds past the sandbox's own
 /// limit): should this worker die mid-run, its orphaned container still stops by itself.
 pub async fn sandbox_sh(ctx: &TaskContext, command: &str) -> Result<RunOutput, String> {
+    let (root, stash) = (ctx.workspace.dir.clone(), ctx.workspace.stash_dir());
+    let moved = {
+        let (root, stash) = (root.clone(), stash.clone());
+        tokio::task::spawn_blocking(move || stash_secrets(&root, &stash))
+            .await
+            .map_err(|e| format!("cannot set credential files aside: {e}"))?
+            .map_err(|e| format!("cannot set credential files aside: {e}"))?
+    };
+    let out = sandbox_sh_bare(ctx, command).await;
+    // Only once no container of this task can run: a live one could swap links into the
+    // paths the files go back to.
+    if let Err(e) = ctx.sandbox.quiesce_task(&ctx.labels.task).await {
+        return Err(format!("cannot stop this task's sandbox containers ({e}); the credential files stay set aside"));
+    }
+    let back = tokio::task::spawn_blocking(move || unstash_secrets(&root, &stash, &moved)).await;
+    match back {
+        Ok(Ok(())) => out,
+        Ok(Err(e)) => Err(format!("cannot put credential files back after the sandbox run: {e}")),
+        Err(e) => Err(format!("cannot put credential files back after the sandbox run: {e}")),
+    }
+}
+
+async fn sandbox_sh_bare(ctx: &TaskContext, command: &str) -> Result<RunOutput, String> {
     let limit = ctx.sandbox.config().timeout_secs.saturating_add(5).to_string();
     let command_line = ["timeout", "-s", "KILL", &limit, "sh", "-c", command].map(str::to_owned).to_vec();
     let mut spec = RunSpec::new(command_line, ctx.workspace.dir.clone(), ctx.labels.clone());
@@ -338,19 +428,39 @@ pub async fn apply_text_answer(
         return Ok(TextAnswer::Question(question.trim().chars().take(4000).collect()));
     }
     let Some(diff) = extract_diff(text) else { return Ok(TextAnswer::Nothing) };
-    let mut refused = Vec::new();
-    for p in touched_paths(&diff) {
-        if let Err(why) = judge.writable(&ctx.workspace.dir, &p) {
-            tracing::warn!(task = %ctx.task_id, path = %p, reason = %why, "Refused a path of the model's diff.");
-            run.calls.push(envelope::ToolCallRecord {
-                tool: "diff".into(),
-                args: format!("path={p:?}"),
-                verdict: envelope::CallVerdict::Refused,
-                reason: Some(why.clone()),
-                ms: 0,
-            });
-            refused.push(why);
+    // The paths and modes as `git apply` will read them (any first component stripped,
+    // quoted names, modes), not as the diff's text seems to say.
+    let files = match changeset::parse(diff.as_bytes()) {
+        Ok(f) => f,
+        Err(e) => {
+            return Err(
+                Outcome::error(format!("refused the model's diff: git would read it otherwise: {e}")).with_run(run)
+            );
         }
+    };
+    let mut refused = Vec::new();
+    let mut refuse = |run: &mut Run, p: &str, why: String| {
+        tracing::warn!(task = %ctx.task_id, path = %p, reason = %why, "Refused a path of the model's diff.");
+        run.calls.push(envelope::ToolCallRecord {
+            tool: "diff".into(),
+            args: format!("path={:?}", p.chars().take(120).collect::<String>()),
+            verdict: envelope::CallVerdict::Refused,
+            reason: Some(why.chars().take(300).collect()),
+            ms: 0,
+        });
+        refused.push(why);
+    };
+    for f in &files {
+        for p in f.paths() {
+            if let Err(why) = judge.writable(&ctx.workspace.dir, p) {
+                refuse(run, p, why);
+            }
+        }
+    }
+    // What a text review cannot read (binary patches, links, gitlinks, new executables):
+    // the tools never make them, so a diff may not either.
+    for why in changeset::hidden_findings(&files, &judge.scope) {
+        refuse(run, "(mode)", why.trim_start_matches("critical: ").to_owned());
     }
     if !refused.is_empty() {
         let o = Outcome::error(format!("refused the model's diff: {}", refused.join("; ")));
