@@ -333,6 +333,49 @@ impl HandlerInner {
         Ok(())
     }
 
+    /// Waits for the task workspace's lock (`flock` on a file in the git store), racing
+    /// `cancel`; the task's entry is kept fresh meanwhile by the caller's keep-alive, so
+    /// waiting spends no delivery. `None` when the lock file cannot be used (logged; the
+    /// step runs as it did before locks existed) or on cancellation.
+    async fn lock_workspace(
+        &self,
+        rel: &std::path::Path,
+        task_id: Uuid,
+        cancel: &CancellationToken,
+    ) -> Option<std::fs::File> {
+        let dir = self.workspace_root.join(crate::workspace::GIT_STORE).join("locks");
+        let path = dir.join(format!("{}.lock", rel.to_string_lossy().replace('/', "__")));
+        let opened = std::fs::create_dir_all(&dir)
+            .and_then(|()| std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path));
+        let file = match opened {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(lock = %path.display(), error = %e, "Cannot open the workspace lock.");
+                return None;
+            }
+        };
+        let mut said = false;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Some(file),
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    if !said {
+                        tracing::warn!(task = %task_id, lock = %path.display(), "Another process holds this task's workspace; waiting for it.");
+                        said = true;
+                    }
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    tracing::warn!(lock = %path.display(), error = %e, "Cannot take the workspace lock.");
+                    return None;
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(500)) => {}
+                () = cancel.cancelled() => return None,
+            }
+        }
+    }
+
     async fn work(&self, env: &Envelope, task_id: Uuid, assign: &TaskAssign, cancel: &CancellationToken) -> Outcome {
         let rel = match check_workspace_path(&self.workspace_root, &assign.workspace) {
             Ok(rel) => rel,
@@ -343,6 +386,13 @@ impl HandlerInner {
                 return o;
             }
         };
+        // One process at a time per workspace: a live worker whose entry was taken over
+        // (it looked dead to Redis for a while) must not share the tree with its successor,
+        // whose sandbox runs could swap links under its file operations.
+        let _workspace_lock = self.lock_workspace(&rel, task_id, cancel).await;
+        if cancel.is_cancelled() {
+            return Outcome::error("shutting down");
+        }
         // A container of this task may still be running (a dead worker's, under another
         // instance name, or one whose removal timed out): stop it before git touches the tree.
         if let Err(e) = self.sandbox.quiesce_task(&task_id.to_string()).await {

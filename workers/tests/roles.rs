@@ -540,3 +540,30 @@ async fn an_agents_calls_are_judged_and_what_it_reads_is_framed_as_data() {
     fleet.shutdown.cancel();
     let _ = handle.await;
 }
+
+/// A step whose workspace another process holds (a worker Redis took for dead, still at
+/// work) is not run beside it: it waits, and runs once the lock is free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_step_waits_while_another_process_holds_its_workspace() {
+    let fleet = Fleet::new();
+    let origin = fleet.origin("example", |_| {});
+    fleet.start_worker(Role::Qa, "qa-lock");
+    let task = Uuid::now_v7();
+    let locks = fleet.root.join(".agentfleet-git/locks");
+    std::fs::create_dir_all(&locks).unwrap();
+    let held = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(locks.join(format!("task-{task}.lock")))
+        .unwrap();
+    held.lock().unwrap();
+    let mut a = fleet.assignment(task, &origin);
+    a.test_command = Some("true".into());
+    let id = fleet.assign(Role::Qa, task, a, 0).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert!(fleet.results_of(task).await.is_empty(), "no result while the workspace is held");
+    drop(held);
+    let (_, r) = fleet.result(id, WAIT).await;
+    assert_eq!(r.status, Status::Success, "{r:?}");
+}
