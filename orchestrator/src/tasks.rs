@@ -117,21 +117,28 @@ impl EngineConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewTask {
-    /// Short title.
+    /// Short title (1 to 200 bytes, not only spaces).
+    #[schema(min_length = 1, max_length = 200, pattern = "\\S")]
     pub title: String,
-    /// What Dev should do.
+    /// What Dev should do (1 byte to 64 KiB, not only spaces).
+    #[schema(min_length = 1, max_length = 65536, pattern = "\\S")]
     pub instructions: String,
-    /// Repository to work on.
+    /// Repository to work on; it must be one the orchestrator's `repositories` setting
+    /// allows (none by default).
     #[serde(default)]
+    #[schema(max_length = 2048)]
     pub repository: Option<String>,
     /// QA's test command.
     #[serde(default)]
+    #[schema(max_length = 2048)]
     pub test_command: Option<String>,
     /// Risk from the risk matrix; LOW by default.
     #[serde(default = "low")]
     pub risk: Risk,
-    /// Repository paths (relative prefixes) the task may change; empty: the whole repository.
+    /// Repository paths (relative prefixes, such as `src/`) the task may change; empty: the
+    /// whole repository. At most 64.
     #[serde(default)]
+    #[schema(max_items = 64)]
     pub scope: Vec<String>,
 }
 
