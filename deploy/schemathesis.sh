@@ -65,6 +65,7 @@ for role in viewer operator admin; do
         --checks not_a_server_error,status_code_conformance,response_schema_conformance \
         --max-examples "$max_examples" \
         --seed 1 \
+        --generation-database none \
         --report junit --report-dir "$work/report-$role"; then
         echo "schemathesis as $role: passed"
     else
