@@ -9,7 +9,7 @@
 #   3. Issues a viewer, an operator and an admin token (`fleetctl token issue`).
 #   4. Runs `schemathesis run http://…/v1/openapi.json` with each token: checks
 #      not_a_server_error, status_code_conformance and response_schema_conformance,
-#      SCHEMATHESIS_MAX_EXAMPLES examples per operation (default 30).
+#      SCHEMATHESIS_MAX_EXAMPLES examples per operation (default 50).
 #
 # deploy/test.sh runs it after the nextest run. Needs python3 with venv, pip's index,
 # postgresql and redis-server (as the tests do).
@@ -20,7 +20,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 step() { printf '\n==> %s\n' "$*"; }
 fail() { printf 'deploy/schemathesis.sh: %s\n' "$*" >&2; exit 1; }
 
-max_examples=${SCHEMATHESIS_MAX_EXAMPLES:-30}
+max_examples=${SCHEMATHESIS_MAX_EXAMPLES:-50}
 work=$(mktemp -d /tmp/agentfleet-schemathesis.XXXXXX)
 [ "$(id -u)" -eq 0 ] && chmod 755 "$work"
 server_pid=
@@ -59,14 +59,15 @@ status=0
 for role in viewer operator admin; do
     token=$("$bin/fleetctl" token issue --role "$role" --sub "schemathesis-$role" --ttl 1h --secret-file "$work/jwt.secret")
     step "schemathesis as $role ($max_examples examples per operation)"
-    if NO_COLOR=1 "$st" run "$url/v1/openapi.json" \
+    # From the work directory: schemathesis keeps a crash cache in ./.schemathesis.
+    if (cd "$work" && NO_COLOR=1 "$st" run "$url/v1/openapi.json" \
         --url "$url" \
         --header "Authorization: Bearer $token" \
         --checks not_a_server_error,status_code_conformance,response_schema_conformance \
         --max-examples "$max_examples" \
         --seed 1 \
         --generation-database none \
-        --report junit --report-dir "$work/report-$role"; then
+        --report junit --report-dir "$work/report-$role"); then
         echo "schemathesis as $role: passed"
     else
         echo "schemathesis as $role: FAILED" >&2

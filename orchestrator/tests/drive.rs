@@ -88,6 +88,14 @@ async fn an_answer_closes_the_question_and_issues_the_step_again_with_it() {
     assert_eq!(empty.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", empty.text);
     let wrong = app.call(Method::POST, &path, &op, Some(&json!({"answer": "x"}))).await;
     assert_eq!(wrong.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", wrong.text);
+    // Postgres stores no NUL: refused before it gets there, not a 500.
+    let nul = app.call(Method::POST, &path, &op, Some(&json!({"text": "a\u{0}b"}))).await;
+    assert_eq!(nul.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", nul.text);
+    let body = json!({"title": "a\u{0}b", "instructions": "x"});
+    let nul = app.call(Method::POST, "/v1/tasks", &op, Some(&body)).await;
+    assert_eq!(nul.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", nul.text);
+    let nul = app.call(Method::POST, &format!("/v1/tasks/{id}/cancel"), &op, Some(&json!({"reason": "\u{0}"}))).await;
+    assert_eq!(nul.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", nul.text);
 
     let answered = app.call(Method::POST, &path, &op, Some(&answer)).await;
     assert_eq!(answered.status, StatusCode::OK, "{}", answered.text);
