@@ -64,7 +64,7 @@ async fn main() -> anyhow::Result<()> {
     .await?;
 
     let secret = hex::encode(rand_bytes());
-    let redis_pool = bus::pool(&SecretString::from(redis.url()), 4, Duration::from_secs(1))?;
+    let redis_pool = bus::pool(SecretString::from(redis.url()), 4, Duration::from_secs(1))?;
     let mut config = ApiConfig::new(SecretString::from(secret.clone()));
     // Fuzzing submits many tasks; the limit itself is tested elsewhere.
     config.rate_limit_burst = 100_000;
