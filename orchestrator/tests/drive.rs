@@ -56,6 +56,11 @@ async fn audited(app: &App, action: &str, task: &str) -> Vec<(String, String, Va
     .unwrap()
 }
 
+/// How many questions `GET /v1/questions` lists.
+async fn open_questions(app: &App, token: &str) -> usize {
+    app.call(Method::GET, "/v1/questions", token, None).await.json()["questions"].as_array().unwrap().len()
+}
+
 #[tokio::test]
 async fn an_answer_closes_the_question_and_issues_the_step_again_with_it() {
     let app = app(|_| {}).await;
@@ -198,7 +203,10 @@ async fn retry_moves_a_failed_or_blocked_task_back_to_its_step() {
     assert_eq!(early.status, StatusCode::CONFLICT, "{}", early.text);
     assert!(early.json()["error"].as_str().unwrap().contains("cannot retry a task in state `dev`"), "{}", early.text);
 
-    // Dev fails with no retries left: the task fails.
+    ask(&app, Role::Dev, "Which file?").await;
+    assert_eq!(open_questions(&app, &viewer).await, 1);
+
+    // Dev fails with no retries left: the task fails, and its question is not listed.
     assert_eq!(
         app.step(Role::Dev, Status::Error, "tool crashed", &[]).await,
         Applied::Moved(orchestrator::state::TaskState::Failed)
@@ -209,6 +217,7 @@ async fn retry_moves_a_failed_or_blocked_task_back_to_its_step() {
     assert_eq!(unknown.status, StatusCode::NOT_FOUND, "{}", unknown.text);
     let bad = app.call(Method::POST, &path, &op, Some(&json!({"reason": 5}))).await;
     assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", bad.text);
+    assert_eq!(open_questions(&app, &viewer).await, 0);
 
     let retried = app.call(Method::POST, &path, &op, Some(&json!({"reason": "the tool is fixed"}))).await;
     assert_eq!(retried.status, StatusCode::OK, "{}", retried.text);
@@ -219,6 +228,7 @@ async fn retry_moves_a_failed_or_blocked_task_back_to_its_step() {
     );
     let assign = app.last_assignment(Role::Dev).await;
     assert_eq!(task["assignment_id"], assign.id.to_string());
+    assert_eq!(open_questions(&app, &viewer).await, 1, "a retried task's question is listed again");
     let rows = audited(&app, "task.retry", &id).await;
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!((rows[0].1.as_str(), &rows[0].2["from"], &rows[0].2["to"]), ("alice", &json!("failed"), &json!("dev")));

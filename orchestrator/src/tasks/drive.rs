@@ -35,12 +35,14 @@ pub struct Question {
 const QUOTED_QUESTION: usize = 300;
 
 impl Engine {
-    /// Open questions, oldest first, at most `limit`.
+    /// Open questions of unfinished tasks, oldest first, at most `limit` (a failed task's
+    /// questions show again when it is retried).
     pub async fn open_questions(&self, limit: i64) -> Result<Vec<Question>, EngineError> {
         let rows = sqlx::query(
             "SELECT q.id, q.task_id, t.state, q.text, q.asked_by_role, q.asked_by_instance, q.asked_at
              FROM questions q JOIN tasks t ON t.id = q.task_id
-             WHERE q.closed_at IS NULL ORDER BY q.asked_at, q.id LIMIT $1",
+             WHERE q.closed_at IS NULL AND t.state NOT IN ('merged', 'failed', 'cancelled')
+             ORDER BY q.asked_at, q.id LIMIT $1",
         )
         .bind(limit.clamp(1, 1000))
         .fetch_all(&self.pool)
