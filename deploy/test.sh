@@ -15,6 +15,8 @@
 #   5. Checks the Kubernetes manifests (deploy/k8s/check.sh), runs the doc tests, then
 #      every other test with nextest (profile `ci` in
 #      .config/nextest.toml), and fails if either failed.
+#      Then fuzzes a live API against its OpenAPI document with schemathesis, with a token
+#      of each role (deploy/schemathesis.sh).
 #   6. Builds the container images from that build and runs the containerised fleet under
 #      faults (deploy/compose/chaos.sh).
 set -euo pipefail
@@ -107,6 +109,8 @@ tail -n 3 "$image_log"
 rm -f "$image_log"
 step "cargo nextest run --workspace --locked --no-fail-fast --profile ci"
 cargo nextest run --workspace --locked --no-fail-fast --profile ci || status=1
+step "The HTTP API against its OpenAPI document (deploy/schemathesis.sh: schemathesis with a token of each role)"
+deploy/schemathesis.sh || status=1
 
 # 6. The fleet as its users run it: images (from the test build above, not a release
 #    build), the compose deployment, and the chaos run against it (deploy/compose/chaos.sh).

@@ -176,6 +176,35 @@ pub enum Command {
     /// is refused (409, exit 1).
     Approve(crate::tasks_cmd::ApproveArgs),
 
+    /// List the questions workers asked that nobody has answered, oldest first: TASK,
+    /// STATE, ASKED_BY, ASKED_AT, QUESTION.
+    ///
+    /// Any token role may read. Answer one with `fleetctl answer TASK "…"`. Exit codes as
+    /// for `submit`.
+    Questions(crate::tasks_cmd::QuestionsArgs),
+
+    /// Answer a task's open question; prints the task's id, state and attempt.
+    ///
+    /// Needs an operator or admin token. The task's step is issued again (attempt + 1)
+    /// with "answer from <you> to the question …: <text>" among its findings; the worker
+    /// running the old attempt is refused at its next tool request. A task without an open
+    /// question, or not in dev, qa, review or refactor, is refused (409, exit 1).
+    Answer(crate::tasks_cmd::AnswerArgs),
+
+    /// Cancel a task that is not finished; prints its id and new state (cancelled).
+    ///
+    /// Needs an operator or admin token. Its current assignment is withdrawn: the worker's
+    /// next tool request is refused (lease_stale) and its result is ignored; nothing of
+    /// the task is pushed. A merged, failed or cancelled task is refused (409, exit 1).
+    Cancel(crate::tasks_cmd::CancelArgs),
+
+    /// Retry a failed or blocked task: it returns to its step (a failed one to the step
+    /// that failed, or to Dev) with its retries counted afresh; prints its id and new state.
+    ///
+    /// Needs an operator or admin token. A task in any other state, or a halted fleet, is
+    /// refused (409, exit 1).
+    Retry(crate::tasks_cmd::RetryArgs),
+
     /// Pull the kill switch: halt every open task and pause the budget manager.
     ///
     /// Needs an admin token. Idempotent; prints the kill epoch.

@@ -1,5 +1,5 @@
-//! The task commands over the HTTP API: `submit`, `tasks`, `task`, `approve`, `kill`,
-//! `resume`. Each runs one request on a small runtime and prints the answer: a line or a
+//! The task commands over the HTTP API: `submit`, `tasks`, `task`, `approve`, `questions`,
+//! `answer`, `cancel`, `retry`, `kill`, `resume`. Each runs one request on a small runtime and prints the answer: a line or a
 //! table for people, the server's JSON with `--json`.
 
 use std::io::{self, Write};
@@ -39,7 +39,7 @@ pub struct SubmitArgs {
 #[derive(Debug, Args)]
 pub struct TasksArgs {
     /// Only tasks in this state: submitted, dev, qa, review, refactor, approved, merged,
-    /// failed, blocked, awaiting_approval or halted.
+    /// failed, blocked, awaiting_approval, halted or cancelled.
     #[arg(long, value_name = "STATE", value_parser = parse_state)]
     pub state: Option<TaskState>,
 
@@ -80,6 +80,78 @@ pub struct ApproveArgs {
     /// Why, for the audit trail.
     #[arg(long, value_name = "TEXT")]
     pub reason: Option<String>,
+
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// Arguments of `questions`.
+#[derive(Debug, Args)]
+pub struct QuestionsArgs {
+    /// At most N questions, oldest first.
+    #[arg(long, value_name = "N", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub limit: u32,
+
+    /// Print the questions as a JSON array instead of a table.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// Arguments of `answer`.
+#[derive(Debug, Args)]
+pub struct AnswerArgs {
+    /// The task's id (a UUID).
+    #[arg(value_name = "TASK")]
+    pub id: Uuid,
+
+    /// The answer (1 to 4000 characters); the worker reads it among its findings.
+    #[arg(value_name = "TEXT")]
+    pub text: String,
+
+    /// Print the task as JSON instead of its id, state and attempt.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// Arguments of `cancel`.
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    /// The task's id (a UUID).
+    #[arg(value_name = "TASK")]
+    pub id: Uuid,
+
+    /// Why, for the audit trail.
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+
+    /// Print the task as JSON instead of its id and state.
+    #[arg(long)]
+    pub json: bool,
+
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// Arguments of `retry`.
+#[derive(Debug, Args)]
+pub struct RetryArgs {
+    /// The task's id (a UUID).
+    #[arg(value_name = "TASK")]
+    pub id: Uuid,
+
+    /// Why, for the audit trail.
+    #[arg(long, value_name = "TEXT")]
+    pub reason: Option<String>,
+
+    /// Print the task as JSON instead of its id and state.
+    #[arg(long)]
+    pub json: bool,
 
     #[command(flatten)]
     pub api: ApiArgs,
@@ -169,6 +241,60 @@ pub fn approve(args: ApproveArgs) -> anyhow::Result<()> {
     let task = block_on(client.post(&format!("v1/tasks/{}/approve", args.id), body.as_ref()))?;
     writeln!(io::stdout().lock(), "{} {}", text_of(&task, "id"), text_of(&task, "state"))
         .context("Failed to write to stdout")
+}
+
+/// `fleetctl questions`: a table, oldest first.
+pub fn questions(args: QuestionsArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.api)?;
+    let answer = block_on(client.get("v1/questions", &[("limit", args.limit.to_string())]))?;
+    let questions =
+        answer.get("questions").and_then(Value::as_array).context("the API's answer has no `questions` array")?;
+    let mut out = io::stdout().lock();
+    if args.json {
+        print_json(&mut out, &Value::Array(questions.clone()))
+    } else {
+        render_questions(&mut out, questions).context("Failed to write to stdout")
+    }
+}
+
+/// `fleetctl answer TASK TEXT`: prints `<id> <state> attempt <n>`.
+pub fn answer(args: AnswerArgs) -> anyhow::Result<()> {
+    if args.text.trim().is_empty() {
+        return Err(UsageError::new("the answer is empty; pass the text to send to the worker").into());
+    }
+    let client = Client::new(&args.api)?;
+    let task = block_on(client.post(&format!("v1/tasks/{}/answer", args.id), Some(&json!({"text": args.text}))))?;
+    let mut out = io::stdout().lock();
+    if args.json {
+        return print_json(&mut out, &task);
+    }
+    writeln!(out, "{} {} attempt {}", text_of(&task, "id"), text_of(&task, "state"), text_of(&task, "attempt"))
+        .context("Failed to write to stdout")
+}
+
+/// `fleetctl cancel TASK`: prints `<id> <state>`.
+pub fn cancel(args: CancelArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.api)?;
+    let body = args.reason.as_ref().map(|r| json!({"reason": r}));
+    let task = block_on(client.post(&format!("v1/tasks/{}/cancel", args.id), body.as_ref()))?;
+    print_task_line(&task, args.json)
+}
+
+/// `fleetctl retry TASK`: prints `<id> <state>`.
+pub fn retry(args: RetryArgs) -> anyhow::Result<()> {
+    let client = Client::new(&args.api)?;
+    let body = args.reason.as_ref().map(|r| json!({"reason": r}));
+    let task = block_on(client.post(&format!("v1/tasks/{}/retry", args.id), body.as_ref()))?;
+    print_task_line(&task, args.json)
+}
+
+/// `<id> <state>`, or the task as JSON.
+fn print_task_line(task: &Value, json: bool) -> anyhow::Result<()> {
+    let mut out = io::stdout().lock();
+    if json {
+        return print_json(&mut out, task);
+    }
+    writeln!(out, "{} {}", text_of(task, "id"), text_of(task, "state")).context("Failed to write to stdout")
 }
 
 /// `fleetctl kill --reason …`.
@@ -272,6 +398,53 @@ fn render_table(out: &mut impl Write, tasks: &[Value]) -> io::Result<()> {
     Ok(())
 }
 
+const QUESTION_COLUMNS: [&str; 5] = ["TASK", "STATE", "ASKED_BY", "ASKED_AT", "QUESTION"];
+
+fn render_questions(out: &mut impl Write, questions: &[Value]) -> io::Result<()> {
+    if questions.is_empty() {
+        return writeln!(out, "no open questions");
+    }
+    let rows: Vec<[String; 5]> = questions
+        .iter()
+        .map(|q| {
+            [
+                text_of(q, "task_id"),
+                text_of(q, "task_state"),
+                format!("{}/{}", text_of(q, "asked_by_role"), text_of(q, "asked_by_instance")),
+                short_time(q, "asked_at"),
+                clean(&text_of(q, "text"), 120),
+            ]
+        })
+        .collect();
+    write_table(out, QUESTION_COLUMNS, &rows)
+}
+
+/// Columns padded to their widest cell, the last one as it is.
+fn write_table<const N: usize>(out: &mut impl Write, columns: [&str; N], rows: &[[String; N]]) -> io::Result<()> {
+    let mut widths = columns.map(|c| c.chars().count());
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |out: &mut dyn Write, cells: [&str; N]| -> io::Result<()> {
+        let mut text = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                text.push_str(cell);
+            } else {
+                text.push_str(&format!("{cell:<width$}  ", width = widths[i]));
+            }
+        }
+        writeln!(out, "{}", text.trim_end())
+    };
+    line(out, columns)?;
+    for row in rows {
+        line(out, row.each_ref().map(String::as_str))?;
+    }
+    Ok(())
+}
+
 fn render_task(out: &mut impl Write, task: &Value) -> io::Result<()> {
     for key in ["id", "state", "resume_state", "title", "risk", "attempt", "retries", "assigned_to", "submitted_by"] {
         writeln!(out, "{:<14}{}", format!("{key}:"), text_of(task, key))?;
@@ -318,6 +491,21 @@ mod tests {
         let mut empty = Vec::new();
         render_table(&mut empty, &[]).unwrap();
         assert_eq!(String::from_utf8(empty).unwrap(), "no tasks\n");
+    }
+
+    #[test]
+    fn the_question_table_names_who_asked() {
+        let questions = vec![json!({"task_id": "t1", "task_state": "dev", "asked_by_role": "dev",
+            "asked_by_instance": "dev-1", "asked_at": "2025-06-01T12:00:00.5Z", "text": "bcrypt\nor argon2?"})];
+        let mut out = Vec::new();
+        render_questions(&mut out, &questions).unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines[0], "TASK  STATE  ASKED_BY   ASKED_AT              QUESTION");
+        assert_eq!(lines[1], "t1    dev    dev/dev-1  2025-06-01T12:00:00Z  bcrypt\\nor argon2?");
+        let mut empty = Vec::new();
+        render_questions(&mut empty, &[]).unwrap();
+        assert_eq!(String::from_utf8(empty).unwrap(), "no open questions\n");
     }
 
     #[test]

@@ -82,7 +82,7 @@ async fn tokens_tasks_and_the_kill_switch_through_the_binary() {
     let pool = PgPool::connect(&pg.create_database().unwrap()).await.unwrap();
     orchestrator::db::migrate(&pool).await.unwrap();
     let redis_pool = bus::pool(&SecretString::from(redis.url()), 4, Duration::from_secs(1)).unwrap();
-    let state = ApiState::new(engine(pool), redis_pool, &ApiConfig::new(SecretString::from(SECRET))).unwrap();
+    let state = ApiState::new(engine(pool.clone()), redis_pool, &ApiConfig::new(SecretString::from(SECRET))).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let shutdown = CancellationToken::new();
@@ -182,6 +182,45 @@ async fn tokens_tasks_and_the_kill_switch_through_the_binary() {
     fails(dir, api, Some(&operator), &["submit", "task.json"], 1, "halted").await;
     assert_eq!(ok(dir, api, Some(&admin), &["resume"]).await, "fleet resumed (kill epoch 1)\n");
     assert!(ok(dir, api, Some(&viewer), &["task", id]).await.contains("state:        dev"));
+
+    // A worker's question, listed and answered: the step is issued again.
+    assert_eq!(ok(dir, api, Some(&viewer), &["questions"]).await, "no open questions\n");
+    sqlx::query(
+        "INSERT INTO questions (id, task_id, asked_by_role, asked_by_instance, text) VALUES ($1, $2::uuid, 'dev', 'dev-1', 'Which hash?')",
+    )
+    .bind(uuid::Uuid::now_v7())
+    .bind(id)
+    .execute(&pool)
+    .await
+    .unwrap();
+    let table = ok(dir, api, Some(&viewer), &["questions"]).await;
+    let row = table.lines().nth(1).unwrap();
+    assert!(row.starts_with(id) && row.contains(" dev/dev-1 ") && row.ends_with("Which hash?"), "{table}");
+    let listed: Value = serde_json::from_str(&ok(dir, api, Some(&viewer), &["questions", "--json"]).await).unwrap();
+    assert_eq!(listed[0]["task_id"], id);
+    fails(dir, api, Some(&viewer), &["answer", id, "argon2id"], 1, "operator role").await;
+    fails(dir, api, Some(&operator), &["answer", id, "  "], EX_USAGE, "the answer is empty").await;
+    assert_eq!(ok(dir, api, Some(&operator), &["answer", id, "argon2id"]).await, format!("{id} dev attempt 2\n"));
+    fails(dir, api, Some(&operator), &["answer", id, "again"], 1, "has no open question").await;
+
+    // Retry only what failed; cancel what is unfinished, once.
+    fails(dir, api, Some(&operator), &["retry", id], 1, "cannot retry a task in state `dev`").await;
+    sqlx::query("UPDATE tasks SET state = 'failed', assignment_id = NULL WHERE id = $1::uuid")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let retried: Value =
+        serde_json::from_str(&ok(dir, api, Some(&operator), &["retry", id, "--reason", "fixed", "--json"]).await)
+            .unwrap();
+    assert_eq!((retried["state"].as_str(), retried["retries"].as_i64()), (Some("dev"), Some(0)));
+    fails(dir, api, Some(&viewer), &["cancel", id], 1, "operator role").await;
+    assert_eq!(
+        ok(dir, api, Some(&operator), &["cancel", id, "--reason", "duplicate"]).await,
+        format!("{id} cancelled\n")
+    );
+    fails(dir, api, Some(&operator), &["cancel", id], 1, "cannot cancel a task in state `cancelled`").await;
+    fails(dir, api, Some(&operator), &["cancel", "not-a-uuid"], EX_USAGE, "invalid").await;
 
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), server).await.unwrap().unwrap().unwrap();

@@ -1,4 +1,5 @@
-//! The operators' HTTP API (axum): task intake, listing, approval, the kill switch, and
+//! The operators' HTTP API (axum): task intake, listing, approval, workers' questions and
+//! their answers, cancelling and retrying tasks, the kill switch, and
 //! the health, readiness and metrics endpoints. docs/operations.md, "HTTP API", is the
 //! operator's description; this is the implementer's.
 //!
@@ -17,12 +18,15 @@
 //!   become JSON errors.
 //! - [`ratelimit`]: the per-client token bucket in Redis that guards task intake.
 //! - [`metrics`]: request counters and the Prometheus text of `GET /metrics`.
+//! - [`openapi`]: the OpenAPI document of these routes (`GET /v1/openapi.json`,
+//!   docs/openapi.json).
 //! - `handlers`: one function per route.
 
 pub mod auth;
 pub mod error;
 mod handlers;
 pub mod metrics;
+pub mod openapi;
 pub mod ratelimit;
 
 use std::net::SocketAddr;
@@ -163,6 +167,11 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/tasks", post(handlers::submit).get(handlers::list))
         .route("/v1/tasks/{id}", get(handlers::get_task))
         .route("/v1/tasks/{id}/approve", post(handlers::approve))
+        .route("/v1/tasks/{id}/answer", post(handlers::answer))
+        .route("/v1/tasks/{id}/cancel", post(handlers::cancel))
+        .route("/v1/tasks/{id}/retry", post(handlers::retry))
+        .route("/v1/questions", get(handlers::questions))
+        .route("/v1/openapi.json", get(handlers::openapi))
         .route("/v1/kill", post(handlers::kill))
         .route("/v1/resume", post(handlers::resume))
         .route("/healthz", get(handlers::healthz))

@@ -21,9 +21,10 @@
 //! - [`gitops`]: `git.push_branch`: apply the approved diff to a fresh clone, push `agentfleet/task-<id>`.
 //! - [`repos`]: where a task's repository may come from (`[repositories]`), checked at intake.
 //! - [`tasks`]: the [`tasks::Engine`]: submit, apply results, heartbeats, deadlines, approvals, kill and resume;
-//!   each assignment bound to the one worker instance that uses it first (`tasks/binding.rs`).
+//!   each assignment bound to the one worker instance that uses it first (`tasks/binding.rs`); operators'
+//!   answers to workers' questions, cancel and retry (`tasks/drive.rs`).
 //! - [`api`]: the operators' HTTP API (axum) over the engine: bearer tokens with roles, per-client
-//!   intake rate limit, health, readiness and metrics.
+//!   intake rate limit, health, readiness and metrics; its OpenAPI document (`api/openapi.rs`).
 
 pub mod api;
 pub mod app;

@@ -18,6 +18,7 @@ fn classify(e: EngineError) -> HandlerError {
         | EngineError::Illegal(_)
         | EngineError::Invalid(_)
         | EngineError::Halted
+        | EngineError::Conflict(_)
         | EngineError::SelfApproval { .. } => HandlerError::Permanent(e.to_string()),
     }
 }

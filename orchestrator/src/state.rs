@@ -5,6 +5,7 @@
 //!                   ↑ ↓        ↓       ↑
 //!                   dev      refactor → qa     (QA failure goes back to Dev with findings)
 //! side states: failed, blocked (budget/policy), awaiting_approval (HIGH/CRITICAL), halted (kill switch)
+//! operators: any open state → cancelled (final); failed or blocked → its step again (retry)
 //! ```
 
 use std::fmt;
@@ -14,7 +15,7 @@ use envelope::Role;
 use serde::{Deserialize, Serialize};
 
 /// Where a task is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum TaskState {
     /// Accepted, not yet assigned.
@@ -39,11 +40,13 @@ pub enum TaskState {
     AwaitingApproval,
     /// Stopped by the kill switch; resumes its step on resume.
     Halted,
+    /// Cancelled by an operator: final, nothing of it is pushed.
+    Cancelled,
 }
 
 impl TaskState {
     /// Every state.
-    pub const ALL: [TaskState; 11] = [
+    pub const ALL: [TaskState; 12] = [
         TaskState::Submitted,
         TaskState::Dev,
         TaskState::Qa,
@@ -55,6 +58,7 @@ impl TaskState {
         TaskState::Blocked,
         TaskState::AwaitingApproval,
         TaskState::Halted,
+        TaskState::Cancelled,
     ];
 
     /// The database and API spelling.
@@ -71,6 +75,7 @@ impl TaskState {
             TaskState::Blocked => "blocked",
             TaskState::AwaitingApproval => "awaiting_approval",
             TaskState::Halted => "halted",
+            TaskState::Cancelled => "cancelled",
         }
     }
 
@@ -85,9 +90,9 @@ impl TaskState {
         }
     }
 
-    /// Terminal states never change again.
+    /// Terminal states never change again, except that an operator may retry a failed task.
     pub fn is_terminal(self) -> bool {
-        matches!(self, TaskState::Merged | TaskState::Failed)
+        matches!(self, TaskState::Merged | TaskState::Failed | TaskState::Cancelled)
     }
 }
 
@@ -100,7 +105,7 @@ impl fmt::Display for TaskState {
 /// A state name that does not exist.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "unknown task state {0:?}; expected one of submitted, dev, qa, review, refactor, approved, merged, failed, blocked, awaiting_approval, halted"
+    "unknown task state {0:?}; expected one of submitted, dev, qa, review, refactor, approved, merged, failed, blocked, awaiting_approval, halted, cancelled"
 )]
 pub struct UnknownState(pub String);
 
@@ -112,7 +117,7 @@ impl FromStr for TaskState {
 }
 
 /// Risk of a task, from the risk matrix.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Risk {
     /// Automatic.
@@ -171,6 +176,10 @@ pub enum Event {
     Resume,
     /// Unrecoverable (unknown error kind, retries exhausted elsewhere).
     Fail,
+    /// An operator cancelled the task.
+    Cancel,
+    /// An operator retries a failed or blocked task: back to the step in `resume`.
+    Reopen,
 }
 
 /// What the transition needs to know beyond the current state.
@@ -221,6 +230,12 @@ pub fn next(from: TaskState, event: &Event, ctx: Context) -> Result<TaskState, I
         (s, Event::Halt) if !s.is_terminal() && s != Halted => Halted,
         (Halted, Event::Resume) => ctx.resume.ok_or_else(illegal)?,
         (s, Event::Fail) if !s.is_terminal() => Failed,
+        (s, Event::Cancel) if !s.is_terminal() => Cancelled,
+        (Blocked, Event::Reopen) => ctx.resume.ok_or_else(illegal)?,
+        (Failed, Event::Reopen) => match ctx.resume {
+            Some(step @ (Dev | Qa | Review | Refactor)) => step,
+            _ => return Err(illegal()),
+        },
         _ => return Err(illegal()),
     })
 }
@@ -275,6 +290,14 @@ mod tests {
         assert_eq!(err, IllegalTransition { from: TaskState::Submitted, event: Event::StepSucceeded });
         assert!(next(TaskState::Dev, &Event::Approved, c).is_err());
         assert!(next(TaskState::Failed, &Event::Fail, c).is_err());
+        assert_eq!(next(TaskState::Halted, &Event::Cancel, c).unwrap(), TaskState::Cancelled);
+        assert!(next(TaskState::Merged, &Event::Cancel, c).is_err());
+        assert!(next(TaskState::Cancelled, &Event::Halt, c).is_err());
+        assert_eq!(next(TaskState::Failed, &Event::Reopen, c).unwrap(), TaskState::Qa);
+        assert!(next(TaskState::Dev, &Event::Reopen, c).is_err());
+        c.resume = Some(TaskState::Approved);
+        assert_eq!(next(TaskState::Blocked, &Event::Reopen, c).unwrap(), TaskState::Approved);
+        assert!(next(TaskState::Failed, &Event::Reopen, c).is_err(), "a failed task restarts a working step only");
         for s in TaskState::ALL {
             assert_eq!(s.as_str().parse::<TaskState>(), Ok(s));
         }

@@ -18,8 +18,10 @@ use crate::refusals::{Admission, RefusalLimiter, RefusalLimits};
 use crate::state::{self, Context, Event, IllegalTransition, Risk, TaskState};
 
 mod binding;
+mod drive;
 mod tools;
 pub use binding::{HOLD_ELSEWHERE, HOLD_STALE, Hold};
+pub use drive::Question;
 pub use tools::PushJob;
 
 /// Why an engine call failed.
@@ -37,6 +39,10 @@ pub enum EngineError {
     /// The fleet is halted: no new work, no approvals, no merges.
     #[error("the fleet is halted by the kill switch; an admin must resume it first")]
     Halted,
+    /// The task's state allows the action, but something else it needs is missing (an
+    /// answer without an open question); the message says what.
+    #[error("{0}")]
+    Conflict(String),
     /// Four eyes: the submitter of a HIGH or CRITICAL task tried to approve it.
     #[error(
         "{approver:?} submitted task {task} ({risk} risk) and cannot also approve it: a HIGH or CRITICAL \
@@ -108,24 +114,31 @@ impl EngineConfig {
 }
 
 /// A task submission (`POST /v1/tasks`).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewTask {
-    /// Short title.
+    /// Short title (1 to 200 bytes, not only spaces).
+    #[schema(min_length = 1, max_length = 200, pattern = "\\S")]
     pub title: String,
-    /// What Dev should do.
+    /// What Dev should do (1 byte to 64 KiB, not only spaces).
+    #[schema(min_length = 1, max_length = 65536, pattern = "\\S")]
     pub instructions: String,
-    /// Repository to work on.
+    /// Repository to work on; it must be one the orchestrator's `repositories` setting
+    /// allows (none by default).
     #[serde(default)]
+    #[schema(max_length = 2048)]
     pub repository: Option<String>,
     /// QA's test command.
     #[serde(default)]
+    #[schema(max_length = 2048)]
     pub test_command: Option<String>,
     /// Risk from the risk matrix; LOW by default.
     #[serde(default = "low")]
     pub risk: Risk,
-    /// Repository paths (relative prefixes) the task may change; empty: the whole repository.
+    /// Repository paths (relative prefixes, such as `src/`) the task may change; empty: the
+    /// whole repository. At most 64.
     #[serde(default)]
+    #[schema(max_items = 64)]
     pub scope: Vec<String>,
 }
 
@@ -137,6 +150,11 @@ impl NewTask {
     /// Checks sizes and required text.
     pub fn validate(&self) -> Result<(), EngineError> {
         let bad = |m: String| Err(EngineError::Invalid(m));
+        // Postgres stores no NUL in text or JSON.
+        let texts = [Some(&self.title), Some(&self.instructions), self.repository.as_ref(), self.test_command.as_ref()];
+        if texts.into_iter().flatten().chain(&self.scope).any(|t| t.contains('\0')) {
+            return bad("no field of a task may contain a NUL character".into());
+        }
         if self.title.trim().is_empty() || self.title.len() > 200 {
             return bad("`title` must be 1 to 200 characters".into());
         }
@@ -164,7 +182,7 @@ impl NewTask {
 }
 
 /// A task as the API shows it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Task {
     /// Id.
     pub id: Uuid,
@@ -589,10 +607,27 @@ impl Engine {
             .await
     }
 
-    /// Records a worker's question for a human (audit trail; the task keeps its state).
+    /// Records a worker's question for a human: audited (`task.question`), and kept open for
+    /// `GET /v1/questions` when it names a task that is not finished (the task keeps its
+    /// state). Delivering the same envelope twice keeps one question.
     pub async fn record_question(&self, env: &Verified<Envelope>, text: &str) -> Result<(), EngineError> {
         let mut tx = self.pool.begin().await?;
         let actor = Actor::of(env);
+        if let Some(task_id) = env.task_id {
+            sqlx::query(
+                "INSERT INTO questions (id, task_id, asked_by_role, asked_by_instance, text, assignment_id)
+                 SELECT $1, id, $3, $4, $5, $6 FROM tasks WHERE id = $2 AND state NOT IN ('merged', 'failed', 'cancelled')
+                 ON CONFLICT (id) DO NOTHING",
+            )
+            .bind(env.id)
+            .bind(task_id)
+            .bind(&actor.role)
+            .bind(&actor.instance)
+            .bind(cut(text, 2000))
+            .bind(env.causation_id)
+            .execute(&mut *tx)
+            .await?;
+        }
         audit::append(
             &mut tx,
             &self.audit_key,
@@ -745,10 +780,11 @@ impl Engine {
         .bind(reason)
         .execute(&mut *tx)
         .await?;
-        let open: Vec<Uuid> =
-            sqlx::query_scalar("SELECT id FROM tasks WHERE state NOT IN ('merged', 'failed', 'halted') FOR UPDATE")
-                .fetch_all(&mut *tx)
-                .await?;
+        let open: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT id FROM tasks WHERE state NOT IN ('merged', 'failed', 'cancelled', 'halted') FOR UPDATE",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
         let pause = envelope::ControlPause { epoch: epoch as u64, reason: reason.to_owned() };
         let audit = by.entry("fleet.kill", None, json!({"epoch": epoch, "reason": reason}));
         self.switch_fleet(
@@ -880,7 +916,8 @@ impl Engine {
         telemetry::redact_json(&mut change.detail);
         change.findings.iter_mut().for_each(telemetry::redact_string);
         let counts_retry = matches!(change.event, Event::Retry | Event::SentBack) && to != TaskState::Failed;
-        let retries = task.retries + i32::from(counts_retry);
+        // An operator's retry starts the task's retry budget afresh.
+        let retries = if change.event == Event::Reopen { 0 } else { task.retries + i32::from(counts_retry) };
         let resume_state = match to {
             TaskState::Halted | TaskState::Blocked => Some(task.state),
             _ => None,

@@ -118,6 +118,7 @@ impl From<EngineError> for ApiError {
             EngineError::Illegal(t) => ApiError::Conflict(illegal_message(&t)),
             EngineError::Invalid(m) => ApiError::Unprocessable(m),
             EngineError::Halted => ApiError::Conflict(EngineError::Halted.to_string()),
+            EngineError::Conflict(m) => ApiError::Conflict(m),
             err @ EngineError::SelfApproval { .. } => ApiError::Forbidden(err.to_string()),
             err @ (EngineError::Db(_) | EngineError::Outbox(_)) => {
                 tracing::error!(error = %err, "The engine failed to handle an API request.");
@@ -137,6 +138,8 @@ fn illegal_message(t: &IllegalTransition) -> String {
         Event::Merged => ("mark as merged", "only `approved` tasks can be merged"),
         Event::Halt => ("halt", "finished and already halted tasks stay as they are"),
         Event::Resume => ("resume", "only halted tasks resume"),
+        Event::Cancel => ("cancel", "merged, failed and cancelled tasks are final"),
+        Event::Reopen => ("retry", "only failed or blocked tasks can be retried"),
         _ => ("change", "the XP cycle does not allow this move"),
     };
     format!("cannot {action} a task in state `{}`: {hint}", t.from)

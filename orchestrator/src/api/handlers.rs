@@ -10,22 +10,24 @@ use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{Method, StatusCode, Uri, header};
 use axum::response::IntoResponse;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 use uuid::Uuid;
 
 use super::ApiState;
 use super::auth::{AtLeastAdmin, AtLeastOperator, AtLeastViewer, Authorized, Caller};
 use super::error::{ApiError, ApiJson, Described, OptionalJson};
 use crate::state::TaskState;
-use crate::tasks::{Actor, NewTask, Task};
+use crate::tasks::{Actor, NewTask, Question, Task};
 
 /// Most tasks one list returns.
 const MAX_LIST: i64 = 1000;
 /// Tasks a list returns without `limit`.
 const DEFAULT_LIST: i64 = 100;
-/// Longest reason for a kill or an approval, in characters.
+/// Longest reason for a kill, an approval, a cancellation or a retry, in characters.
 const MAX_REASON: usize = 1000;
+/// Longest answer to a worker's question, in characters.
+const MAX_ANSWER: usize = 4000;
 /// How long `/readyz` waits for Postgres.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -72,7 +74,76 @@ fn shown(mut task: Task) -> Task {
     task
 }
 
+/// The body of every error answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ErrorBody {
+    /// What is wrong and what to do (redacted).
+    error: String,
+}
+
+/// `GET /v1/tasks`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct TaskList {
+    /// Newest first.
+    tasks: Vec<Task>,
+}
+
+/// `GET /v1/questions`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct QuestionList {
+    /// Oldest first.
+    questions: Vec<Question>,
+}
+
+/// The kill switch's state after `POST /v1/kill` or `POST /v1/resume`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct FleetSwitch {
+    /// The kill epoch: envelopes of an older epoch are refused.
+    kill_epoch: u64,
+    /// Whether the fleet is halted.
+    halted: bool,
+}
+
+/// `/healthz` and `/readyz`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct Health {
+    /// `ok` (healthz) or `ready` (readyz).
+    status: String,
+}
+
+/// Trims an optional free-text field; `None` when empty; 422 when it is longer than
+/// `max` characters or holds a NUL (Postgres cannot store it).
+fn optional_text(field: &str, text: Option<String>, max: usize) -> Result<Option<String>, ApiError> {
+    let text = text.map(|r| r.trim().to_owned()).filter(|r| !r.is_empty());
+    if let Some(t) = &text {
+        if t.chars().count() > max {
+            return Err(ApiError::Unprocessable(format!("`{field}` must be at most {max} characters")));
+        }
+        if t.contains('\0') {
+            return Err(ApiError::Unprocessable(format!("`{field}` must not contain NUL characters")));
+        }
+    }
+    Ok(text)
+}
+
 /// `POST /v1/tasks`: operator; rate-limited per client. 201 with the task.
+#[utoipa::path(post, path = "/v1/tasks", tag = "tasks",
+    request_body = NewTask,
+    responses(
+        (status = 201, description = "Accepted and assigned to Dev", body = Task,
+            headers(("location" = String, description = "The task's URL"))),
+        (status = 400, description = "Not JSON", body = ErrorBody),
+        (status = 401, description = "No or a refused token", body = ErrorBody),
+        (status = 403, description = "A viewer token", body = ErrorBody),
+        (status = 409, description = "The fleet is halted", body = ErrorBody),
+        (status = 413, description = "Body over max_body_bytes", body = ErrorBody),
+        (status = 415, description = "Not sent as application/json", body = ErrorBody),
+        (status = 422, description = "Wrong fields or values", body = ErrorBody),
+        (status = 429, description = "Intake rate limit", body = ErrorBody,
+            headers(("retry-after" = u64, description = "Seconds until a submission is accepted again"))),
+        (status = 503, description = "The rate limiter's Redis is down", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
 pub(super) async fn submit(
     State(state): State<ApiState>,
     Intake(caller): Intake,
@@ -85,6 +156,15 @@ pub(super) async fn submit(
 }
 
 /// `GET /v1/tasks/{id}`: viewer.
+#[utoipa::path(get, path = "/v1/tasks/{id}", tag = "tasks",
+    params(("id" = Uuid, Path, description = "The task's id")),
+    responses(
+        (status = 200, description = "The task", body = Task),
+        (status = 400, description = "The id is not a UUID", body = ErrorBody),
+        (status = 401, description = "No or a refused token", body = ErrorBody),
+        (status = 404, description = "No such task", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
 pub(super) async fn get_task(
     State(state): State<ApiState>,
     _: Authorized<AtLeastViewer>,
@@ -105,64 +185,114 @@ pub(super) struct ListQuery {
     limit: Option<i64>,
 }
 
+/// Query of `GET /v1/questions`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct QuestionsQuery {
+    /// At most this many (1 to 1000; 100 by default).
+    #[serde(default)]
+    limit: Option<i64>,
+}
+
+/// A query string as `T`, or a 400 naming the `parameters`.
+fn query<T>(query: Result<Query<T>, QueryRejection>, parameters: &str) -> Result<T, ApiError> {
+    query.map(|Query(q)| q).map_err(|e| {
+        let text = e.body_text();
+        let detail = text.split_once(": ").map_or(text.as_str(), |(_, d)| d);
+        ApiError::BadRequest(format!("bad query: {detail}; the parameters are {parameters}"))
+    })
+}
+
+/// `limit`, defaulted and checked.
+fn limit_of(limit: Option<i64>) -> Result<i64, ApiError> {
+    let limit = limit.unwrap_or(DEFAULT_LIST);
+    if !(1..=MAX_LIST).contains(&limit) {
+        return Err(ApiError::BadRequest(format!("`limit` must be between 1 and {MAX_LIST}, not {limit}")));
+    }
+    Ok(limit)
+}
+
 /// `GET /v1/tasks?state=&limit=`: viewer. `{"tasks": [...]}`, newest first.
+#[utoipa::path(get, path = "/v1/tasks", tag = "tasks",
+    params(
+        ("state" = Option<TaskState>, Query, description = "Only tasks in this state"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "At most this many (100 by default)"),
+    ),
+    responses(
+        (status = 200, description = "Tasks, newest first", body = TaskList),
+        (status = 400, description = "A bad query parameter", body = ErrorBody),
+        (status = 401, description = "No or a refused token", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
 pub(super) async fn list(
     State(state): State<ApiState>,
     _: Authorized<AtLeastViewer>,
-    query: Result<Query<ListQuery>, QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let Query(query) = query.map_err(|e| {
-        let text = e.body_text();
-        let detail = text.split_once(": ").map_or(text.as_str(), |(_, d)| d);
-        ApiError::BadRequest(format!("bad query: {detail}; the parameters are `state` and `limit`"))
-    })?;
+    raw: Result<Query<ListQuery>, QueryRejection>,
+) -> Result<Json<TaskList>, ApiError> {
+    let query = query(raw, "`state` and `limit`")?;
     let wanted = match query.state.as_deref().map(str::trim) {
         None | Some("") => None,
         Some(s) => Some(s.parse::<TaskState>().map_err(|e| ApiError::BadRequest(e.to_string()))?),
     };
-    let limit = query.limit.unwrap_or(DEFAULT_LIST);
-    if !(1..=MAX_LIST).contains(&limit) {
-        return Err(ApiError::BadRequest(format!("`limit` must be between 1 and {MAX_LIST}, not {limit}")));
-    }
+    let limit = limit_of(query.limit)?;
     let tasks: Vec<Task> = state.engine.list(wanted, limit).await?.into_iter().map(shown).collect();
-    Ok(Json(json!({ "tasks": tasks })))
+    Ok(Json(TaskList { tasks }))
 }
 
-/// Body of `POST /v1/tasks/{id}/approve` (optional).
-#[derive(Debug, Deserialize)]
+/// `GET /v1/questions?limit=`: viewer. `{"questions": [...]}`: the questions workers asked
+/// that nobody has answered, oldest first.
+#[utoipa::path(get, path = "/v1/questions", tag = "questions",
+    params(
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "At most this many (100 by default)"),
+    ),
+    responses(
+        (status = 200, description = "Open questions, oldest first", body = QuestionList),
+        (status = 400, description = "A bad query parameter", body = ErrorBody),
+        (status = 401, description = "No or a refused token", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(super) async fn questions(
+    State(state): State<ApiState>,
+    _: Authorized<AtLeastViewer>,
+    raw: Result<Query<QuestionsQuery>, QueryRejection>,
+) -> Result<Json<QuestionList>, ApiError> {
+    let limit = limit_of(query(raw, "`limit`")?.limit)?;
+    Ok(Json(QuestionList { questions: state.engine.open_questions(limit).await? }))
+}
+
+/// Body of `POST /v1/tasks/{id}/approve`, `…/cancel` and `…/retry` (optional).
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(super) struct ApproveBody {
-    /// Why, for the audit trail.
+pub(crate) struct ReasonBody {
+    /// Why, for the audit trail (at most 1000 characters; redacted).
     #[serde(default)]
+    #[schema(max_length = 1000)]
     reason: Option<String>,
 }
 
-impl Described for ApproveBody {
-    const WHAT: &'static str = "approval";
+impl Described for ReasonBody {
+    const WHAT: &'static str = "request body";
 }
 
-/// `POST /v1/tasks/{id}/approve`: operator. 200 with the task; 403 when four eyes refuse
-/// the task's own submitter (HIGH and CRITICAL risk).
-pub(super) async fn approve(
-    State(state): State<ApiState>,
-    Authorized(caller, _): Authorized<AtLeastOperator>,
-    TaskId(id): TaskId,
-    OptionalJson(body): OptionalJson<ApproveBody>,
-) -> Result<Json<Task>, ApiError> {
-    let reason = body.and_then(|b| b.reason).map(|r| r.trim().to_owned()).filter(|r| !r.is_empty());
-    if reason.as_ref().is_some_and(|r| r.chars().count() > MAX_REASON) {
-        return Err(ApiError::Unprocessable(format!("`reason` must be at most {MAX_REASON} characters")));
-    }
-    let task = state.engine.approve(id, &Actor::operator(&caller.sub), reason).await?;
-    tracing::info!(task_id = %id, by = %caller.sub, "Task approved.");
-    Ok(Json(shown(task)))
+/// Body of `POST /v1/tasks/{id}/answer`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct AnswerBody {
+    /// The answer (1 to 4000 characters; redacted). The worker reads it among its findings.
+    #[schema(min_length = 1, max_length = 4000)]
+    text: String,
+}
+
+impl Described for AnswerBody {
+    const WHAT: &'static str = "answer";
 }
 
 /// Body of `POST /v1/kill`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-pub(super) struct KillBody {
-    /// Why, for the audit trail and the budget manager.
+pub(crate) struct KillBody {
+    /// Why, for the audit trail and the budget manager (1 to 1000 characters).
+    #[schema(min_length = 1, max_length = 1000)]
     reason: String,
 }
 
@@ -170,43 +300,187 @@ impl Described for KillBody {
     const WHAT: &'static str = "kill request";
 }
 
+/// `POST /v1/tasks/{id}/approve`: operator. 200 with the task; 403 when four eyes refuse
+/// the task's own submitter (HIGH and CRITICAL risk).
+#[utoipa::path(post, path = "/v1/tasks/{id}/approve", tag = "tasks",
+    params(("id" = Uuid, Path, description = "The task's id")),
+    request_body(content = Option<ReasonBody>, description = "Optional"),
+    responses(
+        (status = 200, description = "Approved", body = Task),
+        (status = 400, description = "A bad id or body", body = ErrorBody),
+        (status = 401, description = "No or a refused token", body = ErrorBody),
+        (status = 403, description = "A viewer token, or four eyes refuse the submitter", body = ErrorBody),
+        (status = 404, description = "No such task", body = ErrorBody),
+        (status = 409, description = "Not awaiting approval, or the fleet is halted", body = ErrorBody),
+        (status = 413, description = "Body over max_body_bytes", body = ErrorBody),
+        (status = 415, description = "Not sent as application/json", body = ErrorBody),
+        (status = 422, description = "Wrong fields or values", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(super) async fn approve(
+    State(state): State<ApiState>,
+    Authorized(caller, _): Authorized<AtLeastOperator>,
+    TaskId(id): TaskId,
+    OptionalJson(body): OptionalJson<ReasonBody>,
+) -> Result<Json<Task>, ApiError> {
+    let reason = optional_text("reason", body.and_then(|b| b.reason), MAX_REASON)?;
+    let task = state.engine.approve(id, &Actor::operator(&caller.sub), reason).await?;
+    tracing::info!(task_id = %id, by = %caller.sub, "Task approved.");
+    Ok(Json(shown(task)))
+}
+
+/// `POST /v1/tasks/{id}/answer`: operator. Answers the task's open question: the step is
+/// issued again with the answer among its findings. 200 with the task.
+#[utoipa::path(post, path = "/v1/tasks/{id}/answer", tag = "questions",
+    params(("id" = Uuid, Path, description = "The task's id")),
+    request_body = AnswerBody,
+    responses(
+        (status = 200, description = "Answered; the step was issued again", body = Task),
+        (status = 400, description = "A bad id or body", body = ErrorBody),
+        (status = 401, description = "No or a refused token", body = ErrorBody),
+        (status = 403, description = "A viewer token", body = ErrorBody),
+        (status = 404, description = "No such task", body = ErrorBody),
+        (status = 409, description = "No open question, or no step running", body = ErrorBody),
+        (status = 413, description = "Body over max_body_bytes", body = ErrorBody),
+        (status = 415, description = "Not sent as application/json", body = ErrorBody),
+        (status = 422, description = "Wrong fields or values", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(super) async fn answer(
+    State(state): State<ApiState>,
+    Authorized(caller, _): Authorized<AtLeastOperator>,
+    TaskId(id): TaskId,
+    ApiJson(body): ApiJson<AnswerBody>,
+) -> Result<Json<Task>, ApiError> {
+    let Some(text) = optional_text("text", Some(body.text), MAX_ANSWER)? else {
+        return Err(ApiError::Unprocessable(format!("`text` must be 1 to {MAX_ANSWER} characters")));
+    };
+    let task = state.engine.answer(id, &Actor::operator(&caller.sub), &text).await?;
+    tracing::info!(task_id = %id, by = %caller.sub, "Question answered; step issued again.");
+    Ok(Json(shown(task)))
+}
+
+/// `POST /v1/tasks/{id}/cancel`: operator. Any unfinished task becomes `cancelled`. 200
+/// with the task.
+#[utoipa::path(post, path = "/v1/tasks/{id}/cancel", tag = "tasks",
+    params(("id" = Uuid, Path, description = "The task's id")),
+    request_body(content = Option<ReasonBody>, description = "Optional"),
+    responses(
+        (status = 200, description = "Cancelled", body = Task),
+        (status = 400, description = "A bad id or body", body = ErrorBody),
+        (status = 401, description = "No or a refused token", body = ErrorBody),
+        (status = 403, description = "A viewer token", body = ErrorBody),
+        (status = 404, description = "No such task", body = ErrorBody),
+        (status = 409, description = "Already merged, failed or cancelled", body = ErrorBody),
+        (status = 413, description = "Body over max_body_bytes", body = ErrorBody),
+        (status = 415, description = "Not sent as application/json", body = ErrorBody),
+        (status = 422, description = "Wrong fields or values", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(super) async fn cancel(
+    State(state): State<ApiState>,
+    Authorized(caller, _): Authorized<AtLeastOperator>,
+    TaskId(id): TaskId,
+    OptionalJson(body): OptionalJson<ReasonBody>,
+) -> Result<Json<Task>, ApiError> {
+    let reason = optional_text("reason", body.and_then(|b| b.reason), MAX_REASON)?;
+    let task = state.engine.cancel(id, &Actor::operator(&caller.sub), reason.as_deref()).await?;
+    tracing::info!(task_id = %id, by = %caller.sub, "Task cancelled.");
+    Ok(Json(shown(task)))
+}
+
+/// `POST /v1/tasks/{id}/retry`: operator. A failed or blocked task goes back to its step
+/// with its retries counted afresh. 200 with the task.
+#[utoipa::path(post, path = "/v1/tasks/{id}/retry", tag = "tasks",
+    params(("id" = Uuid, Path, description = "The task's id")),
+    request_body(content = Option<ReasonBody>, description = "Optional"),
+    responses(
+        (status = 200, description = "Back in its step", body = Task),
+        (status = 400, description = "A bad id or body", body = ErrorBody),
+        (status = 401, description = "No or a refused token", body = ErrorBody),
+        (status = 403, description = "A viewer token", body = ErrorBody),
+        (status = 404, description = "No such task", body = ErrorBody),
+        (status = 409, description = "Not failed or blocked, or the fleet is halted", body = ErrorBody),
+        (status = 413, description = "Body over max_body_bytes", body = ErrorBody),
+        (status = 415, description = "Not sent as application/json", body = ErrorBody),
+        (status = 422, description = "Wrong fields or values", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(super) async fn retry(
+    State(state): State<ApiState>,
+    Authorized(caller, _): Authorized<AtLeastOperator>,
+    TaskId(id): TaskId,
+    OptionalJson(body): OptionalJson<ReasonBody>,
+) -> Result<Json<Task>, ApiError> {
+    let reason = optional_text("reason", body.and_then(|b| b.reason), MAX_REASON)?;
+    let task = state.engine.retry(id, &Actor::operator(&caller.sub), reason.as_deref()).await?;
+    tracing::info!(task_id = %id, by = %caller.sub, state = %task.state, "Task retried.");
+    Ok(Json(shown(task)))
+}
+
 /// `POST /v1/kill`: admin. Halts the fleet (idempotent). `{"kill_epoch": n, "halted": true}`.
+#[utoipa::path(post, path = "/v1/kill", tag = "fleet",
+    request_body = KillBody,
+    responses(
+        (status = 200, description = "Halted", body = FleetSwitch),
+        (status = 400, description = "Not JSON", body = ErrorBody),
+        (status = 401, description = "No or a refused token", body = ErrorBody),
+        (status = 403, description = "Not an admin token", body = ErrorBody),
+        (status = 413, description = "Body over max_body_bytes", body = ErrorBody),
+        (status = 415, description = "Not sent as application/json", body = ErrorBody),
+        (status = 422, description = "Wrong fields or values", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
 pub(super) async fn kill(
     State(state): State<ApiState>,
     Authorized(caller, _): Authorized<AtLeastAdmin>,
     ApiJson(body): ApiJson<KillBody>,
-) -> Result<Json<Value>, ApiError> {
-    let reason = body.reason.trim();
-    if reason.is_empty() || reason.chars().count() > MAX_REASON {
-        return Err(ApiError::Unprocessable(format!(
+) -> Result<Json<FleetSwitch>, ApiError> {
+    let missing = || {
+        ApiError::Unprocessable(format!(
             "`reason` must be 1 to {MAX_REASON} characters: the audit trail records why the fleet was halted"
-        )));
-    }
-    let epoch = state.engine.kill(&Actor::operator(&caller.sub), reason).await?;
+        ))
+    };
+    let reason = optional_text("reason", Some(body.reason), MAX_REASON).map_err(|_| missing())?.ok_or_else(missing)?;
+    let epoch = state.engine.kill(&Actor::operator(&caller.sub), &reason).await?;
     tracing::warn!(kill_epoch = epoch, by = %caller.sub, "Fleet halted by the kill switch.");
-    Ok(Json(json!({"kill_epoch": epoch, "halted": true})))
+    Ok(Json(FleetSwitch { kill_epoch: epoch, halted: true }))
 }
 
 /// `POST /v1/resume`: admin. Resumes the fleet (idempotent). `{"kill_epoch": n, "halted": false}`.
+#[utoipa::path(post, path = "/v1/resume", tag = "fleet",
+    responses(
+        (status = 200, description = "Running", body = FleetSwitch),
+        (status = 401, description = "No or a refused token", body = ErrorBody),
+        (status = 403, description = "Not an admin token", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
 pub(super) async fn resume(
     State(state): State<ApiState>,
     Authorized(caller, _): Authorized<AtLeastAdmin>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<FleetSwitch>, ApiError> {
     let epoch = state.engine.resume(&Actor::operator(&caller.sub)).await?;
     tracing::warn!(kill_epoch = epoch, by = %caller.sub, "Fleet resumed.");
-    Ok(Json(json!({"kill_epoch": epoch, "halted": false})))
+    Ok(Json(FleetSwitch { kill_epoch: epoch, halted: false }))
 }
 
 /// `GET /healthz`: the process answers. No token.
-pub(super) async fn healthz() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "The process answers", body = Health)))]
+pub(super) async fn healthz() -> Json<Health> {
+    Json(Health { status: "ok".into() })
 }
 
 /// `GET /readyz`: Postgres answers `SELECT 1` within 2 s (else 503). No token.
-pub(super) async fn readyz(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses(
+        (status = 200, description = "Postgres answers", body = Health),
+        (status = 503, description = "Postgres does not answer", body = ErrorBody),
+    ))]
+pub(super) async fn readyz(State(state): State<ApiState>) -> Result<Json<Health>, ApiError> {
     let probe = sqlx::query("SELECT 1").execute(state.engine.pool());
     match tokio::time::timeout(READY_TIMEOUT, probe).await {
-        Ok(Ok(_)) => Ok(Json(json!({"status": "ready"}))),
+        Ok(Ok(_)) => Ok(Json(Health { status: "ready".into() })),
         Ok(Err(e)) => {
             tracing::warn!(error = %e, "Not ready: Postgres refused the probe.");
             Err(ApiError::Unavailable("not ready: cannot reach Postgres".into()))
@@ -219,9 +493,20 @@ pub(super) async fn readyz(State(state): State<ApiState>) -> Result<Json<Value>,
 }
 
 /// `GET /metrics`: Prometheus text. No token (it shows counts, never task contents).
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses((status = 200, description = "Prometheus text format 0.0.4", body = String,
+        content_type = "text/plain")))]
 pub(super) async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
     let body = state.metrics.render(&state.engine).await;
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
+}
+
+/// `GET /v1/openapi.json`: this API's OpenAPI document (docs/openapi.json). No token: it
+/// describes the routes and holds nothing of the fleet.
+#[utoipa::path(get, path = "/v1/openapi.json", tag = "health",
+    responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json")))]
+pub(super) async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], super::openapi::json())
 }
 
 /// Anything else: 404 with a JSON error.
