@@ -4,8 +4,9 @@
 //! - the kill switch (state, epoch, reason) and the day's budget (tokens and money against
 //!   the limits, and the burn rate: committed tokens per minute between two refreshes) —
 //!   [`crate::status::gather_on`], the same reads as `fleetctl status`;
-//! - tasks by state and the newest tasks — the HTTP API (`GET /v1/tasks`), when a token
-//!   is given; without one the panel says so;
+//! - tasks by state, the newest tasks and the workers' open questions — the HTTP API
+//!   (`GET /v1/tasks`, `GET /v1/questions`), when a token is given; without one the panel
+//!   says so;
 //! - each live worker and the task it runs — verified heartbeats;
 //! - every consumer group's lag and pending entries;
 //! - the latest rejections (`fleet:rejected`: reason, stream, consumer) and dead letters
@@ -87,6 +88,8 @@ pub enum Tasks {
         by_state: BTreeMap<String, u64>,
         /// The newest first.
         newest: Vec<TaskRow>,
+        /// Open questions of workers, oldest first: (task, who asked, text).
+        questions: Vec<(String, String, String)>,
     },
     /// Not read, and why.
     Unavailable(String),
@@ -157,7 +160,26 @@ pub fn tasks_from(list: &Value) -> Tasks {
             title: telemetry::redact(t.get("title").and_then(Value::as_str).unwrap_or("")).chars().take(60).collect(),
         })
         .collect();
-    Tasks::Read { by_state, newest }
+    Tasks::Read { by_state, newest, questions: Vec::new() }
+}
+
+/// The open questions from the API's list: (task, who asked, text).
+pub fn questions_from(list: &Value) -> Vec<(String, String, String)> {
+    list.get("questions")
+        .and_then(Value::as_array)
+        .map(|qs| {
+            qs.iter()
+                .map(|q| {
+                    let s = |k: &str| q.get(k).and_then(Value::as_str).unwrap_or("?").to_owned();
+                    (
+                        s("task_id"),
+                        format!("{}/{}", s("asked_by_role"), s("asked_by_instance")),
+                        telemetry::redact(&s("text")).chars().take(100).collect(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 fn usd(micro: u64) -> String {
@@ -206,10 +228,16 @@ pub fn draw(frame: &mut Frame<'_>, s: &Snapshot) {
     let [tasks_area, workers_area] =
         Layout::horizontal([Constraint::Percentage(45), Constraint::Percentage(55)]).areas(middle);
     match &s.tasks {
-        Tasks::Read { by_state, newest } => {
+        Tasks::Read { by_state, newest, questions } => {
             let counts: Vec<String> = by_state.iter().map(|(k, v)| format!("{k} {v}")).collect();
             let mut rows = vec![vec![String::new(), counts.join("  "), String::new()]];
             rows.extend(newest.iter().map(|t| vec![short(&t.id).to_owned(), t.state.clone(), t.title.clone()]));
+            // Questions wait for a person (`fleetctl answer TASK "…"`): shown with the tasks.
+            rows.extend(
+                questions
+                    .iter()
+                    .map(|(task, who, text)| vec![short(task).to_owned(), "QUESTION".into(), format!("{who}: {text}")]),
+            );
             frame.render_widget(
                 table(
                     "tasks",
@@ -308,7 +336,15 @@ pub async fn snapshot(
     let tasks = match client {
         None => Tasks::Unavailable("no API token (pass --token or set FLEET_TOKEN)".into()),
         Some(c) => match c.get("v1/tasks", &[("limit", "1000".to_owned())]).await {
-            Ok(list) => tasks_from(&list),
+            Ok(list) => {
+                let mut tasks = tasks_from(&list);
+                if let Tasks::Read { questions, .. } = &mut tasks
+                    && let Ok(list) = c.get("v1/questions", &[("limit", "20".to_owned())]).await
+                {
+                    *questions = questions_from(&list);
+                }
+                tasks
+            }
             Err(e) => Tasks::Unavailable(format!("{e:#}")),
         },
     };

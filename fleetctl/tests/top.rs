@@ -71,11 +71,34 @@ async fn top_shows_what_the_fleet_holds() {
         AuditKey::new(vec![7; 32]).unwrap(),
         EngineConfig::new(Instance::parse("orchestrator-0").unwrap()),
     );
+    let mut submitted = Vec::new();
     for title in ["Fix add()", "Validate login input", "Bump the parser"] {
         let new: NewTask =
             serde_json::from_value(serde_json::json!({"title": title, "instructions": "do it"})).unwrap();
-        engine.submit(&Actor::operator("alice"), new).await.unwrap();
+        submitted.push(engine.submit(&Actor::operator("alice"), new).await.unwrap());
     }
+    // Dev asks a person about the first task.
+    let asked = &submitted[0];
+    let from = Sender { role: Role::Dev, instance: Instance::parse("dev-7").unwrap() };
+    let mut q = Envelope::new(
+        from,
+        Role::Orchestrator,
+        bus::now_ms(),
+        60_000,
+        0,
+        Question { text: "Round floats?".into() }.into(),
+    );
+    q.task_id = Some(asked.id);
+    q.causation_id = engine.get(asked.id).await.unwrap().assignment_id;
+    let wire = Keyring::derive(&master(), Process::Role(Role::Dev), &permissions()).unwrap().seal(&q).unwrap();
+    let verifier = Verifier::new(
+        Keyring::derive(&master(), Process::Role(Role::Orchestrator), &permissions()).unwrap(),
+        permissions(),
+        VerifierConfig::default(),
+    );
+    let ctx = VerifyContext { now_ms: bus::now_ms(), kill_epoch: 0 };
+    let verified = verifier.verify(streams::QUESTIONS, &wire, ctx, &mut MemoryReplayGuard::new()).unwrap();
+    engine.record_question(&verified, "Round floats?").await.unwrap();
     let state = ApiState::new(engine, pool.clone(), &ApiConfig::new(SecretString::from(SECRET))).unwrap();
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}/", listener.local_addr().unwrap());
@@ -164,7 +187,8 @@ async fn top_shows_what_the_fleet_holds() {
     let opened = source.open().unwrap();
     let first = top::snapshot(&pool, &opened, Some(&client), None).await.unwrap();
     assert_eq!(first.burn_tokens_per_min, None);
-    let Tasks::Read { by_state, newest } = &first.tasks else { panic!("{:?}", first.tasks) };
+    let Tasks::Read { by_state, newest, questions } = &first.tasks else { panic!("{:?}", first.tasks) };
+    assert_eq!(questions.len(), 1, "{questions:?}");
     assert_eq!(by_state.get("dev"), Some(&3));
     assert_eq!(newest.len(), 3);
     let text = screen(&first);
@@ -182,6 +206,8 @@ async fn top_shows_what_the_fleet_holds() {
         "fleet:results",
         "5 deliveries",
         "fleet:tasks:qa",
+        "QUESTION",
+        "dev/dev-7: Round floats?",
     ] {
         assert!(text.contains(expected), "missing {expected:?} on screen:\n{text}");
     }
