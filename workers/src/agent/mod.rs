@@ -137,8 +137,8 @@ fn size(messages: &[ChatMessage]) -> usize {
         .sum()
 }
 
-/// Elides the oldest tool results until the conversation fits `max` bytes; the newest
-/// turn's results are kept.
+/// Elides the oldest tool results until the conversation fits `max` bytes, then the long
+/// string arguments of older calls (a `write_file`'s content); the newest turn is kept.
 fn fit(messages: &mut [ChatMessage], max: usize) {
     let last_assistant = messages.iter().rposition(|m| m.role == "assistant").unwrap_or(0);
     let mut i = 0;
@@ -149,6 +149,21 @@ fn fit(messages: &mut [ChatMessage], max: usize) {
                 "[elided to keep the conversation short: {} bytes of an earlier result; call the tool again if you need it]",
                 m.content.len()
             );
+        }
+        i += 1;
+    }
+    let mut i = 0;
+    while size(messages) > max && i < last_assistant {
+        for call in &mut messages[i].tool_calls {
+            if let Value::Object(args) = &mut call.arguments {
+                for v in args.values_mut() {
+                    if let Value::String(text) = v
+                        && text.len() > 256
+                    {
+                        *v = Value::String(format!("[elided: {} bytes]", text.len()));
+                    }
+                }
+            }
         }
         i += 1;
     }
@@ -423,6 +438,23 @@ mod tests {
         assert!(size(&m) <= 25_000, "{}", size(&m));
         assert!(m[2].content.starts_with("[elided"));
         assert_eq!(m[10].content.len(), 10_000);
+        // A big write's content in an older call is elided too once results are not enough.
+        let mut m = vec![ChatMessage::user("task")];
+        let big = serde_json::json!({"path": "a.py", "content": "x".repeat(50_000)});
+        m.push(ChatMessage::assistant(
+            "",
+            vec![ModelToolCall { id: "w".into(), name: "write_file".into(), arguments: big }],
+        ));
+        m.push(ChatMessage::tool("w", "a.py: wrote 50000 bytes", false));
+        m.push(ChatMessage::assistant(
+            "",
+            vec![ModelToolCall { id: "r".into(), name: "run_tests".into(), arguments: Value::Null }],
+        ));
+        m.push(ChatMessage::tool("r", "ok", false));
+        fit(&mut m, 4_000);
+        assert!(size(&m) <= 4_000, "{}", size(&m));
+        assert_eq!(m[1].tool_calls[0].arguments["content"], "[elided: 50000 bytes]");
+        assert_eq!(m[1].tool_calls[0].arguments["path"], "a.py");
     }
 
     #[test]
