@@ -15,7 +15,7 @@ use orchestrator::audit::{AuditKey, Break, BrokenRow, Report};
 use serde_json::{Value, json};
 use zeroize::Zeroizing;
 
-use crate::db::{Database, parse_secret, runtime};
+use crate::db::{parse_secret, runtime};
 use crate::exit::UsageError;
 use crate::files::{self, Existing};
 use crate::keys::warn_if_exposed;
@@ -108,13 +108,7 @@ pub fn run(cmd: AuditCommand) -> anyhow::Result<()> {
 
 fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
     let key = load_key(&args.audit_key_file)?;
-    let db = Database::parse(
-        &crate::files::secret_or_file(args.database_url.clone(), "FLEET_DATABASE_URL")?.ok_or_else(|| {
-            UsageError::new(
-                "no database URL: pass --database-url, or set FLEET_DATABASE_URL or FLEET_DATABASE_URL_FILE",
-            )
-        })?,
-    )?;
+    let db = crate::db::from_args(args.database_url.clone())?;
     let report = runtime()?.block_on(async {
         let pool = db.connect().await?;
         let report = orchestrator::audit::verify(&pool, &key)

@@ -196,14 +196,14 @@ pub enum Command {
     /// Needs an operator or admin token. Its current assignment is withdrawn: the worker's
     /// next tool request is refused (lease_stale) and its result is ignored; nothing of
     /// the task is pushed. A merged, failed or cancelled task is refused (409, exit 1).
-    Cancel(crate::tasks_cmd::CancelArgs),
+    Cancel(crate::tasks_cmd::ReasonedArgs),
 
     /// Retry a failed or blocked task: it returns to its step (a failed one to the step
     /// that failed, or to Dev) with its retries counted afresh; prints its id and new state.
     ///
     /// Needs an operator or admin token. A task in any other state, or a halted fleet, is
     /// refused (409, exit 1).
-    Retry(crate::tasks_cmd::RetryArgs),
+    Retry(crate::tasks_cmd::ReasonedArgs),
 
     /// Pull the kill switch: halt every open task and pause the budget manager.
     ///

@@ -58,14 +58,17 @@ pub fn run(cmd: DbCommand) -> anyhow::Result<()> {
     }
 }
 
+/// The database a command names: `--database-url`, FLEET_DATABASE_URL or
+/// FLEET_DATABASE_URL_FILE; none is a usage error.
+pub fn from_args(url: Option<SecretString>) -> anyhow::Result<Database> {
+    let url = crate::files::secret_or_file(url, "FLEET_DATABASE_URL")?.ok_or_else(|| {
+        UsageError::new("no database URL: pass --database-url, or set FLEET_DATABASE_URL or FLEET_DATABASE_URL_FILE")
+    })?;
+    Ok(Database::parse(&url)?)
+}
+
 fn migrate(args: &MigrateArgs) -> anyhow::Result<()> {
-    let db = Database::parse(
-        &crate::files::secret_or_file(args.database_url.clone(), "FLEET_DATABASE_URL")?.ok_or_else(|| {
-            UsageError::new(
-                "no database URL: pass --database-url, or set FLEET_DATABASE_URL or FLEET_DATABASE_URL_FILE",
-            )
-        })?,
-    )?;
+    let db = from_args(args.database_url.clone())?;
     let report = runtime()?.block_on(async {
         let pool = db.connect().await?;
         let before = applied(&db, &pool).await?;

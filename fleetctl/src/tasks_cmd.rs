@@ -119,28 +119,9 @@ pub struct AnswerArgs {
     pub api: ApiArgs,
 }
 
-/// Arguments of `cancel`.
+/// Arguments of `cancel` and `retry`.
 #[derive(Debug, Args)]
-pub struct CancelArgs {
-    /// The task's id (a UUID).
-    #[arg(value_name = "TASK")]
-    pub id: Uuid,
-
-    /// Why, for the audit trail.
-    #[arg(long, value_name = "TEXT")]
-    pub reason: Option<String>,
-
-    /// Print the task as JSON instead of its id and state.
-    #[arg(long)]
-    pub json: bool,
-
-    #[command(flatten)]
-    pub api: ApiArgs,
-}
-
-/// Arguments of `retry`.
-#[derive(Debug, Args)]
-pub struct RetryArgs {
+pub struct ReasonedArgs {
     /// The task's id (a UUID).
     #[arg(value_name = "TASK")]
     pub id: Uuid,
@@ -273,18 +254,20 @@ pub fn answer(args: AnswerArgs) -> anyhow::Result<()> {
 }
 
 /// `fleetctl cancel TASK`: prints `<id> <state>`.
-pub fn cancel(args: CancelArgs) -> anyhow::Result<()> {
-    let client = Client::new(&args.api)?;
-    let body = args.reason.as_ref().map(|r| json!({"reason": r}));
-    let task = block_on(client.post(&format!("v1/tasks/{}/cancel", args.id), body.as_ref()))?;
-    print_task_line(&task, args.json)
+pub fn cancel(args: ReasonedArgs) -> anyhow::Result<()> {
+    reasoned("cancel", &args)
 }
 
 /// `fleetctl retry TASK`: prints `<id> <state>`.
-pub fn retry(args: RetryArgs) -> anyhow::Result<()> {
+pub fn retry(args: ReasonedArgs) -> anyhow::Result<()> {
+    reasoned("retry", &args)
+}
+
+/// `POST /v1/tasks/{id}/<action>` with the optional reason; prints the task's line.
+fn reasoned(action: &str, args: &ReasonedArgs) -> anyhow::Result<()> {
     let client = Client::new(&args.api)?;
     let body = args.reason.as_ref().map(|r| json!({"reason": r}));
-    let task = block_on(client.post(&format!("v1/tasks/{}/retry", args.id), body.as_ref()))?;
+    let task = block_on(client.post(&format!("v1/tasks/{}/{action}", args.id), body.as_ref()))?;
     print_task_line(&task, args.json)
 }
 

@@ -17,7 +17,6 @@ use serde_json::{Value, json};
 use sqlx::Row as _;
 use uuid::Uuid;
 
-use crate::db::Database;
 use crate::exit::UsageError;
 
 /// Arguments of `trace`.
@@ -233,13 +232,7 @@ pub async fn read(pool: &sqlx::PgPool, task: Uuid) -> anyhow::Result<Option<(Str
 
 /// `fleetctl trace`.
 pub fn command(args: TraceArgs) -> anyhow::Result<()> {
-    let db = Database::parse(
-        &crate::files::secret_or_file(args.database_url.clone(), "FLEET_DATABASE_URL")?.ok_or_else(|| {
-            UsageError::new(
-                "no database URL: pass --database-url, or set FLEET_DATABASE_URL or FLEET_DATABASE_URL_FILE",
-            )
-        })?,
-    )?;
+    let db = crate::db::from_args(args.database_url.clone())?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
