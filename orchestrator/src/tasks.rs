@@ -476,6 +476,8 @@ impl Engine {
         if !answers_current || task.state.worker() != Some(env.from.role) {
             let actor = Actor::of(env);
             if self.audit_refusal(env) {
+                // A late result's refused calls are evidence too (a model that kept trying).
+                self.audit_refused_calls(&mut tx, env, task_id, result).await?;
                 audit::append(
                     &mut tx,
                     &self.audit_key,
@@ -550,32 +552,13 @@ impl Engine {
         record_change(&mut tx, task_id, env.from.role, result.status, diff.as_deref(), current_change.as_deref())
             .await?;
         let actor = Actor::of(env);
-        // Every tool call the worker's policy refused is audited with the step, so the trail
-        // names each attempt (a prompt injection obeyed, a tool the role lacks). A result
-        // carries at most a few hundred; past MAX_REFUSED_AUDITED one row counts the rest.
-        let refused: Vec<&envelope::ToolCallRecord> =
-            result.calls.iter().filter(|c| c.verdict == envelope::CallVerdict::Refused).collect();
-        for c in refused.iter().take(MAX_REFUSED_AUDITED) {
-            let detail = json!({
-                "tool": cut(&c.tool, 64),
-                "args": cut(&c.args, 200),
-                "reason": cut(c.reason.as_deref().unwrap_or(""), 300),
-                "attempt": result.attempt,
-                "envelope_id": env.id.to_string(),
-            });
-            audit::append(&mut tx, &self.audit_key, actor.entry("tool.call.refused", Some(task_id), detail)).await?;
-        }
-        if refused.len() > MAX_REFUSED_AUDITED {
-            let detail = json!({"more": refused.len() - MAX_REFUSED_AUDITED, "envelope_id": env.id.to_string()});
-            audit::append(&mut tx, &self.audit_key, actor.entry("tool.call.refused.more", Some(task_id), detail))
-                .await?;
-        }
+        let refused = self.audit_refused_calls(&mut tx, env, task_id, result).await?;
         let detail = json!({
             "status": status_str(result.status),
             "summary": cut(&result.summary, 500),
             "attempt": result.attempt,
             "tool_calls": result.calls.len(),
-            "refused_calls": refused.len(),
+            "refused_calls": refused,
         });
         let outcome = Outcome { role: env.from.role, status: result.status, error_kind: None };
         self.enqueue(
@@ -598,6 +581,37 @@ impl Engine {
         let to = self.apply(&mut tx, &task, change).await?;
         tx.commit().await?;
         Ok(Applied::Moved(to))
+    }
+
+    /// Audits every tool call of `result` the worker's policy refused, one row each (at most
+    /// [`MAX_REFUSED_AUDITED`], then one row counting the rest), so the trail names each
+    /// attempt (a prompt injection obeyed, a tool the role lacks). Returns how many there were.
+    async fn audit_refused_calls(
+        &self,
+        tx: &mut PgConnection,
+        env: &Verified<Envelope>,
+        task_id: Uuid,
+        result: &envelope::TaskResult,
+    ) -> Result<usize, EngineError> {
+        let actor = Actor::of(env);
+        let refused: Vec<&envelope::ToolCallRecord> =
+            result.calls.iter().filter(|c| c.verdict == envelope::CallVerdict::Refused).collect();
+        for c in refused.iter().take(MAX_REFUSED_AUDITED) {
+            let detail = json!({
+                "tool": cut(&c.tool, 64),
+                "args": cut(&c.args, 200),
+                "reason": cut(c.reason.as_deref().unwrap_or(""), 300),
+                "attempt": result.attempt,
+                "envelope_id": env.id.to_string(),
+            });
+            audit::append(&mut *tx, &self.audit_key, actor.entry("tool.call.refused", Some(task_id), detail)).await?;
+        }
+        if refused.len() > MAX_REFUSED_AUDITED {
+            let detail = json!({"more": refused.len() - MAX_REFUSED_AUDITED, "envelope_id": env.id.to_string()});
+            audit::append(&mut *tx, &self.audit_key, actor.entry("tool.call.refused.more", Some(task_id), detail))
+                .await?;
+        }
+        Ok(refused.len())
     }
 
     async fn refactored(&self, tx: &mut PgConnection, task_id: Uuid) -> Result<bool, sqlx::Error> {
