@@ -449,15 +449,15 @@ async fn read_beneath(root: &std::path::Path, path: &str) -> Result<Vec<u8>, Fai
     tokio::task::spawn_blocking(move || super::beneath::read(&root, &rel, FILE_MAX_BYTES))
         .await
         .map_err(|e| Fail::Failed(format!("cannot read {path}: {e}")))?
-        .map_err(refused_or_failed)
+        .map_err(Fail::from)
 }
 
-/// A link or a second name on the way is the policy's refusal; anything else a failure.
-fn refused_or_failed(e: String) -> Fail {
-    if e.contains("symbolic link") || e.contains("hard links") || e.contains("leaves the workspace") {
-        Fail::Refused(e)
-    } else {
-        Fail::Failed(e)
+impl From<super::beneath::Error> for Fail {
+    fn from(e: super::beneath::Error) -> Self {
+        match e {
+            super::beneath::Error::Refused(s) => Fail::Refused(s),
+            super::beneath::Error::Failed(s) => Fail::Failed(s),
+        }
     }
 }
 
@@ -470,7 +470,7 @@ async fn write(ctx: &TaskContext, path: &str, bytes: &[u8]) -> Result<(), Fail> 
     tokio::task::spawn_blocking(move || super::beneath::write(&root, &rel, &bytes))
         .await
         .map_err(|e| Fail::Failed(format!("cannot write {path}: {e}")))?
-        .map_err(refused_or_failed)
+        .map_err(Fail::from)
 }
 
 /// Most time one `search` may take.
