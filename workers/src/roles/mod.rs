@@ -209,6 +209,25 @@ pub fn describe_run(out: &RunOutput) -> String {
 /// The command is wrapped in `timeout -s KILL` (a few seconds past the sandbox's own
 /// limit): should this worker die mid-run, its orphaned container still stops by itself.
 pub async fn sandbox_sh(ctx: &TaskContext, command: &str) -> Result<RunOutput, String> {
+    let span = tracing::info_span!(
+        "sandbox.run",
+        task_id = %ctx.task_id,
+        role = %ctx.labels.role,
+        instance = %ctx.labels.instance,
+        exit_code = tracing::field::Empty,
+        duration_ms = tracing::field::Empty,
+    );
+    let out = tracing::Instrument::instrument(sandbox_sh_in_span(ctx, command), span.clone()).await;
+    if let Ok(o) = &out {
+        span.record("duration_ms", o.duration.as_millis() as u64);
+        if let Some(code) = o.exit_code {
+            span.record("exit_code", code);
+        }
+    }
+    out
+}
+
+async fn sandbox_sh_in_span(ctx: &TaskContext, command: &str) -> Result<RunOutput, String> {
     let limit = ctx.sandbox.config().timeout_secs.saturating_add(5).to_string();
     let command_line = ["timeout", "-s", "KILL", &limit, "sh", "-c", command].map(str::to_owned).to_vec();
     let mut spec = RunSpec::new(command_line, ctx.workspace.dir.clone(), ctx.labels.clone());
