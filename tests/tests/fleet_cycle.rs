@@ -1410,6 +1410,8 @@ async fn one_task_is_one_connected_trace_across_every_process() {
         .map(|s| (s.service, s.name))
         .collect();
     assert!(elsewhere.is_empty(), "spans of the task outside its trace: {elsewhere:?}");
+    // The tree, for a reader of the test's output (docs/observability.md shows one).
+    println!("{}", span_tree(&spans, CALLER_SPAN, 0));
     // Connected: every parent is a span of the trace; the root's is the caller's span.
     let ids: std::collections::HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
     let roots: Vec<_> = spans.iter().filter(|s| !ids.contains(s.parent_span_id.as_str())).collect();
@@ -1444,4 +1446,17 @@ async fn one_task_is_one_connected_trace_across_every_process() {
     assert!(spans.iter().any(|s| s.name == "sandbox.run"), "no sandbox span");
     assert!(spans.iter().any(|s| s.service == "outbox-relay" && s.name.ends_with(" publish")), "no relay span");
     assert!(spans.iter().any(|s| s.service == "budget" && s.name.ends_with(" process")), "no budget span");
+}
+
+/// The spans under `parent`, one a line, indented by depth: `name [service] key attributes`.
+fn span_tree(spans: &[fleet_testkit::otlp::CollectedSpan], parent: &str, depth: usize) -> String {
+    let mut out = String::new();
+    for s in spans.iter().filter(|s| s.parent_span_id == parent) {
+        let keys =
+            ["role", "attempt", "action", "tool", "turn", "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens"];
+        let attrs: Vec<String> = keys.iter().filter_map(|k| s.attributes.get(*k).map(|v| format!("{k}={v}"))).collect();
+        out.push_str(&format!("{}{} [{}] {}\n", "  ".repeat(depth), s.name, s.service, attrs.join(" ")));
+        out.push_str(&span_tree(spans, &s.span_id, depth + 1));
+    }
+    out
 }
