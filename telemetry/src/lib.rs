@@ -451,4 +451,45 @@ mod tests {
             assert!(started.elapsed() < FLUSH_GRACE + Duration::from_secs(2), "{protocol}: {:?}", started.elapsed());
         }
     }
+
+    /// Spans reach a receiver over both protocols, with the service name, the resource
+    /// attributes and the parent links the settings and the spans give them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn spans_are_exported_over_http_and_grpc() {
+        use fleet_testkit::otlp::OtlpReceiver;
+        for (protocol, rx) in [
+            ("http/protobuf", OtlpReceiver::start().await.unwrap()),
+            ("grpc", OtlpReceiver::start_grpc().await.unwrap()),
+        ] {
+            let endpoint = rx.endpoint();
+            let cfg = OtelConfig::from_lookup("dev-worker", |k| match k {
+                "OTEL_EXPORTER_OTLP_ENDPOINT" => Some(endpoint.clone()),
+                "OTEL_EXPORTER_OTLP_PROTOCOL" => Some(protocol.into()),
+                "OTEL_RESOURCE_ATTRIBUTES" => Some("deployment.environment=test".into()),
+                _ => None,
+            })
+            .unwrap();
+            let provider = cfg.tracer_provider().unwrap();
+            traced_lines(&provider, || {
+                let step = tracing::info_span!("worker.step", task_id = "t-1");
+                propagate::set_parent(&step, Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"));
+                step.in_scope(|| tracing::info_span!("sandbox.run").in_scope(|| {}));
+            });
+            // Dropping flushes what is queued.
+            drop(Telemetry { provider: Some(provider) });
+            let mut spans = rx.spans();
+            spans.sort_by(|a, b| a.name.cmp(&b.name));
+            assert_eq!(spans.len(), 2, "{protocol}: {spans:?}");
+            let (run, step) = (&spans[0], &spans[1]);
+            assert_eq!((run.name.as_str(), step.name.as_str()), ("sandbox.run", "worker.step"));
+            for s in &spans {
+                assert_eq!(s.service, "dev-worker", "{protocol}");
+                assert_eq!(s.resource.get("deployment.environment").map(String::as_str), Some("test"));
+                assert_eq!(s.trace_id, "4bf92f3577b34da6a3ce929d0e0e4736", "{protocol}");
+            }
+            assert_eq!(step.parent_span_id, "00f067aa0ba902b7");
+            assert_eq!(run.parent_span_id, step.span_id);
+            assert_eq!(step.attributes.get("task_id").map(String::as_str), Some("t-1"));
+        }
+    }
 }
