@@ -1460,3 +1460,19 @@ fn span_tree(spans: &[fleet_testkit::otlp::CollectedSpan], parent: &str, depth: 
     }
     out
 }
+
+/// An `OTEL_…` setting that cannot be used stops every binary at start with exit code 64
+/// and a message naming the variable, before anything else is read.
+#[test]
+fn an_unusable_otel_setting_is_a_usage_error_naming_the_variable() {
+    for name in ["orchestrator", "outbox-relay", "budget", "dev-worker", "sandbox-runner"] {
+        let out = Command::new(binary(name))
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon")
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{name}: {stderr}");
+        assert!(stderr.contains("OTEL_EXPORTER_OTLP_PROTOCOL"), "{name}: {stderr}");
+    }
+}
