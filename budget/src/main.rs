@@ -40,7 +40,10 @@ async fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    telemetry::init("budget", cli.json_logs);
+    let _telemetry = match telemetry::init("budget", cli.json_logs) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
     let config = budget::app::Config::load(cli.config.as_deref(), &fleetconf::Env::process());
     telemetry::serve("budget", config, |config, shutdown| async move {
         let app = budget::app::App::build(config).await?;

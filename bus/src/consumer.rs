@@ -43,6 +43,36 @@ pub struct Delivery {
     pub deliveries: u64,
 }
 
+impl Delivery {
+    /// The span its handling runs in: a child of the sender's span when the envelope
+    /// carries a valid `traceparent`. None for an envelope without one (heartbeats, or a
+    /// sender with tracing off): a span of its own would only make one-span traces.
+    pub fn span(&self) -> tracing::Span {
+        let env = &*self.envelope;
+        if env.traceparent.is_none() {
+            return tracing::Span::none();
+        }
+        let span = tracing::info_span!(
+            "bus.handle",
+            otel.name = format!("{} process", self.stream),
+            otel.kind = "consumer",
+            messaging.system = "redis",
+            messaging.destination.name = %self.stream,
+            messaging.message.id = %env.id,
+            message_type = env.payload.message_type().as_str(),
+            task_id = tracing::field::Empty,
+            from_role = %env.from.role,
+            from_instance = %env.from.instance,
+            attempt = self.deliveries,
+        );
+        if let Some(t) = env.task_id {
+            span.record("task_id", tracing::field::display(t));
+        }
+        telemetry::propagate::set_parent(&span, env.traceparent.as_deref());
+        span
+    }
+}
+
 /// Acts on deliveries. Return `Ok` only once the effect is durable: the entry is
 /// acknowledged right after, and never handed out again.
 pub trait Handler: Send + Sync + 'static {
@@ -420,7 +450,8 @@ impl<H: Handler> Consumer<H> {
     }
 
     async fn run_handler(&self, d: Delivery, shutdown: &CancellationToken) -> Option<Result<(), HandlerError>> {
-        let fut = self.handler.handle(d);
+        let span = d.span();
+        let fut = tracing::Instrument::instrument(self.handler.handle(d), span);
         tokio::pin!(fut);
         tokio::select! {
             r = &mut fut => Some(r),

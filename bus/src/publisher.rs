@@ -44,6 +44,19 @@ impl std::fmt::Debug for Publisher {
     }
 }
 
+/// `env`, with the current span's `traceparent` when it has none, so the receiver's span
+/// continues the sender's trace.
+pub fn traced(env: &Envelope) -> std::borrow::Cow<'_, Envelope> {
+    match (&env.traceparent, telemetry::propagate::current()) {
+        (None, Some(tp)) => {
+            let mut env = env.clone();
+            env.traceparent = Some(tp);
+            std::borrow::Cow::Owned(env)
+        }
+        _ => std::borrow::Cow::Borrowed(env),
+    }
+}
+
 /// How many times a publish is attempted when Redis fails. Re-sending is safe: an `XADD`
 /// that did land twice carries the same envelope id, which consumers drop as a duplicate.
 const ATTEMPTS: usize = 4;
@@ -55,17 +68,19 @@ impl Publisher {
     }
 
     /// Seals and appends one envelope; returns its entry id.
+    /// An envelope without a `traceparent` gets the current span's.
     pub async fn publish(&self, stream: &StreamName, env: &Envelope) -> Result<String, BusError> {
-        let wire = self.keyring.seal(env)?;
+        let wire = self.keyring.seal(&traced(env))?;
         let mut ids = self.publish_wire_batch(&[(stream.as_str(), wire.as_slice())]).await?;
         ids.pop().ok_or_else(|| BusError::Reply { command: "XADD", detail: "no id returned".into() })
     }
 
-    /// Seals and appends several envelopes in one pipelined round trip, in order.
+    /// Seals and appends several envelopes in one pipelined round trip, in order. Envelopes
+    /// without a `traceparent` get the current span's.
     pub async fn publish_batch(&self, items: &[(StreamName, Envelope)]) -> Result<Vec<String>, BusError> {
         let mut sealed = Vec::with_capacity(items.len());
         for (stream, env) in items {
-            sealed.push((stream.as_str(), self.keyring.seal(env)?));
+            sealed.push((stream.as_str(), self.keyring.seal(&traced(env))?));
         }
         let refs: Vec<(&str, &[u8])> = sealed.iter().map(|(s, w)| (*s, w.as_slice())).collect();
         self.publish_wire_batch(&refs).await

@@ -106,7 +106,10 @@ async fn main() -> ExitCode {
     if cli.healthcheck {
         return healthcheck(config).await;
     }
-    telemetry::init("orchestrator", cli.json_logs);
+    let _telemetry = match telemetry::init("orchestrator", cli.json_logs) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
     telemetry::serve("orchestrator", config, |config, shutdown| async move {
         use anyhow::Context;
         let app = orchestrator::app::App::build(config).await.context("Failed to start")?;

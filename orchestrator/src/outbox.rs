@@ -25,11 +25,12 @@ pub async fn enqueue(
     env: &Envelope,
 ) -> Result<(), OutboxError> {
     let frame = keyring.seal(env)?;
-    sqlx::query("INSERT INTO outbox (stream, envelope_id, task_id, frame) VALUES ($1, $2, $3, $4)")
+    sqlx::query("INSERT INTO outbox (stream, envelope_id, task_id, frame, traceparent) VALUES ($1, $2, $3, $4, $5)")
         .bind(stream.as_str())
         .bind(env.id)
         .bind(env.task_id)
         .bind(frame)
+        .bind(env.traceparent.as_deref())
         .execute(conn)
         .await?;
     Ok(())

@@ -447,19 +447,59 @@ impl ToolProxy {
             Err(ReserveError::Ledger(e)) => return Err(transient(format!("ledger: {e}"))),
         };
         call.model.clone_from(&reservation.model);
-        let mut attempt = 0;
-        let answer = loop {
-            attempt += 1;
-            match self.0.provider.complete(&call).await {
-                Ok(c) => break Ok(c),
-                Err(e) if e.is_retryable() && attempt < models.attempts => {
-                    let wait = Duration::from_millis(250 << attempt.min(6));
-                    tracing::warn!(error = %e, attempt, "Model call failed; retrying.");
-                    tokio::time::sleep(wait).await;
+        // The model call, under the GenAI semantic conventions.
+        let span = tracing::info_span!(
+            "gen_ai.chat",
+            otel.name = format!("chat {}", call.model),
+            otel.kind = "client",
+            otel.status_code = tracing::field::Empty,
+            gen_ai.operation.name = "chat",
+            gen_ai.system = self.0.provider.name(),
+            gen_ai.request.model = %call.model,
+            gen_ai.request.max_tokens = max_tokens,
+            gen_ai.response.model = tracing::field::Empty,
+            gen_ai.response.finish_reasons = tracing::field::Empty,
+            gen_ai.usage.input_tokens = tracing::field::Empty,
+            gen_ai.usage.output_tokens = tracing::field::Empty,
+            task_id = %claims.task,
+            role = claims.role.as_str(),
+            attempts = tracing::field::Empty,
+        );
+        let answer = tracing::Instrument::instrument(
+            async {
+                let mut attempt = 0;
+                loop {
+                    attempt += 1;
+                    match self.0.provider.complete(&call).await {
+                        Ok(c) => break (Ok(c), attempt),
+                        Err(e) if e.is_retryable() && attempt < models.attempts => {
+                            let wait = Duration::from_millis(250 << attempt.min(6));
+                            tracing::warn!(error = %e, attempt, "Model call failed; retrying.");
+                            tokio::time::sleep(wait).await;
+                        }
+                        Err(e) => break (Err(e), attempt),
+                    }
                 }
-                Err(e) => break Err(e),
+            },
+            span.clone(),
+        )
+        .await;
+        let (answer, attempts) = answer;
+        span.record("attempts", attempts);
+        match &answer {
+            Ok(c) => {
+                span.record("gen_ai.response.model", c.model.as_str());
+                span.record("gen_ai.usage.input_tokens", c.usage.input_tokens);
+                span.record("gen_ai.usage.output_tokens", c.usage.output_tokens);
+                if let Some(r) = &c.finish_reason {
+                    span.record("gen_ai.response.finish_reasons", r.as_str());
+                }
             }
-        };
+            Err(_) => {
+                span.record("otel.status_code", "ERROR");
+            }
+        }
+        drop(span);
         let completion = match answer {
             Ok(c) => c,
             Err(e) => {
@@ -608,6 +648,15 @@ pub async fn push_loop(
                 tracing::info!(task = %task.id, reason = %message, "Push waits for the risk matrix.");
                 continue;
             }
+            // The push joins the task's trace, under its root span.
+            let span = tracing::info_span!(
+                "git.push_branch",
+                otel.kind = "client",
+                task_id = %task.id,
+                role = "orchestrator",
+            );
+            telemetry::propagate::set_parent(&span, engine.traceparent_of(task.id).await.as_deref());
+            tracing::Instrument::instrument(async {
             let result = if repo.is_empty() {
                 Err(PushError::Refused("the task names no repository to push to".into()))
             } else if let Err(why) = job.vouched() {
@@ -636,6 +685,7 @@ pub async fn push_loop(
                 }
                 Err(PushError::Failed(why)) => tracing::warn!(task = %task.id, error = %why, "Push failed; retrying."),
             }
+            }, span).await;
         }
     }
 }

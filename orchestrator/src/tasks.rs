@@ -388,8 +388,37 @@ impl Engine {
         Actor { role: Role::Orchestrator.as_str().into(), instance: self.cfg.instance.as_str().into() }
     }
 
-    /// Accepts a task and assigns it to Dev, in one transaction.
+    /// Accepts a task and assigns it to Dev, in one transaction. Starts the task's trace.
     pub async fn submit(&self, by: &Actor, new: NewTask) -> Result<Task, EngineError> {
+        self.submit_traced(by, new, None).await
+    }
+
+    /// [`Engine::submit`], continuing the submitter's W3C `traceparent` (an HTTP header)
+    /// when it is valid: the task's root span, `task.submit`, is its child; without one the
+    /// root span starts a new trace. The root's context is stored with the task and carried
+    /// by every envelope about it.
+    pub async fn submit_traced(
+        &self,
+        by: &Actor,
+        new: NewTask,
+        traceparent: Option<&str>,
+    ) -> Result<Task, EngineError> {
+        use tracing::Instrument;
+        let span = tracing::info_span!(
+            "task.submit",
+            otel.kind = "server",
+            task_id = tracing::field::Empty,
+            role = Role::Orchestrator.as_str(),
+            instance = %self.cfg.instance,
+        );
+        if !telemetry::propagate::set_parent(&span, traceparent) {
+            // A task is one trace of its own, not a part of the HTTP request's.
+            let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, opentelemetry::Context::new());
+        }
+        self.submit_in_span(by, new).instrument(span).await
+    }
+
+    async fn submit_in_span(&self, by: &Actor, new: NewTask) -> Result<Task, EngineError> {
         new.validate()?;
         if let Some(repo) = &new.repository {
             self.cfg.repositories.check(repo, &self.cfg.workspace_root).map_err(EngineError::Invalid)?;
@@ -399,6 +428,7 @@ impl Engine {
             return Err(EngineError::Halted);
         }
         let id = Uuid::now_v7();
+        tracing::Span::current().record("task_id", tracing::field::display(id));
         let spec = json!({
             "instructions": new.instructions,
             "repository": new.repository,
@@ -406,13 +436,14 @@ impl Engine {
             "scope": new.scope,
         });
         sqlx::query(
-            "INSERT INTO tasks (id, state, title, spec, risk, submitted_by) VALUES ($1, 'submitted', $2, $3, $4, $5)",
+            "INSERT INTO tasks (id, state, title, spec, risk, submitted_by, traceparent) VALUES ($1, 'submitted', $2, $3, $4, $5, $6)",
         )
         .bind(id)
         .bind(&new.title)
         .bind(&spec)
         .bind(new.risk.as_str())
         .bind(&by.instance)
+        .bind(telemetry::propagate::current())
         .execute(&mut *tx)
         .await?;
         sqlx::query(
@@ -434,6 +465,17 @@ impl Engine {
         let task = lock_task(&mut tx, id).await?;
         tx.commit().await?;
         Ok(task)
+    }
+
+    /// The W3C trace context of `id`'s root span, when the task was submitted with tracing on.
+    pub async fn traceparent_of(&self, id: Uuid) -> Option<String> {
+        sqlx::query_scalar("SELECT traceparent FROM tasks WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .ok()
+            .flatten()
+            .flatten()
     }
 
     /// One task.
@@ -1046,7 +1088,9 @@ impl Engine {
         Ok(env.id)
     }
 
-    /// An envelope from this orchestrator under the current kill epoch (read in `tx`).
+    /// An envelope from this orchestrator under the current kill epoch (read in `tx`). Its
+    /// `traceparent` is the current span's (handling a result, a tool call), else the task's
+    /// root span's (a step re-issued by the timer).
     async fn envelope(
         &self,
         tx: &mut PgConnection,
@@ -1061,6 +1105,15 @@ impl Engine {
             Envelope::new(from, to, bus::now_ms(), self.cfg.assign_ttl.as_millis() as u64, epoch as u64, payload);
         env.task_id = task_id;
         env.causation_id = causation_id;
+        env.traceparent = match (telemetry::propagate::current(), task_id) {
+            (Some(tp), _) => Some(tp),
+            (None, Some(id)) => sqlx::query_scalar("SELECT traceparent FROM tasks WHERE id = $1")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?
+                .flatten(),
+            (None, None) => None,
+        };
         Ok(env)
     }
 }

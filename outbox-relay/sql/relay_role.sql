@@ -12,7 +12,7 @@
 --   PGOPTIONS='-c fleet.relay_role=relay_prod' psql "$OWNER_URL" -v ON_ERROR_STOP=1 -f outbox-relay/sql/relay_role.sql
 --
 -- What the relay does, and the privilege each needs:
---   claim   SELECT id, txid, task_id, stream, frame FROM outbox WHERE dispatched_at IS NULL
+--   claim   SELECT id, txid, task_id, stream, frame, traceparent FROM outbox WHERE dispatched_at IS NULL
 --           … FOR UPDATE SKIP LOCKED          SELECT on those columns; FOR UPDATE needs
 --                                             UPDATE on at least one column
 --   mark    UPDATE outbox SET dispatched_at = now() WHERE id = ANY($1)
@@ -38,7 +38,7 @@ BEGIN
     EXECUTE format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), relay);
     EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', current_schema(), relay);
     EXECUTE format('REVOKE ALL ON outbox FROM %I', relay);
-    EXECUTE format('GRANT SELECT (id, txid, task_id, stream, frame, dispatched_at) ON outbox TO %I', relay);
+    EXECUTE format('GRANT SELECT (id, txid, task_id, stream, frame, traceparent, dispatched_at) ON outbox TO %I', relay);
     EXECUTE format('GRANT UPDATE (dispatched_at) ON outbox TO %I', relay);
     EXECUTE format('GRANT DELETE ON outbox TO %I', relay);
 END $$;

@@ -51,7 +51,10 @@ async fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(code) => return code,
     };
-    telemetry::init("outbox-relay", cli.json_logs);
+    let _telemetry = match telemetry::init("outbox-relay", cli.json_logs) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
     telemetry::serve(
         "outbox-relay",
         Config::load(cli.config.as_deref(), &fleetconf::Env::process()),

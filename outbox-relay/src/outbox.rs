@@ -83,6 +83,9 @@ pub struct ClaimedRow {
     pub stream: String,
     /// The signed frame, forwarded byte for byte.
     pub frame: Vec<u8>,
+    /// The W3C trace context its envelope carries (a copy the orchestrator stored beside
+    /// the frame), so the forwarding span joins the task's trace.
+    pub traceparent: Option<String>,
 }
 
 /// What one [`claim`] locked.
@@ -111,7 +114,7 @@ impl Claim {
 /// id.
 pub const CLAIM_SQL: &str = r#"
 WITH batch AS MATERIALIZED (
-    SELECT id, txid, task_id, stream, frame
+    SELECT id, txid, task_id, stream, frame, traceparent
     FROM outbox
     WHERE dispatched_at IS NULL
       AND txid < pg_snapshot_xmin(pg_current_snapshot())
@@ -129,7 +132,7 @@ earlier AS (
       AND o.id NOT IN (SELECT b.id FROM batch b)
     GROUP BY o.task_id
 )
-SELECT b.id, b.stream, b.frame, COALESCE(e.first_id < b.id, false) AS blocked
+SELECT b.id, b.stream, b.frame, b.traceparent, COALESCE(e.first_id < b.id, false) AS blocked
 FROM batch b
 LEFT JOIN earlier e ON e.task_id = b.task_id
 ORDER BY b.id
@@ -148,6 +151,7 @@ pub async fn claim(conn: &mut PgConnection, limit: u32, paused: &[String]) -> Re
                 id: row.try_get("id")?,
                 stream: row.try_get("stream")?,
                 frame: row.try_get("frame")?,
+                traceparent: row.try_get("traceparent")?,
             });
         }
     }

@@ -164,6 +164,9 @@ impl Relay {
             return Ok(step);
         }
         let items: Vec<(&str, &[u8])> = claim.ready.iter().map(|r| (r.stream.as_str(), r.frame.as_slice())).collect();
+        // One span per forwarded row, in its task's trace, lasting until the batch is out.
+        let _spans: Vec<tracing::Span> =
+            claim.ready.iter().filter(|r| r.traceparent.is_some()).map(forward_span).collect();
         match self.publisher.publish_wire_batch(&items).await {
             Ok(_) => {}
             Err(BusError::Backpressure { stream, backlog, cap }) => {
@@ -420,4 +423,18 @@ async fn sleep_or_shutdown(d: Duration, shutdown: &CancellationToken) -> bool {
         () = shutdown.cancelled() => false,
         () = tokio::time::sleep(d) => true,
     }
+}
+
+/// The span of forwarding `row`: a child of the span that enqueued it.
+fn forward_span(row: &outbox::ClaimedRow) -> tracing::Span {
+    let span = tracing::info_span!(
+        "outbox.forward",
+        otel.name = format!("{} publish", row.stream),
+        otel.kind = "producer",
+        messaging.system = "redis",
+        messaging.destination.name = %row.stream,
+        outbox_id = row.id,
+    );
+    telemetry::propagate::set_parent(&span, row.traceparent.as_deref());
+    span
 }

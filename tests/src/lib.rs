@@ -35,6 +35,8 @@
 //! - `scratch.rs`: the servers' directories, on `/dev/shm` when it has room (creating
 //!   files there is far cheaper than on a VM's disk), else in the temp dir; each is
 //!   locked by its test process, and the next start sweeps up those whose process died.
+//! - [`otlp`]: an OTLP/HTTP trace receiver that keeps the spans the fleet's processes
+//!   export, decoded with `opentelemetry-proto`.
 //! - [`secrets`]: made-up secrets of every kind in lines of text, with what the fleet's
 //!   redaction must turn each line into; sinks' tests send every one through.
 
@@ -42,6 +44,7 @@
 
 mod binary;
 mod error;
+pub mod otlp;
 mod postgres;
 mod process;
 mod redis_server;

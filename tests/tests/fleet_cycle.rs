@@ -153,6 +153,8 @@ struct Fleet {
     master: MasterFile,
     procs: Vec<Proc>,
     tag: String,
+    /// Given to every process of the fleet (the OTLP settings of the tracing test).
+    extra_env: Vec<(String, String)>,
 }
 
 impl Fleet {
@@ -195,13 +197,10 @@ impl Fleet {
         .expect("worker config");
         let program = binary(&format!("{role}-worker"));
         let cfg = cfg.to_string_lossy().into_owned();
-        let p = Proc::start(
-            instance,
-            &program,
-            &["--config", &cfg],
-            &[("FLEET_REDIS_URL", &self.url(role.as_str()))],
-            self.dir.path(),
-        );
+        let url = self.url(role.as_str());
+        let mut env = vec![("FLEET_REDIS_URL", url.as_str())];
+        env.extend(self.extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        let p = Proc::start(instance, &program, &["--config", &cfg], &env, self.dir.path());
         self.procs.push(p);
         self.procs.len() - 1
     }
@@ -314,6 +313,11 @@ fn fleetctl_ok(args: &[&str]) {
 }
 
 async fn start_fleet(fixture_extra: &str) -> Fleet {
+    start_fleet_with(fixture_extra, &[]).await
+}
+
+/// [`start_fleet`], with `extra_env` given to every process.
+async fn start_fleet_with(fixture_extra: &str, extra_env: &[(&str, &str)]) -> Fleet {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     // Redis with the fleet's ACLs: one user per process, the default user off.
@@ -408,6 +412,7 @@ async fn start_fleet(fixture_extra: &str) -> Fleet {
         if matches!(user, "orchestrator" | "outbox-relay") {
             env.push(("FLEET_DATABASE_URL", db_url.clone()));
         }
+        env.extend(extra_env.iter().map(|(k, v)| (*k, (*v).to_owned())));
         env
     };
     let cfg = |n: &str| d.join(n).to_string_lossy().into_owned();
@@ -441,7 +446,9 @@ async fn start_fleet(fixture_extra: &str) -> Fleet {
         assert!(out.status.success(), "token issue: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
-    let fleet = Fleet { _redis: redis, _pg: pg, dir, redis_port, passwords, db_url, api, token, master, procs, tag };
+    let extra_env = extra_env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
+    let fleet =
+        Fleet { _redis: redis, _pg: pg, dir, redis_port, passwords, db_url, api, token, master, procs, tag, extra_env };
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(("127.0.0.1", api_port)).is_err() {
         assert!(Instant::now() < deadline, "the orchestrator did not start listening:\n{}", fleet.logs());
@@ -1346,4 +1353,148 @@ async fn agents_work_through_judged_tools_on_big_and_hostile_repositories() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     f.assert_no_acl_refusals().await;
+}
+
+/// One task is one trace. Every process exports its spans over OTLP/HTTP to a receiver of
+/// the test's own; a task submitted with a `traceparent` header runs to `merged`, and its
+/// spans all carry the header's trace id, come from every process that touched the task,
+/// and link up: every parent is a span of the same trace (the root's is the header's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_task_is_one_connected_trace_across_every_process() {
+    let otlp = fleet_testkit::otlp::OtlpReceiver::start().await.expect("OTLP receiver");
+    let endpoint = otlp.endpoint();
+    let otel = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf"),
+        ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+    ];
+    let mut f = start_fleet_with("", &otel).await;
+    let pool = PgPool::connect(&f.db_url).await.expect("postgres");
+    let bare = example_repo(f.dir.path());
+    let tag = f.tag.clone();
+    for role in [Role::Dev, Role::Qa, Role::Review, Role::Refactor] {
+        f.worker(role, &format!("{tag}-{role}-1"));
+    }
+    // The submitter's own span: the task's trace continues it.
+    const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const CALLER_SPAN: &str = "00f067aa0ba902b7";
+    let answer = reqwest::Client::new()
+        .post(format!("{}/v1/tasks", f.api))
+        .bearer_auth(&f.token)
+        .header("traceparent", format!("00-{TRACE}-{CALLER_SPAN}-01"))
+        .json(&serde_json::json!({
+            "title": "Fix add()",
+            "instructions": "The test suite of this project fails: fix the failing test by correcting calc.py.",
+            "repository": bare,
+            "test_command": "sh .agentfleet/test",
+            "scope": ["calc.py", "tests/"],
+        }))
+        .send()
+        .await
+        .expect("POST /v1/tasks");
+    assert_eq!(answer.status(), 201, "{}", answer.text().await.unwrap_or_default());
+    let task: Uuid =
+        answer.json::<serde_json::Value>().await.expect("a task")["id"].as_str().expect("id").parse().expect("uuid");
+    let end = wait_state(&f, &pool, task, &["merged", "failed", "blocked"], Duration::from_secs(300)).await;
+    assert_eq!(end, "merged", "{}", f.logs());
+    let stored: Option<String> = sqlx::query_scalar("SELECT traceparent FROM tasks WHERE id = $1")
+        .bind(task)
+        .fetch_one(&pool)
+        .await
+        .expect("task");
+    assert!(stored.as_deref().is_some_and(|t| t.starts_with(&format!("00-{TRACE}-"))), "{stored:?}");
+
+    // Every process has exported (the batch delay is 200 ms) once the push's span is in.
+    let services =
+        ["orchestrator", "outbox-relay", "budget", "dev-worker", "qa-worker", "review-worker", "refactor-worker"];
+    let task_text = task.to_string();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let spans = loop {
+        let spans: Vec<_> = otlp.spans().into_iter().filter(|s| s.trace_id == TRACE).collect();
+        let all_in = services.iter().all(|svc| spans.iter().any(|s| s.service == *svc))
+            && spans.iter().any(|s| s.name == "git.push_branch");
+        if all_in {
+            break spans;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "spans of the task's trace, by service: {:?}\n{}",
+            spans.iter().map(|s| (&s.service, &s.name)).collect::<Vec<_>>(),
+            f.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // One trace per task: no span about the task in any other trace.
+    let elsewhere: Vec<_> = otlp
+        .spans()
+        .into_iter()
+        .filter(|s| s.trace_id != TRACE && s.attributes.get("task_id") == Some(&task_text))
+        .map(|s| (s.service, s.name))
+        .collect();
+    assert!(elsewhere.is_empty(), "spans of the task outside its trace: {elsewhere:?}");
+    // The tree, for a reader of the test's output (docs/observability.md shows one).
+    println!("{}", span_tree(&spans, CALLER_SPAN, 0));
+    // Connected: every parent is a span of the trace; the root's is the caller's span.
+    let ids: std::collections::HashSet<&str> = spans.iter().map(|s| s.span_id.as_str()).collect();
+    let roots: Vec<_> = spans.iter().filter(|s| !ids.contains(s.parent_span_id.as_str())).collect();
+    assert_eq!(roots.len(), 1, "spans whose parent is not in the trace: {roots:#?}");
+    assert_eq!(roots[0].name, "task.submit");
+    assert_eq!(roots[0].parent_span_id, CALLER_SPAN);
+    assert_eq!(roots[0].attributes.get("task_id"), Some(&task_text));
+    // The steps, the model calls with their GenAI attributes, the sandbox runs, the relay.
+    for role in ["dev", "qa", "review", "refactor"] {
+        assert!(
+            spans.iter().any(|s| s.name == "worker.step"
+                && s.attributes.get("role").map(String::as_str) == Some(role)
+                && s.attributes.get("task_id") == Some(&task_text)
+                && s.attributes.contains_key("attempt")
+                && s.attributes.contains_key("instance")),
+            "no {role} step span"
+        );
+    }
+    let chats: Vec<_> = spans.iter().filter(|s| s.name.starts_with("chat ")).collect();
+    assert!(!chats.is_empty(), "no model call span");
+    for c in &chats {
+        assert_eq!(c.service, "orchestrator");
+        assert_eq!(c.attributes.get("gen_ai.operation.name").map(String::as_str), Some("chat"));
+        assert_eq!(c.attributes.get("gen_ai.request.model").map(String::as_str), Some("scripted-1"));
+        let input: u64 = c.attributes.get("gen_ai.usage.input_tokens").and_then(|t| t.parse().ok()).unwrap_or(0);
+        assert!(input > 0, "{c:?}");
+        assert!(c.attributes.contains_key("gen_ai.usage.output_tokens"), "{c:?}");
+        // Under the worker's tool request, through the orchestrator's delivery span.
+        let parent = spans.iter().find(|s| s.span_id == c.parent_span_id).expect("parent");
+        assert_eq!((parent.service.as_str(), parent.name.as_str()), ("orchestrator", "fleet:tool:requests process"));
+    }
+    assert!(spans.iter().any(|s| s.name == "sandbox.run"), "no sandbox span");
+    assert!(spans.iter().any(|s| s.service == "outbox-relay" && s.name.ends_with(" publish")), "no relay span");
+    assert!(spans.iter().any(|s| s.service == "budget" && s.name.ends_with(" process")), "no budget span");
+}
+
+/// The spans under `parent`, one a line, indented by depth: `name [service] key attributes`.
+fn span_tree(spans: &[fleet_testkit::otlp::CollectedSpan], parent: &str, depth: usize) -> String {
+    let mut out = String::new();
+    for s in spans.iter().filter(|s| s.parent_span_id == parent) {
+        let keys =
+            ["role", "attempt", "action", "tool", "turn", "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens"];
+        let attrs: Vec<String> = keys.iter().filter_map(|k| s.attributes.get(*k).map(|v| format!("{k}={v}"))).collect();
+        out.push_str(&format!("{}{} [{}] {}\n", "  ".repeat(depth), s.name, s.service, attrs.join(" ")));
+        out.push_str(&span_tree(spans, &s.span_id, depth + 1));
+    }
+    out
+}
+
+/// An `OTEL_…` setting that cannot be used stops every binary at start with exit code 64
+/// and a message naming the variable, before anything else is read.
+#[test]
+fn an_unusable_otel_setting_is_a_usage_error_naming_the_variable() {
+    for name in ["orchestrator", "outbox-relay", "budget", "dev-worker", "sandbox-runner"] {
+        let out = Command::new(binary(name))
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318")
+            .env("OTEL_EXPORTER_OTLP_PROTOCOL", "carrier-pigeon")
+            .output()
+            .expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{name}: {stderr}");
+        assert!(stderr.contains("OTEL_EXPORTER_OTLP_PROTOCOL"), "{name}: {stderr}");
+    }
 }

@@ -70,7 +70,10 @@ pub async fn main(role: Role) -> ExitCode {
         Role::Refactor => "refactor-worker",
         _ => "worker",
     };
-    telemetry::init(service, cli.json_logs);
+    let _telemetry = match telemetry::init(service, cli.json_logs) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
     let cfg = WorkerConfig::load(cli.config.as_deref(), role, cli.instance, &fleetconf::Env::process());
     telemetry::serve(service, cfg, crate::runtime::run).await
 }

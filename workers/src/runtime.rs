@@ -291,7 +291,25 @@ impl Handler for TaskHandler {
 }
 
 impl HandlerInner {
+    /// One step of a task, in its span (a child of the delivery's, so of the assignment's).
     async fn handle(&self, d: Delivery) -> Result<(), HandlerError> {
+        let (task, attempt) = match (&d.envelope.task_id, &d.envelope.payload) {
+            (Some(t), Payload::TaskAssign(a)) => (t.to_string(), a.attempt),
+            _ => (String::new(), 0),
+        };
+        let span = tracing::info_span!(
+            "worker.step",
+            task_id = %task,
+            role = self.role.as_str(),
+            instance = %self.instance,
+            step = self.role.as_str(),
+            attempt,
+            deliveries = d.deliveries,
+        );
+        tracing::Instrument::instrument(self.handle_step(d), span).await
+    }
+
+    async fn handle_step(&self, d: Delivery) -> Result<(), HandlerError> {
         let env = d.envelope.into_inner();
         let Payload::TaskAssign(assign) = env.payload.clone() else {
             return Err(HandlerError::Permanent(format!("a {} on the task stream", env.message_type())));
@@ -432,7 +450,9 @@ impl HandlerInner {
             cancel: cancel.clone(),
             agents: self.agents.clone(),
         };
-        roles::run(self.role, &ctx).await
+        // Boxed: the roles' futures (agent loop, tool calls, sandbox runs, each in a span) nest
+        // deep enough to overflow the compiler's layout query limit in the binaries.
+        Box::pin(roles::run(self.role, &ctx)).await
     }
 
     /// Keeps the entry of the running task fresh in Redis's pending list (`XCLAIM … JUSTID`
@@ -514,7 +534,8 @@ impl HandlerInner {
         );
         env.task_id = Some(task_id);
         env.causation_id = Some(assign_env.id);
-        env.traceparent.clone_from(&assign_env.traceparent);
+        // The step's span when tracing is on; else what the assignment carried.
+        env.traceparent = telemetry::propagate::current().or_else(|| assign_env.traceparent.clone());
         let stream = StreamName::parse(streams::RESULTS).expect("fleet stream names are valid");
         match self.publisher.publish(&stream, &env).await {
             Ok(_) => {

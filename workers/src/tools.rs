@@ -238,6 +238,21 @@ impl ToolClient {
     /// Calls `action` with `input` (JSON) and returns the proxy's output (JSON text) when it
     /// succeeded.
     pub async fn call(&self, ctx: &CallContext, action: &str, input: &serde_json::Value) -> Result<String, ToolError> {
+        let span = tracing::info_span!(
+            "tool.request",
+            otel.kind = "client",
+            task_id = %ctx.task_id,
+            action,
+        );
+        tracing::Instrument::instrument(self.call_in_span(ctx, action, input), span).await
+    }
+
+    async fn call_in_span(
+        &self,
+        ctx: &CallContext,
+        action: &str,
+        input: &serde_json::Value,
+    ) -> Result<String, ToolError> {
         let request_id = Uuid::now_v7();
         let (tx, rx) = oneshot::channel();
         self.inner.waiting.lock().map_err(|_| ToolError::Shutdown)?.insert(request_id, tx);

@@ -147,9 +147,12 @@ fn optional_text(field: &str, text: Option<String>, max: usize) -> Result<Option
 pub(super) async fn submit(
     State(state): State<ApiState>,
     Intake(caller): Intake,
+    headers: axum::http::HeaderMap,
     ApiJson(new): ApiJson<NewTask>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let task = state.engine.submit(&Actor::operator(&caller.sub), new).await?;
+    // The submitter's W3C trace context, if any: the task's trace continues it.
+    let traceparent = headers.get("traceparent").and_then(|v| v.to_str().ok());
+    let task = state.engine.submit_traced(&Actor::operator(&caller.sub), new, traceparent).await?;
     tracing::info!(task_id = %task.id, by = %caller.sub, "Task submitted.");
     let location = format!("/v1/tasks/{}", task.id);
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(shown(task))))

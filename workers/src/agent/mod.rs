@@ -242,14 +242,25 @@ impl<'a> Agent<'a> {
                 prompt_version: Some(version.clone()),
             };
             run.turns += 1;
-            let answer = match self.ctx.tools.complete(&self.ctx.call, &request).await {
-                Ok(a) => a,
-                Err(e) => {
-                    run.end = Err(format!("model call of turn {} failed: {e}", run.turns));
-                    run.tool_error = Some(e);
-                    return run;
-                }
-            };
+            // The turn's span: its model call and its tool calls.
+            let turn = tracing::info_span!(
+                "agent.turn",
+                task_id = %task_id,
+                role = %self.ctx.labels.role,
+                instance = %self.ctx.labels.instance,
+                turn = run.turns,
+            );
+            let answer =
+                match tracing::Instrument::instrument(self.ctx.tools.complete(&self.ctx.call, &request), turn.clone())
+                    .await
+                {
+                    Ok(a) => a,
+                    Err(e) => {
+                        run.end = Err(format!("model call of turn {} failed: {e}", run.turns));
+                        run.tool_error = Some(e);
+                        return run;
+                    }
+                };
             run.tokens = run.tokens.saturating_add(answer.input_tokens).saturating_add(answer.output_tokens);
             tracing::info!(
                 task = %task_id,
@@ -289,7 +300,9 @@ impl<'a> Agent<'a> {
                     self.record(&mut run, call, CallVerdict::Refused, Some(why.clone()), 0);
                     (format!("refused: {why}"), true)
                 } else {
-                    self.one(&mut run, call, &mut finished, &mut fatal).await
+                    let span =
+                        tracing::info_span!(parent: &turn, "agent.tool_call", tool = %call.name, task_id = %task_id);
+                    tracing::Instrument::instrument(self.one(&mut run, call, &mut finished, &mut fatal), span).await
                 };
                 messages.push(ChatMessage::tool(call.id.clone(), cap(content, self.policy.max_result_bytes), is_error));
             }

@@ -170,7 +170,10 @@ async fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    telemetry::init("sandbox-runner", cli.json_logs);
+    let _telemetry = match telemetry::init("sandbox-runner", cli.json_logs) {
+        Ok(t) => t,
+        Err(code) => return code,
+    };
     telemetry::serve("sandbox-runner", load(cli.config.as_deref()), |cfg, shutdown| async move {
         use anyhow::Context;
         cfg.policy.prepare_root().map_err(anyhow::Error::msg).context("Failed to prepare the workspace root")?;

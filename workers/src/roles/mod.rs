@@ -276,6 +276,25 @@ fn unstash_secrets(root: &std::path::Path, stash: &std::path::Path, moved: &[Str
 /// The command is wrapped in `timeout -s KILL` (a few seconds past the sandbox's own
 /// limit): should this worker die mid-run, its orphaned container still stops by itself.
 pub async fn sandbox_sh(ctx: &TaskContext, command: &str) -> Result<RunOutput, String> {
+    let span = tracing::info_span!(
+        "sandbox.run",
+        task_id = %ctx.task_id,
+        role = %ctx.labels.role,
+        instance = %ctx.labels.instance,
+        exit_code = tracing::field::Empty,
+        duration_ms = tracing::field::Empty,
+    );
+    let out = tracing::Instrument::instrument(sandbox_sh_stashed(ctx, command), span.clone()).await;
+    if let Ok(o) = &out {
+        span.record("duration_ms", o.duration.as_millis() as u64);
+        if let Some(code) = o.exit_code {
+            span.record("exit_code", code);
+        }
+    }
+    out
+}
+
+async fn sandbox_sh_stashed(ctx: &TaskContext, command: &str) -> Result<RunOutput, String> {
     let (root, stash) = (ctx.workspace.dir.clone(), ctx.workspace.stash_dir());
     let moved = {
         let (root, stash) = (root.clone(), stash.clone());
