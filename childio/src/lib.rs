@@ -40,10 +40,13 @@ pub async fn capped_output(child: &mut tokio::process::Child, cap: usize) -> std
             if n == 0 {
                 return Ok((kept, false));
             }
-            if kept.len() + n > cap {
+            // Keep what fits: how the pipe happens to chunk its reads must not decide how
+            // much of the text is kept.
+            let room = cap - kept.len();
+            kept.extend_from_slice(&buf[..n.min(room)]);
+            if n > room {
                 return Ok((kept, true));
             }
-            kept.extend_from_slice(&buf[..n]);
         }
     }
     let stdout = child.stdout.take();
