@@ -498,6 +498,9 @@ async fn a_worker_cannot_delete_a_peers_consumer_and_the_orchestrator_prunes_idl
     ];
     fleet.expect_all("a worker deleting consumers", cases).await;
 
+    // "Idle longer than zero" is strict and Redis counts idle time in whole milliseconds:
+    // pruning within the millisecond of dev-2's last command would rightly keep it.
+    tokio::time::sleep(Duration::from_millis(5)).await;
     let orchestrator = fleet.connection(User::Orchestrator).await;
     let removed = bus::pruner::prune_idle_consumers(orchestrator, s, "dev", None, Duration::ZERO).await.unwrap();
     assert_eq!(removed, 1, "only dev-2, which holds nothing, is pruned");
