@@ -81,7 +81,7 @@ pub trait Handler: Send + Sync + 'static {
 }
 
 /// Counters of one consumer, readable while it runs.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ConsumerStats {
     /// Handler succeeded, entry acknowledged.
     pub handled: AtomicU64,
@@ -98,6 +98,31 @@ pub struct ConsumerStats {
     /// Times the loop lost its connection (or got a Redis error) and started over.
     pub reconnects: AtomicU64,
     rejected_by_reason: Mutex<BTreeMap<&'static str, u64>>,
+    /// Seconds each handler call took, whatever it returned (a call the kill switch or the
+    /// shutdown cut short is not observed).
+    pub handler_seconds: prometheus_client::metrics::histogram::Histogram,
+}
+
+/// Bucket bounds of [`ConsumerStats::handler_seconds`]: 1 ms to about 33 min, doubling,
+/// which spans a control message and a whole agent step.
+pub fn handler_buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 22)
+}
+
+impl Default for ConsumerStats {
+    fn default() -> Self {
+        Self {
+            handled: AtomicU64::default(),
+            rejected: AtomicU64::default(),
+            dead_lettered: AtomicU64::default(),
+            handler_failures: AtomicU64::default(),
+            already_done: AtomicU64::default(),
+            deleted_pending: AtomicU64::default(),
+            reconnects: AtomicU64::default(),
+            rejected_by_reason: Mutex::default(),
+            handler_seconds: prometheus_client::metrics::histogram::Histogram::new(handler_buckets()),
+        }
+    }
 }
 
 impl ConsumerStats {
@@ -451,14 +476,19 @@ impl<H: Handler> Consumer<H> {
 
     async fn run_handler(&self, d: Delivery, shutdown: &CancellationToken) -> Option<Result<(), HandlerError>> {
         let span = d.span();
+        let started = Instant::now();
         let fut = tracing::Instrument::instrument(self.handler.handle(d), span);
         tokio::pin!(fut);
-        tokio::select! {
+        let result = tokio::select! {
             r = &mut fut => Some(r),
             () = shutdown.cancelled() => tokio::time::timeout(self.cfg.grace, fut).await.ok(),
             // The kill switch does not wait: the handler is dropped where it stands.
             () = paused(self.gate.as_ref()) => None,
+        };
+        if result.is_some() {
+            self.stats.handler_seconds.observe(started.elapsed().as_secs_f64());
         }
+        result
     }
 
     /// Copies rejects and dead letters, marks successes done, then acknowledges: one
@@ -668,9 +698,17 @@ pub struct Consumers {
     group: String,
     consumer: String,
     grace: Duration,
+    /// Where each started consumer's stats are exported, when the process serves metrics.
+    metrics: Option<crate::metrics::BusMetrics>,
 }
 
 impl Consumers {
+    /// Exports the stats of every consumer started from now on through `metrics`.
+    pub fn with_metrics(mut self, metrics: crate::metrics::BusMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
     /// Consumers in `group` named `consumer` (stable per process).
     pub fn new(
         pool: deadpool_redis::Pool,
@@ -680,7 +718,7 @@ impl Consumers {
         consumer: impl Into<String>,
         grace: Duration,
     ) -> Self {
-        Self { pool, verifier, epoch, group: group.into(), consumer: consumer.into(), grace }
+        Self { pool, verifier, epoch, group: group.into(), consumer: consumer.into(), grace, metrics: None }
     }
 
     /// The defaults for `stream`, in this process's group, under its name and grace.
@@ -698,7 +736,11 @@ impl Consumers {
         handler: H,
         shutdown: &CancellationToken,
     ) -> Result<(), BusError> {
+        let (stream, group) = (cfg.stream.to_string(), cfg.group.clone());
         let consumer = Consumer::new(cfg, self.pool.clone(), self.verifier.clone(), self.epoch.clone(), handler)?;
+        if let Some(m) = &self.metrics {
+            m.watch(&stream, &group, consumer.stats());
+        }
         tasks.spawn(consumer.run(shutdown.clone()));
         Ok(())
     }

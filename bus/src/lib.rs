@@ -17,6 +17,8 @@
 //! - [`config`]: tunables with their defaults.
 //! - [`publisher`]: sealing and `XADD`, batch pipelining, backlog-aware trimming.
 //! - [`consumer`]: the read → verify → dedup → handle → ack loop, retries, reclaim, DLQ.
+//! - [`metrics`]: [`metrics::BusMetrics`], the consumers' Prometheus series (counters,
+//!   handler durations, group lag and pending).
 //! - [`pruner`]: deleting a group's idle consumers, also on behalf of consumers whose Redis
 //!   user may not (`XGROUP DELCONSUMER` is not granted to workers).
 //! - [`reply`]: parsing of Redis stream replies (`XREADGROUP`, `XAUTOCLAIM`, `XPENDING`, …).
@@ -30,6 +32,7 @@ pub mod consumer;
 pub mod control;
 pub mod endpoint;
 pub mod error;
+pub mod metrics;
 pub mod names;
 pub mod pruner;
 pub mod publisher;

@@ -12,6 +12,8 @@
 //!   for a writer of the caller's choice (tests). Spans are bridged to OpenTelemetry:
 //!   every JSON line carries the `trace_id` and `span_id` of its span, and spans are
 //!   exported over OTLP when an `OTEL_EXPORTER_OTLP_…` endpoint is set.
+//! - [`metrics`] (`metrics.rs`): the `[metrics]` settings and the Prometheus endpoint
+//!   (`GET /metrics`, optional bearer token) every long-running binary serves.
 //! - [`otel`] (`otel.rs`): the `OTEL_…` settings ([`otel::OtelConfig`]) and the tracer
 //!   provider with its OTLP exporter (HTTP/protobuf or gRPC) and bounded batch queue.
 //! - [`propagate`] (`propagate.rs`): W3C `traceparent` to and from `tracing` spans, so a
@@ -21,6 +23,7 @@
 //! - [`parse_args`]: command-line parsing with the fleet's exit codes (0 for `--help`, 64
 //!   for usage errors).
 
+pub mod metrics;
 pub mod otel;
 pub mod propagate;
 pub mod redact;
