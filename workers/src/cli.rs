@@ -34,6 +34,8 @@ use crate::config::WorkerConfig;
         "                       workspace_poll_ms [100], seccomp_profile (docs/sandbox.md)\n",
         "  [consumer]           claim_idle_secs [60], block_ms [1000], retry_max_secs [30],\n",
         "                       max_deliveries [5]\n",
+        "  [metrics]            listen (e.g. 0.0.0.0:9464) [unset: no endpoint], token (secret,\n",
+        "                       FLEET_METRICS__TOKEN_FILE) [unset: no token]; GET /metrics\n",
         "\n",
         "Environment: FLEET_CONFIG (same as --config), FLEET_INSTANCE (same as --instance),\n",
         "DOCKER_HOST (the engine; default /var/run/docker.sock), RUST_LOG (log filter).\n",

@@ -85,6 +85,9 @@ struct FileConfig {
     /// Task-stream consumer tunables.
     #[serde(default)]
     consumer: ConsumerTunables,
+    /// The Prometheus endpoint (`listen`, `token`); none when `listen` is unset.
+    #[serde(default)]
+    metrics: telemetry::metrics::MetricsSettings,
 }
 
 /// How the worker reads its role's task stream (see `docs/bus.md`).
@@ -170,6 +173,8 @@ pub struct WorkerConfig {
     pub agents: std::sync::Arc<crate::agent::policy::AgentsFile>,
     /// The task consumer's tunables.
     pub consumer: ConsumerTunables,
+    /// The Prometheus endpoint.
+    pub metrics: telemetry::metrics::MetricsSettings,
 }
 
 impl std::fmt::Debug for WorkerConfig {
@@ -185,7 +190,7 @@ impl std::fmt::Debug for WorkerConfig {
 }
 
 /// Settings that are secrets: also read from `FLEET_<KEY>_FILE`.
-pub const SECRETS: &[&str] = &["redis_url"];
+pub const SECRETS: &[&str] = &["redis_url", telemetry::metrics::TOKEN_SETTING];
 
 fn read(path: &Path, what: &str, fix: &str) -> Result<String, ConfigError> {
     std::fs::read_to_string(path)
@@ -355,6 +360,7 @@ impl WorkerConfig {
             sandbox: file.sandbox,
             agents: std::sync::Arc::new(agents),
             consumer: file.consumer,
+            metrics: file.metrics,
         })
     }
 }

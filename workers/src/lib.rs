@@ -18,6 +18,8 @@
 //!   QA and Review.
 //! - [`patch`]: unified diffs as text (extraction, paths, added lines, scope).
 //! - [`sandbox`]: throwaway Docker containers (bollard).
+//! - [`metrics`]: the worker's Prometheus series (steps, tool calls, sandbox runs, kill
+//!   switch), served with the bus's at `[metrics] listen`.
 
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
@@ -26,6 +28,7 @@ pub mod agent;
 pub mod checks;
 pub mod cli;
 pub mod config;
+pub mod metrics;
 pub mod patch;
 pub mod roles;
 pub mod runner;

@@ -45,7 +45,11 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Resu
     let _instance_slot = cfg.instance_slot;
     tracing::info!(role = %role, instance = %instance, "Worker starting.");
 
-    let sandbox = Sandbox::connect(cfg.sandbox.clone()).await.context("Failed to set up the sandbox")?;
+    let metrics = crate::metrics::WorkerMetrics::default();
+    let sandbox = Sandbox::connect(cfg.sandbox.clone())
+        .await
+        .context("Failed to set up the sandbox")?
+        .with_metrics(metrics.sandbox.clone());
     let removed = sandbox
         .sweep(Some(instance.as_str()))
         .await
@@ -142,13 +146,29 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Resu
             git_output_cap: cfg.git_output_cap,
             agents: cfg.agents.clone(),
             group: role.as_str().to_owned(),
+            metrics: metrics.clone(),
             keep_alive_every: consumer_cfg.claim_idle / 4,
             shutdown: shutdown.clone(),
         }),
     };
-    let consumer = bus::Consumer::new(consumer_cfg, pool, verifier, epoch, handler)
+    let stream = consumer_cfg.stream.to_string();
+    let group = consumer_cfg.group.clone();
+    let consumer = bus::Consumer::new(consumer_cfg, pool.clone(), verifier, epoch.clone(), handler)
         .context("Invalid consumer settings")?
-        .with_gate(gate);
+        .with_gate(gate.clone());
+    let bus_metrics = bus::metrics::BusMetrics::new();
+    bus_metrics.watch(&stream, &group, consumer.stats());
+    let registry = crate::metrics::registry(&metrics, &bus_metrics, epoch, gate);
+    let refresh = telemetry::metrics::refresh(move || {
+        let (pool, bus_metrics) = (pool.clone(), bus_metrics.clone());
+        async move {
+            match pool.get().await {
+                Ok(mut c) => bus_metrics.refresh(&mut *c).await,
+                Err(e) => tracing::warn!(error = %e, "Metrics cannot reach Redis."),
+            }
+        }
+    });
+    telemetry::metrics::serve(&cfg.metrics, registry, Some(refresh), shutdown.clone()).await?;
     tracing::info!(role = %role, instance = %instance, stream = %StreamName::tasks(role), "Worker ready.");
     consumer.run(shutdown.clone()).await;
     shutdown.cancel();
@@ -279,6 +299,8 @@ struct HandlerInner {
     git_output_cap: usize,
     agents: Arc<crate::agent::policy::AgentsFile>,
     group: String,
+    /// Results and tool calls are counted here.
+    metrics: crate::metrics::WorkerMetrics,
     keep_alive_every: Duration,
     shutdown: CancellationToken,
 }
@@ -539,6 +561,9 @@ impl HandlerInner {
         let stream = StreamName::parse(streams::RESULTS).expect("fleet stream names are valid");
         match self.publisher.publish(&stream, &env).await {
             Ok(_) => {
+                if let Payload::TaskResult(r) = &env.payload {
+                    self.metrics.result(self.role.as_str(), status, &r.calls);
+                }
                 let level_ok = status == Status::Success;
                 if level_ok {
                     tracing::info!(task = %task_id, attempt, status = ?status, "Result sent.");

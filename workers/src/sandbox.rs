@@ -337,6 +337,8 @@ impl SandboxError {
 pub struct Sandbox {
     backend: Backend,
     config: Arc<SandboxConfig>,
+    /// Every run is counted here, by the role on its labels.
+    metrics: crate::metrics::SandboxMetrics,
 }
 
 #[derive(Debug, Clone)]
@@ -353,7 +355,13 @@ impl Sandbox {
             Some(socket) => Backend::Runner(crate::runner::RunnerClient::connect(socket).await?),
             None => Backend::Engine(Engine::connect(config.clone()).await?),
         };
-        Ok(Self { backend, config: Arc::new(config) })
+        Ok(Self { backend, config: Arc::new(config), metrics: crate::metrics::SandboxMetrics::default() })
+    }
+
+    /// Counts this sandbox's runs in `metrics` (shared with the process's registry).
+    pub fn with_metrics(mut self, metrics: crate::metrics::SandboxMetrics) -> Self {
+        self.metrics = metrics;
+        self
     }
 
     /// The configuration this sandbox was connected with. With a runner, the runner's own
@@ -364,10 +372,13 @@ impl Sandbox {
 
     /// Runs one command in a fresh container that is removed afterwards ([`Engine::run`]).
     pub async fn run(&self, spec: RunSpec, cancel: &CancellationToken) -> Result<RunOutput, SandboxError> {
-        match &self.backend {
+        let role = spec.labels.role.clone();
+        let run = match &self.backend {
             Backend::Engine(engine) => engine.run(spec, cancel).await,
             Backend::Runner(runner) => runner.run(spec, cancel).await,
-        }
+        };
+        self.metrics.observe(&role, &run);
+        run
     }
 
     /// Removes every sandbox container, or only `instance`'s ([`Engine::sweep`]).
