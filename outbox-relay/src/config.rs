@@ -13,7 +13,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 /// Settings that are secrets: also read from `FLEET_<KEY>_FILE`.
-pub const SECRETS: &[&str] = &["database_url", "redis_url"];
+pub const SECRETS: &[&str] = &["database_url", "redis_url", telemetry::metrics::TOKEN_SETTING];
 
 /// The configuration file as written. Every field is optional except the two URLs (which
 /// may come from the environment instead); defaults are in [`RelayConfig::default`].
@@ -52,6 +52,9 @@ struct File {
     default_stream_cap: Option<u64>,
     /// Approximate `MAXLEN` per stream.
     stream_caps: Option<BTreeMap<String, u64>>,
+    /// The Prometheus endpoint (`listen`, `token`); none when `listen` is unset.
+    #[serde(default)]
+    metrics: telemetry::metrics::MetricsSettings,
 }
 
 /// Where the relay connects. `Debug` prints the URLs as `**REDACTED**`.
@@ -129,6 +132,8 @@ pub struct Config {
     pub endpoints: Endpoints,
     /// How to behave.
     pub relay: RelayConfig,
+    /// The Prometheus endpoint.
+    pub metrics: telemetry::metrics::MetricsSettings,
 }
 
 /// A setting is missing or wrong. The message names it and never contains its value when
@@ -217,7 +222,11 @@ impl Config {
         if relay.retry_max < relay.retry_min {
             return Err(ConfigError::new("retry_max_ms", "must not be below retry_min_ms"));
         }
-        Ok(Config { endpoints: Endpoints { database_url, redis_url, redis_ca_file: file.redis_ca_file }, relay })
+        Ok(Config {
+            endpoints: Endpoints { database_url, redis_url, redis_ca_file: file.redis_ca_file },
+            relay,
+            metrics: file.metrics,
+        })
     }
 }
 

@@ -30,6 +30,8 @@ use outbox_relay::{Config, Relay};
         "  redis_pool_size         Redis pool size [4]\n",
         "  default_stream_cap      approximate MAXLEN of every stream [1000000]\n",
         "  [stream_caps]           per-stream MAXLEN, e.g. \"fleet:tasks:dev\" = 100000\n",
+        "  [metrics]               listen (e.g. 0.0.0.0:9464) [unset: no endpoint], token (secret,\n",
+        "                          FLEET_METRICS__TOKEN_FILE) [unset]; GET /metrics\n",
         "\n",
         "Logs go to stderr (text, or JSON lines with --json-logs); RUST_LOG=debug for more.\n",
         "Exit codes: 0 after a clean shutdown, 64 for invalid arguments or configuration, 1 otherwise."
@@ -60,6 +62,11 @@ async fn main() -> ExitCode {
         Config::load(cli.config.as_deref(), &fleetconf::Env::process()),
         |cfg, shutdown| async move {
             let relay = Relay::connect(&cfg.endpoints, cfg.relay)?;
+            let mut registry = telemetry::metrics::registry("outbox-relay");
+            registry.register_collector(Box::new(outbox_relay::relay::RelayMetrics(relay.stats())));
+            telemetry::metrics::serve(&cfg.metrics, registry, None, shutdown.clone())
+                .await
+                .map_err(|e| outbox_relay::RelayError::Metrics(e.to_string()))?;
             // The relay drains itself: on cancellation it lets the batch in flight finish within
             // `shutdown_grace`, then returns.
             relay.run(shutdown).await;

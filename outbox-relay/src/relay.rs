@@ -77,6 +77,9 @@ pub enum RelayError {
     /// Redis failed after the publisher's own retries: the batch was rolled back.
     #[error("Redis: {0}")]
     Redis(#[from] BusError),
+    /// The metrics endpoint could not start.
+    #[error("{0}")]
+    Metrics(String),
 }
 
 /// What one [`Relay::step`] did.
@@ -437,4 +440,45 @@ fn forward_span(row: &outbox::ClaimedRow) -> tracing::Span {
     );
     telemetry::propagate::set_parent(&span, row.traceparent.as_deref());
     span
+}
+
+/// The relay's Prometheus series, read from its [`RelayStats`] at each scrape:
+/// `fleet_relay_published_total`, `fleet_relay_batches_total`, `fleet_relay_errors_total`,
+/// `fleet_relay_backpressured_total`, `fleet_relay_blocked_total`, `fleet_relay_pruned_total`,
+/// `fleet_relay_rechecks_total`, `fleet_relay_notifications_total` and `fleet_relay_listening`.
+/// (The outbox's backlog and its oldest row's age are the orchestrator's series: the relay's
+/// database role may not read `created_at`.)
+#[derive(Debug)]
+pub struct RelayMetrics(pub Arc<RelayStats>);
+
+impl prometheus_client::collector::Collector for RelayMetrics {
+    fn encode(&self, mut encoder: prometheus_client::encoding::DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::MetricType;
+        use prometheus_client::metrics::counter::ConstCounter;
+        use prometheus_client::metrics::gauge::ConstGauge;
+        let s = &self.0;
+        let counters: [(&str, &str, &AtomicU64); 8] = [
+            ("fleet_relay_published", "Outbox rows published to their streams and marked dispatched.", &s.published),
+            ("fleet_relay_batches", "Transactions that published at least one row.", &s.batches),
+            ("fleet_relay_errors", "Failed batches, listener and pruning failures (Postgres or Redis).", &s.errors),
+            ("fleet_relay_backpressured", "Publishes refused because the stream was near its cap.", &s.backpressured),
+            ("fleet_relay_blocked", "Rows held back behind an earlier row of their task.", &s.blocked),
+            ("fleet_relay_pruned", "Dispatched rows deleted after their retention.", &s.pruned),
+            ("fleet_relay_rechecks", "Early re-checks for rows behind an older open transaction.", &s.rechecks),
+            ("fleet_relay_notifications", "NOTIFY wake-ups received.", &s.notifications),
+        ];
+        for (name, help, counter) in counters {
+            let m = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            ConstCounter::new(RelayStats::get(counter)).encode(m)?;
+        }
+        let m = encoder.encode_descriptor(
+            "fleet_relay_listening",
+            "1 while LISTEN is active (else the relay polls).",
+            None,
+            MetricType::Gauge,
+        )?;
+        ConstGauge::new(i64::from(s.listening.load(Ordering::Relaxed))).encode(m)?;
+        Ok(())
+    }
 }
