@@ -63,6 +63,9 @@ struct FileConfig {
     /// Alert channels.
     #[serde(default)]
     alerts: AlertsConfig,
+    /// The Prometheus endpoint (`listen`, `token`); none when `listen` is unset.
+    #[serde(default)]
+    metrics: telemetry::metrics::MetricsSettings,
 }
 
 fn default_instance() -> String {
@@ -95,6 +98,8 @@ pub struct Config {
     pub alerts: AlertsConfig,
     /// Shutdown grace.
     pub grace: Duration,
+    /// The Prometheus endpoint.
+    pub metrics: telemetry::metrics::MetricsSettings,
 }
 
 impl std::fmt::Debug for Config {
@@ -116,6 +121,7 @@ pub const SECRETS: &[&str] = &[
     "alerts.telegram.chat_id",
     "alerts.webhook.url",
     "alerts.webhook.secret",
+    telemetry::metrics::TOKEN_SETTING,
 ];
 
 fn read(path: &Path, what: &str, fix: &str) -> Result<String, ConfigError> {
@@ -163,6 +169,7 @@ impl Config {
             triggers: file.killswitch,
             alerts: file.alerts,
             grace: Duration::from_secs(file.grace_secs),
+            metrics: file.metrics,
         })
     }
 }
@@ -175,6 +182,7 @@ pub struct App {
     dispatcher: AlertDispatcher,
     instance: Instance,
     grace: Duration,
+    metrics: telemetry::metrics::MetricsSettings,
 }
 
 impl std::fmt::Debug for App {
@@ -205,8 +213,9 @@ impl App {
             pool: redis.clone(),
             triggers: Arc::new(cfg.triggers),
             needs_reassert: Arc::new(AtomicBool::new(false)),
+            metrics: crate::metrics::BudgetMetrics::default(),
         };
-        Ok(Self { budget, redis, verifier, dispatcher, instance: cfg.instance, grace: cfg.grace })
+        Ok(Self { budget, redis, verifier, dispatcher, instance: cfg.instance, grace: cfg.grace, metrics: cfg.metrics })
     }
 
     /// Runs the consumers, the periodic check, the control listener and the alert
@@ -228,6 +237,7 @@ impl App {
         .record_only()
         .with_resync(Duration::from_secs(1));
         tasks.spawn(listener.run(shutdown.clone()));
+        let bus_metrics = bus::metrics::BusMetrics::new();
         let consumers = bus::Consumers::new(
             self.redis.clone(),
             self.verifier.clone(),
@@ -235,7 +245,8 @@ impl App {
             "budget",
             self.instance.as_str(),
             self.grace,
-        );
+        )
+        .with_metrics(bus_metrics.clone());
         let fleet_stream = |s: &str| StreamName::parse(s).expect("fleet stream names are valid");
         consumers.spawn(
             &mut tasks,
@@ -255,6 +266,27 @@ impl App {
             ControlHandler(self.budget.clone()),
             &shutdown,
         )?;
+        let mut registry = telemetry::metrics::registry("budget");
+        bus_metrics.register(&mut registry);
+        self.budget.metrics.register(&mut registry);
+        self.budget.metrics.kill_switch(state.epoch, state.engaged);
+        let refresh = {
+            let (pool, budget) = (self.redis.clone(), self.budget.clone());
+            telemetry::metrics::refresh(move || {
+                let (pool, budget, bus_metrics) = (pool.clone(), budget.clone(), bus_metrics.clone());
+                async move {
+                    match budget.killswitch.state().await {
+                        Ok(s) => budget.metrics.kill_switch(s.epoch, s.engaged),
+                        Err(e) => tracing::warn!(error = %e, "Metrics cannot read the kill switch's record."),
+                    }
+                    match pool.get().await {
+                        Ok(mut c) => bus_metrics.refresh(&mut *c).await,
+                        Err(e) => tracing::warn!(error = %e, "Metrics cannot reach Redis."),
+                    }
+                }
+            })
+        };
+        telemetry::metrics::serve(&self.metrics, registry, Some(refresh), shutdown.clone()).await?;
         tasks.spawn(self.budget.clone().tick_loop(shutdown.clone()));
         tasks.spawn(self.dispatcher.run(shutdown.clone()));
         tracing::info!(instance = %self.instance, epoch = state.epoch, engaged = state.engaged, "Budget manager running.");

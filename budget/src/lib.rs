@@ -17,6 +17,8 @@
 //! - [`alert`]: kill, resume and soft-limit alerts over Telegram and a signed webhook,
 //!   persisted in a Redis stream before they are sent and retried until delivered
 //!   ([`alert::AlertSender`], [`alert::AlertDispatcher`], [`alert::standard_webhooks`]).
+//! - [`metrics`]: tokens, cost and calls by role and model, and the kill switch, for
+//!   Prometheus (with the bus's series, at `[metrics] listen`).
 //! - [`ledger`]: reservations, commits and releases in Redis Lua scripts
 //!   ([`ledger::Ledger`]); limits and prices ([`ledger::LedgerConfig`]); the keys and the
 //!   time buckets that make a crashed caller's reservation lapse ([`ledger::keys`]).
@@ -27,4 +29,5 @@ pub mod alert;
 pub mod app;
 pub mod killswitch;
 pub mod ledger;
+pub mod metrics;
 pub mod service;

@@ -26,7 +26,9 @@ struct Cli {
     /// variables set every setting (nested keys joined with __, e.g.
     /// FLEET_ALERTS__TELEGRAM__CHAT_ID) and win over the file; FLEET_<KEY>_FILE reads a
     /// secret (redis_url, alerts.telegram.bot_token, alerts.telegram.chat_id,
-    /// alerts.webhook.url, alerts.webhook.secret) from a file. See docs/deployment.md.
+    /// alerts.webhook.url, alerts.webhook.secret, metrics.token) from a file. Prometheus
+    /// metrics are served at GET /metrics on [metrics] listen (FLEET_METRICS__LISTEN, e.g.
+    /// 0.0.0.0:9464; unset serves none). See docs/deployment.md.
     #[arg(long, env = "FLEET_CONFIG", value_name = "FILE")]
     config: Option<PathBuf>,
     /// Log JSON lines instead of text.

@@ -155,6 +155,8 @@ pub struct Budget {
     /// An engagement whose pauses or alert failed after its record was written: the
     /// periodic check sends them again.
     pub needs_reassert: Arc<AtomicBool>,
+    /// Tokens, cost and calls by role and model.
+    pub metrics: crate::metrics::BudgetMetrics,
 }
 
 fn transient(e: impl std::fmt::Display) -> HandlerError {
@@ -269,6 +271,8 @@ impl Budget {
         drop(c);
         if counted == 0 {
             tracing::debug!(envelope = %id, "Usage already counted; re-checking the limits only.");
+        } else {
+            self.metrics.usage(u);
         }
         self.check_usage(u, day, (t, m), (role_t, role_m)).await
     }
