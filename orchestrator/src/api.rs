@@ -17,7 +17,8 @@
 //! - [`error`]: [`ApiError`], its status codes, and the JSON extractors whose rejections
 //!   become JSON errors.
 //! - [`ratelimit`]: the per-client token bucket in Redis that guards task intake.
-//! - [`metrics`]: request counters and the Prometheus text of `GET /metrics`.
+//! - [`metrics`]: the series of `GET /metrics` (requests, tasks, kill switch, outbox,
+//!   consumers).
 //! - [`openapi`]: the OpenAPI document of these routes (`GET /v1/openapi.json`,
 //!   docs/openapi.json).
 //! - `handlers`: one function per route.
@@ -118,7 +119,7 @@ pub struct ApiState {
     keys: Arc<auth::TokenKeys>,
     /// Guards `POST /v1/tasks`.
     limiter: ratelimit::RateLimiter,
-    /// Request counters for `/metrics`.
+    /// The series of `/metrics`.
     metrics: Arc<metrics::Metrics>,
     /// Largest body accepted.
     max_body_bytes: usize,
@@ -132,6 +133,7 @@ impl ApiState {
     pub fn new(engine: Engine, redis: deadpool_redis::Pool, config: &ApiConfig) -> Result<Self, ApiConfigError> {
         let keys = auth::TokenKeys::new(&config.jwt_secret)
             .map_err(|e| ApiConfigError(format!("setting `jwt_secret_file`: {e}")))?;
+        let metrics = Arc::new(metrics::Metrics::new(redis.clone()));
         let limiter = ratelimit::RateLimiter::new(redis, config.rate_limit_burst, config.rate_limit_per_second)
             .map_err(|e| ApiConfigError(e.to_string()))?;
         if config.max_body_bytes < 1024 {
@@ -144,7 +146,7 @@ impl ApiState {
             engine,
             keys: Arc::new(keys),
             limiter,
-            metrics: Arc::new(metrics::Metrics::default()),
+            metrics,
             max_body_bytes: config.max_body_bytes,
             timeout: Duration::from_secs(config.request_timeout_secs),
         })
@@ -153,6 +155,11 @@ impl ApiState {
     /// The engine behind the API.
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The bus series served at `/metrics`, for the process's consumers.
+    pub fn bus_metrics(&self) -> bus::metrics::BusMetrics {
+        self.metrics.bus()
     }
 }
 

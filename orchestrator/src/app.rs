@@ -384,6 +384,8 @@ pub struct App {
     verifier: Arc<Verifier>,
     listener: tokio::net::TcpListener,
     router: axum::Router,
+    /// The consumers' series, served by the API's `/metrics`.
+    bus_metrics: bus::metrics::BusMetrics,
     instance: Instance,
     tick: Duration,
     grace: Duration,
@@ -453,6 +455,7 @@ impl App {
             );
         }
         let state = ApiState::new(engine.clone(), redis.clone(), &cfg.api).context("Invalid API configuration")?;
+        let bus_metrics = state.bus_metrics();
         let listener = tokio::net::TcpListener::bind(cfg.api.listen)
             .await
             .with_context(|| format!("Failed to listen on {}", cfg.api.listen))?;
@@ -462,6 +465,7 @@ impl App {
             verifier,
             listener,
             router: api::router(state),
+            bus_metrics,
             instance: cfg.instance,
             tick: cfg.tick,
             grace: cfg.grace,
@@ -486,7 +490,8 @@ impl App {
             "orchestrator",
             self.instance.as_str(),
             self.grace,
-        );
+        )
+        .with_metrics(self.bus_metrics.clone());
         let fleet_stream = |s: &str| StreamName::parse(s).expect("fleet stream names are valid");
         consumers.spawn(
             &mut tasks,

@@ -379,13 +379,23 @@ async fn health_readiness_metrics_and_timeouts() {
 
     let metrics = app.call(Method::GET, "/metrics", None, None).await;
     assert_eq!(metrics.status, StatusCode::OK);
-    assert!(metrics.headers[header::CONTENT_TYPE].to_str().unwrap().starts_with("text/plain"));
+    assert!(metrics.headers[header::CONTENT_TYPE].to_str().unwrap().starts_with("application/openmetrics-text"));
     let text = metrics.text;
     assert!(text.contains("fleet_tasks{state=\"dev\"} 2"), "{text}");
     assert!(text.contains("fleet_tasks{state=\"merged\"} 0"), "{text}");
     assert!(text.contains("fleet_api_requests_total{method=\"POST\",route=\"/v1/tasks\",status=\"201\"} 2"), "{text}");
     assert!(text.contains("fleet_api_requests_total{method=\"GET\",route=\"/readyz\",status=\"200\"} 1"), "{text}");
     assert!(text.contains("fleet_kill_epoch 0") && text.contains("fleet_halted 0") && text.contains("fleet_db_up 1"));
+    // No relay runs here: both tasks' assignments wait in the outbox.
+    assert!(text.contains("\nfleet_outbox_backlog 2\n"), "{text}");
+    let age: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("fleet_outbox_oldest_age_seconds "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no outbox age: {text}"));
+    assert!((0.0..60.0).contains(&age), "{text}");
+    assert!(text.contains("fleet_build_info{binary=\"orchestrator\""), "{text}");
+    assert!(text.trim_end().ends_with("# EOF"), "{text}");
 
     // A request that outlives the timeout: the kill waits for a row another transaction holds.
     let mut blocker = app.pool.begin().await.unwrap();

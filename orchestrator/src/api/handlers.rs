@@ -495,13 +495,13 @@ pub(super) async fn readyz(State(state): State<ApiState>) -> Result<Json<Health>
     }
 }
 
-/// `GET /metrics`: Prometheus text. No token (it shows counts, never task contents).
+/// `GET /metrics`: OpenMetrics text. No token (it shows counts, never task contents).
 #[utoipa::path(get, path = "/metrics", tag = "health",
-    responses((status = 200, description = "Prometheus text format 0.0.4", body = String,
-        content_type = "text/plain")))]
+    responses((status = 200, description = "OpenMetrics text 1.0.0 (Prometheus scrapes it)", body = String,
+        content_type = "application/openmetrics-text")))]
 pub(super) async fn metrics(State(state): State<ApiState>) -> impl IntoResponse {
     let body = state.metrics.render(&state.engine).await;
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], body)
 }
 
 /// `GET /v1/openapi.json`: this API's OpenAPI document (docs/openapi.json). No token: it

@@ -1,105 +1,135 @@
-//! `GET /metrics`: Prometheus text format (0.0.4).
+//! `GET /metrics`: the orchestrator's Prometheus series, as OpenMetrics text
+//! (`prometheus-client`, like every other fleet binary; `telemetry::metrics`).
 //!
 //! - `fleet_api_requests_total{method, route, status}`: requests answered, by route
 //!   template (`/v1/tasks/{id}`, never the id itself; `unmatched` for unknown paths).
 //! - `fleet_tasks{state}`: tasks per state, every state listed (0 when none).
-//! - `fleet_kill_epoch`, `fleet_halted`: the kill switch.
-//! - `fleet_db_up`: 1 when the database answered this scrape (the task and kill-switch
-//!   metrics are left out when it did not).
+//! - `fleet_kill_epoch`, `fleet_halted`: the kill switch as the database records it.
+//! - `fleet_outbox_backlog`, `fleet_outbox_oldest_age_seconds`: outbox rows not yet
+//!   forwarded by the relay, and how long the oldest has waited (0 when none).
+//! - `fleet_db_up`: 1 when the database answered this scrape (the figures above then keep
+//!   the previous scrape's values).
+//! - The bus's series of the orchestrator's consumers (`bus::metrics`).
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
 
 use crate::state::TaskState;
 use crate::tasks::{Engine, EngineError};
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
+use bus::metrics::BusMetrics;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
 
-/// Metric names, in one place.
-pub mod names {
-    /// Counter of answered requests.
-    pub const REQUESTS: &str = "fleet_api_requests_total";
-    /// Gauge of tasks per state.
-    pub const TASKS: &str = "fleet_tasks";
-    /// Gauge of the kill epoch.
-    pub const KILL_EPOCH: &str = "fleet_kill_epoch";
-    /// Gauge: 1 while halted.
-    pub const HALTED: &str = "fleet_halted";
-    /// Gauge: 1 when the database answered the scrape.
-    pub const DB_UP: &str = "fleet_db_up";
-}
-
-/// Request counters, keyed by (method, route, status).
-#[derive(Debug, Default)]
+/// The orchestrator's series and the registry that encodes them.
+#[derive(Debug)]
 pub struct Metrics {
-    /// A std mutex: held for one map update, never across an await.
-    requests: Mutex<BTreeMap<(String, String, u16), u64>>,
+    registry: Registry,
+    requests: Family<[(&'static str, String); 3], Counter>,
+    tasks: Family<[(&'static str, &'static str); 1], Gauge>,
+    kill_epoch: Gauge,
+    halted: Gauge,
+    backlog: Gauge,
+    oldest: Gauge<f64, AtomicU64>,
+    db_up: Gauge,
+    /// The consumers' series; `App` hands it to `bus::Consumers`.
+    bus: BusMetrics,
+    /// Where the consumer groups' lag is read.
+    redis: deadpool_redis::Pool,
 }
 
 impl Metrics {
+    /// Every series registered, reading consumer groups through `redis`.
+    pub fn new(redis: deadpool_redis::Pool) -> Self {
+        let mut registry = telemetry::metrics::registry("orchestrator");
+        let requests = Family::default();
+        registry.register("fleet_api_requests", "HTTP requests answered, by route and status.", Family::clone(&requests));
+        let tasks = Family::default();
+        registry.register("fleet_tasks", "Tasks by state.", Family::clone(&tasks));
+        let kill_epoch = Gauge::default();
+        registry.register("fleet_kill_epoch", "The kill switch's epoch (each engagement raises it).", kill_epoch.clone());
+        let halted = Gauge::default();
+        registry.register("fleet_halted", "1 while the fleet is halted by the kill switch.", halted.clone());
+        let backlog = Gauge::default();
+        registry.register("fleet_outbox_backlog", "Outbox rows the relay has not forwarded yet.", backlog.clone());
+        let oldest = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "fleet_outbox_oldest_age_seconds",
+            "Seconds the oldest outbox row not yet forwarded has waited (0 when none).",
+            oldest.clone(),
+        );
+        let db_up = Gauge::default();
+        registry.register("fleet_db_up", "1 when the database answered this scrape.", db_up.clone());
+        let bus = BusMetrics::new();
+        bus.register(&mut registry);
+        Self { registry, requests, tasks, kill_epoch, halted, backlog, oldest, db_up, bus, redis }
+    }
+
+    /// The consumers' series, for `bus::Consumers::with_metrics`.
+    pub fn bus(&self) -> BusMetrics {
+        self.bus.clone()
+    }
+
     fn record(&self, method: &str, route: &str, status: u16) {
-        let mut map = self.requests.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        *map.entry((method.to_owned(), route.to_owned(), status)).or_default() += 1;
+        self.requests.get_or_create(&[("method", method.to_owned()), ("route", route.to_owned()), ("status", status.to_string())]).inc();
     }
 
-    /// The request counters, then the task and kill-switch gauges read through `engine`.
+    /// Reads the database's and Redis's figures, then encodes every series.
     pub async fn render(&self, engine: &Engine) -> String {
-        let mut out = String::new();
-        let _ = writeln!(out, "# HELP {} HTTP requests answered, by route and status.", names::REQUESTS);
-        let _ = writeln!(out, "# TYPE {} counter", names::REQUESTS);
-        {
-            let map = self.requests.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            for ((method, route, status), n) in map.iter() {
-                let _ = writeln!(
-                    out,
-                    "{}{{method=\"{method}\",route=\"{}\",status=\"{status}\"}} {n}",
-                    names::REQUESTS,
-                    escape(route)
-                );
-            }
-        }
-        match read_fleet(engine).await {
-            Ok((counts, epoch, halted)) => {
-                let _ = writeln!(out, "# HELP {} Tasks by state.", names::TASKS);
-                let _ = writeln!(out, "# TYPE {} gauge", names::TASKS);
-                for state in TaskState::ALL {
-                    let n = counts.get(state.as_str()).copied().unwrap_or(0);
-                    let _ = writeln!(out, "{}{{state=\"{state}\"}} {n}", names::TASKS);
+        let refresh = async {
+            match read_fleet(engine).await {
+                Ok(fleet) => {
+                    for state in TaskState::ALL {
+                        let n = fleet.counts.iter().find(|(s, _)| s == state.as_str()).map_or(0, |(_, n)| *n);
+                        self.tasks.get_or_create(&[("state", state.as_str())]).set(n);
+                    }
+                    self.kill_epoch.set(fleet.epoch as i64);
+                    self.halted.set(i64::from(fleet.halted));
+                    self.backlog.set(fleet.backlog);
+                    self.oldest.set(fleet.oldest_secs);
+                    self.db_up.set(1);
                 }
-                let _ = writeln!(out, "# HELP {} The kill switch's epoch.", names::KILL_EPOCH);
-                let _ = writeln!(out, "# TYPE {} gauge", names::KILL_EPOCH);
-                let _ = writeln!(out, "{} {epoch}", names::KILL_EPOCH);
-                let _ = writeln!(out, "# HELP {} 1 while the fleet is halted by the kill switch.", names::HALTED);
-                let _ = writeln!(out, "# TYPE {} gauge", names::HALTED);
-                let _ = writeln!(out, "{} {}", names::HALTED, u8::from(halted));
-                db_up(&mut out, 1);
+                Err(e) => {
+                    tracing::warn!(error = %e, "Metrics cannot read the database.");
+                    self.db_up.set(0);
+                }
             }
-            Err(e) => {
-                tracing::warn!(error = %e, "Metrics cannot read the database.");
-                db_up(&mut out, 0);
+            match self.redis.get().await {
+                Ok(mut c) => self.bus.refresh(&mut *c).await,
+                Err(e) => tracing::warn!(error = %e, "Metrics cannot reach Redis."),
             }
+        };
+        if tokio::time::timeout(telemetry::metrics::REFRESH_BUDGET, refresh).await.is_err() {
+            tracing::warn!("Refreshing the metrics took too long; serving the previous figures.");
+            self.db_up.set(0);
         }
-        out
+        telemetry::metrics::render(&self.registry)
     }
 }
 
-fn db_up(out: &mut String, up: u8) {
-    let _ = writeln!(out, "# HELP {} 1 when the database answered this scrape.", names::DB_UP);
-    let _ = writeln!(out, "# TYPE {} gauge", names::DB_UP);
-    let _ = writeln!(out, "{} {up}", names::DB_UP);
+struct Fleet {
+    counts: Vec<(String, i64)>,
+    epoch: u64,
+    halted: bool,
+    backlog: i64,
+    oldest_secs: f64,
 }
 
-async fn read_fleet(engine: &Engine) -> Result<(BTreeMap<String, i64>, u64, bool), EngineError> {
-    let rows: Vec<(String, i64)> =
+async fn read_fleet(engine: &Engine) -> Result<Fleet, EngineError> {
+    let counts: Vec<(String, i64)> =
         sqlx::query_as("SELECT state, count(*) FROM tasks GROUP BY state").fetch_all(engine.pool()).await?;
+    let (backlog, oldest_secs): (i64, f64) = sqlx::query_as(
+        "SELECT count(*), coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 \
+         FROM outbox WHERE dispatched_at IS NULL",
+    )
+    .fetch_one(engine.pool())
+    .await?;
     let (epoch, halted) = engine.fleet_state().await?;
-    Ok((rows.into_iter().collect(), epoch, halted))
-}
-
-fn escape(label: &str) -> String {
-    label.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    Ok(Fleet { counts, epoch, halted, backlog, oldest_secs: oldest_secs.max(0.0) })
 }
 
 /// Middleware: counts every answered request under its route template.
