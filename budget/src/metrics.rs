@@ -27,7 +27,8 @@ impl BudgetMetrics {
     /// Counts one usage report (call it only for the first sighting of a report).
     pub fn usage(&self, u: &envelope::Usage) {
         let (role, model) = (u.role.as_str().to_owned(), u.model.clone());
-        let by = |direction: &str| [("role", role.clone()), ("model", model.clone()), ("direction", direction.to_owned())];
+        let by =
+            |direction: &str| [("role", role.clone()), ("model", model.clone()), ("direction", direction.to_owned())];
         self.tokens.get_or_create(&by("input")).inc_by(u.input_tokens);
         self.tokens.get_or_create(&by("output")).inc_by(u.output_tokens);
         let rm = [("role", role), ("model", model)];

@@ -155,7 +155,13 @@ struct Fleet {
     tag: String,
     /// Given to every process of the fleet (the OTLP settings of the tracing test).
     extra_env: Vec<(String, String)>,
+    /// The metrics port of each process but the orchestrator (whose `/metrics` is on its
+    /// API), by process name; each scrape needs [`METRICS_TOKEN`].
+    metrics: std::collections::HashMap<String, u16>,
 }
+
+/// The bearer token of every process's metrics endpoint in these tests.
+const METRICS_TOKEN: &str = "e2e-metrics-token";
 
 impl Fleet {
     /// The Redis URL of fleet user `user` (`dev`, `orchestrator`, `operator`, …).
@@ -198,7 +204,15 @@ impl Fleet {
         let program = binary(&format!("{role}-worker"));
         let cfg = cfg.to_string_lossy().into_owned();
         let url = self.url(role.as_str());
-        let mut env = vec![("FLEET_REDIS_URL", url.as_str())];
+        let port = free_port();
+        self.metrics.insert(instance.to_owned(), port);
+        let listen = format!("127.0.0.1:{port}");
+        let token_file = self.path("metrics.token").to_string_lossy().into_owned();
+        let mut env = vec![
+            ("FLEET_REDIS_URL", url.as_str()),
+            ("FLEET_METRICS__LISTEN", listen.as_str()),
+            ("FLEET_METRICS__TOKEN_FILE", token_file.as_str()),
+        ];
         env.extend(self.extra_env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let p = Proc::start(instance, &program, &["--config", &cfg], &env, self.dir.path());
         self.procs.push(p);
@@ -258,6 +272,23 @@ impl Fleet {
 
     fn logs(&self) -> String {
         self.procs.iter().map(Proc::tail).collect::<Vec<_>>().join("\n")
+    }
+
+    /// `GET /metrics` of process `name` (the orchestrator's is on its API), with the token.
+    async fn scrape(&self, name: &str) -> String {
+        let url = match self.metrics.get(name) {
+            Some(port) => format!("http://127.0.0.1:{port}/metrics"),
+            None if name == "orchestrator" => format!("{}/metrics", self.api),
+            None => panic!("{name} serves no metrics in this test"),
+        };
+        let answer = reqwest::Client::new()
+            .get(&url)
+            .bearer_auth(METRICS_TOKEN)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("scrape {name} at {url}: {e}\n{}", self.logs()));
+        assert_eq!(answer.status(), 200, "scrape {name}");
+        answer.text().await.expect("metrics text")
     }
 
     fn fleetctl(&self, args: &[&str]) -> String {
@@ -407,10 +438,17 @@ async fn start_fleet_with(fixture_extra: &str, extra_env: &[(&str, &str)]) -> Fl
     let url = |user: &str| format!("redis://{user}:{}@127.0.0.1:{redis_port}", passwords[user]);
     // Each process gets only its own settings: the budget refuses FLEET_DATABASE_URL (an
     // unknown setting), as it would in a real deployment.
+    std::fs::write(d.join("metrics.token"), format!("{METRICS_TOKEN}\n")).expect("metrics token");
+    let metrics: std::collections::HashMap<String, u16> =
+        ["outbox-relay", "budget"].into_iter().map(|n| (n.to_owned(), free_port())).collect();
     let env = |user: &str| {
         let mut env = vec![("FLEET_REDIS_URL", url(user))];
         if matches!(user, "orchestrator" | "outbox-relay") {
             env.push(("FLEET_DATABASE_URL", db_url.clone()));
+        }
+        if let Some(port) = metrics.get(user) {
+            env.push(("FLEET_METRICS__LISTEN", format!("127.0.0.1:{port}")));
+            env.push(("FLEET_METRICS__TOKEN_FILE", d.join("metrics.token").to_string_lossy().into_owned()));
         }
         env.extend(extra_env.iter().map(|(k, v)| (*k, (*v).to_owned())));
         env
@@ -447,8 +485,21 @@ async fn start_fleet_with(fixture_extra: &str, extra_env: &[(&str, &str)]) -> Fl
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     };
     let extra_env = extra_env.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect();
-    let fleet =
-        Fleet { _redis: redis, _pg: pg, dir, redis_port, passwords, db_url, api, token, master, procs, tag, extra_env };
+    let fleet = Fleet {
+        _redis: redis,
+        _pg: pg,
+        dir,
+        redis_port,
+        passwords,
+        db_url,
+        api,
+        token,
+        master,
+        procs,
+        tag,
+        extra_env,
+        metrics,
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
     while std::net::TcpStream::connect(("127.0.0.1", api_port)).is_err() {
         assert!(Instant::now() < deadline, "the orchestrator did not start listening:\n{}", fleet.logs());
@@ -1468,6 +1519,104 @@ async fn one_task_is_one_connected_trace_across_every_process() {
     assert!(spans.iter().any(|s| s.name == "sandbox.run"), "no sandbox span");
     assert!(spans.iter().any(|s| s.service == "outbox-relay" && s.name.ends_with(" publish")), "no relay span");
     assert!(spans.iter().any(|s| s.service == "budget" && s.name.ends_with(" process")), "no budget span");
+
+    // Every process's metrics, checked against what the trace shows happened.
+    scrape_every_binary(&f, task, &tag, chats.len() as u64).await;
+}
+
+/// The value of the series `series` (name and labels as encoded) in the scrape `text`.
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Issue 13, item 5: every binary's metrics endpoint is scraped and its series are checked
+/// against the one task the fleet carried (`model_calls` is the number of model-call spans
+/// of its trace).
+async fn scrape_every_binary(f: &Fleet, task: Uuid, tag: &str, model_calls: u64) {
+    let get =
+        |text: &str, series: &str| sample(text, series).unwrap_or_else(|| panic!("no series `{series}` in:\n{text}"));
+    // Without the token: refused, and nothing of the figures shown.
+    let port = f.metrics["budget"];
+    let bare = reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.expect("scrape");
+    assert_eq!(bare.status(), 401);
+    assert!(!bare.text().await.unwrap_or_default().contains("fleet_"));
+
+    let o = f.scrape("orchestrator").await;
+    assert_eq!(get(&o, "fleet_tasks{state=\"merged\"}"), 1.0, "{task}");
+    assert_eq!(get(&o, "fleet_db_up"), 1.0);
+    assert_eq!(get(&o, "fleet_halted"), 0.0);
+    // One result per step at least (dev, qa, review, refactor), each handled once.
+    let results = get(&o, "fleet_bus_handled_total{stream=\"fleet:results\",group=\"orchestrator\"}");
+    assert!(results >= 4.0, "{o}");
+    assert_eq!(get(&o, "fleet_bus_dead_lettered_total{stream=\"fleet:results\",group=\"orchestrator\"}"), 0.0);
+    assert!(o.contains("fleet_api_requests_total{method=\"POST\",route=\"/v1/tasks\",status=\"201\"} 1"), "{o}");
+
+    // The relay forwarded every row; the orchestrator's backlog drains to zero.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let o = f.scrape("orchestrator").await;
+        if sample(&o, "fleet_outbox_backlog") == Some(0.0) {
+            assert_eq!(get(&o, "fleet_outbox_oldest_age_seconds"), 0.0);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the outbox never drained:\n{o}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let r = f.scrape("outbox-relay").await;
+    let published = get(&r, "fleet_relay_published_total");
+    assert!(published >= 4.0, "{r}");
+    assert_eq!(get(&r, "fleet_relay_listening"), 1.0, "{r}");
+    assert!(r.contains("fleet_build_info{binary=\"outbox-relay\""), "{r}");
+
+    // The budget counted exactly the model calls the trace shows, once each.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let b = loop {
+        let b = f.scrape("budget").await;
+        let calls: f64 = ["dev", "qa", "review", "refactor"]
+            .iter()
+            .filter_map(|role| sample(&b, &format!("fleet_model_calls_total{{role=\"{role}\",model=\"scripted-1\"}}")))
+            .sum();
+        if calls as u64 == model_calls {
+            break b;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the budget counted {calls} model calls, the trace shows {model_calls}:\n{b}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(get(&b, "fleet_model_tokens_total{role=\"dev\",model=\"scripted-1\",direction=\"input\"}") > 0.0, "{b}");
+    assert!(get(&b, "fleet_model_cost_usd_total{role=\"dev\",model=\"scripted-1\"}") > 0.0, "{b}");
+    assert_eq!(get(&b, "fleet_bus_handled_total{stream=\"fleet:usage\",group=\"budget\"}") as u64, model_calls, "{b}");
+    assert_eq!(get(&b, "fleet_bus_group_pending{stream=\"fleet:usage\",group=\"budget\"}"), 0.0, "{b}");
+    assert_eq!(get(&b, "fleet_bus_group_lag{stream=\"fleet:usage\",group=\"budget\"}"), 0.0, "{b}");
+    assert_eq!(get(&b, "fleet_halted"), 0.0, "{b}");
+    assert_eq!(get(&b, "fleet_bus_redis_up"), 1.0, "{b}");
+
+    for role in ["dev", "qa", "review", "refactor"] {
+        let w = f.scrape(&format!("{tag}-{role}-1")).await;
+        let stream = format!("fleet:tasks:{role}");
+        let l = format!("{{stream=\"{stream}\",group=\"{role}\"}}");
+        let steps = get(&w, &format!("fleet_worker_steps_total{{role=\"{role}\",status=\"success\"}}"));
+        assert!(steps >= 1.0, "{role}: {w}");
+        assert_eq!(
+            get(&w, &format!("fleet_bus_handled_total{l}")),
+            steps,
+            "{role}: every success was acknowledged: {w}"
+        );
+        assert_eq!(get(&w, &format!("fleet_bus_handler_duration_seconds_count{l}")), steps, "{role}: {w}");
+        assert_eq!(get(&w, &format!("fleet_bus_group_pending{l}")), 0.0, "{role}: {w}");
+        assert_eq!(get(&w, "fleet_kill_epoch"), 0.0, "{role}: {w}");
+        assert_eq!(get(&w, "fleet_halted"), 0.0, "{role}: {w}");
+        if role != "review" {
+            let runs = get(&w, &format!("fleet_sandbox_runs_total{{role=\"{role}\",outcome=\"ok\"}}"));
+            assert!(runs >= 1.0, "{role} ran in the sandbox: {w}");
+            let timed = get(&w, &format!("fleet_sandbox_run_duration_seconds_count{{role=\"{role}\"}}"));
+            assert!(timed >= runs, "{role}: {w}");
+        }
+    }
+    let dev = f.scrape(&format!("{tag}-dev-1")).await;
+    assert!(get(&dev, "fleet_agent_tool_calls_total{role=\"dev\",tool=\"edit_file\",verdict=\"ok\"}") >= 1.0, "{dev}");
 }
 
 /// The spans under `parent`, one a line, indented by depth: `name [service] key attributes`.

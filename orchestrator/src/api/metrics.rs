@@ -47,11 +47,19 @@ impl Metrics {
     pub fn new(redis: deadpool_redis::Pool) -> Self {
         let mut registry = telemetry::metrics::registry("orchestrator");
         let requests = Family::default();
-        registry.register("fleet_api_requests", "HTTP requests answered, by route and status.", Family::clone(&requests));
+        registry.register(
+            "fleet_api_requests",
+            "HTTP requests answered, by route and status.",
+            Family::clone(&requests),
+        );
         let tasks = Family::default();
         registry.register("fleet_tasks", "Tasks by state.", Family::clone(&tasks));
         let kill_epoch = Gauge::default();
-        registry.register("fleet_kill_epoch", "The kill switch's epoch (each engagement raises it).", kill_epoch.clone());
+        registry.register(
+            "fleet_kill_epoch",
+            "The kill switch's epoch (each engagement raises it).",
+            kill_epoch.clone(),
+        );
         let halted = Gauge::default();
         registry.register("fleet_halted", "1 while the fleet is halted by the kill switch.", halted.clone());
         let backlog = Gauge::default();
@@ -75,7 +83,13 @@ impl Metrics {
     }
 
     fn record(&self, method: &str, route: &str, status: u16) {
-        self.requests.get_or_create(&[("method", method.to_owned()), ("route", route.to_owned()), ("status", status.to_string())]).inc();
+        self.requests
+            .get_or_create(&[
+                ("method", method.to_owned()),
+                ("route", route.to_owned()),
+                ("status", status.to_string()),
+            ])
+            .inc();
     }
 
     /// Reads the database's and Redis's figures, then encodes every series.
