@@ -1,0 +1,353 @@
+//! Where anchors go: one trait, [`AnchorSink`], and the sinks behind it.
+//!
+//! A sink is named by a spec ([`open`]):
+//!
+//! - `file:/path/anchors.jsonl`: [`FileSink`], one JSON line per anchor, opened with
+//!   `O_APPEND`, each line written in one `write` and `fsync`ed.
+//! - `git:/path/repo`: [`GitSink`], each anchor one commit on `refs/heads/anchors` of a
+//!   git repository (bare or not; created bare when missing), through the `git` CLI.
+//!
+//! Every sink refuses an anchor that does not extend its last one
+//! ([`SignedAnchor::extension_error`]), so nothing already anchored is ever replaced.
+
+use std::fs::{File, OpenOptions};
+use std::io::{ErrorKind, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use super::SignedAnchor;
+
+/// The branch a [`GitSink`] commits to.
+pub const GIT_REF: &str = "refs/heads/anchors";
+/// The file in each of its commits' trees: every anchor so far, one line each.
+pub const GIT_FILE: &str = "anchors.jsonl";
+
+/// One stored anchor line, as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredAnchor {
+    /// Where it is, for messages: `line 3`.
+    pub place: String,
+    /// The line, without its newline.
+    pub text: String,
+    /// False for a last line without its newline: cut short.
+    pub complete: bool,
+}
+
+/// Why a sink failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The spec is not `file:PATH` or `git:PATH`.
+    #[error("invalid anchor sink '{0}': expected file:/path/anchors.jsonl or git:/path/repo")]
+    Spec(String),
+    /// Reading or writing failed; worth retrying.
+    #[error("anchor sink {sink}: {what}: {source}")]
+    Io {
+        /// The sink's spec.
+        sink: String,
+        /// What was being done.
+        what: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A `git` command failed.
+    #[error("anchor sink {sink}: `git {command}` failed: {stderr}")]
+    Git {
+        /// The sink's spec.
+        sink: String,
+        /// The subcommand.
+        command: String,
+        /// Its standard error, cut.
+        stderr: String,
+    },
+    /// The sink refuses the anchor: it would not extend the last one, or the sink's
+    /// contents are not whole. Nothing was written.
+    #[error("anchor sink {sink} refuses the anchor: {why}")]
+    Refused {
+        /// The sink's spec.
+        sink: String,
+        /// Why.
+        why: String,
+    },
+}
+
+impl SinkError {
+    /// Whether trying again later may succeed.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Self::Io { .. } | Self::Git { .. })
+    }
+}
+
+/// A write-once, append-only place for anchors outside Postgres.
+pub trait AnchorSink: std::fmt::Debug + Send + Sync {
+    /// Appends `anchor`, durably, after checking that it extends the last stored anchor;
+    /// refuses ([`SinkError::Refused`]) otherwise, writing nothing.
+    fn append(&self, anchor: &SignedAnchor) -> Result<(), SinkError>;
+
+    /// Every stored anchor line, oldest first (an empty or missing sink: none).
+    fn read_all(&self) -> Result<Vec<StoredAnchor>, SinkError>;
+}
+
+/// Opens the sink `spec` names.
+pub fn open(spec: &str) -> Result<Box<dyn AnchorSink>, SinkError> {
+    match spec.split_once(':') {
+        Some(("file", path)) if !path.is_empty() => Ok(Box::new(FileSink::new(path))),
+        Some(("git", path)) if !path.is_empty() => Ok(Box::new(GitSink::new(path))),
+        _ => Err(SinkError::Spec(spec.to_owned())),
+    }
+}
+
+/// Splits a sink's text into lines; a last line without a newline is incomplete.
+fn split_lines(text: &str) -> Vec<StoredAnchor> {
+    let mut out = Vec::new();
+    let mut rest = text;
+    let mut number = 0;
+    while !rest.is_empty() {
+        number += 1;
+        let (line, complete, next) = match rest.split_once('\n') {
+            Some((line, next)) => (line, true, next),
+            None => (rest, false, ""),
+        };
+        out.push(StoredAnchor { place: format!("line {number}"), text: line.to_owned(), complete });
+        rest = next;
+    }
+    out
+}
+
+/// The anchor in the last of `lines`, which must be whole and readable.
+fn last_of(sink: &str, lines: &[StoredAnchor]) -> Result<Option<SignedAnchor>, SinkError> {
+    let Some(last) = lines.last() else { return Ok(None) };
+    let refused = |why: String| SinkError::Refused { sink: sink.to_owned(), why };
+    if !last.complete {
+        return Err(refused(format!("its {} is incomplete; an operator must look at it", last.place)));
+    }
+    SignedAnchor::parse(&last.text)
+        .map(Some)
+        .map_err(|why| refused(format!("its {} is not an anchor ({why}); an operator must look at it", last.place)))
+}
+
+fn check_extends(sink: &str, last: Option<&SignedAnchor>, anchor: &SignedAnchor) -> Result<(), SinkError> {
+    match SignedAnchor::extension_error(last, anchor) {
+        None => Ok(()),
+        Some(why) => {
+            Err(SinkError::Refused { sink: sink.to_owned(), why: format!("{why}; anchors are never rewritten") })
+        }
+    }
+}
+
+/// An append-only file of anchor lines.
+///
+/// Each append opens the file with `O_APPEND` (created 0644 when missing), reads it to
+/// check that the new anchor extends the last line and that the file ends with a newline,
+/// writes the line and its newline in one `write`, and `fsync`s. Nothing ever truncates or
+/// seeks to write. For a file the operating system itself keeps append-only, see
+/// docs/operations.md ("Anchoring").
+#[derive(Debug, Clone)]
+pub struct FileSink {
+    /// The file.
+    path: PathBuf,
+    /// `file:PATH`, for messages.
+    spec: String,
+}
+
+impl FileSink {
+    /// The sink at `path`.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        let spec = format!("file:{}", path.display());
+        Self { path, spec }
+    }
+
+    fn io(&self, what: &str) -> impl FnOnce(std::io::Error) -> SinkError + '_ {
+        let what = what.to_owned();
+        move |source| SinkError::Io { sink: self.spec.clone(), what, source }
+    }
+}
+
+impl AnchorSink for FileSink {
+    fn append(&self, anchor: &SignedAnchor) -> Result<(), SinkError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .mode(0o644)
+            .open(&self.path)
+            .map_err(self.io("open"))?;
+        let mut text = String::new();
+        file.seek(SeekFrom::Start(0)).map_err(self.io("read"))?;
+        file.read_to_string(&mut text).map_err(self.io("read"))?;
+        let last = last_of(&self.spec, &split_lines(&text))?;
+        check_extends(&self.spec, last.as_ref(), anchor)?;
+        let mut line = anchor.line();
+        line.push('\n');
+        // O_APPEND: the write lands at the end whatever the file position.
+        file.write_all(line.as_bytes()).map_err(self.io("append"))?;
+        file.sync_all().map_err(self.io("fsync"))?;
+        if text.is_empty()
+            && let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty())
+        {
+            // A new file: make its directory entry durable too.
+            File::open(dir).and_then(|d| d.sync_all()).map_err(self.io("fsync the directory"))?;
+        }
+        Ok(())
+    }
+
+    fn read_all(&self) -> Result<Vec<StoredAnchor>, SinkError> {
+        match std::fs::read(&self.path) {
+            Ok(bytes) => Ok(split_lines(&String::from_utf8_lossy(&bytes))),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(Vec::new()),
+            Err(e) => Err(self.io("read")(e)),
+        }
+    }
+}
+
+/// A git repository outside the workspace: each anchor is one commit on [`GIT_REF`]
+/// whose tree holds [`GIT_FILE`], every anchor so far. Written with plumbing
+/// (`hash-object`, `mktree`, `commit-tree`, `update-ref` with the old value), so a
+/// non-bare repository's work tree and index are never touched and a concurrent writer
+/// makes the update fail instead of losing a commit. A missing repository is created bare
+/// with `receive.denyNonFastForwards` and `receive.denyDeletes`, for when it is pushed to.
+/// No secret is ever passed as an argument.
+#[derive(Debug, Clone)]
+pub struct GitSink {
+    /// The repository.
+    repo: PathBuf,
+    /// `git:PATH`, for messages.
+    spec: String,
+}
+
+/// Author and committer of anchor commits (no user configuration needed).
+const GIT_IDENTITY: [(&str, &str); 4] = [
+    ("GIT_AUTHOR_NAME", "agentfleet anchor"),
+    ("GIT_AUTHOR_EMAIL", "anchor@agentfleet.invalid"),
+    ("GIT_COMMITTER_NAME", "agentfleet anchor"),
+    ("GIT_COMMITTER_EMAIL", "anchor@agentfleet.invalid"),
+];
+
+impl GitSink {
+    /// The sink in the repository at `repo`.
+    pub fn new(repo: impl Into<PathBuf>) -> Self {
+        let repo = repo.into();
+        let spec = format!("git:{}", repo.display());
+        Self { repo, spec }
+    }
+
+    /// Runs `git -C REPO args…` with `stdin`; its stdout, trimmed (an object id, a config).
+    fn git(&self, args: &[&str], stdin: Option<&[u8]>) -> Result<String, SinkError> {
+        run_git(&self.spec, Some(&self.repo), args, stdin).map(|s| s.trim().to_owned())
+    }
+
+    /// The tip of [`GIT_REF`], `None` before the first anchor.
+    fn tip(&self) -> Result<Option<String>, SinkError> {
+        let out = self.git(&["for-each-ref", "--format=%(objectname)", GIT_REF], None)?;
+        Ok(Some(out).filter(|o| !o.is_empty()))
+    }
+
+    fn ensure_repo(&self) -> Result<(), SinkError> {
+        if self.repo.exists() {
+            return Ok(());
+        }
+        let path = self.repo.to_string_lossy();
+        run_git(&self.spec, None, &["init", "--quiet", "--bare", &path], None)?;
+        self.git(&["config", "receive.denyNonFastForwards", "true"], None)?;
+        self.git(&["config", "receive.denyDeletes", "true"], None)?;
+        Ok(())
+    }
+
+    fn contents(&self, tip: &str) -> Result<String, SinkError> {
+        run_git(&self.spec, Some(&self.repo), &["cat-file", "blob", &format!("{tip}:{GIT_FILE}")], None)
+    }
+}
+
+fn run_git(sink: &str, repo: Option<&Path>, args: &[&str], stdin: Option<&[u8]>) -> Result<String, SinkError> {
+    let mut cmd = Command::new("git");
+    if let Some(repo) = repo {
+        cmd.arg("-C").arg(repo);
+    }
+    cmd.args(args)
+        .envs(GIT_IDENTITY)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .env_remove("GIT_DIR")
+        .env_remove("GIT_WORK_TREE")
+        .env_remove("GIT_INDEX_FILE")
+        .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let command = args.first().copied().unwrap_or_default().to_owned();
+    let io = |source| SinkError::Io { sink: sink.to_owned(), what: format!("run `git {command}`"), source };
+    let mut child = cmd.spawn().map_err(io)?;
+    if let (Some(input), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(input).map_err(io)?;
+    }
+    let out = child.wait_with_output().map_err(io)?;
+    if !out.status.success() {
+        let stderr: String = String::from_utf8_lossy(&out.stderr).trim().chars().take(500).collect();
+        return Err(SinkError::Git { sink: sink.to_owned(), command, stderr });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl AnchorSink for GitSink {
+    fn append(&self, anchor: &SignedAnchor) -> Result<(), SinkError> {
+        self.ensure_repo()?;
+        let tip = self.tip()?;
+        let mut text = match &tip {
+            Some(tip) => self.contents(tip)?,
+            None => String::new(),
+        };
+        let last = last_of(&self.spec, &split_lines(&text))?;
+        check_extends(&self.spec, last.as_ref(), anchor)?;
+        text.push_str(&anchor.line());
+        text.push('\n');
+        let blob = self.git(&["hash-object", "-w", "--stdin"], Some(text.as_bytes()))?;
+        let tree = self.git(&["mktree"], Some(format!("100644 blob {blob}\t{GIT_FILE}\n").as_bytes()))?;
+        let b = anchor.body();
+        let message = format!("anchor {}: seq {} (rows {}..={})", b.n, b.seq, b.first_seq, b.seq);
+        let mut args = vec!["commit-tree", tree.as_str(), "-m", message.as_str()];
+        if let Some(tip) = &tip {
+            args.extend(["-p", tip.as_str()]);
+        }
+        let commit = self.git(&args, None)?;
+        // The old value makes this a compare-and-swap: a branch moved meanwhile fails.
+        let old = tip.unwrap_or_else(|| "0".repeat(40));
+        self.git(&["update-ref", "-m", &message, GIT_REF, &commit, &old], None)?;
+        Ok(())
+    }
+
+    fn read_all(&self) -> Result<Vec<StoredAnchor>, SinkError> {
+        if !self.repo.exists() {
+            return Ok(Vec::new());
+        }
+        match self.tip()? {
+            Some(tip) => Ok(split_lines(&self.contents(&tip)?)),
+            None => Ok(Vec::new()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    #[test]
+    fn specs_name_the_sink() {
+        assert!(open("file:/tmp/a.jsonl").is_ok());
+        assert!(open("git:/tmp/repo").is_ok());
+        for bad in ["s3://bucket/x", "file:", "/tmp/a.jsonl", ""] {
+            let err = open(bad).unwrap_err();
+            assert!(matches!(err, SinkError::Spec(_)), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_last_line_without_newline_is_incomplete() {
+        let lines = split_lines("a\nb\nc");
+        assert_eq!(lines.len(), 3);
+        assert_eq!((lines[2].place.as_str(), lines[2].complete), ("line 3", false));
+        assert!(lines[1].complete);
+        assert!(split_lines("").is_empty());
+        assert_eq!(split_lines("\n")[0].text, "");
+    }
+}
