@@ -485,3 +485,95 @@ async fn the_loop_anchors_at_its_interval_and_stops_on_sigterm() {
     );
     assert_eq!(lines(&path).len(), 2);
 }
+
+#[tokio::test]
+async fn a_broken_trail_is_never_anchored_and_an_empty_sink_is_no_proof() {
+    let f = Fleet::start().await;
+    f.append(3).await;
+    // Nothing anchored yet: --anchors refuses to call that verified.
+    fs::write(f.path("empty.jsonl"), "").unwrap();
+    let out = f.verify(Some("file:empty.jsonl"), &[]);
+    out.assert_code(1);
+    assert_eq!(
+        out.stdout,
+        "intact: 3 rows\nanchors: none good; 3 rows not yet anchored\nanchor problem: the sink holds no anchor: a \
+         wrong --anchors, or nothing was ever anchored\n"
+    );
+
+    // Row 2 altered without recomputing anything: the anchoring process will not vouch
+    // for it, and writes nothing.
+    let mut tx = f.pool.begin().await.unwrap();
+    sqlx::query("ALTER TABLE audit_trail DISABLE TRIGGER audit_no_update").execute(&mut *tx).await.unwrap();
+    sqlx::query("UPDATE audit_trail SET details = '{\"step\": 42}' WHERE seq = 2").execute(&mut *tx).await.unwrap();
+    sqlx::query("ALTER TABLE audit_trail ENABLE TRIGGER audit_no_update").execute(&mut *tx).await.unwrap();
+    tx.commit().await.unwrap();
+    let out = f.anchor("file:anchors.jsonl");
+    out.assert_code(1);
+    assert_eq!(
+        out.stderr,
+        "error: Failed to anchor: the audit trail is broken at seq 2: its content does not hash to its hash; not \
+         anchoring it\n"
+    );
+    assert!(!f.path("anchors.jsonl").exists());
+}
+
+#[tokio::test]
+async fn a_long_stretch_is_split_into_anchors_of_at_most_4096_rows() {
+    let f = Fleet::start().await;
+    let mut tx = f.pool.begin().await.unwrap();
+    for i in 0..4100 {
+        let entry = AuditEntry {
+            actor_role: "orchestrator",
+            actor_instance: "orchestrator-0",
+            action: "task.transition",
+            task_id: None,
+            prompt_version: None,
+            details: json!({"step": i}),
+        };
+        audit::append(&mut tx, &f.key, entry).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let out = f.anchor("file:anchors.jsonl");
+    out.assert_code(0);
+    assert_eq!(
+        out.stdout,
+        "anchored seq 4096 as anchor 1 (rows 1..=4096) in file:anchors.jsonl\n\
+         anchored seq 4100 as anchor 2 (rows 4097..=4100) in file:anchors.jsonl\n"
+    );
+    let ok = f.verify(Some("file:anchors.jsonl"), &[]);
+    ok.assert_code(0);
+    assert!(ok.stdout.starts_with("intact: 4100 rows\nanchors: 2 good, the last (anchor 2) at seq 4100, "));
+}
+
+#[tokio::test]
+async fn the_loop_retries_an_unreachable_database_until_stopped() {
+    let f = Fleet::start().await;
+    // A port nobody listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let url = format!("postgres://postgres:{PASSWORD}@127.0.0.1:{port}/fleet");
+    let child = Command::new(env!("CARGO_BIN_EXE_fleetctl"))
+        .args(["audit", "anchor", "--every", "1s", "--database-url", &url])
+        .args(["--sink", "file:anchors.jsonl", "--key", "anchor.key"])
+        .current_dir(f.dir.path())
+        .env_remove("FLEET_DATABASE_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The first attempt fails at once, the retry comes after 1 s: stop in between or after.
+    std::thread::sleep(Duration::from_millis(1500));
+    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "stopped\n");
+    assert!(
+        stderr.starts_with(&format!(
+            "warning: anchoring failed, retrying in 1s: cannot connect to Postgres at 127.0.0.1:{port}"
+        )),
+        "{stderr}"
+    );
+    assert!(!stderr.contains(PASSWORD), "{stderr}");
+    assert!(!f.path("anchors.jsonl").exists());
+}

@@ -481,6 +481,8 @@ fn last_anchor(sink: &dyn AnchorSink, public: &AnchorPublicKey) -> Result<Option
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum AnchorProblem {
+    /// The sink holds no anchor at all: a wrong spec, or nothing was ever anchored.
+    Empty,
     /// The sink's last line was cut (no newline): the file was truncated or a write
     /// interrupted.
     Incomplete {
@@ -516,6 +518,7 @@ impl AnchorProblem {
     /// One line for an operator.
     pub fn message(&self) -> String {
         match self {
+            Self::Empty => "the sink holds no anchor: a wrong --anchors, or nothing was ever anchored".to_owned(),
             Self::Incomplete { place } => {
                 format!("{place} is incomplete: the anchor file was cut or a write interrupted")
             }
@@ -598,6 +601,9 @@ pub fn check_anchors<'a>(
     key: &AnchorPublicKey,
 ) -> (Vec<(&'a str, SignedAnchor)>, Option<AnchorProblem>) {
     let mut good: Vec<(&str, SignedAnchor)> = Vec::new();
+    if stored.is_empty() {
+        return (good, Some(AnchorProblem::Empty));
+    }
     for s in stored {
         let place = s.place.clone();
         if !s.complete {

@@ -248,7 +248,7 @@ impl GitSink {
             return Ok(());
         }
         let path = self.repo.to_string_lossy();
-        run_git(&self.spec, None, &["init", "--quiet", "--bare", &path], None)?;
+        run_git(&self.spec, None, &["init", "--quiet", "--bare", "--", &path], None)?;
         self.git(&["config", "receive.denyNonFastForwards", "true"], None)?;
         self.git(&["config", "receive.denyDeletes", "true"], None)?;
         Ok(())
