@@ -32,6 +32,8 @@ const PUBKEY_HINT: &str = "the anchor public key file holds 64 hex digits, as `f
 /// The first retry waits this long; each further one twice as long, up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
+/// How long a step under way may finish after SIGINT or SIGTERM.
+const GRACE: Duration = Duration::from_secs(10);
 
 /// Arguments of `audit anchor`.
 #[derive(Debug, Args)]
@@ -170,7 +172,8 @@ pub fn anchor(args: &AnchorArgs) -> anyhow::Result<()> {
     })
 }
 
-/// Anchors every `every` until SIGINT or SIGTERM. Database and sink faults are retried
+/// Anchors every `every` until SIGINT or SIGTERM (a step under way gets [`GRACE`] to
+/// finish). Database and sink faults are retried
 /// with backoff (each wait racing the signals); a finding (the trail no longer matches
 /// an anchor, or is broken) stops with exit 1, since an operator must look.
 async fn run_loop(
@@ -199,9 +202,19 @@ async fn run_loop(
             };
             anchor_now(p, key, sink).await.map_err(|e| (e.is_transient(), anyhow!("{}", describe(db, &e))))
         };
+        tokio::pin!(step);
+        // A signal during a step lets it finish, within the grace period, so an anchor
+        // already in the sink is also reported.
+        let mut stopping = false;
         let outcome = tokio::select! {
-            outcome = step => outcome,
-            () = &mut stop => break,
+            outcome = &mut step => outcome,
+            () = &mut stop => {
+                stopping = true;
+                match tokio::time::timeout(GRACE, &mut step).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => break,
+                }
+            }
         };
         let wait = match outcome {
             Ok(appended) => {
@@ -217,6 +230,9 @@ async fn run_loop(
             }
             Err((false, e)) => return Err(e.context("Failed to anchor; stopped")),
         };
+        if stopping {
+            break;
+        }
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
             () = &mut stop => break,
@@ -283,12 +299,17 @@ pub(crate) fn to_text(r: &AnchorReport) -> String {
 }
 
 fn rewritten_message(w: &lib::Rewritten) -> String {
-    let what = if w.found.is_some() { "its hash differs from" } else { "the row is gone, though it is in" };
-    format!(
-        "first rewritten row is seq {}: {what} what anchor {} ({}) committed to; every later row's hash was \
-         recomputed",
-        w.seq, w.anchor, w.place
-    )
+    match w.found {
+        Some(_) => format!(
+            "first rewritten row is seq {}: its hash differs from what anchor {} ({}) committed to; every later \
+             row's hash was recomputed",
+            w.seq, w.anchor, w.place
+        ),
+        None => format!(
+            "first rewritten row is seq {}: the row is gone, though anchor {} ({}) committed to it",
+            w.seq, w.anchor, w.place
+        ),
+    }
 }
 
 /// The `anchors` member of `verify --json`.

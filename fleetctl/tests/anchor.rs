@@ -577,3 +577,38 @@ async fn the_loop_retries_an_unreachable_database_until_stopped() {
     assert!(!stderr.contains(PASSWORD), "{stderr}");
     assert!(!f.path("anchors.jsonl").exists());
 }
+
+#[tokio::test]
+async fn rows_deleted_at_the_end_with_the_head_set_back_are_named() {
+    let f = Fleet::start().await;
+    f.append(6).await;
+    f.anchor("file:anchors.jsonl").assert_code(0);
+    // The attack plain verify cannot see: the last two rows deleted, the head set back.
+    let mut tx = f.pool.begin().await.unwrap();
+    sqlx::query("ALTER TABLE audit_trail DISABLE TRIGGER audit_no_update").execute(&mut *tx).await.unwrap();
+    sqlx::query("DELETE FROM audit_trail WHERE seq > 4").execute(&mut *tx).await.unwrap();
+    sqlx::query("UPDATE audit_head SET seq = 4, hash = (SELECT hash FROM audit_trail WHERE seq = 4)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    sqlx::query("ALTER TABLE audit_trail ENABLE TRIGGER audit_no_update").execute(&mut *tx).await.unwrap();
+    tx.commit().await.unwrap();
+
+    let plain = f.verify(None, &[]);
+    plain.assert_code(0);
+    assert_eq!(plain.stdout, "intact: 4 rows\n");
+    let caught = f.verify(Some("file:anchors.jsonl"), &["--json"]);
+    caught.assert_code(1);
+    let v: Value = serde_json::from_str(&caught.stdout).unwrap();
+    assert_eq!(v["anchors"]["rewritten"]["seq"], 5);
+    assert_eq!(v["anchors"]["rewritten"]["found"], Value::Null);
+    assert_eq!(v["anchors"]["unanchored"], 0);
+    assert_eq!(
+        v["anchors"]["rewritten"]["message"],
+        "first rewritten row is seq 5: the row is gone, though anchor 1 (line 1) committed to it"
+    );
+    assert_eq!(caught.stderr, "error: the audit trail was rewritten: the first rewritten row is seq 5\n");
+    let refused = f.anchor("file:anchors.jsonl");
+    refused.assert_code(1);
+    assert!(refused.stderr.contains("the head is at seq 4, below the anchored seq 6"), "{}", refused.stderr);
+}

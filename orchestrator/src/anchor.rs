@@ -272,7 +272,8 @@ impl SignedAnchor {
     pub fn extension_error(prev: Option<&Self>, next: &Self) -> Option<String> {
         let b = &next.body;
         let (n, seq, digest) = prev.map_or((0, 0, Hash32(GENESIS)), |p| (p.body.n, p.body.seq, p.digest()));
-        if b.n != n + 1 {
+        // Saturating: `prev` may be an unchecked line from a sink, with any numbers in it.
+        if b.n != n.saturating_add(1) {
             return Some(format!("anchor number {} does not follow {n}", b.n));
         }
         if b.prev != digest {
@@ -281,10 +282,10 @@ impl SignedAnchor {
         if b.seq <= seq {
             return Some(format!("anchor {} anchors seq {}, not after the previous anchor's {seq}", b.n, b.seq));
         }
-        if b.first_seq != seq + 1 {
-            return Some(format!("anchor {} starts at seq {}, not at {}", b.n, b.first_seq, seq + 1));
+        if b.first_seq != seq.saturating_add(1) {
+            return Some(format!("anchor {} starts at seq {}, not at {}", b.n, b.first_seq, seq.saturating_add(1)));
         }
-        let span = usize::try_from(b.seq - b.first_seq + 1).unwrap_or(0);
+        let span = b.seq.checked_sub(b.first_seq).and_then(|d| usize::try_from(d).ok()).map_or(0, |d| d + 1);
         if b.rows.len() != span || b.rows.last() != Some(&b.hash) {
             return Some(format!("anchor {} does not list the hash of each of its rows", b.n));
         }
@@ -392,7 +393,7 @@ pub async fn anchor_now(pool: &PgPool, key: &AnchorKey, sink: &dyn AnchorSink) -
     .bind(head_seq)
     .fetch(&mut *tx);
     let mut prev = last_hash;
-    let mut expected = last_seq + 1;
+    let mut expected = last_seq.saturating_add(1);
     // The anchored row comes first, and must still be there with the anchored hash.
     let mut linked = last_seq == 0;
     let gone = || AnchorError::Diverged(format!("row {last_seq}, anchored with hash {last_hash}, is gone"));
@@ -424,7 +425,7 @@ pub async fn anchor_now(pool: &PgPool, key: &AnchorKey, sink: &dyn AnchorSink) -
             .ok_or(AnchorError::Broken { seq: row.seq, why: "its content does not hash to its hash" })?;
         pending.push(hash);
         prev = hash;
-        expected += 1;
+        expected = expected.saturating_add(1);
         if pending.len() == MAX_ROWS_PER_ANCHOR || row.seq == head_seq {
             let anchor = make_anchor(last.as_ref(), std::mem::take(&mut pending), row.seq, key, &public);
             sink.append(&anchor)?;
@@ -436,7 +437,7 @@ pub async fn anchor_now(pool: &PgPool, key: &AnchorKey, sink: &dyn AnchorSink) -
     if !linked {
         return Err(gone());
     }
-    if expected != head_seq + 1 {
+    if expected != head_seq.saturating_add(1) {
         return Err(AnchorError::Broken { seq: expected, why: "the row is missing (the head says there are more)" });
     }
     if prev.0.as_slice() != head_hash.as_slice() {
@@ -453,7 +454,8 @@ fn make_anchor(
     key: &AnchorKey,
     public: &AnchorPublicKey,
 ) -> SignedAnchor {
-    let (n, first_seq, prev) = last.map_or((1, 1, Hash32(GENESIS)), |a| (a.body.n + 1, a.body.seq + 1, a.digest()));
+    let (n, first_seq, prev) = last
+        .map_or((1, 1, Hash32(GENESIS)), |a| (a.body.n.saturating_add(1), a.body.seq.saturating_add(1), a.digest()));
     let hash = rows.last().copied().unwrap_or_default();
     let body = AnchorBody { v: VERSION, n, seq, hash, first_seq, rows, prev, at: Utc::now(), key: public.to_hex() };
     SignedAnchor::sign(body, key)
@@ -636,7 +638,8 @@ async fn compare(
         .fetch(&mut *conn);
     let mut current: Option<(i64, Vec<u8>)> = None;
     for (place, anchor) in good {
-        for (seq, anchored) in (anchor.body.first_seq..).zip(&anchor.body.rows) {
+        for (i, anchored) in anchor.body.rows.iter().enumerate() {
+            let seq = anchor.body.first_seq.saturating_add(i64::try_from(i).unwrap_or(i64::MAX));
             // The next database row at or after `seq` (duplicates of a seq: the first one
             // counts; plain verification reports the rest).
             while current.as_ref().is_none_or(|(s, _)| *s < seq) {
