@@ -551,27 +551,36 @@ async fn the_loop_retries_an_unreachable_database_until_stopped() {
     // A port nobody listens on: bound, then released.
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let url = format!("postgres://postgres:{PASSWORD}@127.0.0.1:{port}/fleet");
+    let log = f.path("stderr.log");
     let child = Command::new(env!("CARGO_BIN_EXE_fleetctl"))
         .args(["audit", "anchor", "--every", "1s", "--database-url", &url])
         .args(["--sink", "file:anchors.jsonl", "--key", "anchor.key"])
         .current_dir(f.dir.path())
         .env_remove("FLEET_DATABASE_URL")
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
+        .stderr(fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
-    // The first attempt fails at once, the retry comes after 1 s: stop in between or after.
-    std::thread::sleep(Duration::from_millis(1500));
+    // Two failed attempts: the first at once, the second after the 1 s backoff.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fs::read_to_string(&log).unwrap().matches("warning: ").count() < 2 {
+        assert!(Instant::now() < deadline, "no retry within 30 s: {}", fs::read_to_string(&log).unwrap());
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
     assert!(kill.success());
     let out = child.wait_with_output().unwrap();
-    let stderr = String::from_utf8(out.stderr).unwrap();
+    let stderr = fs::read_to_string(&log).unwrap();
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert_eq!(String::from_utf8(out.stdout).unwrap(), "stopped\n");
+    let mut warnings = stderr.lines();
+    let refused = format!("cannot connect to Postgres at 127.0.0.1:{port}");
     assert!(
-        stderr.starts_with(&format!(
-            "warning: anchoring failed, retrying in 1s: cannot connect to Postgres at 127.0.0.1:{port}"
-        )),
+        warnings.next().unwrap().starts_with(&format!("warning: anchoring failed, retrying in 1s: {refused}")),
+        "{stderr}"
+    );
+    assert!(
+        warnings.next().unwrap().starts_with(&format!("warning: anchoring failed, retrying in 2s: {refused}")),
         "{stderr}"
     );
     assert!(!stderr.contains(PASSWORD), "{stderr}");
