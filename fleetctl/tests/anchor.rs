@@ -406,7 +406,10 @@ async fn the_sinks_refuse_to_rewrite_and_the_git_sink_round_trips() {
     let stored = sink.read_all().unwrap();
     assert_eq!(stored.len(), 2);
     assert!(stored.iter().all(|s| s.complete));
-    assert_eq!(git(&["show", "refs/heads/anchors~1:anchors.jsonl"]), stored[0].text);
+    assert_eq!(git(&["show", "refs/heads/anchors~1:anchor.json"]), stored[0].text);
+    assert_eq!(git(&["ls-tree", "--name-only", "refs/heads/anchors"]), "anchor.json");
+    let tip = git(&["rev-parse", "refs/heads/anchors"]);
+    assert_eq!(stored[1].place, format!("commit {}", &tip[..12]));
 
     let ok = f.verify(Some(&spec), &[]);
     ok.assert_code(0);
@@ -423,6 +426,45 @@ async fn the_sinks_refuse_to_rewrite_and_the_git_sink_round_trips() {
         )
     );
     assert_eq!(git(&["rev-list", "--count", "refs/heads/anchors"]), "2");
+
+    // Someone with write access to the repository but not the key commits an altered
+    // anchor 3: verify names its commit.
+    let mut forged = stored[1].text.replace(r#""n":2"#, r#""n":3"#);
+    forged.push('\n');
+    let git_in = |args: &[&str], input: &str| {
+        let mut child = Command::new("git")
+            .arg("-C")
+            .arg(&repo)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::io::Write::write_all(&mut child.stdin.take().unwrap(), input.as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let blob = git_in(&["hash-object", "-w", "--stdin"], &forged);
+    let tree = git_in(&["mktree"], &format!("100644 blob {blob}\tanchor.json\n"));
+    let commit = Command::new("git")
+        .arg("-C")
+        .arg(&repo)
+        .args(["-c", "user.name=x", "-c", "user.email=x@x", "commit-tree", &tree, "-p", &tip, "-m", "anchor 3"])
+        .output()
+        .unwrap();
+    let commit = String::from_utf8(commit.stdout).unwrap().trim().to_owned();
+    git(&["update-ref", "refs/heads/anchors", &commit]);
+    let out = f.verify(Some(&spec), &[]);
+    out.assert_code(1);
+    assert!(
+        out.stdout.ends_with(&format!(
+            "anchor problem: commit {} (anchor 3): signature invalid under the anchor public key: forged or altered\n",
+            &commit[..12]
+        )),
+        "{}",
+        out.stdout
+    );
 
     // The same with the file sink: the bytes stay as they were.
     f.anchor("file:anchors.jsonl").assert_code(0);

@@ -5,7 +5,8 @@
 //! - `file:/path/anchors.jsonl`: [`FileSink`], one JSON line per anchor, opened with
 //!   `O_APPEND`, each line written in one `write` and `fsync`ed.
 //! - `git:/path/repo`: [`GitSink`], each anchor one commit on `refs/heads/anchors` of a
-//!   git repository (bare or not; created bare when missing), through the `git` CLI.
+//!   git repository (bare or not; created bare when missing), through the `git` CLI; the
+//!   commit's tree holds that anchor only, so a commit costs the same after a year.
 //!
 //! Every sink refuses an anchor that does not extend its last one
 //! ([`SignedAnchor::extension_error`]), so nothing already anchored is ever replaced.
@@ -19,8 +20,8 @@ use super::SignedAnchor;
 
 /// The branch a [`GitSink`] commits to.
 pub const GIT_REF: &str = "refs/heads/anchors";
-/// The file in each of its commits' trees: every anchor so far, one line each.
-pub const GIT_FILE: &str = "anchors.jsonl";
+/// The one file in each of its commits' trees: that commit's anchor line (and a newline).
+pub const GIT_FILE: &str = "anchor.json";
 
 /// One stored anchor line, as read back.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -202,7 +203,8 @@ impl AnchorSink for FileSink {
 }
 
 /// A git repository outside the workspace: each anchor is one commit on [`GIT_REF`]
-/// whose tree holds [`GIT_FILE`], every anchor so far. Written with plumbing
+/// whose tree holds [`GIT_FILE`], that anchor's line; the commits, oldest first along
+/// first parents, are the anchors in order. Written with plumbing
 /// (`hash-object`, `mktree`, `commit-tree`, `update-ref` with the old value), so a
 /// non-bare repository's work tree and index are never touched and a concurrent writer
 /// makes the update fail instead of losing a commit. A missing repository is created bare
@@ -254,8 +256,39 @@ impl GitSink {
         Ok(())
     }
 
-    fn contents(&self, tip: &str) -> Result<String, SinkError> {
-        run_git(&self.spec, Some(&self.repo), &["cat-file", "blob", &format!("{tip}:{GIT_FILE}")], None)
+    /// The anchor lines of the first-parent history ending at `tip`, oldest first, named
+    /// by their commits. Two processes whatever the length: `rev-list`, then one
+    /// `cat-file --batch` for every commit's [`GIT_FILE`].
+    fn lines(&self, tip: &str) -> Result<Vec<StoredAnchor>, SinkError> {
+        let commits = self.git(&["rev-list", "--reverse", "--first-parent", tip], None)?;
+        let commits: Vec<&str> = commits.lines().collect();
+        let mut request = String::new();
+        for c in &commits {
+            request.push_str(&format!("{c}:{GIT_FILE}\n"));
+        }
+        let out = run_git(&self.spec, Some(&self.repo), &["cat-file", "--batch"], Some(request.as_bytes()))?;
+        let mut rest = out.as_str();
+        let mut lines = Vec::with_capacity(commits.len());
+        for c in commits {
+            let place = format!("commit {}", c.get(..12).unwrap_or(c));
+            let broken = |why: &str| SinkError::Refused { sink: self.spec.clone(), why: format!("{place}: {why}") };
+            // "<oid> blob <size>\n<content>\n", or "<name> missing\n".
+            let (header, after) = rest.split_once('\n').ok_or_else(|| broken("no answer from git cat-file"))?;
+            let size: usize = match header.rsplit_once(' ') {
+                Some((kind, size)) if kind.ends_with(" blob") => {
+                    size.parse().map_err(|_| broken("unreadable git cat-file answer"))?
+                }
+                _ => return Err(broken(&format!("its tree has no {GIT_FILE}"))),
+            };
+            let content = after.get(..size).ok_or_else(|| broken("short git cat-file answer"))?;
+            rest = after.get(size + 1..).unwrap_or("");
+            let (text, complete) = match content.strip_suffix('\n') {
+                Some(text) => (text, !text.contains('\n')),
+                None => (content, false),
+            };
+            lines.push(StoredAnchor { place, text: text.to_owned(), complete });
+        }
+        Ok(lines)
     }
 }
 
@@ -291,26 +324,26 @@ impl AnchorSink for GitSink {
     fn append(&self, anchor: &SignedAnchor) -> Result<(), SinkError> {
         self.ensure_repo()?;
         let tip = self.tip()?;
-        let mut text = match &tip {
-            Some(tip) => self.contents(tip)?,
-            None => String::new(),
+        let stored = match &tip {
+            Some(tip) => self.lines(tip)?,
+            None => Vec::new(),
         };
-        let last = last_of(&self.spec, &split_lines(&text))?;
+        let last = last_of(&self.spec, &stored)?;
         check_extends(&self.spec, last.as_ref(), anchor)?;
-        text.push_str(&anchor.line());
-        text.push('\n');
-        let blob = self.git(&["hash-object", "-w", "--stdin"], Some(text.as_bytes()))?;
+        let mut line = anchor.line();
+        line.push('\n');
+        let blob = self.git(&["hash-object", "-w", "--stdin"], Some(line.as_bytes()))?;
         let tree = self.git(&["mktree"], Some(format!("100644 blob {blob}\t{GIT_FILE}\n").as_bytes()))?;
         let b = anchor.body();
-        let message = format!("anchor {}: seq {} (rows {}..={})", b.n, b.seq, b.first_seq, b.seq);
-        let mut args = vec!["commit-tree", tree.as_str(), "-m", message.as_str()];
+        let message = format!("anchor {}: seq {} (rows {}..={})\n", b.n, b.seq, b.first_seq, b.seq);
+        let mut args = vec!["commit-tree", tree.as_str(), "-F", "-"];
         if let Some(tip) = &tip {
             args.extend(["-p", tip.as_str()]);
         }
-        let commit = self.git(&args, None)?;
+        let commit = self.git(&args, Some(message.as_bytes()))?;
         // The old value makes this a compare-and-swap: a branch moved meanwhile fails.
         let old = tip.unwrap_or_else(|| "0".repeat(40));
-        self.git(&["update-ref", "-m", &message, GIT_REF, &commit, &old], None)?;
+        self.git(&["update-ref", "-m", message.trim_end(), GIT_REF, &commit, &old], None)?;
         Ok(())
     }
 
@@ -319,7 +352,7 @@ impl AnchorSink for GitSink {
             return Ok(Vec::new());
         }
         match self.tip()? {
-            Some(tip) => Ok(split_lines(&self.contents(&tip)?)),
+            Some(tip) => self.lines(&tip),
             None => Ok(Vec::new()),
         }
     }
