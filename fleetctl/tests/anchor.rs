@@ -338,7 +338,7 @@ async fn forged_removed_and_cut_anchors_are_reported() {
     let out = f.anchor("file:cut.jsonl");
     out.assert_code(1);
     assert!(
-        out.stderr.contains("the sink's last anchor (line 3) cannot be continued: it is an incomplete line"),
+        out.stderr.contains("the sink's last anchor (the last line) cannot be continued: it is an incomplete line"),
         "{}",
         out.stderr
     );

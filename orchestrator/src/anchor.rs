@@ -463,8 +463,7 @@ fn make_anchor(
 
 /// The sink's last anchor, which must be whole, readable and signed by `public`.
 fn last_anchor(sink: &dyn AnchorSink, public: &AnchorPublicKey) -> Result<Option<SignedAnchor>, AnchorError> {
-    let stored = sink.read_all()?;
-    let Some(last) = stored.last() else { return Ok(None) };
+    let Some(last) = sink.last()? else { return Ok(None) };
     let bad = |why: String| AnchorError::LastAnchor { place: last.place.clone(), why };
     if !last.complete {
         return Err(bad("it is an incomplete line".to_owned()));

@@ -86,6 +86,12 @@ pub trait AnchorSink: std::fmt::Debug + Send + Sync {
 
     /// Every stored anchor line, oldest first (an empty or missing sink: none).
     fn read_all(&self) -> Result<Vec<StoredAnchor>, SinkError>;
+
+    /// The last stored anchor line: what the next anchor must extend. Sinks override it
+    /// to avoid reading everything.
+    fn last(&self) -> Result<Option<StoredAnchor>, SinkError> {
+        Ok(self.read_all()?.pop())
+    }
 }
 
 /// Opens the sink `spec` names.
@@ -115,8 +121,8 @@ fn split_lines(text: &str) -> Vec<StoredAnchor> {
 }
 
 /// The anchor in the last of `lines`, which must be whole and readable.
-fn last_of(sink: &str, lines: &[StoredAnchor]) -> Result<Option<SignedAnchor>, SinkError> {
-    let Some(last) = lines.last() else { return Ok(None) };
+fn last_of(sink: &str, last: Option<&StoredAnchor>) -> Result<Option<SignedAnchor>, SinkError> {
+    let Some(last) = last else { return Ok(None) };
     let refused = |why: String| SinkError::Refused { sink: sink.to_owned(), why };
     if !last.complete {
         return Err(refused(format!("its {} is incomplete; an operator must look at it", last.place)));
@@ -133,6 +139,42 @@ fn check_extends(sink: &str, last: Option<&SignedAnchor>, anchor: &SignedAnchor)
             Err(SinkError::Refused { sink: sink.to_owned(), why: format!("{why}; anchors are never rewritten") })
         }
     }
+}
+
+/// The last line of `file`, read backwards from its end in 64 KiB steps; `None` when the
+/// file is empty. A last line without its newline is incomplete.
+fn last_line(file: &mut File) -> std::io::Result<Option<StoredAnchor>> {
+    const STEP: u64 = 64 * 1024;
+    let len = file.seek(SeekFrom::End(0))?;
+    if len == 0 {
+        return Ok(None);
+    }
+    let mut tail: Vec<u8> = Vec::new();
+    let mut pos = len;
+    loop {
+        let start = pos.saturating_sub(STEP);
+        let mut chunk = vec![0; usize::try_from(pos - start).unwrap_or(0)];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut chunk)?;
+        chunk.extend_from_slice(&tail);
+        tail = chunk;
+        pos = start;
+        // A newline before the last byte ends the line before the last one.
+        let body = tail.get(..tail.len() - 1).unwrap_or_default();
+        if let Some(i) = body.iter().rposition(|b| *b == b'\n') {
+            tail.drain(..=i);
+            break;
+        }
+        if pos == 0 {
+            break;
+        }
+    }
+    let complete = tail.last() == Some(&b'\n');
+    if complete {
+        tail.pop();
+    }
+    let text = String::from_utf8_lossy(&tail).into_owned();
+    Ok(Some(StoredAnchor { place: "the last line".to_owned(), text, complete }))
 }
 
 /// An append-only file of anchor lines.
@@ -174,23 +216,29 @@ impl AnchorSink for FileSink {
             .mode(0o644)
             .open(&self.path)
             .map_err(self.io("open"))?;
-        let mut text = String::new();
-        file.seek(SeekFrom::Start(0)).map_err(self.io("read"))?;
-        file.read_to_string(&mut text).map_err(self.io("read"))?;
-        let last = last_of(&self.spec, &split_lines(&text))?;
+        let stored = last_line(&mut file).map_err(self.io("read"))?;
+        let last = last_of(&self.spec, stored.as_ref())?;
         check_extends(&self.spec, last.as_ref(), anchor)?;
         let mut line = anchor.line();
         line.push('\n');
         // O_APPEND: the write lands at the end whatever the file position.
         file.write_all(line.as_bytes()).map_err(self.io("append"))?;
         file.sync_all().map_err(self.io("fsync"))?;
-        if text.is_empty()
+        if stored.is_none()
             && let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty())
         {
             // A new file: make its directory entry durable too.
             File::open(dir).and_then(|d| d.sync_all()).map_err(self.io("fsync the directory"))?;
         }
         Ok(())
+    }
+
+    fn last(&self) -> Result<Option<StoredAnchor>, SinkError> {
+        match File::open(&self.path) {
+            Ok(mut file) => last_line(&mut file).map_err(self.io("read")),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(self.io("open")(e)),
+        }
     }
 
     fn read_all(&self) -> Result<Vec<StoredAnchor>, SinkError> {
@@ -254,6 +302,17 @@ impl GitSink {
         self.git(&["config", "receive.denyNonFastForwards", "true"], None)?;
         self.git(&["config", "receive.denyDeletes", "true"], None)?;
         Ok(())
+    }
+
+    /// The anchor line of commit `tip` alone.
+    fn tip_line(&self, tip: &str) -> Result<Option<StoredAnchor>, SinkError> {
+        let content = run_git(&self.spec, Some(&self.repo), &["cat-file", "blob", &format!("{tip}:{GIT_FILE}")], None)?;
+        let (text, complete) = match content.strip_suffix('\n') {
+            Some(text) => (text, !text.contains('\n')),
+            None => (content.as_str(), false),
+        };
+        let place = format!("commit {}", tip.get(..12).unwrap_or(tip));
+        Ok(Some(StoredAnchor { place, text: text.to_owned(), complete }))
     }
 
     /// The anchor lines of the first-parent history ending at `tip`, oldest first, named
@@ -325,10 +384,10 @@ impl AnchorSink for GitSink {
         self.ensure_repo()?;
         let tip = self.tip()?;
         let stored = match &tip {
-            Some(tip) => self.lines(tip)?,
-            None => Vec::new(),
+            Some(tip) => self.tip_line(tip)?,
+            None => None,
         };
-        let last = last_of(&self.spec, &stored)?;
+        let last = last_of(&self.spec, stored.as_ref())?;
         check_extends(&self.spec, last.as_ref(), anchor)?;
         let mut line = anchor.line();
         line.push('\n');
@@ -356,6 +415,16 @@ impl AnchorSink for GitSink {
             None => Ok(Vec::new()),
         }
     }
+
+    fn last(&self) -> Result<Option<StoredAnchor>, SinkError> {
+        if !self.repo.exists() {
+            return Ok(None);
+        }
+        match self.tip()? {
+            Some(tip) => self.tip_line(&tip),
+            None => Ok(None),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -372,6 +441,32 @@ mod tests {
             let err = open(bad).unwrap_err();
             assert!(matches!(err, SinkError::Spec(_)), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn the_last_line_is_read_from_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.jsonl");
+        let long = "x".repeat(150_000);
+        for (content, text, complete) in [
+            ("", None, true),
+            ("one\n", Some("one"), true),
+            ("one\ntwo\n", Some("two"), true),
+            ("one\ntw", Some("tw"), false),
+            ("\n", Some(""), true),
+        ] {
+            std::fs::write(&path, content).unwrap();
+            let last = last_line(&mut File::open(&path).unwrap()).unwrap();
+            assert_eq!(last.as_ref().map(|l| l.text.as_str()), text, "{content:?}");
+            assert!(last.is_none_or(|l| l.complete == complete), "{content:?}");
+        }
+        // Longer than one step, on both sides of the last newline.
+        std::fs::write(&path, format!("{long}\n{long}y\n")).unwrap();
+        let last = last_line(&mut File::open(&path).unwrap()).unwrap().unwrap();
+        assert_eq!((last.text.len(), last.complete), (150_001, true));
+        std::fs::write(&path, format!("{long}")).unwrap();
+        let last = last_line(&mut File::open(&path).unwrap()).unwrap().unwrap();
+        assert_eq!((last.text.len(), last.complete), (150_000, false));
     }
 
     #[test]
