@@ -464,7 +464,7 @@ mod tests {
         std::fs::write(&path, format!("{long}\n{long}y\n")).unwrap();
         let last = last_line(&mut File::open(&path).unwrap()).unwrap().unwrap();
         assert_eq!((last.text.len(), last.complete), (150_001, true));
-        std::fs::write(&path, format!("{long}")).unwrap();
+        std::fs::write(&path, &long).unwrap();
         let last = last_line(&mut File::open(&path).unwrap()).unwrap().unwrap();
         assert_eq!((last.text.len(), last.complete), (150_000, false));
     }
