@@ -1,5 +1,6 @@
 //! `fleetctl audit …`: verifying the orchestrator's hash-chained audit trail, and making
-//! the key its rows are authenticated with.
+//! the key its rows are authenticated with. Anchoring (`audit anchor`, `audit anchor-key`,
+//! `verify --anchors`) is [`crate::anchor`].
 //!
 //! The walk itself is the orchestrator's [`orchestrator::audit::verify`]; this module loads
 //! the key, connects (see [`crate::db::Database`]), and turns the report into a line an
@@ -120,7 +121,9 @@ pub struct VerifyArgs {
     pub audit_key_file: PathBuf,
 
     /// Print one JSON object: intact, rows, and broken (null, or seq, reason, message, at,
-    /// action, task_id, actor_role, actor_instance, expected_seq, head_seq).
+    /// action, task_id, actor_role, actor_instance, expected_seq, head_seq); with
+    /// --anchors also anchors (ok, count, last_n, last_seq, last_at, head_seq, unanchored,
+    /// problem, rewritten), and intact is then true only when the anchors check out too.
     #[arg(long)]
     pub json: bool,
 
