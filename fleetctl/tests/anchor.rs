@@ -663,3 +663,18 @@ async fn rows_deleted_at_the_end_with_the_head_set_back_are_named() {
     refused.assert_code(1);
     assert!(refused.stderr.contains("the head is at seq 4, below the anchored seq 6"), "{}", refused.stderr);
 }
+
+#[tokio::test]
+async fn a_head_that_disagrees_with_its_row_is_never_anchored() {
+    let f = Fleet::start().await;
+    f.append(2).await;
+    sqlx::query("UPDATE audit_head SET hash = $1").bind(vec![7u8; 32]).execute(&f.pool).await.unwrap();
+    let out = f.anchor("file:anchors.jsonl");
+    out.assert_code(1);
+    assert_eq!(
+        out.stderr,
+        "error: Failed to anchor: the audit trail is broken at seq 2: its hash is not the head's hash; not anchoring \
+         it\n"
+    );
+    assert!(!f.path("anchors.jsonl").exists());
+}

@@ -423,6 +423,9 @@ pub async fn anchor_now(pool: &PgPool, key: &AnchorKey, sink: &dyn AnchorSink) -
         let hash = Hash32::from_slice(&row.hash)
             .filter(|h| row.computed_hash() == h.0)
             .ok_or(AnchorError::Broken { seq: row.seq, why: "its content does not hash to its hash" })?;
+        if row.seq == head_seq && hash.0.as_slice() != head_hash.as_slice() {
+            return Err(AnchorError::Broken { seq: head_seq, why: "its hash is not the head's hash" });
+        }
         pending.push(hash);
         prev = hash;
         expected = expected.saturating_add(1);
@@ -439,9 +442,6 @@ pub async fn anchor_now(pool: &PgPool, key: &AnchorKey, sink: &dyn AnchorSink) -
     }
     if expected != head_seq.saturating_add(1) {
         return Err(AnchorError::Broken { seq: expected, why: "the row is missing (the head says there are more)" });
-    }
-    if prev.0.as_slice() != head_hash.as_slice() {
-        return Err(AnchorError::Broken { seq: head_seq, why: "its hash is not the head's hash" });
     }
     tx.rollback().await?;
     Ok(appended)
