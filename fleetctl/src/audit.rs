@@ -1,5 +1,6 @@
 //! `fleetctl audit …`: verifying the orchestrator's hash-chained audit trail, and making
-//! the key its rows are authenticated with.
+//! the key its rows are authenticated with. Anchoring (`audit anchor`, `audit anchor-key`,
+//! `verify --anchors`) is [`crate::anchor`].
 //!
 //! The walk itself is the orchestrator's [`orchestrator::audit::verify`]; this module loads
 //! the key, connects (see [`crate::db::Database`]), and turns the report into a line an
@@ -52,11 +53,46 @@ pub enum AuditCommand {
     /// task, actor) and the reason, exit 1. 64 for a usage error (missing, unreadable or
     /// invalid key file; invalid URL), 1 when Postgres can't be reached. The role needs
     /// SELECT on audit_trail and audit_head only.
+    ///
+    /// With --anchors SPEC --anchor-pubkey FILE it also checks every anchor in the sink
+    /// (whole line, Ed25519 signature under the public key, numbered and chained after the
+    /// previous one, seqs increasing) and compares the hash of every anchored row with the
+    /// database: a superuser holding the audit key can recompute the chain so the walk
+    /// passes, but not the anchors. It prints "anchors: N good, the last (anchor N) at seq
+    /// S, TIME; K rows after it not yet anchored", then, when something is wrong, "anchor
+    /// problem: …" (cut, malformed, forged, removed or reordered anchor) and "rewritten:
+    /// first rewritten row is seq K: …"; exit 1 for either.
     Verify(VerifyArgs),
+
+    /// Sign the trail's head with the anchor key and append it to a sink outside Postgres.
+    ///
+    /// Each anchor commits to the head (seq, hash), the hash of every row since the
+    /// previous anchor, and the previous anchor; it is signed with Ed25519 by a key only
+    /// this process holds. Before anchoring it checks that the database still holds the
+    /// last anchored row with the anchored hash and that the new rows chain and hash
+    /// correctly (no audit key needed). Once by default; with --every, at that interval
+    /// until SIGINT or SIGTERM (exit 0), retrying database and sink faults with backoff.
+    /// Exit 1 when the trail no longer matches the last anchor or is broken (an operator
+    /// must look), 64 for a usage error. The role needs SELECT on audit_trail and
+    /// audit_head only.
+    Anchor(crate::anchor::AnchorArgs),
 
     /// Manage the audit key.
     #[command(subcommand)]
     Key(KeyCommand),
+
+    /// Manage the anchor key (Ed25519).
+    #[command(subcommand)]
+    AnchorKey(AnchorKeyCommand),
+}
+
+/// `fleetctl audit anchor-key …`
+#[derive(Debug, Subcommand)]
+pub enum AnchorKeyCommand {
+    /// Write a new Ed25519 anchor key (its 32-byte seed from the OS random generator, as 64
+    /// hex digits, mode 0600) and its public key (FILE.pub, or --public-out), and print the
+    /// public key. Never overwrites an existing file.
+    New(crate::anchor::AnchorKeyNewArgs),
 }
 
 /// `fleetctl audit key …`
@@ -85,9 +121,19 @@ pub struct VerifyArgs {
     pub audit_key_file: PathBuf,
 
     /// Print one JSON object: intact, rows, and broken (null, or seq, reason, message, at,
-    /// action, task_id, actor_role, actor_instance, expected_seq, head_seq).
+    /// action, task_id, actor_role, actor_instance, expected_seq, head_seq); with
+    /// --anchors also anchors (ok, count, last_n, last_seq, last_at, head_seq, unanchored,
+    /// problem, rewritten), and intact is then true only when the anchors check out too.
     #[arg(long)]
     pub json: bool,
+
+    /// Also check the anchors in this sink (`file:/path/anchors.jsonl`, `git:/path/repo`).
+    #[arg(long, value_name = "SPEC", requires = "anchor_pubkey")]
+    pub anchors: Option<String>,
+
+    /// The anchor public key file (64 hex digits), as `audit anchor-key new` wrote it.
+    #[arg(long, value_name = "FILE", requires = "anchors")]
+    pub anchor_pubkey: Option<PathBuf>,
 }
 
 /// Arguments of `audit key new`.
@@ -103,27 +149,62 @@ pub fn run(cmd: AuditCommand) -> anyhow::Result<()> {
     match cmd {
         AuditCommand::Verify(args) => verify(&args),
         AuditCommand::Key(KeyCommand::New(args)) => key_new(&args),
+        AuditCommand::Anchor(args) => crate::anchor::anchor(&args),
+        AuditCommand::AnchorKey(AnchorKeyCommand::New(args)) => crate::anchor::key_new(&args),
     }
 }
 
 fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
     let key = load_key(&args.audit_key_file)?;
+    let anchors = match (&args.anchors, &args.anchor_pubkey) {
+        (Some(spec), Some(pubkey)) => {
+            let public = crate::anchor::load_public_key(pubkey)?;
+            let sink = crate::anchor::open_sink(spec)?;
+            Some((public, sink))
+        }
+        _ => None,
+    };
     let db = crate::db::from_args(args.database_url.clone())?;
-    let report = runtime()?.block_on(async {
+    let (report, anchored) = runtime()?.block_on(async {
+        let stored = anchors.as_ref().map(|(_, sink)| crate::anchor::read_sink(sink.as_ref())).transpose()?;
         let pool = db.connect().await?;
         let report = orchestrator::audit::verify(&pool, &key)
             .await
             .map_err(|e| anyhow!("{}", db.describe(&e)))
             .with_context(|| format!("Failed to read the audit trail at {}", db.address()))?;
+        let anchored = match (&anchors, &stored) {
+            (Some((public, _)), Some(stored)) => Some(
+                orchestrator::anchor::verify_anchors(&pool, stored, public)
+                    .await
+                    .map_err(|e| anyhow!("{}", db.describe(&e)))
+                    .with_context(|| format!("Failed to compare the anchors with the trail at {}", db.address()))?,
+            ),
+            _ => None,
+        };
         pool.close().await;
-        Ok::<_, anyhow::Error>(report)
+        Ok::<_, anyhow::Error>((report, anchored))
     })?;
-    let text = if args.json { format!("{}\n", to_json(&report)) } else { to_text(&report) };
+    let text = if args.json {
+        let mut v = to_json(&report);
+        if let Some(a) = &anchored {
+            v["intact"] = Value::from(report.first_broken.is_none() && a.ok());
+            v["anchors"] = crate::anchor::to_json(a);
+        }
+        format!("{v}\n")
+    } else {
+        let mut text = to_text(&report);
+        if let Some(a) = &anchored {
+            text.push_str(&crate::anchor::to_text(a));
+        }
+        text
+    };
     io::stdout().lock().write_all(text.as_bytes()).context("Failed to write to stdout")?;
-    match &report.first_broken {
-        None => Ok(()),
-        Some((seq, why)) => bail!("the audit trail is broken at seq {seq}: {}", message(why)),
+    let mut failures = Vec::new();
+    if let Some((seq, why)) = &report.first_broken {
+        failures.push(format!("the audit trail is broken at seq {seq}: {}", message(why)));
     }
+    failures.extend(anchored.as_ref().and_then(crate::anchor::failure));
+    if failures.is_empty() { Ok(()) } else { bail!("{}", failures.join("; ")) }
 }
 
 fn load_key(path: &Path) -> Result<AuditKey, UsageError> {

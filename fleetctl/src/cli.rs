@@ -134,9 +134,11 @@ pub enum Command {
     /// Read-only; a read-only database role is enough.
     Trace(crate::trace::TraceArgs),
 
-    /// Verify the orchestrator's hash-chained audit trail; create its key.
+    /// Verify the orchestrator's hash-chained audit trail; create its key; anchor its head
+    /// outside Postgres (Ed25519) and create the anchor key.
     ///
-    /// See `fleetctl audit verify --help` and docs/operations.md, "Audit trail".
+    /// See `fleetctl audit verify --help`, `fleetctl audit anchor --help` and
+    /// docs/operations.md, "Audit trail" and "Anchoring the audit trail".
     #[command(subcommand)]
     Audit(crate::audit::AuditCommand),
 

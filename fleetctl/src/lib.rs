@@ -22,6 +22,8 @@
 //! - [`trace`]: `fleetctl trace TASK`: one task's steps and timings from Postgres.
 //! - [`tail`]: `fleetctl tail STREAM`: follow a stream, verify and summarise each entry.
 //! - [`audit`]: `fleetctl audit verify` (the orchestrator's audit trail) and `audit key new`.
+//! - [`anchor`]: `fleetctl audit anchor` (the trail's head signed and appended outside
+//!   Postgres), `audit anchor-key new`, and the `--anchors` half of `audit verify`.
 //! - [`db`]: `fleetctl db migrate`, and connecting to Postgres with the URL kept secret.
 //! - [`token`]: `fleetctl token …`: the HTTP API's bearer tokens and their secret.
 //! - [`tasks_cmd`]: `fleetctl submit|tasks|task|approve|kill|resume` over the HTTP API.
@@ -31,6 +33,7 @@
 //! - [`exit`]: [`UsageError`](exit::UsageError) and the mapping of results to exit codes.
 
 pub mod acl;
+pub mod anchor;
 pub mod audit;
 pub mod cli;
 pub mod client;

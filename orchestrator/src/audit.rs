@@ -46,7 +46,10 @@ impl AuditKey {
         Self::new(bytes)
     }
 
-    fn mac(&self, hash: &[u8]) -> Vec<u8> {
+    /// HMAC-SHA256 of a row's `hash`: the row's `mac`. Whoever holds the key can make rows
+    /// that verify; that is why the chain's head is also anchored outside Postgres
+    /// ([`crate::anchor`]).
+    pub fn mac(&self, hash: &[u8]) -> Vec<u8> {
         let mut m = <Hmac<Sha256> as KeyInit>::new_from_slice(&self.0).expect("HMAC accepts any key length");
         m.update(hash);
         m.finalize().into_bytes().to_vec()
@@ -153,6 +156,40 @@ pub struct AuditRow {
     pub hash: Vec<u8>,
     /// HMAC of `hash`.
     pub mac: Vec<u8>,
+}
+
+impl AuditRow {
+    /// The hash this row's content gives after its `prev_hash`: equal to `hash` unless the
+    /// row was altered. Needs no key, so the anchoring process checks rows with it.
+    pub fn computed_hash(&self) -> Vec<u8> {
+        let entry = AuditEntry {
+            actor_role: &self.actor_role,
+            actor_instance: &self.actor_instance,
+            action: &self.action,
+            task_id: self.task_id,
+            prompt_version: self.prompt_version.as_deref(),
+            details: self.details.clone(),
+        };
+        row_hash(&self.prev_hash, self.seq, &self.at, &entry)
+    }
+
+    /// Reads one row of `SELECT seq, at, actor_role, actor_instance, action, task_id,
+    /// prompt_version, details, prev_hash, hash, mac FROM audit_trail`.
+    pub fn from_pg(r: &sqlx::postgres::PgRow) -> Result<Self, sqlx::Error> {
+        Ok(Self {
+            seq: r.try_get("seq")?,
+            at: r.try_get("at")?,
+            actor_role: r.try_get("actor_role")?,
+            actor_instance: r.try_get("actor_instance")?,
+            action: r.try_get("action")?,
+            task_id: r.try_get("task_id")?,
+            prompt_version: r.try_get("prompt_version")?,
+            details: r.try_get("details")?,
+            prev_hash: r.try_get("prev_hash")?,
+            hash: r.try_get("hash")?,
+            mac: r.try_get("mac")?,
+        })
+    }
 }
 
 fn row_hash(prev: &[u8], seq: i64, at: &DateTime<Utc>, e: &AuditEntry<'_>) -> Vec<u8> {
@@ -316,19 +353,7 @@ async fn walk(conn: &mut PgConnection, key: &AuditKey, head_seq: i64) -> Result<
     let mut count = 0u64;
     while let Some(r) = rows.try_next().await? {
         count += 1;
-        let row = AuditRow {
-            seq: r.try_get("seq")?,
-            at: r.try_get("at")?,
-            actor_role: r.try_get("actor_role")?,
-            actor_instance: r.try_get("actor_instance")?,
-            action: r.try_get("action")?,
-            task_id: r.try_get("task_id")?,
-            prompt_version: r.try_get("prompt_version")?,
-            details: r.try_get("details")?,
-            prev_hash: r.try_get("prev_hash")?,
-            hash: r.try_get("hash")?,
-            mac: r.try_get("mac")?,
-        };
+        let row = AuditRow::from_pg(&r)?;
         let broken = check_row(&row, expected, &prev, key)
             .or_else(|| (row.seq > head_seq).then_some(Break::BeyondHead { head_seq }));
         if let Some(b) = broken {

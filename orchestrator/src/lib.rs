@@ -9,6 +9,7 @@
 //! - [`db`]: connecting, migrations, monthly audit partitions.
 //! - [`state`]: the task states and the legal transitions of the XP cycle.
 //! - [`audit`]: appending to and verifying the hash-chained audit trail.
+//! - [`anchor`]: the trail's head signed (Ed25519) and appended to a sink outside Postgres; checking it.
 //! - [`control`]: the kill switch's pauses from the budget manager: halt the fleet, raise the kill epoch.
 //! - [`service`]: bus handlers (results, heartbeats, questions) and the tick loop.
 //! - [`outbox`]: inserting sealed envelopes in the caller's transaction.
@@ -26,6 +27,7 @@
 //! - [`api`]: the operators' HTTP API (axum) over the engine: bearer tokens with roles, per-client
 //!   intake rate limit, health, readiness and metrics; its OpenAPI document (`api/openapi.rs`).
 
+pub mod anchor;
 pub mod api;
 pub mod app;
 pub mod audit;
