@@ -217,6 +217,7 @@ impl Fleet {
         format!(
             r#"
 instance = "budget-0"
+deployment = "staging"
 keyset = "{d}/budget-keys.toml"
 permissions = "{d}/permissions.toml"
 grace_secs = 2
@@ -428,6 +429,10 @@ async fn three_consecutive_failures_engage_a_success_resets_and_the_operator_res
         f.telegram.kills() == 1 && f.webhook.kills() == 1
     })
     .await;
+    assert_eq!(f.telegram.count("KILL SWITCH ENGAGED</b> on <b>staging</b>"), 1, "the deployment is named");
+    assert_eq!(f.telegram.count("<b>By:</b> budget-0, automatically (consecutive failures)"), 1);
+    assert_eq!(f.telegram.count("<b>Why:</b> 3 consecutive task failures (threshold 3)"), 1);
+    assert_eq!(f.telegram.count("<b>Resume:</b> <code>fleetctl resume</code>"), 1);
 
     // The operator resumes through the orchestrator: control.resume on fleet:control:budget.
     f.send(StreamName::control(Role::Budget).as_str(), ControlResume { epoch: 1 }.into(), None).await;
@@ -442,9 +447,29 @@ async fn three_consecutive_failures_engage_a_success_resets_and_the_operator_res
         );
     }
     eventually("the resumed alert is delivered", Duration::from_secs(20), async || {
-        f.telegram.count("resumed (epoch 1)") == 1 && f.webhook.count("alert.resumed") == 1
+        f.telegram.count("Fleet resumed") == 1 && f.webhook.count("alert.resumed") == 1
     })
     .await;
+    // It says which kill it ends: when, and why.
+    let kill_at = budget::alert::render::utc(state.at_ms.unwrap());
+    assert_eq!(
+        f.telegram.count(&format!(
+            "<b>Ends:</b> the kill of {kill_at} (lasted 0 s) by consecutive failures: 3 consecutive task failures (threshold 3)"
+        )) + f.telegram.count(&format!("<b>Ends:</b> the kill of {kill_at} (lasted 1 s) by consecutive failures")),
+        1,
+        "{:?}",
+        f.telegram.seen.lock().unwrap().accepted
+    );
+    {
+        let seen = f.webhook.seen.lock().unwrap();
+        let resumed = seen.accepted.iter().find(|v| v["type"] == "alert.resumed").unwrap();
+        let kill = seen.accepted.iter().find(|v| v["type"] == "alert.kill_engaged").unwrap();
+        assert_eq!(resumed["data"]["ends"]["engagement"], kill["data"]["details"]["engagement"]);
+        assert_eq!(resumed["data"]["ends"]["at_ms"], state.at_ms.unwrap());
+        assert_eq!(resumed["data"]["ends"]["cause"]["trigger"], "consecutive_failures");
+        assert_eq!(kill["data"]["deployment"], "staging");
+        assert_eq!(resumed["data"]["cause"]["trigger"], "operator");
+    }
     // A second engagement gets its own epoch and its own alert.
     f.send(StreamName::control(Role::Budget).as_str(), ControlPause { epoch: 0, reason: "drill".into() }.into(), None)
         .await;
