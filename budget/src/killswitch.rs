@@ -74,11 +74,17 @@ return {1, string.format('%d', epoch)}
 /// A cause as stored in the record; a record written by an older `budget` has none, and
 /// its `by` and `reason` stand in.
 fn stored_cause(json: &str, by: Option<&str>, reason: Option<&str>) -> Cause {
-    serde_json::from_str(json).unwrap_or_else(|_| Cause {
-        trigger: String::new(),
-        operator: None,
-        via: by.map(str::to_owned).filter(|b| !b.is_empty()),
-        reason: reason.unwrap_or_default().to_owned(),
+    serde_json::from_str(json).unwrap_or_else(|_| {
+        let reason = reason.unwrap_or_default();
+        match by.unwrap_or_default() {
+            by if by.starts_with("operator via ") => Cause::operator(None, &by["operator via ".len()..], reason),
+            by => Cause {
+                trigger: String::new(),
+                operator: None,
+                via: Some(by.to_owned()).filter(|b| !b.is_empty()),
+                reason: reason.to_owned(),
+            },
+        }
     })
 }
 
@@ -284,7 +290,7 @@ impl KillSwitch {
             if resumed {
                 tracing::warn!(epoch = current, by, "Kill switch released: resuming every role.");
             }
-            self.broadcast(current, |_| ControlResume { epoch: current }.into()).await?;
+            self.broadcast(current, |_| ControlResume { epoch: current, by: None }.into()).await?;
             let (at_ms, ends) = self.ended_kill().await?;
             let alert = Alert::resumed(
                 self.alerts.deployment(),
@@ -323,7 +329,7 @@ impl KillSwitch {
     async fn broadcast_pause(&self, e: &Engagement) -> Result<(), KillSwitchError> {
         let reason = e.state.reason.clone().unwrap_or_default();
         let epoch = e.state.epoch;
-        self.broadcast(epoch, |_| ControlPause { epoch, reason: reason.clone() }.into()).await
+        self.broadcast(epoch, |_| ControlPause { epoch, reason: reason.clone(), by: None }.into()).await
     }
 
     /// One pipelined `XADD` per role, sealed under `epoch`.

@@ -32,6 +32,7 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
+use crate::alert::facts::ORCHESTRATOR_TRIGGER;
 use crate::alert::render::thousands;
 use crate::alert::{Alert, AlertSender, Cause};
 use crate::killswitch::{FAILURES_KEY, KillSwitch};
@@ -399,13 +400,20 @@ pub struct ControlHandler(pub Budget);
 impl Handler for ControlHandler {
     async fn handle(&self, d: Delivery) -> Result<(), HandlerError> {
         let via = d.envelope.from.instance.as_str();
+        // An admin's command names the admin; without a name, the orchestrator acted itself
+        // (its model proxy found the day spent, or it restores the record after Redis lost it).
+        let cause = |by: Option<&str>, reason: &str| match by {
+            Some(name) => Cause::operator(Some(name), via, reason),
+            None => Cause::automatic(ORCHESTRATOR_TRIGGER, via, reason),
+        };
         match &d.envelope.payload {
             Payload::ControlPause(p) => {
-                let details = json!({"trigger": "operator", "orchestrator": via});
-                self.0.engage(&Cause::operator(None, via, &p.reason), p.epoch, details).await
+                let cause = cause(p.by.as_deref(), &p.reason);
+                let details = json!({"trigger": cause.trigger, "orchestrator": via});
+                self.0.engage(&cause, p.epoch, details).await
             }
             Payload::ControlResume(r) => {
-                self.0.killswitch.resume(&Cause::operator(None, via, ""), r.epoch).await.map_err(transient)?;
+                self.0.killswitch.resume(&cause(r.by.as_deref(), ""), r.epoch).await.map_err(transient)?;
                 Ok(())
             }
             other => {

@@ -40,6 +40,9 @@ pub struct Facts {
 
 /// The trigger of an operator's action.
 pub const OPERATOR: &str = "operator";
+/// The trigger of a kill or resume the orchestrator relayed without an operator's name: its
+/// own (the model proxy found the day spent; the record restored after Redis lost it).
+pub const ORCHESTRATOR_TRIGGER: &str = "orchestrator";
 
 /// Who or what caused an alert.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]

@@ -123,7 +123,8 @@ fn trigger_words(trigger: &str) -> String {
 }
 
 /// Who or what: `alice (operator, via orchestrator-0)`, `an operator via orchestrator-0
-/// (name not passed on)`, `budget-0, automatically (daily budget)`.
+/// (name not passed on)`, `orchestrator-0 (the orchestrator itself, no operator named)`,
+/// `budget-0, automatically (daily budget)`.
 fn who(cause: &Cause) -> String {
     let via = cause.via.as_deref().map(name);
     match (&cause.operator, via) {
@@ -131,6 +132,11 @@ fn who(cause: &Cause) -> String {
         (Some(person), None) => format!("{} (operator)", name(person)),
         (None, Some(via)) if cause.is_operator() => format!("an operator via {via} (name not passed on)"),
         (None, None) if cause.is_operator() => "an operator (name not passed on)".to_owned(),
+        // A record written before causes were kept: its `by` is all there is.
+        (None, Some(via)) if cause.trigger.is_empty() => via,
+        (None, Some(via)) if cause.trigger == super::facts::ORCHESTRATOR_TRIGGER => {
+            format!("{via} (the orchestrator itself, no operator named)")
+        }
         (None, Some(via)) => format!("{via}, automatically ({})", trigger_words(&cause.trigger)),
         (None, None) => format!("automatically ({})", trigger_words(&cause.trigger)),
     }
@@ -391,6 +397,25 @@ mod tests {
         assert_eq!(thousands(999), "999");
         assert_eq!(thousands(812_400), "812,400");
         assert_eq!(thousands(1_234_567_890), "1,234,567,890");
+    }
+
+    #[test]
+    fn names_who_or_what_did_it() {
+        let via = "orchestrator-0";
+        assert_eq!(who(&Cause::operator(Some("alice"), via, "x")), "alice (operator, via orchestrator-0)");
+        assert_eq!(who(&Cause::operator(Some("  "), via, "x")), "an operator via orchestrator-0 (name not passed on)");
+        assert_eq!(
+            who(&Cause::automatic(super::super::facts::ORCHESTRATOR_TRIGGER, via, "x")),
+            "orchestrator-0 (the orchestrator itself, no operator named)"
+        );
+        assert_eq!(
+            who(&Cause::automatic("consecutive_failures", "budget-0", "x")),
+            "budget-0, automatically (consecutive failures)"
+        );
+        let old = Cause { via: Some("budget".into()), ..Cause::default() };
+        assert_eq!(who(&old), "budget", "a record from before causes were kept");
+        assert_eq!(who_short(&Cause::operator(None, via, "")), "an operator");
+        assert_eq!(who_short(&Cause::automatic("daily_budget", "budget-0", "")), "daily budget");
     }
 
     #[test]
