@@ -111,11 +111,14 @@ struct Behaviour {
     /// How long to wait after accepting before answering: a crash of the sender in this
     /// window leaves an alert delivered but not acknowledged.
     respond_delay: Duration,
+    /// Telegram only: answer every HTML message as Telegram answers markup it cannot parse
+    /// (400, `can't parse entities`), and accept plain text (no `parse_mode`).
+    refuse_html: bool,
 }
 
 impl Default for Behaviour {
     fn default() -> Self {
-        Self { fail_first: 0, failure: Failure::Unavailable, respond_delay: Duration::ZERO }
+        Self { fail_first: 0, failure: Failure::Unavailable, respond_delay: Duration::ZERO, refuse_html: false }
     }
 }
 
@@ -271,13 +274,24 @@ async fn telegram_handler(
     if message["chat_id"] != json!(CHAT_ID) {
         return bad(format!("chat_id {}", message["chat_id"]));
     }
-    if message["parse_mode"] != "HTML" || message["link_preview_options"] != json!({"is_disabled": true}) {
+    let refuse_html = shared.behaviour.lock().unwrap().refuse_html;
+    if refuse_html && message["parse_mode"] == "HTML" {
+        shared.seen.lock().unwrap().arrivals.push(Instant::now());
+        let description = "Bad Request: can't parse entities: unsupported start tag \"x\" at byte offset 0";
+        let answer = json!({"ok": false, "error_code": 400, "description": description});
+        return (StatusCode::BAD_REQUEST, axum::Json(answer)).into_response();
+    }
+    if refuse_html && message.get("parse_mode").is_none() && message["text"].as_str().is_some_and(|t| !t.is_empty()) {
+        // The plain-text fallback: accepted as it is.
+    } else if message["parse_mode"] != "HTML" || message["link_preview_options"] != json!({"is_disabled": true}) {
         return bad(format!(
             "parse_mode {} / link_preview_options {}",
             message["parse_mode"], message["link_preview_options"]
         ));
     }
-    if let Err(e) = message["text"].as_str().ok_or_else(|| "no text".to_owned()).and_then(check_telegram_html) {
+    if !refuse_html
+        && let Err(e) = message["text"].as_str().ok_or_else(|| "no text".to_owned()).and_then(check_telegram_html)
+    {
         return bad(format!("can't parse entities: {e}"));
     }
     match admit(&shared) {
@@ -1132,4 +1146,28 @@ async fn hostile_values_are_escaped_and_long_ones_cut_within_telegrams_limit() {
         messages[2]
             .contains("<b>Details:</b> <code>fleetctl incident show 00000000-0000-0000-0000-000000000007</code>")
     );
+}
+
+/// Should Telegram refuse the markup (a renderer bug: every value is escaped), the same
+/// attempt sends the plain text, rather than blocking the channel for ever.
+#[tokio::test]
+async fn markup_telegram_cannot_parse_is_sent_again_as_plain_text() {
+    let redis = start_redis();
+    let pool = pool(&redis);
+    let telegram = telegram_receiver().await;
+    telegram.set(Behaviour { refuse_html: true, ..Behaviour::default() });
+    let cfg = config(Some(&telegram), None);
+    let sender = AlertSender::new(pool.clone(), &cfg);
+    let running = Running::start(&pool, &cfg);
+    let kill = kill_alert(3, "operator alice", "drill", json!({}));
+    queued(sender.enqueue(&kill).await.unwrap());
+    eventually("delivered as plain text", || telegram.accepted().len() == 1).await;
+    eventually_acked(&pool, names::TELEGRAM_GROUP).await;
+    assert_eq!(running.failed_attempts(), 0, "no retry: the fallback is part of the attempt");
+    running.stop().await;
+    let message = &telegram.accepted()[0];
+    assert_eq!(message["text"], json!(kill.text));
+    assert_eq!(message.get("parse_mode"), None);
+    assert_eq!(telegram.arrivals(), 2, "one refused HTML message, then the plain text, in the same attempt");
+    telegram.assert_no_problems();
 }
