@@ -154,7 +154,7 @@ fn status_action() -> Action {
 
 impl Alert {
     /// An alert of `kind` with a fresh id and the current time. The facts and `details` are
-    /// redacted ([`telemetry::redact`]: a reason may quote a credential) before anything
+    /// redacted ([`telemetry::redact()`]: a reason may quote a credential) before anything
     /// is stored or sent; `text` is rendered from them and cut to [`MAX_TEXT_CHARS`].
     pub fn new(
         kind: AlertKind,

@@ -3,8 +3,8 @@
 //! [`KillSwitch::engage`] runs one Lua script on the state record (`fleet:killswitch`,
 //! [`bus::control::KILLSWITCH_KEY`]): if the switch is already engaged it changes nothing
 //! and returns the record as it is; otherwise it raises the epoch to
-//! `max(current + 1, proposed)`, sets `engaged = 1` and records who, why, when and a fresh
-//! engagement id. So however many triggers fire at once (fifty callers finding the day spent,
+//! `max(current + 1, proposed)`, sets `engaged = 1` and records who, why, when, a fresh
+//! engagement id and the [`Cause`] (JSON: the admin's name or the trigger, for the alerts). So however many triggers fire at once (fifty callers finding the day spent,
 //! three failure counters, an operator), the record is written **once per engagement**.
 //! Only the caller whose script wrote the record then sends a signed `control.pause
 //! {epoch, reason}` to `fleet:control:<role>` for every role (sealed under the new epoch, so
@@ -17,8 +17,9 @@
 //! makes it a no-op if it was queued). Listeners also re-read the record every few seconds.
 //!
 //! [`KillSwitch::resume`] (an admin's resume, relayed by the orchestrator) clears `engaged`
-//! (the epoch stays), resets the consecutive-failure counter in the same script, sends
-//! `control.resume {epoch}` to every role and enqueues one `resumed` alert.
+//! (the epoch stays), resets the consecutive-failure counter in the same script, keeps the
+//! engagement it ends (`kill_id`, `kill_at_ms`, `kill_by`, `kill_reason`, `kill_cause`), sends
+//! `control.resume {epoch}` to every role and enqueues one `resumed` alert naming that kill.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -213,7 +213,7 @@ impl Cause {
 }
 
 impl Facts {
-    /// Every free text through the fleet's redaction set ([`telemetry::redact`]): a reason
+    /// Every free text through the fleet's redaction set ([`telemetry::redact()`]): a reason
     /// or a title may quote a credential.
     pub fn redact(&mut self) {
         redact(&mut self.deployment);
