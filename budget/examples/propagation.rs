@@ -124,14 +124,18 @@ async fn main() {
     let mut all_paused = Vec::new();
     for run in 0..runs {
         let t = Instant::now();
-        let e = switch.engage("bench", "propagation run", 0, serde_json::Value::Null).await.unwrap();
+        let e = switch
+            .engage(&budget::alert::Cause::automatic("bench", "bench", "propagation run"), 0, serde_json::Value::Null)
+            .await
+            .unwrap();
         engage_rt.push(t.elapsed());
         assert!(e.fresh, "run {run}: the switch was already engaged");
         for g in &gates {
             tokio::time::timeout(Duration::from_secs(10), g.wait_paused()).await.expect("every gate pauses");
         }
         all_paused.push(t.elapsed());
-        let (epoch, resumed) = switch.resume("bench", e.state.epoch).await.unwrap();
+        let (epoch, resumed) =
+            switch.resume(&budget::alert::Cause::operator(Some("bench"), "bench", ""), e.state.epoch).await.unwrap();
         assert!(resumed && epoch == e.state.epoch);
         for g in &gates {
             tokio::time::timeout(Duration::from_secs(10), g.wait_open()).await.expect("every gate opens");

@@ -1,6 +1,13 @@
-//! Alerts: telling operators that the kill switch was engaged, that the fleet resumed, or
-//! that a soft limit is near, over Telegram (Bot API `sendMessage`) and a generic JSON
-//! webhook signed per Standard Webhooks.
+//! Alerts: telling operators that the kill switch was engaged, that the fleet resumed, that
+//! a soft limit is near, or that an incident was opened, over Telegram (Bot API
+//! `sendMessage`) and a generic JSON webhook signed per Standard Webhooks.
+//!
+//! **Something a person can act on from a phone.** Every alert carries [`Facts`]: the
+//! deployment (the `deployment` setting), when it happened, who did it (the admin's name
+//! when a person did) or which trigger with its figures, what is affected (tasks halted,
+//! merges frozen, roles paused), and the exact `fleetctl` commands to act. A resume also
+//! names the kill it ends. Telegram gets them as HTML rendered at each attempt (with the
+//! event's age then); the webhook gets them as structured fields, plus the plain `text`.
 //!
 //! An alert is **persisted before any send attempt**: [`AlertSender::enqueue`] appends it to
 //! the Redis stream [`names::STREAM`] in the same Lua script that claims its deduplication
@@ -12,8 +19,9 @@
 //! stays in the group's pending list, so a restarted `budget` (same consumer name) picks it
 //! up again first: delivery survives restarts of `budget`, and of Redis if it runs with AOF.
 //!
-//! **Once per engagement**: an alert carries a deduplication key (`kill_engaged:<epoch>`,
-//! `resumed:<epoch>`, `soft_limit_warning:<scope>`), and enqueueing claims
+//! **Once per engagement**: an alert carries a deduplication key
+//! (`kill_engaged:<engagement>`, `resumed:<epoch>`, `soft_limit_warning:<scope>`,
+//! `incident:<id>`), and enqueueing claims
 //! `fleet:alerts:dedup:<key>` with `SET NX`; a second trigger for the same epoch finds the
 //! marker and enqueues nothing. Soft-limit markers expire after
 //! [`AlertsConfig::soft_limit_every`], which is the rate limit.
@@ -26,6 +34,8 @@
 //!
 //! # Layout
 //! - [`config`]: [`AlertsConfig`], [`TelegramConfig`], [`WebhookConfig`].
+//! - [`facts`]: what an alert reports ([`Facts`], [`Cause`], [`Affected`], [`Incident`], …).
+//! - [`render`]: the facts as plain text and as Telegram HTML (escaped, within 4,096).
 //! - [`outbox`]: [`AlertSender`], the enqueue script (dedup + `XADD`).
 //! - [`dispatcher`]: [`AlertDispatcher`], one read → deliver → ack loop per channel.
 //! - [`channel`]: one delivery attempt over Telegram or the webhook, classified.
@@ -35,7 +45,9 @@
 pub mod channel;
 pub mod config;
 pub mod dispatcher;
+pub mod facts;
 pub mod outbox;
+pub mod render;
 pub mod standard_webhooks;
 
 use serde::{Deserialize, Serialize};
@@ -43,6 +55,7 @@ use uuid::Uuid;
 
 pub use config::{AlertsConfig, TelegramConfig, WebhookConfig};
 pub use dispatcher::AlertDispatcher;
+pub use facts::{Action, Affected, Cause, Facts, Incident, KillRef, Scope, Severity};
 pub use outbox::{AlertSender, Enqueued};
 
 /// Redis keys and consumer groups of the alert outbox.
@@ -72,10 +85,12 @@ pub mod names {
 pub enum AlertKind {
     /// The kill switch was engaged: every role paused, merges frozen.
     KillEngaged,
-    /// An operator resumed the fleet under a new epoch.
+    /// An operator resumed the fleet.
     Resumed,
     /// A soft limit (per role, or of the day) was reached; nothing was stopped yet.
     SoftLimitWarning,
+    /// An incident was opened ([`Incident`]).
+    Incident,
 }
 
 impl AlertKind {
@@ -85,6 +100,7 @@ impl AlertKind {
             AlertKind::KillEngaged => "kill_engaged",
             AlertKind::Resumed => "resumed",
             AlertKind::SoftLimitWarning => "soft_limit_warning",
+            AlertKind::Incident => "incident",
         }
     }
 }
@@ -103,78 +119,173 @@ pub struct Alert {
     pub id: Uuid,
     /// What happened.
     pub kind: AlertKind,
-    /// The kill epoch the alert is about (the new one for `resumed`).
+    /// The kill epoch in force (for machines; never in the text).
     pub epoch: u64,
     /// At most one alert per dedup key is enqueued (per rate-limit interval for soft-limit
-    /// warnings): `kill_engaged:<epoch>`, `resumed:<epoch>`, `soft_limit_warning:<scope>`.
+    /// warnings): `kill_engaged:<engagement>`, `resumed:<epoch>`,
+    /// `soft_limit_warning:<scope>`, `incident:<id>`.
     pub dedup_key: String,
-    /// The human-readable message; Telegram sends exactly this.
+    /// The message as plain text (rendered from the facts when the alert was made, without
+    /// the age). Telegram gets the same facts as HTML ([`render::telegram_html`]).
     pub text: String,
-    /// Structured context for machines (who, why, counters).
+    /// Structured context for machines (the trigger's own figures).
     pub details: serde_json::Value,
     /// When the alert was raised, Unix milliseconds.
     pub created_at_ms: u64,
+    /// Deployment, time, cause, what is affected, the commands to act (flattened into the
+    /// JSON: `deployment`, `occurred_at`, `cause`, …).
+    #[serde(flatten)]
+    pub facts: Facts,
 }
 
 /// Longest `text` kept; Telegram refuses messages over 4096 characters.
 pub const MAX_TEXT_CHARS: usize = 4000;
 
+/// The deployment name when none is configured.
+pub const DEFAULT_DEPLOYMENT: &str = "agentfleet";
+
+fn resume_action() -> Action {
+    Action::new("Resume", "fleetctl resume")
+}
+
+fn status_action() -> Action {
+    Action::new("State", "fleetctl status")
+}
+
 impl Alert {
-    /// An alert of `kind` with a fresh id and the current time. `text` and `details` are
-    /// redacted ([`telemetry::redact`]: a reason may quote a credential), before anything
-    /// is stored or sent, and `text` is then cut to [`MAX_TEXT_CHARS`].
+    /// An alert of `kind` with a fresh id and the current time. The facts and `details` are
+    /// redacted ([`telemetry::redact()`]: a reason may quote a credential) before anything
+    /// is stored or sent; `text` is rendered from them and cut to [`MAX_TEXT_CHARS`].
     pub fn new(
         kind: AlertKind,
         epoch: u64,
         dedup_key: impl Into<String>,
-        text: impl Into<String>,
+        mut facts: Facts,
         details: serde_json::Value,
     ) -> Self {
-        let mut text: String = text.into();
-        telemetry::redact_string(&mut text);
+        facts.redact();
+        facts.occurred_at = render::rfc3339(facts.occurred_at_ms);
+        if let Some(kill) = &mut facts.ends {
+            kill.at = render::rfc3339(kill.at_ms);
+        }
         let mut details = details;
         telemetry::redact_json(&mut details);
+        let mut alert = Self {
+            id: Uuid::now_v7(),
+            kind,
+            epoch,
+            dedup_key: dedup_key.into(),
+            text: String::new(),
+            details,
+            created_at_ms: now_ms(),
+            facts,
+        };
+        let mut text = render::plain(&alert);
+        telemetry::redact_string(&mut text);
         if let Some((cut, _)) = text.char_indices().nth(MAX_TEXT_CHARS) {
             text.truncate(cut);
         }
-        Self { id: Uuid::now_v7(), kind, epoch, dedup_key: dedup_key.into(), text, details, created_at_ms: now_ms() }
+        alert.text = text;
+        alert
     }
 
-    /// The kill switch was engaged at `epoch` by `by` (`budget`, an operator's name) because
-    /// of `reason`. Sent once per epoch.
-    pub fn kill_engaged(epoch: u64, by: &str, reason: &str, details: serde_json::Value) -> Self {
-        Self::new(
-            AlertKind::KillEngaged,
-            epoch,
-            format!("{}:{epoch}", AlertKind::KillEngaged),
-            format!(
-                "agentfleet: KILL SWITCH ENGAGED (epoch {epoch}) by {by}: {reason}. All roles paused, merges frozen; resuming needs an operator."
-            ),
-            details,
-        )
+    /// The kill switch was engaged at `at_ms` under `epoch` by `cause`. Every role paused,
+    /// every open task halted, merges frozen. Sent once per engagement.
+    pub fn kill_engaged(deployment: &str, epoch: u64, cause: Cause, at_ms: u64, details: serde_json::Value) -> Self {
+        let facts = Facts {
+            deployment: deployment.to_owned(),
+            occurred_at_ms: at_ms,
+            cause,
+            affected: Affected {
+                roles_paused: crate::killswitch::PAUSED_ROLES.iter().map(|r| r.as_str().to_owned()).collect(),
+                tasks_halted: Scope::All,
+                merges_frozen: Scope::All,
+                tasks: Vec::new(),
+            },
+            actions: vec![resume_action(), status_action()],
+            ..Facts::default()
+        };
+        Self::new(AlertKind::KillEngaged, epoch, format!("{}:{epoch}", AlertKind::KillEngaged), facts, details)
     }
 
-    /// The fleet resumed under `epoch` on `by`'s command. Sent once per epoch.
-    pub fn resumed(epoch: u64, by: &str, details: serde_json::Value) -> Self {
-        Self::new(
-            AlertKind::Resumed,
-            epoch,
-            format!("{}:{epoch}", AlertKind::Resumed),
-            format!("agentfleet: resumed (epoch {epoch}) by {by}. Open tasks are re-issued under the new epoch."),
-            details,
-        )
+    /// The fleet resumed at `at_ms` on `cause`'s command, ending the kill `ends` (when the
+    /// record still told it). Sent once per epoch.
+    pub fn resumed(
+        deployment: &str,
+        epoch: u64,
+        cause: Cause,
+        at_ms: u64,
+        ends: Option<KillRef>,
+        details: serde_json::Value,
+    ) -> Self {
+        let facts = Facts {
+            deployment: deployment.to_owned(),
+            occurred_at_ms: at_ms,
+            cause,
+            ends,
+            actions: vec![status_action()],
+            ..Facts::default()
+        };
+        Self::new(AlertKind::Resumed, epoch, format!("{}:{epoch}", AlertKind::Resumed), facts, details)
     }
 
-    /// A soft limit of `scope` (a role such as `dev`, or `daily`) was reached: `message` says
-    /// which and by how much. At most one per scope per [`AlertsConfig::soft_limit_every`].
-    pub fn soft_limit_warning(epoch: u64, scope: &str, message: &str, details: serde_json::Value) -> Self {
+    /// A soft limit of `scope` (a role such as `dev`, or `daily`) was reached just now;
+    /// `cause.reason` says which and by how much. At most one per scope per
+    /// [`AlertsConfig::soft_limit_every`].
+    pub fn soft_limit_warning(
+        deployment: &str,
+        epoch: u64,
+        scope: &str,
+        cause: Cause,
+        details: serde_json::Value,
+    ) -> Self {
+        let shown: String = scope.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_')).collect();
+        let facts = Facts {
+            deployment: deployment.to_owned(),
+            occurred_at_ms: now_ms(),
+            cause,
+            scope: Some(scope.to_owned()),
+            actions: vec![
+                status_action(),
+                Action::new("Stop everything", format!("fleetctl kill --reason 'soft limit reached for {shown}'")),
+            ],
+            ..Facts::default()
+        };
         Self::new(
             AlertKind::SoftLimitWarning,
             epoch,
             format!("{}:{scope}", AlertKind::SoftLimitWarning),
-            format!("agentfleet: soft limit reached for {scope}: {message}"),
+            facts,
             details,
         )
+    }
+
+    /// `incident` was opened at `at_ms` by `cause`. Sent once per incident.
+    pub fn incident(
+        deployment: &str,
+        epoch: u64,
+        incident: Incident,
+        cause: Cause,
+        at_ms: u64,
+        details: serde_json::Value,
+    ) -> Self {
+        let facts = Facts {
+            deployment: deployment.to_owned(),
+            occurred_at_ms: at_ms,
+            cause,
+            affected: Affected {
+                roles_paused: Vec::new(),
+                tasks_halted: Scope::None,
+                merges_frozen: incident.merges_frozen,
+                tasks: incident.tasks.clone(),
+            },
+            actions: vec![Action::new("Details", format!("fleetctl incident show {}", incident.id)), status_action()],
+            incident: Some(incident),
+            ..Facts::default()
+        };
+        let dedup_key =
+            format!("{}:{}", AlertKind::Incident, facts.incident.as_ref().map(|i| i.id).unwrap_or_default());
+        Self::new(AlertKind::Incident, epoch, dedup_key, facts, details)
     }
 }
 
@@ -219,33 +330,67 @@ mod tests {
 
     use super::*;
 
+    fn cause() -> Cause {
+        Cause::automatic("daily_budget", "budget-0", "daily budget exceeded")
+    }
+
     #[test]
     fn dedup_keys_follow_kind_and_epoch_or_scope() {
-        let kill = Alert::kill_engaged(7, "budget", "daily budget exceeded", serde_json::json!({}));
+        let kill = Alert::kill_engaged("prod", 7, cause(), 1, serde_json::json!({}));
         assert_eq!(kill.dedup_key, "kill_engaged:7");
         assert_eq!(kill.id.get_version_num(), 7);
-        assert!(kill.text.contains("epoch 7") && kill.text.contains("daily budget exceeded"));
-        assert_eq!(Alert::resumed(8, "alice", serde_json::json!({})).dedup_key, "resumed:8");
+        assert!(kill.text.contains("daily budget exceeded") && !kill.text.contains("epoch"), "{}", kill.text);
+        let alice = Cause::operator(Some("alice"), "orchestrator-0", "");
+        assert_eq!(Alert::resumed("prod", 8, alice, 2, None, serde_json::json!({})).dedup_key, "resumed:8");
         assert_eq!(
-            Alert::soft_limit_warning(8, "dev", "90%", serde_json::json!({})).dedup_key,
+            Alert::soft_limit_warning("prod", 8, "dev", cause(), serde_json::json!({})).dedup_key,
             "soft_limit_warning:dev"
+        );
+        let incident = Incident {
+            id: Uuid::nil(),
+            severity: Severity::High,
+            title: "t".into(),
+            trigger: "operator".into(),
+            tasks: vec![],
+            merges_frozen: Scope::All,
+        };
+        assert_eq!(
+            Alert::incident("prod", 8, incident, cause(), 3, serde_json::json!({})).dedup_key,
+            "incident:00000000-0000-0000-0000-000000000000"
         );
         assert_eq!(names::dedup_key("kill_engaged:7"), "fleet:alerts:dedup:kill_engaged:7");
     }
 
     #[test]
     fn serialises_kinds_in_snake_case_and_round_trips() {
-        let alert = Alert::soft_limit_warning(3, "daily", "80% of tokens", serde_json::json!({"used": 80}));
+        let alert = Alert::soft_limit_warning("prod", 3, "daily", cause(), serde_json::json!({"used": 80}));
         let json = serde_json::to_value(&alert).unwrap();
         assert_eq!(json["kind"], "soft_limit_warning");
         assert_eq!(json["epoch"], 3);
+        assert_eq!(json["deployment"], "prod");
+        assert_eq!(json["cause"]["trigger"], "daily_budget");
         let back: Alert = serde_json::from_value(json).unwrap();
         assert_eq!(back, alert);
     }
 
     #[test]
+    fn reads_alerts_queued_before_the_facts_existed() {
+        let old = serde_json::json!({"id": Uuid::now_v7(), "kind": "kill_engaged", "epoch": 7,
+            "dedup_key": "kill_engaged:x", "text": "agentfleet: KILL SWITCH ENGAGED (epoch 7) by budget: <x>",
+            "details": {}, "created_at_ms": 1});
+        let alert: Alert = serde_json::from_value(old).unwrap();
+        assert_eq!(alert.facts, Facts::default());
+        assert_eq!(
+            render::telegram_html(&alert, 2),
+            "agentfleet: KILL SWITCH ENGAGED (epoch 7) by budget: &lt;x&gt;",
+            "sent as its stored text"
+        );
+    }
+
+    #[test]
     fn cuts_long_texts_on_a_char_boundary() {
-        let alert = Alert::new(AlertKind::Resumed, 1, "k", "é".repeat(MAX_TEXT_CHARS + 10), serde_json::Value::Null);
+        let long = Cause::automatic("daily_budget", "budget-0", &"é".repeat(MAX_TEXT_CHARS + 10));
+        let alert = Alert::kill_engaged("prod", 1, long, 1, serde_json::Value::Null);
         assert_eq!(alert.text.chars().count(), MAX_TEXT_CHARS);
     }
 }

@@ -3,6 +3,7 @@
 //!
 //! ```toml
 //! instance = "budget-0"
+//! deployment = "prod-eu"                                  # named in every alert
 //! redis_url = "redis://budget:PASSWORD@127.0.0.1:6379"   # or FLEET_REDIS_URL
 //! keyset = "keys/budget.toml"                             # fleetctl keys derive --process budget
 //! permissions = "config/permissions.toml"
@@ -41,6 +42,10 @@ struct FileConfig {
     /// the pauses. Stable across restarts.
     #[serde(default = "default_instance")]
     instance: String,
+    /// The name of this deployment, in every alert, so an operator with several fleets
+    /// knows which one a message is about.
+    #[serde(default = "default_deployment")]
+    deployment: String,
     /// Redis URL (secret: it may carry a password).
     redis_url: Option<SecretString>,
     /// PEM file of the CA that signs the Redis server's certificate (`rediss://` only);
@@ -71,6 +76,9 @@ struct FileConfig {
 fn default_instance() -> String {
     "budget-0".into()
 }
+fn default_deployment() -> String {
+    crate::alert::DEFAULT_DEPLOYMENT.into()
+}
 fn default_permissions() -> PathBuf {
     "config/permissions.toml".into()
 }
@@ -87,6 +95,8 @@ pub struct ConfigError(String);
 pub struct Config {
     /// Consumer name and sender instance.
     pub instance: Instance,
+    /// The deployment's name, in every alert.
+    pub deployment: String,
     redis: bus::RedisEndpoint,
     keyset: Keyset,
     permissions: PermissionTable,
@@ -106,6 +116,7 @@ impl std::fmt::Debug for Config {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Config")
             .field("instance", &self.instance)
+            .field("deployment", &self.deployment)
             .field("redis", &self.redis)
             .field("ledger", &self.ledger)
             .field("triggers", &self.triggers)
@@ -134,6 +145,12 @@ impl Config {
     pub fn load(path: Option<&Path>, env: &fleetconf::Env) -> Result<Self, ConfigError> {
         let file: FileConfig = fleetconf::Layers::new(path, env, SECRETS).extract().map_err(|e| ConfigError(e.0))?;
         let instance = Instance::parse(&file.instance).map_err(|e| ConfigError(format!("setting `instance`: {e}")))?;
+        let deployment = file.deployment.trim().to_owned();
+        if deployment.is_empty() || deployment.chars().count() > 64 || deployment.chars().any(char::is_control) {
+            return Err(ConfigError(
+                "setting `deployment`: must be 1 to 64 characters without control characters".into(),
+            ));
+        }
         let redis_url = file.redis_url.ok_or_else(|| {
             ConfigError(
                 "setting `redis_url` is missing: set it in the configuration file or with FLEET_REDIS_URL or FLEET_REDIS_URL_FILE"
@@ -162,6 +179,7 @@ impl Config {
         file.killswitch.validate().map_err(ConfigError)?;
         Ok(Self {
             instance,
+            deployment,
             redis,
             keyset,
             permissions,
@@ -201,7 +219,7 @@ impl App {
         let keyring = Arc::new(cfg.keyset.into_keyring());
         let verifier = Arc::new(Verifier::new((*keyring).clone(), cfg.permissions, VerifierConfig::default()));
         let publisher = Arc::new(Publisher::new(redis.clone(), keyring, PublisherConfig::default()));
-        let alerts = AlertSender::new(redis.clone(), &cfg.alerts);
+        let alerts = AlertSender::new(redis.clone(), &cfg.alerts).with_deployment(&cfg.deployment);
         let dispatcher = AlertDispatcher::new(redis.clone(), &cfg.alerts).context("Invalid alert configuration")?;
         let ledger = Ledger::new(redis.clone(), cfg.ledger).context("Invalid ledger configuration")?;
         let killswitch = KillSwitch::new(redis.clone(), publisher, alerts.clone(), cfg.instance.clone())

@@ -14,8 +14,10 @@
 //! - [`killswitch`]: engaging (one Lua script writes the state record once), the pauses to
 //!   every role, resuming; [`killswitch::KillSwitch`].
 //! - [`service`]: the bus handlers, the counters and the triggers.
-//! - [`alert`]: kill, resume and soft-limit alerts over Telegram and a signed webhook,
-//!   persisted in a Redis stream before they are sent and retried until delivered
+//! - [`alert`]: kill, resume, soft-limit and incident alerts over Telegram and a signed
+//!   webhook, each naming the deployment, the time, who or what caused it, what it affects
+//!   and the command to act ([`alert::Facts`], rendered by [`alert::render`]); persisted in
+//!   a Redis stream before they are sent and retried until delivered
 //!   ([`alert::AlertSender`], [`alert::AlertDispatcher`], [`alert::standard_webhooks`]).
 //! - [`metrics`]: tokens, cost and calls by role and model, and the kill switch, for
 //!   Prometheus (with the bus's series, at `[metrics] listen`).

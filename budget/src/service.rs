@@ -32,7 +32,9 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use crate::alert::{Alert, AlertSender};
+use crate::alert::facts::ORCHESTRATOR_TRIGGER;
+use crate::alert::render::thousands;
+use crate::alert::{Alert, AlertSender, Cause};
 use crate::killswitch::{FAILURES_KEY, KillSwitch};
 use crate::ledger::{Day, Ledger};
 
@@ -164,16 +166,15 @@ fn transient(e: impl std::fmt::Display) -> HandlerError {
 }
 
 impl Budget {
+    /// An automatic `trigger` noticed by this process, with `reason` giving its figures.
+    fn automatic(&self, trigger: &str, reason: &str) -> Cause {
+        Cause::automatic(trigger, self.killswitch.instance().as_str(), reason)
+    }
+
     /// Engages the switch; on a failure after the record was written, the periodic check
     /// finishes the job.
-    pub async fn engage(
-        &self,
-        by: &str,
-        reason: &str,
-        proposed: u64,
-        details: serde_json::Value,
-    ) -> Result<(), HandlerError> {
-        match self.killswitch.engage(by, reason, proposed, details).await {
+    pub async fn engage(&self, cause: &Cause, proposed: u64, details: serde_json::Value) -> Result<(), HandlerError> {
+        match self.killswitch.engage(cause, proposed, details).await {
             Ok(_) => Ok(()),
             Err(e) => {
                 self.needs_reassert.store(true, Ordering::Release);
@@ -195,7 +196,11 @@ impl Budget {
         let over_cost = cost.saturating_add(t.daily_headroom_micro_usd) >= daily.limit_cost.0;
         if over_tokens || over_cost {
             let reason = if over_tokens {
-                format!("daily budget exceeded: {tokens} of {} tokens used on {day}", daily.limit_tokens)
+                format!(
+                    "daily budget exceeded: {} of {} tokens used on {day}",
+                    thousands(tokens),
+                    thousands(daily.limit_tokens)
+                )
             } else {
                 format!(
                     "daily budget exceeded: {} of {} spent on {day}",
@@ -205,26 +210,29 @@ impl Budget {
             };
             let details = json!({"trigger": "daily_budget", "day": day.to_string(), "tokens": tokens,
                 "limit_tokens": daily.limit_tokens, "micro_usd": cost, "limit_micro_usd": daily.limit_cost.0});
-            return self.engage("budget", &reason, 0, details).await;
+            return self.engage(&self.automatic("daily_budget", &reason), 0, details).await;
         }
         if t.daily_warn_percent > 0
             && (tokens.saturating_mul(100) >= daily.limit_tokens.saturating_mul(t.daily_warn_percent)
                 || cost.saturating_mul(100) >= daily.limit_cost.0.saturating_mul(t.daily_warn_percent))
         {
             let msg = format!(
-                "{tokens} of {} tokens and {} of {} used today ({day})",
-                daily.limit_tokens,
+                "{} of {} tokens and {} of {} used today ({day}); the kill switch engages at the limit",
+                thousands(tokens),
+                thousands(daily.limit_tokens),
                 crate::ledger::MicroUsd(cost),
                 daily.limit_cost
             );
-            self.warn("daily", &msg, json!({"tokens": tokens, "micro_usd": cost})).await?;
+            let cause = self.automatic("daily_soft_limit", &msg);
+            self.warn("daily", cause, json!({"tokens": tokens, "micro_usd": cost})).await?;
         }
         Ok(())
     }
 
-    async fn warn(&self, scope: &str, msg: &str, details: serde_json::Value) -> Result<(), HandlerError> {
+    async fn warn(&self, scope: &str, cause: Cause, details: serde_json::Value) -> Result<(), HandlerError> {
         let epoch = self.killswitch.state().await.map_err(transient)?.epoch;
-        self.alerts.enqueue(&Alert::soft_limit_warning(epoch, scope, msg, details)).await.map_err(transient)?;
+        let alert = Alert::soft_limit_warning(self.alerts.deployment(), epoch, scope, cause, details);
+        self.alerts.enqueue(&alert).await.map_err(transient)?;
         Ok(())
     }
 
@@ -295,13 +303,15 @@ impl Budget {
             let over_m = limits.soft_micro_usd.is_some_and(|l| rm >= l.0);
             if over_t || over_m {
                 let msg = format!(
-                    "role {role} used {rt} tokens and {} today (soft limits: {} tokens, {}){}",
+                    "role {role} used {} tokens and {} today (soft limits: {} tokens, {}){}",
+                    thousands(rt),
                     crate::ledger::MicroUsd(rm),
-                    limits.soft_tokens.map_or("none".to_owned(), |v| v.to_string()),
+                    limits.soft_tokens.map_or("none".to_owned(), thousands),
                     limits.soft_micro_usd.map_or("none".to_owned(), |v| v.to_string()),
                     limits.cheaper_model.as_deref().map_or(String::new(), |m| format!("; calls move to {m}"))
                 );
-                self.warn(role, &msg, json!({"role": role, "tokens": rt, "micro_usd": rm})).await?;
+                let cause = self.automatic("soft_limit", &msg);
+                self.warn(role, cause, json!({"role": role, "tokens": rt, "micro_usd": rm})).await?;
             }
         }
         Ok(())
@@ -317,7 +327,7 @@ impl Budget {
             let reason = format!("unknown error kind {shown:?} from a {} step", o.role);
             let details =
                 json!({"trigger": "unknown_error_kind", "error_kind": shown, "role": o.role.as_str(), "task_id": task});
-            return self.engage("budget", &reason, 0, details).await;
+            return self.engage(&self.automatic("unknown_error_kind", &reason), 0, details).await;
         }
         let mut c = self.pool.get().await.map_err(transient)?;
         if t.counts_as_failure(o.status) {
@@ -327,7 +337,7 @@ impl Budget {
             if n >= t.failure_threshold {
                 let reason = format!("{n} consecutive task failures (threshold {})", t.failure_threshold);
                 let details = json!({"trigger": "consecutive_failures", "failures": n, "last_role": o.role.as_str(), "task_id": task});
-                return self.engage("budget", &reason, 0, details).await;
+                return self.engage(&self.automatic("consecutive_failures", &reason), 0, details).await;
             }
         } else {
             let () = redis::cmd("SET").arg(FAILURES_KEY).arg(0).query_async(&mut *c).await.map_err(transient)?;
@@ -393,14 +403,21 @@ pub struct ControlHandler(pub Budget);
 
 impl Handler for ControlHandler {
     async fn handle(&self, d: Delivery) -> Result<(), HandlerError> {
-        let by = format!("operator via {}", d.envelope.from.instance);
+        let via = d.envelope.from.instance.as_str();
+        // An admin's command names the admin; without a name, the orchestrator acted itself
+        // (its model proxy found the day spent, or it restores the record after Redis lost it).
+        let cause = |by: Option<&str>, reason: &str| match by {
+            Some(name) => Cause::operator(Some(name), via, reason),
+            None => Cause::automatic(ORCHESTRATOR_TRIGGER, via, reason),
+        };
         match &d.envelope.payload {
             Payload::ControlPause(p) => {
-                let details = json!({"trigger": "operator", "orchestrator": d.envelope.from.instance.as_str()});
-                self.0.engage(&by, &p.reason, p.epoch, details).await
+                let cause = cause(p.by.as_deref(), &p.reason);
+                let details = json!({"trigger": cause.trigger, "orchestrator": via});
+                self.0.engage(&cause, p.epoch, details).await
             }
             Payload::ControlResume(r) => {
-                self.0.killswitch.resume(&by, r.epoch).await.map_err(transient)?;
+                self.0.killswitch.resume(&cause(r.by.as_deref(), ""), r.epoch).await.map_err(transient)?;
                 Ok(())
             }
             other => {

@@ -16,9 +16,11 @@ use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
+use budget::alert::render::{escape, utc};
 use budget::alert::standard_webhooks::{self, WebhookSecret};
 use budget::alert::{
-    Alert, AlertDispatcher, AlertSender, AlertsConfig, Enqueued, TelegramConfig, WebhookConfig, names,
+    Alert, AlertDispatcher, AlertSender, AlertsConfig, Cause, Enqueued, Incident, KillRef, Scope, Severity,
+    TelegramConfig, WebhookConfig, names,
 };
 use fleet_testkit::RedisServer;
 use secrecy::SecretString;
@@ -32,6 +34,31 @@ const WEBHOOK_SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
 /// Part of the webhook's path, standing for the credential chat tools put in their URLs.
 const WEBHOOK_PATH: &str = "/hooks/agentfleet-path-secret";
 const WAIT: Duration = Duration::from_secs(20);
+const DEPLOYMENT: &str = "prod-eu";
+
+fn now_ms() -> u64 {
+    chrono::Utc::now().timestamp_millis() as u64
+}
+
+/// `by` is `budget` (automatic) or an operator's name, possibly `operator alice`.
+fn cause(by: &str, reason: &str) -> Cause {
+    match by {
+        "budget" => Cause::automatic("daily_budget", "budget-0", reason),
+        name => Cause::operator(Some(name.trim_start_matches("operator ")), "orchestrator-0", reason),
+    }
+}
+
+fn kill_alert(epoch: u64, by: &str, reason: &str, details: Value) -> Alert {
+    Alert::kill_engaged(DEPLOYMENT, epoch, cause(by, reason), now_ms(), details)
+}
+
+fn resumed_alert(epoch: u64, by: &str, details: Value) -> Alert {
+    Alert::resumed(DEPLOYMENT, epoch, cause(by, ""), now_ms(), None, details)
+}
+
+fn warn_alert(epoch: u64, scope: &str, message: &str, details: Value) -> Alert {
+    Alert::soft_limit_warning(DEPLOYMENT, epoch, scope, Cause::automatic("soft_limit", "budget-0", message), details)
+}
 
 // ---------------------------------------------------------------------------------------
 // Redis
@@ -43,7 +70,7 @@ fn start_redis() -> RedisServer {
 }
 
 fn pool(redis: &RedisServer) -> deadpool_redis::Pool {
-    bus::pool(&SecretString::from(redis.url()), 8, Duration::from_secs(2)).unwrap()
+    bus::pool(SecretString::from(redis.url()), 8, Duration::from_secs(2)).unwrap()
 }
 
 async fn xlen(pool: &deadpool_redis::Pool) -> i64 {
@@ -84,11 +111,14 @@ struct Behaviour {
     /// How long to wait after accepting before answering: a crash of the sender in this
     /// window leaves an alert delivered but not acknowledged.
     respond_delay: Duration,
+    /// Telegram only: answer every HTML message as Telegram answers markup it cannot parse
+    /// (400, `can't parse entities`), and accept plain text (no `parse_mode`).
+    refuse_html: bool,
 }
 
 impl Default for Behaviour {
     fn default() -> Self {
-        Self { fail_first: 0, failure: Failure::Unavailable, respond_delay: Duration::ZERO }
+        Self { fail_first: 0, failure: Failure::Unavailable, respond_delay: Duration::ZERO, refuse_html: false }
     }
 }
 
@@ -164,6 +194,47 @@ impl Receiver {
     }
 }
 
+/// What Telegram checks of an HTML message, for the markup this crate writes: 1 to 4,096
+/// characters (counted here in UTF-16 units, markup included, which is stricter), only the
+/// tags `b` and `code`, properly nested, and `&` only as `&lt;`, `&gt;`, `&amp;`, `&quot;`.
+fn check_telegram_html(text: &str) -> Result<(), String> {
+    let units = text.encode_utf16().count();
+    if units == 0 || units > 4096 {
+        return Err(format!("{units} UTF-16 units"));
+    }
+    let mut open: Vec<&str> = Vec::new();
+    let mut rest = text;
+    while let Some(i) = rest.find(['<', '>', '&']) {
+        let at = &rest[i..];
+        if at.starts_with('>') {
+            return Err(format!("a bare > at {:?}", &at[..at.len().min(20)]));
+        }
+        if at.starts_with('&') {
+            let Some(entity) = ["&lt;", "&gt;", "&amp;", "&quot;"].into_iter().find(|e| at.starts_with(e)) else {
+                return Err(format!("a bare & at {:?}", &at[..at.len().min(20)]));
+            };
+            rest = &at[entity.len()..];
+            continue;
+        }
+        let end = at.find('>').ok_or("an unclosed <")?;
+        let tag = &at[1..end];
+        match tag {
+            "b" | "code" => open.push(tag),
+            "/b" | "/code" => {
+                if open.pop() != Some(&tag[1..]) {
+                    return Err(format!("</{}> closes nothing", &tag[1..]));
+                }
+            }
+            other => return Err(format!("unsupported tag <{other}>")),
+        }
+        rest = &at[end + 1..];
+    }
+    if !open.is_empty() {
+        return Err(format!("unclosed {open:?}"));
+    }
+    Ok(())
+}
+
 /// Records a well-formed request and decides the answer: `Err(failure)` for the first
 /// `fail_first`, else `Ok(respond_delay)`.
 fn admit(shared: &Shared) -> Result<Duration, Failure> {
@@ -203,8 +274,25 @@ async fn telegram_handler(
     if message["chat_id"] != json!(CHAT_ID) {
         return bad(format!("chat_id {}", message["chat_id"]));
     }
-    if !message["text"].as_str().is_some_and(|t| t.starts_with("agentfleet: ")) {
-        return bad(format!("text {}", message["text"]));
+    let refuse_html = shared.behaviour.lock().unwrap().refuse_html;
+    if refuse_html && message["parse_mode"] == "HTML" {
+        shared.seen.lock().unwrap().arrivals.push(Instant::now());
+        let description = "Bad Request: can't parse entities: unsupported start tag \"x\" at byte offset 0";
+        let answer = json!({"ok": false, "error_code": 400, "description": description});
+        return (StatusCode::BAD_REQUEST, axum::Json(answer)).into_response();
+    }
+    if refuse_html && message.get("parse_mode").is_none() && message["text"].as_str().is_some_and(|t| !t.is_empty()) {
+        // The plain-text fallback: accepted as it is.
+    } else if message["parse_mode"] != "HTML" || message["link_preview_options"] != json!({"is_disabled": true}) {
+        return bad(format!(
+            "parse_mode {} / link_preview_options {}",
+            message["parse_mode"], message["link_preview_options"]
+        ));
+    }
+    if !refuse_html
+        && let Err(e) = message["text"].as_str().ok_or_else(|| "no text".to_owned()).and_then(check_telegram_html)
+    {
+        return bad(format!("can't parse entities: {e}"));
     }
     match admit(&shared) {
         Err(Failure::Unavailable) => StatusCode::SERVICE_UNAVAILABLE.into_response(),
@@ -391,10 +479,10 @@ async fn one_engagement_sends_one_message_per_channel() {
     let sender = AlertSender::new(pool.clone(), &cfg);
     let running = Running::start(&pool, &cfg);
 
-    let kill = Alert::kill_engaged(7, "budget", "daily budget exceeded", json!({"spent_micro_usd": 10_000_001}));
+    let kill = kill_alert(7, "budget", "daily budget exceeded", json!({"spent_micro_usd": 10_000_001}));
     queued(sender.enqueue(&kill).await.unwrap());
     // The same engagement noticed again (another trigger, or after a restart of budget).
-    let again = Alert::kill_engaged(7, "operator alice", "manual", json!({}));
+    let again = kill_alert(7, "operator alice", "manual", json!({}));
     assert_eq!(sender.enqueue(&again).await.unwrap(), Enqueued::Duplicate { first: kill.id.to_string() });
 
     eventually("both channels delivered", || telegram.accepted().len() == 1 && webhook.accepted().len() == 1).await;
@@ -406,21 +494,23 @@ async fn one_engagement_sends_one_message_per_channel() {
     assert_eq!(xlen(&pool).await, 1, "one alert persisted");
 
     let message = &telegram.accepted()[0];
-    assert_eq!(message["text"], json!(kill.text));
-    assert!(kill.text.contains("epoch 7") && kill.text.contains("daily budget exceeded"));
+    let html = message["text"].as_str().unwrap();
+    assert!(html.contains("<b>Why:</b> daily budget exceeded\n"), "{html}");
+    assert!(kill.text.contains("Why: daily budget exceeded\n") && !kill.text.contains("epoch"), "{}", kill.text);
     let payload = &webhook.accepted()[0];
     assert_eq!(webhook.ids(), vec![kill.id.to_string()], "webhook-id is the alert id");
     assert_eq!(payload["type"], "alert.kill_engaged");
     assert_eq!(payload["data"]["epoch"], 7);
+    assert_eq!(payload["data"]["text"], json!(kill.text));
     assert_eq!(payload["data"]["details"]["spent_micro_usd"], 10_000_001);
 
     // Resuming is a new alert (new epoch); engaging again under it would be another.
-    let resumed = Alert::resumed(8, "operator alice", json!({}));
+    let resumed = resumed_alert(8, "operator alice", json!({}));
     queued(sender.enqueue(&resumed).await.unwrap());
-    assert!(matches!(sender.enqueue(&Alert::resumed(8, "bob", json!({}))).await.unwrap(), Enqueued::Duplicate { .. }));
+    assert!(matches!(sender.enqueue(&resumed_alert(8, "bob", json!({}))).await.unwrap(), Enqueued::Duplicate { .. }));
     eventually("the resume went out", || telegram.accepted().len() == 2 && webhook.accepted().len() == 2).await;
-    let texts: Vec<Value> = telegram.accepted().iter().map(|m| m["text"].clone()).collect();
-    assert_eq!(texts, vec![json!(kill.text), json!(resumed.text)], "in order");
+    let texts: Vec<String> = telegram.accepted().iter().map(|m| m["text"].as_str().unwrap().to_owned()).collect();
+    assert!(texts[0].contains("KILL SWITCH ENGAGED") && texts[1].contains("Fleet resumed"), "in order: {texts:?}");
     assert_eq!(webhook.ids(), vec![kill.id.to_string(), resumed.id.to_string()]);
 
     running.stop().await;
@@ -442,7 +532,7 @@ async fn alerts_wait_until_the_endpoints_are_back() {
     let sender = AlertSender::new(pool.clone(), &cfg);
     let running = Running::start(&pool, &cfg);
 
-    let kill = Alert::kill_engaged(1, "budget", "3 consecutive failures", json!({}));
+    let kill = kill_alert(1, "budget", "3 consecutive failures", json!({}));
     queued(sender.enqueue(&kill).await.unwrap());
 
     eventually("the webhook was retried through its outage", || webhook.accepted().len() == 1).await;
@@ -476,7 +566,7 @@ async fn a_restarted_dispatcher_finishes_what_a_crashed_one_was_retrying() {
     let sender = AlertSender::new(pool.clone(), &cfg);
 
     let first = Running::start(&pool, &cfg);
-    let kill = Alert::kill_engaged(3, "budget", "unknown error type", json!({}));
+    let kill = kill_alert(3, "budget", "unknown error type", json!({}));
     queued(sender.enqueue(&kill).await.unwrap());
     eventually("both channels are retrying", || telegram.arrivals() >= 2 && webhook.arrivals() >= 2).await;
     first.crash().await;
@@ -514,7 +604,7 @@ async fn a_crash_between_delivery_and_ack_resends_and_the_receiver_dedupes_by_we
     let sender = AlertSender::new(pool.clone(), &cfg);
 
     let first = Running::start(&pool, &cfg);
-    let kill = Alert::kill_engaged(5, "budget", "operator command", json!({}));
+    let kill = kill_alert(5, "budget", "operator command", json!({}));
     queued(sender.enqueue(&kill).await.unwrap());
     eventually("the receiver accepted the alert", || webhook.ids().len() == 1).await;
     first.crash().await;
@@ -548,7 +638,7 @@ async fn telegram_retry_after_is_honoured() {
     let sender = AlertSender::new(pool.clone(), &cfg);
     let running = Running::start(&pool, &cfg);
 
-    queued(sender.enqueue(&Alert::kill_engaged(2, "budget", "daily budget exceeded", json!({}))).await.unwrap());
+    queued(sender.enqueue(&kill_alert(2, "budget", "daily budget exceeded", json!({}))).await.unwrap());
     eventually("delivered after the 429", || telegram.accepted().len() == 1).await;
     let arrivals = telegram.with(|s| s.arrivals.clone());
     assert_eq!(arrivals.len(), 2, "one 429, then one delivery");
@@ -568,7 +658,7 @@ async fn soft_limit_warnings_are_rate_limited_per_scope() {
     let sender = AlertSender::new(pool.clone(), &cfg);
     let running = Running::start(&pool, &cfg);
 
-    let warn = |scope: &str| Alert::soft_limit_warning(1, scope, "80% of the daily tokens", json!({"percent": 80}));
+    let warn = |scope: &str| warn_alert(1, scope, "80% of the daily tokens", json!({"percent": 80}));
     let dev = warn("dev");
     queued(sender.enqueue(&dev).await.unwrap());
     for _ in 0..3 {
@@ -577,7 +667,7 @@ async fn soft_limit_warnings_are_rate_limited_per_scope() {
     let qa = warn("qa");
     queued(sender.enqueue(&qa).await.unwrap());
     // Rate limits do not swallow engagements.
-    let kill = Alert::kill_engaged(1, "budget", "daily budget exceeded", json!({}));
+    let kill = kill_alert(1, "budget", "daily budget exceeded", json!({}));
     queued(sender.enqueue(&kill).await.unwrap());
     eventually("three alerts delivered", || webhook.ids().len() == 3).await;
 
@@ -640,7 +730,7 @@ async fn the_webhook_receiver_refuses_bad_signatures_and_alerts_wait_for_the_rig
     cfg.webhook.as_mut().unwrap().secret = wrong.to_whsec();
     let sender = AlertSender::new(pool.clone(), &cfg);
     let running = Running::start(&pool, &cfg);
-    queued(sender.enqueue(&Alert::kill_engaged(9, "budget", "manual", json!({}))).await.unwrap());
+    queued(sender.enqueue(&kill_alert(9, "budget", "manual", json!({}))).await.unwrap());
     eventually("several refused attempts", || webhook.problems().len() >= 4 + 3).await;
     assert_eq!(webhook.ids(), vec!["m1".to_owned()], "nothing from the dispatcher was accepted");
     assert_eq!(pending(&pool, names::WEBHOOK_GROUP).await, 1);
@@ -659,7 +749,7 @@ async fn an_alert_queued_before_a_redis_crash_is_delivered_after_it() {
     let mut redis = RedisServer::builder().appendonly(true).start().expect("the alert tests need a real redis-server");
     let (telegram, webhook) = (telegram_receiver().await, webhook_receiver().await);
     let cfg = config(Some(&telegram), Some(&webhook));
-    let kill = Alert::kill_engaged(11, "budget", "daily budget exceeded", json!({}));
+    let kill = kill_alert(11, "budget", "daily budget exceeded", json!({}));
     {
         let pool = pool(&redis);
         queued(AlertSender::new(pool.clone(), &cfg).enqueue(&kill).await.unwrap());
@@ -718,7 +808,7 @@ async fn no_secret_reaches_the_logs() {
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(dispatcher.run(shutdown.clone()));
 
-    queued(sender.enqueue(&Alert::kill_engaged(4, "budget", "manual", json!({}))).await.unwrap());
+    queued(sender.enqueue(&kill_alert(4, "budget", "manual", json!({}))).await.unwrap());
     eventually("a few failed attempts", || stats.failed_attempts.load(std::sync::atomic::Ordering::Relaxed) >= 6).await;
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
@@ -753,7 +843,7 @@ async fn every_secret_in_an_alert_is_redacted_on_every_channel() {
     let running = Running::start(&pool, &cfg);
 
     for (epoch, s) in (1u64..).zip(SAMPLES) {
-        let kill = Alert::kill_engaged(epoch, "operator olga", s.text, json!({"reason": s.text}));
+        let kill = kill_alert(epoch, "operator olga", s.text, json!({"reason": s.text}));
         queued(sender.enqueue(&kill).await.unwrap());
     }
     eventually("every alert delivered", || {
@@ -766,13 +856,14 @@ async fn every_secret_in_an_alert_is_redacted_on_every_channel() {
 
     let (messages, payloads) = (telegram.accepted(), webhook.accepted());
     for ((epoch, s), (message, payload)) in (1u64..).zip(SAMPLES).zip(messages.iter().zip(&payloads)) {
-        let text = format!(
-            "agentfleet: KILL SWITCH ENGAGED (epoch {epoch}) by operator olga: {}. All roles paused, merges frozen; \
-             resuming needs an operator.",
-            s.redacted
-        );
-        assert_eq!(message["text"], json!(text), "{}: Telegram", s.name);
-        assert_eq!(payload["data"]["text"], json!(text), "{}: webhook", s.name);
+        assert_eq!(payload["data"]["epoch"], epoch);
+        let why: String = s.redacted.chars().map(|c| if c.is_control() { ' ' } else { c }).collect();
+        let html = message["text"].as_str().unwrap();
+        assert!(html.contains(&format!("\n<b>Why:</b> {}\n", escape(&why))), "{}: Telegram {html}", s.name);
+        let text = payload["data"]["text"].as_str().unwrap();
+        assert!(text.contains(&format!("\nWhy: {why}\n")), "{}: webhook {text}", s.name);
+        assert_eq!(payload["data"]["cause"]["reason"], json!(s.redacted), "{}: webhook cause", s.name);
+        assert_eq!(payload["data"]["cause"]["operator"], "olga");
         assert_eq!(payload["data"]["details"], json!({"reason": s.redacted}), "{}: webhook details", s.name);
     }
     // Nor in the outbox, which outlives the delivery.
@@ -786,4 +877,297 @@ async fn every_secret_in_an_alert_is_redacted_on_every_channel() {
     }
     telegram.assert_no_problems();
     webhook.assert_no_problems();
+}
+
+/// What an operator reads on a phone (issue 14, item 5): the exact Telegram message of each
+/// kind (HTML, with the age at send time), and the webhook's structured facts.
+#[tokio::test]
+async fn every_alert_says_where_when_who_what_and_the_command_to_act() {
+    let redis = start_redis();
+    let pool = pool(&redis);
+    let (telegram, webhook) = (telegram_receiver().await, webhook_receiver().await);
+    let cfg = config(Some(&telegram), Some(&webhook));
+    let sender = AlertSender::new(pool.clone(), &cfg);
+    let running = Running::start(&pool, &cfg);
+
+    // Three minutes and five seconds ago, on a whole second; the kill twelve minutes before.
+    let at = (now_ms() - 185_000) / 1000 * 1000;
+    let kill_at = at - 12 * 60_000;
+    let alice = Cause::operator(Some("alice"), "orchestrator-0", "deploying a hotfix");
+    let by_alice = Alert::kill_engaged(DEPLOYMENT, 7, alice.clone(), at, json!({}));
+    let daily = Cause::automatic(
+        "daily_budget",
+        "budget-0",
+        "daily budget exceeded: 812,400 of 800,000 tokens used on 2026-12-02",
+    );
+    let automatic = Alert::kill_engaged(DEPLOYMENT, 8, daily, at, json!({"tokens": 812_400}));
+    let ended = KillRef { engagement: "e-1".into(), at_ms: kill_at, at: String::new(), cause: alice };
+    let bob = Cause::operator(Some("bob"), "orchestrator-0", "");
+    let resumed = Alert::resumed(DEPLOYMENT, 8, bob, at, Some(ended), json!({}));
+    let soft = Alert::soft_limit_warning(
+        DEPLOYMENT,
+        8,
+        "dev",
+        Cause::automatic(
+            "soft_limit",
+            "budget-0",
+            "role dev used 300,000 tokens and $6.000000 today (soft limits: 300,000 tokens, $6.000000); calls move to gpt-4o-mini",
+        ),
+        json!({}),
+    );
+    let (task_1, task_2) = (uuid::Uuid::from_u128(1), uuid::Uuid::from_u128(2));
+    let incident_id = uuid::Uuid::from_u128(0x0193_0000_0000_7000_8000_0000_0000_0042);
+    let incident = Alert::incident(
+        DEPLOYMENT,
+        8,
+        Incident {
+            id: incident_id,
+            severity: Severity::High,
+            title: "secret found in an approved change".into(),
+            trigger: "secret_after_approval".into(),
+            tasks: vec![task_1, task_2],
+            merges_frozen: Scope::Tasks,
+        },
+        Cause::automatic("secret_after_approval", "orchestrator-0", "a private key in deploy/key.pem"),
+        at,
+        json!({}),
+    );
+    let all = [&by_alice, &automatic, &resumed, &soft, &incident];
+    for alert in all {
+        queued(sender.enqueue(alert).await.unwrap());
+    }
+    eventually("every alert delivered", || telegram.accepted().len() == 5 && webhook.ids().len() == 5).await;
+    running.stop().await;
+    telegram.assert_no_problems();
+    webhook.assert_no_problems();
+
+    let when = utc(at);
+    let messages: Vec<String> = telegram.accepted().iter().map(|m| m["text"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(
+        messages[0],
+        format!(
+            "🛑 <b>KILL SWITCH ENGAGED</b> on <b>prod-eu</b>\n\
+             <b>When:</b> {when} (3 min ago)\n\
+             <b>By:</b> alice (operator, via orchestrator-0)\n\
+             <b>Why:</b> deploying a hotfix\n\
+             <b>Affected:</b> every open task halted; all merges frozen; dev, qa, review, refactor, orchestrator paused\n\
+             <b>Resume:</b> <code>fleetctl resume</code>\n\
+             <b>State:</b> <code>fleetctl status</code>"
+        )
+    );
+    assert_eq!(
+        messages[1],
+        format!(
+            "🛑 <b>KILL SWITCH ENGAGED</b> on <b>prod-eu</b>\n\
+             <b>When:</b> {when} (3 min ago)\n\
+             <b>By:</b> budget-0, automatically (daily budget)\n\
+             <b>Why:</b> daily budget exceeded: 812,400 of 800,000 tokens used on 2026-12-02\n\
+             <b>Affected:</b> every open task halted; all merges frozen; dev, qa, review, refactor, orchestrator paused\n\
+             <b>Resume:</b> <code>fleetctl resume</code>\n\
+             <b>State:</b> <code>fleetctl status</code>"
+        )
+    );
+    assert_eq!(
+        messages[2],
+        format!(
+            "✅ <b>Fleet resumed</b> on <b>prod-eu</b>\n\
+             <b>When:</b> {when} (3 min ago)\n\
+             <b>By:</b> bob (operator, via orchestrator-0)\n\
+             <b>Ends:</b> the kill of {} (lasted 12 min) by alice: deploying a hotfix\n\
+             <b>Affected:</b> halted tasks re-issued at their current step; merges allowed again\n\
+             <b>State:</b> <code>fleetctl status</code>",
+            utc(kill_at)
+        )
+    );
+    assert_eq!(
+        messages[3],
+        format!(
+            "⚠️ <b>Soft limit reached</b> on <b>prod-eu</b>: dev\n\
+             <b>When:</b> {} (just now)\n\
+             <b>By:</b> budget-0, automatically (role soft limit)\n\
+             <b>What:</b> role dev used 300,000 tokens and $6.000000 today (soft limits: 300,000 tokens, $6.000000); calls move to gpt-4o-mini\n\
+             <b>Affected:</b> nothing stopped yet\n\
+             <b>State:</b> <code>fleetctl status</code>\n\
+             <b>Stop everything:</b> <code>fleetctl kill --reason 'soft limit reached for dev'</code>",
+            utc(soft.facts.occurred_at_ms)
+        )
+    );
+    assert_eq!(
+        messages[4],
+        format!(
+            "🚨 <b>INCIDENT HIGH</b> on <b>prod-eu</b>: secret found in an approved change\n\
+             <b>When:</b> {when} (3 min ago)\n\
+             <b>By:</b> orchestrator-0, automatically (secret after approval)\n\
+             <b>Why:</b> a private key in deploy/key.pem\n\
+             <b>Tasks:</b> {task_1}, {task_2}\n\
+             <b>Affected:</b> merges of these tasks frozen\n\
+             <b>Details:</b> <code>fleetctl incident show {incident_id}</code>\n\
+             <b>State:</b> <code>fleetctl status</code>"
+        )
+    );
+    for m in &messages {
+        assert!(!m.to_lowercase().contains("epoch"), "no internal words: {m}");
+    }
+
+    // The plain text (the webhook's `text`) says the same without markup or age.
+    let payloads = webhook.accepted();
+    assert_eq!(
+        payloads[0]["data"]["text"],
+        format!(
+            "🛑 KILL SWITCH ENGAGED on prod-eu\n\
+             When: {when}\n\
+             By: alice (operator, via orchestrator-0)\n\
+             Why: deploying a hotfix\n\
+             Affected: every open task halted; all merges frozen; dev, qa, review, refactor, orchestrator paused\n\
+             Resume: fleetctl resume\n\
+             State: fleetctl status"
+        )
+    );
+    // And the facts, structured.
+    let rfc = |ms: u64| budget::alert::render::rfc3339(ms);
+    let data = |i: usize| payloads[i]["data"].clone();
+    assert_eq!(data(0)["deployment"], "prod-eu");
+    assert_eq!(data(0)["occurred_at_ms"], at);
+    assert_eq!(data(0)["occurred_at"], rfc(at));
+    assert_eq!(
+        data(0)["cause"],
+        json!({"trigger": "operator", "operator": "alice", "via": "orchestrator-0", "reason": "deploying a hotfix"})
+    );
+    assert_eq!(
+        data(0)["affected"],
+        json!({"roles_paused": ["dev", "qa", "review", "refactor", "orchestrator"], "tasks_halted": "all",
+               "merges_frozen": "all", "tasks": []})
+    );
+    assert_eq!(
+        data(0)["actions"],
+        json!([{"label": "Resume", "command": "fleetctl resume"}, {"label": "State", "command": "fleetctl status"}])
+    );
+    assert_eq!(data(1)["cause"]["trigger"], "daily_budget");
+    assert_eq!(data(1)["cause"].get("operator"), None);
+    assert_eq!(data(1)["details"], json!({"tokens": 812_400}));
+    assert_eq!(
+        data(2)["ends"],
+        json!({"engagement": "e-1", "at_ms": kill_at, "at": rfc(kill_at),
+               "cause": {"trigger": "operator", "operator": "alice", "via": "orchestrator-0", "reason": "deploying a hotfix"}})
+    );
+    assert_eq!(data(3)["scope"], "dev");
+    assert_eq!(data(3)["affected"]["merges_frozen"], "none");
+    assert_eq!(payloads[4]["type"], "alert.incident");
+    assert_eq!(
+        data(4)["incident"],
+        json!({"id": incident_id, "severity": "high", "title": "secret found in an approved change",
+               "trigger": "secret_after_approval", "tasks": [task_1, task_2], "merges_frozen": "tasks"})
+    );
+    assert_eq!(data(4)["dedup_key"], format!("incident:{incident_id}"));
+    assert_eq!(data(4)["affected"]["tasks"], json!([task_1, task_2]));
+}
+
+/// Values nobody controls in this crate (an operator's name and reason, a deployment name, an
+/// incident's title) are escaped for Telegram's HTML, cannot add lines, and a message stays
+/// within 4,096 characters however long they are, cut between characters and entities.
+#[tokio::test]
+async fn hostile_values_are_escaped_and_long_ones_cut_within_telegrams_limit() {
+    let redis = start_redis();
+    let pool = pool(&redis);
+    let telegram = telegram_receiver().await;
+    let cfg = config(Some(&telegram), None);
+    let sender = AlertSender::new(pool.clone(), &cfg).with_deployment("<b>prod</b> & \"eu\"");
+    let running = Running::start(&pool, &cfg);
+
+    let hostile = "<script>alert(1)</script> _*[]()~`>#+-=|{}.! &amp; \nBy: root";
+    let at = now_ms();
+    let short = Alert::kill_engaged(
+        sender.deployment(),
+        1,
+        Cause::operator(Some("<i>mallory</i>"), "orchestrator-0", hostile),
+        at,
+        json!({}),
+    );
+    // Long: every character escapes to an entity or is outside the BMP (two UTF-16 units).
+    let long_reason = format!("{}{}", "<&>\"🦀é".repeat(2_000), hostile);
+    let long = Alert::kill_engaged(
+        sender.deployment(),
+        2,
+        Cause::operator(Some(&"ű".repeat(500)), "orchestrator-0", &long_reason),
+        at,
+        json!({}),
+    );
+    let incident = Alert::incident(
+        sender.deployment(),
+        2,
+        Incident {
+            id: uuid::Uuid::from_u128(7),
+            severity: Severity::Critical,
+            title: "&".repeat(5_000),
+            trigger: "operator".into(),
+            tasks: (0..50).map(uuid::Uuid::from_u128).collect(),
+            merges_frozen: Scope::All,
+        },
+        Cause::operator(Some("olga"), "orchestrator-0", &long_reason),
+        at,
+        json!({}),
+    );
+    for alert in [&short, &long, &incident] {
+        queued(sender.enqueue(alert).await.unwrap());
+    }
+    eventually("delivered", || telegram.accepted().len() == 3).await;
+    running.stop().await;
+    // The receiver parsed every message as Telegram would (tags, entities, length).
+    telegram.assert_no_problems();
+
+    let messages: Vec<String> = telegram.accepted().iter().map(|m| m["text"].as_str().unwrap().to_owned()).collect();
+    assert_eq!(
+        messages[0],
+        format!(
+            "🛑 <b>KILL SWITCH ENGAGED</b> on <b>&lt;b&gt;prod&lt;/b&gt; &amp; &quot;eu&quot;</b>\n\
+             <b>When:</b> {} (just now)\n\
+             <b>By:</b> &lt;i&gt;mallory&lt;/i&gt; (operator, via orchestrator-0)\n\
+             <b>Why:</b> &lt;script&gt;alert(1)&lt;/script&gt; _*[]()~`&gt;#+-=|{{}}.! &amp;amp;  By: root\n\
+             <b>Affected:</b> every open task halted; all merges frozen; dev, qa, review, refactor, orchestrator paused\n\
+             <b>Resume:</b> <code>fleetctl resume</code>\n\
+             <b>State:</b> <code>fleetctl status</code>",
+            utc(at)
+        )
+    );
+    for m in &messages[1..] {
+        let units = m.encode_utf16().count();
+        assert!(units <= 4096 && units > 4000, "{units} UTF-16 units: as much as fits, no more");
+        assert!(m.contains("…\n<b>"), "the cut is marked");
+        assert!(m.ends_with("<b>State:</b> <code>fleetctl status</code>"), "the commands survive the cut");
+    }
+    assert!(messages[1].contains("<b>Why:</b> &lt;&amp;&gt;&quot;🦀é&lt;"), "{}", messages[1]);
+    assert!(messages[1].contains(&format!("<b>By:</b> {}… (operator", "ű".repeat(99))));
+    assert!(
+        messages[2]
+            .contains(&format!("on <b>&lt;b&gt;prod&lt;/b&gt; &amp; &quot;eu&quot;</b>: {}…\n", "&amp;".repeat(299)))
+    );
+    assert!(messages[2].contains("and 40 more\n"));
+    assert!(
+        messages[2]
+            .contains("<b>Details:</b> <code>fleetctl incident show 00000000-0000-0000-0000-000000000007</code>")
+    );
+}
+
+/// Should Telegram refuse the markup (a renderer bug: every value is escaped), the same
+/// attempt sends the plain text, rather than blocking the channel for ever.
+#[tokio::test]
+async fn markup_telegram_cannot_parse_is_sent_again_as_plain_text() {
+    let redis = start_redis();
+    let pool = pool(&redis);
+    let telegram = telegram_receiver().await;
+    telegram.set(Behaviour { refuse_html: true, ..Behaviour::default() });
+    let cfg = config(Some(&telegram), None);
+    let sender = AlertSender::new(pool.clone(), &cfg);
+    let running = Running::start(&pool, &cfg);
+    let kill = kill_alert(3, "operator alice", "drill", json!({}));
+    queued(sender.enqueue(&kill).await.unwrap());
+    eventually("delivered as plain text", || telegram.accepted().len() == 1).await;
+    eventually_acked(&pool, names::TELEGRAM_GROUP).await;
+    assert_eq!(running.failed_attempts(), 0, "no retry: the fallback is part of the attempt");
+    running.stop().await;
+    let message = &telegram.accepted()[0];
+    assert_eq!(message["text"], json!(kill.text));
+    assert_eq!(message.get("parse_mode"), None);
+    assert_eq!(telegram.arrivals(), 2, "one refused HTML message, then the plain text, in the same attempt");
+    telegram.assert_no_problems();
 }

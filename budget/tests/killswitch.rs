@@ -217,6 +217,7 @@ impl Fleet {
         format!(
             r#"
 instance = "budget-0"
+deployment = "staging"
 keyset = "{d}/budget-keys.toml"
 permissions = "{d}/permissions.toml"
 grace_secs = 2
@@ -428,9 +429,14 @@ async fn three_consecutive_failures_engage_a_success_resets_and_the_operator_res
         f.telegram.kills() == 1 && f.webhook.kills() == 1
     })
     .await;
+    assert_eq!(f.telegram.count("KILL SWITCH ENGAGED</b> on <b>staging</b>"), 1, "the deployment is named");
+    assert_eq!(f.telegram.count("<b>By:</b> budget-0, automatically (consecutive failures)"), 1);
+    assert_eq!(f.telegram.count("<b>Why:</b> 3 consecutive task failures (threshold 3)"), 1);
+    assert_eq!(f.telegram.count("<b>Resume:</b> <code>fleetctl resume</code>"), 1);
 
     // The operator resumes through the orchestrator: control.resume on fleet:control:budget.
-    f.send(StreamName::control(Role::Budget).as_str(), ControlResume { epoch: 1 }.into(), None).await;
+    let resume = ControlResume { epoch: 1, by: Some("bob".into()) };
+    f.send(StreamName::control(Role::Budget).as_str(), resume.into(), None).await;
     eventually("the switch is released", Duration::from_secs(10), async || !f.state().await.engaged).await;
     assert_eq!(f.state().await.epoch, 1, "the epoch stays");
     assert_eq!(f.failures().await, 0);
@@ -442,16 +448,40 @@ async fn three_consecutive_failures_engage_a_success_resets_and_the_operator_res
         );
     }
     eventually("the resumed alert is delivered", Duration::from_secs(20), async || {
-        f.telegram.count("resumed (epoch 1)") == 1 && f.webhook.count("alert.resumed") == 1
+        f.telegram.count("Fleet resumed") == 1 && f.webhook.count("alert.resumed") == 1
     })
     .await;
+    // It says which kill it ends: when, and why.
+    let kill_at = budget::alert::render::utc(state.at_ms.unwrap());
+    assert_eq!(
+        f.telegram.count(&format!(
+            "<b>Ends:</b> the kill of {kill_at} (lasted 0 s) by consecutive failures: 3 consecutive task failures (threshold 3)"
+        )) + f.telegram.count(&format!("<b>Ends:</b> the kill of {kill_at} (lasted 1 s) by consecutive failures")),
+        1,
+        "{:?}",
+        f.telegram.seen.lock().unwrap().accepted
+    );
+    {
+        let seen = f.webhook.seen.lock().unwrap();
+        let resumed = seen.accepted.iter().find(|v| v["type"] == "alert.resumed").unwrap();
+        let kill = seen.accepted.iter().find(|v| v["type"] == "alert.kill_engaged").unwrap();
+        assert_eq!(resumed["data"]["ends"]["engagement"], kill["data"]["details"]["engagement"]);
+        assert_eq!(resumed["data"]["ends"]["at_ms"], state.at_ms.unwrap());
+        assert_eq!(resumed["data"]["ends"]["cause"]["trigger"], "consecutive_failures");
+        assert_eq!(kill["data"]["deployment"], "staging");
+        assert_eq!(resumed["data"]["cause"]["trigger"], "operator");
+        assert_eq!(resumed["data"]["cause"]["operator"], "bob", "the admin who resumed");
+    }
     // A second engagement gets its own epoch and its own alert.
-    f.send(StreamName::control(Role::Budget).as_str(), ControlPause { epoch: 0, reason: "drill".into() }.into(), None)
-        .await;
+    // By an admin whose name the orchestrator passes on (the subject of their token).
+    let pause = ControlPause { epoch: 0, reason: "drill".into(), by: Some("alice".into()) };
+    f.send(StreamName::control(Role::Budget).as_str(), pause.into(), None).await;
     eventually("engaged again", Duration::from_secs(10), async || f.state().await.engaged).await;
     assert_eq!(f.state().await.epoch, 2);
-    assert!(f.state().await.by.unwrap().contains("operator"));
+    assert_eq!(f.state().await.by.as_deref(), Some("alice"));
     eventually("the second kill alert", Duration::from_secs(20), async || f.telegram.kills() == 2).await;
+    assert_eq!(f.telegram.count("<b>By:</b> alice (operator, via orchestrator-0)"), 1);
+    assert_eq!(f.telegram.count("<b>Why:</b> drill"), 1);
     drop(budget);
 }
 
@@ -485,7 +515,7 @@ async fn an_operator_kill_takes_the_orchestrators_epoch_and_an_alert_waits_for_i
     // The orchestrator's kill raised its epoch to 7 and tells the budget.
     f.send(
         StreamName::control(Role::Budget).as_str(),
-        ControlPause { epoch: 7, reason: "operator drill".into() }.into(),
+        ControlPause { epoch: 7, reason: "operator drill".into(), by: Some("carol".into()) }.into(),
         None,
     )
     .await;
@@ -518,5 +548,6 @@ async fn an_operator_kill_takes_the_orchestrators_epoch_and_an_alert_waits_for_i
         .await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!((f.telegram.kills(), f.webhook.kills()), (1, 1), "one alert per engagement, also across the restart");
+    assert_eq!(f.telegram.count("<b>By:</b> carol (operator, via orchestrator-0)"), 1, "the admin, from the record");
     drop(budget);
 }

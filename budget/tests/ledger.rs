@@ -55,7 +55,7 @@ struct Setup {
 }
 
 fn pool(server: &RedisServer) -> deadpool_redis::Pool {
-    bus::pool(&SecretString::from(server.url()), 64, Duration::from_secs(1)).unwrap()
+    bus::pool(SecretString::from(server.url()), 64, Duration::from_secs(1)).unwrap()
 }
 
 fn setup(config: LedgerConfig) -> Setup {
@@ -497,7 +497,7 @@ async fn the_scripts_run_under_the_ledger_acl() {
     let () = setuser.query_async(&mut admin).await.unwrap();
 
     let url = format!("redis://ledger:pw@127.0.0.1:{}", s.server.port());
-    let pool = bus::pool(&SecretString::from(url), 4, Duration::from_secs(1)).unwrap();
+    let pool = bus::pool(SecretString::from(url), 4, Duration::from_secs(1)).unwrap();
     let ledger = Ledger::with_clock(pool, s.ledger.config().clone(), Arc::new(s.clock.clone())).unwrap();
     let task = Uuid::now_v7();
     let r = ledger.reserve(task, Role::Dev, BIG, 100, 400).await.unwrap();

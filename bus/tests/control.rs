@@ -61,13 +61,13 @@ async fn engage(c: &mut redis::aio::MultiplexedConnection, budget: &Publisher, e
         .query_async(c)
         .await
         .unwrap();
-    let pause = ControlPause { epoch, reason: "drill".into() };
+    let pause = ControlPause { epoch, reason: "drill".into(), by: None };
     budget.publish(&StreamName::control(Role::Orchestrator), &control(pause.into(), epoch)).await.unwrap();
 }
 
 async fn release(c: &mut redis::aio::MultiplexedConnection, budget: &Publisher, epoch: u64) {
     let () = redis::cmd("HSET").arg(KILLSWITCH_KEY).arg("engaged").arg("0").query_async(c).await.unwrap();
-    let resume = ControlResume { epoch };
+    let resume = ControlResume { epoch, by: None };
     budget.publish(&StreamName::control(Role::Orchestrator), &control(resume.into(), epoch)).await.unwrap();
 }
 

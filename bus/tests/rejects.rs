@@ -60,7 +60,7 @@ async fn invalid_entries_are_rejected_with_their_reason_and_never_handled() {
         bus::now_ms(),
         60_000,
         0,
-        ControlPause { epoch: 1, reason: "test".into() }.into(),
+        ControlPause { epoch: 1, reason: "test".into(), by: None }.into(),
     );
     let foreign = keyring(Role::Budget).seal(&pause).unwrap();
     // Dev may send heartbeats to the orchestrator, but not on fleet:results.

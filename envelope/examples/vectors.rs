@@ -406,7 +406,7 @@ fn main() {
         sender(Role::Budget, "budget-0"),
         Role::Qa,
         6,
-        ControlPause { epoch: 7, reason: "daily token budget exceeded".into() },
+        ControlPause { epoch: 7, reason: "daily token budget exceeded".into(), by: None },
     );
     pause.kill_epoch = 7;
     let usage = base(

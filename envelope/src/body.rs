@@ -333,6 +333,11 @@ pub struct ControlPause {
     pub epoch: u64,
     /// Why, for operators.
     pub reason: String,
+    /// The person who asked for it: the subject of the admin token the orchestrator
+    /// accepted. Absent when no person did (a budget trigger, the orchestrator itself), so
+    /// the budget manager's alert can name the admin.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 /// `control.resume`: resume claiming work.
@@ -341,6 +346,9 @@ pub struct ControlPause {
 pub struct ControlResume {
     /// The epoch in force after the resume.
     pub epoch: u64,
+    /// The person who asked for it (the admin token's subject); absent when none did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
 }
 
 /// `Option<Vec<u8>>` as MessagePack `bin` (serde's default would write an array of ints).

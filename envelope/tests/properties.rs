@@ -79,10 +79,12 @@ fn payload(ty: MessageType) -> BoxedStrategy<Payload> {
         MessageType::Outcome => (role(), status(), proptest::option::of(text()))
             .prop_map(|(role, status, error_kind)| Outcome { role, status, error_kind }.into())
             .boxed(),
-        MessageType::ControlPause => {
-            (any::<u64>(), text()).prop_map(|(epoch, reason)| ControlPause { epoch, reason }.into()).boxed()
-        }
-        MessageType::ControlResume => any::<u64>().prop_map(|epoch| ControlResume { epoch }.into()).boxed(),
+        MessageType::ControlPause => (any::<u64>(), text(), proptest::option::of(text()))
+            .prop_map(|(epoch, reason, by)| ControlPause { epoch, reason, by }.into())
+            .boxed(),
+        MessageType::ControlResume => (any::<u64>(), proptest::option::of(text()))
+            .prop_map(|(epoch, by)| ControlResume { epoch, by }.into())
+            .boxed(),
     }
 }
 

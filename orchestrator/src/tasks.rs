@@ -290,6 +290,11 @@ impl Actor {
     pub fn operator(name: &str) -> Self {
         Self { role: "operator".into(), instance: name.into() }
     }
+
+    /// The person's name when an operator acted (for the budget manager's alerts).
+    fn person(&self) -> Option<String> {
+        (self.role == "operator").then(|| self.instance.clone())
+    }
 }
 
 /// The orchestrator's state engine.
@@ -841,7 +846,7 @@ impl Engine {
         )
         .fetch_all(&mut *tx)
         .await?;
-        let pause = envelope::ControlPause { epoch: epoch as u64, reason: reason.to_owned() };
+        let pause = envelope::ControlPause { epoch: epoch as u64, reason: reason.to_owned(), by: by.person() };
         let audit = by.entry("fleet.kill", None, json!({"epoch": epoch, "reason": reason}));
         self.switch_fleet(
             &mut tx,
@@ -872,7 +877,7 @@ impl Engine {
             sqlx::query_scalar("SELECT id FROM tasks WHERE state = 'halted' ORDER BY created_at FOR UPDATE")
                 .fetch_all(&mut *tx)
                 .await?;
-        let resume = envelope::ControlResume { epoch: epoch as u64 };
+        let resume = envelope::ControlResume { epoch: epoch as u64, by: by.person() };
         let audit = by.entry("fleet.resume", None, json!({"epoch": epoch}));
         let change = Change::new(Event::Resume, "resume", json!({"epoch": epoch}), by);
         self.switch_fleet(&mut tx, halted_tasks, change, audit, resume.into()).await?;
@@ -938,10 +943,11 @@ impl Engine {
                 } else {
                     "restoring the kill record after Redis lost its data".into()
                 },
+                by: None,
             };
             self.enqueue(&mut tx, &budget, Role::Budget, None, None, pause.into()).await?;
             if !halted {
-                let resume = envelope::ControlResume { epoch: epoch as u64 };
+                let resume = envelope::ControlResume { epoch: epoch as u64, by: None };
                 self.enqueue(&mut tx, &budget, Role::Budget, None, None, resume.into()).await?;
             }
         }

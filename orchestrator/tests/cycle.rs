@@ -307,9 +307,12 @@ async fn kill_halts_everything_and_resume_reissues_under_the_new_epoch() {
     }
     assert!(matches!(f.engine.submit(&op, new_task(Risk::Low)).await, Err(orchestrator::tasks::EngineError::Halted)));
     let pause = last_sent(&f.pool, "fleet:control:budget").await;
-    assert!(matches!(&pause.payload, Payload::ControlPause(p) if p.epoch == 1));
+    // The admin's name goes to the budget manager, which names them in its alert.
+    assert!(matches!(&pause.payload, Payload::ControlPause(p) if p.epoch == 1 && p.by.as_deref() == Some("root")));
 
     f.engine.resume(&Actor::operator("root")).await.unwrap();
+    let resume = last_sent(&f.pool, "fleet:control:budget").await;
+    assert!(matches!(&resume.payload, Payload::ControlResume(r) if r.epoch == 1 && r.by.as_deref() == Some("root")));
     let ta = f.engine.get(a.id).await.unwrap();
     let tb = f.engine.get(b.id).await.unwrap();
     assert_eq!((ta.state, tb.state), (TaskState::Dev, TaskState::Qa));

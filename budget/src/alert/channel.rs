@@ -135,6 +135,16 @@ impl fmt::Debug for Telegram {
 struct SendMessage<'a> {
     chat_id: ChatId<'a>,
     text: &'a str,
+    /// `HTML`; absent for the plain-text fallback.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parse_mode: Option<&'static str>,
+    /// No link previews: an alert is read, not browsed.
+    link_preview_options: LinkPreview,
+}
+
+#[derive(Serialize)]
+struct LinkPreview {
+    is_disabled: bool,
 }
 
 #[derive(Serialize)]
@@ -185,10 +195,27 @@ impl Telegram {
         })
     }
 
+    /// Sends the alert as HTML, rendered now (so its age is current). Should Telegram refuse
+    /// the markup (`can't parse entities`: a renderer bug, never a value, since every value is
+    /// escaped), the same attempt sends the plain text instead, rather than blocking the
+    /// channel on an alert that can never pass.
     async fn attempt(&self, alert: &Alert) -> Attempt {
+        let html = super::render::telegram_html(alert, super::now_ms());
+        match self.send(&html, Some("HTML")).await {
+            Attempt::Failed { reason, .. } if reason.contains("can't parse entities") => {
+                tracing::warn!(alert_id = %alert.id, error = %reason, "Telegram refused the alert's markup; sending it as plain text.");
+                let plain: String = alert.text.chars().take(super::MAX_TEXT_CHARS).collect();
+                self.send(&plain, None).await
+            }
+            other => other,
+        }
+    }
+
+    async fn send(&self, text: &str, parse_mode: Option<&'static str>) -> Attempt {
         let chat = self.chat_id.expose_secret();
         let chat_id = chat.parse::<i64>().map_or(ChatId::Name(chat), ChatId::Number);
-        let request = self.client.post(self.send_url.expose_secret()).json(&SendMessage { chat_id, text: &alert.text });
+        let body = SendMessage { chat_id, text, parse_mode, link_preview_options: LinkPreview { is_disabled: true } };
+        let request = self.client.post(self.send_url.expose_secret()).json(&body);
         let response = match request.send().await {
             Ok(r) => r,
             Err(e) => return Attempt::Failed { retry_after: None, reason: describe(e) },
@@ -359,13 +386,19 @@ mod tests {
 
     #[test]
     fn webhook_payload_has_type_timestamp_and_data() {
-        let mut alert = Alert::kill_engaged(4, "budget", "3 consecutive failures", serde_json::json!({"n": 3}));
+        let cause = super::super::Cause::automatic("consecutive_failures", "budget-0", "3 consecutive failures");
+        let mut alert = Alert::kill_engaged("prod", 4, cause, 1_700_000_000_000, serde_json::json!({"n": 3}));
         alert.created_at_ms = 1_700_000_000_123;
         let json = serde_json::to_value(WebhookPayload::new(&alert)).unwrap();
         assert_eq!(json["type"], "alert.kill_engaged");
         assert_eq!(json["timestamp"], "2023-11-14T22:13:20.123Z");
         assert_eq!(json["data"]["id"], alert.id.to_string());
         assert_eq!(json["data"]["details"]["n"], 3);
+        assert_eq!(json["data"]["deployment"], "prod");
+        assert_eq!(json["data"]["occurred_at"], "2023-11-14T22:13:20.000Z");
+        assert_eq!(json["data"]["cause"]["trigger"], "consecutive_failures");
+        assert_eq!(json["data"]["affected"]["merges_frozen"], "all");
+        assert_eq!(json["data"]["actions"][0]["command"], "fleetctl resume");
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub struct AlertSender {
     stream_max_len: u64,
     /// The script, loaded on first use (`EVALSHA`, falling back to `EVAL`).
     script: redis::Script,
+    /// The deployment every alert made through this sender names.
+    deployment: String,
 }
 
 impl std::fmt::Debug for AlertSender {
@@ -57,6 +59,7 @@ impl std::fmt::Debug for AlertSender {
             .field("soft_limit_every", &self.soft_limit_every)
             .field("epoch_dedup_ttl", &self.epoch_dedup_ttl)
             .field("stream_max_len", &self.stream_max_len)
+            .field("deployment", &self.deployment)
             .finish_non_exhaustive()
     }
 }
@@ -70,14 +73,26 @@ impl AlertSender {
             epoch_dedup_ttl: cfg.epoch_dedup_ttl,
             stream_max_len: cfg.stream_max_len.max(1),
             script: redis::Script::new(ENQUEUE_LUA),
+            deployment: super::DEFAULT_DEPLOYMENT.to_owned(),
         }
+    }
+
+    /// The same sender, for alerts naming `deployment` (the `deployment` setting).
+    pub fn with_deployment(mut self, deployment: &str) -> Self {
+        self.deployment = deployment.to_owned();
+        self
+    }
+
+    /// The deployment the alerts name ([`super::DEFAULT_DEPLOYMENT`] unless set).
+    pub fn deployment(&self) -> &str {
+        &self.deployment
     }
 
     /// How long `kind`'s dedup marker lives.
     fn marker_ttl(&self, kind: AlertKind) -> Duration {
         match kind {
             AlertKind::SoftLimitWarning => self.soft_limit_every,
-            AlertKind::KillEngaged | AlertKind::Resumed => self.epoch_dedup_ttl,
+            AlertKind::KillEngaged | AlertKind::Resumed | AlertKind::Incident => self.epoch_dedup_ttl,
         }
     }
 

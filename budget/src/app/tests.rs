@@ -18,7 +18,8 @@ fn probe(text: &str) -> Option<String> {
 #[test]
 fn every_setting_has_a_row_in_docs_deployment_md() {
     let settings = fleetconf::settings::discover(&probe);
-    for key in ["redis_ca_file", "ledger.prices", "killswitch.failure_threshold", "alerts.webhook.secret"] {
+    for key in ["deployment", "redis_ca_file", "ledger.prices", "killswitch.failure_threshold", "alerts.webhook.secret"]
+    {
         assert!(settings.contains(key), "{key} was not discovered: {settings:?}");
     }
     let doc = std::fs::read_to_string(root().join("docs/deployment.md")).expect("docs/deployment.md");
@@ -44,6 +45,7 @@ fn the_example_configuration_and_the_ledger_file_load() {
     };
     let env = fleetconf::Env::from_pairs([
         ("FLEET_KEYSET", keyset.display().to_string()),
+        ("FLEET_DEPLOYMENT", "prod-eu".to_owned()),
         ("FLEET_PERMISSIONS", perms_path.display().to_string()),
         ("FLEET_REDIS_CA_FILE", ca.display().to_string()),
         ("FLEET_REDIS_URL_FILE", secret("redis-url", "rediss://budget:pw@127.0.0.1:6380")),
@@ -55,9 +57,18 @@ fn the_example_configuration_and_the_ledger_file_load() {
     let cfg = Config::load(Some(&root().join("config/examples/budget.toml")), &env)
         .unwrap_or_else(|e| panic!("config/examples/budget.toml does not load: {e}"));
     assert_eq!(cfg.instance.as_str(), "budget-0");
+    assert_eq!(cfg.deployment, "prod-eu", "FLEET_DEPLOYMENT wins over the file's");
     assert!(cfg.alerts.telegram.is_some() && cfg.alerts.webhook.is_some(), "channels from the environment alone");
 
     let ledger = std::fs::read_to_string(root().join("config/examples/ledger.toml")).expect("ledger.toml");
     let ledger = LedgerConfig::from_toml(&ledger).unwrap_or_else(|e| panic!("config/examples/ledger.toml: {e}"));
     assert_eq!(cfg.ledger, ledger, "the budget's [ledger] and the orchestrator's ledger file must agree");
+}
+
+#[test]
+fn a_bad_deployment_name_is_refused_by_name() {
+    for bad in ["", "   ", "a\\nb", &"x".repeat(65)] {
+        let e = probe(&format!("keyset = \"k\"\ndeployment = \"{bad}\"\n")).expect("refused");
+        assert!(e.starts_with("setting `deployment`"), "{bad:?}: {e}");
+    }
 }

@@ -384,8 +384,17 @@ fn payload_summary(env: &Envelope) -> String {
             }
             s
         }
-        Payload::ControlPause(p) => format!("epoch={} reason={}", p.epoch, quoted(&p.reason, TEXT_CHARS)),
-        Payload::ControlResume(r) => format!("epoch={}", r.epoch),
+        Payload::ControlPause(p) => {
+            let mut s = format!("epoch={} reason={}", p.epoch, quoted(&p.reason, TEXT_CHARS));
+            if let Some(by) = &p.by {
+                s.push_str(&format!(" by={}", quoted(by, TEXT_CHARS)));
+            }
+            s
+        }
+        Payload::ControlResume(r) => match &r.by {
+            Some(by) => format!("epoch={} by={}", r.epoch, quoted(by, TEXT_CHARS)),
+            None => format!("epoch={}", r.epoch),
+        },
     };
     if env.lease.is_some() {
         // A lease is a bearer token: whoever reads it can use it. Its presence is all we say.
@@ -720,7 +729,7 @@ mod tests {
             cost_micro_usd: 12_345,
         };
         assert_eq!(payload_summary(&mk(usage.into())), "role=dev model=sonnet-4 tokens=1200+340 cost=$0.012345");
-        let pause = ControlPause { epoch: 4, reason: "budget exhausted".into() };
+        let pause = ControlPause { epoch: 4, reason: "budget exhausted".into(), by: None };
         assert_eq!(payload_summary(&mk(pause.into())), "epoch=4 reason=\"budget exhausted\"");
         assert_eq!(payload_summary(&mk(Heartbeat { seq: 7, busy: true }.into())), "seq=7 busy=true");
     }

@@ -359,9 +359,9 @@ impl Fleet {
             .unwrap();
         let from = Sender { role: Role::Budget, instance: Instance::parse("budget-test").unwrap() };
         let payload = if pause {
-            Payload::ControlPause(ControlPause { epoch, reason: "test pause".into() })
+            Payload::ControlPause(ControlPause { epoch, reason: "test pause".into(), by: None })
         } else {
-            Payload::ControlResume(ControlResume { epoch })
+            Payload::ControlResume(ControlResume { epoch, by: None })
         };
         let env = Envelope::new(from, role, now_ms(), 60_000, epoch, payload);
         self.budget.publish(&StreamName::control(role), &env).await.unwrap();
