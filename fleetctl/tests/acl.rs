@@ -1217,6 +1217,7 @@ async fn a_usage_report_is_counted_exactly_once_under_the_generated_acls_however
          reservation_ttl_secs = 60\n[prices.m-1]\ninput_micro_usd_per_mtok = 1000000\noutput_micro_usd_per_mtok = 2000000\n",
     )
     .unwrap();
+    let metrics = budget::metrics::BudgetMetrics::default();
     let budget_with = |ledger_pool: deadpool_redis::Pool| {
         let alerts = AlertSender::new(pool.clone(), &AlertsConfig::default());
         let publisher =
@@ -1228,6 +1229,7 @@ async fn a_usage_report_is_counted_exactly_once_under_the_generated_acls_however
             pool: pool.clone(),
             triggers: Arc::new(TriggerConfig::default()),
             needs_reassert: Arc::new(AtomicBool::new(false)),
+            metrics: metrics.clone(),
         }
     };
     let handler = UsageHandler(budget_with(pool.clone()));
@@ -1290,5 +1292,17 @@ async fn a_usage_report_is_counted_exactly_once_under_the_generated_acls_however
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
     assert_eq!(counters, expected, "one report, counted once");
+    // Its Prometheus series too, however often it was handled.
+    let mut registry = telemetry::metrics::registry("budget");
+    metrics.register(&mut registry);
+    let text = telemetry::metrics::render(&registry);
+    for line in [
+        "fleet_model_calls_total{role=\"dev\",model=\"m-1\"} 1\n",
+        "fleet_model_tokens_total{role=\"dev\",model=\"m-1\",direction=\"input\"} 120\n",
+        "fleet_model_tokens_total{role=\"dev\",model=\"m-1\",direction=\"output\"} 30\n",
+        "fleet_model_cost_usd_total{role=\"dev\",model=\"m-1\"} 0.00018\n",
+    ] {
+        assert!(text.contains(line), "{line} in:\n{text}");
+    }
     assert_eq!(fleet.acl_log().await, Vec::<String>::new(), "Redis refused the budget manager's own commands");
 }
