@@ -34,7 +34,7 @@ BEGIN
 
     EXECUTE format('GRANT CONNECT ON DATABASE %I TO %I', current_database(), app);
     EXECUTE format('GRANT USAGE ON SCHEMA %I TO %I', current_schema(), app);
-    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON tasks, task_events, outbox, artifacts, approvals, fleet_state, questions TO %I', app);
+    EXECUTE format('GRANT SELECT, INSERT, UPDATE, DELETE ON tasks, task_events, outbox, artifacts, approvals, fleet_state, questions, incidents, incident_tasks TO %I', app);
     EXECUTE format('GRANT USAGE ON ALL SEQUENCES IN SCHEMA %I TO %I', current_schema(), app);
 
     EXECUTE format('REVOKE ALL ON audit_head, audit_trail FROM %I', app);

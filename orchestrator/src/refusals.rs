@@ -82,6 +82,11 @@ impl RefusalLimiter {
         Self { limits, buckets: Mutex::new(HashMap::new()), last_purge: Mutex::new(None) }
     }
 
+    /// The limits in force.
+    pub fn limits(&self) -> RefusalLimits {
+        self.limits
+    }
+
     /// Whether this refusal from `(role, instance)` is audited now.
     pub fn admit(&self, role: &str, instance: &str) -> Admission {
         self.admit_at(role, instance, Instant::now())

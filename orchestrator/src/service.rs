@@ -15,6 +15,7 @@ fn classify(e: EngineError) -> HandlerError {
     match e {
         EngineError::Db(_) | EngineError::Outbox(_) => HandlerError::Transient(e.to_string()),
         EngineError::NotFound(_)
+        | EngineError::IncidentNotFound(_)
         | EngineError::Illegal(_)
         | EngineError::Invalid(_)
         | EngineError::Halted

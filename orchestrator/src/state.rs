@@ -152,6 +152,8 @@ impl Risk {
 pub enum Event {
     /// A submitted task starts with Dev.
     Start,
+    /// An incident's fix task starts with Refactor.
+    StartFix,
     /// The current step's worker reported success.
     StepSucceeded,
     /// Review asked for a refactor before approving.
@@ -212,6 +214,7 @@ pub fn next(from: TaskState, event: &Event, ctx: Context) -> Result<TaskState, I
     let retries_left = ctx.retries < ctx.max_retries;
     Ok(match (from, event) {
         (Submitted, Event::Start) => Dev,
+        (Submitted, Event::StartFix) => Refactor,
         (Dev, Event::StepSucceeded) => Qa,
         (Qa, Event::StepSucceeded) => Review,
         (Refactor, Event::StepSucceeded) => Qa,

@@ -19,10 +19,11 @@ use crate::state::{self, Context, Event, IllegalTransition, Risk, TaskState};
 
 mod binding;
 mod drive;
+pub mod incidents;
 mod tools;
 pub use binding::{HOLD_ELSEWHERE, HOLD_STALE, Hold};
 pub use drive::Question;
-pub use tools::PushJob;
+pub use tools::{PushJob, credentials_added};
 
 /// Why an engine call failed.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +31,9 @@ pub enum EngineError {
     /// No such task.
     #[error("task {0} not found")]
     NotFound(Uuid),
+    /// No such incident.
+    #[error("incident {0} not found; `fleetctl incident list --all` lists them")]
+    IncidentNotFound(Uuid),
     /// The cycle does not allow it.
     #[error(transparent)]
     Illegal(#[from] IllegalTransition),
@@ -367,6 +371,25 @@ impl Engine {
                 let actor = Actor { role: s.role.clone(), instance: s.instance.clone() };
                 let detail = json!({ "count": s.count, "reason": "refusals over the per-sender audit rate" });
                 audit::append(&mut tx, &self.audit_key, actor.entry("audit.refusals.suppressed", None, detail)).await?;
+                // A sender refused past its audited burst is acting like a compromised
+                // worker: one open incident per sender, however long the burst lasts.
+                let limits = self.refusals.limits();
+                let found = incidents::AutoIncident {
+                    trigger: incidents::Trigger::RejectionBurst,
+                    severity: incidents::Severity::High,
+                    title: format!("Burst of refused envelopes from {}/{}", s.role, s.instance),
+                    details: json!({
+                        "sender": {"role": s.role, "instance": s.instance},
+                        "refused_past_burst": s.count,
+                        "burst": limits.burst,
+                        "per_minute": limits.per_minute,
+                        "next": format!("fleetctl quarantine {}/{}", s.role, s.instance),
+                    }),
+                    repository: None,
+                    task: None,
+                    dedup_key: format!("rejection_burst:{}/{}", s.role, s.instance),
+                };
+                self.open_auto_incident(&mut tx, found).await?;
             }
             tx.commit().await?;
             Ok::<_, EngineError>(())
@@ -727,7 +750,8 @@ impl Engine {
             touched += 1;
         }
         let due: Vec<Uuid> = sqlx::query_scalar(
-            "SELECT id FROM tasks WHERE state IN ('dev', 'qa', 'review', 'refactor') AND assignment_id IS NULL AND not_before <= now() LIMIT 100",
+            "SELECT id FROM tasks WHERE state IN ('dev', 'qa', 'review', 'refactor') AND assignment_id IS NULL AND not_before <= now() \
+             ORDER BY priority DESC, not_before LIMIT 100",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -846,6 +870,18 @@ impl Engine {
         )
         .fetch_all(&mut *tx)
         .await?;
+        if at.is_some() {
+            let found = incidents::AutoIncident {
+                trigger: incidents::Trigger::BudgetKill,
+                severity: incidents::Severity::Medium,
+                title: format!("The budget manager halted the fleet: {}", reason.chars().take(150).collect::<String>()),
+                details: json!({"epoch": epoch, "reason": reason, "by": format!("{}/{}", by.role, by.instance)}),
+                repository: None,
+                task: None,
+                dedup_key: format!("budget_kill:{epoch}"),
+            };
+            self.open_auto_incident(&mut tx, found).await?;
+        }
         let pause = envelope::ControlPause { epoch: epoch as u64, reason: reason.to_owned(), by: by.person() };
         let audit = by.entry("fleet.kill", None, json!({"epoch": epoch, "reason": reason}));
         self.switch_fleet(

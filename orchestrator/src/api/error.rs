@@ -115,6 +115,7 @@ impl From<EngineError> for ApiError {
     fn from(err: EngineError) -> Self {
         match err {
             EngineError::NotFound(id) => ApiError::NotFound(format!("task {id} not found")),
+            err @ EngineError::IncidentNotFound(_) => ApiError::NotFound(err.to_string()),
             EngineError::Illegal(t) => ApiError::Conflict(illegal_message(&t)),
             EngineError::Invalid(m) => ApiError::Unprocessable(m),
             EngineError::Halted => ApiError::Conflict(EngineError::Halted.to_string()),

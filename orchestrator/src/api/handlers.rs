@@ -18,6 +18,7 @@ use super::ApiState;
 use super::auth::{AtLeastAdmin, AtLeastOperator, AtLeastViewer, Authorized, Caller};
 use super::error::{ApiError, ApiJson, Described, OptionalJson};
 use crate::state::TaskState;
+use crate::tasks::incidents::{Incident, MAX_RESOLUTION, NewIncident};
 use crate::tasks::{Actor, NewTask, Question, Task};
 
 /// Most tasks one list returns.
@@ -516,4 +517,174 @@ pub(super) async fn openapi() -> impl IntoResponse {
 pub(super) async fn no_route(method: Method, uri: Uri) -> ApiError {
     let path: String = uri.path().chars().take(100).collect();
     ApiError::NotFound(format!("no route {method} {path}; see docs/operations.md, \"HTTP API\", for the routes"))
+}
+
+/// The incident id of the path; anything but a UUID is a 400.
+#[derive(Debug)]
+pub(super) struct IncidentId(Uuid);
+
+impl<S: Send + Sync> FromRequestParts<S> for IncidentId {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::BadRequest(format!("cannot read the incident id in the path: {}", e.body_text())))?;
+        Uuid::parse_str(&raw).map(IncidentId).map_err(|_| {
+            let shown: String = raw.chars().take(64).collect();
+            ApiError::BadRequest(format!(
+                "{shown:?} is not an incident id: `fleetctl incident list` shows them (UUIDs)"
+            ))
+        })
+    }
+}
+
+impl Described for NewIncident {
+    const WHAT: &'static str = "incident";
+}
+
+/// `GET /v1/incidents`'s answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct IncidentList {
+    /// Newest first.
+    incidents: Vec<Incident>,
+}
+
+/// Query of `GET /v1/incidents`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct IncidentsQuery {
+    /// Resolved ones too (`true`); open ones only by default.
+    #[serde(default)]
+    all: Option<bool>,
+    /// At most this many (1 to 1000; 100 by default).
+    #[serde(default)]
+    limit: Option<i64>,
+}
+
+/// Body of `POST /v1/incidents/{id}/resolve`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ResolveBody {
+    /// What was found and done (1 to 2000 characters; redacted), for the audit trail.
+    #[schema(min_length = 1, max_length = 2000)]
+    resolution: String,
+}
+
+impl Described for ResolveBody {
+    const WHAT: &'static str = "resolution";
+}
+
+/// An incident as answers show it: every free text redacted again (the stored one was
+/// redacted when written; patterns added since then apply too).
+fn shown_incident(mut i: Incident) -> Incident {
+    telemetry::redact_string(&mut i.title);
+    telemetry::redact_json(&mut i.details);
+    if let Some(r) = &mut i.resolution {
+        telemetry::redact_string(r);
+    }
+    i
+}
+
+/// `POST /v1/incidents`: operator. Opens an incident; a critical or high one freezes
+/// automatic merges (of `repository`, or all). 201 with the incident.
+#[utoipa::path(post, path = "/v1/incidents", tag = "incidents",
+    request_body = NewIncident,
+    responses(
+        (status = 201, description = "Opened", body = Incident,
+            headers(("location" = String, description = "The incident's URL"))),
+        (status = 400, description = "Not JSON", body = ErrorBody),
+        (status = 401, description = "No or a refused token", body = ErrorBody),
+        (status = 403, description = "A viewer token", body = ErrorBody),
+        (status = 404, description = "A named task does not exist", body = ErrorBody),
+        (status = 409, description = "A fix task was asked while the fleet is halted", body = ErrorBody),
+        (status = 413, description = "Body over max_body_bytes", body = ErrorBody),
+        (status = 415, description = "Not sent as application/json", body = ErrorBody),
+        (status = 422, description = "Wrong fields or values", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(super) async fn open_incident(
+    State(state): State<ApiState>,
+    Authorized(caller, _): Authorized<AtLeastOperator>,
+    ApiJson(new): ApiJson<NewIncident>,
+) -> Result<impl IntoResponse, ApiError> {
+    let incident = state.engine.open_incident(&Actor::operator(&caller.sub), new).await?;
+    let location = format!("/v1/incidents/{}", incident.id);
+    Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(shown_incident(incident))))
+}
+
+/// `GET /v1/incidents?all=&limit=`: viewer. `{"incidents": [...]}`, newest first.
+#[utoipa::path(get, path = "/v1/incidents", tag = "incidents",
+    params(
+        ("all" = Option<bool>, Query, description = "Resolved ones too (open ones only by default)"),
+        ("limit" = Option<i64>, Query, minimum = 1, maximum = 1000, description = "At most this many (100 by default)"),
+    ),
+    responses(
+        (status = 200, description = "Incidents, newest first", body = IncidentList),
+        (status = 400, description = "A bad query parameter", body = ErrorBody),
+        (status = 401, description = "No or a refused token", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(super) async fn incidents(
+    State(state): State<ApiState>,
+    _: Authorized<AtLeastViewer>,
+    raw: Result<Query<IncidentsQuery>, QueryRejection>,
+) -> Result<Json<IncidentList>, ApiError> {
+    let q = query(raw, "`all` and `limit`")?;
+    let limit = limit_of(q.limit)?;
+    let incidents = state.engine.incidents(q.all.unwrap_or(false), limit).await?;
+    Ok(Json(IncidentList { incidents: incidents.into_iter().map(shown_incident).collect() }))
+}
+
+/// `GET /v1/incidents/{id}`: viewer.
+#[utoipa::path(get, path = "/v1/incidents/{id}", tag = "incidents",
+    params(("id" = Uuid, Path, description = "The incident's id")),
+    responses(
+        (status = 200, description = "The incident", body = Incident),
+        (status = 400, description = "The id is not a UUID", body = ErrorBody),
+        (status = 401, description = "No or a refused token", body = ErrorBody),
+        (status = 404, description = "No such incident", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(super) async fn get_incident(
+    State(state): State<ApiState>,
+    _: Authorized<AtLeastViewer>,
+    IncidentId(id): IncidentId,
+) -> Result<Json<Incident>, ApiError> {
+    Ok(Json(shown_incident(state.engine.incident(id).await?)))
+}
+
+/// `POST /v1/incidents/{id}/resolve`: admin. Lifts its freeze; audited. 200 with the
+/// incident.
+#[utoipa::path(post, path = "/v1/incidents/{id}/resolve", tag = "incidents",
+    params(("id" = Uuid, Path, description = "The incident's id")),
+    request_body = ResolveBody,
+    responses(
+        (status = 200, description = "Resolved", body = Incident),
+        (status = 400, description = "A bad id or body", body = ErrorBody),
+        (status = 401, description = "No or a refused token", body = ErrorBody),
+        (status = 403, description = "Not an admin token", body = ErrorBody),
+        (status = 404, description = "No such incident", body = ErrorBody),
+        (status = 409, description = "Already resolved", body = ErrorBody),
+        (status = 413, description = "Body over max_body_bytes", body = ErrorBody),
+        (status = 415, description = "Not sent as application/json", body = ErrorBody),
+        (status = 422, description = "Wrong fields or values", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub(super) async fn resolve_incident(
+    State(state): State<ApiState>,
+    Authorized(caller, _): Authorized<AtLeastAdmin>,
+    IncidentId(id): IncidentId,
+    ApiJson(body): ApiJson<ResolveBody>,
+) -> Result<Json<Incident>, ApiError> {
+    let missing = || {
+        ApiError::Unprocessable(format!(
+            "`resolution` must be 1 to {MAX_RESOLUTION} characters: the audit trail records what was done"
+        ))
+    };
+    let text = optional_text("resolution", Some(body.resolution), MAX_RESOLUTION)
+        .map_err(|_| missing())?
+        .ok_or_else(missing)?;
+    let incident = state.engine.resolve_incident(id, &Actor::operator(&caller.sub), &text).await?;
+    Ok(Json(shown_incident(incident)))
 }

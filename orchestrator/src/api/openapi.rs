@@ -15,8 +15,8 @@ use super::handlers;
 #[openapi(
     info(
         title = "agentfleet orchestrator",
-        description = "The operators' HTTP API: task intake, listing, approval, questions, cancellation, retry and \
-                       the kill switch. Tokens are HS256 JWTs (`fleetctl token issue`) with a role: viewer reads, \
+        description = "The operators' HTTP API: task intake, listing, approval, questions, cancellation, retry, \
+                       incidents and the kill switch. Tokens are HS256 JWTs (`fleetctl token issue`) with a role: viewer reads, \
                        operator also submits and drives tasks, admin also pulls the kill switch. See \
                        docs/operations.md, \"HTTP API\".",
         license(name = "MIT OR Apache-2.0"),
@@ -30,6 +30,10 @@ use super::handlers;
         handlers::cancel,
         handlers::retry,
         handlers::questions,
+        handlers::open_incident,
+        handlers::incidents,
+        handlers::get_incident,
+        handlers::resolve_incident,
         handlers::kill,
         handlers::resume,
         handlers::healthz,
@@ -41,6 +45,7 @@ use super::handlers;
     tags(
         (name = "tasks", description = "Tasks and their XP cycle"),
         (name = "questions", description = "Workers' questions for a person"),
+        (name = "incidents", description = "Incidents: open (operator), list and show (viewer), resolve (admin)"),
         (name = "fleet", description = "The kill switch (admin)"),
         (name = "health", description = "Liveness, readiness, metrics and this document; no token"),
     )

@@ -5,6 +5,7 @@ use envelope::{Envelope, Payload, Role, StreamName, ToolResponse, Usage, Verifie
 use serde_json::{Value, json};
 use uuid::Uuid;
 
+use super::incidents::{AutoIncident, Severity, Trigger};
 use super::{Actor, Change, Engine, EngineError, Task, fleet_halted, lock_task, try_lock_task};
 use crate::audit;
 use crate::state::{Event, TaskState};
@@ -137,11 +138,19 @@ impl Engine {
     /// Approved tasks whose branch has not been pushed yet (oldest first), with their newest
     /// diff. A task without any diff is returned with an empty one (the push refuses it).
     pub async fn push_jobs(&self, limit: i64) -> Result<Vec<PushJob>, EngineError> {
-        let ids: Vec<Uuid> =
-            sqlx::query_scalar("SELECT id FROM tasks WHERE state = 'approved' ORDER BY updated_at LIMIT $1")
-                .bind(limit)
-                .fetch_all(&self.pool)
-                .await?;
+        // An open critical or high incident freezes its repository's pushes (all of them
+        // when it names none), except its own fix task's.
+        let ids: Vec<Uuid> = sqlx::query_scalar(
+            "SELECT t.id FROM tasks t WHERE t.state = 'approved' AND NOT EXISTS ( \
+                 SELECT 1 FROM incidents i WHERE i.resolved_at IS NULL AND i.freezes_merges \
+                    AND (i.repository IS NULL OR i.repository = t.spec->>'repository') \
+                    AND NOT EXISTS (SELECT 1 FROM incident_tasks l \
+                                    WHERE l.incident_id = i.id AND l.task_id = t.id AND l.link = 'fix')) \
+             ORDER BY t.priority DESC, t.updated_at LIMIT $1",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
         let mut jobs = Vec::with_capacity(ids.len());
         for id in ids {
             let task = self.get(id).await?;
@@ -196,6 +205,60 @@ impl Engine {
         Ok(true)
     }
 
+    /// An approved change about to be pushed carries a credential (`found`: where, never
+    /// the value): the push is refused, the task fails, and a critical incident freezes the
+    /// repository's merges, in one transaction.
+    pub async fn secret_after_approval(&self, task: Uuid, found: &[String]) -> Result<Option<Uuid>, EngineError> {
+        let mut tx = self.pool.begin().await?;
+        let Some(t) = try_lock_task(&mut tx, task).await? else { return Ok(None) };
+        if t.state != TaskState::Approved {
+            return Ok(None);
+        }
+        let me = self.me();
+        let reason = format!(
+            "the approved change adds a credential ({}); nothing was pushed and an incident was opened",
+            found.join(", ")
+        );
+        let repository = t.spec.get("repository").and_then(Value::as_str).map(str::to_owned);
+        let (incident, _) = self
+            .open_auto_incident(
+                &mut tx,
+                AutoIncident {
+                    trigger: Trigger::SecretAfterApproval,
+                    severity: Severity::Critical,
+                    title: format!("Approved change of task {task} carries a credential"),
+                    details: json!({"found": found, "qa_and_review_passed": true}),
+                    repository,
+                    task: Some(task),
+                    dedup_key: format!("secret_after_approval:{task}"),
+                },
+            )
+            .await?;
+        audit::append(
+            &mut tx,
+            &self.audit_key,
+            me.entry(
+                "tool.refused",
+                Some(task),
+                json!({"action": "git.push_branch", "reason": reason, "incident": incident}),
+            ),
+        )
+        .await?;
+        self.apply(
+            &mut tx,
+            &t,
+            Change::new(
+                Event::Fail,
+                "credential in approved change",
+                json!({"reason": reason, "incident": incident}),
+                &me,
+            ),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Some(incident))
+    }
+
     /// Records a refused push (outside the scope, protected branch): the task fails, with
     /// the reason in its events and the audit trail.
     pub async fn push_refused(&self, task: Uuid, reason: &str) -> Result<(), EngineError> {
@@ -216,4 +279,35 @@ impl Engine {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// Where `diff` adds a line that the fleet's redaction set ([`telemetry::redact()`]) takes for
+/// a credential: `path:line` in the new file, never the value. Review's rules should have
+/// refused such a change; finding one at push means something let it through.
+pub fn credentials_added(diff: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(diff);
+    let mut found = Vec::new();
+    let mut file = String::new();
+    let mut line = 0u64;
+    for l in text.lines() {
+        if let Some(path) = l.strip_prefix("+++ ") {
+            file = path.strip_prefix("b/").unwrap_or(path).to_owned();
+        } else if let Some(hunk) = l.strip_prefix("@@ ") {
+            // `@@ -a,b +c,d @@`: the new file's lines start at c.
+            line = hunk
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix('+'))
+                .and_then(|w| w.split(',').next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(1);
+        } else if let Some(added) = l.strip_prefix('+') {
+            if matches!(telemetry::redact(added), std::borrow::Cow::Owned(_)) && found.len() < 20 {
+                found.push(format!("{}:{line}", file.chars().take(200).collect::<String>()));
+            }
+            line += 1;
+        } else if !l.starts_with('-') && !l.starts_with('\\') {
+            line += 1;
+        }
+    }
+    found
 }
