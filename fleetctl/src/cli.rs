@@ -216,6 +216,11 @@ pub enum Command {
     ///
     /// Needs an admin token. Idempotent; prints the kill epoch.
     Resume(crate::tasks_cmd::ResumeArgs),
+
+    /// Incidents: open, list, show, resolve. A critical or high incident freezes
+    /// automatic merges until an admin resolves it (docs/incident-response.md).
+    #[command(subcommand)]
+    Incident(crate::incident_cmd::IncidentCommand),
 }
 
 /// `fleetctl acl …`

@@ -40,6 +40,7 @@ pub mod client;
 pub mod db;
 pub mod exit;
 pub mod files;
+pub mod incident_cmd;
 pub mod keys;
 pub mod status;
 pub mod tail;
@@ -71,6 +72,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         cli::Command::Kill(args) => tasks_cmd::kill(args),
         cli::Command::Resume(args) => tasks_cmd::resume(args),
         cli::Command::Audit(cmd) => audit::run(cmd),
+        cli::Command::Incident(cmd) => incident_cmd::run(cmd),
         cli::Command::Db(cmd) => db::run(cmd),
     }
 }

@@ -161,7 +161,7 @@ fn parse_state(text: &str) -> Result<TaskState, String> {
 }
 
 /// One request on a current-thread runtime.
-fn block_on<T>(future: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+pub(crate) fn block_on<T>(future: impl Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -296,13 +296,13 @@ pub fn resume(args: ResumeArgs) -> anyhow::Result<()> {
         .context("Failed to write to stdout")
 }
 
-fn print_json(out: &mut impl Write, value: &Value) -> anyhow::Result<()> {
+pub(crate) fn print_json(out: &mut impl Write, value: &Value) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(value).context("Failed to format JSON")?;
     writeln!(out, "{text}").context("Failed to write to stdout")
 }
 
 /// A field as text: strings as they are (cleaned), numbers as numbers, `-` for null or missing.
-fn text_of(value: &Value, key: &str) -> String {
+pub(crate) fn text_of(value: &Value, key: &str) -> String {
     match value.get(key) {
         None | Some(Value::Null) => "-".into(),
         Some(Value::String(s)) => clean(s, 200),
@@ -329,7 +329,7 @@ pub(crate) fn clean(text: &str, max: usize) -> String {
 }
 
 /// RFC 3339 to the second: `2025-06-01T12:00:00Z`.
-fn short_time(value: &Value, key: &str) -> String {
+pub(crate) fn short_time(value: &Value, key: &str) -> String {
     let t = text_of(value, key);
     match t.split_once('.') {
         Some((seconds, rest)) if rest.ends_with('Z') => format!("{seconds}Z"),
@@ -403,7 +403,11 @@ fn render_questions(out: &mut impl Write, questions: &[Value]) -> io::Result<()>
 }
 
 /// Columns padded to their widest cell, the last one as it is.
-fn write_table<const N: usize>(out: &mut impl Write, columns: [&str; N], rows: &[[String; N]]) -> io::Result<()> {
+pub(crate) fn write_table<const N: usize>(
+    out: &mut impl Write,
+    columns: [&str; N],
+    rows: &[[String; N]],
+) -> io::Result<()> {
     let mut widths = columns.map(|c| c.chars().count());
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {

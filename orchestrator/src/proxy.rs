@@ -639,6 +639,17 @@ pub async fn push_loop(
             }
             let task = &job.task;
             let repo = task.spec.get("repository").and_then(Value::as_str).unwrap_or("");
+            match engine.merge_freeze(task.id, repo).await {
+                Ok(None) => {}
+                Ok(Some(incident)) => {
+                    tracing::info!(task = %task.id, incident = %incident, "Push waits: an open incident freezes merges.");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(task = %task.id, error = %e, "Cannot check for a merge freeze; pushing later.");
+                    continue;
+                }
+            }
             let scope: Vec<String> =
                 task.spec.get("scope").and_then(|v| serde_json::from_value(v.clone()).ok()).unwrap_or_default();
             let risk = matrix.risk_of("git.push_branch").unwrap_or(crate::state::Risk::Critical);

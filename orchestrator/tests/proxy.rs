@@ -1317,3 +1317,137 @@ async fn a_flood_of_a_peers_heartbeats_adds_a_bounded_number_of_audit_rows() {
     .unwrap();
     assert_eq!(count, 500 - audited);
 }
+
+/// A change carrying a credential that QA passed and Review approved (a rule set that
+/// missed it, a hostile reviewer) is found at push: nothing is pushed, the task fails, and
+/// a critical incident freezes the repository's other pushes until an admin resolves it.
+/// A fleet-wide high incident freezes every repository; a medium one freezes nothing; an
+/// incident's own fix task is pushed through its freeze.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credential_found_at_push_opens_a_critical_incident_that_freezes_the_repositorys_merges() {
+    const LEAK: &str = "diff --git a/src/calc.py b/src/calc.py\n--- a/src/calc.py\n+++ b/src/calc.py\n@@ -1,2 +1,3 @@\n def add(a, b):\n-    return a - b\n+    return a + b\n+AWS_KEY = 'AKIAABCDEFGHIJKLMNOP'\n";
+    let f = fleet(100_000).await;
+    let dir = tempfile::tempdir().unwrap();
+    let bare = bare_repo(dir.path());
+    let alice = Actor::operator("alice");
+    let approved = |diff: &'static str| {
+        let f = &f;
+        let bare = bare.clone();
+        let alice = alice.clone();
+        async move {
+            let id = f.engine.submit(&alice, new_task(Some(bare), &["src/"])).await.unwrap().id;
+            result(f, id, Role::Dev, Some(diff), None).await;
+            result(f, id, Role::Qa, None, Some(diff.as_bytes())).await;
+            result(f, id, Role::Review, None, Some(diff.as_bytes())).await;
+            assert_eq!(f.engine.get(id).await.unwrap().state, TaskState::Approved);
+            id
+        }
+    };
+    let leak = approved(LEAK).await;
+    let clean = approved(FIX).await;
+    let pusher = |f: &Fleet| {
+        let stop = tokio_util::sync::CancellationToken::new();
+        let h = tokio::spawn(orchestrator::proxy::push_loop(
+            f.engine.clone(),
+            matrix(),
+            orchestrator::gitops::GitConfig::default(),
+            Duration::from_millis(50),
+            stop.clone(),
+        ));
+        (stop, h)
+    };
+    // The leak is older, so the loop takes it first; its incident then freezes `clean`.
+    sqlx::query("UPDATE tasks SET updated_at = now() - interval '1 minute' WHERE id = $1")
+        .bind(leak)
+        .execute(&f.pool)
+        .await
+        .unwrap();
+    let (stop, h) = pusher(&f);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while f.engine.get(leak).await.unwrap().state != TaskState::Failed {
+        assert!(tokio::time::Instant::now() < deadline, "the leaking change was not stopped");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(f.engine.get(clean).await.unwrap().state, TaskState::Approved, "frozen, not pushed");
+    assert!(!git(Path::new(&bare), &["branch", "--list"]).contains("agentfleet/"), "nothing pushed");
+
+    let open = f.engine.incidents(false, 10).await.unwrap();
+    assert_eq!(open.len(), 1, "{open:?}");
+    let inc = &open[0];
+    assert_eq!(inc.severity, orchestrator::tasks::incidents::Severity::Critical);
+    assert_eq!((inc.trigger.as_str(), inc.repository.as_deref()), ("secret_after_approval", Some(bare.as_str())));
+    assert!(inc.freezes_merges);
+    assert_eq!(inc.details["found"], serde_json::json!(["src/calc.py:3"]));
+    assert!(!inc.details.to_string().contains("AKIA"), "the credential is not copied: {}", inc.details);
+    assert_eq!(inc.tasks.len(), 1);
+    assert_eq!((inc.tasks[0].task_id, inc.tasks[0].link.as_str()), (leak, "cause"));
+    let audited: Vec<String> = sqlx::query_scalar(
+        "SELECT action FROM audit_trail WHERE action LIKE 'incident.%' OR (action = 'tool.refused' AND task_id = $1) ORDER BY seq",
+    )
+    .bind(leak)
+    .fetch_all(&f.pool)
+    .await
+    .unwrap();
+    assert_eq!(audited, ["incident.opened", "incident.linked", "tool.refused"]);
+
+    // Resolving lifts the freeze: the clean change goes out.
+    f.engine.resolve_incident(inc.id, &Actor::operator("root"), "key revoked, history checked").await.unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while f.engine.get(clean).await.unwrap().state != TaskState::Merged {
+        assert!(tokio::time::Instant::now() < deadline, "the freeze did not lift");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    h.await.unwrap();
+
+    // A fleet-wide high incident freezes every repository, its own fix task excepted; a
+    // medium one freezes nothing.
+    let medium = f
+        .engine
+        .open_incident(
+            &alice,
+            serde_json::from_value(serde_json::json!({"severity": "medium", "title": "odd model answers"})).unwrap(),
+        )
+        .await
+        .unwrap();
+    assert!(!medium.freezes_merges);
+    let high = f
+        .engine
+        .open_incident(
+            &alice,
+            serde_json::from_value(serde_json::json!({
+                "severity": "high", "title": "worker dev-2 may be compromised", "repository": null,
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let held = approved(FIX).await;
+    let (stop, h) = pusher(&f);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(f.engine.get(held).await.unwrap().state, TaskState::Approved, "frozen fleet-wide");
+    sqlx::query("INSERT INTO incident_tasks (incident_id, task_id, link) VALUES ($1, $2, 'fix')")
+        .bind(high.id)
+        .bind(held)
+        .execute(&f.pool)
+        .await
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while f.engine.get(held).await.unwrap().state != TaskState::Merged {
+        assert!(tokio::time::Instant::now() < deadline, "the incident's fix task was frozen by its own incident");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.cancel();
+    h.await.unwrap();
+}
+
+#[test]
+fn credentials_added_names_the_place_never_the_value() {
+    let diff = "diff --git a/a.py b/a.py\n--- a/a.py\n+++ b/a.py\n@@ -10,2 +10,3 @@\n x = 1\n-y = 2\n+y = 3\n+token = 'ghp_abcdefghijklmnopqrstuvwxyz0123456789'\n";
+    assert_eq!(orchestrator::tasks::credentials_added(diff.as_bytes()), ["a.py:12"]);
+    // Removed lines and context do not count.
+    let removed = "--- a/a.py\n+++ b/a.py\n@@ -1,1 +1,0 @@\n-token = 'ghp_abcdefghijklmnopqrstuvwxyz0123456789'\n";
+    assert!(orchestrator::tasks::credentials_added(removed.as_bytes()).is_empty());
+    assert!(orchestrator::tasks::credentials_added(FIX.as_bytes()).is_empty());
+}

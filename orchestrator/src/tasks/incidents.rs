@@ -542,6 +542,25 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// The open incident that freezes `task`'s push to `repository` (a fleet-wide one
+    /// freezes every repository), unless `task` is that incident's own fix. Checked again
+    /// right before each push: an incident opened by an earlier push of the same batch
+    /// stops the rest.
+    pub async fn merge_freeze(&self, task: Uuid, repository: &str) -> Result<Option<Uuid>, EngineError> {
+        Ok(sqlx::query_scalar(
+            "SELECT i.id FROM incidents i WHERE i.resolved_at IS NULL AND i.freezes_merges \
+               AND (i.repository IS NULL OR i.repository = $2) \
+               AND NOT EXISTS (SELECT 1 FROM incident_tasks l WHERE l.incident_id = i.id AND l.task_id = $1 AND l.link = 'fix') \
+             ORDER BY i.opened_at LIMIT 1",
+        )
+        .bind(task)
+        .bind(repository)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+}
+
 fn cut(s: &str, max: usize) -> String {
     s.chars().take(max).collect()
 }
