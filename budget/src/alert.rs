@@ -201,6 +201,7 @@ impl Alert {
                 tasks_halted: Scope::All,
                 merges_frozen: Scope::All,
                 tasks: Vec::new(),
+                frozen_repository: None,
             },
             actions: vec![resume_action(), status_action()],
             ..Facts::default()
@@ -278,6 +279,7 @@ impl Alert {
                 tasks_halted: Scope::None,
                 merges_frozen: incident.merges_frozen,
                 tasks: incident.tasks.clone(),
+                frozen_repository: incident.repository.clone(),
             },
             actions: vec![Action::new("Details", format!("fleetctl incident show {}", incident.id)), status_action()],
             incident: Some(incident),
@@ -353,6 +355,7 @@ mod tests {
             trigger: "operator".into(),
             tasks: vec![],
             merges_frozen: Scope::All,
+            repository: None,
         };
         assert_eq!(
             Alert::incident("prod", 8, incident, cause(), 3, serde_json::json!({})).dedup_key,

@@ -229,6 +229,41 @@ impl Budget {
         Ok(())
     }
 
+    /// Queues the alert of an incident the orchestrator opened (sent once per incident:
+    /// the alert's dedup key is the incident's id, so a redelivered envelope adds nothing).
+    pub async fn alert_incident(&self, i: &envelope::IncidentOpened, via: &str) -> Result<(), HandlerError> {
+        use crate::alert::{Incident, Scope, Severity};
+        let severity = match i.severity.as_str() {
+            "critical" => Severity::Critical,
+            "high" => Severity::High,
+            "medium" => Severity::Medium,
+            "low" => Severity::Low,
+            other => {
+                // A newer orchestrator's word for it: page as high rather than drop it.
+                tracing::warn!(severity = %other.chars().take(40).collect::<String>(), incident = %i.incident, "Unknown incident severity; alerting as high.");
+                Severity::High
+            }
+        };
+        let cause = match i.opened_by.strip_prefix("orchestrator/") {
+            Some(_) => Cause::automatic(&i.trigger, via, ""),
+            None => Cause::operator(Some(&i.opened_by), via, ""),
+        };
+        let incident = Incident {
+            id: i.incident,
+            severity,
+            title: i.title.clone(),
+            trigger: i.trigger.clone(),
+            tasks: i.tasks.clone(),
+            merges_frozen: if i.freezes_merges && i.repository.is_none() { Scope::All } else { Scope::None },
+            repository: i.repository.clone().filter(|_| i.freezes_merges),
+        };
+        let epoch = self.killswitch.state().await.map_err(transient)?.epoch;
+        let details = json!({"incident": i.incident, "trigger": i.trigger, "severity": i.severity});
+        let alert = Alert::incident(self.alerts.deployment(), epoch, incident, cause, i.opened_at_ms, details);
+        self.alerts.enqueue(&alert).await.map_err(transient)?;
+        Ok(())
+    }
+
     async fn warn(&self, scope: &str, cause: Cause, details: serde_json::Value) -> Result<(), HandlerError> {
         let epoch = self.killswitch.state().await.map_err(transient)?.epoch;
         let alert = Alert::soft_limit_warning(self.alerts.deployment(), epoch, scope, cause, details);
@@ -420,6 +455,7 @@ impl Handler for ControlHandler {
                 self.0.killswitch.resume(&cause(r.by.as_deref(), ""), r.epoch).await.map_err(transient)?;
                 Ok(())
             }
+            Payload::IncidentOpened(i) => self.0.alert_incident(i, via).await,
             other => {
                 Err(HandlerError::Permanent(format!("unexpected {} on fleet:control:budget", other.message_type())))
             }

@@ -551,3 +551,51 @@ async fn an_operator_kill_takes_the_orchestrators_epoch_and_an_alert_waits_for_i
     assert_eq!(f.telegram.count("<b>By:</b> carol (operator, via orchestrator-0)"), 1, "the admin, from the record");
     drop(budget);
 }
+
+/// The orchestrator's `incident.opened` becomes one alert on every channel, naming what it
+/// froze and the command to look at it, even when the envelope is delivered twice; it does
+/// not pull the kill switch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_incident_the_orchestrator_opened_is_alerted_once_with_what_it_froze_and_the_command() {
+    let mut f = fleet().await;
+    let budget = f.start_budget();
+    wait_up(&f, &budget).await;
+    let (id, task) = (Uuid::now_v7(), Uuid::now_v7());
+    let opened = IncidentOpened {
+        incident: id,
+        severity: "critical".into(),
+        trigger: "secret_after_approval".into(),
+        title: "Approved change carries a credential (src/calc.py:3) <b>".into(),
+        repository: Some("https://git.example/app.git".into()),
+        freezes_merges: true,
+        opened_at_ms: bus::now_ms(),
+        opened_by: "orchestrator/orchestrator-0".into(),
+        tasks: vec![task],
+    };
+    for _ in 0..2 {
+        f.send(StreamName::control(Role::Budget).as_str(), opened.clone().into(), None).await;
+    }
+    let show = format!("fleetctl incident show {id}");
+    eventually("the incident alert on both channels", Duration::from_secs(20), async || {
+        f.telegram.count(&show) >= 1 && f.webhook.count("alert.incident") >= 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(f.telegram.count(&show), 1, "once: {:?}", f.telegram.seen.lock().unwrap().accepted);
+    assert_eq!(f.webhook.count("alert.incident"), 1);
+    let text = f.telegram.seen.lock().unwrap().accepted[0]["text"].as_str().unwrap().to_owned();
+    assert!(text.contains("INCIDENT CRITICAL"), "{text}");
+    assert!(text.contains("merges to https://git.example/app.git frozen"), "{text}");
+    assert!(text.contains("&lt;b&gt;"), "the title is escaped: {text}");
+    assert!(!text.contains("<b>\n") && !text.contains("credential (src/calc.py:3) <b>"), "{text}");
+    {
+        let seen = f.webhook.seen.lock().unwrap();
+        let a = seen.accepted.iter().find(|v| v["type"] == "alert.incident").unwrap();
+        assert_eq!(a["data"]["incident"]["id"], id.to_string(), "{a}");
+        assert_eq!(a["data"]["incident"]["trigger"], "secret_after_approval", "{a}");
+        assert_eq!(a["data"]["affected"]["tasks"][0], task.to_string(), "{a}");
+        assert_eq!(a["data"]["affected"]["frozen_repository"], "https://git.example/app.git", "{a}");
+    }
+    assert!(!f.state().await.engaged, "an incident alerts; it does not pull the kill switch");
+    drop(budget);
+}

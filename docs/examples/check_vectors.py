@@ -57,8 +57,10 @@ PAYLOADS = {
     "tool.response": ["request_id uuid", "ok bool", "output str"],
     "usage": ["role role", "model str", "input_tokens u64", "output_tokens u64", "cost_micro_usd u64"],
     "outcome": ["role role", "status status", "error_kind? str"],
-    "control.pause": ["epoch u64", "reason str"],
-    "control.resume": ["epoch u64"],
+    "control.pause": ["epoch u64", "reason str", "by? str"],
+    "control.resume": ["epoch u64", "by? str"],
+    "incident.opened": ["incident uuid", "severity str", "trigger str", "title str", "repository? str",
+                        "freezes_merges bool", "opened_at_ms u64", "opened_by str", "tasks[] uuids"],
 }
 PAYLOADS = {
     t: [(k.rstrip("?[]"), ty, not k.endswith(("?", "[]"))) for k, ty in (e.split() for e in keys)]
@@ -222,6 +224,7 @@ def check_value(ty: str, x, where: str):
         "bin": lambda: type(x) is bytes,
         "uuid": lambda: type(x) is bytes and len(x) == 16,
         "strs": lambda: type(x) is list and all(type(s) is str for s in x),
+        "uuids": lambda: type(x) is list and all(type(b) is bytes and len(b) == 16 for b in x),
         "role": lambda: type(x) is str and x in ROLES,
         "type": lambda: type(x) is str and x in PAYLOADS,
         "status": lambda: type(x) is str and x in STATUSES,
@@ -231,6 +234,8 @@ def check_value(ty: str, x, where: str):
         raise decode_error(f"{where}: not a {ty}: {x!r}")
     if ty == "uuid":
         return str(uuid.UUID(bytes=x))
+    if ty == "uuids":
+        return [str(uuid.UUID(bytes=b)) for b in x]
     if ty == "bin":
         return list(x)
     return x
@@ -303,6 +308,9 @@ def encode_body(fields: dict) -> bytes:
             return (b"\xc4" + bytes([len(b)]) if len(b) < 256 else b"\xc5" + struct.pack(">H", len(b))) + b
         if ty == "strs":
             return bytes([0x90 | len(x)]) + b"".join(enc("str", s) for s in x)
+        if ty == "uuids":
+            head = bytes([0x90 | len(x)]) if len(x) < 16 else b"\xdc" + struct.pack(">H", len(x))
+            return head + b"".join(enc("uuid", u) for u in x)
         if ty == "calls":
             head = bytes([0x90 | len(x)]) if len(x) < 16 else b"\xdc" + struct.pack(">H", len(x))
             return head + b"".join(mapping(CALL, c, lambda k, ty, v: enc(ty, v)) for c in x)

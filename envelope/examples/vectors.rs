@@ -428,6 +428,23 @@ fn main() {
         ToolRequest { request_id: id(NOW, 0x44), action: "llm.complete".into(), input: "{\"prompt\":\"hi\"}".into() },
     );
 
+    let incident = base(
+        sender(Role::Orchestrator, "orchestrator-0"),
+        Role::Budget,
+        0x49,
+        IncidentOpened {
+            incident: id(NOW - 50, 0x49),
+            severity: "critical".into(),
+            trigger: "secret_after_approval".into(),
+            title: "Approved change carries a credential".into(),
+            repository: Some("https://git.example/app.git".into()),
+            freezes_merges: true,
+            opened_at_ms: NOW - 50,
+            opened_by: "orchestrator/orchestrator-0".into(),
+            tasks: vec![id(NOW - 5000, 0x4a)],
+        },
+    );
+
     let positives = vec![
         positive(
             "task_result_minimal",
@@ -478,6 +495,13 @@ fn main() {
             "dev>orchestrator:3",
             req,
             "fleet:tool:requests",
+        ),
+        positive(
+            "incident_opened",
+            "An incident for the budget manager to alert on; optional key and list set.",
+            "orchestrator>budget:3",
+            incident,
+            "fleet:control:budget",
         ),
     ];
 

@@ -145,6 +145,7 @@ payloads! {
     Outcome(Outcome) => Outcome,
     ControlPause(ControlPause) => ControlPause,
     ControlResume(ControlResume) => ControlResume,
+    IncidentOpened(IncidentOpened) => IncidentOpened,
 }
 
 impl Payload {
@@ -349,6 +350,33 @@ pub struct ControlResume {
     /// The person who asked for it (the admin token's subject); absent when none did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub by: Option<String>,
+}
+
+/// `incident.opened`: the orchestrator tells the budget manager, whose alert channels reach
+/// people, that an incident was opened (docs/incident-response.md).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IncidentOpened {
+    /// The incident, as `fleetctl incident show` takes it.
+    pub incident: Uuid,
+    /// `critical`, `high`, `medium` or `low`.
+    pub severity: String,
+    /// What opened it (`operator`, `secret_after_approval`, `rejection_burst`, …).
+    pub trigger: String,
+    /// One line saying what happened (redacted).
+    pub title: String,
+    /// The repository whose merges it freezes; absent: every repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    /// Whether it freezes automatic merges until resolved.
+    pub freezes_merges: bool,
+    /// When it was opened, Unix milliseconds.
+    pub opened_at_ms: u64,
+    /// Who opened it: an operator's name, or `orchestrator/<instance>`.
+    pub opened_by: String,
+    /// The tasks it concerns.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<Uuid>,
 }
 
 /// `Option<Vec<u8>>` as MessagePack `bin` (serde's default would write an array of ints).

@@ -28,8 +28,8 @@ pub mod verify;
 pub mod wire;
 
 pub use body::{
-    CallVerdict, ControlPause, ControlResume, Envelope, Heartbeat, Outcome, Payload, Question, Sender, Status,
-    TaskAssign, TaskResult, ToolCallRecord, ToolRequest, ToolResponse, Usage,
+    CallVerdict, ControlPause, ControlResume, Envelope, Heartbeat, IncidentOpened, Outcome, Payload, Question, Sender,
+    Status, TaskAssign, TaskResult, ToolCallRecord, ToolRequest, ToolResponse, Usage,
 };
 pub use keys::{Edge, KeyError, Keyring, Keyset, KeysetEntry, Kid, MasterFile, MasterSecret, Process};
 pub use names::{Instance, MessageType, Role, StreamName, streams};

@@ -108,6 +108,7 @@ wire_names! {
         Outcome => "outcome",
         ControlPause => "control.pause",
         ControlResume => "control.resume",
+        IncidentOpened => "incident.opened",
     }
 }
 

@@ -85,6 +85,32 @@ fn payload(ty: MessageType) -> BoxedStrategy<Payload> {
         MessageType::ControlResume => (any::<u64>(), proptest::option::of(text()))
             .prop_map(|(epoch, by)| ControlResume { epoch, by }.into())
             .boxed(),
+        MessageType::IncidentOpened => (
+            (uuid(), text(), text(), text()),
+            (proptest::option::of(text()), any::<bool>(), any::<u64>(), text()),
+            proptest::collection::vec(uuid(), 0..3),
+        )
+            .prop_map(
+                |(
+                    (incident, severity, trigger, title),
+                    (repository, freezes_merges, opened_at_ms, opened_by),
+                    tasks,
+                )| {
+                    IncidentOpened {
+                        incident,
+                        severity,
+                        trigger,
+                        title,
+                        repository,
+                        freezes_merges,
+                        opened_at_ms,
+                        opened_by,
+                        tasks,
+                    }
+                    .into()
+                },
+            )
+            .boxed(),
     }
 }
 

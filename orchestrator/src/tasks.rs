@@ -377,7 +377,10 @@ impl Engine {
                 let found = incidents::AutoIncident {
                     trigger: incidents::Trigger::RejectionBurst,
                     severity: incidents::Severity::High,
-                    title: format!("Burst of refused envelopes from {}/{}", s.role, s.instance),
+                    title: format!(
+                        "Burst of refused envelopes from {}/{}: {} past the audited burst of {}",
+                        s.role, s.instance, s.count, limits.burst
+                    ),
                     details: json!({
                         "sender": {"role": s.role, "instance": s.instance},
                         "refused_past_burst": s.count,

@@ -103,10 +103,35 @@ async fn operators_open_incidents_viewers_read_them_and_only_an_admin_resolves_t
         1
     );
 
+    // The budget manager is told, through the outbox, signed for it: it pages people.
+    let frames: Vec<Vec<u8>> =
+        sqlx::query_scalar("SELECT frame FROM outbox WHERE stream = 'fleet:control:budget' ORDER BY id")
+            .fetch_all(&app.pool)
+            .await
+            .unwrap();
+    assert_eq!(frames.len(), 1);
+    let told = support::verify_as(Role::Budget, "fleet:control:budget", &frames[0]);
+    let envelope::Payload::IncidentOpened(told) = &told.payload else { panic!("{:?}", told.payload) };
+    assert_eq!((told.incident.to_string(), told.severity.as_str()), (id.clone(), "critical"));
+    assert_eq!((told.opened_by.as_str(), told.repository.as_deref()), ("olga", Some(REPO)));
+    assert_eq!(told.tasks.len(), 2);
+    assert!(!told.title.contains("hunter2"), "{}", told.title);
+    // A low incident is recorded, not paged.
+    let low = json!({"severity": "low", "title": "a flaky test looked odd"});
+    assert_eq!(app.call(Method::POST, "/v1/incidents", &olga, Some(&low)).await.status, StatusCode::CREATED);
+    let told: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox WHERE stream = 'fleet:control:budget'")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(told, 1);
+
     // The audit trail's incident category: opened, each link, resolved by whom.
     let rows = audit_actions(&app, "incident.%").await;
     let actions: Vec<&str> = rows.iter().map(|(a, _, _)| a.as_str()).collect();
-    assert_eq!(actions, ["incident.opened", "incident.linked", "incident.linked", "incident.resolved"]);
+    assert_eq!(
+        actions,
+        ["incident.opened", "incident.linked", "incident.linked", "incident.resolved", "incident.opened"]
+    );
     assert_eq!(rows[3].1, "root");
     assert_eq!(rows[3].2["resolution"], "key rotated, history purged");
     assert!(!rows[0].2.to_string().contains("hunter2"), "audit details redacted: {}", rows[0].2);

@@ -123,6 +123,9 @@ pub struct Affected {
     pub merges_frozen: Scope,
     /// The tasks concerned, when they are known one by one (an incident's).
     pub tasks: Vec<Uuid>,
+    /// The one repository whose merges are frozen (an incident's), when not all are.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub frozen_repository: Option<String>,
 }
 
 /// One command an operator can run.
@@ -199,6 +202,9 @@ pub struct Incident {
     pub tasks: Vec<Uuid>,
     /// Which merges it froze.
     pub merges_frozen: Scope,
+    /// The repository it froze, when it froze only one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
 }
 
 fn redact(s: &mut String) {
@@ -231,6 +237,7 @@ impl Facts {
             redact(&mut i.title);
             redact(&mut i.trigger);
         }
+        self.affected.frozen_repository.iter_mut().for_each(redact);
         self.scope.iter_mut().for_each(redact);
     }
 }

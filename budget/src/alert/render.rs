@@ -163,6 +163,9 @@ fn affected(a: &Affected) -> String {
         Scope::Tasks => parts.push("merges of these tasks frozen".to_owned()),
         Scope::None => {}
     }
+    if let Some(repo) = &a.frozen_repository {
+        parts.push(format!("merges to {} frozen", name(repo)));
+    }
     if !a.roles_paused.is_empty() {
         let roles: Vec<String> = a.roles_paused.iter().map(|r| name(r)).collect();
         parts.push(format!("{} paused", roles.join(", ")));

@@ -395,6 +395,14 @@ fn payload_summary(env: &Envelope) -> String {
             Some(by) => format!("epoch={} by={}", r.epoch, quoted(by, TEXT_CHARS)),
             None => format!("epoch={}", r.epoch),
         },
+        Payload::IncidentOpened(i) => format!(
+            "incident={} severity={} trigger={} freezes={} title={}",
+            last8(&i.incident.simple().to_string()),
+            word(&i.severity),
+            word(&i.trigger),
+            if i.freezes_merges { i.repository.as_deref().map_or("all".to_owned(), word) } else { "-".to_owned() },
+            quoted(&i.title, TEXT_CHARS)
+        ),
     };
     if env.lease.is_some() {
         // A lease is a bearer token: whoever reads it can use it. Its presence is all we say.

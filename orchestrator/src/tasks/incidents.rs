@@ -314,6 +314,7 @@ impl Engine {
             let fix_id = self.submit_fix(&mut tx, by, task).await?;
             self.link_incident(&mut tx, id, fix_id, "fix", by).await?;
         }
+        self.announce(&mut tx, id).await?;
         tx.commit().await?;
         tracing::warn!(incident = %id, severity = new.severity.as_str(), by = %by.instance, "Incident opened.");
         self.incident(id).await
@@ -357,6 +358,9 @@ impl Engine {
         };
         if let Some(task) = found.task {
             self.link_incident(tx, id, task, "cause", &me).await?;
+        }
+        if new {
+            self.announce(tx, id).await?;
         }
         Ok((id, new))
     }
@@ -402,6 +406,39 @@ impl Engine {
             "details": details,
         });
         audit::append(&mut *tx, &self.audit_key, by.entry("incident.opened", None, audit_details)).await?;
+        Ok(())
+    }
+
+    /// Tells the budget manager, whose channels reach people, about a medium or worse
+    /// incident (`incident.opened` through the outbox, so it goes out exactly when the
+    /// incident is committed). A low one is only recorded.
+    async fn announce(&self, tx: &mut PgConnection, id: Uuid) -> Result<(), EngineError> {
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!("SELECT {COLUMNS} FROM incidents WHERE id = $1")))
+            .bind(id)
+            .fetch_one(&mut *tx)
+            .await?;
+        let incident = from_row(&row)?;
+        if incident.severity < Severity::Medium {
+            return Ok(());
+        }
+        let tasks: Vec<Uuid> =
+            sqlx::query_scalar("SELECT task_id FROM incident_tasks WHERE incident_id = $1 ORDER BY linked_at, task_id")
+                .bind(id)
+                .fetch_all(&mut *tx)
+                .await?;
+        let payload = envelope::IncidentOpened {
+            incident: id,
+            severity: incident.severity.as_str().to_owned(),
+            trigger: incident.trigger,
+            title: incident.title,
+            repository: incident.repository,
+            freezes_merges: incident.freezes_merges,
+            opened_at_ms: u64::try_from(incident.opened_at.timestamp_millis()).unwrap_or(0),
+            opened_by: incident.opened_by,
+            tasks,
+        };
+        let stream = envelope::StreamName::control(envelope::Role::Budget);
+        self.enqueue(tx, &stream, envelope::Role::Budget, None, None, payload.into()).await?;
         Ok(())
     }
 
