@@ -7,6 +7,7 @@
 //! retrying database and sink faults with backoff. docs/operations.md, "Anchoring the
 //! audit trail", describes the threat model and the procedures.
 
+use sqlx::postgres::PgListener;
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
@@ -193,28 +194,33 @@ async fn run_loop(
     };
     tokio::pin!(stop);
     let mut pool = None;
+    let mut incidents: Option<PgListener> = None;
     let mut backoff = FIRST_BACKOFF;
     loop {
-        let step = async {
-            let p = match &pool {
-                Some(p) => p,
-                None => pool.insert(db.connect().await.map_err(|e| (true, e))?),
+        let (outcome, stopping) = {
+            let step = async {
+                let p = match &pool {
+                    Some(p) => p,
+                    None => pool.insert(db.connect().await.map_err(|e| (true, e))?),
+                };
+
+                anchor_now(p, key, sink).await.map_err(|e| (e.is_transient(), anyhow!("{}", describe(db, &e))))
             };
-            anchor_now(p, key, sink).await.map_err(|e| (e.is_transient(), anyhow!("{}", describe(db, &e))))
-        };
-        tokio::pin!(step);
-        // A signal during a step lets it finish, within the grace period, so an anchor
-        // already in the sink is also reported.
-        let mut stopping = false;
-        let outcome = tokio::select! {
-            outcome = &mut step => outcome,
-            () = &mut stop => {
-                stopping = true;
-                match tokio::time::timeout(GRACE, &mut step).await {
-                    Ok(outcome) => outcome,
-                    Err(_) => break,
+            tokio::pin!(step);
+            // A signal during a step lets it finish, within the grace period, so an anchor
+            // already in the sink is also reported.
+            let mut stopping = false;
+            let outcome = tokio::select! {
+                outcome = &mut step => outcome,
+                () = &mut stop => {
+                    stopping = true;
+                    match tokio::time::timeout(GRACE, &mut step).await {
+                        Ok(outcome) => outcome,
+                        Err(_) => break,
+                    }
                 }
-            }
+            };
+            (outcome, stopping)
         };
         let wait = match outcome {
             Ok(appended) => {
@@ -233,8 +239,16 @@ async fn run_loop(
         if stopping {
             break;
         }
+        // An incident is anchored at once, not at the next interval: whoever rewrites the
+        // trail after it must also get past an anchor taken right then.
+        if pool.is_some() && incidents.is_none() {
+            incidents = listen_for_incidents(db).await;
+        }
         tokio::select! {
             () = tokio::time::sleep(wait) => {}
+            opened = next_incident(&mut incidents) => {
+                writeln!(io::stdout().lock(), "incident {opened} opened: anchoring now").context("Failed to write to stdout")?;
+            }
             () = &mut stop => break,
         }
     }
@@ -242,6 +256,39 @@ async fn run_loop(
         p.close().await;
     }
     writeln!(io::stdout().lock(), "stopped").context("Failed to write to stdout")
+}
+
+/// A listener on the orchestrator's `fleet_incident` notifications (sent when an incident
+/// is opened); `None` when it can't listen, and then anchoring keeps to its interval.
+async fn listen_for_incidents(db: &crate::db::Database) -> Option<PgListener> {
+    // A pool of its own: the listener keeps its connection for good, and anchoring needs
+    // the other pool's connections.
+    let listen = async {
+        let pool = db.connect().await?;
+        let mut l = PgListener::connect_with(&pool).await?;
+        l.listen("fleet_incident").await?;
+        Ok::<_, anyhow::Error>(l)
+    };
+    match listen.await {
+        Ok(l) => Some(l),
+        Err(e) => {
+            crate::keys::warn(&format!("cannot listen for incidents ({e}); anchoring at the interval only"));
+            None
+        }
+    }
+}
+
+/// The next incident id notified; never resolves without a listener. A lost connection
+/// drops the listener (the next round makes a new one) and waits for the interval.
+async fn next_incident(listener: &mut Option<PgListener>) -> String {
+    let Some(l) = listener else { return std::future::pending().await };
+    match l.try_recv().await {
+        Ok(Some(n)) => n.payload().chars().take(64).collect(),
+        Ok(None) | Err(_) => {
+            *listener = None;
+            std::future::pending().await
+        }
+    }
 }
 
 /// An anchoring error's text, database errors through [`crate::db::Database::describe`].

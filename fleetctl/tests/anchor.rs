@@ -528,6 +528,56 @@ async fn the_loop_anchors_at_its_interval_and_stops_on_sigterm() {
     assert_eq!(lines(&path).len(), 2);
 }
 
+/// Issue 14: the head is anchored at every incident, not only at the interval: a loop
+/// set to anchor hourly anchors within seconds of an incident being opened.
+#[tokio::test]
+async fn an_incident_is_anchored_at_once_by_a_loop_on_a_long_interval() {
+    let f = Fleet::start().await;
+    f.append(2).await;
+    let child = Command::new(env!("CARGO_BIN_EXE_fleetctl"))
+        .args(["audit", "anchor", "--every", "1h", "--database-url", &f.url])
+        .args(["--sink", "file:anchors.jsonl", "--key", "anchor.key"])
+        .current_dir(f.dir.path())
+        .env_remove("FLEET_DATABASE_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let path = f.path("anchors.jsonl");
+    let wait_for = |n: usize| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while fs::read_to_string(&path).map_or(0, |t| t.lines().count()) < n {
+            assert!(Instant::now() < deadline, "no anchor {n} within 30 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    wait_for(1);
+    // The listener is made after the first anchor; give it a moment, as an orchestrator
+    // would take to notice anything.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // What the orchestrator does when it opens one: a row in the trail, then the incident.
+    f.append(1).await;
+    sqlx::query(
+        "INSERT INTO incidents (id, severity, trigger, title, freezes_merges, opened_by) \
+         VALUES ('0190a5e2-7c1d-7b3e-9f00-1a2b3c4d5e6f', 'high', 'operator', 'drill', true, 'olga')",
+    )
+    .execute(&f.pool)
+    .await
+    .unwrap();
+    wait_for(2);
+    let kill = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(kill.success());
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        stdout,
+        "anchored seq 2 as anchor 1 (rows 1..=2) in file:anchors.jsonl\n\
+         incident 0190a5e2-7c1d-7b3e-9f00-1a2b3c4d5e6f opened: anchoring now\n\
+         anchored seq 3 as anchor 2 (rows 3..=3) in file:anchors.jsonl\nstopped\n"
+    );
+}
+
 #[tokio::test]
 async fn a_broken_trail_is_never_anchored_and_an_empty_sink_is_no_proof() {
     let f = Fleet::start().await;
