@@ -134,6 +134,15 @@ pub struct VerifyArgs {
     /// The anchor public key file (64 hex digits), as `audit anchor-key new` wrote it.
     #[arg(long, value_name = "FILE", requires = "anchors")]
     pub anchor_pubkey: Option<PathBuf>,
+
+    /// When the check fails, open a critical incident through the API (trigger
+    /// `audit_verify`; it freezes every merge and alerts). Needs an operator token
+    /// (FLEET_TOKEN) and the API (FLEET_API_URL). For a scheduled verify.
+    #[arg(long)]
+    pub open_incident: bool,
+
+    #[command(flatten)]
+    pub api: crate::client::ApiArgs,
 }
 
 /// Arguments of `audit key new`.
@@ -204,7 +213,37 @@ fn verify(args: &VerifyArgs) -> anyhow::Result<()> {
         failures.push(format!("the audit trail is broken at seq {seq}: {}", message(why)));
     }
     failures.extend(anchored.as_ref().and_then(crate::anchor::failure));
-    if failures.is_empty() { Ok(()) } else { bail!("{}", failures.join("; ")) }
+    if failures.is_empty() {
+        return Ok(());
+    }
+    let found = failures.join("; ");
+    if args.open_incident {
+        let mut details = to_json(&report);
+        if let Some(a) = &anchored {
+            details["anchors"] = crate::anchor::to_json(a);
+        }
+        details["database"] = Value::from(db.address());
+        match open_incident(&args.api, &found, details) {
+            Ok(id) => crate::keys::warn(&format!("opened incident {id}: `fleetctl incident show {id}`")),
+            // The finding stands whatever the API says; the exit code carries it.
+            Err(e) => crate::keys::warn(&format!("could not open an incident: {e:#}")),
+        }
+    }
+    bail!("{found}")
+}
+
+/// Opens the critical `audit_verify` incident for `found`; its id.
+fn open_incident(api: &crate::client::ApiArgs, found: &str, details: Value) -> anyhow::Result<String> {
+    let client = crate::client::Client::new(api)?;
+    let title: String = format!("audit verify failed: {found}").chars().take(200).collect();
+    let body = serde_json::json!({
+        "severity": "critical",
+        "trigger": "audit_verify",
+        "title": title,
+        "details": details,
+    });
+    let incident = runtime()?.block_on(client.post("v1/incidents", Some(&body)))?;
+    Ok(incident.get("id").and_then(Value::as_str).unwrap_or("-").to_owned())
 }
 
 fn load_key(path: &Path) -> Result<AuditKey, UsageError> {

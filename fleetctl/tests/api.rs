@@ -225,3 +225,146 @@ async fn tokens_tasks_and_the_kill_switch_through_the_binary() {
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), server).await.unwrap().unwrap().unwrap();
 }
+
+/// `fleetctl incident open|list|show|resolve` through the binary: an operator opens, a
+/// viewer reads, only an admin resolves; the operator's mistakes exit 64.
+#[tokio::test]
+async fn incidents_through_the_binary() {
+    let pg = fleet_testkit::Postgres::start().expect("postgres must be installed; tests never skip");
+    let redis = fleet_testkit::RedisServer::start().expect("redis-server must be installed; tests never skip");
+    let plain = pg.create_database().unwrap();
+    let pool = PgPool::connect(&plain).await.unwrap();
+    orchestrator::db::migrate(&pool).await.unwrap();
+    let redis_pool = bus::pool(&SecretString::from(redis.url()), 4, Duration::from_secs(1)).unwrap();
+    let state = ApiState::new(engine(pool.clone()), redis_pool, &ApiConfig::new(SecretString::from(SECRET))).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let shutdown = CancellationToken::new();
+    let server = tokio::spawn(api::serve(listener, api::router(state), shutdown.clone()));
+    let tmp = TempDir::new().unwrap();
+    let dir = tmp.path();
+    let api = url.as_str();
+    let keys = orchestrator::api::auth::TokenKeys::new(&SecretString::from(SECRET)).unwrap();
+    let token = |role, sub: &str| keys.issue(sub, role, Duration::from_secs(600)).unwrap();
+    use orchestrator::api::auth::ApiRole;
+    let (viewer, olga, root) =
+        (token(ApiRole::Viewer, "vera"), token(ApiRole::Operator, "olga"), token(ApiRole::Admin, "root"));
+
+    assert_eq!(ok(dir, api, Some(&viewer), &["incident", "list"]).await, "no open incidents\n");
+    fs::write(dir.join("details.json"), r#"{"sender": "dev/dev-2", "refused": 40}"#).unwrap();
+    let opened = ok(
+        dir,
+        api,
+        Some(&olga),
+        &[
+            "incident",
+            "open",
+            "--severity",
+            "high",
+            "--title",
+            "dev-2 sends forged results",
+            "--details",
+            "details.json",
+        ],
+    )
+    .await;
+    let (id, rest) = opened.trim().split_once(' ').unwrap();
+    assert_eq!(rest, "high open", "{opened}");
+    let table = ok(dir, api, Some(&viewer), &["incident", "list"]).await;
+    let lines: Vec<&str> = table.lines().collect();
+    assert_eq!(
+        lines[0].split_whitespace().collect::<Vec<_>>(),
+        ["ID", "SEVERITY", "STATE", "FREEZES", "TRIGGER", "OPENED", "TITLE"]
+    );
+    assert!(lines[1].starts_with(id) && lines[1].contains(" high ") && lines[1].contains(" all "), "{table}");
+    assert!(lines[1].ends_with("dev-2 sends forged results"), "{table}");
+    let shown = ok(dir, api, Some(&viewer), &["incident", "show", id]).await;
+    assert!(shown.contains("freezes      all") && shown.contains("opened") && shown.contains("by olga"), "{shown}");
+    assert!(shown.contains(r#""refused":40"#), "{shown}");
+    assert!(shown.contains(&format!("fleetctl incident resolve {id} --resolution")), "{shown}");
+
+    // Mistakes the operator can fix, and refusals the API makes.
+    fails(
+        dir,
+        api,
+        Some(&olga),
+        &["incident", "open", "--severity", "urgent", "--title", "x"],
+        EX_USAGE,
+        "invalid value 'urgent'",
+    )
+    .await;
+    fails(
+        dir,
+        api,
+        Some(&olga),
+        &["incident", "open", "--severity", "low", "--title", " "],
+        EX_USAGE,
+        "--title is empty",
+    )
+    .await;
+    fails(
+        dir,
+        api,
+        Some(&olga),
+        &["incident", "open", "--severity", "low", "--title", "x", "--fix", "do it"],
+        EX_USAGE,
+        "--fix needs --repository",
+    )
+    .await;
+    fs::write(dir.join("list.json"), "[1]").unwrap();
+    fails(
+        dir,
+        api,
+        Some(&olga),
+        &["incident", "open", "--severity", "low", "--title", "x", "--details", "list.json"],
+        EX_USAGE,
+        "must hold a JSON object",
+    )
+    .await;
+    fails(dir, api, Some(&olga), &["incident", "resolve", id, "--resolution", "fixed"], 1, "admin").await;
+    fails(dir, api, Some(&root), &["incident", "resolve", id, "--resolution", " "], EX_USAGE, "--resolution is empty")
+        .await;
+
+    assert_eq!(
+        ok(dir, api, Some(&root), &["incident", "resolve", id, "--resolution", "dev-2 rebuilt, keys rotated"]).await,
+        format!("{id} high resolved\n")
+    );
+    assert_eq!(ok(dir, api, Some(&viewer), &["incident", "list"]).await, "no open incidents\n");
+    let all: Value =
+        serde_json::from_str(&ok(dir, api, Some(&viewer), &["incident", "list", "--all", "--json"]).await).unwrap();
+    assert_eq!(all[0]["resolved_by"], "root");
+    fails(dir, api, Some(&root), &["incident", "resolve", id, "--resolution", "again"], 1, "already resolved").await;
+
+    // A scheduled `audit verify --open-incident` that finds the trail rewritten opens a
+    // critical incident that freezes every merge.
+    let db_url =
+        format!("postgres://postgres:s3cret-db-pw@127.0.0.1:{}/{}", pg.port(), plain.rsplit('/').next().unwrap());
+    fs::write(dir.join("audit.key"), format!("{}\n", "07".repeat(32))).unwrap();
+    fs::set_permissions(dir.join("audit.key"), fs::Permissions::from_mode(0o600)).unwrap();
+    let verify = ["audit", "verify", "--database-url", &db_url, "--audit-key-file", "audit.key", "--open-incident"];
+    assert!(ok(dir, api, Some(&olga), &verify).await.contains("intact"));
+    let mut tx = pool.begin().await.unwrap();
+    sqlx::query("ALTER TABLE audit_trail DISABLE TRIGGER audit_no_update").execute(&mut *tx).await.unwrap();
+    sqlx::query("UPDATE audit_trail SET details = '{\"title\": \"nothing happened\"}' WHERE seq = 1")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let out = fleetctl(dir, api, Some(&olga), &verify).await;
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("the audit trail is broken at seq 1") && out.stderr.contains("opened incident"),
+        "{}",
+        out.stderr
+    );
+    let open: Value =
+        serde_json::from_str(&ok(dir, api, Some(&viewer), &["incident", "list", "--json"]).await).unwrap();
+    assert_eq!(open.as_array().unwrap().len(), 1, "{open}");
+    assert_eq!((open[0]["severity"].as_str(), open[0]["trigger"].as_str()), (Some("critical"), Some("audit_verify")));
+    assert_eq!(open[0]["freezes_merges"], true);
+    assert_eq!(open[0]["repository"], Value::Null);
+    assert_eq!(open[0]["details"]["broken"]["seq"], 1, "{open}");
+    assert!(!open[0].to_string().contains("s3cret-db-pw"), "{open}");
+    shutdown.cancel();
+    server.await.unwrap().unwrap();
+}
