@@ -1282,7 +1282,14 @@ async fn a_flood_of_junk_requests_adds_a_bounded_number_of_audit_rows() {
     .await
     .unwrap();
     assert_eq!(summary, ("dev".to_owned(), "dev-7".to_owned(), 1000 - audited));
-    assert_eq!(rows().await - before, audited + 1, "the flood's refusal rows plus one summary, nothing else");
+    // The flood's refusal rows, one summary, and the incident a burst past the audited rate
+    // opens (issue 14), nothing else.
+    assert_eq!(rows().await - before, audited + 2, "the flood's refusal rows, one summary and one incident");
+    let opened: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_trail WHERE action = 'incident.opened'")
+        .fetch_one(&f.pool)
+        .await
+        .unwrap();
+    assert_eq!(opened, 1);
     assert_eq!(f.engine.flush_refusal_summaries(true).await.unwrap(), 0, "nothing more owed");
 }
 
