@@ -849,6 +849,7 @@ impl BenchEnvelopes {
             log: None,
             change_sha256: None,
             calls: Vec::new(),
+            containment: Vec::new(),
         };
         Envelope::new(self.sender.clone(), Role::Orchestrator, bus::now_ms(), 60_000, 0, payload.into())
     }

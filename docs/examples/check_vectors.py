@@ -50,7 +50,7 @@ PAYLOADS = {
     "task.assign": ["attempt u32", "instructions str", "workspace str", "repository? str", "test_command? str",
                     "findings[] strs", "scope[] strs", "change? bin", "change_sha256? str"],
     "task.result": ["attempt u32", "status status", "summary str", "findings[] strs", "diff? bin", "log? bin",
-                    "change_sha256? str", "calls[] calls"],
+                    "change_sha256? str", "calls[] calls", "containment[] strs"],
     "heartbeat": ["seq u64", "busy bool"],
     "question": ["text str"],
     "tool.request": ["request_id uuid", "action str", "input str"],

@@ -36,6 +36,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         log: None,
         change_sha256: None,
         calls: Vec::new(),
+        containment: Vec::new(),
     };
     let env = Envelope::new(me.clone(), Role::Orchestrator, now, 60_000, 0, result.into());
     let wire = dev.seal(&env)?;

@@ -75,6 +75,7 @@ fn dev_result(n: u8) -> Envelope {
             log: None,
             change_sha256: None,
             calls: Vec::new(),
+            containment: Vec::new(),
         },
     )
 }
@@ -372,6 +373,7 @@ fn main() {
                 ms: 0,
             },
         ],
+        containment: vec!["network".into()],
     }
     .into();
 
@@ -583,6 +585,7 @@ fn main() {
                 log: None,
                 change_sha256: None,
                 calls: Vec::new(),
+                containment: Vec::new(),
             },
         )
         .expect("payload");

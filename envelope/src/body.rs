@@ -224,6 +224,11 @@ pub struct TaskResult {
     /// policy gave it (Dev, Review, Refactor). The orchestrator audits every refused call.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub calls: Vec<ToolCallRecord>,
+    /// The containment limits this step's sandbox runs hit in a way that looks like an
+    /// attack (`oom_killed`, `pids_limit`, `disk_limit`, `network`): the orchestrator opens
+    /// an incident. A run that merely timed out or failed is not listed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub containment: Vec<String>,
 }
 
 /// One tool call an agent made, as the worker's policy judged it.

@@ -57,8 +57,18 @@ fn payload(ty: MessageType) -> BoxedStrategy<Payload> {
             proptest::option::of(proptest::collection::vec(any::<u8>(), 0..64)),
         )
             .prop_map(|(attempt, status, summary, findings, diff, log)| {
-                TaskResult { attempt, status, summary, findings, diff, log, change_sha256: None, calls: Vec::new() }
-                    .into()
+                TaskResult {
+                    attempt,
+                    status,
+                    summary,
+                    findings,
+                    diff,
+                    log,
+                    change_sha256: None,
+                    calls: Vec::new(),
+                    containment: Vec::new(),
+                }
+                .into()
             })
             .boxed(),
         MessageType::Heartbeat => {

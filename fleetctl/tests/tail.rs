@@ -183,6 +183,7 @@ fn result(role: Role, summary: &str, issued_at_ms: u64) -> Envelope {
         log: None,
         change_sha256: None,
         calls: Vec::new(),
+        containment: Vec::new(),
     };
     Envelope::new(sender(role, &format!("{role}-1")), Role::Orchestrator, issued_at_ms, 60_000, 0, payload.into())
 }

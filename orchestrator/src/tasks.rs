@@ -569,6 +569,9 @@ impl Engine {
             tx.commit().await?;
             return Ok(Applied::Refused(hold));
         }
+        if !result.containment.is_empty() {
+            self.sandbox_contained(&mut tx, env, &task, &result.containment).await?;
+        }
         // QA's pass and Review's approval count only for the change they name, and that
         // must be the task's current change: a result about other bytes moves nothing
         // forward (the step is retried) and is audited.

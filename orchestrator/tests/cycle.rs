@@ -98,6 +98,7 @@ fn result_for(assign: &Verified, role: Role, status: Status, findings: &[&str]) 
             log: None,
             change_sha256: judged,
             calls: Vec::new(),
+            containment: Vec::new(),
         }
         .into(),
     );

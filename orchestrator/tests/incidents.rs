@@ -236,3 +236,51 @@ async fn a_burst_of_refusals_from_one_sender_and_a_budget_kill_open_incidents_on
     app.engine.kill(&Actor::operator("root"), "maintenance").await.unwrap();
     assert_eq!(app.engine.incidents(false, 10).await.unwrap().len(), 2);
 }
+
+/// A step whose sandbox hit containment limits (reported in `task.result`'s `containment`)
+/// opens one high incident per task that freezes its repository; what a compromised worker
+/// writes there never reaches the title as text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sandbox_that_hit_its_cage_opens_a_high_incident_for_the_repository() {
+    let app = support::app(|cfg| cfg.repositories.allowed_hosts = vec!["git.example".into()]).await;
+    let olga = app.token(ApiRole::Operator, "olga");
+    let created = app
+        .call(Method::POST, "/v1/tasks", &olga, Some(&json!({"title": "t", "instructions": "i", "repository": REPO})))
+        .await;
+    let task: uuid::Uuid = created.json()["id"].as_str().unwrap().parse().unwrap();
+    for kinds in [vec!["network", "rm -rf / <b>"], vec!["oom_killed"]] {
+        let assign = app.last_assignment(Role::Dev).await;
+        let mut env = Envelope::new(
+            Sender { role: Role::Dev, instance: Instance::parse("dev-1").unwrap() },
+            Role::Orchestrator,
+            bus::now_ms(),
+            60_000,
+            0,
+            envelope::TaskResult {
+                attempt: 1,
+                status: envelope::Status::Error,
+                summary: "tests could not run".into(),
+                findings: vec![],
+                diff: None,
+                log: None,
+                change_sha256: None,
+                calls: Vec::new(),
+                containment: kinds.iter().map(|k| (*k).to_owned()).collect(),
+            }
+            .into(),
+        );
+        env.task_id = Some(task);
+        env.causation_id = Some(assign.id);
+        app.engine.apply_result(&support::deliver(&env, streams::RESULTS)).await.unwrap();
+    }
+    let open = app.engine.incidents(false, 10).await.unwrap();
+    assert_eq!(open.len(), 1, "one incident per task: {open:?}");
+    let i = &open[0];
+    assert_eq!((i.trigger.as_str(), i.severity.as_str()), ("sandbox_containment", "high"));
+    assert_eq!((i.repository.as_deref(), i.freezes_merges), (Some(REPO), true));
+    assert_eq!(i.details["kinds"], json!(["network", "other"]));
+    assert_eq!(i.details["worker"], "dev/dev-1");
+    assert!(!i.title.contains("rm -rf") && !i.title.contains('<'), "{}", i.title);
+    assert_eq!(i.tasks.len(), 1);
+    assert_eq!(i.tasks[0].task_id, task);
+}

@@ -325,6 +325,7 @@ async fn a_lease_dies_with_its_step_and_a_task_over_budget_is_blocked() {
             log: None,
             change_sha256: None,
             calls: Vec::new(),
+            containment: Vec::new(),
         }
         .into(),
     );
@@ -424,6 +425,7 @@ fn dev_result(instance: &str, assign: &Verified, diff: &str) -> Verified {
         log: None,
         change_sha256: None,
         calls: Vec::new(),
+        containment: Vec::new(),
     };
     from_worker(instance, Role::Dev, assign, streams::RESULTS, result.into())
 }
@@ -702,6 +704,7 @@ async fn an_approved_task_is_pushed_and_merged_by_the_push_loop() {
                 log: None,
                 change_sha256: (role != Role::Dev).then(|| changeset::ChangeId::of(FIX.as_bytes()).to_string()),
                 calls: Vec::new(),
+                containment: Vec::new(),
             }
             .into(),
         );
@@ -983,6 +986,7 @@ async fn result(f: &Fleet, task: Uuid, role: Role, diff: Option<&str>, judged: O
             log: None,
             change_sha256: judged.map(|b| changeset::ChangeId::of(b).to_string()),
             calls: Vec::new(),
+            containment: Vec::new(),
         }
         .into(),
     );

@@ -876,6 +876,7 @@ async fn the_whole_cycle_survives_a_killed_worker_and_refuses_what_it_must() {
         log: None,
         change_sha256: None,
         calls: Vec::new(),
+        containment: Vec::new(),
     };
     send(&rogue_b, streams::RESULTS, forged.into(), None).await;
     send(&rogue_b, streams::HEARTBEATS, beat(), None).await;

@@ -545,6 +545,7 @@ impl HandlerInner {
             log: o.log,
             change_sha256: judged_change(assign_env),
             calls: o.calls,
+            containment: self.sandbox.take_containment(&task_id.to_string()),
         };
         let mut env = Envelope::new(
             Sender { role: self.role, instance: self.instance.clone() },

@@ -339,6 +339,9 @@ pub struct Sandbox {
     config: Arc<SandboxConfig>,
     /// Every run is counted here, by the role on its labels.
     metrics: crate::metrics::SandboxMetrics,
+    /// Per task (its label), the containment limits its runs hit in a suspicious way, until
+    /// the step's result takes them ([`Sandbox::take_containment`]).
+    containment: Arc<std::sync::Mutex<std::collections::HashMap<String, std::collections::BTreeSet<&'static str>>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -355,7 +358,12 @@ impl Sandbox {
             Some(socket) => Backend::Runner(crate::runner::RunnerClient::connect(socket).await?),
             None => Backend::Engine(Engine::connect(config.clone()).await?),
         };
-        Ok(Self { backend, config: Arc::new(config), metrics: crate::metrics::SandboxMetrics::default() })
+        Ok(Self {
+            backend,
+            config: Arc::new(config),
+            metrics: crate::metrics::SandboxMetrics::default(),
+            containment: Arc::default(),
+        })
     }
 
     /// Counts this sandbox's runs in `metrics` (shared with the process's registry).
@@ -373,12 +381,31 @@ impl Sandbox {
     /// Runs one command in a fresh container that is removed afterwards ([`Engine::run`]).
     pub async fn run(&self, spec: RunSpec, cancel: &CancellationToken) -> Result<RunOutput, SandboxError> {
         let role = spec.labels.role.clone();
+        let spec_labels_task = spec.labels.task.clone();
         let run = match &self.backend {
             Backend::Engine(engine) => engine.run(spec, cancel).await,
             Backend::Runner(runner) => runner.run(spec, cancel).await,
         };
         self.metrics.observe(&role, &run);
+        if let Ok(out) = &run {
+            let hit = containment_hits(out);
+            if !hit.is_empty() {
+                tracing::warn!(task = %spec_labels_task, kinds = ?hit, "A sandbox run hit a containment limit; the result reports it.");
+                let mut all = self.containment.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                // Bounded: one entry per task this worker runs, taken by each result.
+                if all.len() < 4096 {
+                    all.entry(spec_labels_task.clone()).or_default().extend(hit);
+                }
+            }
+        }
         run
+    }
+
+    /// The containment limits `task`'s runs hit since the last call, sorted, and forgets
+    /// them: they go into the step's `task.result` (`containment`).
+    pub fn take_containment(&self, task: &str) -> Vec<String> {
+        let mut all = self.containment.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        all.remove(task).map(|s| s.into_iter().map(str::to_owned).collect()).unwrap_or_default()
     }
 
     /// Removes every sandbox container, or only `instance`'s ([`Engine::sweep`]).
@@ -977,6 +1004,27 @@ mod tests {
 
     use super::*;
 
+    #[test]
+    fn containment_is_the_cage_being_tested_not_a_failing_test() {
+        let out = |output: &str, oom: bool, disk: bool| RunOutput {
+            exit_code: Some(1),
+            output: output.as_bytes().to_vec(),
+            truncated: false,
+            timed_out: false,
+            oom_killed: oom,
+            cancelled: false,
+            disk_limit_exceeded: disk,
+            duration: Duration::from_millis(5),
+        };
+        assert!(containment_hits(&out("FAILED test_add (tests.test_calc)\n", false, false)).is_empty());
+        assert_eq!(containment_hits(&out("", true, true)), ["oom_killed", "disk_limit"]);
+        assert_eq!(containment_hits(&out("sh: 1: Cannot fork\n", false, false)), ["pids_limit"]);
+        let curl = "curl: (6) Could not resolve host: evil.example\n";
+        assert_eq!(containment_hits(&out(curl, false, false)), ["network"]);
+        let py = "OSError: [Errno 101] Network is unreachable\n";
+        assert_eq!(containment_hits(&out(py, false, false)), ["network"]);
+    }
+
     fn labels() -> SandboxLabels {
         SandboxLabels { task: "0192f0aa-bbbb-7ccc".into(), role: "qa".into(), instance: "qa-1".into() }
     }
@@ -1041,4 +1089,40 @@ mod tests {
         assert!(workspace_source(Path::new("/")).is_err());
         assert!(workspace_source(&std::env::temp_dir()).is_ok());
     }
+}
+
+/// What in `out` looks like code testing its cage rather than a failing test: the kernel's
+/// OOM kill, the workspace limit, forks refused at the pids limit, and attempts to reach the
+/// network (the sandbox has none, so any such attempt fails with one of these messages).
+/// Output is the sandboxed code's own: a repository can print these on purpose, which only
+/// opens an incident about itself.
+pub fn containment_hits(out: &RunOutput) -> Vec<&'static str> {
+    const PIDS: &[&str] = &[
+        "fork: Resource temporarily unavailable",
+        "fork: retry: Resource temporarily unavailable",
+        "Cannot fork",
+        "can't fork",
+    ];
+    const NETWORK: &[&str] = &[
+        "Network is unreachable",
+        "Temporary failure in name resolution",
+        "Could not resolve host",
+        "Name or service not known",
+        "No address associated with hostname",
+    ];
+    let mut hits = Vec::new();
+    if out.oom_killed {
+        hits.push("oom_killed");
+    }
+    if out.disk_limit_exceeded {
+        hits.push("disk_limit");
+    }
+    let text = String::from_utf8_lossy(&out.output);
+    if PIDS.iter().any(|p| text.contains(p)) {
+        hits.push("pids_limit");
+    }
+    if NETWORK.iter().any(|p| text.contains(p)) {
+        hits.push("network");
+    }
+    hits
 }

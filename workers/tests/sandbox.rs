@@ -128,6 +128,12 @@ for target in sys.argv[1:]:
     for line in output.lines().filter(|l| !l.contains("127.0.0.1")) {
         assert!(line.contains(" 101 ") || line.contains(" 113 "), "expected no route: {line}");
     }
+    // The attempt is reported with the step's result, once (issue 14: an incident).
+    assert_eq!(sandbox.take_containment("task-0001"), ["network"], "{output}");
+    assert!(sandbox.take_containment("task-0001").is_empty());
+    // A test that merely fails is not containment.
+    run(&sandbox, spec(ws.path(), &inst, &["sh", "-c", "echo FAILED test_add; exit 1"])).await;
+    assert!(sandbox.take_containment("task-0001").is_empty());
     assert_gone(&inst).await;
 }
 
@@ -181,6 +187,7 @@ async fn fork_bomb_is_stopped_by_the_pids_limit() {
         &output[..output.len().min(300)]
     );
     assert!(output.contains("fork"), "no fork failure reported: {output}");
+    assert_eq!(sandbox.take_containment("task-0001"), ["pids_limit"], "{output}");
     // It ended, one way or the other, and the host still runs sandboxes.
     assert!(out.timed_out || out.exit_code.is_some(), "{out:?}");
     assert_gone(&inst).await;
@@ -207,6 +214,9 @@ async fn memory_hog_is_oom_killed() {
     assert!(!text(&out).contains("survived"), "{out:?}");
     assert!(out.oom_killed || out.exit_code == Some(137), "{out:?}");
     assert!(!out.timed_out, "{out:?}");
+    if out.oom_killed {
+        assert_eq!(sandbox.take_containment("task-0001"), ["oom_killed"]);
+    }
     assert_gone(&inst).await;
 }
 

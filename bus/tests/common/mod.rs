@@ -80,6 +80,7 @@ pub fn result_at(n: u64, issued_at_ms: u64, kill_epoch: u64) -> Envelope {
         log: None,
         change_sha256: None,
         calls: Vec::new(),
+        containment: Vec::new(),
     };
     Envelope::new(dev_sender(), Role::Orchestrator, issued_at_ms, 60_000, kill_epoch, payload.into())
 }

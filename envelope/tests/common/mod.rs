@@ -39,6 +39,7 @@ pub fn dev_result(summary_len: usize) -> Envelope {
             log: None,
             change_sha256: None,
             calls: Vec::new(),
+            containment: Vec::new(),
         }),
     );
     env.task_id = Some(uuid::Uuid::now_v7());

@@ -592,6 +592,7 @@ mod tests {
             log: None,
             change_sha256: None,
             calls: Vec::new(),
+            containment: Vec::new(),
         };
         Envelope::new(
             Sender { role: Role::Dev, instance: Instance::parse("dev-1").unwrap() },

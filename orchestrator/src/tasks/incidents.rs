@@ -579,7 +579,40 @@ impl Engine {
     }
 }
 
+/// The containment kinds a worker may report; anything else is counted as `other`, so a
+/// compromised worker cannot write free text into the incident's title.
+const CONTAINMENT_KINDS: [&str; 4] = ["oom_killed", "pids_limit", "disk_limit", "network"];
+
 impl Engine {
+    /// A step's sandbox runs hit containment limits in a way that looks like an attack: a
+    /// high incident freezes the task's repository (one per task while open).
+    pub(super) async fn sandbox_contained(
+        &self,
+        tx: &mut PgConnection,
+        env: &envelope::Verified<envelope::Envelope>,
+        task: &super::Task,
+        reported: &[String],
+    ) -> Result<(), EngineError> {
+        let mut kinds: Vec<&str> = reported
+            .iter()
+            .map(|k| CONTAINMENT_KINDS.iter().copied().find(|known| known == k).unwrap_or("other"))
+            .collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        let sender = format!("{}/{}", env.from.role, env.from.instance);
+        let found = AutoIncident {
+            trigger: Trigger::SandboxContainment,
+            severity: Severity::High,
+            title: format!("Sandbox of task {} hit {} ({sender})", task.id, kinds.join(", ")),
+            details: json!({"kinds": kinds, "worker": sender, "attempt": task.attempt, "state": task.state.as_str()}),
+            repository: task.spec.get("repository").and_then(Value::as_str).map(str::to_owned),
+            task: Some(task.id),
+            dedup_key: format!("sandbox_containment:{}", task.id),
+        };
+        self.open_auto_incident(tx, found).await?;
+        Ok(())
+    }
+
     /// The open incident that freezes `task`'s push to `repository` (a fleet-wide one
     /// freezes every repository), unless `task` is that incident's own fix. Checked again
     /// right before each push: an incident opened by an earlier push of the same batch

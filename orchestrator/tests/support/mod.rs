@@ -144,6 +144,7 @@ impl App {
                 log: None,
                 change_sha256: judged,
                 calls: Vec::new(),
+                containment: Vec::new(),
             }
             .into(),
         );
