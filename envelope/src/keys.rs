@@ -414,9 +414,42 @@ impl Keyset {
         ))
     }
 
+    /// The generations this keyset holds, for logs and metrics (no key material).
+    pub fn generations(&self) -> Generations {
+        let mut g = Generations::default();
+        for e in &self.entries {
+            let n = e.kid.generation;
+            g.newest = g.newest.max(n);
+            match (&e.secret, e.staged) {
+                (None, _) => g.retired_through = g.retired_through.max(n),
+                (Some(_), false) => g.signing = g.signing.max(n),
+                (Some(_), true) => {}
+            }
+        }
+        g
+    }
+
     /// Builds the in-memory keyring.
     pub fn into_keyring(self) -> Keyring {
         Keyring::from_entries(self.entries)
+    }
+}
+
+/// The generations of a keyset, highest over all its edges (0: none). A keyset derived from
+/// one master has the same three figures on every edge.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Generations {
+    /// The newest generation listed (staged or not).
+    pub newest: u32,
+    /// The newest active, non-staged generation: the one this process signs with.
+    pub signing: u32,
+    /// The newest retired generation.
+    pub retired_through: u32,
+}
+
+impl fmt::Display for Generations {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "signing {}, newest {}, retired through {}", self.signing, self.newest, self.retired_through)
     }
 }
 

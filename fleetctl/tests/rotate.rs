@@ -1,0 +1,354 @@
+//! `fleetctl keys rotate` against live keyrings: every edge rotated while 10,000 envelopes
+//! flow over a real redis-server, and the cycle's resumption after a crash.
+//!
+//! The publisher and the consumers are the library's own (`bus::Publisher`,
+//! `bus::Consumer`), each with a `LiveKeyring` loaded from a keyset FILE and a
+//! `KeysetReloader` polling it; the rotation is `fleetctl::rotation::run_cycle`, the code
+//! `fleetctl keys rotate` runs, with short waits.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bus::{Consumer, ConsumerConfig, Delivery, Handler, HandlerError, KeysetReloader, KillEpoch, Publisher};
+use envelope::{
+    Edge, Envelope, Instance, Keyset, LiveKeyring, MasterFile, MasterSecret, Payload, PermissionTable, Process, Role,
+    Sender, Status, StreamName, TaskResult, Verifier, VerifierConfig, VerifyContext, VerifyError, streams,
+};
+use fleet_testkit::RedisServer;
+use fleetctl::rotation::{Ended, PROCESSES, Phase, Plan, run_cycle};
+use tokio_util::sync::CancellationToken;
+
+const PERMISSIONS: &str = include_str!("../../config/permissions.toml");
+const TOTAL: u64 = 10_000;
+const BATCH: u64 = 50;
+/// How often each process re-reads its keyset file in these tests.
+const POLL: Duration = Duration::from_millis(50);
+const DEV_TO_ORCH: Edge = Edge { from: Role::Dev, to: Role::Orchestrator };
+
+struct Fleet {
+    dir: tempfile::TempDir,
+    plan: Plan,
+}
+
+impl Fleet {
+    /// A master at generation 1, the permission file, and every process's keyset in `keys/`.
+    fn new(wait: Duration, max_ttl: Duration) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let master = MasterFile::new(MasterSecret::from_bytes([9; 32]));
+        std::fs::write(dir.path().join("master.toml"), master.to_toml().as_bytes()).unwrap();
+        std::fs::write(dir.path().join("permissions.toml"), PERMISSIONS).unwrap();
+        std::fs::create_dir(dir.path().join("keys")).unwrap();
+        let perms = PermissionTable::parse(PERMISSIONS).unwrap();
+        let processes: Vec<Process> = PROCESSES.iter().map(|p| Process::parse(p).unwrap()).collect();
+        for p in &processes {
+            std::fs::write(
+                dir.path().join("keys").join(format!("{p}.keyset.toml")),
+                master.derive_keyset(*p, &perms).to_toml().as_bytes(),
+            )
+            .unwrap();
+        }
+        let plan = Plan {
+            master: dir.path().join("master.toml"),
+            permissions: dir.path().join("permissions.toml"),
+            keysets: dir.path().join("keys"),
+            processes,
+            wait,
+            max_ttl,
+            skew: Duration::ZERO,
+            hook: None,
+        };
+        Self { dir, plan }
+    }
+
+    fn keyset_file(&self, process: &str) -> PathBuf {
+        self.plan.keysets.join(format!("{process}.keyset.toml"))
+    }
+
+    fn master(&self) -> MasterFile {
+        MasterFile::parse(&std::fs::read_to_string(&self.plan.master).unwrap()).unwrap()
+    }
+}
+
+/// A process's keys as it runs them: loaded from its keyset file, re-read every [`POLL`].
+struct LiveKeys {
+    live: LiveKeyring,
+    reloads: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn live_keys(path: &Path, process: Process, stop: &CancellationToken) -> LiveKeys {
+    let keyset = Keyset::parse(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let live = LiveKeyring::new(keyset.into_keyring());
+    let reloader = KeysetReloader::new(path, process, live.clone(), POLL);
+    let reloads = reloader.reloads();
+    let task = tokio::spawn(reloader.run(stop.clone()));
+    LiveKeys { live, reloads, task }
+}
+
+/// Counts each result number it handles and the key generation that signed it.
+#[derive(Clone, Default)]
+struct Tally {
+    by_number: Arc<Mutex<BTreeMap<u64, u32>>>,
+    by_generation: Arc<Mutex<BTreeMap<u32, u64>>>,
+}
+
+impl Handler for Tally {
+    async fn handle(&self, d: Delivery) -> Result<(), HandlerError> {
+        let Payload::TaskResult(r) = &d.envelope.payload else { panic!("not a result: {:?}", d.envelope.payload) };
+        let n: u64 = r.summary.parse().expect("a number");
+        *self.by_number.lock().unwrap().entry(n).or_default() += 1;
+        *self.by_generation.lock().unwrap().entry(d.envelope.kid().generation).or_default() += 1;
+        Ok(())
+    }
+}
+
+fn result(n: u64) -> Envelope {
+    let payload = TaskResult {
+        attempt: 1,
+        status: Status::Success,
+        summary: n.to_string(),
+        findings: vec![],
+        diff: None,
+        log: None,
+        change_sha256: None,
+        calls: Vec::new(),
+    };
+    let from = Sender { role: Role::Dev, instance: Instance::parse("dev-1").unwrap() };
+    Envelope::new(from, Role::Orchestrator, bus::now_ms(), 60_000, 0, payload.into())
+}
+
+fn pool(server: &RedisServer) -> deadpool_redis::Pool {
+    bus::pool(secrecy::SecretString::from(server.url()), 8, Duration::from_secs(2)).unwrap()
+}
+
+fn results() -> StreamName {
+    StreamName::parse(streams::RESULTS).unwrap()
+}
+
+fn consumer_config(name: &str) -> ConsumerConfig {
+    let mut c = ConsumerConfig::new(results(), "orchestrator", name);
+    c.block = Duration::from_millis(100);
+    c.maintenance_every = Duration::from_millis(50);
+    c.retry_base = Duration::from_millis(20);
+    c.retry_max = Duration::from_millis(200);
+    c.claim_idle = Duration::from_secs(5);
+    c.grace = Duration::from_secs(2);
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rotate_every_edge_while_10000_envelopes_flow() {
+    let server = RedisServer::start().expect("redis-server must be installed; tests never skip");
+    let fleet = Fleet::new(Duration::from_millis(400), Duration::from_millis(200));
+    let stop = CancellationToken::new();
+    let perms = PermissionTable::parse(PERMISSIONS).unwrap();
+
+    // The sender: dev, signing dev>orchestrator.
+    let dev = live_keys(&fleet.keyset_file("dev"), Process::Role(Role::Dev), &stop);
+    let publisher = Arc::new(Publisher::new(pool(&server), &dev.live, bus::PublisherConfig::default()));
+    assert!(publisher.keyring().same_slot(&dev.live));
+
+    // Two orchestrator consumers in one group, each with its own keyring and reloader.
+    let tally = Tally::default();
+    let mut receivers = Vec::new();
+    for name in ["orchestrator-0", "orchestrator-1"] {
+        let keys = live_keys(&fleet.keyset_file("orchestrator"), Process::Role(Role::Orchestrator), &stop);
+        let verifier = Arc::new(Verifier::new(&keys.live, perms.clone(), VerifierConfig::default()));
+        let consumer =
+            Consumer::new(consumer_config(name), pool(&server), verifier.clone(), KillEpoch::new(0), tally.clone())
+                .unwrap();
+        let stats = consumer.stats();
+        let task = tokio::spawn(consumer.run(stop.clone()));
+        receivers.push((keys, verifier, stats, task));
+    }
+    let gen1_dev = dev.live.current().clone();
+
+    // The flow: 10,000 results in batches; the rotation starts after the first 1,000, and the
+    // last 1,000 go out only once it is over, so both generations carry traffic.
+    let rotation_done = Arc::new(tokio::sync::Notify::new());
+    let flow = {
+        let (publisher, done) = (publisher.clone(), rotation_done.clone());
+        tokio::spawn(async move {
+            let mut n = 0;
+            while n < TOTAL {
+                if n == TOTAL - 1000 {
+                    done.notified().await;
+                }
+                let batch: Vec<_> = (n..n + BATCH).map(|i| (results(), result(i))).collect();
+                publisher.publish_batch(&batch).await.expect("publish");
+                n += BATCH;
+                tokio::time::sleep(Duration::from_millis(8)).await;
+            }
+        })
+    };
+    while tally.by_number.lock().unwrap().len() < 1000 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    let mut out = Vec::new();
+    let began = Instant::now();
+    let ended = run_cycle(&fleet.plan, &mut out, &CancellationToken::new()).await.expect("rotation");
+    let took = began.elapsed();
+    let report = String::from_utf8(out).unwrap();
+    assert_eq!(ended, Ended::Rotated { signing: 2 }, "{report}");
+    assert!(took >= fleet.plan.wait + fleet.plan.retire_wait(), "the waits were served: {took:?}\n{report}");
+    // Let every process read the last keyset (retired 1) before the rest flows.
+    tokio::time::sleep(POLL * 4).await;
+    rotation_done.notify_one();
+    flow.await.expect("the flow task");
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tally.by_number.lock().unwrap().len() < TOTAL as usize {
+        assert!(Instant::now() < deadline, "only {} of {TOTAL} handled", tally.by_number.lock().unwrap().len());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Zero rejected, zero lost, each exactly once.
+    let mut conn = redis::Client::open(server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let rejected: u64 = redis::cmd("XLEN").arg(streams::REJECTED).query_async(&mut conn).await.unwrap();
+    let dlq: u64 = redis::cmd("XLEN").arg(streams::DLQ).query_async(&mut conn).await.unwrap();
+    assert_eq!((rejected, dlq), (0, 0), "nothing in fleet:rejected or fleet:dlq");
+    let by_number = tally.by_number.lock().unwrap().clone();
+    assert_eq!(by_number.len() as u64, TOTAL);
+    assert!(by_number.iter().all(|(n, times)| *n < TOTAL && *times == 1), "every result handled exactly once");
+    let by_generation = tally.by_generation.lock().unwrap().clone();
+    assert!(by_generation.get(&1).is_some_and(|c| *c >= 1000), "generation 1 carried traffic: {by_generation:?}");
+    assert!(by_generation.get(&2).is_some_and(|c| *c >= 1000), "generation 2 carried traffic: {by_generation:?}");
+    assert_eq!(by_generation.values().sum::<u64>(), TOTAL);
+    let handled: u64 = receivers.iter().map(|r| r.2.handled.load(Ordering::Relaxed)).sum();
+    let refused: u64 = receivers.iter().map(|r| r.2.rejected.load(Ordering::Relaxed)).sum();
+    assert_eq!((handled, refused), (TOTAL, 0));
+
+    // Ended on generation 2 with 1 retired, in the master and in every running keyring.
+    let master = fleet.master();
+    assert_eq!((master.current_generation, master.signing_generation, master.retired_through), (2, 2, 1));
+    assert_eq!(publisher.keyring().signing_kid(DEV_TO_ORCH).unwrap().generation, 2);
+    let old_frame = gen1_dev.seal(&result(TOTAL + 1)).unwrap();
+    let ctx = VerifyContext { now_ms: bus::now_ms(), kill_epoch: 0 };
+    for (keys, verifier, _, _) in &receivers {
+        assert_eq!(keys.live.signing_kid(Edge { from: Role::Orchestrator, to: Role::Dev }).unwrap().generation, 2);
+        assert!(
+            matches!(verifier.check(streams::RESULTS, &old_frame, ctx), Err(VerifyError::RetiredKid(_))),
+            "generation 1 is refused as retired"
+        );
+    }
+
+    // Nothing restarted: the same keyrings, reloaded in place (stage, promote, retire),
+    // and every task still running until told to stop.
+    for keys in std::iter::once(&dev).chain(receivers.iter().map(|r| &r.0)) {
+        assert_eq!(keys.reloads.load(Ordering::Relaxed), 3, "{report}");
+        assert!(!keys.task.is_finished());
+    }
+    for (keys, verifier, _, task) in &receivers {
+        assert!(verifier.keyring().same_slot(&keys.live));
+        assert!(!task.is_finished(), "a consumer stopped during the rotation");
+    }
+    stop.cancel();
+    for (keys, _, _, task) in receivers {
+        tokio::time::timeout(Duration::from_secs(10), task).await.unwrap().unwrap();
+        keys.task.await.unwrap();
+    }
+    dev.task.await.unwrap();
+    drop(fleet.dir);
+}
+
+/// A crash (here SIGINT's token) while waiting to promote: the master says "staged", and
+/// the next run promotes and retires without staging again, serving every wait in full.
+#[tokio::test]
+async fn rotate_resumes_after_a_crash_without_skipping_a_wait() {
+    let fleet = Fleet::new(Duration::from_millis(300), Duration::from_millis(100));
+    let stop = CancellationToken::new();
+    let mut out = Vec::new();
+    let cancel = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            stop.cancel();
+        })
+    };
+    let ended = run_cycle(&fleet.plan, &mut out, &stop).await.unwrap();
+    cancel.await.unwrap();
+    assert_eq!(ended, Ended::Interrupted(Phase::Staged { old: 1, new: 2 }));
+    let m = fleet.master();
+    assert_eq!((m.current_generation, m.signing_generation, m.retired_through), (2, 1, 0));
+    let dev = Keyset::parse(&std::fs::read_to_string(fleet.keyset_file("dev")).unwrap()).unwrap();
+    assert_eq!(dev.generations().newest, 2, "the staged keysets were written before the wait");
+    assert_eq!(dev.generations().signing, 1);
+
+    // The "crash" left the master staged; a new run continues from there.
+    let mut out = Vec::new();
+    let began = Instant::now();
+    let ended = run_cycle(&fleet.plan, &mut out, &CancellationToken::new()).await.unwrap();
+    let took = began.elapsed();
+    let report = String::from_utf8(out).unwrap();
+    assert_eq!(ended, Ended::Rotated { signing: 2 }, "{report}");
+    assert!(!report.contains("Staged generation"), "it did not stage again: {report}");
+    assert!(took >= fleet.plan.wait + fleet.plan.retire_wait(), "both waits served again: {took:?}");
+    let m = fleet.master();
+    assert_eq!((m.current_generation, m.signing_generation, m.retired_through), (2, 2, 1));
+    for p in PROCESSES {
+        let k = Keyset::parse(&std::fs::read_to_string(fleet.keyset_file(p)).unwrap()).unwrap();
+        assert_eq!((k.generations().signing, k.generations().retired_through), (2, 1), "{p}");
+    }
+}
+
+/// A crash after the master was promoted but before the keysets were rewritten: the next
+/// run writes them first and waits the whole retire wait before retiring.
+#[tokio::test]
+async fn a_crash_after_promote_rewrites_the_keysets_before_the_retire_wait() {
+    let fleet = Fleet::new(Duration::from_millis(200), Duration::from_millis(200));
+    let mut m = fleet.master();
+    m.rotate().unwrap();
+    m.promote();
+    std::fs::write(&fleet.plan.master, m.to_toml().as_bytes()).unwrap();
+    let (path, stop) = (fleet.keyset_file("qa"), CancellationToken::new());
+    let started = Instant::now();
+    let watcher = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            // The keyset must say "signing 2" long before the master retires 1.
+            loop {
+                let k = Keyset::parse(&std::fs::read_to_string(&path).unwrap()).unwrap();
+                if k.generations().signing == 2 {
+                    return started.elapsed();
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(5)) => {}
+                    () = stop.cancelled() => return Duration::MAX,
+                }
+            }
+        })
+    };
+    let mut out = Vec::new();
+    let ended = run_cycle(&fleet.plan, &mut out, &CancellationToken::new()).await.unwrap();
+    let took = started.elapsed();
+    stop.cancel();
+    let seen = watcher.await.unwrap();
+    assert_eq!(ended, Ended::Rotated { signing: 2 });
+    assert!(seen + fleet.plan.retire_wait() <= took, "keysets written at {seen:?}, retired at {took:?}");
+    assert!(!String::from_utf8(out).unwrap().contains("Staged generation"));
+}
+
+/// A crash after the last master write (retire) but before the last keyset write: the next
+/// run only finishes that write, and stages nothing.
+#[tokio::test]
+async fn a_crash_after_retire_is_finished_not_rotated_again() {
+    let fleet = Fleet::new(Duration::from_millis(100), Duration::from_millis(100));
+    let mut m = fleet.master();
+    m.rotate().unwrap();
+    m.promote();
+    m.retire_through(1).unwrap();
+    std::fs::write(&fleet.plan.master, m.to_toml().as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let ended = run_cycle(&fleet.plan, &mut out, &CancellationToken::new()).await.unwrap();
+    assert_eq!(ended, Ended::Finished { signing: 2 }, "{}", String::from_utf8_lossy(&out));
+    let m = fleet.master();
+    assert_eq!((m.current_generation, m.signing_generation, m.retired_through), (2, 2, 1));
+    let k = Keyset::parse(&std::fs::read_to_string(fleet.keyset_file("budget")).unwrap()).unwrap();
+    assert_eq!(k.generations().retired_through, 1);
+}
