@@ -103,6 +103,8 @@ pub struct KeysetReloader {
     /// The hash of the content last acted on (loaded or refused), so an unchanged file costs
     /// one read and a bad one is reported once, not every interval.
     last: Option<[u8; 32]>,
+    /// The generations of the file at start, for the gauges before the first reload.
+    initial: Option<Generations>,
     metrics: KeysetMetrics,
     /// Successful reloads, for tests and the debug log.
     reloads: Arc<AtomicU64>,
@@ -114,13 +116,20 @@ impl KeysetReloader {
     /// nothing.
     pub fn new(path: impl Into<PathBuf>, process: Process, live: LiveKeyring, interval: Duration) -> Self {
         let path = path.into();
-        let last = std::fs::read(&path).ok().map(|bytes| digest(&bytes));
+        let bytes = std::fs::read(&path).ok();
+        let last = bytes.as_deref().map(digest);
+        let initial = bytes
+            .as_deref()
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(|text| Keyset::parse(text).ok())
+            .map(|k| k.generations());
         Self {
             path,
             process,
             live,
             interval: interval.max(Duration::from_millis(10)),
             last,
+            initial,
             metrics: KeysetMetrics::default(),
             reloads: Arc::default(),
         }
@@ -128,6 +137,9 @@ impl KeysetReloader {
 
     /// Reports to `metrics` (register them once in the process's registry).
     pub fn with_metrics(mut self, metrics: KeysetMetrics) -> Self {
+        if let Some(g) = self.initial {
+            metrics.set(g);
+        }
         self.metrics = metrics;
         self
     }
@@ -370,6 +382,36 @@ mod tests {
         let ring: &Keyring = &live.current();
         // None of the orchestrator's other edges came in.
         assert!(ring.signing_kid(Edge { from: Role::Orchestrator, to: Role::Budget }).is_none());
+    }
+
+    #[test]
+    fn metrics_follow_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _live, reloader) = start(dir.path());
+        let metrics = KeysetMetrics::default();
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let mut reloader = reloader.with_metrics(metrics);
+        let encode = |r: &Registry| {
+            let mut text = String::new();
+            prometheus_client::encoding::text::encode(&mut text, r).unwrap();
+            text
+        };
+        assert!(encode(&registry).contains("fleet_keyset_signing_generation 1\n"), "{}", encode(&registry));
+        std::fs::write(&path, keyset_text(&master(1), DEV)).unwrap();
+        reloader.check(false);
+        std::fs::write(&path, keyset_text(&master(1), Process::Operator)).unwrap();
+        reloader.check(false);
+        let text = encode(&registry);
+        for line in [
+            "fleet_keyset_signing_generation 2\n",
+            "fleet_keyset_newest_generation 2\n",
+            "fleet_keyset_retired_through 0\n",
+            "fleet_keyset_reloads_total{outcome=\"reloaded\"} 1\n",
+            "fleet_keyset_reloads_total{outcome=\"refused\"} 1\n",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
     }
 
     #[tokio::test]
