@@ -352,3 +352,62 @@ async fn a_crash_after_retire_is_finished_not_rotated_again() {
     let k = Keyset::parse(&std::fs::read_to_string(fleet.keyset_file("budget")).unwrap()).unwrap();
     assert_eq!(k.generations().retired_through, 1);
 }
+
+/// The binary: operator mistakes exit 64 before anything changes; SIGTERM during a wait
+/// exits 1 with the master file recording the step, and the next run finishes the cycle.
+#[test]
+fn the_binary_refuses_bad_flags_and_stops_cleanly_on_sigterm() {
+    use std::process::{Command, Stdio};
+    let fleet = Fleet::new(Duration::from_secs(1), Duration::ZERO);
+    let master = fleet.plan.master.display().to_string();
+    let keysets = fleet.plan.keysets.display().to_string();
+    let perms = fleet.plan.permissions.display().to_string();
+    let run = |extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_fleetctl"))
+            .args(["keys", "rotate", "--master", &master, "--permissions", &perms])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    for (extra, says) in [
+        (&["--keysets", "/nonexistent/keys"][..], "is not a directory"),
+        (&["--keysets", &keysets, "--wait", "500ms"][..], "is too short"),
+        (&["--keysets", &keysets, "--every", "10s"][..], "at least 60s"),
+        (&["--keysets", &keysets, "--wait", "2d"][..], "not a duration"),
+    ] {
+        let out = run(extra);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{extra:?}: {stderr}");
+        assert!(stderr.contains(says), "{extra:?}: {stderr}");
+    }
+    assert_eq!(fleet.master().current_generation, 1, "nothing was staged");
+
+    let stdout_path = fleet.dir.path().join("rotate.out");
+    let child = Command::new(env!("CARGO_BIN_EXE_fleetctl"))
+        .args(["keys", "rotate", "--master", &master, "--permissions", &perms, "--keysets", &keysets])
+        .args(["--wait", "60s"])
+        .stdout(std::fs::File::create(&stdout_path).unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !std::fs::read_to_string(&stdout_path).unwrap().contains("Waiting") {
+        assert!(Instant::now() < deadline, "rotate did not reach its first wait");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("run `fleetctl keys rotate` again"));
+    let m = fleet.master();
+    assert_eq!((m.current_generation, m.signing_generation), (2, 1), "staged, not promoted");
+
+    // --wait 1s --max-ttl 0s: the next run promotes and retires (1 s + 1 s + 30 s skew).
+    let out = run(&["--keysets", &keysets, "--wait", "1s", "--max-ttl", "0s"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!stdout.contains("Staged generation"), "{stdout}");
+    assert!(stdout.contains("Rotation done: generation 2 signs"), "{stdout}");
+    let m = fleet.master();
+    assert_eq!((m.current_generation, m.signing_generation, m.retired_through), (2, 2, 1));
+}
