@@ -473,10 +473,17 @@ pub struct Keyring {
     keys: HashMap<Box<str>, KeyEntry>,
     /// Per edge, the newest active key: the one [`Keyring::seal`] signs with.
     newest: HashMap<Edge, EdgeKey>,
+    /// Set by [`Keyring::following`]: this keyring holds no keys of its own and uses the
+    /// live keyring's current ones. It lets code that takes a plain `Keyring` (the
+    /// orchestrator's task engine) sign with reloaded keys.
+    pub(crate) follows: Option<crate::live::LiveKeyring>,
 }
 
 impl fmt::Debug for Keyring {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(live) = &self.follows {
+            return f.debug_tuple("Keyring::following").field(live).finish();
+        }
         let mut kids: Vec<_> = self
             .keys
             .iter()
@@ -488,6 +495,14 @@ impl fmt::Debug for Keyring {
 }
 
 impl Keyring {
+    /// A keyring that always uses `live`'s current keys: [`Keyring::seal`] and
+    /// [`Keyring::signing_kid`] read it on each call, and a [`crate::Verifier`] or
+    /// [`crate::LiveKeyring`] made from it shares `live`'s slot. For code that takes a
+    /// `Keyring` and should still follow reloads.
+    pub fn following(live: &crate::live::LiveKeyring) -> Self {
+        Self { follows: Some(live.clone()), ..Self::default() }
+    }
+
     /// Builds a keyring from keyset entries.
     pub fn from_entries(entries: impl IntoIterator<Item = KeysetEntry>) -> Self {
         let mut ring = Keyring::default();
@@ -498,7 +513,9 @@ impl Keyring {
     }
 
     /// Adds one key (or retired kid). The newest non-staged generation of an edge signs.
+    /// A [`Keyring::following`] keyring stops following: it holds what is inserted.
     pub fn insert(&mut self, entry: KeysetEntry) {
+        self.follows = None;
         let kid = entry.kid;
         let value = match &entry.secret {
             Some(secret) => {
@@ -535,6 +552,9 @@ impl Keyring {
 
     /// The kid this keyring signs `edge` with.
     pub fn signing_kid(&self, edge: Edge) -> Option<Kid> {
+        if let Some(live) = &self.follows {
+            return live.signing_kid(edge);
+        }
         self.newest.get(&edge).map(|k| k.kid)
     }
 }

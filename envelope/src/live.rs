@@ -20,9 +20,9 @@ use crate::keys::{Edge, KeyError, Keyring, Kid};
 pub struct LiveKeyring(Arc<ArcSwap<Keyring>>);
 
 impl LiveKeyring {
-    /// Starts with `ring`.
+    /// Starts with `ring` (for a [`Keyring::following`] one: with the keys it follows now).
     pub fn new(ring: Keyring) -> Self {
-        Self(Arc::new(ArcSwap::from_pointee(ring)))
+        Self(Arc::new(ArcSwap::new(settle(ring))))
     }
 
     /// The keyring current now; hold it only for one operation.
@@ -32,7 +32,7 @@ impl LiveKeyring {
 
     /// Puts `ring` in force for every later operation; returns the one it replaces.
     pub fn replace(&self, ring: Keyring) -> Arc<Keyring> {
-        self.0.swap(Arc::new(ring))
+        self.0.swap(settle(ring))
     }
 
     /// Seals `env` with the current keyring ([`Keyring::seal`]).
@@ -48,6 +48,15 @@ impl LiveKeyring {
     /// True when both share one slot.
     pub fn same_slot(&self, other: &LiveKeyring) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+/// What a slot stores: always a keyring with keys of its own, never a following one, so
+/// sealing and lookups through a slot never go round in a circle.
+fn settle(ring: Keyring) -> Arc<Keyring> {
+    match ring.follows {
+        Some(live) => live.0.load_full(),
+        None => Arc::new(ring),
     }
 }
 
@@ -73,15 +82,23 @@ impl fmt::Debug for LiveKeyring {
     }
 }
 
+/// A [`Keyring::following`] keyring gives the slot it follows; any other a new slot.
 impl From<Keyring> for LiveKeyring {
     fn from(ring: Keyring) -> Self {
-        Self::new(ring)
+        match &ring.follows {
+            Some(live) => live.clone(),
+            None => Self::new(ring),
+        }
     }
 }
 
+/// As `From<Keyring>`, without copying the keys.
 impl From<Arc<Keyring>> for LiveKeyring {
     fn from(ring: Arc<Keyring>) -> Self {
-        Self(Arc::new(ArcSwap::new(ring)))
+        match &ring.follows {
+            Some(live) => live.clone(),
+            None => Self(Arc::new(ArcSwap::new(ring))),
+        }
     }
 }
 
@@ -93,6 +110,8 @@ impl From<&LiveKeyring> for LiveKeyring {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
     use crate::keys::{KeysetEntry, MasterFile, MasterSecret};
     use crate::names::Role;
@@ -119,5 +138,28 @@ mod tests {
         assert_eq!(other.signing_kid(edge).unwrap().generation, 2);
         assert!(live.same_slot(&other));
         assert!(!live.same_slot(&LiveKeyring::new(ring(2))));
+    }
+
+    #[test]
+    fn a_following_keyring_signs_and_verifies_with_the_current_keys() {
+        let live = LiveKeyring::new(ring(1));
+        let follower = Arc::new(Keyring::following(&live));
+        let edge = Edge { from: Role::Dev, to: Role::Qa };
+        assert_eq!(follower.signing_kid(edge).unwrap().generation, 1);
+        live.replace(ring(2));
+        assert_eq!(follower.signing_kid(edge).unwrap().generation, 2);
+        // Everything made from it shares the followed slot; a slot never stores a follower.
+        assert!(LiveKeyring::from(follower.clone()).same_slot(&live));
+        assert!(LiveKeyring::from((*follower).clone()).same_slot(&live));
+        let settled = LiveKeyring::new((*follower).clone());
+        assert!(!settled.same_slot(&live));
+        live.replace(ring(3));
+        assert_eq!(settled.signing_kid(edge).unwrap().generation, 2, "a snapshot, not a circle");
+        assert_eq!(follower.signing_kid(edge).unwrap().generation, 3);
+        let from = crate::body::Sender { role: Role::Dev, instance: crate::names::Instance::parse("dev-1").unwrap() };
+        let env = Envelope::new(from, Role::Qa, 1, 1000, 0, crate::body::Heartbeat { seq: 1, busy: false }.into());
+        let wire = follower.seal(&env).unwrap();
+        assert!(wire.windows(b"dev>qa:3".len()).any(|w| w == b"dev>qa:3"), "sealed with generation 3");
+        assert!(format!("{follower:?}").contains("following"));
     }
 }

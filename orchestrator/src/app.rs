@@ -433,10 +433,10 @@ impl App {
                 .context("Failed to create this and next month's audit partitions")?;
         }
         let redis = bus::pool(&cfg.redis, 16, Duration::from_secs(2)).context("Failed to set up the Redis pool")?;
-        // The verifier follows the keyset file (docs/keys.md, Rotation). The engine's outbox
-        // still seals with the keyring read at start: Engine takes an `Arc<Keyring>`.
-        let keyring = Arc::new(cfg.keyset.into_keyring());
-        let live = envelope::LiveKeyring::new((*keyring).clone());
+        // The verifier and the engine's outbox follow the keyset file (docs/keys.md,
+        // Rotation): the engine takes a plain `Keyring`, so it gets one that follows `live`.
+        let live = envelope::LiveKeyring::new(cfg.keyset.into_keyring());
+        let keyring = Arc::new(envelope::Keyring::following(&live));
         let (keyset_path, reload_every) = cfg.keyset_reload;
         let reloader = bus::KeysetReloader::new(
             keyset_path,
