@@ -143,7 +143,9 @@ fn consumer_config(name: &str) -> ConsumerConfig {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rotate_every_edge_while_10000_envelopes_flow() {
     let server = RedisServer::start().expect("redis-server must be installed; tests never skip");
-    let fleet = Fleet::new(Duration::from_millis(400), Duration::from_millis(200));
+    // --max-ttl 1s: longer than the consumers take to drain what was signed with
+    // generation 1 (the real default is the fleet's longest ttl, 1 h).
+    let fleet = Fleet::new(Duration::from_millis(400), Duration::from_secs(1));
     let stop = CancellationToken::new();
     let perms = PermissionTable::parse(PERMISSIONS).unwrap();
 
@@ -220,6 +222,7 @@ async fn rotate_every_edge_while_10000_envelopes_flow() {
     assert!(by_generation.get(&1).is_some_and(|c| *c >= 1000), "generation 1 carried traffic: {by_generation:?}");
     assert!(by_generation.get(&2).is_some_and(|c| *c >= 1000), "generation 2 carried traffic: {by_generation:?}");
     assert_eq!(by_generation.values().sum::<u64>(), TOTAL);
+    eprintln!("handled per signing generation: {by_generation:?}; rotation took {took:?}");
     let handled: u64 = receivers.iter().map(|r| r.2.handled.load(Ordering::Relaxed)).sum();
     let refused: u64 = receivers.iter().map(|r| r.2.rejected.load(Ordering::Relaxed)).sum();
     assert_eq!((handled, refused), (TOTAL, 0));
@@ -255,6 +258,39 @@ async fn rotate_every_edge_while_10000_envelopes_flow() {
     }
     dev.task.await.unwrap();
     drop(fleet.dir);
+}
+
+/// `--every`: cycle after cycle until the stop signal; each one a full generation.
+#[tokio::test]
+async fn every_runs_cycles_until_stopped() {
+    let fleet = Fleet::new(Duration::from_millis(50), Duration::ZERO);
+    let stop = CancellationToken::new();
+    let stopper = {
+        let (stop, master) = (stop.clone(), fleet.plan.master.clone());
+        tokio::spawn(async move {
+            loop {
+                let m = MasterFile::parse(&std::fs::read_to_string(&master).unwrap()).unwrap();
+                if m.retired_through >= 2 {
+                    stop.cancel();
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
+    let mut out = Vec::new();
+    tokio::time::timeout(
+        Duration::from_secs(20),
+        fleetctl::rotation::run_every(&fleet.plan, Duration::from_millis(100), &mut out, &stop),
+    )
+    .await
+    .expect("stops when told")
+    .unwrap();
+    stopper.await.unwrap();
+    let m = fleet.master();
+    assert!(m.signing_generation >= 3 && m.retired_through == m.signing_generation - 1, "{m:?}");
+    let report = String::from_utf8(out).unwrap();
+    assert!(report.matches("Rotation done").count() >= 2, "{report}");
 }
 
 /// A crash (here SIGINT's token) while waiting to promote: the master says "staged", and
