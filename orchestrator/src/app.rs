@@ -488,6 +488,7 @@ impl App {
         }
         let state = ApiState::new(engine.clone(), redis.clone(), &cfg.api).context("Invalid API configuration")?;
         let bus_metrics = state.bus_metrics();
+        let reloader = reloader.with_metrics(state.keyset_metrics());
         let listener = tokio::net::TcpListener::bind(cfg.api.listen)
             .await
             .with_context(|| format!("Failed to listen on {}", cfg.api.listen))?;
