@@ -103,8 +103,9 @@ pub struct KeysetReloader {
     /// The hash of the content last acted on (loaded or refused), so an unchanged file costs
     /// one read and a bad one is reported once, not every interval.
     last: Option<[u8; 32]>,
-    /// The generations of the file at start, for the gauges before the first reload.
-    initial: Option<Generations>,
+    /// The generations in force (the file's at start, then each reload's): for the gauges,
+    /// and to refuse a file that goes back.
+    in_force: Option<Generations>,
     metrics: KeysetMetrics,
     /// Successful reloads, for tests and the debug log.
     reloads: Arc<AtomicU64>,
@@ -129,7 +130,7 @@ impl KeysetReloader {
             live,
             interval: interval.max(Duration::from_millis(10)),
             last,
-            initial,
+            in_force: initial,
             metrics: KeysetMetrics::default(),
             reloads: Arc::default(),
         }
@@ -137,7 +138,7 @@ impl KeysetReloader {
 
     /// Reports to `metrics` (register them once in the process's registry).
     pub fn with_metrics(mut self, metrics: KeysetMetrics) -> Self {
-        if let Some(g) = self.initial {
+        if let Some(g) = self.in_force {
             metrics.set(g);
         }
         self.metrics = metrics;
@@ -207,9 +208,26 @@ impl KeysetReloader {
             );
         }
         let generations = keyset.generations();
+        if let Some(now) = self.in_force
+            && (generations.retired_through < now.retired_through || generations.newest < now.newest)
+        {
+            // A stale copy (an old backup, a replayed Secret version) would bring back
+            // retired keys or drop a staged one that peers already sign with.
+            return self.refuse(
+                hash,
+                force,
+                format!(
+                    "it is older than the keyset in force (file: {generations}; in force: {now}) and would bring \
+                     back retired keys; install the current keyset (`fleetctl keys derive --process {}`), or, after \
+                     re-keying with a new master, restart the process",
+                    self.process
+                ),
+            );
+        }
         let kids = keyset.entries.len();
         self.live.replace(keyset.into_keyring());
         self.last = Some(hash);
+        self.in_force = Some(generations);
         self.reloads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.metrics.count("reloaded");
         self.metrics.set(generations);
@@ -363,6 +381,24 @@ mod tests {
         std::fs::write(&path, keyset_text(&master(1), DEV)).unwrap();
         assert!(matches!(reloader.check(false), ReloadOutcome::Reloaded(_)));
         assert_eq!(generation(&live), 2);
+    }
+
+    #[test]
+    fn an_older_keyset_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, live, mut reloader) = start(dir.path());
+        let mut m = master(1);
+        m.retire_through(1).unwrap();
+        std::fs::write(&path, keyset_text(&m, DEV)).unwrap();
+        assert!(matches!(reloader.check(false), ReloadOutcome::Reloaded(g) if g.retired_through == 1));
+        // The generation-1 file again: it would make dev>orchestrator:1 valid again.
+        std::fs::write(&path, keyset_text(&master(0), DEV)).unwrap();
+        match reloader.check(false) {
+            ReloadOutcome::Refused(text) => assert!(text.contains("older than the keyset in force"), "{text}"),
+            other => panic!("not refused: {other:?}"),
+        }
+        assert_eq!(generation(&live), 2);
+        assert!(format!("{live:?}").contains("dev>orchestrator:1 (retired)"), "{live:?}");
     }
 
     #[test]
