@@ -106,6 +106,16 @@ async fn sighup_reloads_the_keyset_without_a_restart() {
     eventually("the reload", &log, async || log().contains("Reloaded the keyset")).await;
     assert!(log().contains("signing_generation=2") || log().contains("\"signing_generation\":2"), "{}", log());
 
+    // The attack angle: another process's keyset (dev's, which holds no orchestrator>budget
+    // key) swapped in is refused, and the keys in force stay.
+    std::fs::write(&tmp, master(1).derive_keyset(Process::Role(Role::Dev), &permissions()).to_toml().as_bytes())
+        .unwrap();
+    std::fs::rename(&tmp, &keyset).unwrap();
+    let hup = Command::new("kill").arg("-HUP").arg(pid.to_string()).status().unwrap();
+    assert!(hup.success());
+    eventually("the refusal of dev's keyset", &log, async || log().contains("is the keyset of dev, not of budget"))
+        .await;
+
     // After: accepted (consumed, nothing more refused or dead-lettered), same process.
     send_usage(&orchestrator).await;
     eventually("the usage to be consumed", &log, async || {

@@ -148,8 +148,9 @@ pub async fn run_cycle(plan: &Plan, out: &mut dyn Write, stop: &CancellationToke
                     say(
                         out,
                         &format!(
-                            "The keyset files in '{}' lagged the master file (a rotation stopped after its last \
-                             step): rewrote them. Nothing was staged; run `fleetctl keys rotate` again to rotate.",
+                            "The keyset files in '{}' lagged the master file (a rotation stopped before its last \
+                             write, or they were derived from another permission file): rewrote them. Nothing was \
+                             staged; run `fleetctl keys rotate` again to rotate.",
                             plan.keysets.display()
                         ),
                     )?;

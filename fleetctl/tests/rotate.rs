@@ -1,5 +1,6 @@
-//! `fleetctl keys rotate` against live keyrings: every edge rotated while 10,000 envelopes
-//! flow over a real redis-server, and the cycle's resumption after a crash.
+//! `fleetctl keys rotate` against live keyrings: every edge rotated (the generation is the
+//! master's) while 10,000 envelopes flow from two senders (dev, qa) to two orchestrator
+//! consumers over a real redis-server, and the cycle's resumption after a crash.
 //!
 //! The publisher and the consumers are the library's own (`bus::Publisher`,
 //! `bus::Consumer`), each with a `LiveKeyring` loaded from a keyset FILE and a
@@ -40,6 +41,8 @@ impl Fleet {
         let dir = tempfile::tempdir().unwrap();
         let master = MasterFile::new(MasterSecret::from_bytes([9; 32]));
         std::fs::write(dir.path().join("master.toml"), master.to_toml().as_bytes()).unwrap();
+        std::fs::set_permissions(dir.path().join("master.toml"), std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
         std::fs::write(dir.path().join("permissions.toml"), PERMISSIONS).unwrap();
         std::fs::create_dir(dir.path().join("keys")).unwrap();
         let perms = PermissionTable::parse(PERMISSIONS).unwrap();
@@ -94,6 +97,7 @@ fn live_keys(path: &Path, process: Process, stop: &CancellationToken) -> LiveKey
 struct Tally {
     by_number: Arc<Mutex<BTreeMap<u64, u32>>>,
     by_generation: Arc<Mutex<BTreeMap<u32, u64>>>,
+    by_kid: Arc<Mutex<BTreeMap<String, u64>>>,
 }
 
 impl Handler for Tally {
@@ -102,10 +106,12 @@ impl Handler for Tally {
         let n: u64 = r.summary.parse().expect("a number");
         *self.by_number.lock().unwrap().entry(n).or_default() += 1;
         *self.by_generation.lock().unwrap().entry(d.envelope.kid().generation).or_default() += 1;
+        *self.by_kid.lock().unwrap().entry(d.envelope.kid().to_string()).or_default() += 1;
         Ok(())
     }
 }
 
+/// Result `n`, from dev when `n` is even and from qa when it is odd: two senders, two edges.
 fn result(n: u64) -> Envelope {
     let payload = TaskResult {
         attempt: 1,
@@ -117,7 +123,8 @@ fn result(n: u64) -> Envelope {
         change_sha256: None,
         calls: Vec::new(),
     };
-    let from = Sender { role: Role::Dev, instance: Instance::parse("dev-1").unwrap() };
+    let role = if n.is_multiple_of(2) { Role::Dev } else { Role::Qa };
+    let from = Sender { role, instance: Instance::parse(&format!("{role}-1")).unwrap() };
     Envelope::new(from, Role::Orchestrator, bus::now_ms(), 60_000, 0, payload.into())
 }
 
@@ -149,10 +156,12 @@ async fn rotate_every_edge_while_10000_envelopes_flow() {
     let stop = CancellationToken::new();
     let perms = PermissionTable::parse(PERMISSIONS).unwrap();
 
-    // The sender: dev, signing dev>orchestrator.
+    // The senders: dev (dev>orchestrator) and qa (qa>orchestrator), each with its keyset file.
     let dev = live_keys(&fleet.keyset_file("dev"), Process::Role(Role::Dev), &stop);
     let publisher = Arc::new(Publisher::new(pool(&server), &dev.live, bus::PublisherConfig::default()));
     assert!(publisher.keyring().same_slot(&dev.live));
+    let qa = live_keys(&fleet.keyset_file("qa"), Process::Role(Role::Qa), &stop);
+    let qa_publisher = Arc::new(Publisher::new(pool(&server), &qa.live, bus::PublisherConfig::default()));
 
     // Two orchestrator consumers in one group, each with its own keyring and reloader.
     let tally = Tally::default();
@@ -173,15 +182,17 @@ async fn rotate_every_edge_while_10000_envelopes_flow() {
     // last 1,000 go out only once it is over, so both generations carry traffic.
     let rotation_done = Arc::new(tokio::sync::Notify::new());
     let flow = {
-        let (publisher, done) = (publisher.clone(), rotation_done.clone());
+        let (publisher, qa_publisher, done) = (publisher.clone(), qa_publisher.clone(), rotation_done.clone());
         tokio::spawn(async move {
             let mut n = 0;
             while n < TOTAL {
                 if n == TOTAL - 1000 {
                     done.notified().await;
                 }
-                let batch: Vec<_> = (n..n + BATCH).map(|i| (results(), result(i))).collect();
-                publisher.publish_batch(&batch).await.expect("publish");
+                let (dev_batch, qa_batch): (Vec<_>, Vec<_>) =
+                    (n..n + BATCH).map(|i| (results(), result(i))).partition(|(_, e)| e.from.role == Role::Dev);
+                publisher.publish_batch(&dev_batch).await.expect("publish as dev");
+                qa_publisher.publish_batch(&qa_batch).await.expect("publish as qa");
                 n += BATCH;
                 tokio::time::sleep(Duration::from_millis(8)).await;
             }
@@ -222,7 +233,11 @@ async fn rotate_every_edge_while_10000_envelopes_flow() {
     assert!(by_generation.get(&1).is_some_and(|c| *c >= 1000), "generation 1 carried traffic: {by_generation:?}");
     assert!(by_generation.get(&2).is_some_and(|c| *c >= 1000), "generation 2 carried traffic: {by_generation:?}");
     assert_eq!(by_generation.values().sum::<u64>(), TOTAL);
-    eprintln!("handled per signing generation: {by_generation:?}; rotation took {took:?}");
+    let by_kid = tally.by_kid.lock().unwrap().clone();
+    for kid in ["dev>orchestrator:1", "dev>orchestrator:2", "qa>orchestrator:1", "qa>orchestrator:2"] {
+        assert!(by_kid.get(kid).is_some_and(|c| *c >= 500), "{kid} carried traffic: {by_kid:?}");
+    }
+    eprintln!("handled per kid: {by_kid:?}; rotation took {took:?}");
     let handled: u64 = receivers.iter().map(|r| r.2.handled.load(Ordering::Relaxed)).sum();
     let refused: u64 = receivers.iter().map(|r| r.2.rejected.load(Ordering::Relaxed)).sum();
     assert_eq!((handled, refused), (TOTAL, 0));
@@ -231,7 +246,9 @@ async fn rotate_every_edge_while_10000_envelopes_flow() {
     let master = fleet.master();
     assert_eq!((master.current_generation, master.signing_generation, master.retired_through), (2, 2, 1));
     assert_eq!(publisher.keyring().signing_kid(DEV_TO_ORCH).unwrap().generation, 2);
-    let old_frame = gen1_dev.seal(&result(TOTAL + 1)).unwrap();
+    let qa_to_orch = Edge { from: Role::Qa, to: Role::Orchestrator };
+    assert_eq!(qa_publisher.keyring().signing_kid(qa_to_orch).unwrap().generation, 2);
+    let old_frame = gen1_dev.seal(&result(TOTAL + 2)).unwrap(); // even: from dev
     let ctx = VerifyContext { now_ms: bus::now_ms(), kill_epoch: 0 };
     for (keys, verifier, _, _) in &receivers {
         assert_eq!(keys.live.signing_kid(Edge { from: Role::Orchestrator, to: Role::Dev }).unwrap().generation, 2);
@@ -243,7 +260,7 @@ async fn rotate_every_edge_while_10000_envelopes_flow() {
 
     // Nothing restarted: the same keyrings, reloaded in place (stage, promote, retire),
     // and every task still running until told to stop.
-    for keys in std::iter::once(&dev).chain(receivers.iter().map(|r| &r.0)) {
+    for keys in [&dev, &qa].into_iter().chain(receivers.iter().map(|r| &r.0)) {
         assert_eq!(keys.reloads.load(Ordering::Relaxed), 3, "{report}");
         assert!(!keys.task.is_finished());
     }
@@ -257,6 +274,7 @@ async fn rotate_every_edge_while_10000_envelopes_flow() {
         keys.task.await.unwrap();
     }
     dev.task.await.unwrap();
+    qa.task.await.unwrap();
     drop(fleet.dir);
 }
 
