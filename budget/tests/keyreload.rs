@@ -1,6 +1,7 @@
 //! The `budget` binary picks up a new keyset on SIGHUP, without a restart: an envelope signed
 //! with a generation it does not hold yet is refused (`unknown_kid`), the same kind of
-//! envelope after `kill -HUP` is accepted, and the process id never changed.
+//! envelope after `kill -HUP` is accepted, another process's keyset swapped in is refused,
+//! and the process id never changed.
 #![allow(clippy::unwrap_used)]
 
 use std::process::{Command, Stdio};

@@ -446,13 +446,15 @@ pub struct RotateArgs {
     pub max_ttl: std::time::Duration,
 
     /// A command run with `sh -c` after each write of the keysets, with FLEET_KEYSETS_DIR
-    /// set: it deploys them (e.g. `kubectl create secret … --dry-run=client -o yaml |
-    /// kubectl apply -f -`). If it fails, the cycle stops; running rotate again resumes.
+    /// set: it deploys them where the processes read them (docs/keys.md has one that patches
+    /// the Kubernetes Secrets and one for compose). If it fails, the cycle stops before its
+    /// wait; running rotate again resumes.
     #[arg(long, value_name = "COMMAND")]
     pub deploy_hook: Option<String>,
 
-    /// Run a cycle at this interval (e.g. 30d is not accepted: use 720h) until SIGINT or
-    /// SIGTERM, instead of once. Each cycle takes about 2 x --wait + --max-ttl.
+    /// Keep rotating: after each cycle, pause this long (units ms, s, m, h: 720h for 30
+    /// days) and start the next, until SIGINT or SIGTERM. At least 60s. Each cycle itself
+    /// takes about 2 x --wait + --max-ttl + 30s.
     #[arg(long, value_name = "DURATION", value_parser = crate::rotation::parse_duration)]
     pub every: Option<std::time::Duration>,
 }
