@@ -328,7 +328,7 @@ pub enum KeysCommand {
     /// Resumable: the master file records the step (current, signing and retired
     /// generations), so after a crash or SIGINT/SIGTERM running the same command again
     /// continues where the cycle stood, serving that step's wait again in full. With --every
-    /// it runs a cycle at that interval until SIGINT or SIGTERM.
+    /// it keeps rotating, pausing that long between cycles, until SIGINT or SIGTERM.
     Rotate(RotateArgs),
 
     /// Only the first step of a rotation: add a staged generation to the master file.
