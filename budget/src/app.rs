@@ -53,6 +53,10 @@ struct FileConfig {
     redis_ca_file: Option<PathBuf>,
     /// The budget's keyset (`fleetctl keys derive --process budget`).
     keyset: PathBuf,
+    /// Seconds between two reads of the keyset file; a changed file is put in force without
+    /// a restart (SIGHUP reads it at once). Keep it well under `fleetctl keys rotate --wait`.
+    #[serde(default = "default_keyset_reload")]
+    keyset_reload_secs: u64,
     /// The permission table.
     #[serde(default = "default_permissions")]
     permissions: PathBuf,
@@ -82,6 +86,9 @@ fn default_deployment() -> String {
 fn default_permissions() -> PathBuf {
     "config/permissions.toml".into()
 }
+fn default_keyset_reload() -> u64 {
+    bus::keyreload::DEFAULT_INTERVAL.as_secs()
+}
 fn default_grace() -> u64 {
     10
 }
@@ -99,6 +106,8 @@ pub struct Config {
     pub deployment: String,
     redis: bus::RedisEndpoint,
     keyset: Keyset,
+    /// The keyset file and how often it is re-read.
+    keyset_reload: (PathBuf, Duration),
     permissions: PermissionTable,
     /// Limits and prices.
     pub ledger: LedgerConfig,
@@ -134,6 +143,16 @@ pub const SECRETS: &[&str] = &[
     "alerts.webhook.secret",
     telemetry::metrics::TOKEN_SETTING,
 ];
+
+/// `keyset_reload_secs` as a duration: 1 s to 1 h.
+fn reload_interval(secs: u64) -> Result<Duration, ConfigError> {
+    if !(1..=3600).contains(&secs) {
+        return Err(ConfigError(format!(
+            "setting `keyset_reload_secs` is {secs}: it must be 1 to 3600 (seconds between reads of the keyset file)"
+        )));
+    }
+    Ok(Duration::from_secs(secs))
+}
 
 fn read(path: &Path, what: &str, fix: &str) -> Result<String, ConfigError> {
     std::fs::read_to_string(path)
@@ -182,6 +201,7 @@ impl Config {
             deployment,
             redis,
             keyset,
+            keyset_reload: (file.keyset.clone(), reload_interval(file.keyset_reload_secs)?),
             permissions,
             ledger: file.ledger,
             triggers: file.killswitch,
@@ -197,6 +217,8 @@ pub struct App {
     budget: Budget,
     redis: deadpool_redis::Pool,
     verifier: Arc<Verifier>,
+    /// Puts a changed keyset file into the verifier's and publisher's keyring.
+    reloader: bus::KeysetReloader,
     dispatcher: AlertDispatcher,
     instance: Instance,
     grace: Duration,
@@ -216,9 +238,14 @@ impl App {
         use anyhow::Context;
         let block = cfg.alerts.block.max(Duration::from_secs(2));
         let redis = bus::pool(&cfg.redis, 16, block).context("Failed to set up the Redis pool")?;
-        let keyring = Arc::new(cfg.keyset.into_keyring());
-        let verifier = Arc::new(Verifier::new((*keyring).clone(), cfg.permissions, VerifierConfig::default()));
-        let publisher = Arc::new(Publisher::new(redis.clone(), keyring, PublisherConfig::default()));
+        // One keyring for the verifier and the publisher, replaced when the keyset file
+        // changes (docs/keys.md, Rotation).
+        let live = envelope::LiveKeyring::new(cfg.keyset.into_keyring());
+        let (keyset_path, reload_every) = cfg.keyset_reload;
+        let reloader =
+            bus::KeysetReloader::new(keyset_path, envelope::Process::Role(Role::Budget), live.clone(), reload_every);
+        let verifier = Arc::new(Verifier::new(&live, cfg.permissions, VerifierConfig::default()));
+        let publisher = Arc::new(Publisher::new(redis.clone(), live, PublisherConfig::default()));
         let alerts = AlertSender::new(redis.clone(), &cfg.alerts).with_deployment(&cfg.deployment);
         let dispatcher = AlertDispatcher::new(redis.clone(), &cfg.alerts).context("Invalid alert configuration")?;
         let ledger = Ledger::new(redis.clone(), cfg.ledger).context("Invalid ledger configuration")?;
@@ -233,7 +260,16 @@ impl App {
             needs_reassert: Arc::new(AtomicBool::new(false)),
             metrics: crate::metrics::BudgetMetrics::default(),
         };
-        Ok(Self { budget, redis, verifier, dispatcher, instance: cfg.instance, grace: cfg.grace, metrics: cfg.metrics })
+        Ok(Self {
+            budget,
+            redis,
+            verifier,
+            reloader,
+            dispatcher,
+            instance: cfg.instance,
+            grace: cfg.grace,
+            metrics: cfg.metrics,
+        })
     }
 
     /// Runs the consumers, the periodic check, the control listener and the alert
@@ -287,6 +323,9 @@ impl App {
         let mut registry = telemetry::metrics::registry("budget");
         bus_metrics.register(&mut registry);
         self.budget.metrics.register(&mut registry);
+        let keyset_metrics = bus::keyreload::KeysetMetrics::default();
+        keyset_metrics.register(&mut registry);
+        tasks.spawn(self.reloader.with_metrics(keyset_metrics).run(shutdown.clone()));
         self.budget.metrics.kill_switch(state.epoch, state.engaged);
         let refresh = {
             let (pool, budget) = (self.redis.clone(), self.budget.clone());

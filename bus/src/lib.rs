@@ -17,6 +17,8 @@
 //! - [`config`]: tunables with their defaults.
 //! - [`publisher`]: sealing and `XADD`, batch pipelining, backlog-aware trimming.
 //! - [`consumer`]: the read → verify → dedup → handle → ack loop, retries, reclaim, DLQ.
+//! - [`keyreload`]: [`KeysetReloader`], which puts a changed keyset file into the process's
+//!   [`envelope::LiveKeyring`] (poll and SIGHUP), refusing bad or foreign files.
 //! - [`metrics`]: [`metrics::BusMetrics`], the consumers' Prometheus series (counters,
 //!   handler durations, group lag and pending).
 //! - [`pruner`]: deleting a group's idle consumers, also on behalf of consumers whose Redis
@@ -32,6 +34,7 @@ pub mod consumer;
 pub mod control;
 pub mod endpoint;
 pub mod error;
+pub mod keyreload;
 pub mod metrics;
 pub mod names;
 pub mod pruner;
@@ -47,6 +50,7 @@ pub use consumer::{Consumer, ConsumerStats, Consumers, Delivery, Handler};
 pub use control::{ControlEvent, ControlListener, Gate, KillState};
 pub use endpoint::RedisEndpoint;
 pub use error::{BusError, HandlerError};
+pub use keyreload::KeysetReloader;
 pub use publisher::Publisher;
 
 /// The current kill epoch as this process knows it; verifiers refuse envelopes issued under

@@ -12,10 +12,10 @@
 //! entries per second.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Instant;
 
-use envelope::{Envelope, Keyring, StreamName};
+use envelope::{Envelope, LiveKeyring, StreamName};
 use redis::aio::MultiplexedConnection;
 
 use crate::BusError;
@@ -29,7 +29,8 @@ pub struct Publisher {
     pool: deadpool_redis::Pool,
     /// The shared connection; replaced after an error.
     conn: Mutex<Option<MultiplexedConnection>>,
-    keyring: Arc<Keyring>,
+    /// Read on every seal, so a reloaded keyset signs from the next message on.
+    keyring: LiveKeyring,
     config: PublisherConfig,
     /// Per stream: when its backlog was last read, and the value.
     backlog: Mutex<HashMap<String, (Instant, u64)>>,
@@ -62,9 +63,15 @@ pub fn traced(env: &Envelope) -> std::borrow::Cow<'_, Envelope> {
 const ATTEMPTS: usize = 4;
 
 impl Publisher {
-    /// A publisher over `pool`, signing with `keyring`.
-    pub fn new(pool: deadpool_redis::Pool, keyring: Arc<Keyring>, config: PublisherConfig) -> Self {
-        Self { pool, conn: Mutex::new(None), keyring, config, backlog: Mutex::new(HashMap::new()) }
+    /// A publisher over `pool`, signing with `keyring` (an `Arc<Keyring>`, or a
+    /// [`LiveKeyring`] to sign with whatever keyring it holds at each publish).
+    pub fn new(pool: deadpool_redis::Pool, keyring: impl Into<LiveKeyring>, config: PublisherConfig) -> Self {
+        Self { pool, conn: Mutex::new(None), keyring: keyring.into(), config, backlog: Mutex::new(HashMap::new()) }
+    }
+
+    /// The keyring this publisher signs with.
+    pub fn keyring(&self) -> &LiveKeyring {
+        &self.keyring
     }
 
     /// Seals and appends one envelope; returns its entry id.

@@ -414,9 +414,42 @@ impl Keyset {
         ))
     }
 
+    /// The generations this keyset holds, for logs and metrics (no key material).
+    pub fn generations(&self) -> Generations {
+        let mut g = Generations::default();
+        for e in &self.entries {
+            let n = e.kid.generation;
+            g.newest = g.newest.max(n);
+            match (&e.secret, e.staged) {
+                (None, _) => g.retired_through = g.retired_through.max(n),
+                (Some(_), false) => g.signing = g.signing.max(n),
+                (Some(_), true) => {}
+            }
+        }
+        g
+    }
+
     /// Builds the in-memory keyring.
     pub fn into_keyring(self) -> Keyring {
         Keyring::from_entries(self.entries)
+    }
+}
+
+/// The generations of a keyset, highest over all its edges (0: none). A keyset derived from
+/// one master has the same three figures on every edge.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Generations {
+    /// The newest generation listed (staged or not).
+    pub newest: u32,
+    /// The newest active, non-staged generation: the one this process signs with.
+    pub signing: u32,
+    /// The newest retired generation.
+    pub retired_through: u32,
+}
+
+impl fmt::Display for Generations {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "signing {}, newest {}, retired through {}", self.signing, self.newest, self.retired_through)
     }
 }
 
@@ -440,10 +473,17 @@ pub struct Keyring {
     keys: HashMap<Box<str>, KeyEntry>,
     /// Per edge, the newest active key: the one [`Keyring::seal`] signs with.
     newest: HashMap<Edge, EdgeKey>,
+    /// Set by [`Keyring::following`]: this keyring holds no keys of its own and uses the
+    /// live keyring's current ones. It lets code that takes a plain `Keyring` (the
+    /// orchestrator's task engine) sign with reloaded keys.
+    pub(crate) follows: Option<crate::live::LiveKeyring>,
 }
 
 impl fmt::Debug for Keyring {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if let Some(live) = &self.follows {
+            return f.debug_tuple("Keyring::following").field(live).finish();
+        }
         let mut kids: Vec<_> = self
             .keys
             .iter()
@@ -455,6 +495,14 @@ impl fmt::Debug for Keyring {
 }
 
 impl Keyring {
+    /// A keyring that always uses `live`'s current keys: [`Keyring::seal`] and
+    /// [`Keyring::signing_kid`] read it on each call, and a [`crate::Verifier`] or
+    /// [`crate::LiveKeyring`] made from it shares `live`'s slot. For code that takes a
+    /// `Keyring` and should still follow reloads.
+    pub fn following(live: &crate::live::LiveKeyring) -> Self {
+        Self { follows: Some(live.clone()), ..Self::default() }
+    }
+
     /// Builds a keyring from keyset entries.
     pub fn from_entries(entries: impl IntoIterator<Item = KeysetEntry>) -> Self {
         let mut ring = Keyring::default();
@@ -465,7 +513,9 @@ impl Keyring {
     }
 
     /// Adds one key (or retired kid). The newest non-staged generation of an edge signs.
+    /// A [`Keyring::following`] keyring stops following: it holds what is inserted.
     pub fn insert(&mut self, entry: KeysetEntry) {
+        self.follows = None;
         let kid = entry.kid;
         let value = match &entry.secret {
             Some(secret) => {
@@ -502,12 +552,17 @@ impl Keyring {
 
     /// The kid this keyring signs `edge` with.
     pub fn signing_kid(&self, edge: Edge) -> Option<Kid> {
+        if let Some(live) = &self.follows {
+            return live.signing_kid(edge);
+        }
         self.newest.get(&edge).map(|k| k.kid)
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     #[test]

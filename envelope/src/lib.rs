@@ -15,12 +15,15 @@
 //! - [`wire`]: the outer frame and the signing input.
 //! - `strict`: holds a decoded body to the MessagePack types the spec names.
 //! - [`keys`]: key ids, the master secret, HKDF derivation, keyset files, [`Keyring`].
+//! - [`live`]: [`LiveKeyring`], the keyring a running process replaces when its keyset
+//!   file changes.
 //! - [`permissions`]: the table from `config/permissions.toml`.
 //! - [`verify`]: [`Keyring::seal`], [`Verifier`] with its ordered checks, [`Verified`], and
 //!   the replay guard.
 
 pub mod body;
 pub mod keys;
+pub mod live;
 pub mod names;
 pub mod permissions;
 mod strict;
@@ -31,7 +34,8 @@ pub use body::{
     CallVerdict, ControlPause, ControlResume, Envelope, Heartbeat, IncidentOpened, Outcome, Payload, Question, Sender,
     Status, TaskAssign, TaskResult, ToolCallRecord, ToolRequest, ToolResponse, Usage,
 };
-pub use keys::{Edge, KeyError, Keyring, Keyset, KeysetEntry, Kid, MasterFile, MasterSecret, Process};
+pub use keys::{Edge, Generations, KeyError, Keyring, Keyset, KeysetEntry, Kid, MasterFile, MasterSecret, Process};
+pub use live::LiveKeyring;
 pub use names::{Instance, MessageType, Role, StreamName, streams};
 pub use permissions::{PermissionError, PermissionTable};
 pub use verify::{

@@ -10,6 +10,7 @@ use uuid::Uuid;
 
 use crate::body::Envelope;
 use crate::keys::{Edge, KeyEntry, KeyError, Keyring, Kid};
+use crate::live::LiveKeyring;
 use crate::names::{MessageType, Role};
 use crate::permissions::PermissionTable;
 use crate::wire::{self, ALG_HS256, SIG_LEN, WIRE_VERSION};
@@ -18,6 +19,9 @@ impl Keyring {
     /// Encodes `env`, signs it with the newest key of its edge (`from.role` > `to`) and
     /// returns the wire bytes (the value of a stream entry's `env` field).
     pub fn seal(&self, env: &Envelope) -> Result<Vec<u8>, KeyError> {
+        if let Some(live) = &self.follows {
+            return live.seal(env);
+        }
         let key = self.signing_key(Edge { from: env.from.role, to: env.to })?;
         let body = env.to_body_bytes();
         let kid = key.kid.to_string();
@@ -298,7 +302,8 @@ impl ReplayGuard for MemoryReplayGuard {
 /// Checks received frames against a keyring and the permission table.
 #[derive(Clone)]
 pub struct Verifier {
-    keyring: Keyring,
+    /// Read once per check, so a replaced keyring applies from the next message on.
+    keyring: LiveKeyring,
     permissions: PermissionTable,
     config: VerifierConfig,
 }
@@ -310,9 +315,15 @@ impl fmt::Debug for Verifier {
 }
 
 impl Verifier {
-    /// A verifier with the given keys, permissions and limits.
-    pub fn new(keyring: Keyring, permissions: PermissionTable, config: VerifierConfig) -> Self {
-        Self { keyring, permissions, config }
+    /// A verifier with the given keys, permissions and limits. Pass a [`LiveKeyring`] (or a
+    /// reference to one) to verify with whatever keyring it holds at each check.
+    pub fn new(keyring: impl Into<LiveKeyring>, permissions: PermissionTable, config: VerifierConfig) -> Self {
+        Self { keyring: keyring.into(), permissions, config }
+    }
+
+    /// The keyring this verifier checks with.
+    pub fn keyring(&self) -> &LiveKeyring {
+        &self.keyring
     }
 
     /// Every check, replay included, against a synchronous guard.
@@ -345,7 +356,8 @@ impl Verifier {
         }
         let env = Envelope::from_body_bytes(frame.body).map_err(decode_err)?;
 
-        let key = match self.keyring.lookup(frame.kid) {
+        let ring = self.keyring.current();
+        let key = match ring.lookup(frame.kid) {
             Some(KeyEntry::Active(k)) => k,
             Some(KeyEntry::Retired) => return Err(VerifyError::RetiredKid(quote(frame.kid))),
             None => return Err(VerifyError::UnknownKid(quote(frame.kid))),

@@ -322,20 +322,33 @@ pub enum KeysCommand {
     /// Without --out the keyset goes to stdout: redirect it into a file only you can read.
     Derive(DeriveArgs),
 
-    /// Add a staged key generation: verifiers accept it, nobody signs with it yet.
+    /// Rotate every edge key without restarts: stage → promote → retire, with the waits.
     ///
-    /// Rewrites the master file atomically (same secret, `current_generation` + 1). A rotation
-    /// has three steps so no message is refused on the way: (1) `rotate`, re-derive and deploy
-    /// every keyset (the new generation is verify-only); (2) `promote`, re-derive and deploy
-    /// again (senders now sign with it; the old generation still verifies); (3) once nothing
-    /// signs with the old generation, `retire --through OLD`, re-derive and deploy.
+    /// One cycle: stage generation n+1 (verify-only) in the master file; write every
+    /// process's keyset to --keysets DIR as <process>.keyset.toml (and run --deploy-hook);
+    /// wait --wait (every process re-reads its keyset file every `keyset_reload_secs`, 5 s by
+    /// default); promote n+1 (senders sign with it); write the keysets; wait --wait + --max-ttl
+    /// + 30 s skew (nothing signed with n is valid any more); retire n; write the keysets.
+    ///
+    /// Resumable: the master file records the step (current, signing and retired
+    /// generations), so after a crash or SIGINT/SIGTERM running the same command again
+    /// continues where the cycle stood, serving that step's wait again in full. With --every
+    /// it keeps rotating, pausing that long between cycles, until SIGINT or SIGTERM.
     Rotate(RotateArgs),
 
-    /// Make the newest (staged) generation the one senders sign with.
+    /// Only the first step of a rotation: add a staged generation to the master file.
     ///
-    /// Run it only after every process has loaded keysets derived after `rotate`: until
+    /// Rewrites the master file atomically (same secret, `current_generation` + 1); verifiers
+    /// accept it once they load re-derived keysets, nobody signs with it yet. `keys rotate`
+    /// runs this, `promote` and `retire` with the waits between them; use the single steps
+    /// only to drive a rotation by hand (re-derive and deploy every keyset after each).
+    Stage(MasterArgs),
+
+    /// Only the second step: make the newest (staged) generation the one senders sign with.
+    ///
+    /// Run it only after every process has loaded keysets derived after `stage`: until
     /// then a receiver may not hold the new generation yet.
-    Promote(RotateArgs),
+    Promote(MasterArgs),
 
     /// Retire generations 1..=N: verifiers then refuse messages signed with them.
     ///
@@ -401,12 +414,54 @@ pub struct DeriveArgs {
     pub force: bool,
 }
 
+/// Arguments of `keys stage` and `keys promote`.
+#[derive(Debug, Args)]
+pub struct MasterArgs {
+    /// The master file (rewritten in place).
+    #[arg(long, value_name = "FILE")]
+    pub master: PathBuf,
+}
+
 /// Arguments of `keys rotate`.
 #[derive(Debug, Args)]
 pub struct RotateArgs {
-    /// The master file to rotate (rewritten in place).
+    /// The master file; rewritten atomically after each step, it records where the cycle is.
     #[arg(long, value_name = "FILE")]
     pub master: PathBuf,
+
+    /// The directory the keysets are written to, as <process>.keyset.toml for orchestrator,
+    /// budget, dev, qa, review, refactor and operator (what the processes' `keyset` setting
+    /// reads, or what --deploy-hook copies from).
+    #[arg(long, value_name = "DIR")]
+    pub keysets: PathBuf,
+
+    /// The permission table the keysets are derived with.
+    #[arg(long, value_name = "FILE", default_value = "config/permissions.toml")]
+    pub permissions: PathBuf,
+
+    /// Between writing the keysets and the next step: longer than every process's
+    /// `keyset_reload_secs` plus the time the files take to reach them (a Kubernetes
+    /// Secret volume: about a minute). At least 1s.
+    #[arg(long, value_name = "DURATION", default_value = "2m", value_parser = crate::rotation::parse_duration)]
+    pub wait: std::time::Duration,
+
+    /// The longest `ttl_ms` of envelopes in flight (the orchestrator's `assign_ttl`, 1h by
+    /// default): before retiring, the cycle waits --wait + this + 30s of clock skew.
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = crate::rotation::parse_duration)]
+    pub max_ttl: std::time::Duration,
+
+    /// A command run with `sh -c` after each write of the keysets, with FLEET_KEYSETS_DIR
+    /// set: it deploys them where the processes read them (docs/keys.md has one that patches
+    /// the Kubernetes Secrets and one for compose). If it fails, the cycle stops before its
+    /// wait; running rotate again resumes.
+    #[arg(long, value_name = "COMMAND")]
+    pub deploy_hook: Option<String>,
+
+    /// Keep rotating: after each cycle, pause this long (units ms, s, m, h: 720h for 30
+    /// days) and start the next, until SIGINT or SIGTERM. At least 60s. Each cycle itself
+    /// takes about 2 x --wait + --max-ttl + 30s.
+    #[arg(long, value_name = "DURATION", value_parser = crate::rotation::parse_duration)]
+    pub every: Option<std::time::Duration>,
 }
 
 /// Arguments of `keys retire`.

@@ -10,10 +10,10 @@ use std::path::Path;
 
 use anyhow::Context;
 use envelope::keys::KEY_LEN;
-use envelope::{KeyError, Keyset, MasterFile, MasterSecret, PermissionTable};
+use envelope::{KeyError, Keyset, MasterFile, MasterSecret, PermissionTable, Process};
 use zeroize::Zeroizing;
 
-use crate::cli::{DeriveArgs, KeysCommand, ListArgs, MasterCommand, MasterNewArgs, RetireArgs, RotateArgs};
+use crate::cli::{DeriveArgs, KeysCommand, ListArgs, MasterArgs, MasterCommand, MasterNewArgs, RetireArgs, RotateArgs};
 use crate::exit::UsageError;
 use crate::files::{self, Existing};
 
@@ -32,7 +32,8 @@ pub fn run(cmd: KeysCommand) -> anyhow::Result<()> {
     match cmd {
         KeysCommand::Master(MasterCommand::New(args)) => master_new(&args, &mut out),
         KeysCommand::Derive(args) => derive(&args, &mut out),
-        KeysCommand::Rotate(args) => rotate(&args, &mut out),
+        KeysCommand::Rotate(args) => rotate_cycle(&args, &mut out),
+        KeysCommand::Stage(args) => stage(&args, &mut out),
         KeysCommand::Promote(args) => promote(&args, &mut out),
         KeysCommand::Retire(args) => retire(&args, &mut out),
         KeysCommand::List(args) => list(&args, &mut out),
@@ -104,7 +105,7 @@ fn derive(args: &DeriveArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     .context("Failed to write to stdout")
 }
 
-fn rotate(args: &RotateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+fn stage(args: &MasterArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let path = &args.master;
     let mut master = load_master(path)?;
     let signing = master.signing_generation;
@@ -115,7 +116,8 @@ fn rotate(args: &RotateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let p = path.display();
     writeln!(
         out,
-        "Rotated '{p}': generation {new} is staged (verify-only); senders still sign with generation {signing}.\n\
+        "Staged generation {new} in '{p}' (verify-only); senders still sign with generation {signing}.\n\
+         (`fleetctl keys rotate --keysets DIR` runs all three steps with their waits.)\n\
          \n\
          Roll it out in three steps, so no message is refused on the way:\n\
          \x20 1. Now: re-derive every keyset and deploy it to every host, for NAME in {PROCESSES}:\n\
@@ -130,14 +132,14 @@ fn rotate(args: &RotateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     .context("Failed to write to stdout")
 }
 
-fn promote(args: &RotateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+fn promote(args: &MasterArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let path = &args.master;
     let mut master = load_master(path)?;
     let old = master.signing_generation;
     if !master.promote() {
         return writeln!(
             out,
-            "Nothing to do: generation {old} of '{}' already signs; run `fleetctl keys rotate` first.",
+            "Nothing to do: generation {old} of '{}' already signs; run `fleetctl keys stage` first.",
             path.display()
         )
         .context("Failed to write to stdout");
@@ -162,7 +164,7 @@ fn retire(args: &RetireArgs, out: &mut dyn Write) -> anyhow::Result<()> {
     let changed = master.retire_through(through).map_err(|err| match err {
         KeyError::RetireCurrent { through, signing } => UsageError::new(format!(
             "cannot retire through generation {through} in master file '{}': senders sign with \
-             generation {signing}, which must stay valid; run `fleetctl keys rotate`, roll the new \
+             generation {signing}, which must stay valid; run `fleetctl keys stage`, roll the new \
              generation out, `fleetctl keys promote`, then retire the old ones",
             path.display()
         )),
@@ -188,6 +190,52 @@ fn retire(args: &RetireArgs, out: &mut dyn Write) -> anyhow::Result<()> {
         master.signing_generation
     )
     .context("Failed to write to stdout")
+}
+
+/// `keys rotate`: one cycle, or one every `--every`, until SIGINT/SIGTERM.
+fn rotate_cycle(args: &RotateArgs, out: &mut dyn Write) -> anyhow::Result<()> {
+    use crate::rotation::{Ended, PROCESSES, Plan};
+    if args.wait < std::time::Duration::from_secs(1) {
+        return Err(UsageError::new(format!(
+            "--wait {:?} is too short: every process must re-read its keyset file (keyset_reload_secs) before \
+             the next step; give at least 1s, well above keyset_reload_secs",
+            args.wait
+        ))
+        .into());
+    }
+    if args.every.is_some_and(|e| e < std::time::Duration::from_secs(60)) {
+        return Err(UsageError::new("--every must be at least 60s: a key rotation is not a heartbeat").into());
+    }
+    if !args.keysets.is_dir() {
+        return Err(UsageError::new(format!(
+            "--keysets '{}' is not a directory; create it (mode 0700) or pass the directory the keyset files live in",
+            args.keysets.display()
+        ))
+        .into());
+    }
+    let plan = Plan {
+        master: args.master.clone(),
+        permissions: args.permissions.clone(),
+        keysets: args.keysets.clone(),
+        processes: PROCESSES.iter().map(|p| Process::parse(p).expect("fleet process names parse")).collect(),
+        wait: args.wait,
+        max_ttl: args.max_ttl,
+        skew: crate::rotation::SKEW,
+        hook: args.deploy_hook.clone(),
+    };
+    crate::db::runtime()?.block_on(async {
+        let stop = tokio_util::sync::CancellationToken::new();
+        crate::rotation::stop_on_signals(stop.clone())?;
+        match args.every {
+            Some(every) => crate::rotation::run_every(&plan, every, out, &stop).await,
+            None => match crate::rotation::run_cycle(&plan, out, &stop).await? {
+                Ended::Interrupted(_) => {
+                    Err(anyhow::anyhow!("interrupted; run `fleetctl keys rotate` again to continue"))
+                }
+                Ended::Rotated { .. } | Ended::Finished { .. } => Ok(()),
+            },
+        }
+    })
 }
 
 fn list(args: &ListArgs, out: &mut dyn Write) -> anyhow::Result<()> {

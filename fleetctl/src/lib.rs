@@ -15,6 +15,7 @@
 //! # Layout
 //! - [`cli`]: the command line (clap derive); its doc comments are the `--help` texts.
 //! - [`keys`]: `fleetctl keys …`.
+//! - [`rotation`]: `fleetctl keys rotate`, the resumable stage → promote → retire cycle.
 //! - [`acl`]: `fleetctl acl …`: the Redis ACL file ([`acl::render`]) and the secrets file
 //!   with the users' passwords ([`acl::Passwords`]).
 //! - [`status`]: `fleetctl status`: kill switch, budget, stream backlog, live workers.
@@ -42,6 +43,7 @@ pub mod exit;
 pub mod files;
 pub mod incident_cmd;
 pub mod keys;
+pub mod rotation;
 pub mod status;
 pub mod tail;
 pub mod tasks_cmd;

@@ -208,9 +208,9 @@ fn rotate_adds_a_generation_and_retire_removes_the_old_secrets() {
     let old_dev = derive(dir.path(), "dev");
     let old_orchestrator = derive(dir.path(), "orchestrator");
 
-    let out = ok(dir.path(), &["keys", "rotate", "--master", "m.toml"]);
+    let out = ok(dir.path(), &["keys", "stage", "--master", "m.toml"]);
     assert!(
-        out.contains("generation 2 is staged")
+        out.contains("Staged generation 2")
             && out.contains("re-derive every keyset")
             && out.contains("fleetctl keys promote")
             && out.contains("--through 1"),
@@ -276,7 +276,7 @@ fn rotate_adds_a_generation_and_retire_removes_the_old_secrets() {
     let current = fleetctl(dir.path(), &["keys", "retire", "--master", "m.toml", "--through", "2"]);
     assert_eq!(current.code, EX_USAGE);
     assert!(
-        current.stderr.contains("senders sign with generation 2") && current.stderr.contains("fleetctl keys rotate"),
+        current.stderr.contains("senders sign with generation 2") && current.stderr.contains("fleetctl keys stage"),
         "{}",
         current.stderr
     );
@@ -285,7 +285,7 @@ fn rotate_adds_a_generation_and_retire_removes_the_old_secrets() {
 #[test]
 fn list_shows_kids_and_their_state_without_secrets() {
     let dir = with_master();
-    ok(dir.path(), &["keys", "rotate", "--master", "m.toml"]);
+    ok(dir.path(), &["keys", "stage", "--master", "m.toml"]);
     ok(dir.path(), &["keys", "promote", "--master", "m.toml"]);
     ok(dir.path(), &["keys", "retire", "--master", "m.toml", "--through", "1"]);
     ok(
@@ -330,7 +330,7 @@ fn list_shows_kids_and_their_state_without_secrets() {
 #[test]
 fn no_message_contains_a_secret() {
     let dir = with_master();
-    let rotate = fleetctl(dir.path(), &["keys", "rotate", "--master", "m.toml"]);
+    let rotate = fleetctl(dir.path(), &["keys", "stage", "--master", "m.toml"]);
     let secrets = all_secrets(dir.path());
     let perms = permissions_file();
     let runs = [
@@ -386,7 +386,7 @@ fn a_missing_master_file_is_a_usage_error_naming_it() {
     let dir = tempfile::tempdir().unwrap();
     for args in [
         &["keys", "derive", "--master", "absent.toml", "--process", "dev"][..],
-        &["keys", "rotate", "--master", "absent.toml"],
+        &["keys", "stage", "--master", "absent.toml"],
         &["keys", "retire", "--master", "absent.toml", "--through", "1"],
     ] {
         let out = fleetctl(dir.path(), args);
@@ -411,7 +411,7 @@ fn invalid_input_files_are_usage_errors() {
             &["keys", "derive", "--master", "bad.toml", "--process", "dev", "--permissions", &perms],
             "invalid master file 'bad.toml'",
         ),
-        (&["keys", "rotate", "--master", "bad.toml"], "invalid master file 'bad.toml'"),
+        (&["keys", "stage", "--master", "bad.toml"], "invalid master file 'bad.toml'"),
         (&["keys", "list", "--keyset", "m.toml"], "invalid keyset file 'm.toml'"),
         (&["keys", "list", "--keyset", "absent.toml"], "cannot read keyset file 'absent.toml'"),
         (

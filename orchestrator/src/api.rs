@@ -161,6 +161,11 @@ impl ApiState {
     pub fn bus_metrics(&self) -> bus::metrics::BusMetrics {
         self.metrics.bus()
     }
+
+    /// The keyset series served at `/metrics`, for the process's keyset reloader.
+    pub fn keyset_metrics(&self) -> bus::keyreload::KeysetMetrics {
+        self.metrics.keyset()
+    }
 }
 
 /// The whole API. Layers, outermost first: tracing (method and path only, never

@@ -47,6 +47,10 @@ struct FileConfig {
     redis_ca_file: Option<PathBuf>,
     /// The orchestrator's keyset (`fleetctl keys derive --process orchestrator`).
     keyset: PathBuf,
+    /// Seconds between two reads of the keyset file; a changed file is put in force without
+    /// a restart (SIGHUP reads it at once). Keep it well under `fleetctl keys rotate --wait`.
+    #[serde(default = "default_keyset_reload")]
+    keyset_reload_secs: u64,
     /// The permission table.
     #[serde(default = "default_permissions")]
     permissions: PathBuf,
@@ -222,6 +226,9 @@ fn default_burst() -> u32 {
 fn default_rate() -> f64 {
     1.0
 }
+fn default_keyset_reload() -> u64 {
+    bus::keyreload::DEFAULT_INTERVAL.as_secs()
+}
 fn default_grace() -> u64 {
     10
 }
@@ -243,6 +250,8 @@ pub struct Config {
     database_url: SecretString,
     redis: bus::RedisEndpoint,
     keyset: Keyset,
+    /// The keyset file and how often it is re-read.
+    keyset_reload: (PathBuf, Duration),
     permissions: PermissionTable,
     audit_key: AuditKey,
     api: ApiConfig,
@@ -264,6 +273,16 @@ impl std::fmt::Debug for Config {
 
 /// Settings that are secrets: also read from `FLEET_<KEY>_FILE`.
 pub const SECRETS: &[&str] = &["database_url", "redis_url", "tools.provider.api_key"];
+
+/// `keyset_reload_secs` as a duration: 1 s to 1 h.
+fn reload_interval(secs: u64) -> Result<Duration, ConfigError> {
+    if !(1..=3600).contains(&secs) {
+        return Err(ConfigError(format!(
+            "setting `keyset_reload_secs` is {secs}: it must be 1 to 3600 (seconds between reads of the keyset file)"
+        )));
+    }
+    Ok(Duration::from_secs(secs))
+}
 
 fn read(path: &Path, what: &str, fix: &str) -> Result<String, ConfigError> {
     std::fs::read_to_string(path)
@@ -365,6 +384,7 @@ impl Config {
             database_url,
             redis,
             keyset,
+            keyset_reload: (file.keyset.clone(), reload_interval(file.keyset_reload_secs)?),
             permissions,
             audit_key,
             api,
@@ -382,6 +402,8 @@ pub struct App {
     engine: Engine,
     redis: deadpool_redis::Pool,
     verifier: Arc<Verifier>,
+    /// Puts a changed keyset file into the verifier's keyring.
+    reloader: Option<bus::KeysetReloader>,
     listener: tokio::net::TcpListener,
     router: axum::Router,
     /// The consumers' series, served by the API's `/metrics`.
@@ -411,8 +433,18 @@ impl App {
                 .context("Failed to create this and next month's audit partitions")?;
         }
         let redis = bus::pool(&cfg.redis, 16, Duration::from_secs(2)).context("Failed to set up the Redis pool")?;
-        let keyring = Arc::new(cfg.keyset.into_keyring());
-        let verifier = Arc::new(Verifier::new((*keyring).clone(), cfg.permissions, VerifierConfig::default()));
+        // The verifier and the engine's outbox follow the keyset file (docs/keys.md,
+        // Rotation): the engine takes a plain `Keyring`, so it gets one that follows `live`.
+        let live = envelope::LiveKeyring::new(cfg.keyset.into_keyring());
+        let keyring = Arc::new(envelope::Keyring::following(&live));
+        let (keyset_path, reload_every) = cfg.keyset_reload;
+        let reloader = bus::KeysetReloader::new(
+            keyset_path,
+            envelope::Process::Role(Role::Orchestrator),
+            live.clone(),
+            reload_every,
+        );
+        let verifier = Arc::new(Verifier::new(live, cfg.permissions, VerifierConfig::default()));
         let mut engine = Engine::new(pool, keyring, cfg.audit_key, cfg.engine);
         let mut proxy = None;
         if let Some(t) = cfg.tools {
@@ -456,6 +488,7 @@ impl App {
         }
         let state = ApiState::new(engine.clone(), redis.clone(), &cfg.api).context("Invalid API configuration")?;
         let bus_metrics = state.bus_metrics();
+        let reloader = reloader.with_metrics(state.keyset_metrics());
         let listener = tokio::net::TcpListener::bind(cfg.api.listen)
             .await
             .with_context(|| format!("Failed to listen on {}", cfg.api.listen))?;
@@ -463,6 +496,7 @@ impl App {
             engine,
             redis,
             verifier,
+            reloader: Some(reloader),
             listener,
             router: api::router(state),
             bus_metrics,
@@ -512,6 +546,9 @@ impl App {
             &shutdown,
         )?;
         tasks.spawn(tick_loop(self.engine.clone(), self.tick, shutdown.clone()));
+        if let Some(reloader) = self.reloader.take() {
+            tasks.spawn(reloader.run(shutdown.clone()));
+        }
         tasks.spawn(crate::sentinel::watch(self.engine.clone(), self.redis.clone(), SENTINEL_EVERY, shutdown.clone()));
         // Workers may not run XGROUP DELCONSUMER (it would let one drop a peer's task):
         // the orchestrator prunes their groups' idle consumers for them.

@@ -25,6 +25,7 @@ use clap::Parser;
         "  redis_url             redis://… or rediss://… (secret) [required]\n",
         "  redis_ca_file         PEM CA of the Redis server's certificate (rediss:// only) [system roots]\n",
         "  keyset                fleetctl keys derive --process orchestrator [required]\n",
+        "  keyset_reload_secs    re-read the keyset file this often; SIGHUP: at once [5]\n",
         "  permissions           [config/permissions.toml]\n",
         "  audit_key_file        fleetctl audit key new [required]\n",
         "  jwt_secret_file       fleetctl token secret new [required]\n",

@@ -20,6 +20,7 @@ use crate::config::WorkerConfig;
         "  redis_url            redis://… or rediss://… (secret) [required]\n",
         "  redis_ca_file        PEM CA of Redis's certificate (rediss:// only) [system roots]\n",
         "  keyset               this role's keyset file (fleetctl keys derive --process <role>) [required]\n",
+        "  keyset_reload_secs   re-read the keyset file this often; SIGHUP: at once [5]\n",
         "  permissions          the permission table [config/permissions.toml]\n",
         "  instance             consumer name, stable per process slot [<role>-<host_name>-<slot>]\n",
         "  host_name            host part of the default instance name [the kernel's hostname];\n",

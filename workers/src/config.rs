@@ -48,6 +48,10 @@ struct FileConfig {
     redis_ca_file: Option<PathBuf>,
     /// This role's keyset (`fleetctl keys derive --process <role>`).
     keyset: PathBuf,
+    /// Seconds between two reads of the keyset file; a changed file is put in force without
+    /// a restart (SIGHUP reads it at once). Keep it well under `fleetctl keys rotate --wait`.
+    #[serde(default = "default_keyset_reload")]
+    keyset_reload_secs: u64,
     /// The permission table every verifier checks against.
     #[serde(default = "default_permissions")]
     permissions: PathBuf,
@@ -130,6 +134,9 @@ fn default_git_timeout() -> u64 {
 fn default_git_output_cap() -> usize {
     crate::workspace::DEFAULT_GIT_OUTPUT_CAP
 }
+fn default_keyset_reload() -> u64 {
+    bus::keyreload::DEFAULT_INTERVAL.as_secs()
+}
 fn default_grace() -> u64 {
     10
 }
@@ -149,6 +156,10 @@ pub struct WorkerConfig {
     pub redis: bus::RedisEndpoint,
     /// The role's keyset.
     pub keyset: Keyset,
+    /// The keyset file (resolved), re-read every `keyset_reload`.
+    pub keyset_path: PathBuf,
+    /// Time between reads of the keyset file.
+    pub keyset_reload: Duration,
     /// The permission table.
     pub permissions: PermissionTable,
     /// Absolute root of all workspaces.
@@ -328,6 +339,7 @@ impl WorkerConfig {
         };
         for (name, v) in [
             ("heartbeat_secs", file.heartbeat_secs),
+            ("keyset_reload_secs", file.keyset_reload_secs),
             ("tool_timeout_secs", file.tool_timeout_secs),
             ("git_timeout_secs", file.git_timeout_secs),
             ("git_output_cap_bytes", file.git_output_cap_bytes as u64),
@@ -349,6 +361,8 @@ impl WorkerConfig {
             instance,
             redis,
             keyset,
+            keyset_path,
+            keyset_reload: Duration::from_secs(file.keyset_reload_secs),
             permissions,
             workspace_root: file.workspace_root,
             heartbeat_every: Duration::from_secs(file.heartbeat_secs),

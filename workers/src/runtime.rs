@@ -68,9 +68,15 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Resu
         return Ok(());
     }
 
-    let keyring = Arc::new(cfg.keyset.into_keyring());
-    let verifier = Arc::new(Verifier::new((*keyring).clone(), cfg.permissions, VerifierConfig::default()));
-    let publisher = Arc::new(Publisher::new(pool.clone(), keyring, PublisherConfig::default()));
+    // One keyring for the verifier and the publisher, replaced when the keyset file changes
+    // (docs/keys.md, Rotation).
+    let live = envelope::LiveKeyring::new(cfg.keyset.into_keyring());
+    let keyset_metrics = bus::keyreload::KeysetMetrics::default();
+    let reloader =
+        bus::KeysetReloader::new(&cfg.keyset_path, envelope::Process::Role(role), live.clone(), cfg.keyset_reload)
+            .with_metrics(keyset_metrics.clone());
+    let verifier = Arc::new(Verifier::new(&live, cfg.permissions, VerifierConfig::default()));
+    let publisher = Arc::new(Publisher::new(pool.clone(), live, PublisherConfig::default()));
     let epoch = KillEpoch::new(0);
     let gate = Gate::new(false);
 
@@ -84,6 +90,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Resu
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(listener.run(shutdown.clone()));
+    tasks.spawn(reloader.run(shutdown.clone()));
     {
         let sandbox = sandbox.clone();
         let instance = instance.clone();
@@ -158,7 +165,8 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Resu
         .with_gate(gate.clone());
     let bus_metrics = bus::metrics::BusMetrics::new();
     bus_metrics.watch(&stream, &group, consumer.stats());
-    let registry = crate::metrics::registry(&metrics, &bus_metrics, epoch, gate);
+    let mut registry = crate::metrics::registry(&metrics, &bus_metrics, epoch, gate);
+    keyset_metrics.register(&mut registry);
     let refresh = telemetry::metrics::refresh(move || {
         let (pool, bus_metrics) = (pool.clone(), bus_metrics.clone());
         async move {

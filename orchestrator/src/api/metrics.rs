@@ -38,6 +38,8 @@ pub struct Metrics {
     db_up: Gauge,
     /// The consumers' series; `App` hands it to `bus::Consumers`.
     bus: BusMetrics,
+    /// The keyset reloader's series; `App` hands it to `bus::KeysetReloader`.
+    keyset: bus::keyreload::KeysetMetrics,
     /// Where the consumer groups' lag is read.
     redis: deadpool_redis::Pool,
 }
@@ -74,7 +76,14 @@ impl Metrics {
         registry.register("fleet_db_up", "1 when the database answered this scrape.", db_up.clone());
         let bus = BusMetrics::new();
         bus.register(&mut registry);
-        Self { registry, requests, tasks, kill_epoch, halted, backlog, oldest, db_up, bus, redis }
+        let keyset = bus::keyreload::KeysetMetrics::default();
+        keyset.register(&mut registry);
+        Self { registry, requests, tasks, kill_epoch, halted, backlog, oldest, db_up, bus, keyset, redis }
+    }
+
+    /// The keyset reloader's series, for `bus::KeysetReloader::with_metrics`.
+    pub fn keyset(&self) -> bus::keyreload::KeysetMetrics {
+        self.keyset.clone()
     }
 
     /// The consumers' series, for `bus::Consumers::with_metrics`.
