@@ -122,6 +122,7 @@ fn result(n: u64) -> Envelope {
         log: None,
         change_sha256: None,
         calls: Vec::new(),
+        containment: Vec::new(),
     };
     let role = if n.is_multiple_of(2) { Role::Dev } else { Role::Qa };
     let from = Sender { role, instance: Instance::parse(&format!("{role}-1")).unwrap() };
