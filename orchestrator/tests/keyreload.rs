@@ -65,6 +65,7 @@ async fn answer(pool: &PgPool, redis_url: &str, id: Uuid, role: Role, rotations:
             log: None,
             change_sha256: None,
             calls: Vec::new(),
+            containment: Vec::new(),
         }
         .into(),
     );

@@ -79,6 +79,7 @@ pub fn seed_envelopes() -> Vec<(&'static str, Envelope)> {
                 log: None,
                 change_sha256: None,
                 calls: Vec::new(),
+                containment: Vec::new(),
             }),
         );
         env.id = id(1);
