@@ -111,6 +111,29 @@ impl Fleet {
         }
     }
 
+    /// `audit anchor --every EVERY` into `file:anchors.jsonl`, running.
+    fn anchor_loop(&self, every: &str) -> std::process::Child {
+        Command::new(env!("CARGO_BIN_EXE_fleetctl"))
+            .args(["audit", "anchor", "--every", every, "--database-url", &self.url])
+            .args(["--sink", "file:anchors.jsonl", "--key", "anchor.key"])
+            .current_dir(self.dir.path())
+            .env_remove("FLEET_DATABASE_URL")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    }
+
+    /// Waits until `anchors.jsonl` holds `n` anchors (30 s at most).
+    fn wait_for_anchors(&self, n: usize) {
+        let path = self.path("anchors.jsonl");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while fs::read_to_string(&path).map_or(0, |t| t.lines().count()) < n {
+            assert!(Instant::now() < deadline, "no anchor {n} within 30 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     fn anchor(&self, sink: &str) -> Output {
         fleetctl(
             self.dir.path(),
@@ -495,23 +518,8 @@ async fn the_sinks_refuse_to_rewrite_and_the_git_sink_round_trips() {
 async fn the_loop_anchors_at_its_interval_and_stops_on_sigterm() {
     let f = Fleet::start().await;
     f.append(2).await;
-    let child = Command::new(env!("CARGO_BIN_EXE_fleetctl"))
-        .args(["audit", "anchor", "--every", "1s", "--database-url", &f.url])
-        .args(["--sink", "file:anchors.jsonl", "--key", "anchor.key"])
-        .current_dir(f.dir.path())
-        .env_remove("FLEET_DATABASE_URL")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let path = f.path("anchors.jsonl");
-    let wait_for = |n: usize| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while fs::read_to_string(&path).map_or(0, |t| t.lines().count()) < n {
-            assert!(Instant::now() < deadline, "no anchor {n} within 30 s");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
+    let child = f.anchor_loop("1s");
+    let wait_for = |n: usize| f.wait_for_anchors(n);
     wait_for(1);
     f.append(1).await;
     wait_for(2);
@@ -525,7 +533,7 @@ async fn the_loop_anchors_at_its_interval_and_stops_on_sigterm() {
         "anchored seq 2 as anchor 1 (rows 1..=2) in file:anchors.jsonl\n\
          anchored seq 3 as anchor 2 (rows 3..=3) in file:anchors.jsonl\nstopped\n"
     );
-    assert_eq!(lines(&path).len(), 2);
+    assert_eq!(lines(&f.path("anchors.jsonl")).len(), 2);
 }
 
 /// Issue 14: the head is anchored at every incident, not only at the interval: a loop
@@ -534,23 +542,8 @@ async fn the_loop_anchors_at_its_interval_and_stops_on_sigterm() {
 async fn an_incident_is_anchored_at_once_by_a_loop_on_a_long_interval() {
     let f = Fleet::start().await;
     f.append(2).await;
-    let child = Command::new(env!("CARGO_BIN_EXE_fleetctl"))
-        .args(["audit", "anchor", "--every", "1h", "--database-url", &f.url])
-        .args(["--sink", "file:anchors.jsonl", "--key", "anchor.key"])
-        .current_dir(f.dir.path())
-        .env_remove("FLEET_DATABASE_URL")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let path = f.path("anchors.jsonl");
-    let wait_for = |n: usize| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while fs::read_to_string(&path).map_or(0, |t| t.lines().count()) < n {
-            assert!(Instant::now() < deadline, "no anchor {n} within 30 s");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    };
+    let child = f.anchor_loop("1h");
+    let wait_for = |n: usize| f.wait_for_anchors(n);
     wait_for(1);
     // The listener is made after the first anchor; give it a moment, as an orchestrator
     // would take to notice anything.

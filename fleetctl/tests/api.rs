@@ -75,18 +75,40 @@ fn engine(pool: PgPool) -> Engine {
     )
 }
 
+/// The API on 127.0.0.1:0 over a migrated database of its own.
+struct Served {
+    pg: fleet_testkit::Postgres,
+    _redis: fleet_testkit::RedisServer,
+    /// The database's URL as created (no password).
+    plain: String,
+    pool: PgPool,
+    url: String,
+    shutdown: CancellationToken,
+    server: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Served {
+    async fn start() -> Self {
+        let pg = fleet_testkit::Postgres::start().expect("postgres must be installed; tests never skip");
+        let redis = fleet_testkit::RedisServer::start().expect("redis-server must be installed; tests never skip");
+        let plain = pg.create_database().unwrap();
+        let pool = PgPool::connect(&plain).await.unwrap();
+        orchestrator::db::migrate(&pool).await.unwrap();
+        let redis_pool = bus::pool(&SecretString::from(redis.url()), 4, Duration::from_secs(1)).unwrap();
+        let state =
+            ApiState::new(engine(pool.clone()), redis_pool, &ApiConfig::new(SecretString::from(SECRET))).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let shutdown = CancellationToken::new();
+        let server = tokio::spawn(api::serve(listener, api::router(state), shutdown.clone()));
+        Self { pg, _redis: redis, plain, pool, url, shutdown, server }
+    }
+}
+
 #[tokio::test]
 async fn tokens_tasks_and_the_kill_switch_through_the_binary() {
-    let pg = fleet_testkit::Postgres::start().expect("postgres must be installed; tests never skip");
-    let redis = fleet_testkit::RedisServer::start().expect("redis-server must be installed; tests never skip");
-    let pool = PgPool::connect(&pg.create_database().unwrap()).await.unwrap();
-    orchestrator::db::migrate(&pool).await.unwrap();
-    let redis_pool = bus::pool(&SecretString::from(redis.url()), 4, Duration::from_secs(1)).unwrap();
-    let state = ApiState::new(engine(pool.clone()), redis_pool, &ApiConfig::new(SecretString::from(SECRET))).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let shutdown = CancellationToken::new();
-    let server = tokio::spawn(api::serve(listener, api::router(state), shutdown.clone()));
+    // Every field bound (a `..` would drop the servers at once).
+    let Served { pg: _pg, _redis, plain: _plain, pool, url, shutdown, server } = Served::start().await;
 
     let tmp = TempDir::new().unwrap();
     let dir = tmp.path();
@@ -230,17 +252,7 @@ async fn tokens_tasks_and_the_kill_switch_through_the_binary() {
 /// viewer reads, only an admin resolves; the operator's mistakes exit 64.
 #[tokio::test]
 async fn incidents_through_the_binary() {
-    let pg = fleet_testkit::Postgres::start().expect("postgres must be installed; tests never skip");
-    let redis = fleet_testkit::RedisServer::start().expect("redis-server must be installed; tests never skip");
-    let plain = pg.create_database().unwrap();
-    let pool = PgPool::connect(&plain).await.unwrap();
-    orchestrator::db::migrate(&pool).await.unwrap();
-    let redis_pool = bus::pool(&SecretString::from(redis.url()), 4, Duration::from_secs(1)).unwrap();
-    let state = ApiState::new(engine(pool.clone()), redis_pool, &ApiConfig::new(SecretString::from(SECRET))).unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    let shutdown = CancellationToken::new();
-    let server = tokio::spawn(api::serve(listener, api::router(state), shutdown.clone()));
+    let Served { pg, _redis, plain, pool, url, shutdown, server } = Served::start().await;
     let tmp = TempDir::new().unwrap();
     let dir = tmp.path();
     let api = url.as_str();

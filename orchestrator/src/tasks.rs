@@ -460,6 +460,26 @@ impl Engine {
         }
         let id = Uuid::now_v7();
         tracing::Span::current().record("task_id", tracing::field::display(id));
+        self.insert_task(&mut tx, id, by, &new, 0, "submitted").await?;
+        let task = lock_task(&mut tx, id).await?;
+        let change = Change::new(Event::Start, "submitted", json!({}), by);
+        self.apply(&mut tx, &task, change).await?;
+        let task = lock_task(&mut tx, id).await?;
+        tx.commit().await?;
+        Ok(task)
+    }
+
+    /// Stores a new task `id` as `submitted` with its first event and its `task.submit`
+    /// audit row, in `tx` (`priority` 1: an incident's fix task, issued before the others).
+    async fn insert_task(
+        &self,
+        tx: &mut PgConnection,
+        id: Uuid,
+        by: &Actor,
+        new: &NewTask,
+        priority: i16,
+        cause: &str,
+    ) -> Result<(), EngineError> {
         let spec = json!({
             "instructions": new.instructions,
             "repository": new.repository,
@@ -467,7 +487,8 @@ impl Engine {
             "scope": new.scope,
         });
         sqlx::query(
-            "INSERT INTO tasks (id, state, title, spec, risk, submitted_by, traceparent) VALUES ($1, 'submitted', $2, $3, $4, $5, $6)",
+            "INSERT INTO tasks (id, state, title, spec, risk, submitted_by, traceparent, priority) \
+             VALUES ($1, 'submitted', $2, $3, $4, $5, $6, $7)",
         )
         .bind(id)
         .bind(&new.title)
@@ -475,27 +496,21 @@ impl Engine {
         .bind(new.risk.as_str())
         .bind(&by.instance)
         .bind(telemetry::propagate::current())
+        .bind(priority)
         .execute(&mut *tx)
         .await?;
-        sqlx::query(
-            "INSERT INTO task_events (task_id, to_state, cause, detail) VALUES ($1, 'submitted', 'submitted', $2)",
-        )
-        .bind(id)
-        .bind(json!({"by": by.instance}))
-        .execute(&mut *tx)
-        .await?;
-        audit::append(
-            &mut tx,
-            &self.audit_key,
-            by.entry("task.submit", Some(id), json!({"title": new.title, "risk": new.risk.as_str()})),
-        )
-        .await?;
-        let task = lock_task(&mut tx, id).await?;
-        let change = Change::new(Event::Start, "submitted", json!({}), by);
-        self.apply(&mut tx, &task, change).await?;
-        let task = lock_task(&mut tx, id).await?;
-        tx.commit().await?;
-        Ok(task)
+        sqlx::query("INSERT INTO task_events (task_id, to_state, cause, detail) VALUES ($1, 'submitted', $2, $3)")
+            .bind(id)
+            .bind(cause)
+            .bind(json!({"by": by.instance}))
+            .execute(&mut *tx)
+            .await?;
+        let mut details = json!({"title": new.title, "risk": new.risk.as_str()});
+        if priority > 0 {
+            details["priority"] = json!("critical");
+        }
+        audit::append(&mut *tx, &self.audit_key, by.entry("task.submit", Some(id), details)).await?;
+        Ok(())
     }
 
     /// The W3C trace context of `id`'s root span, when the task was submitted with tracing on.

@@ -472,31 +472,7 @@ impl Engine {
             return Err(EngineError::Halted);
         }
         let id = Uuid::now_v7();
-        let spec = json!({
-            "instructions": new.instructions,
-            "repository": new.repository,
-            "test_command": new.test_command,
-            "scope": new.scope,
-        });
-        sqlx::query(
-            "INSERT INTO tasks (id, state, title, spec, risk, submitted_by, priority) VALUES ($1, 'submitted', $2, $3, $4, $5, 1)",
-        )
-        .bind(id)
-        .bind(&new.title)
-        .bind(&spec)
-        .bind(new.risk.as_str())
-        .bind(&by.instance)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query(
-            "INSERT INTO task_events (task_id, to_state, cause, detail) VALUES ($1, 'submitted', 'incident fix', $2)",
-        )
-        .bind(id)
-        .bind(json!({"by": by.instance}))
-        .execute(&mut *tx)
-        .await?;
-        let details = json!({"title": new.title, "risk": new.risk.as_str(), "priority": "critical"});
-        audit::append(&mut *tx, &self.audit_key, by.entry("task.submit", Some(id), details)).await?;
+        self.insert_task(tx, id, by, &new, 1, "incident fix").await?;
         let task = lock_task(tx, id).await?;
         self.apply(tx, &task, Change::new(Event::StartFix, "incident fix", json!({}), by)).await?;
         Ok(id)
