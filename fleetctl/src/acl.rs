@@ -33,7 +33,7 @@ use std::fmt;
 use envelope::{PermissionTable, Role, StreamName, streams};
 
 pub use command::run;
-pub use passwords::{MIN_PASSWORD_LEN, Password, Passwords, PasswordsError};
+pub use passwords::{MIN_PASSWORD_LEN, Password, Passwords, PasswordsError, instance_user};
 
 /// Commands every user may run, on no key: what the `redis` crate and deadpool-redis send
 /// when they connect and recycle (`AUTH` or `HELLO`, `CLIENT SETNAME`, `PING`; deadpool-redis
@@ -535,7 +535,34 @@ pub fn render(table: &PermissionTable, passwords: &Passwords) -> String {
         }
         out.push('\n');
     }
+    for (role, instance, password) in passwords.instances() {
+        let name = passwords::instance_user(*role, instance);
+        out.push_str(&format!("user {name} reset on #{} resetchannels -@all", password.redis_hash()));
+        for command in CONNECTION_COMMANDS {
+            out.push_str(&format!(" +{command}"));
+        }
+        for selector in instance_grants(table, *role, instance) {
+            out.push_str(&format!(" {selector}"));
+        }
+        out.push('\n');
+    }
     out
+}
+
+/// The grants of a worker instance with a user of its own: its role's, except that of the
+/// role's tool response streams it reads only its own.
+pub fn instance_grants(table: &PermissionTable, role: Role, instance: &envelope::Instance) -> Vec<Selector> {
+    let all = format!("fleet:tool:responses:{role}:*");
+    let own = StreamName::tool_responses(role, instance).as_str().to_owned();
+    role_grants(table, role)
+        .into_iter()
+        .map(|mut s| {
+            if s.keys.remove(&all) {
+                s.keys.insert(own.clone());
+            }
+            s
+        })
+        .collect()
 }
 
 #[cfg(test)]

@@ -221,6 +221,16 @@ pub enum Command {
     /// automatic merges until an admin resolves it (docs/incident-response.md).
     #[command(subcommand)]
     Incident(crate::incident_cmd::IncidentCommand),
+
+    /// Cut a worker that may be compromised off the fleet: its Redis user is disabled live
+    /// (its next XADD is NOPERM), its pending tasks go back to its group for healthy
+    /// workers, with --master/--keysets every edge is rotated so its old key is retired,
+    /// and a critical incident freezes every automatic merge.
+    ///
+    /// Needs Redis as the admin user (FLEET_REDIS_URL) and an operator token (FLEET_TOKEN).
+    /// One instance (ROLE/INSTANCE) only if it connects as a Redis user of its own
+    /// (`[instances]` in the ACL secrets file); otherwise quarantine the role.
+    Quarantine(crate::quarantine::QuarantineArgs),
 }
 
 /// `fleetctl acl …`

@@ -43,6 +43,7 @@ pub mod exit;
 pub mod files;
 pub mod incident_cmd;
 pub mod keys;
+pub mod quarantine;
 pub mod rotation;
 pub mod status;
 pub mod tail;
@@ -75,6 +76,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         cli::Command::Resume(args) => tasks_cmd::resume(args),
         cli::Command::Audit(cmd) => audit::run(cmd),
         cli::Command::Incident(cmd) => incident_cmd::run(cmd),
+        cli::Command::Quarantine(args) => quarantine::run(args),
         cli::Command::Db(cmd) => db::run(cmd),
     }
 }

@@ -147,7 +147,7 @@ async fn bad_incident_requests_say_what_is_wrong() {
         (
             json!({"severity": "high", "title": "x", "trigger": "budget_kill"}),
             StatusCode::UNPROCESSABLE_ENTITY,
-            "cannot be reported through the API; use one of operator, audit_verify",
+            "cannot be reported through the API; use one of operator, audit_verify, quarantine",
         ),
         (
             json!({"severity": "high", "title": "x", "fix": {"instructions": "fix"}}),

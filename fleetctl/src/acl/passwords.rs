@@ -15,6 +15,8 @@ use std::fmt;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
+use envelope::{Instance, Role};
+
 use super::User;
 
 /// Random bytes behind each generated password (64 hex digits).
@@ -45,11 +47,20 @@ impl fmt::Debug for Password {
     }
 }
 
-/// A password for every [`User`], no more, no less.
+/// A password for every [`User`], no more, no less; and, optionally, one per worker
+/// instance that connects as a user of its own (`[instances]`, `"dev/dev-2" = "…"`), so that
+/// `fleetctl quarantine dev/dev-2` can cut off that instance and no other.
 #[derive(Debug)]
 pub struct Passwords {
     /// Indexed like [`User::ALL`]; complete by construction.
     by_user: Vec<Password>,
+    /// Worker instances with a user of their own ([`instance_user`]), sorted.
+    instances: Vec<(Role, Instance, Password)>,
+}
+
+/// The Redis user of a worker instance that has its own: `dev.dev-2`.
+pub fn instance_user(role: Role, instance: &Instance) -> String {
+    format!("{role}.{instance}")
 }
 
 /// A secrets file that can't be used. Messages name users and lines, never passwords.
@@ -58,6 +69,14 @@ pub enum PasswordsError {
     /// Not TOML at all.
     #[error("not valid TOML (line {line}): {message}")]
     Syntax { line: usize, message: String },
+    /// A name under `[instances]` that is not `<worker role>/<instance>`.
+    #[error(
+        "bad name {name:?} under [instances]: write \"<role>/<instance>\" with a worker role (dev, qa, review, refactor) and an instance name of letters, digits, '.', '_' or '-'"
+    )]
+    BadInstance { name: String },
+    /// An instance's password that is not a string or too short.
+    #[error("the password of instance {name} must be a string of at least {MIN_PASSWORD_LEN} bytes")]
+    BadInstancePassword { name: String },
     /// A top-level key other than `[passwords]`, or `passwords` that is not a table.
     #[error("{0}")]
     Layout(String),
@@ -88,11 +107,16 @@ impl Passwords {
             line: err.span().map_or(1, |span| 1 + text[..span.start].matches('\n').count()),
             message: err.message().to_owned(),
         })?;
-        if let Some(other) = table.keys().find(|key| *key != "passwords") {
+        if let Some(other) = table.keys().find(|key| *key != "passwords" && *key != "instances") {
             return Err(PasswordsError::Layout(format!(
-                "unexpected key {other:?}: the file holds only a [passwords] table"
+                "unexpected key {other:?}: the file holds a [passwords] table and, optionally, [instances]"
             )));
         }
+        let instances = match table.remove("instances") {
+            None => Vec::new(),
+            Some(toml::Value::Table(entries)) => parse_instances(entries)?,
+            Some(_) => return Err(PasswordsError::Layout("`instances` must be a table".to_owned())),
+        };
         let Some(toml::Value::Table(entries)) = table.remove("passwords") else {
             return Err(PasswordsError::Layout(
                 "there is no [passwords] table; write one with `fleetctl acl secrets new`".to_owned(),
@@ -115,7 +139,12 @@ impl Passwords {
         if !missing.is_empty() {
             return Err(PasswordsError::Missing(missing));
         }
-        Ok(Self { by_user: found.into_iter().flatten().collect() })
+        Ok(Self { by_user: found.into_iter().flatten().collect(), instances })
+    }
+
+    /// The worker instances with a user of their own, with their passwords.
+    pub fn instances(&self) -> &[(Role, Instance, Password)] {
+        &self.instances
     }
 
     /// Fresh passwords from the operating system's random number generator: 32 bytes each,
@@ -127,7 +156,7 @@ impl Passwords {
             getrandom::fill(bytes.as_mut())?;
             by_user.push(Password(Zeroizing::new(hex::encode(bytes.as_ref()))));
         }
-        Ok(Self { by_user })
+        Ok(Self { by_user, instances: Vec::new() })
     }
 
     /// The password of `user`.
@@ -149,8 +178,37 @@ impl Passwords {
             let value = toml::Value::String(self.get(user).expose().to_owned());
             text.push_str(&format!("{user} = {value}\n"));
         }
+        if !self.instances.is_empty() {
+            text.push_str("\n# Worker instances with a Redis user of their own (`<role>.<instance>`).\n[instances]\n");
+            for (role, instance, password) in &self.instances {
+                let value = toml::Value::String(password.expose().to_owned());
+                text.push_str(&format!("\"{role}/{instance}\" = {value}\n"));
+            }
+        }
         text
     }
+}
+
+fn parse_instances(entries: toml::Table) -> Result<Vec<(Role, Instance, Password)>, PasswordsError> {
+    let mut out = Vec::with_capacity(entries.len());
+    for (name, value) in entries {
+        let bad = || PasswordsError::BadInstance { name: name.chars().take(80).collect() };
+        let (role, instance) = name.split_once('/').ok_or_else(bad)?;
+        let role: Role = role.parse().map_err(|_| bad())?;
+        if !role.is_worker() {
+            return Err(bad());
+        }
+        let instance = Instance::parse(instance).map_err(|_| bad())?;
+        let toml::Value::String(password) = value else {
+            return Err(PasswordsError::BadInstancePassword { name: name.clone() });
+        };
+        if password.len() < MIN_PASSWORD_LEN {
+            return Err(PasswordsError::BadInstancePassword { name: name.clone() });
+        }
+        out.push((role, instance, Password(Zeroizing::new(password))));
+    }
+    out.sort_by(|a, b| (a.0.as_str(), a.1.as_str()).cmp(&(b.0.as_str(), b.1.as_str())));
+    Ok(out)
 }
 
 fn index(user: User) -> usize {
@@ -215,6 +273,30 @@ mod tests {
             let err = Passwords::parse(&text).unwrap_err().to_string();
             assert!(err.contains(expected), "{text:?}: {err}");
             assert!(!err.contains("s3cret"), "{text:?}: the message echoes the password: {err}");
+        }
+    }
+
+    #[test]
+    fn instances_with_users_of_their_own_round_trip_and_bad_ones_are_named() {
+        let mut text = Passwords::generate().unwrap().to_toml().to_string();
+        text.push_str(
+            "[instances]\n\"qa/qa-2\" = \"0123456789abcdef0123\"\n\"dev/dev-1\" = \"fedcba9876543210fedc\"\n",
+        );
+        let parsed = Passwords::parse(&text).unwrap();
+        let names: Vec<String> = parsed.instances().iter().map(|(r, i, _)| instance_user(*r, i)).collect();
+        assert_eq!(names, ["dev.dev-1", "qa.qa-2"]);
+        let again = Passwords::parse(&parsed.to_toml()).unwrap();
+        assert_eq!(again.instances()[1].2.expose(), "0123456789abcdef0123");
+        let base = Passwords::generate().unwrap().to_toml().to_string();
+        for (extra, expected) in [
+            ("\"budget/budget-0\" = \"0123456789abcdef0123\"", "bad name \"budget/budget-0\""),
+            ("\"dev\" = \"0123456789abcdef0123\"", "bad name \"dev\""),
+            ("\"dev/a b\" = \"0123456789abcdef0123\"", "bad name \"dev/a b\""),
+            ("\"dev/dev-1\" = \"s3cret\"", "the password of instance dev/dev-1 must be"),
+        ] {
+            let err = Passwords::parse(&format!("{base}[instances]\n{extra}\n")).unwrap_err().to_string();
+            assert!(err.contains(expected), "{extra}: {err}");
+            assert!(!err.contains("s3cret") && !err.contains("0123456789abcdef"), "{err}");
         }
     }
 

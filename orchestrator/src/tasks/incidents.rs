@@ -78,6 +78,8 @@ pub enum Trigger {
     AuditVerify,
     /// The budget manager pulled the kill switch.
     BudgetKill,
+    /// An operator quarantined a worker (`fleetctl quarantine`).
+    Quarantine,
 }
 
 impl Trigger {
@@ -90,12 +92,13 @@ impl Trigger {
             Trigger::RejectionBurst => "rejection_burst",
             Trigger::AuditVerify => "audit_verify",
             Trigger::BudgetKill => "budget_kill",
+            Trigger::Quarantine => "quarantine",
         }
     }
 
     /// The names an API caller may give as `trigger` (an operator reports what a tool of
     /// theirs found, such as a failed `fleetctl audit verify`).
-    pub const REPORTABLE: [&'static str; 2] = ["operator", "audit_verify"];
+    pub const REPORTABLE: [&'static str; 3] = ["operator", "audit_verify", "quarantine"];
 }
 
 /// A fix task an incident sends to Refactor: it starts at Refactor with critical priority
@@ -125,7 +128,8 @@ pub struct NewIncident {
     /// One line saying what happened (1 to 200 characters; redacted).
     #[schema(min_length = 1, max_length = 200)]
     pub title: String,
-    /// `operator` (the default) or `audit_verify` (a failed `fleetctl audit verify`).
+    /// `operator` (the default), `audit_verify` (a failed `fleetctl audit verify`) or
+    /// `quarantine` (`fleetctl quarantine`).
     #[serde(default)]
     pub trigger: Option<String>,
     /// The repository whose merges it freezes; none: every repository.
@@ -268,6 +272,7 @@ impl Engine {
         new.validate()?;
         let trigger = match new.trigger.as_deref() {
             Some("audit_verify") => Trigger::AuditVerify,
+            Some("quarantine") => Trigger::Quarantine,
             _ => Trigger::Operator,
         };
         let fix = match &new.fix {
