@@ -308,6 +308,12 @@ pub struct SecretsNewArgs {
     /// Where to write the secrets file; it must not exist yet.
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
+
+    /// Also a Redis user of its own for this worker instance (`dev/dev-2` connects as
+    /// `dev.dev-2`), so that `fleetctl quarantine dev/dev-2` can cut it off alone.
+    /// Repeatable.
+    #[arg(long = "instance", value_name = "ROLE/INSTANCE")]
+    pub instances: Vec<String>,
 }
 
 /// `fleetctl keys …`

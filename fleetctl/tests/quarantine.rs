@@ -73,15 +73,18 @@ async fn a_quarantined_instance_is_refused_by_redis_and_its_old_key_is_retired_a
     let none: [(&str, &str); 0] = [];
 
     // Redis: the generated ACL file, two dev instances with users of their own.
-    let made = fleetctl(dir, &none, &["acl", "secrets", "new", "--out", "secrets.toml"]).await;
+    let made = fleetctl(
+        dir,
+        &none,
+        &["acl", "secrets", "new", "--out", "secrets.toml", "--instance", "dev/dev-1", "--instance", "dev/dev-2"],
+    )
+    .await;
     assert_eq!(made.code, 0, "{}", made.stderr);
-    let mut secrets = fs::read_to_string(dir.join("secrets.toml")).unwrap();
-    secrets.push_str(&format!(
-        "\n[instances]\n\"dev/dev-1\" = \"{}\"\n\"dev/dev-2\" = \"{}\"\n",
-        "a1".repeat(32),
-        "b2".repeat(32)
-    ));
-    fs::write(dir.join("secrets.toml"), &secrets).unwrap();
+    let secrets = fs::read_to_string(dir.join("secrets.toml")).unwrap();
+    assert!(secrets.contains("[instances]\n\"dev/dev-1\" = \""), "{secrets}");
+    let bad = fleetctl(dir, &none, &["acl", "secrets", "new", "--out", "other.toml", "--instance", "budget/b-1"]).await;
+    assert_eq!(bad.code, EX_USAGE, "{}", bad.stderr);
+    assert!(bad.stderr.contains("--instance: bad name \"budget/b-1\""), "{}", bad.stderr);
     let generated = fleetctl(
         dir,
         &none,
@@ -93,12 +96,16 @@ async fn a_quarantined_instance_is_refused_by_redis_and_its_old_key_is_retired_a
     assert!(acl.contains("user dev.dev-2 reset on #"), "{acl}");
     assert!(acl.contains("fleet:tool:responses:dev:dev-2") && !acl.contains("dev.dev-2 reset on #x"), "{acl}");
     let passwords = Passwords::parse(&secrets).unwrap();
+    let own = |name: &str| {
+        let (_, _, p) = passwords.instances().iter().find(|(r, i, _)| format!("{r}/{i}") == name).unwrap();
+        p.expose().to_owned()
+    };
     let redis = RedisServer::builder().acl_file(dir.join("users.acl")).start().unwrap();
     let url = |user: &str, password: &str| format!("redis://{user}:{password}@127.0.0.1:{}/", redis.port());
     let admin_url = url("admin", passwords.get(User::Admin).expose());
     let mut admin = connect(&admin_url).await;
-    let mut dev1 = connect(&url("dev.dev-1", &"a1".repeat(32))).await;
-    let mut dev2 = connect(&url("dev.dev-2", &"b2".repeat(32))).await;
+    let mut dev1 = connect(&url("dev.dev-1", &own("dev/dev-1"))).await;
+    let mut dev2 = connect(&url("dev.dev-2", &own("dev/dev-2"))).await;
     let _: () = redis::cmd("XGROUP")
         .arg("CREATE")
         .arg("fleet:tasks:dev")
@@ -210,7 +217,7 @@ async fn a_quarantined_instance_is_refused_by_redis_and_its_old_key_is_retired_a
 
     // 1. Its next XADD, on the connection it already had, is NOPERM; it cannot log in again.
     assert_eq!(xadd(&mut dev2, "fleet:results").await.unwrap_err().code(), Some("NOPERM"));
-    let again = redis::Client::open(url("dev.dev-2", &"b2".repeat(32)).as_str())
+    let again = redis::Client::open(url("dev.dev-2", &own("dev/dev-2")).as_str())
         .unwrap()
         .get_multiplexed_async_connection()
         .await;

@@ -70,8 +70,13 @@ fn secrets_new(args: &SecretsNewArgs, out: &mut dyn Write) -> anyhow::Result<()>
         ))
         .into());
     }
-    let passwords = Passwords::generate()
-        .context("Failed to read random bytes from the operating system's random number generator")?;
+    let passwords = Passwords::generate_with(&args.instances).map_err(|e| match e {
+        super::passwords::GenerateError::Instance(e) => {
+            anyhow::Error::from(UsageError::new(format!("--instance: {e}")))
+        }
+        super::passwords::GenerateError::Random(e) => anyhow::Error::new(e)
+            .context("Failed to read random bytes from the operating system's random number generator"),
+    })?;
     files::write_secret(path, "secrets file", passwords.to_toml().as_bytes(), Existing::Refuse)?;
     let p = path.display();
     writeln!(

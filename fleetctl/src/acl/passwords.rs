@@ -63,6 +63,17 @@ pub fn instance_user(role: Role, instance: &Instance) -> String {
     format!("{role}.{instance}")
 }
 
+/// Why [`Passwords::generate_with`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    /// An instance name that can't be a user of its own.
+    #[error(transparent)]
+    Instance(PasswordsError),
+    /// The operating system's random number generator failed.
+    #[error("random bytes: {0}")]
+    Random(getrandom::Error),
+}
+
 /// A secrets file that can't be used. Messages name users and lines, never passwords.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PasswordsError {
@@ -157,6 +168,20 @@ impl Passwords {
             by_user.push(Password(Zeroizing::new(hex::encode(bytes.as_ref()))));
         }
         Ok(Self { by_user, instances: Vec::new() })
+    }
+
+    /// Like [`Passwords::generate`], plus a user of its own for each `role/instance` in
+    /// `instances`.
+    pub fn generate_with(instances: &[String]) -> Result<Self, GenerateError> {
+        let mut out = Self::generate().map_err(GenerateError::Random)?;
+        let mut table = toml::Table::new();
+        for name in instances {
+            let mut bytes = Zeroizing::new([0u8; GENERATED_BYTES]);
+            getrandom::fill(bytes.as_mut()).map_err(GenerateError::Random)?;
+            table.insert(name.clone(), toml::Value::String(hex::encode(bytes.as_ref())));
+        }
+        out.instances = parse_instances(table).map_err(GenerateError::Instance)?;
+        Ok(out)
     }
 
     /// The password of `user`.
