@@ -177,6 +177,32 @@ pub struct Consumer<H> {
     next_prune: Instant,
     autoclaim_cursor: String,
     gate: Option<Gate>,
+    /// Told of every entry refused (see [`RejectHook`]).
+    on_reject: Option<RejectHook>,
+}
+
+/// An entry a consumer refused, as a [`RejectHook`] sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// The stream it was on.
+    pub stream: String,
+    /// The reason code (`bad_signature`, `forbidden_type`, `decode`, …).
+    pub reason: &'static str,
+    /// The sender it claims to be, `(role, instance)`, when its body decodes. Unverified:
+    /// whoever wrote it may claim anyone; counted per claim, it still shows where a burst
+    /// of forgeries says it comes from.
+    pub claimed: Option<(String, String)>,
+}
+
+/// Called (cheaply, synchronously) for every entry a consumer refuses, so a process can
+/// notice a burst from one sender (the orchestrator opens an incident).
+#[derive(Clone)]
+pub struct RejectHook(pub Arc<dyn Fn(Rejection) + Send + Sync>);
+
+impl std::fmt::Debug for RejectHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RejectHook")
+    }
 }
 
 impl<H> std::fmt::Debug for Consumer<H> {
@@ -209,7 +235,14 @@ impl<H: Handler> Consumer<H> {
             next_prune: now,
             autoclaim_cursor: "0-0".into(),
             gate: None,
+            on_reject: None,
         })
+    }
+
+    /// Tells `hook` of every entry this consumer refuses.
+    pub fn with_reject_hook(mut self, hook: RejectHook) -> Self {
+        self.on_reject = Some(hook);
+        self
     }
 
     /// Waits at `gate` (the kill switch): while it is paused nothing is claimed, read or
@@ -503,6 +536,14 @@ impl<H: Handler> Consumer<H> {
         let mut ack_ids: Vec<&str> = out.acks.iter().map(String::as_str).collect();
         for (e, reason, detail) in &out.rejects {
             tracing::warn!(stream, entry = %e.id, reason, detail = %detail, "Rejected an entry.");
+            if let Some(hook) = &self.on_reject {
+                let claimed = e
+                    .field(ENV_FIELD)
+                    .and_then(|wire| envelope::wire::decode_frame(wire).ok())
+                    .and_then(|frame| envelope::Envelope::from_body_bytes(frame.body).ok())
+                    .map(|env| (env.from.role.as_str().to_owned(), env.from.instance.as_str().to_owned()));
+                (hook.0)(Rejection { stream: stream.to_owned(), reason, claimed });
+            }
             let x = pipe.cmd("XADD").arg(streams::REJECTED).arg("MAXLEN").arg("~").arg(SIDE_STREAM_CAP).arg("*");
             x.arg(fields::STREAM).arg(stream).arg(fields::ENTRY).arg(&e.id).arg(fields::GROUP).arg(&self.cfg.group);
             x.arg(fields::CONSUMER)
@@ -700,6 +741,8 @@ pub struct Consumers {
     grace: Duration,
     /// Where each started consumer's stats are exported, when the process serves metrics.
     metrics: Option<crate::metrics::BusMetrics>,
+    /// Given to every consumer started from now on.
+    on_reject: Option<RejectHook>,
 }
 
 impl Consumers {
@@ -718,7 +761,22 @@ impl Consumers {
         consumer: impl Into<String>,
         grace: Duration,
     ) -> Self {
-        Self { pool, verifier, epoch, group: group.into(), consumer: consumer.into(), grace, metrics: None }
+        Self {
+            pool,
+            verifier,
+            epoch,
+            group: group.into(),
+            consumer: consumer.into(),
+            grace,
+            metrics: None,
+            on_reject: None,
+        }
+    }
+
+    /// Tells `hook` of every entry the consumers started from now on refuse.
+    pub fn with_reject_hook(mut self, hook: RejectHook) -> Self {
+        self.on_reject = Some(hook);
+        self
     }
 
     /// The defaults for `stream`, in this process's group, under its name and grace.
@@ -737,7 +795,10 @@ impl Consumers {
         shutdown: &CancellationToken,
     ) -> Result<(), BusError> {
         let (stream, group) = (cfg.stream.to_string(), cfg.group.clone());
-        let consumer = Consumer::new(cfg, self.pool.clone(), self.verifier.clone(), self.epoch.clone(), handler)?;
+        let mut consumer = Consumer::new(cfg, self.pool.clone(), self.verifier.clone(), self.epoch.clone(), handler)?;
+        if let Some(hook) = &self.on_reject {
+            consumer = consumer.with_reject_hook(hook.clone());
+        }
         if let Some(m) = &self.metrics {
             m.watch(&stream, &group, consumer.stats());
         }

@@ -46,7 +46,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use config::{ConsumerConfig, PublisherConfig};
-pub use consumer::{Consumer, ConsumerStats, Consumers, Delivery, Handler};
+pub use consumer::{Consumer, ConsumerStats, Consumers, Delivery, Handler, RejectHook, Rejection};
 pub use control::{ControlEvent, ControlListener, Gate, KillState};
 pub use endpoint::RedisEndpoint;
 pub use error::{BusError, HandlerError};

@@ -526,6 +526,23 @@ impl App {
             self.grace,
         )
         .with_metrics(self.bus_metrics.clone());
+        // A burst of refused entries from one claimed sender opens an incident.
+        let (watch, mut bursts) = crate::refusals::RejectionWatch::new(self.engine.refusal_limits().burst);
+        let consumers = consumers.with_reject_hook(watch.hook());
+        let engine = self.engine.clone();
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            loop {
+                let burst = tokio::select! {
+                    b = bursts.recv() => match b { Some(b) => b, None => return },
+                    () = stop.cancelled() => return,
+                };
+                match engine.rejection_burst(&burst).await {
+                    Ok(id) => tracing::error!(incident = %id, role = %burst.role, instance = %burst.instance, count = burst.count, "A burst of rejected entries from one claimed sender: incident open."),
+                    Err(e) => tracing::error!(error = %e, role = %burst.role, instance = %burst.instance, "A burst of rejected entries, and the incident could not be opened."),
+                }
+            }
+        });
         let fleet_stream = |s: &str| StreamName::parse(s).expect("fleet stream names are valid");
         consumers.spawn(
             &mut tasks,

@@ -192,3 +192,112 @@ mod tests {
         assert!(l.buckets.lock().unwrap().len() <= MAX_SENDERS + 1);
     }
 }
+
+/// A sender whose entries the bus refused past the burst within one window.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Burst {
+    /// The claimed role (`unknown` when the entry did not decode).
+    pub role: String,
+    /// The claimed instance (`unknown` likewise).
+    pub instance: String,
+    /// Entries refused in the window so far.
+    pub count: u32,
+    /// By reason code.
+    pub reasons: std::collections::BTreeMap<&'static str, u32>,
+}
+
+/// Counts the entries the orchestrator's consumers refuse (`bad_signature`,
+/// `forbidden_type`, …), per claimed sender in windows of [`SUMMARY_EVERY`], and reports a
+/// sender once per window when it passes `burst`: a worker that may be compromised, or
+/// someone forging in its name (issue 14: an incident).
+#[derive(Debug)]
+pub struct RejectionWatch {
+    burst: u32,
+    windows: Mutex<HashMap<(String, String), (Instant, Burst)>>,
+    tx: tokio::sync::mpsc::Sender<Burst>,
+}
+
+impl RejectionWatch {
+    /// A watch reporting past `burst` refusals a window, and where the reports go.
+    pub fn new(burst: u32) -> (std::sync::Arc<Self>, tokio::sync::mpsc::Receiver<Burst>) {
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        (std::sync::Arc::new(Self { burst, windows: Mutex::new(HashMap::new()), tx }), rx)
+    }
+
+    /// The hook for [`bus::Consumers::with_reject_hook`].
+    pub fn hook(self: &std::sync::Arc<Self>) -> bus::RejectHook {
+        let me = self.clone();
+        bus::RejectHook(std::sync::Arc::new(move |r: bus::Rejection| me.observe(r, Instant::now())))
+    }
+
+    fn observe(&self, r: bus::Rejection, now: Instant) {
+        let (role, instance) = r.claimed.unwrap_or_else(|| ("unknown".to_owned(), "unknown".to_owned()));
+        let mut windows = self.windows.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if windows.len() >= MAX_SENDERS {
+            windows.retain(|_, (start, _)| now.duration_since(*start) < SUMMARY_EVERY);
+        }
+        if windows.len() >= MAX_SENDERS && !windows.contains_key(&(role.clone(), instance.clone())) {
+            // Instance names are the sender's choice: past the bound, one shared window.
+            return self.observe(bus::Rejection { claimed: Some((role, "*".to_owned())), ..r }, now);
+        }
+        let key = (role.clone(), instance.clone());
+        let entry = windows
+            .entry(key)
+            .or_insert_with(|| (now, Burst { role, instance, count: 0, reasons: Default::default() }));
+        if now.duration_since(entry.0) >= SUMMARY_EVERY {
+            *entry = (
+                now,
+                Burst {
+                    role: entry.1.role.clone(),
+                    instance: entry.1.instance.clone(),
+                    count: 0,
+                    reasons: Default::default(),
+                },
+            );
+        }
+        entry.1.count += 1;
+        *entry.1.reasons.entry(r.reason).or_default() += 1;
+        if entry.1.count == self.burst.saturating_add(1) {
+            // Full means reports are already waiting; the incident is one per sender anyway.
+            let _ = self.tx.try_send(entry.1.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod watch_tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn rejected(reason: &'static str, instance: Option<&str>) -> bus::Rejection {
+        bus::Rejection {
+            stream: "fleet:results".into(),
+            reason,
+            claimed: instance.map(|i| ("dev".to_owned(), i.to_owned())),
+        }
+    }
+
+    #[test]
+    fn one_report_per_sender_and_window_past_the_burst() {
+        let (watch, mut rx) = RejectionWatch::new(3);
+        let t0 = Instant::now();
+        for i in 0..10 {
+            let reason = if i % 2 == 0 { "bad_signature" } else { "forbidden_type" };
+            watch.observe(rejected(reason, Some("dev-9")), t0);
+            watch.observe(rejected("decode", None), t0);
+        }
+        watch.observe(rejected("bad_signature", Some("dev-1")), t0);
+        let first = rx.try_recv().unwrap();
+        assert_eq!((first.role.as_str(), first.instance.as_str(), first.count), ("dev", "dev-9", 4));
+        assert_eq!(first.reasons.get("bad_signature"), Some(&2));
+        let second = rx.try_recv().unwrap();
+        assert_eq!((second.role.as_str(), second.instance.as_str()), ("unknown", "unknown"));
+        assert!(rx.try_recv().is_err(), "one report each; dev-1 stayed under the burst");
+        // A new window counts afresh.
+        for _ in 0..4 {
+            watch.observe(rejected("bad_signature", Some("dev-9")), t0 + SUMMARY_EVERY);
+        }
+        assert_eq!(rx.try_recv().unwrap().count, 4);
+    }
+}

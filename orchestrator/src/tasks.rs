@@ -345,6 +345,11 @@ impl Engine {
         }
     }
 
+    /// The per-sender refusal limits in force.
+    pub fn refusal_limits(&self) -> RefusalLimits {
+        self.refusals.limits()
+    }
+
     /// Audits refusals per sender at most as `limits` allow (default: 20, then 6 a minute).
     pub fn with_refusal_limits(mut self, limits: RefusalLimits) -> Self {
         self.refusals = Arc::new(RefusalLimiter::new(limits));

@@ -918,6 +918,55 @@ async fn the_whole_cycle_survives_a_killed_worker_and_refuses_what_it_must() {
         .expect("artifacts");
     assert_eq!(artifacts, 0, "the forged diff is not stored");
 
+    // The compromised worker floods the orchestrator's stream with forgeries in another
+    // instance's name (signatures that do not check out, types it may not send): the bus
+    // refuses each, and the burst opens one high incident naming the claimed sender.
+    let rogue_c = format!("{tag}-rogue-c");
+    for i in 0..30 {
+        let from = Sender { role: Role::Dev, instance: Instance::parse(&rogue_c).expect("instance") };
+        let payload: envelope::Payload = if i % 3 == 0 {
+            envelope::Usage { role: Role::Dev, model: "m".into(), input_tokens: 1, output_tokens: 1, cost_micro_usd: 0 }
+                .into()
+        } else {
+            beat()
+        };
+        let env = Envelope::new(from, Role::Orchestrator, now_ms(), 60_000, 0, payload);
+        let mut wire = dev_ring.seal(&env).expect("seal");
+        if i % 3 != 0 {
+            let last = wire.len() - 1;
+            wire[last] ^= 0x01;
+        }
+        let _: String = redis::cmd("XADD")
+            .arg(streams::RESULTS)
+            .arg("*")
+            .arg("env")
+            .arg(wire)
+            .query_async(&mut dev)
+            .await
+            .expect("XADD");
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let opened: Vec<(String, String, serde_json::Value)> = sqlx::query_as(
+            "SELECT severity, trigger, details FROM incidents WHERE trigger = 'rejection_burst' AND resolved_at IS NULL",
+        )
+        .fetch_all(&pool)
+        .await
+        .expect("incidents");
+        if let Some((severity, _, details)) =
+            opened.iter().find(|(_, _, d)| d["sender"]["instance"] == rogue_c.as_str())
+        {
+            assert_eq!(severity, "high");
+            assert_eq!(details["claimed_not_verified"], true);
+            assert!(details["reasons"]["bad_signature"].as_u64().unwrap_or(0) >= 1, "{details}");
+            assert!(details["reasons"]["forbidden_type"].as_u64().unwrap_or(0) >= 1, "{details}");
+            assert_eq!(opened.iter().filter(|(_, _, d)| d["sender"]["instance"] == rogue_c.as_str()).count(), 1);
+            break;
+        }
+        assert!(Instant::now() < deadline, "no incident for the burst of forgeries: {opened:?}\n{}", f.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
     // The audit trail of all of it verifies.
     let out = Command::new(binary("fleetctl"))
         .args(["audit", "verify", "--database-url", &f.db_url, "--audit-key-file"])

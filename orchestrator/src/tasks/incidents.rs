@@ -565,6 +565,38 @@ impl Engine {
 const CONTAINMENT_KINDS: [&str; 4] = ["oom_killed", "pids_limit", "disk_limit", "network"];
 
 impl Engine {
+    /// The bus refused a burst of entries claiming to come from one sender (bad signatures,
+    /// forbidden types): one high incident per claimed sender while open, freezing every
+    /// merge. Its id.
+    pub async fn rejection_burst(&self, b: &crate::refusals::Burst) -> Result<Uuid, EngineError> {
+        let mut tx = self.pool.begin().await?;
+        let reasons: Vec<String> = b.reasons.iter().map(|(r, n)| format!("{n} {r}")).collect();
+        let found = AutoIncident {
+            trigger: Trigger::RejectionBurst,
+            severity: Severity::High,
+            title: format!(
+                "Burst of rejected entries claiming to be from {}/{}: {} in a minute ({})",
+                b.role,
+                b.instance,
+                b.count,
+                reasons.join(", ")
+            ),
+            details: json!({
+                "sender": {"role": b.role, "instance": b.instance},
+                "claimed_not_verified": true,
+                "rejected": b.count,
+                "reasons": b.reasons,
+                "next": format!("fleetctl quarantine {}/{}", b.role, b.instance),
+            }),
+            repository: None,
+            task: None,
+            dedup_key: format!("rejection_burst:{}/{}", b.role, b.instance),
+        };
+        let (id, _) = self.open_auto_incident(&mut tx, found).await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
     /// A step's sandbox runs hit containment limits in a way that looks like an attack: a
     /// high incident freezes the task's repository (one per task while open).
     pub(super) async fn sandbox_contained(
