@@ -19,6 +19,10 @@
 //!   (`git diff --cached --raw -z --no-renames`) against what the diff describes.
 
 #![forbid(unsafe_code)]
+#![cfg_attr(test, allow(clippy::unwrap_used))]
+
+pub mod checks;
+pub mod patch;
 
 use std::collections::BTreeMap;
 use std::fmt;

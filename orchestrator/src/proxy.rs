@@ -672,10 +672,10 @@ pub async fn push_loop(
                 Err(PushError::Refused("the task names no repository to push to".into()))
             } else if let Err(why) = job.vouched() {
                 Err(PushError::Refused(why))
-            } else if let found @ [_, ..] = crate::tasks::credentials_added(&job.diff).as_slice() {
-                match engine.secret_after_approval(task.id, found).await {
-                    Ok(incident) => tracing::error!(task = %task.id, incident = ?incident, "An approved change carries a credential: not pushed, incident opened."),
-                    Err(e) => tracing::warn!(task = %task.id, error = %e, "Cannot record the credential found at push; retrying."),
+            } else if let Some(at_push) = crate::tasks::critical_at_push(&job.diff) {
+                match engine.unsafe_after_approval(task.id, &at_push).await {
+                    Ok(incident) => tracing::error!(task = %task.id, incident = ?incident, "An approved change carries what Review refuses: not pushed, incident opened."),
+                    Err(e) => tracing::warn!(task = %task.id, error = %e, "Cannot record what was found at push; retrying."),
                 }
                 return;
             } else {

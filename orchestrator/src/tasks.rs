@@ -23,7 +23,7 @@ pub mod incidents;
 mod tools;
 pub use binding::{HOLD_ELSEWHERE, HOLD_STALE, Hold};
 pub use drive::Question;
-pub use tools::{PushJob, credentials_added};
+pub use tools::{AtPush, PushJob, credentials_added, critical_at_push};
 
 /// Why an engine call failed.
 #[derive(Debug, thiserror::Error)]

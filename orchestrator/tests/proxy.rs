@@ -1389,7 +1389,9 @@ async fn a_credential_found_at_push_opens_a_critical_incident_that_freezes_the_r
     assert_eq!(inc.severity, orchestrator::tasks::incidents::Severity::Critical);
     assert_eq!((inc.trigger.as_str(), inc.repository.as_deref()), ("secret_after_approval", Some(bare.as_str())));
     assert!(inc.freezes_merges);
-    assert_eq!(inc.details["found"], serde_json::json!(["src/calc.py:3"]));
+    let found = inc.details["found"].as_array().unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].as_str().unwrap().ends_with(" in src/calc.py:3"), "{found:?}");
     assert!(!inc.details.to_string().contains("AKIA"), "the credential is not copied: {}", inc.details);
     assert_eq!(inc.tasks.len(), 1);
     assert_eq!((inc.tasks[0].task_id, inc.tasks[0].link.as_str()), (leak, "cause"));
@@ -1461,4 +1463,19 @@ fn credentials_added_names_the_place_never_the_value() {
     let removed = "--- a/a.py\n+++ b/a.py\n@@ -1,1 +1,0 @@\n-token = 'ghp_abcdefghijklmnopqrstuvwxyz0123456789'\n";
     assert!(orchestrator::tasks::credentials_added(removed.as_bytes()).is_empty());
     assert!(orchestrator::tasks::credentials_added(FIX.as_bytes()).is_empty());
+}
+
+/// Review's rules run again at push: what a compromised or bypassed Review let through is
+/// named (never quoted), a credential apart from the rest.
+#[test]
+fn review_rules_run_again_at_push() {
+    use orchestrator::tasks::critical_at_push;
+    assert_eq!(critical_at_push(FIX.as_bytes()), None);
+    let shell = critical_at_push(ESCAPE.as_bytes()).unwrap();
+    assert!(!shell.credential);
+    assert!(shell.found.iter().any(|f| f.ends_with(" in setup.py:1")), "{shell:?}");
+    let key = "--- a/k.py\n+++ b/k.py\n@@ -0,0 +1 @@\n+KEY = 'AKIAABCDEFGHIJKLMNOP'\n";
+    let leak = critical_at_push(key.as_bytes()).unwrap();
+    assert!(leak.credential);
+    assert!(!format!("{leak:?}").contains("AKIA"), "{leak:?}");
 }

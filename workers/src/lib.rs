@@ -25,14 +25,16 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod agent;
-pub mod checks;
 pub mod cli;
 pub mod config;
 pub mod metrics;
-pub mod patch;
 pub mod roles;
 pub mod runner;
 pub mod runtime;
 pub mod sandbox;
 pub mod tools;
 pub mod workspace;
+
+/// The static checks and the diff reading they share live in `changeset`, so the
+/// orchestrator runs the same rules again at push.
+pub use changeset::{checks, patch};

@@ -69,6 +69,9 @@ pub enum Trigger {
     Operator,
     /// An approved change, about to be pushed, carries a credential.
     SecretAfterApproval,
+    /// An approved change, about to be pushed, carries dangerous shell or code injection
+    /// (what Review's rules refuse).
+    CriticalFindingAfterApproval,
     /// A sandbox run ended at a containment limit (network attempt, pids or memory kill).
     SandboxContainment,
     /// One sender's refused envelopes passed the audited rate (a worker that may be
@@ -88,6 +91,7 @@ impl Trigger {
         match self {
             Trigger::Operator => "operator",
             Trigger::SecretAfterApproval => "secret_after_approval",
+            Trigger::CriticalFindingAfterApproval => "critical_finding_after_approval",
             Trigger::SandboxContainment => "sandbox_containment",
             Trigger::RejectionBurst => "rejection_burst",
             Trigger::AuditVerify => "audit_verify",

@@ -205,18 +205,21 @@ impl Engine {
         Ok(true)
     }
 
-    /// An approved change about to be pushed carries a credential (`found`: where, never
-    /// the value): the push is refused, the task fails, and a critical incident freezes the
-    /// repository's merges, in one transaction.
-    pub async fn secret_after_approval(&self, task: Uuid, found: &[String]) -> Result<Option<Uuid>, EngineError> {
+    /// An approved change about to be pushed carries what Review refuses (a credential,
+    /// dangerous shell, code injection; `found`: where, never the value): the push is
+    /// refused, the task fails, and a critical incident freezes the repository's merges, in
+    /// one transaction.
+    pub async fn unsafe_after_approval(&self, task: Uuid, at_push: &AtPush) -> Result<Option<Uuid>, EngineError> {
+        let found = &at_push.found;
         let mut tx = self.pool.begin().await?;
         let Some(t) = try_lock_task(&mut tx, task).await? else { return Ok(None) };
         if t.state != TaskState::Approved {
             return Ok(None);
         }
         let me = self.me();
+        let what = if at_push.credential { "a credential" } else { "what Review refuses" };
         let reason = format!(
-            "the approved change adds a credential ({}); nothing was pushed and an incident was opened",
+            "the approved change adds {what} ({}); nothing was pushed and an incident was opened",
             found.join(", ")
         );
         let repository = t.spec.get("repository").and_then(Value::as_str).map(str::to_owned);
@@ -224,13 +227,17 @@ impl Engine {
             .open_auto_incident(
                 &mut tx,
                 AutoIncident {
-                    trigger: Trigger::SecretAfterApproval,
+                    trigger: if at_push.credential {
+                        Trigger::SecretAfterApproval
+                    } else {
+                        Trigger::CriticalFindingAfterApproval
+                    },
                     severity: Severity::Critical,
-                    title: format!("Approved change of task {task} carries a credential"),
+                    title: format!("Approved change of task {task} carries {what}"),
                     details: json!({"found": found, "qa_and_review_passed": true}),
                     repository,
                     task: Some(task),
-                    dedup_key: format!("secret_after_approval:{task}"),
+                    dedup_key: format!("unsafe_after_approval:{task}"),
                 },
             )
             .await?;
@@ -247,12 +254,7 @@ impl Engine {
         self.apply(
             &mut tx,
             &t,
-            Change::new(
-                Event::Fail,
-                "credential in approved change",
-                json!({"reason": reason, "incident": incident}),
-                &me,
-            ),
+            Change::new(Event::Fail, "unsafe approved change", json!({"reason": reason, "incident": incident}), &me),
         )
         .await?;
         tx.commit().await?;
@@ -279,6 +281,44 @@ impl Engine {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// What an approved change must not carry, found again at push.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AtPush {
+    /// A credential is among them (the incident's trigger is `secret_after_approval`).
+    pub credential: bool,
+    /// Each finding, `what in path:line`, never the value.
+    pub found: Vec<String>,
+}
+
+/// Review's rules (changeset::checks: credentials, dangerous shell, code injection) and
+/// the fleet's redaction set, run again over the lines `diff` adds. Review refuses any of
+/// them, so one found at push means Review was bypassed or compromised. `None`: clean.
+pub fn critical_at_push(diff: &[u8]) -> Option<AtPush> {
+    use changeset::checks::{Family, scan_added};
+    let text = String::from_utf8_lossy(diff);
+    let families = [Family::Secret, Family::DangerousShell, Family::CodeInjection];
+    let mut found: Vec<String> = Vec::new();
+    let mut credential = false;
+    for f in scan_added(&text, &families) {
+        credential |= f.family == Family::Secret;
+        let line = f.line.map(|l| format!(":{l}")).unwrap_or_default();
+        found.push(format!(
+            "{} ({}) in {}{line}",
+            f.family.label(),
+            f.rule,
+            f.file.chars().take(200).collect::<String>()
+        ));
+    }
+    for place in credentials_added(diff) {
+        credential = true;
+        if !found.iter().any(|f| f.ends_with(&format!(" in {place}"))) {
+            found.push(format!("credential (redaction set) in {place}"));
+        }
+    }
+    found.truncate(20);
+    (!found.is_empty()).then_some(AtPush { credential, found })
 }
 
 /// Where `diff` adds a line that the fleet's redaction set ([`telemetry::redact()`]) takes for
