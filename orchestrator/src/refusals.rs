@@ -231,14 +231,15 @@ impl RejectionWatch {
     }
 
     fn observe(&self, r: bus::Rejection, now: Instant) {
-        let (role, instance) = r.claimed.unwrap_or_else(|| ("unknown".to_owned(), "unknown".to_owned()));
+        let (role, mut instance) = r.claimed.unwrap_or_else(|| ("unknown".to_owned(), "unknown".to_owned()));
         let mut windows = self.windows.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if windows.len() >= MAX_SENDERS {
             windows.retain(|_, (start, _)| now.duration_since(*start) < SUMMARY_EVERY);
         }
         if windows.len() >= MAX_SENDERS && !windows.contains_key(&(role.clone(), instance.clone())) {
-            // Instance names are the sender's choice: past the bound, one shared window.
-            return self.observe(bus::Rejection { claimed: Some((role, "*".to_owned())), ..r }, now);
+            // Instance names are the sender's choice: past the bound, a role's new names share
+            // one window (at most one more entry per role).
+            instance = "*".to_owned();
         }
         let key = (role.clone(), instance.clone());
         let entry = windows
@@ -299,5 +300,20 @@ mod watch_tests {
             watch.observe(rejected("bad_signature", Some("dev-9")), t0 + SUMMARY_EVERY);
         }
         assert_eq!(rx.try_recv().unwrap().count, 4);
+    }
+
+    #[test]
+    fn made_up_instance_names_past_the_bound_share_one_window() {
+        let (watch, mut rx) = RejectionWatch::new(3);
+        let t0 = Instant::now();
+        for i in 0..MAX_SENDERS {
+            watch.observe(rejected("bad_signature", Some(&format!("fake-{i}"))), t0);
+        }
+        for i in 0..4 {
+            watch.observe(rejected("bad_signature", Some(&format!("more-{i}"))), t0);
+        }
+        let b = rx.try_recv().unwrap();
+        assert_eq!((b.instance.as_str(), b.count), ("*", 4));
+        assert_eq!(watch.windows.lock().unwrap().len(), MAX_SENDERS + 1);
     }
 }
