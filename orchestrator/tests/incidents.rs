@@ -135,6 +135,20 @@ async fn operators_open_incidents_viewers_read_them_and_only_an_admin_resolves_t
     assert_eq!(rows[3].1, "root");
     assert_eq!(rows[3].2["resolution"], "key rotated, history purged");
     assert!(!rows[0].2.to_string().contains("hunter2"), "audit details redacted: {}", rows[0].2);
+    // A long title in a script of several bytes a character still makes a valid fix task.
+    let wide = json!({"severity": "low", "title": "é".repeat(200), "repository": REPO, "fix": {"instructions": "fix"}});
+    let wide = app.call(Method::POST, "/v1/incidents", &olga, Some(&wide)).await;
+    assert_eq!(wide.status, StatusCode::CREATED, "{}", wide.text);
+    let wide_fix = wide.json()["tasks"][0]["task_id"].as_str().unwrap().to_owned();
+    let title = app.call(Method::GET, &format!("/v1/tasks/{wide_fix}"), &viewer, None).await.json()["title"].clone();
+    assert!(title.as_str().unwrap().len() <= 200 && title.as_str().unwrap().starts_with("Incident fix: é"), "{title}");
+    app.call(
+        Method::POST,
+        &format!("/v1/incidents/{}/resolve", wide.json()["id"].as_str().unwrap()),
+        &root,
+        Some(&json!({"resolution": "test"})),
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -282,7 +282,7 @@ impl Engine {
         let fix = match &new.fix {
             Some(f) => {
                 let task = NewTask {
-                    title: format!("Incident fix: {}", cut(new.title.trim(), 180)),
+                    title: format!("Incident fix: {}", cut(new.title.trim(), 186)),
                     instructions: f.instructions.clone(),
                     repository: new.repository.clone(),
                     test_command: f.test_command.clone(),
@@ -648,6 +648,12 @@ impl Engine {
     }
 }
 
+/// At most `max` bytes of `s`, cut at a character boundary (task titles are limited in
+/// bytes).
 fn cut(s: &str, max: usize) -> String {
-    s.chars().take(max).collect()
+    let mut end = s.len().min(max);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
 }
