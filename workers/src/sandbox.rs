@@ -998,6 +998,42 @@ fn read_seccomp_profile(path: &Path) -> Result<Arc<str>, SandboxError> {
     Ok(Arc::from(text))
 }
 
+/// What in `out` looks like code testing its cage rather than a failing test: the kernel's
+/// OOM kill, the workspace limit, forks refused at the pids limit, and attempts to reach the
+/// network (the sandbox has none, so any such attempt fails with one of these messages).
+/// Output is the sandboxed code's own: a repository can print these on purpose, which only
+/// opens an incident about itself.
+pub fn containment_hits(out: &RunOutput) -> Vec<&'static str> {
+    const PIDS: &[&str] = &[
+        "fork: Resource temporarily unavailable",
+        "fork: retry: Resource temporarily unavailable",
+        "Cannot fork",
+        "can't fork",
+    ];
+    const NETWORK: &[&str] = &[
+        "Network is unreachable",
+        "Temporary failure in name resolution",
+        "Could not resolve host",
+        "Name or service not known",
+        "No address associated with hostname",
+    ];
+    let mut hits = Vec::new();
+    if out.oom_killed {
+        hits.push("oom_killed");
+    }
+    if out.disk_limit_exceeded {
+        hits.push("disk_limit");
+    }
+    let text = String::from_utf8_lossy(&out.output);
+    if PIDS.iter().any(|p| text.contains(p)) {
+        hits.push("pids_limit");
+    }
+    if NETWORK.iter().any(|p| text.contains(p)) {
+        hits.push("network");
+    }
+    hits
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -1089,40 +1125,4 @@ mod tests {
         assert!(workspace_source(Path::new("/")).is_err());
         assert!(workspace_source(&std::env::temp_dir()).is_ok());
     }
-}
-
-/// What in `out` looks like code testing its cage rather than a failing test: the kernel's
-/// OOM kill, the workspace limit, forks refused at the pids limit, and attempts to reach the
-/// network (the sandbox has none, so any such attempt fails with one of these messages).
-/// Output is the sandboxed code's own: a repository can print these on purpose, which only
-/// opens an incident about itself.
-pub fn containment_hits(out: &RunOutput) -> Vec<&'static str> {
-    const PIDS: &[&str] = &[
-        "fork: Resource temporarily unavailable",
-        "fork: retry: Resource temporarily unavailable",
-        "Cannot fork",
-        "can't fork",
-    ];
-    const NETWORK: &[&str] = &[
-        "Network is unreachable",
-        "Temporary failure in name resolution",
-        "Could not resolve host",
-        "Name or service not known",
-        "No address associated with hostname",
-    ];
-    let mut hits = Vec::new();
-    if out.oom_killed {
-        hits.push("oom_killed");
-    }
-    if out.disk_limit_exceeded {
-        hits.push("disk_limit");
-    }
-    let text = String::from_utf8_lossy(&out.output);
-    if PIDS.iter().any(|p| text.contains(p)) {
-        hits.push("pids_limit");
-    }
-    if NETWORK.iter().any(|p| text.contains(p)) {
-        hits.push("network");
-    }
-    hits
 }

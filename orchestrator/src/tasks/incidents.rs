@@ -557,7 +557,7 @@ impl Engine {
             .execute(&mut *tx)
             .await?;
         let details = json!({"incident": id, "resolution": resolution});
-        audit::append(&mut *tx, &self.audit_key, by.entry("incident.resolved", None, details)).await?;
+        audit::append(&mut tx, &self.audit_key, by.entry("incident.resolved", None, details)).await?;
         tx.commit().await?;
         tracing::warn!(incident = %id, by = %by.instance, "Incident resolved.");
         self.incident(id).await
