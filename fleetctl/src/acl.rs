@@ -519,7 +519,14 @@ pub fn render(table: &PermissionTable, passwords: &Passwords) -> String {
     // `reset` = resetpass, resetkeys, off, -@all, clearselectors (and allchannels under
     // `acl-pubsub-default allchannels`, hence the explicit `resetchannels`): each line
     // stands on its own, whatever the user had before an `ACL LOAD`.
-    let mut out = String::from("user default reset off resetchannels -@all\n");
+    //
+    // `default` is off and has no password, so no connection can ever act as it; but Redis
+    // 7.0 replays a MULTI/EXEC block of the append-only file *as `default`* and re-checks
+    // each queued command against its grants (redis/redis#14541, fixed only in later
+    // releases). Every Lua script's effects are logged as such a block, so a `-@all`
+    // default made Redis drop the ledger's, the replay guard's and the kill switch's writes
+    // silently on every restart. Hence all grants, on a user nobody can log in as.
+    let mut out = String::from("user default reset off resetchannels ~* &* +@all\n");
     for user in User::ALL {
         let hash = passwords.get(user).redis_hash();
         if user == User::Admin {
@@ -670,7 +677,7 @@ mod tests {
         let text = render(&shipped(), &passwords);
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 1 + User::ALL.len());
-        assert_eq!(lines[0], "user default reset off resetchannels -@all");
+        assert_eq!(lines[0], "user default reset off resetchannels ~* &* +@all");
         for (line, user) in lines[1..].iter().zip(User::ALL) {
             let password = passwords.get(user);
             let prefix = if user == User::Admin {

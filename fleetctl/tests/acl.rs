@@ -1041,6 +1041,55 @@ async fn redis_needs_write_access_to_acknowledge_which_is_why_there_are_selector
     assert_eq!(claimed.unwrap_err().code(), Some("NOPERM"), "XAUTOCLAIM under %R~ is refused");
 }
 
+/// Redis 7.0 replays a MULTI/EXEC block of its append-only file as the `default` user and
+/// re-checks every queued command against that user's grants; every Lua script's effects
+/// are logged as such a block. With a `-@all` default, a restart silently dropped every
+/// write the ledger's, the kill switch's and the replay guard's scripts had made. The
+/// generated file keeps `default` unusable (off, no password) and still lets the replay
+/// through; `the_default_user_can_do_nothing` checks that no one can act as it.
+#[tokio::test]
+async fn scripts_and_transactions_survive_a_restart_from_the_append_only_file() {
+    let dir = tempfile::tempdir().unwrap();
+    ok(dir.path(), &["acl", "secrets", "new", "--out", "secrets.toml"]);
+    let generate = ["acl", "generate", "--secrets", "secrets.toml", "--permissions", &permissions_file()];
+    ok(dir.path(), &[&generate[..], &["--out", "users.acl"]].concat());
+    let passwords = Passwords::parse(&fs::read_to_string(dir.path().join("secrets.toml")).unwrap()).unwrap();
+    let mut redis = RedisServer::builder()
+        .appendonly(true)
+        .acl_file(dir.path().join("users.acl"))
+        .start()
+        .unwrap_or_else(|err| panic!("cannot start redis-server with the generated ACL file: {err}"));
+    let admin = format!("redis://admin:{}@127.0.0.1:{}/", passwords.get(User::Admin).expose(), redis.port());
+
+    let mut conn = connect(&admin).await.unwrap();
+    let script = redis::Script::new("redis.call('SET', KEYS[1], 'a'); redis.call('XADD', KEYS[2], '*', 'f', 'v'); return 1");
+    let _: i64 = script.key("fleet:t:script").key("fleet:t:stream").invoke_async(&mut conn).await.unwrap();
+    let _: () = redis::pipe()
+        .atomic()
+        .set("fleet:t:multi-1", "1")
+        .ignore()
+        .set("fleet:t:multi-2", "2")
+        .ignore()
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET").arg("fleet:t:plain").arg("p").query_async(&mut conn).await.unwrap();
+    drop(conn);
+
+    redis.restart().unwrap_or_else(|err| panic!("restart: {err}"));
+    let mut conn = connect(&admin).await.unwrap();
+    let mut keys: Vec<String> = redis::cmd("KEYS").arg("fleet:t:*").query_async(&mut conn).await.unwrap();
+    keys.sort();
+    assert_eq!(
+        keys,
+        ["fleet:t:multi-1", "fleet:t:multi-2", "fleet:t:plain", "fleet:t:script", "fleet:t:stream"],
+        "keys after a restart from the append-only file; Redis's log:\n{}",
+        fs::read_to_string(redis.log_path()).unwrap_or_default()
+    );
+    let log = fs::read_to_string(redis.log_path()).unwrap();
+    assert!(!log.contains("NOPERM"), "Redis refused part of its own append-only file:\n{log}");
+}
+
 // ---------------------------------------------------------------------------------------
 // The command line, without Redis
 // ---------------------------------------------------------------------------------------
