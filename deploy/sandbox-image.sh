@@ -75,7 +75,7 @@ rootfs="$work/rootfs"
 
 start=$(date +%s)
 log "building $image from $mirror (debootstrap minbase bookworm)"
-debootstrap --variant=minbase --include=python3-minimal,python3 bookworm "$rootfs" "$mirror" >&2
+debootstrap --variant=minbase --include=python3-minimal,python3,python3-pip bookworm "$rootfs" "$mirror" >&2
 
 # The unprivileged user every sandbox runs as, and the mount point of the workspace.
 chroot "$rootfs" /usr/sbin/groupadd --gid 10001 sandbox

@@ -1062,7 +1062,8 @@ async fn scripts_and_transactions_survive_a_restart_from_the_append_only_file() 
     let admin = format!("redis://admin:{}@127.0.0.1:{}/", passwords.get(User::Admin).expose(), redis.port());
 
     let mut conn = connect(&admin).await.unwrap();
-    let script = redis::Script::new("redis.call('SET', KEYS[1], 'a'); redis.call('XADD', KEYS[2], '*', 'f', 'v'); return 1");
+    let script =
+        redis::Script::new("redis.call('SET', KEYS[1], 'a'); redis.call('XADD', KEYS[2], '*', 'f', 'v'); return 1");
     let _: i64 = script.key("fleet:t:script").key("fleet:t:stream").invoke_async(&mut conn).await.unwrap();
     let _: () = redis::pipe()
         .atomic()

@@ -27,6 +27,7 @@
 pub mod agent;
 pub mod cli;
 pub mod config;
+pub mod deps;
 pub mod egress;
 pub mod metrics;
 pub mod roles;

@@ -89,6 +89,10 @@ pub struct RunRequest {
     pub risk: Option<String>,
     /// Wall-clock limit; at most the runner's own.
     pub timeout_secs: Option<u64>,
+    /// An install run: the runner's own egress mode (its `[sandbox.egress]` network and
+    /// proxy), never a network the worker names. Refused where the runner has none.
+    #[serde(default)]
+    pub egress: bool,
 }
 
 /// What the runner answers.
@@ -238,6 +242,9 @@ impl RunnerPolicy {
         spec.env = r.env;
         spec.risk = r.risk;
         spec.timeout = Some(timeout);
+        if r.egress {
+            spec.network = crate::sandbox::Network::Egress;
+        }
         Ok(spec)
     }
 }
@@ -445,6 +452,7 @@ impl RunnerClient {
             instance: spec.labels.instance,
             risk: spec.risk,
             timeout_secs: spec.timeout.map(|t| t.as_secs().max(1)),
+            egress: spec.network == crate::sandbox::Network::Egress,
         });
         let stream = self.open().await?;
         let (mut read, mut write) = stream.into_split();

@@ -51,6 +51,11 @@ const KILL_SETTLE: Duration = Duration::from_secs(10);
 const REMOVE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The engine-side log of a container (one json-file, rotated in place): bounds its disk use.
 const LOG_MAX_SIZE: &str = "1m";
+/// The directory of the workspace that an install run fills with the task's dependencies
+/// (`crate::deps`). Every other run gets it mounted read-only over the writable workspace,
+/// so tests can import from it but cannot change what later runs import; the worker's git
+/// ignores it (`info/exclude`), so it is never part of a change.
+pub const DEPS_DIR: &str = ".agentfleet-deps";
 /// Docker refuses memory limits below 6 MiB.
 const MIN_MEMORY_BYTES: i64 = 6 * 1024 * 1024;
 
@@ -95,6 +100,78 @@ pub struct SandboxConfig {
     /// settings (image, limits, runtime, seccomp) decide every container. Workers in
     /// containers must use it: a container with the engine's socket is root on the host.
     pub runner: Option<PathBuf>,
+    /// The egress mode (issue 15): where an install run may reach the allowlisted package
+    /// registries. Without it no run ever gets a network, and installs are refused.
+    pub egress: Option<EgressConfig>,
+}
+
+/// How an install run reaches the registries: attached to an internal Docker network whose
+/// only way out is the egress proxy (`deploy/egress-proxy-image.sh`, its policy written by
+/// [`crate::egress::EgressPolicy`]), with the proxy in `HTTP(S)_PROXY`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressConfig {
+    /// The internal network (`docker network create --internal`); the proxy is attached to
+    /// it and to a network with a way out.
+    pub network: String,
+    /// The proxy as seen from that network, e.g. `http://egress-proxy:3128`.
+    pub proxy_url: String,
+    /// The Python package index an install uses (the proxy must allow its host), e.g.
+    /// `https://pypi.org/simple` (the default).
+    #[serde(default = "default_python_index")]
+    pub python_index_url: String,
+    /// The npm registry an install uses, e.g. `https://registry.npmjs.org/` (the default).
+    #[serde(default = "default_npm_registry")]
+    pub npm_registry: String,
+}
+
+fn default_python_index() -> String {
+    "https://pypi.org/simple".to_owned()
+}
+
+fn default_npm_registry() -> String {
+    "https://registry.npmjs.org/".to_owned()
+}
+
+impl EgressConfig {
+    fn validate(&self) -> Result<(), SandboxError> {
+        let invalid = |setting: &'static str, reason: &str| {
+            Err(SandboxError::InvalidConfig { setting, reason: reason.to_owned() })
+        };
+        let name_ok = !self.network.is_empty()
+            && self.network.len() <= 128
+            && self.network.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+        if !name_ok || matches!(self.network.as_str(), "host" | "bridge" | "default" | "none") {
+            return invalid(
+                "egress.network",
+                "must name an internal Docker network ([A-Za-z0-9._-]; not host, bridge, default or none)",
+            );
+        }
+        for (setting, url) in [
+            ("egress.proxy_url", &self.proxy_url),
+            ("egress.python_index_url", &self.python_index_url),
+            ("egress.npm_registry", &self.npm_registry),
+        ] {
+            let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
+            // No credentials: the URLs go into the sandbox's environment and command line.
+            let clean = !url.contains(['@', ' ', '\n', '\r', '\t', '\0']) && url.len() <= 512;
+            if !scheme_ok || !clean {
+                return invalid(setting, "must be an http(s) URL without credentials or whitespace");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a run has a network.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Network {
+    /// None at all (every run but an install).
+    #[default]
+    None,
+    /// The egress mode: the internal network of [`SandboxConfig::egress`], the proxy its
+    /// only way out.
+    Egress,
 }
 
 impl Default for SandboxConfig {
@@ -113,6 +190,7 @@ impl Default for SandboxConfig {
             workspace_max_bytes: 1024 * 1024 * 1024,
             workspace_poll_ms: 100,
             runner: None,
+            egress: None,
         }
     }
 }
@@ -159,6 +237,9 @@ impl SandboxConfig {
         if self.workspace_poll_ms == 0 {
             return invalid("workspace_poll_ms", "must be positive");
         }
+        if let Some(egress) = &self.egress {
+            egress.validate()?;
+        }
         let runtimes = self.runtime.iter().chain(self.runtime_by_risk.values());
         if runtimes.into_iter().any(|r| r.trim().is_empty()) {
             return invalid("runtime", "must name a runtime registered with the engine (e.g. \"runsc\")");
@@ -197,12 +278,23 @@ pub struct RunSpec {
     pub risk: Option<String>,
     /// Wall-clock limit of this run; defaults to [`SandboxConfig::timeout_secs`].
     pub timeout: Option<Duration>,
+    /// [`Network::None`] unless this is an install run.
+    pub network: Network,
 }
 
 impl RunSpec {
     /// A spec with the default working directory, no environment, no risk and the default timeout.
     pub fn new(command: Vec<String>, workspace: impl Into<PathBuf>, labels: SandboxLabels) -> Self {
-        Self { command, workspace: workspace.into(), workdir: None, env: Vec::new(), labels, risk: None, timeout: None }
+        Self {
+            command,
+            workspace: workspace.into(),
+            workdir: None,
+            env: Vec::new(),
+            labels,
+            risk: None,
+            timeout: None,
+            network: Network::None,
+        }
     }
 }
 
@@ -218,6 +310,7 @@ impl std::fmt::Debug for RunSpec {
             .field("labels", &self.labels)
             .field("risk", &self.risk)
             .field("timeout", &self.timeout)
+            .field("network", &self.network)
             .finish()
     }
 }
@@ -738,8 +831,27 @@ impl Engine {
             return Err(SandboxError::InvalidSpec(format!("the working directory {workdir:?} is not absolute")));
         }
         let workspace = workspace_source(&spec.workspace)?;
-        let env = container_env(&spec.env)?;
+        let mut env = container_env(&spec.env)?;
         let cfg = &*self.config;
+        let network_mode = match spec.network {
+            Network::None => "none".to_owned(),
+            Network::Egress => {
+                let egress = cfg.egress.as_ref().ok_or_else(|| {
+                    SandboxError::InvalidSpec(
+                        "an install run needs the egress mode, and this sandbox has none: set [sandbox.egress] \
+                         (network, proxy_url) to an internal network whose only way out is the egress proxy"
+                            .to_owned(),
+                    )
+                })?;
+                // The proxy's variables win over any of the spec's own.
+                env.retain(|kv| !PROXY_VARS.iter().any(|v| kv.split_once('=').is_some_and(|(k, _)| k == *v)));
+                for var in PROXY_VARS {
+                    let value = if var.eq_ignore_ascii_case("no_proxy") { "" } else { egress.proxy_url.as_str() };
+                    env.push(format!("{var}={value}"));
+                }
+                egress.network.clone()
+            }
+        };
         let runtime = spec.risk.as_deref().map_or(cfg.runtime.as_deref(), |risk| cfg.runtime_for(risk));
 
         let mut security_opt = vec!["no-new-privileges:true".to_owned()];
@@ -756,8 +868,26 @@ impl Engine {
         if let Some(owner) = &self.owner {
             labels.insert(LABEL_RUNNER.to_owned(), owner.to_string());
         }
+        let mut mounts = vec![bollard::models::Mount {
+            target: Some(WORKSPACE_MOUNT.to_owned()),
+            source: Some(workspace.clone()),
+            typ: Some(bollard::models::MountTypeEnum::BIND),
+            read_only: Some(false),
+            ..Default::default()
+        }];
+        if spec.network == Network::None
+            && let Some(deps) = deps_source(Path::new(&workspace))?
+        {
+            mounts.push(bollard::models::Mount {
+                target: Some(format!("{WORKSPACE_MOUNT}/{DEPS_DIR}")),
+                source: Some(deps),
+                typ: Some(bollard::models::MountTypeEnum::BIND),
+                read_only: Some(true),
+                ..Default::default()
+            });
+        }
         let host_config = HostConfig {
-            network_mode: Some("none".to_owned()),
+            network_mode: Some(network_mode),
             readonly_rootfs: Some(true),
             tmpfs: Some(HashMap::from([(
                 "/tmp".to_owned(),
@@ -767,13 +897,7 @@ impl Engine {
             // where it looks (its own host), where a bind would quietly create an empty
             // directory. A runner whose workspace path differs from the host's gets an error,
             // not sandboxes that see nothing.
-            mounts: Some(vec![bollard::models::Mount {
-                target: Some(WORKSPACE_MOUNT.to_owned()),
-                source: Some(workspace.to_string()),
-                typ: Some(bollard::models::MountTypeEnum::BIND),
-                read_only: Some(false),
-                ..Default::default()
-            }]),
+            mounts: Some(mounts),
             cap_drop: Some(vec!["ALL".to_owned()]),
             security_opt: Some(security_opt),
             pids_limit: Some(cfg.pids_limit),
@@ -803,7 +927,7 @@ impl Engine {
             working_dir: Some(workdir),
             env: Some(env),
             labels: Some(labels),
-            network_disabled: Some(true),
+            network_disabled: Some(spec.network == Network::None),
             attach_stdout: Some(true),
             attach_stderr: Some(true),
             attach_stdin: Some(false),
@@ -951,6 +1075,28 @@ fn workspace_source(path: &Path) -> Result<String, SandboxError> {
         return Err(invalid("the path contains ':' or ',', which Docker's bind syntax cannot carry"));
     }
     Ok(text.to_owned())
+}
+
+/// The variables an egress run gets the proxy in (curl and pip read the lower-case ones,
+/// npm and others the upper-case ones); `NO_PROXY` is emptied so nothing goes around it
+/// (which could not get anywhere anyway: the network is internal).
+const PROXY_VARS: [&str; 6] = ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "NO_PROXY", "no_proxy"];
+
+/// The workspace's [`DEPS_DIR`] (under the already canonical `workspace`) if it is a
+/// directory of its own; a symlink there is refused, since Docker would follow it on the
+/// host and mount whatever it points at. No container of the task runs between two runs
+/// (each ends with a quiesce), so nothing can swap it after this check.
+fn deps_source(workspace: &Path) -> Result<Option<String>, SandboxError> {
+    let path = workspace.join(DEPS_DIR);
+    match std::fs::symlink_metadata(&path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(SandboxError::InvalidWorkspace { path, reason: format!("cannot inspect it: {e}") }),
+        Ok(meta) if meta.file_type().is_dir() => Ok(path.to_str().map(str::to_owned)),
+        Ok(_) => Err(SandboxError::InvalidWorkspace {
+            path,
+            reason: "is not a directory (a link or a file left by a run?); reset the workspace".to_owned(),
+        }),
+    }
 }
 
 /// `HOME=/tmp` plus exactly the spec's variables (a spec's `HOME` wins).

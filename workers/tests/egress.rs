@@ -1,16 +1,21 @@
-//! The egress proxy with the real engine (issue 15, first slice): squid in the image
+//! The egress proxy with the real engine (issue 15): squid in the image
 //! `deploy/egress-proxy-image.sh` builds, configured by `workers::egress`, the only way out
 //! of an internal Docker network. A package index on the proxy's own network is reachable
 //! through it; a host off the allowlist, the metadata address, an allowlisted name that
 //! resolves to a private address, an IP literal and a direct connection past the proxy are
-//! not; every request is in the proxy's log.
+//! not; every request is in the proxy's log. An install run (`workers::deps`) gets a
+//! hash-pinned wheel through it; a source package whose build would run code is never
+//! built; the test run that follows has no network and cannot change what was installed.
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use tokio_util::sync::CancellationToken;
+use workers::deps::{self, Lockfiles};
 use workers::egress::EgressPolicy;
+use workers::sandbox::{DEPS_DIR, EgressConfig, Network, RunOutput, RunSpec, Sandbox, SandboxConfig, SandboxLabels};
 
 /// Runs `docker ARGS`, panicking with its output when it fails.
 fn docker(args: &[&str]) -> String {
@@ -68,8 +73,20 @@ except OSError as e:
     print("direct BLOCKED", e)
 "#;
 
-#[test]
-fn only_allowlisted_registries_are_reachable_and_never_a_private_address_behind_a_name() {
+/// The networks, the package index and the proxy of one test; removed on drop.
+struct Net {
+    internal: String,
+    index_ip: String,
+    proxy: String,
+    sandbox: String,
+    cleanup: Cleanup,
+}
+
+/// An internal network whose only way out is the proxy; on an outside network, a static
+/// package index serving `index_dir` as `pkgindex:8000`. The index's network is private, so
+/// it is listed as an in-house mirror; `rebind.test` is allowlisted but resolves to
+/// 10.11.12.13.
+fn net(index_dir: &Path) -> Net {
     let sandbox = image("sandbox-image.sh");
     let proxy_image = image("egress-proxy-image.sh");
     let id = uuid::Uuid::now_v7().simple().to_string()[20..].to_owned();
@@ -81,19 +98,8 @@ fn only_allowlisted_registries_are_reachable_and_never_a_private_address_behind_
     docker(&["network", "create", &outside]);
     cleanup.networks.push(outside.clone());
     let subnet = docker(&["network", "inspect", "-f", "{{(index .IPAM.Config 0).Subnet}}", &outside]);
-
-    // The package index: a static simple index on the proxy's outside network.
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path().join("simple/demo")).unwrap();
-    std::fs::write(dir.path().join("simple/demo/index.html"), "demo-1.0.tar.gz\n").unwrap();
-    let readable = |p: &Path, mode: u32| {
-        std::fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(mode)).unwrap();
-    };
-    for sub in ["", "simple", "simple/demo"] {
-        readable(&dir.path().join(sub), 0o755);
-    }
-    readable(&dir.path().join("simple/demo/index.html"), 0o644);
-    let mount = format!("{}:/srv:ro", dir.path().display());
+    open_tree(index_dir);
+    let mount = format!("{}:/srv:ro", index_dir.display());
     cleanup.containers.push(index.clone());
     docker(&[
         "run",
@@ -120,18 +126,16 @@ fn only_allowlisted_registries_are_reachable_and_never_a_private_address_behind_
         &format!("{{{{(index .NetworkSettings.Networks \"{outside}\").IPAddress}}}}"),
         &index,
     ]);
-
-    // The proxy: the index's network is private, so it is listed as an in-house mirror;
-    // `rebind.test` is allowlisted but resolves to 10.11.12.13.
     let policy = EgressPolicy {
         registries: vec!["pkgindex".into(), "rebind.test".into()],
-        private_mirrors: vec![subnet.clone()],
+        private_mirrors: vec![subnet],
         extra_ports: vec![8000],
         listen_port: 3128,
     };
-    let conf = dir.path().join("squid.conf");
+    let conf_dir = tempfile::tempdir().unwrap().keep();
+    let conf = conf_dir.join("squid.conf");
     std::fs::write(&conf, policy.squid_conf().unwrap()).unwrap();
-    readable(&conf, 0o644);
+    open_tree(&conf_dir);
     let conf_mount = format!("{}:/etc/squid/agentfleet.conf:ro", conf.display());
     cleanup.containers.push(proxy.clone());
     docker(&[
@@ -153,6 +157,29 @@ fn only_allowlisted_registries_are_reachable_and_never_a_private_address_behind_
         assert!(Instant::now() < deadline, "the proxy did not start: {}", logs(&proxy));
         std::thread::sleep(Duration::from_millis(200));
     }
+    Net { internal, index_ip, proxy, sandbox, cleanup }
+}
+
+/// Lets the containers' users read `dir` (directories 0755, files 0644).
+fn open_tree(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let meta = std::fs::symlink_metadata(dir).unwrap();
+    let mode = if meta.is_dir() { 0o755 } else { 0o644 };
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode)).unwrap();
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(dir).unwrap() {
+            open_tree(&entry.unwrap().path());
+        }
+    }
+}
+
+#[test]
+fn only_allowlisted_registries_are_reachable_and_never_a_private_address_behind_a_name() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("simple/demo")).unwrap();
+    std::fs::write(dir.path().join("simple/demo/index.html"), "demo-1.0.tar.gz\n").unwrap();
+    let net = net(dir.path());
+    let (internal, index_ip, proxy, sandbox) = (&net.internal, &net.index_ip, &net.proxy, &net.sandbox);
 
     // A sandbox on the internal network, its only way out the proxy.
     let urls = [
@@ -162,7 +189,7 @@ fn only_allowlisted_registries_are_reachable_and_never_a_private_address_behind_
         "http://rebind.test:8000/".to_owned(),
         format!("http://{index_ip}:8000/simple/demo/"),
     ];
-    let mut args = vec!["run", "--rm", "--network", &internal, &sandbox, "python3", "-c", CLIENT, &index_ip];
+    let mut args = vec!["run", "--rm", "--network", internal, sandbox, "python3", "-c", CLIENT, index_ip];
     args.extend(urls.iter().map(String::as_str));
     let out = docker(&args);
     let line = |prefix: &str| out.lines().find(|l| l.starts_with(prefix)).unwrap_or_else(|| panic!("{prefix}: {out}"));
@@ -174,10 +201,169 @@ fn only_allowlisted_registries_are_reachable_and_never_a_private_address_behind_
     assert!(line("direct").starts_with("direct BLOCKED"), "no way past the proxy: {out}");
 
     // Every request is logged, allowed or refused.
-    let log = logs(&proxy);
+    let log = logs(proxy);
     assert!(log.contains("TCP_MISS/200") && log.contains("GET http://pkgindex:8000/simple/demo/"), "{log}");
     for refused in ["GET http://example.org/", "GET http://169.254.169.254/", "GET http://rebind.test:8000/"] {
         assert!(log.lines().any(|l| l.contains("TCP_DENIED/403") && l.contains(refused)), "{refused}: {log}");
     }
-    drop(cleanup);
+    drop(net.cleanup);
+}
+
+/// Writes a package index into `/out` of a container (python3 is in the sandbox image; the
+/// host needs none): the wheel `afdep-1.0` (`afdep.VALUE == 42`), and the source package
+/// `evil-1.0` whose `setup.py` writes `/workspace/PWNED` when built. Prints the
+/// SHA-256 of each as `name hex`.
+const MAKE_INDEX: &str = r#"
+import base64, hashlib, io, os, tarfile, zipfile
+out = "/out"
+def put(project, filename, data):
+    os.makedirs(f"{out}/files", exist_ok=True)
+    os.makedirs(f"{out}/simple/{project}", exist_ok=True)
+    open(f"{out}/files/{filename}", "wb").write(data)
+    digest = hashlib.sha256(data).hexdigest()
+    open(f"{out}/simple/{project}/index.html", "w").write(
+        f'<html><body><a href="/files/{filename}#sha256={digest}">{filename}</a></body></html>\n')
+    print(project, digest)
+records, buf = [], io.BytesIO()
+with zipfile.ZipFile(buf, "w") as z:
+    def add(path, text):
+        data = text.encode()
+        z.writestr(path, data)
+        d = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=").decode()
+        records.append(f"{path},sha256={d},{len(data)}")
+    add("afdep/__init__.py", "VALUE = 42\n")
+    add("afdep-1.0.dist-info/METADATA", "Metadata-Version: 2.1\nName: afdep\nVersion: 1.0\n")
+    add("afdep-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nGenerator: agentfleet-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+    records.append("afdep-1.0.dist-info/RECORD,,")
+    z.writestr("afdep-1.0.dist-info/RECORD", "\n".join(records) + "\n")
+put("afdep", "afdep-1.0-py3-none-any.whl", buf.getvalue())
+setup = "open('/workspace/PWNED', 'w').write('install-time code ran')\nfrom setuptools import setup\nsetup(name='evil', version='1.0')\n"
+buf = io.BytesIO()
+with tarfile.open(fileobj=buf, mode="w:gz") as t:
+    for name, text in [("evil-1.0/setup.py", setup), ("evil-1.0/PKG-INFO", "Metadata-Version: 2.1\nName: evil\nVersion: 1.0\n")]:
+        info = tarfile.TarInfo(name); data = text.encode(); info.size = len(data)
+        t.addfile(info, io.BytesIO(data))
+put("evil", "evil-1.0.tar.gz", buf.getvalue())
+"#;
+
+/// What the test run tries: import the installed package, change it, reach anything.
+const TEST_RUN: &str = r#"
+import afdep, socket
+print("VALUE", afdep.VALUE)
+try:
+    open("/workspace/.agentfleet-deps/python/afdep/__init__.py", "w").write("VALUE = 0\n")
+    print("WRITE allowed")
+except OSError as e:
+    print("WRITE refused", e.errno)
+for host, port in [("proxy", 3128), ("pkgindex", 8000), ("1.1.1.1", 80)]:
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+        print("NET", host, "CONNECTED")
+    except OSError as e:
+        print("NET", host, "BLOCKED")
+"#;
+
+fn workspace_with(requirements: &str) -> tempfile::TempDir {
+    let ws = tempfile::tempdir().unwrap();
+    std::fs::write(ws.path().join("requirements.txt"), requirements).unwrap();
+    std::fs::set_permissions(ws.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(ws.path().join("requirements.txt"), std::os::unix::fs::PermissionsExt::from_mode(0o644))
+        .unwrap();
+    ws
+}
+
+fn requirements_of(file: &Path) -> Lockfiles {
+    Lockfiles { requirements: Some(std::fs::read(file).unwrap()), ..Lockfiles::default() }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_install_run_gets_pinned_wheels_through_the_proxy_builds_nothing_and_the_test_run_has_no_network() {
+    let dir = tempfile::tempdir().unwrap();
+    let mount = format!("{}:/out", dir.path().display());
+    let sandbox_image = image("sandbox-image.sh");
+    let hashes = docker(&["run", "--rm", "--user", "0", "-v", &mount, &sandbox_image, "python3", "-c", MAKE_INDEX]);
+    let hash = |project: &str| {
+        hashes
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{project} ")))
+            .unwrap_or_else(|| panic!("{project}: {hashes}"))
+            .to_owned()
+    };
+    let net = net(dir.path());
+    let config = SandboxConfig {
+        image: net.sandbox.clone(),
+        egress: Some(EgressConfig {
+            network: net.internal.clone(),
+            proxy_url: "http://proxy:3128".into(),
+            python_index_url: "http://pkgindex:8000/simple".into(),
+            npm_registry: "https://registry.npmjs.org/".into(),
+        }),
+        ..SandboxConfig::default()
+    };
+    let sandbox = Sandbox::connect(config.clone()).await.unwrap();
+    let instance = format!("egress-{}", uuid::Uuid::now_v7().simple());
+    let labels = SandboxLabels { task: "task-egress".into(), role: "qa".into(), instance: instance.clone() };
+    let cancel = CancellationToken::new();
+    let run = |spec: RunSpec| {
+        let (sandbox, cancel) = (sandbox.clone(), cancel.clone());
+        async move { sandbox.run(spec, &cancel).await.unwrap() }
+    };
+    let text = |out: &RunOutput| String::from_utf8_lossy(&out.output).into_owned();
+    let egress = |ws: &Path, plan: &deps::Plan| {
+        let command = deps::install_command(plan, "http://pkgindex:8000/simple", "https://registry.npmjs.org/");
+        let mut spec = RunSpec::new(command, ws, labels.clone());
+        spec.network = Network::Egress;
+        spec
+    };
+
+    // The install run: a hash-pinned wheel, through the proxy, into the deps directory.
+    let ws = workspace_with(&format!("afdep==1.0 --hash=sha256:{}\n", hash("afdep")));
+    let plan = deps::plan(&requirements_of(&ws.path().join("requirements.txt"))).unwrap().unwrap();
+    let out = run(egress(ws.path(), &plan)).await;
+    assert!(out.success(), "the install run failed: {}", text(&out));
+    assert!(text(&out).contains("Successfully installed afdep-1.0"), "{}", text(&out));
+    let marker = std::fs::read_to_string(ws.path().join(DEPS_DIR).join(deps::MARKER)).unwrap();
+    assert_eq!(marker.trim(), plan.digest);
+
+    // The test run: the package imports; its files are read-only; no network at all.
+    let mut spec = RunSpec::new(vec!["python3".into(), "-c".into(), TEST_RUN.into()], ws.path(), labels.clone());
+    spec.env = deps::run_env(&plan);
+    let out = run(spec).await;
+    let t = text(&out);
+    assert!(t.contains("VALUE 42"), "{t}");
+    assert!(t.contains("WRITE refused 30"), "EROFS expected: {t}");
+    for host in ["proxy", "pkgindex", "1.1.1.1"] {
+        assert!(t.contains(&format!("NET {host} BLOCKED")), "{host}: {t}");
+    }
+
+    // A hash that does not match what the index serves: nothing is installed.
+    let ws = workspace_with(&format!("afdep==1.0 --hash=sha256:{}\n", "0".repeat(64)));
+    let plan = deps::plan(&requirements_of(&ws.path().join("requirements.txt"))).unwrap().unwrap();
+    let out = run(egress(ws.path(), &plan)).await;
+    assert!(!out.success() && text(&out).contains("DO NOT MATCH"), "{}", text(&out));
+    assert!(!ws.path().join(DEPS_DIR).join(deps::MARKER).exists());
+
+    // A source package whose build runs code: pip sees it (the index served its page) and
+    // refuses to build it, so its setup.py never runs.
+    let ws = workspace_with(&format!("evil==1.0 --hash=sha256:{}\n", hash("evil")));
+    let plan = deps::plan(&requirements_of(&ws.path().join("requirements.txt"))).unwrap().unwrap();
+    let out = run(egress(ws.path(), &plan)).await;
+    assert!(!out.success(), "the source package was installed: {}", text(&out));
+    assert!(!ws.path().join("PWNED").exists(), "install-time code ran: {}", text(&out));
+    assert!(!ws.path().join(DEPS_DIR).join(deps::MARKER).exists());
+    let log = logs(&net.proxy);
+    assert!(log.contains("GET http://pkgindex:8000/simple/evil/"), "pip never asked for it: {log}");
+    // The control: the same command allowed to build (and with setuptools from the image
+    // rather than the index) runs the payload, so the refusal above is the flags' doing.
+    let mut build = egress(ws.path(), &plan);
+    build.command[2] = build.command[2].replace("--only-binary :all:", "--no-build-isolation");
+    let out = run(build).await;
+    assert!(ws.path().join("PWNED").exists(), "the control never ran setup.py: {}", text(&out));
+
+    // A sandbox without the egress mode refuses an install run rather than run it offline
+    // or on another network.
+    let offline = Sandbox::connect(SandboxConfig { egress: None, ..config }).await.unwrap();
+    let err = offline.run(egress(ws.path(), &plan), &cancel).await.unwrap_err().to_string();
+    assert!(err.contains("[sandbox.egress]"), "{err}");
+    drop(net.cleanup);
 }

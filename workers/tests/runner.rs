@@ -96,6 +96,7 @@ fn run_request(workspace: &str) -> RunRequest {
         instance: "attacker".into(),
         risk: None,
         timeout_secs: None,
+        egress: false,
     }
 }
 
