@@ -579,6 +579,60 @@ impl ToolProxy {
     }
 }
 
+/// `pkg_install` input: which lockfiles the worker is about to install from.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct InstallInput {
+    /// Workspace-relative lockfile names (`requirements.txt`, `package-lock.json`).
+    lockfiles: Vec<String>,
+    /// SHA-256 (hex) over the lockfiles, as `workers::deps` computes it.
+    digest: String,
+}
+
+/// The lockfiles `workers::deps` installs from; anything else is not an install.
+const LOCKFILES: [&str; 3] = ["requirements.txt", "package-lock.json", "npm-shrinkwrap.json"];
+
+impl InstallInput {
+    fn check(self) -> Result<Self, String> {
+        if self.lockfiles.is_empty() || self.lockfiles.len() > LOCKFILES.len() {
+            return Err(format!("lockfiles: 1 to {} of {}", LOCKFILES.len(), LOCKFILES.join(", ")));
+        }
+        if let Some(bad) = self.lockfiles.iter().find(|l| !LOCKFILES.contains(&l.as_str())) {
+            return Err(format!(
+                "{:?} is not a lockfile this fleet installs from",
+                bad.chars().take(64).collect::<String>()
+            ));
+        }
+        if self.digest.len() != 64 || !self.digest.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err("digest: the SHA-256 of the lockfiles, 64 hex digits".into());
+        }
+        Ok(self)
+    }
+}
+
+impl ToolProxy {
+    /// `pkg_install` is a permission, not something the orchestrator does: the lease and
+    /// the risk matrix (MEDIUM: within work hours, or with an approval) were checked by
+    /// [`Self::admit`]; granting it is audited with the lockfiles' digest, so the trail
+    /// shows what a task installed from. The worker then runs the install in the sandbox's
+    /// egress mode (`workers::deps`).
+    async fn permit_install(&self, env: &Verified<Envelope>, req: &ToolRequest) -> Result<(), HandlerError> {
+        let input = match serde_json::from_str::<InstallInput>(&req.input) {
+            Ok(i) => i.check(),
+            Err(e) => Err(e.to_string()),
+        };
+        let input = match input {
+            Ok(i) => i,
+            Err(why) => return self.refuse(env, req, refused("bad_input", format!("pkg_install input: {why}"))).await,
+        };
+        let detail =
+            json!({"request_id": req.request_id.to_string(), "lockfiles": input.lockfiles, "digest": input.digest});
+        let response =
+            ToolResponse { request_id: req.request_id, ok: true, output: json!({"allowed": true}).to_string() };
+        self.0.engine.answer_tool(env, response, "tool.pkg_install", detail, None).await.map_err(transient)
+    }
+}
+
 impl Handler for ToolProxy {
     async fn handle(&self, d: Delivery) -> Result<(), HandlerError> {
         let env = &d.envelope;
@@ -595,6 +649,7 @@ impl Handler for ToolProxy {
         };
         match req.action.as_str() {
             "llm.complete" => self.complete(env, req, &claims).await,
+            "pkg_install" => self.permit_install(env, req).await,
             other => {
                 let why = format!("{other} is not an action workers may request; the orchestrator performs it itself");
                 self.refuse(env, req, refused("action_not_granted", why)).await

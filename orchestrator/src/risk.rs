@@ -258,7 +258,7 @@ mod tests {
         assert_eq!(m.level(Risk::Low).token_limit, 200_000);
         assert_eq!(m.level(Risk::Medium).cost_limit_micro_usd, 2_000_000);
         let dev: Vec<String> = m.grants(Role::Dev).into_iter().map(|(a, _)| a).collect();
-        assert_eq!(dev, ["linter", "llm.complete", "read_files", "run_tests", "write_to_task_branch"]);
+        assert_eq!(dev, ["linter", "llm.complete", "pkg_install", "read_files", "run_tests", "write_to_task_branch"]);
         let review: Vec<String> = m.grants(Role::Review).into_iter().map(|(a, _)| a).collect();
         assert_eq!(review, ["llm.complete", "read_files"]);
     }

@@ -39,9 +39,14 @@ fn verifier(role: Role) -> Verifier {
 /// The shipped matrix with LOW's token limit at 10 000: the budget tests count calls
 /// against a limit a handful of calls can reach.
 fn matrix() -> Arc<RiskMatrix> {
+    matrix_edited(|m| m)
+}
+
+/// The shipped matrix with LOW's token limit tightened and `edit` applied.
+fn matrix_edited(edit: impl FnOnce(String) -> String) -> Arc<RiskMatrix> {
     let shipped =
         std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/risk_matrix.toml")).unwrap();
-    let tight = shipped.replacen("token_limit = 200000", "token_limit = 10000", 1);
+    let tight = edit(shipped.replacen("token_limit = 200000", "token_limit = 10000", 1));
     assert_ne!(tight, shipped, "the shipped LOW level's token limit moved; update this test");
     let file = tempfile::NamedTempFile::new().unwrap();
     std::fs::write(file.path(), tight).unwrap();
@@ -82,8 +87,21 @@ async fn fleet_with(
     provider: ProviderConfig,
     per_task_tokens: u64,
     model: &str,
+    prices: (u64, u64),
+    tune: impl FnOnce(&mut EngineConfig),
+) -> Fleet {
+    fleet_with_matrix(dir, provider, per_task_tokens, model, prices, tune, matrix()).await
+}
+
+/// [`fleet_with`] under the risk matrix `matrix`.
+async fn fleet_with_matrix(
+    dir: tempfile::TempDir,
+    provider: ProviderConfig,
+    per_task_tokens: u64,
+    model: &str,
     (input_price, output_price): (u64, u64),
     tune: impl FnOnce(&mut EngineConfig),
+    matrix: Arc<RiskMatrix>,
 ) -> Fleet {
     let pg = fleet_testkit::Postgres::start().expect("postgres must be installed; tests never skip");
     let redis = fleet_testkit::RedisServer::start().expect("redis-server must be installed; tests never skip");
@@ -102,7 +120,7 @@ async fn fleet_with(
     let keys = LeaseKeys::new(&SecretString::from(SECRET.to_owned()), Duration::from_secs(600)).unwrap();
     let issuer = LeaseIssuer {
         keys: keys.clone(),
-        matrix: matrix(),
+        matrix: matrix.clone(),
         per_task_tokens: ledger_cfg.per_task_tokens,
         per_task_micro_usd: ledger_cfg.per_task_micro_usd.0,
     };
@@ -114,7 +132,7 @@ async fn fleet_with(
         Engine::new(pool.clone(), Arc::new(ring(Role::Orchestrator)), AuditKey::new(vec![3; 32]).unwrap(), cfg)
             .with_leases(Arc::new(issuer));
     let models: ModelConfig = toml::from_str(&format!("default = \"{model}\"")).unwrap();
-    let proxy = ToolProxy::new(engine.clone(), keys, matrix(), provider, ledger.clone(), models, redis_pool);
+    let proxy = ToolProxy::new(engine.clone(), keys, matrix, provider, ledger.clone(), models, redis_pool);
     Fleet { _pg: pg, _redis: redis, _dir: dir, pool, engine, proxy, ledger }
 }
 
@@ -291,6 +309,66 @@ async fn requests_outside_the_lease_are_refused_and_audited() {
     for id in [first.task_id.unwrap(), second.task_id.unwrap()] {
         assert_eq!(f.ledger.task_usage(id).await.unwrap().usage.tokens, 0);
     }
+}
+
+/// A fleet whose work hours hold the present (`inside`) or lie hours away from it.
+async fn fleet_in_work_hours(inside: bool) -> Fleet {
+    use chrono::Timelike as _;
+    let h = chrono::Utc::now().hour() + 24;
+    let (from, to) = if inside { (h - 2, h + 2) } else { (h + 3, h + 5) };
+    let hours = format!("start = \"{:02}:00\"\nend = \"{:02}:00\"", from % 24, to % 24);
+    let m = matrix_edited(|m| m.replacen("start = \"08:00\"\nend = \"22:00\"", &hours, 1));
+    assert_eq!(m.in_work_hours(chrono::Utc::now()), inside, "{hours}");
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = dir.path().join("fixture.toml");
+    std::fs::write(
+        &fixture,
+        "[[response]]\nrole = \"dev\"\ntext = \"x\"\ninput_tokens = 1\noutput_tokens = 1\nmodel = \"scripted-1\"\n",
+    )
+    .unwrap();
+    let provider = ProviderConfig::Scripted(ScriptedConfig { fixture });
+    fleet_with_matrix(dir, provider, 100_000, "scripted-1", (1, 1), |_| {}, m).await
+}
+
+/// `pkg_install` (MEDIUM) is a permission: granted within the work hours and audited with
+/// the lockfiles' digest, refused outside them (without an approval), refused for input
+/// that names anything but a lockfile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pkg_install_is_granted_within_the_work_hours_and_audited_and_refused_outside_them() {
+    let digest = "ab".repeat(32);
+    let input = format!(r#"{{"lockfiles":["requirements.txt"],"digest":"{digest}"}}"#);
+    let f = fleet_in_work_hours(true).await;
+    f.engine.submit(&Actor::operator("alice"), new_task(None, &[])).await.unwrap();
+    let assign = last_sent(&f.pool, "fleet:tasks:dev", Role::Dev).await;
+    let r = ask_with(&f, "dev-7", Role::Dev, &assign, assign.lease.clone(), "pkg_install", &input).await;
+    assert!(r.ok, "{}", r.output);
+    assert_eq!(r.output, r#"{"allowed":true}"#);
+    let audited: Vec<serde_json::Value> =
+        sqlx::query_scalar("SELECT details FROM audit_trail WHERE action = 'tool.pkg_install'")
+            .fetch_all(&f.pool)
+            .await
+            .unwrap();
+    assert_eq!(audited.len(), 1);
+    assert_eq!(
+        (audited[0]["digest"].as_str(), &audited[0]["lockfiles"]),
+        (Some(digest.as_str()), &serde_json::json!(["requirements.txt"]))
+    );
+    for bad in [
+        r#"{"lockfiles":["setup.py"],"digest":"00"}"#.to_owned(),
+        format!(r#"{{"lockfiles":["../requirements.txt"],"digest":"{digest}"}}"#),
+        format!(r#"{{"lockfiles":[],"digest":"{digest}"}}"#),
+        format!(r#"{{"lockfiles":["requirements.txt"],"digest":"{digest}","index_url":"http://evil"}}"#),
+    ] {
+        let r = ask_with(&f, "dev-7", Role::Dev, &assign, assign.lease.clone(), "pkg_install", &bad).await;
+        assert_eq!(code(&r), "bad_input", "{bad}");
+    }
+
+    let f = fleet_in_work_hours(false).await;
+    f.engine.submit(&Actor::operator("alice"), new_task(None, &[])).await.unwrap();
+    let assign = last_sent(&f.pool, "fleet:tasks:dev", Role::Dev).await;
+    let r = ask_with(&f, "dev-7", Role::Dev, &assign, assign.lease.clone(), "pkg_install", &input).await;
+    assert_eq!(code(&r), "outside_work_hours");
+    assert_eq!(refusals(&f.pool).await, ["outside_work_hours"]);
 }
 
 /// The lease of `assign` with its payload re-signed under another secret.

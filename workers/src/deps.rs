@@ -226,8 +226,10 @@ pub fn target(ecosystem: Ecosystem) -> String {
 
 /// The install run's command: one `sh -c` that starts from an empty [`DEPS_DIR`], installs
 /// every ecosystem of `plan` from its lockfile with install-time code disabled, and writes
-/// [`MARKER`] only if all of them succeeded.
-pub fn install_command(plan: &Plan, python_index: &str, npm_registry: &str) -> Vec<String> {
+/// [`MARKER`] only if all of them succeeded. Where packages come from is not in it: the
+/// sandbox's egress mode sets `PIP_INDEX_URL` and `npm_config_registry` from its own
+/// configuration (the runner's, when there is one), never the worker's.
+pub fn install_command(plan: &Plan) -> Vec<String> {
     let deps = format!("{WORKSPACE_MOUNT}/{DEPS_DIR}");
     let mut script = format!("set -eu\nrm -rf {d}\nmkdir -p {d}\n", d = sh_quote(&deps));
     for (ecosystem, lockfile, _) in &plan.lockfiles {
@@ -235,18 +237,10 @@ pub fn install_command(plan: &Plan, python_index: &str, npm_registry: &str) -> V
         let lock = sh_quote(&format!("{WORKSPACE_MOUNT}/{lockfile}"));
         match ecosystem {
             Ecosystem::Python => {
-                // pip ignores a plain-HTTP index unless told to trust its host: an in-house
-                // mirror often is one. Integrity rests on the lockfile's hashes, not on TLS.
-                let trusted = python_index
-                    .strip_prefix("http://")
-                    .and_then(|rest| rest.split('/').next())
-                    .map(|host| format!(" --trusted-host {}", sh_quote(host)))
-                    .unwrap_or_default();
                 let _ = writeln!(
                     script,
                     "python3 -m pip install --no-input --disable-pip-version-check --no-cache-dir --no-compile \
-                     --require-hashes --no-deps --only-binary :all: --index-url {}{trusted} --target {dir} -r {lock}",
-                    sh_quote(python_index)
+                     --require-hashes --no-deps --only-binary :all: --target {dir} -r {lock}"
                 );
             }
             Ecosystem::Node => {
@@ -254,8 +248,7 @@ pub fn install_command(plan: &Plan, python_index: &str, npm_registry: &str) -> V
                 let _ = writeln!(
                     script,
                     "mkdir -p {dir}\ncp {manifest} {lock} {dir}/\ncd {dir}\n\
-                     npm ci --ignore-scripts --no-audit --no-fund --registry {}\ncd {}",
-                    sh_quote(npm_registry),
+                     npm ci --ignore-scripts --no-audit --no-fund\ncd {}",
                     sh_quote(WORKSPACE_MOUNT)
                 );
             }
@@ -334,23 +327,23 @@ mod tests {
         let with = Lockfiles { package_json: manifest.clone(), package_lock: lock, ..Lockfiles::default() };
         let p = plan(&with).unwrap().unwrap();
         assert_eq!(p.lockfiles, vec![(Ecosystem::Node, "package-lock.json", None)]);
-        let cmd = install_command(&p, "https://pypi.org/simple", "https://registry.npmjs.org/");
+        let cmd = install_command(&p);
         assert!(cmd[2].contains("npm ci --ignore-scripts"), "{}", cmd[2]);
         let bad = Lockfiles { package_json: manifest, package_lock: Some(b"{}".to_vec()), ..Lockfiles::default() };
         assert!(plan(&bad).unwrap_err().contains("lockfileVersion"));
     }
 
     #[test]
-    fn the_install_command_builds_nothing_and_quotes_what_it_is_given() {
+    fn the_install_command_builds_nothing_and_names_no_index() {
         let p = python(&format!("six==1.16.0 {HASH}\n")).unwrap().unwrap();
-        let cmd = install_command(&p, "http://pkgindex:8000/simple'; rm -rf /; '", "https://registry.npmjs.org/");
+        let cmd = install_command(&p);
         let script = &cmd[2];
         for flag in
             ["--require-hashes", "--no-deps", "--only-binary :all:", "--target '/workspace/.agentfleet-deps/python'"]
         {
             assert!(script.contains(flag), "{flag}: {script}");
         }
-        assert!(script.contains(r"'http://pkgindex:8000/simple'\''; rm -rf /; '\'''"), "{script}");
+        assert!(!script.contains("index") && !script.contains("http"), "{script}");
         assert!(script.ends_with(&format!("> '/workspace/.agentfleet-deps/{MARKER}'\n")), "{script}");
     }
 }

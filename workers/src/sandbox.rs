@@ -134,6 +134,28 @@ fn default_npm_registry() -> String {
 }
 
 impl EgressConfig {
+    /// The variables of an egress run: the proxy (curl and pip read the lower-case names,
+    /// npm and others the upper-case ones; `NO_PROXY` emptied so nothing goes around it,
+    /// which could not get anywhere anyway on an internal network), and where pip and npm
+    /// fetch from. pip ignores a plain-HTTP index unless its host is trusted: an in-house
+    /// mirror often is one, and integrity rests on the lockfile's hashes, not on TLS.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        let mut vars = vec![
+            ("HTTP_PROXY", self.proxy_url.clone()),
+            ("HTTPS_PROXY", self.proxy_url.clone()),
+            ("http_proxy", self.proxy_url.clone()),
+            ("https_proxy", self.proxy_url.clone()),
+            ("NO_PROXY", String::new()),
+            ("no_proxy", String::new()),
+            ("PIP_INDEX_URL", self.python_index_url.clone()),
+            ("npm_config_registry", self.npm_registry.clone()),
+        ];
+        if let Some(host) = self.python_index_url.strip_prefix("http://").and_then(|rest| rest.split('/').next()) {
+            vars.push(("PIP_TRUSTED_HOST", host.to_owned()));
+        }
+        vars
+    }
+
     fn validate(&self) -> Result<(), SandboxError> {
         let invalid = |setting: &'static str, reason: &str| {
             Err(SandboxError::InvalidConfig { setting, reason: reason.to_owned() })
@@ -843,12 +865,10 @@ impl Engine {
                             .to_owned(),
                     )
                 })?;
-                // The proxy's variables win over any of the spec's own.
-                env.retain(|kv| !PROXY_VARS.iter().any(|v| kv.split_once('=').is_some_and(|(k, _)| k == *v)));
-                for var in PROXY_VARS {
-                    let value = if var.eq_ignore_ascii_case("no_proxy") { "" } else { egress.proxy_url.as_str() };
-                    env.push(format!("{var}={value}"));
-                }
+                // The egress settings win over any of the spec's own variables.
+                let ours = egress.env();
+                env.retain(|kv| !ours.iter().any(|(name, _)| kv.split_once('=').is_some_and(|(k, _)| k == *name)));
+                env.extend(ours.into_iter().map(|(name, value)| format!("{name}={value}")));
                 egress.network.clone()
             }
         };
@@ -1076,11 +1096,6 @@ fn workspace_source(path: &Path) -> Result<String, SandboxError> {
     }
     Ok(text.to_owned())
 }
-
-/// The variables an egress run gets the proxy in (curl and pip read the lower-case ones,
-/// npm and others the upper-case ones); `NO_PROXY` is emptied so nothing goes around it
-/// (which could not get anywhere anyway: the network is internal).
-const PROXY_VARS: [&str; 6] = ["HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy", "NO_PROXY", "no_proxy"];
 
 /// The workspace's [`DEPS_DIR`] (under the already canonical `workspace`) if it is a
 /// directory of its own; a symlink there is refused, since Docker would follow it on the

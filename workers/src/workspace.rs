@@ -173,12 +173,14 @@ impl Workspace {
     }
 
     /// Puts the working tree back to the base commit: tracked files restored, everything
-    /// else (untracked and ignored) removed.
+    /// else (untracked and ignored) removed but the installed dependencies
+    /// ([`crate::sandbox::DEPS_DIR`]).
     pub async fn reset(&self) -> Result<(), WorkspaceError> {
         self.purge_nested_repositories().await?;
         self.git(&["reset", "--quiet", "--hard", "HEAD"]).await?;
-        // -ff: nested repositories too, which a single -f leaves behind.
-        self.git(&["clean", "-ffdxq"]).await?;
+        // -ff: nested repositories too, which a single -f leaves behind. The installed
+        // dependencies stay (their marker says which lockfiles they came from).
+        self.git(&["clean", "-ffdxq", "-e", &format!("/{}/", crate::sandbox::DEPS_DIR)]).await?;
         self.open_to_sandbox().await
     }
 
@@ -200,6 +202,11 @@ impl Workspace {
         tokio::fs::create_dir_all(&info).await.map_err(io(format!("cannot create {}", info.display())))?;
         let path = info.join("attributes");
         tokio::fs::write(&path, changeset::NEUTRAL_ATTRIBUTES)
+            .await
+            .map_err(io(format!("cannot write {}", path.display())))?;
+        // The installed dependencies (crate::deps) are never part of a change.
+        let path = info.join("exclude");
+        tokio::fs::write(&path, format!("/{}/\n", crate::sandbox::DEPS_DIR))
             .await
             .map_err(io(format!("cannot write {}", path.display())))
     }

@@ -8,6 +8,8 @@
 //! built; the test run that follows has no network and cannot change what was installed.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -310,7 +312,7 @@ async fn an_install_run_gets_pinned_wheels_through_the_proxy_builds_nothing_and_
     };
     let text = |out: &RunOutput| String::from_utf8_lossy(&out.output).into_owned();
     let egress = |ws: &Path, plan: &deps::Plan| {
-        let command = deps::install_command(plan, "http://pkgindex:8000/simple", "https://registry.npmjs.org/");
+        let command = deps::install_command(plan);
         let mut spec = RunSpec::new(command, ws, labels.clone());
         spec.network = Network::Egress;
         spec
@@ -365,5 +367,73 @@ async fn an_install_run_gets_pinned_wheels_through_the_proxy_builds_nothing_and_
     let offline = Sandbox::connect(SandboxConfig { egress: None, ..config }).await.unwrap();
     let err = offline.run(egress(ws.path(), &plan), &cancel).await.unwrap_err().to_string();
     assert!(err.contains("[sandbox.egress]"), "{err}");
+    drop(net.cleanup);
+}
+
+/// The whole path in a worker: QA's step on a repository whose tests import a locked
+/// dependency asks the tool proxy for `pkg_install`, installs through the egress proxy, and
+/// its tests pass; when the proxy refuses (outside the work hours), the step ends with the
+/// refusal and nothing is installed.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_qa_step_installs_the_locked_dependency_only_when_the_proxy_grants_pkg_install() {
+    use common::Fleet;
+    use envelope::{Role, Status};
+    let dir = tempfile::tempdir().unwrap();
+    let mount = format!("{}:/out", dir.path().display());
+    let sandbox_image = image("sandbox-image.sh");
+    let hashes = docker(&["run", "--rm", "--user", "0", "-v", &mount, &sandbox_image, "python3", "-c", MAKE_INDEX]);
+    let hash = hashes.lines().find_map(|l| l.strip_prefix("afdep ")).unwrap().to_owned();
+    let net = net(dir.path());
+
+    let fleet = Fleet::new();
+    let origin = fleet.origin("with-dependency", |src| {
+        std::fs::write(src.join("requirements.txt"), format!("afdep==1.0 \\\n    --hash=sha256:{hash}\n")).unwrap();
+        std::fs::remove_file(src.join("tests/test_calc.py")).unwrap();
+        std::fs::write(
+            src.join("tests/test_dependency.py"),
+            "import unittest\n\nimport afdep\n\n\nclass T(unittest.TestCase):\n    def test_value(self):\n        \
+             self.assertEqual(afdep.VALUE, 42)\n",
+        )
+        .unwrap();
+    });
+    let refused_task = uuid::Uuid::now_v7();
+    let seen = fleet.proxy(std::sync::Arc::new(move |req| {
+        if req.request.action != "pkg_install" {
+            return (
+                false,
+                serde_json::json!({"error": "action_not_granted", "message": "not in this test"}).to_string(),
+            );
+        }
+        if req.envelope.task_id == Some(refused_task) {
+            let why = "pkg_install is Medium risk: it runs without approval only inside the work hours";
+            return (false, serde_json::json!({"error": "outside_work_hours", "message": why}).to_string());
+        }
+        (true, serde_json::json!({"allowed": true}).to_string())
+    }));
+    let egress = format!(
+        "egress = {{ network = \"{}\", proxy_url = \"http://proxy:3128\", python_index_url = \"http://pkgindex:8000/simple\" }}",
+        net.internal
+    );
+    fleet.start_worker_with(Role::Qa, "qa-egress", &egress);
+
+    let task = uuid::Uuid::now_v7();
+    let id = fleet.assign(Role::Qa, task, fleet.assignment(task, &origin), 0).await;
+    let (_, r) = fleet.result(id, std::time::Duration::from_secs(120)).await;
+    assert_eq!(r.status, Status::Success, "{r:?}");
+    {
+        let seen = seen.lock().unwrap();
+        let asks: Vec<_> = seen.iter().filter(|s| s.request.action == "pkg_install").collect();
+        assert_eq!(asks.len(), 1, "one permission per install");
+        let input: serde_json::Value = serde_json::from_str(&asks[0].request.input).unwrap();
+        assert_eq!(input["lockfiles"], serde_json::json!(["requirements.txt"]));
+        assert_eq!(input["digest"].as_str().unwrap().len(), 64);
+    }
+    assert!(logs(&net.proxy).contains("GET http://pkgindex:8000/simple/afdep/"), "{}", logs(&net.proxy));
+
+    let id = fleet.assign(Role::Qa, refused_task, fleet.assignment(refused_task, &origin), 0).await;
+    let (_, r) = fleet.result(id, std::time::Duration::from_secs(120)).await;
+    assert_ne!(r.status, Status::Success, "{r:?}");
+    assert!(r.summary.contains("outside_work_hours"), "{}", r.summary);
+    assert!(!fleet.workspace(refused_task).join(DEPS_DIR).exists(), "installed although refused");
     drop(net.cleanup);
 }

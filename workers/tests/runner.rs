@@ -243,6 +243,14 @@ async fn a_request_for_more_than_a_run_is_refused() {
     let mut r = run_request("task-1");
     r.command = vec!["x".repeat(70 * 1024)];
     assert!(refused(request(socket, &Request::Run(r)).await).contains("longer than"));
+    // The egress mode is the runner's own: a runner without [sandbox.egress] runs nothing
+    // for a worker that asks for it (and no request can name a network).
+    let mut r = run_request("task-1");
+    r.egress = true;
+    match request(socket, &Request::Run(r)).await {
+        Response::Failed(why) | Response::Refused(why) => assert!(why.contains("[sandbox.egress]"), "{why}"),
+        other => panic!("an egress run without the egress mode: {other:?}"),
+    }
     assert_eq!(containers_of("attacker").await, 0, "nothing was run");
 
     // A frame announcing 1 GiB: the runner hangs up without reading (or allocating) it.

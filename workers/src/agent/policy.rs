@@ -219,6 +219,12 @@ impl Judge {
     /// refuses unless the scope names it exactly (CI, `.gitattributes`, `.agentfleet/`).
     pub fn writable(&self, root: &Path, path: &str) -> Result<String, String> {
         let path = check_path(root, path)?;
+        let deps = crate::sandbox::DEPS_DIR;
+        if path == deps || path.starts_with(&format!("{deps}/")) {
+            return Err(format!(
+                "{path} is where the sandbox installs the locked dependencies; change the lockfile instead"
+            ));
+        }
         if let Some(v) = crate::patch::scope_violation(&path, &self.scope) {
             return Err(v);
         }

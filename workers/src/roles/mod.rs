@@ -16,7 +16,7 @@ use uuid::Uuid;
 use crate::agent::Run;
 use crate::agent::policy::{AgentsFile, Judge};
 use crate::patch::{extract_diff, scope_violation, touched_paths};
-use crate::sandbox::{RunOutput, RunSpec, Sandbox, SandboxLabels};
+use crate::sandbox::{Network, RunOutput, RunSpec, Sandbox, SandboxLabels};
 use crate::tools::{CallContext, ToolClient, ToolError};
 use crate::workspace::Workspace;
 
@@ -303,7 +303,13 @@ async fn sandbox_sh_stashed(ctx: &TaskContext, command: &str) -> Result<RunOutpu
             .map_err(|e| format!("cannot set credential files aside: {e}"))?
             .map_err(|e| format!("cannot set credential files aside: {e}"))?
     };
-    let out = sandbox_sh_bare(ctx, command).await;
+    let out = match dependencies(ctx).await {
+        Ok(Dependencies::Ready(env)) => sandbox_sh_bare(ctx, command, env, Network::None).await,
+        // The install's own output says why (a hash mismatch, a package missing from the
+        // index, the proxy's refusal): the run reads as failed, with pip's or npm's words.
+        Ok(Dependencies::InstallFailed(out)) => Ok(out),
+        Err(e) => Err(e),
+    };
     // Only once no container of this task can run: a live one could swap links into the
     // paths the files go back to.
     if let Err(e) = ctx.sandbox.quiesce_task(&ctx.labels.task).await {
@@ -317,11 +323,73 @@ async fn sandbox_sh_stashed(ctx: &TaskContext, command: &str) -> Result<RunOutpu
     }
 }
 
-async fn sandbox_sh_bare(ctx: &TaskContext, command: &str) -> Result<RunOutput, String> {
+/// What a run needs before it starts.
+enum Dependencies {
+    /// Installed (or none needed): the variables that let the run find them.
+    Ready(Vec<(String, String)>),
+    /// The install run failed; its output.
+    InstallFailed(RunOutput),
+}
+
+/// Installs the workspace's locked dependencies ([`crate::deps`]) unless there are none or
+/// the installed ones came from the same lockfiles: asks the tool proxy for `pkg_install`
+/// (the risk matrix decides), then runs the install in the sandbox's egress mode. An
+/// unusable lockfile or a refusal is an error that says what to do.
+async fn dependencies(ctx: &TaskContext) -> Result<Dependencies, String> {
+    use crate::deps;
+    let ws = &ctx.workspace;
+    let read = |name: &'static str| async move {
+        match ws.read_file(name, deps::MAX_LOCKFILE_BYTES).await {
+            Some(bytes) => Ok(Some(bytes)),
+            None if ws.read_file(name, u64::MAX >> 1).await.is_some() => {
+                Err(format!("{name} is larger than {} bytes; no lockfile is that large", deps::MAX_LOCKFILE_BYTES))
+            }
+            None => Ok(None),
+        }
+    };
+    let files = deps::Lockfiles {
+        requirements: read("requirements.txt").await?,
+        package_json: read("package.json").await?,
+        package_lock: read("package-lock.json").await?,
+        shrinkwrap: read("npm-shrinkwrap.json").await?,
+    };
+    let Some(plan) = deps::plan(&files)? else {
+        return Ok(Dependencies::Ready(Vec::new()));
+    };
+    let marker = ws.read_file(&format!("{}/{}", deps::DEPS_DIR, deps::MARKER), 256).await;
+    if marker.as_deref().map(|m| String::from_utf8_lossy(m).trim().to_owned()).as_deref() == Some(plan.digest.as_str())
+    {
+        return Ok(Dependencies::Ready(deps::run_env(&plan)));
+    }
+    let lockfiles: Vec<&str> = plan.lockfiles.iter().map(|(_, name, _)| *name).collect();
+    let input = serde_json::json!({"lockfiles": lockfiles, "digest": plan.digest});
+    ctx.tools.call(&ctx.call, "pkg_install", &input).await.map_err(|e| match e {
+        ToolError::Refused { code, message, .. } => {
+            format!("installing the dependencies ({}) was refused: {code}: {message}", lockfiles.join(", "))
+        }
+        other => format!("cannot get permission to install the dependencies: {other}"),
+    })?;
+    tracing::info!(task = %ctx.task_id, lockfiles = ?lockfiles, digest = %plan.digest, "Installing the task's dependencies through the egress proxy.");
+    let command = deps::install_command(&plan);
+    let out = sandbox_sh_bare(ctx, &command[2], Vec::new(), Network::Egress).await?;
+    if !out.success() {
+        return Ok(Dependencies::InstallFailed(out));
+    }
+    Ok(Dependencies::Ready(deps::run_env(&plan)))
+}
+
+async fn sandbox_sh_bare(
+    ctx: &TaskContext,
+    command: &str,
+    env: Vec<(String, String)>,
+    network: Network,
+) -> Result<RunOutput, String> {
     let limit = ctx.sandbox.config().timeout_secs.saturating_add(5).to_string();
     let command_line = ["timeout", "-s", "KILL", &limit, "sh", "-c", command].map(str::to_owned).to_vec();
     let mut spec = RunSpec::new(command_line, ctx.workspace.dir.clone(), ctx.labels.clone());
     spec.risk = ctx.call.lease.as_deref().and_then(crate::tools::lease_risk);
+    spec.env = env;
+    spec.network = network;
     tracing::info!(task = %ctx.task_id, command, "Running in the sandbox.");
     let out = ctx.sandbox.run(spec, &ctx.cancel).await.map_err(|e| format!("the sandbox failed: {e}"));
     // Whatever happened, no container of this task may outlive the run: host-side git

@@ -27,10 +27,10 @@ pub fn lease(task: Uuid, role: Role) -> String {
 /// The risk matrix's grants of `role`, as shipped.
 pub fn grants(role: Role) -> Vec<&'static str> {
     match role {
-        Role::Dev => vec!["llm.complete", "read_files", "write_to_task_branch", "run_tests", "linter"],
-        Role::Qa => vec!["llm.complete", "read_files", "run_tests"],
+        Role::Dev => vec!["llm.complete", "read_files", "write_to_task_branch", "run_tests", "linter", "pkg_install"],
+        Role::Qa => vec!["llm.complete", "read_files", "run_tests", "pkg_install"],
         Role::Review => vec!["llm.complete", "read_files"],
-        _ => vec!["llm.complete", "read_files", "write_to_task_branch", "linter"],
+        _ => vec!["llm.complete", "read_files", "write_to_task_branch", "linter", "pkg_install"],
     }
 }
 
