@@ -367,7 +367,15 @@ impl HandlerInner {
                     Outcome::error(format!("internal error in the {} worker: {what}", self.role))
                 }
             },
-            () = keep_alive => unreachable_keep_alive(),
+            () = keep_alive => {
+                // The entry left the pending list: acknowledged elsewhere, or deleted (Redis
+                // lost its data and the orchestrator issued the step again, with a new
+                // lease). Whatever this step would still do, nobody would take its result;
+                // going on would only keep this worker from the steps that are live.
+                cancel.cancel();
+                tracing::warn!(task = %task_id, entry = %d.entry_id, "Abandoning the step: its entry is no longer pending (the step was issued again or settled elsewhere).");
+                return Ok(());
+            }
         };
         if self.shutdown.is_cancelled() {
             // Cut short by shutdown: no result; the entry stays pending and is redone.
@@ -487,7 +495,7 @@ impl HandlerInner {
 
     /// Keeps the entry of the running task fresh in Redis's pending list (`XCLAIM … JUSTID`
     /// by its own consumer, which leaves the delivery counter alone), so live workers never
-    /// lose a long task to `XAUTOCLAIM`. Never returns.
+    /// lose a long task to `XAUTOCLAIM`. Returns once the entry is no longer pending.
     async fn keep_alive(&self, stream: &str, entry: &str) {
         let mut tick = tokio::time::interval(self.keep_alive_every);
         tick.tick().await;
@@ -504,11 +512,13 @@ impl HandlerInner {
                     .arg("JUSTID")
                     .query_async::<Vec<String>>(&mut c)
                     .await
-                    .map_err(|e| e.to_string())
+                    // The group itself is gone (Redis lost its data): so is the entry.
+                    .or_else(|e| if e.code() == Some("NOGROUP") { Ok(Vec::new()) } else { Err(e.to_string()) })
             };
             match result.await {
                 Ok(ids) if ids.is_empty() => {
                     tracing::warn!(entry, "The running task's entry is no longer pending (acknowledged or deleted).");
+                    return;
                 }
                 Ok(_) => {}
                 Err(e) => tracing::warn!(entry, error = %e, "Cannot refresh the running task's entry."),
@@ -596,10 +606,6 @@ fn judged_change(assign_env: &Envelope) -> Option<String> {
         Payload::TaskAssign(a) => a.change.as_deref().map(|c| changeset::ChangeId::of(c).to_string()),
         _ => None,
     }
-}
-
-fn unreachable_keep_alive() -> Outcome {
-    Outcome::error("internal error: keep-alive ended")
 }
 
 #[cfg(test)]

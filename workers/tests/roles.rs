@@ -265,6 +265,37 @@ async fn pause_kills_the_sandbox_and_stops_claiming() {
     assert!(fleet.results_of(task).await.is_empty());
 }
 
+/// Redis lost the running step's entry (its data was flushed, and the orchestrator issues
+/// open steps again with new leases): the worker abandons the step at its next keep-alive,
+/// its sandbox is removed, nothing is published for it, and the worker takes the next step
+/// instead of holding on until the step's own end.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_step_whose_entry_is_gone_is_abandoned_and_the_worker_moves_on() {
+    let fleet = Fleet::new();
+    let origin = fleet.origin("example", |_| {});
+    fleet.start_worker(Role::Qa, "qa-t9");
+    let task = Uuid::now_v7();
+    let mut a = fleet.assignment(task, &origin);
+    a.test_command = Some("sleep 300".into());
+    fleet.assign(Role::Qa, task, a, 0).await;
+    wait_until("the test's sandbox to run", WAIT, async || !containers_of("qa-t9").is_empty()).await;
+
+    let mut c = fleet.pool.get().await.unwrap();
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut *c).await.unwrap();
+    // Well within the step's own 300 s: the keep-alive (every claim_idle / 4 = 5 s) sees it.
+    wait_until("the abandoned step's sandbox to go", Duration::from_secs(30), async || {
+        containers_of("qa-t9").is_empty()
+    })
+    .await;
+    let second_task = Uuid::now_v7();
+    let mut b = fleet.assignment(second_task, &origin);
+    b.test_command = Some("true".into());
+    let id = fleet.assign(Role::Qa, second_task, b, 0).await;
+    let (_, r) = fleet.result(id, WAIT).await;
+    assert_eq!(r.status, Status::Success, "{r:?}");
+    assert!(fleet.results_of(task).await.is_empty(), "a result for the abandoned step");
+}
+
 /// What `make` changes in a clone of `origin`, as the attacker's own git shows it (the
 /// repository's attributes in force: `*.py binary` makes the change a `GIT binary patch`).
 fn hostile_change(fleet: &Fleet, origin: &str, name: &str, make: impl FnOnce(&std::path::Path)) -> Vec<u8> {
