@@ -12,6 +12,13 @@
 #   the bare repository. Every envelope is shown live as it crosses Redis. The audit trail is
 #   verified at the end, and the kill switch is pulled and released once.
 #
+#   The repository has one third-party dependency (deploy/demo-dependency: `demogreet`,
+#   pinned with its hash in requirements.txt). Before the first test run, the worker asks
+#   the tool proxy for `pkg_install` and installs it in a sandbox whose only way out is the
+#   egress proxy (squid, image deploy/egress-proxy-image.sh, policy from `sandbox-runner
+#   egress-policy`), from the demo's own package index (an in-house mirror on a private
+#   network); every later run has no network at all.
+#
 # It installs what it needs (redis-server, postgresql, git, debootstrap for the sandbox
 # image), builds the binaries and the sandbox image if missing, starts a private Redis and
 # Postgres on loopback unless FLEET_REDIS_URL / FLEET_DATABASE_URL are set, and stops every
@@ -67,15 +74,23 @@ fi
 image=$(tail -n 1 "$image_log")
 rm -f "$image_log"
 echo "sandbox image: $image"
+say "Egress proxy image (squid from Debian's packages, on the sandbox image)"
+proxy_image=$("$repo_root/deploy/egress-proxy-image.sh" 2>/dev/null | tail -n 1) \
+    || fail "building the egress proxy image failed (run deploy/egress-proxy-image.sh to see why)"
+echo "egress proxy image: $proxy_image"
 
 work=$(mktemp -d /tmp/agentfleet-demo.XXXXXX)
 chmod 755 "$work"
 pids=()
+containers=()
+networks=()
 cleanup() {
     local code=$?
     for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
     for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
     if [ -d "$work/pg" ]; then run_pg "$pg_bin/pg_ctl" -D "$work/pg" -m immediate stop >/dev/null 2>&1 || true; fi
+    for c in "${containers[@]}"; do timeout 30 docker rm -f "$c" >/dev/null 2>&1 || true; done
+    for n in "${networks[@]}"; do timeout 30 docker network rm "$n" >/dev/null 2>&1 || true; done
     # Sandboxes of this demo's workers, if one was killed mid-run (by label; bounded, so an
     # engine in trouble cannot hang the cleanup).
     for role in dev qa review refactor; do
@@ -158,8 +173,39 @@ done
 "$fleetctl" token secret new --for lease --out "$work/lease.secret" >/dev/null
 "$fleetctl" db migrate --database-url "$db_url"
 
-say "The example repository (a Python project whose test fails) as a local bare repository"
+say "The package index (an in-house mirror) and the egress proxy, on networks of their own"
+tag=$(basename "$work" | tr 'A-Z' 'a-z' | tr -cd 'a-z0-9')
+egress_net="agentfleet-demo-egress-$tag" pkgs_net="agentfleet-demo-pkgs-$tag"
+docker network create --internal "$egress_net" >/dev/null && networks+=("$egress_net")
+docker network create "$pkgs_net" >/dev/null && networks+=("$pkgs_net")
+pkgs_subnet=$(docker network inspect -f '{{(index .IPAM.Config 0).Subnet}}' "$pkgs_net")
+mkdir -p "$work/pkgindex"
+dep_hash=$(python3 "$repo_root/deploy/demo-dependency/make-index.py" "$repo_root/deploy/demo-dependency" "$work/pkgindex" \
+    | sed -n 's/^demogreet //p')
+[ -n "$dep_hash" ] || fail "building the demo's package index failed (deploy/demo-dependency/make-index.py)"
+chmod -R a+rX "$work/pkgindex"
+containers+=("agentfleet-demo-index-$tag")
+docker run -d --name "agentfleet-demo-index-$tag" --network "$pkgs_net" --network-alias pkgindex \
+    -v "$work/pkgindex:/srv:ro" -w /srv "$image" python3 -m http.server 8000 >/dev/null
+# The proxy's whole policy: the index by name; its private network as an in-house mirror;
+# everything else refused, the metadata address and private ranges after resolution too.
+"$bin/sandbox-runner" egress-policy --registry pkgindex --private-mirror "$pkgs_subnet" --port 8000 >"$work/squid.conf"
+chmod 644 "$work/squid.conf"
+containers+=("agentfleet-demo-proxy-$tag")
+docker run -d --name "agentfleet-demo-proxy-$tag" --network "$pkgs_net" \
+    -v "$work/squid.conf:/etc/squid/agentfleet.conf:ro" "$proxy_image" >/dev/null
+docker network connect --alias egress-proxy "$egress_net" "agentfleet-demo-proxy-$tag"
+for _ in $(seq 100); do
+    docker logs "agentfleet-demo-proxy-$tag" 2>&1 | grep -q "Accepting HTTP Socket connections" && break
+    sleep 0.2
+done
+echo "index: http://pkgindex:8000/simple (demogreet 1.0, sha256 $dep_hash); proxy: http://egress-proxy:3128 on $egress_net"
+
+say "The example repository (a Python project whose test fails, with one locked dependency) as a local bare repository"
 cp -r "$repo_root/deploy/example-repo" "$work/example"
+printf 'demogreet==1.0 \\\n    --hash=sha256:%s\n' "$dep_hash" >"$work/example/requirements.txt"
+cp "$repo_root/deploy/demo-dependency/test_dependency.py" "$work/example/tests/"
+cat "$work/example/requirements.txt"
 git -C "$work/example" init -q -b main
 git -C "$work/example" add -A
 git -C "$work/example" -c user.name=demo -c user.email=demo@localhost commit -qm "example project with a failing test"
@@ -177,6 +223,11 @@ reservation_ttl_secs = 600
 input_micro_usd_per_mtok = 3000000
 output_micro_usd_per_mtok = 15000000
 TOML
+# The shipped matrix, with the work hours round the clock: pkg_install is MEDIUM, which runs
+# unattended only within them (08:00-22:00 UTC as shipped), and the demo runs at any hour.
+sed 's/^start = "08:00"$/start = "00:00"/; s/^end = "22:00"$/end = "24:00"/' \
+    "$repo_root/config/risk_matrix.toml" >"$work/risk_matrix.toml"
+grep -q '^end = "24:00"$' "$work/risk_matrix.toml" || fail "config/risk_matrix.toml's [work_hours] moved; update deploy/demo.sh"
 cat >"$work/orchestrator.toml" <<TOML
 instance = "orchestrator-0"
 keyset = "$work/orchestrator.keyset.toml"
@@ -192,7 +243,7 @@ local_roots = ["$work"]
 
 [tools]
 lease_secret_file = "$work/lease.secret"
-risk_matrix = "$repo_root/config/risk_matrix.toml"
+risk_matrix = "$work/risk_matrix.toml"
 ledger = "$work/ledger.toml"
 [tools.provider]
 kind = "scripted"
@@ -216,6 +267,10 @@ heartbeat_secs = 2
 [sandbox]
 image = "$image"
 timeout_secs = 120
+[sandbox.egress]
+network = "$egress_net"
+proxy_url = "http://egress-proxy:3128"
+python_index_url = "http://pkgindex:8000/simple"
 TOML
 done
 
@@ -272,6 +327,12 @@ say "The task ended in state '$state'"
 say "The branch the orchestrator pushed to the bare repository"
 git -C "$work/example.git" log --oneline "agentfleet/task-$task_id"
 git -C "$work/example.git" diff "main..agentfleet/task-$task_id"
+
+say "The locked dependency: permitted by the tool proxy, installed through the egress proxy"
+"$fleetctl" trace "$task_id" --database-url "$db_url" | grep 'tool.pkg_install' || true
+grep -h 'Installing the task' "$work"/dev.log "$work"/qa.log "$work"/refactor.log 2>/dev/null | head -n 3 || true
+echo "the egress proxy's log (every request it saw):"
+docker logs "agentfleet-demo-proxy-$tag" 2>/dev/null | grep -E 'TCP_|NONE' | head -n 10 || true
 
 say "Fleet status: kill switch, budget, streams, live workers"
 "$fleetctl" status --redis "$(url_for operator)" --keyset "$work/operator.keyset.toml" --budget-config "$work/budget.toml" || true

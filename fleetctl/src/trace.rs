@@ -158,6 +158,14 @@ pub fn render(task: Uuid, title: &str, state: &str, events: &[Event]) -> String 
                     d.get("output_tokens").and_then(Value::as_u64).unwrap_or(0),
                     e.prompt_version.as_deref().map(|v| format!(" prompt {v}")).unwrap_or_default()
                 ),
+                "tool.pkg_install" => format!(
+                    "install permitted from {} (sha256 {})",
+                    d.get("lockfiles")
+                        .and_then(Value::as_array)
+                        .map(|l| l.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "))
+                        .unwrap_or_default(),
+                    d.get("digest").and_then(Value::as_str).map(|h| h.chars().take(12).collect::<String>()).unwrap_or_default()
+                ),
                 "tool.call.refused" => format!(
                     "{} {} refused: {}",
                     d.get("tool").and_then(Value::as_str).unwrap_or("?"),

@@ -172,8 +172,10 @@ impl RiskMatrix {
             grants.insert(role, actions.into_iter().collect());
         }
         let wh = &file.work_hours;
-        let (Some(work_start), Some(work_end)) = (minutes(&wh.start), minutes(&wh.end)) else {
-            return Err(RiskError("[work_hours] start and end must be \"HH:MM\"".into()));
+        // "24:00" ends the day: 00:00–24:00 is round the clock.
+        let end = if wh.end == "24:00" { Some(24 * 60) } else { minutes(&wh.end) };
+        let (Some(work_start), Some(work_end)) = (minutes(&wh.start), end) else {
+            return Err(RiskError("[work_hours] start and end must be \"HH:MM\" (end may be \"24:00\")".into()));
         };
         if wh.utc_offset_minutes.abs() > 14 * 60 {
             return Err(RiskError("[work_hours] utc_offset_minutes must be within ±840".into()));
@@ -296,6 +298,20 @@ mod tests {
         assert!(RiskMatrix::parse(&grant).unwrap_err().to_string().contains("no level lists"));
         let hours = base.replace("start = \"08:00\"", "start = \"8am\"");
         assert!(RiskMatrix::parse(&hours).unwrap_err().to_string().contains("HH:MM"));
+    }
+
+    #[test]
+    fn work_hours_may_last_the_whole_day() {
+        let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/risk_matrix.toml"))
+            .unwrap()
+            .replacen("end = \"22:00\"", "end = \"24:00\"", 1)
+            .replacen("start = \"08:00\"", "start = \"00:00\"", 1);
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), text).unwrap();
+        let m = RiskMatrix::load(file.path()).unwrap();
+        for h in [0, 7, 12, 23] {
+            assert!(m.in_work_hours(at(h)), "{h}:00");
+        }
     }
 
     #[test]

@@ -34,8 +34,9 @@ use workers::sandbox::{Engine, SandboxConfig};
         "  max_concurrent   sandboxes at once; more wait [8]\n",
         "  [sandbox]        image, runtime, runtime_by_risk, memory_bytes, nano_cpus, pids_limit,\n",
         "                   timeout_secs (the longest a request may ask) [300], output_cap_bytes,\n",
-        "                   tmpfs_bytes, workspace_max_bytes, workspace_poll_ms, seccomp_profile\n",
-        "                   (docs/sandbox.md)\n",
+        "                   tmpfs_bytes, workspace_max_bytes, workspace_poll_ms, seccomp_profile,\n",
+        "                   egress (network, proxy_url, python_index_url, npm_registry: the\n",
+        "                   install runs' way out, through the egress proxy) (docs/sandbox.md)\n",
         "\n",
         "Needs the Docker engine (DOCKER_HOST or /var/run/docker.sock) and the sandbox image.\n",
         "Exit codes: 0 after a clean shutdown, 64 for invalid arguments or configuration, 1 otherwise."
@@ -48,6 +49,34 @@ struct Cli {
     /// Log JSON lines instead of text.
     #[arg(long)]
     json_logs: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Print the egress proxy's configuration (squid.conf) for install runs and exit: only
+    /// the listed registry hosts are reachable, by name; private, loopback, link-local (the
+    /// metadata address 169.254.169.254 included) and other reserved ranges are refused
+    /// after DNS resolution, unless listed as in-house mirrors; every request is logged.
+    /// Mount the output at /etc/squid/agentfleet.conf of the image that
+    /// deploy/egress-proxy-image.sh builds.
+    EgressPolicy {
+        /// A registry host name to allow (repeat): pypi.org, files.pythonhosted.org,
+        /// registry.npmjs.org, or a mirror's name.
+        #[arg(long = "registry", value_name = "HOST", required = true)]
+        registries: Vec<String>,
+        /// A private CIDR an in-house mirror lives in, exempt from the refused ranges
+        /// (repeat); none by default.
+        #[arg(long = "private-mirror", value_name = "CIDR")]
+        private_mirrors: Vec<String>,
+        /// A port plain HTTP may use besides 80 (repeat); CONNECT is 443 only.
+        #[arg(long = "port", value_name = "PORT")]
+        extra_ports: Vec<u16>,
+        /// The port the proxy listens on.
+        #[arg(long, default_value_t = 3128)]
+        listen_port: u16,
+    },
 }
 
 #[derive(Debug, Deserialize)]
@@ -170,6 +199,19 @@ async fn main() -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if let Some(Command::EgressPolicy { registries, private_mirrors, extra_ports, listen_port }) = cli.command {
+        let policy = workers::egress::EgressPolicy { registries, private_mirrors, extra_ports, listen_port };
+        return match policy.squid_conf() {
+            Ok(conf) => {
+                print!("{conf}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("sandbox-runner egress-policy: {e}");
+                ExitCode::from(64)
+            }
+        };
+    }
     let _telemetry = match telemetry::init("sandbox-runner", cli.json_logs) {
         Ok(t) => t,
         Err(code) => return code,
