@@ -330,7 +330,6 @@ git -C "$work/example.git" diff "main..agentfleet/task-$task_id"
 
 say "The locked dependency: permitted by the tool proxy, installed through the egress proxy"
 "$fleetctl" trace "$task_id" --database-url "$db_url" | grep 'tool.pkg_install' || true
-grep -h 'Installing the task' "$work"/dev.log "$work"/qa.log "$work"/refactor.log 2>/dev/null | head -n 3 || true
 echo "the egress proxy's log (every request it saw):"
 docker logs "agentfleet-demo-proxy-$tag" 2>/dev/null | grep -E 'TCP_|NONE' | head -n 10 || true
 
