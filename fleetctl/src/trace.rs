@@ -164,7 +164,10 @@ pub fn render(task: Uuid, title: &str, state: &str, events: &[Event]) -> String 
                         .and_then(Value::as_array)
                         .map(|l| l.iter().filter_map(Value::as_str).collect::<Vec<_>>().join(", "))
                         .unwrap_or_default(),
-                    d.get("digest").and_then(Value::as_str).map(|h| h.chars().take(12).collect::<String>()).unwrap_or_default()
+                    d.get("digest")
+                        .and_then(Value::as_str)
+                        .map(|h| h.chars().take(12).collect::<String>())
+                        .unwrap_or_default()
                 ),
                 "tool.call.refused" => format!(
                     "{} {} refused: {}",

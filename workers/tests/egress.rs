@@ -338,6 +338,28 @@ async fn an_install_run_gets_pinned_wheels_through_the_proxy_builds_nothing_and_
         assert!(t.contains(&format!("NET {host} BLOCKED")), "{host}: {t}");
     }
 
+    // The same install from an index the proxy does not allow: refused by the proxy.
+    let elsewhere = Sandbox::connect(SandboxConfig {
+        egress: config
+            .egress
+            .clone()
+            .map(|e| EgressConfig { python_index_url: "http://example.org/simple".into(), ..e }),
+        ..config.clone()
+    })
+    .await
+    .unwrap();
+    let ws_elsewhere = workspace_with(&format!("afdep==1.0 --hash=sha256:{}\n", hash("afdep")));
+    let out = elsewhere.run(egress(ws_elsewhere.path(), &plan), &cancel).await.unwrap();
+    assert!(!out.success(), "installed from a host off the allowlist: {}", text(&out));
+    assert!(!ws_elsewhere.path().join(DEPS_DIR).join(deps::MARKER).exists());
+    assert!(
+        logs(&net.proxy)
+            .lines()
+            .any(|l| l.contains("TCP_DENIED/403") && l.contains("http://example.org/simple/afdep/")),
+        "{}",
+        logs(&net.proxy)
+    );
+
     // A hash that does not match what the index serves: nothing is installed.
     let ws = workspace_with(&format!("afdep==1.0 --hash=sha256:{}\n", "0".repeat(64)));
     let plan = deps::plan(&requirements_of(&ws.path().join("requirements.txt"))).unwrap().unwrap();
