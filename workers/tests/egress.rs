@@ -384,6 +384,17 @@ async fn an_install_run_gets_pinned_wheels_through_the_proxy_builds_nothing_and_
     let out = run(build).await;
     assert!(ws.path().join("PWNED").exists(), "the control never ran setup.py: {}", text(&out));
 
+    // A failed fetch in an install run is pip's error, not sandboxed code trying to get out:
+    // it is no containment hit (no incident), while the same words from a test run are.
+    sandbox.take_containment("task-egress");
+    let say = vec!["sh".into(), "-c".into(), "echo 'Temporary failure in name resolution'; exit 1".into()];
+    let mut install = egress(ws.path(), &plan);
+    install.command = say.clone();
+    run(install).await;
+    assert!(sandbox.take_containment("task-egress").is_empty(), "an install run's fetch error counted as containment");
+    run(RunSpec::new(say, ws.path(), labels.clone())).await;
+    assert_eq!(sandbox.take_containment("task-egress"), ["network"]);
+
     // A sandbox without the egress mode refuses an install run rather than run it offline
     // or on another network.
     let offline = Sandbox::connect(SandboxConfig { egress: None, ..config }).await.unwrap();
