@@ -69,6 +69,15 @@ async fn fleet(per_task_tokens: u64) -> Fleet {
 
 /// [`fleet`] with the engine's settings tuned by `tune`.
 async fn fleet_tuned(per_task_tokens: u64, tune: impl FnOnce(&mut EngineConfig)) -> Fleet {
+    fleet_tuned_with(per_task_tokens, tune, matrix()).await
+}
+
+/// [`fleet_tuned`] under the risk matrix `matrix`.
+async fn fleet_tuned_with(
+    per_task_tokens: u64,
+    tune: impl FnOnce(&mut EngineConfig),
+    matrix: Arc<RiskMatrix>,
+) -> Fleet {
     let dir = tempfile::tempdir().unwrap();
     let fixture = dir.path().join("fixture.toml");
     std::fs::write(
@@ -77,7 +86,7 @@ async fn fleet_tuned(per_task_tokens: u64, tune: impl FnOnce(&mut EngineConfig))
     )
     .unwrap();
     let provider = ProviderConfig::Scripted(ScriptedConfig { fixture });
-    fleet_with(dir, provider, per_task_tokens, "scripted-1", (1_000_000, 2_000_000), tune).await
+    fleet_with_matrix(dir, provider, per_task_tokens, "scripted-1", (1_000_000, 2_000_000), tune, matrix).await
 }
 
 /// A fleet whose proxy calls `provider` as `model`, priced at `(input, output)` µ$ per
@@ -319,15 +328,7 @@ async fn fleet_in_work_hours(inside: bool) -> Fleet {
     let hours = format!("start = \"{:02}:00\"\nend = \"{:02}:00\"", from % 24, to % 24);
     let m = matrix_edited(|m| m.replacen("start = \"08:00\"\nend = \"22:00\"", &hours, 1));
     assert_eq!(m.in_work_hours(chrono::Utc::now()), inside, "{hours}");
-    let dir = tempfile::tempdir().unwrap();
-    let fixture = dir.path().join("fixture.toml");
-    std::fs::write(
-        &fixture,
-        "[[response]]\nrole = \"dev\"\ntext = \"x\"\ninput_tokens = 1\noutput_tokens = 1\nmodel = \"scripted-1\"\n",
-    )
-    .unwrap();
-    let provider = ProviderConfig::Scripted(ScriptedConfig { fixture });
-    fleet_with_matrix(dir, provider, 100_000, "scripted-1", (1, 1), |_| {}, m).await
+    fleet_tuned_with(100_000, |_| {}, m).await
 }
 
 /// `pkg_install` (MEDIUM) is a permission: granted within the work hours and audited with

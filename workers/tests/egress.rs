@@ -274,23 +274,29 @@ fn workspace_with(requirements: &str) -> tempfile::TempDir {
     ws
 }
 
-fn requirements_of(file: &Path) -> Lockfiles {
-    Lockfiles { requirements: Some(std::fs::read(file).unwrap()), ..Lockfiles::default() }
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn an_install_run_gets_pinned_wheels_through_the_proxy_builds_nothing_and_the_test_run_has_no_network() {
+/// A directory holding [`MAKE_INDEX`]'s package index, and the SHA-256 of a project's file.
+fn package_index() -> (tempfile::TempDir, impl Fn(&str) -> String) {
     let dir = tempfile::tempdir().unwrap();
     let mount = format!("{}:/out", dir.path().display());
     let sandbox_image = image("sandbox-image.sh");
     let hashes = docker(&["run", "--rm", "--user", "0", "-v", &mount, &sandbox_image, "python3", "-c", MAKE_INDEX]);
-    let hash = |project: &str| {
+    let hash = move |project: &str| {
         hashes
             .lines()
             .find_map(|l| l.strip_prefix(&format!("{project} ")))
             .unwrap_or_else(|| panic!("{project}: {hashes}"))
             .to_owned()
     };
+    (dir, hash)
+}
+
+fn requirements_of(file: &Path) -> Lockfiles {
+    Lockfiles { requirements: Some(std::fs::read(file).unwrap()), ..Lockfiles::default() }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_install_run_gets_pinned_wheels_through_the_proxy_builds_nothing_and_the_test_run_has_no_network() {
+    let (dir, hash) = package_index();
     let net = net(dir.path());
     let config = SandboxConfig {
         image: net.sandbox.clone(),
@@ -411,11 +417,8 @@ async fn an_install_run_gets_pinned_wheels_through_the_proxy_builds_nothing_and_
 async fn a_qa_step_installs_the_locked_dependency_only_when_the_proxy_grants_pkg_install() {
     use common::Fleet;
     use envelope::{Role, Status};
-    let dir = tempfile::tempdir().unwrap();
-    let mount = format!("{}:/out", dir.path().display());
-    let sandbox_image = image("sandbox-image.sh");
-    let hashes = docker(&["run", "--rm", "--user", "0", "-v", &mount, &sandbox_image, "python3", "-c", MAKE_INDEX]);
-    let hash = hashes.lines().find_map(|l| l.strip_prefix("afdep ")).unwrap().to_owned();
+    let (dir, hash) = package_index();
+    let hash = hash("afdep");
     let net = net(dir.path());
 
     let fleet = Fleet::new();
