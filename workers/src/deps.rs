@@ -58,6 +58,10 @@ pub struct Plan {
     /// Each ecosystem with its lockfile (workspace-relative) and how many packages it pins
     /// (Node: `None`, npm counts).
     pub lockfiles: Vec<(Ecosystem, &'static str, Option<usize>)>,
+    /// The checked Python requirements, one `name==version[; marker] --hash=…` per line:
+    /// what pip is given, never the repository's file (whose comments, line breaks or
+    /// `# coding:` pip would read differently from this checker).
+    pub python: Vec<String>,
     /// SHA-256 (hex) over the lockfiles' names and bytes: what [`MARKER`] must hold.
     pub digest: String,
 }
@@ -76,17 +80,50 @@ pub struct Lockfiles {
     pub shrinkwrap: Option<Vec<u8>>,
 }
 
+/// Reads the lockfiles directly under `dir` (the workspace), never through a symlink (the
+/// last component is opened with `O_NOFOLLOW`; `dir` itself is the caller's). A missing
+/// file, or anything but a regular file, counts as missing; one larger than
+/// [`MAX_LOCKFILE_BYTES`] is an error.
+pub fn read_lockfiles(dir: &std::path::Path) -> Result<Lockfiles, String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let read = |name: &str| -> Result<Option<Vec<u8>>, String> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32 | rustix::fs::OFlags::NONBLOCK.bits() as i32)
+            .open(dir.join(name));
+        let Ok(file) = file else { return Ok(None) };
+        match file.metadata() {
+            Ok(m) if m.is_file() => {}
+            _ => return Ok(None),
+        }
+        let mut bytes = Vec::new();
+        file.take(MAX_LOCKFILE_BYTES + 1).read_to_end(&mut bytes).map_err(|e| format!("cannot read {name}: {e}"))?;
+        if bytes.len() as u64 > MAX_LOCKFILE_BYTES {
+            return Err(format!("{name} is larger than {MAX_LOCKFILE_BYTES} bytes; no lockfile is that large"));
+        }
+        Ok(Some(bytes))
+    };
+    Ok(Lockfiles {
+        requirements: read("requirements.txt")?,
+        package_json: read("package.json")?,
+        package_lock: read("package-lock.json")?,
+        shrinkwrap: read("npm-shrinkwrap.json")?,
+    })
+}
+
 /// The workspace needs an install, `None` when it has nothing to install, or why its
 /// lockfiles are unusable (said so that whoever wrote them can fix them).
 pub fn plan(files: &Lockfiles) -> Result<Option<Plan>, String> {
     let mut lockfiles = Vec::new();
+    let mut python = Vec::new();
     let mut hash = Sha256::new();
     if let Some(bytes) = &files.requirements {
         let text = std::str::from_utf8(bytes).map_err(|_| "requirements.txt is not UTF-8".to_owned())?;
-        let n = check_requirements(text)?;
-        if n > 0 {
-            lockfiles.push((Ecosystem::Python, "requirements.txt", Some(n)));
-            digest_file(&mut hash, "requirements.txt", bytes);
+        python = check_requirements(text)?;
+        if !python.is_empty() {
+            lockfiles.push((Ecosystem::Python, "requirements.txt", Some(python.len())));
+            digest_file(&mut hash, "requirements.txt", python.join("\n").as_bytes());
         }
     }
     if files.package_json.is_some() {
@@ -103,6 +140,7 @@ pub fn plan(files: &Lockfiles) -> Result<Option<Plan>, String> {
         if lock.get("lockfileVersion").and_then(serde_json::Value::as_u64).is_none() {
             return Err(format!("{name} has no lockfileVersion: regenerate it with npm 7 or later"));
         }
+        check_npm_lock(name, &lock)?;
         lockfiles.push((Ecosystem::Node, name, None));
         digest_file(&mut hash, "package.json", files.package_json.as_deref().unwrap_or_default());
         digest_file(&mut hash, name, bytes);
@@ -110,7 +148,7 @@ pub fn plan(files: &Lockfiles) -> Result<Option<Plan>, String> {
     if lockfiles.is_empty() {
         return Ok(None);
     }
-    Ok(Some(Plan { lockfiles, digest: hex::encode(hash.finalize()) }))
+    Ok(Some(Plan { lockfiles, python, digest: hex::encode(hash.finalize()) }))
 }
 
 fn digest_file(hash: &mut Sha256, name: &str, bytes: &[u8]) {
@@ -120,11 +158,59 @@ fn digest_file(hash: &mut Sha256, name: &str, bytes: &[u8]) {
     hash.update(bytes);
 }
 
+/// Every package of an npm lockfile (v2/v3 `packages`, v1 `dependencies`) must come from
+/// a registry over HTTPS with an `integrity` hash: a git, file or tarball-URL dependency
+/// can carry a `prepare` script that npm runs despite `--ignore-scripts`. Workspace links
+/// (`"link": true`) fetch nothing and pass.
+fn check_npm_lock(name: &str, lock: &serde_json::Value) -> Result<(), String> {
+    fn check(name: &str, key: &str, entry: &serde_json::Value) -> Result<(), String> {
+        if key.is_empty() || entry.get("link").and_then(serde_json::Value::as_bool) == Some(true) {
+            return Ok(());
+        }
+        let resolved = entry.get("resolved").and_then(serde_json::Value::as_str).unwrap_or("");
+        let integrity = entry.get("integrity").and_then(serde_json::Value::as_str).unwrap_or("");
+        if !resolved.starts_with("https://") || !integrity.starts_with("sha512-") {
+            return Err(format!(
+                "{name}: {:?} is not a registry package over HTTPS with an integrity hash (resolved {:?}); \
+                 git, file and URL dependencies cannot be installed",
+                key.chars().take(80).collect::<String>(),
+                resolved.chars().take(80).collect::<String>()
+            ));
+        }
+        Ok(())
+    }
+    if let Some(packages) = lock.get("packages").and_then(serde_json::Value::as_object) {
+        for (key, entry) in packages {
+            check(name, key, entry)?;
+        }
+    } else if let Some(deps) = lock.get("dependencies").and_then(serde_json::Value::as_object) {
+        // v1 nests dependencies of dependencies.
+        let mut stack: Vec<(&String, &serde_json::Value)> = deps.iter().collect();
+        while let Some((key, entry)) = stack.pop() {
+            check(name, key, entry)?;
+            if let Some(inner) = entry.get("dependencies").and_then(serde_json::Value::as_object) {
+                stack.extend(inner.iter());
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Checks that `text` is a lockfile: each requirement `name[extras]==version[; marker]`
 /// followed only by `--hash=sha256:<64 hex>` (at least one); comments, blank lines and
-/// `\` continuations allowed; nothing else. Returns how many requirements it pins.
-pub fn check_requirements(text: &str) -> Result<usize, String> {
-    let mut count = 0;
+/// `\` continuations allowed; nothing else, and only printable ASCII, spaces, tabs and
+/// `\n` (pip splits lines on `\r`, form feeds and Unicode separators too, which could
+/// smuggle an option past a comment). Returns the requirements, normalized: one line
+/// each, hashes included, no comment.
+pub fn check_requirements(text: &str) -> Result<Vec<String>, String> {
+    if let Some((i, c)) = text.char_indices().find(|(_, c)| !(matches!(c, ' '..='~' | '\n' | '\t'))) {
+        let line = text[..i].matches('\n').count() + 1;
+        return Err(format!(
+            "requirements.txt line {line}: the character {c:?} is not printable ASCII; a lockfile holds pinned \
+             requirements in plain ASCII only"
+        ));
+    }
+    let mut out = Vec::new();
     let mut logical = String::new();
     let mut first_line = 0;
     let lines: Vec<&str> = text.lines().collect();
@@ -155,9 +241,9 @@ pub fn check_requirements(text: &str) -> Result<usize, String> {
                  hashes (e.g. `pip-compile --generate-hashes` or `pip download` + `pip hash`)"
             )
         })?;
-        count += 1;
+        out.push(entry.split_whitespace().collect::<Vec<_>>().join(" "));
     }
-    Ok(count)
+    Ok(out)
 }
 
 fn check_requirement(entry: &str) -> Result<(), String> {
@@ -231,16 +317,23 @@ pub fn target(ecosystem: Ecosystem) -> String {
 /// configuration (the runner's, when there is one), never the worker's.
 pub fn install_command(plan: &Plan) -> Vec<String> {
     let deps = format!("{WORKSPACE_MOUNT}/{DEPS_DIR}");
-    let mut script = format!("set -eu\nrm -rf {d}\nmkdir -p {d}\n", d = sh_quote(&deps));
+    // Out of the workspace: nothing of the repository is on Python's path (`-I` too), and
+    // no configuration file but the sandbox's own variables steers pip.
+    let mut script =
+        format!("set -eu\ncd /tmp\nexport PIP_CONFIG_FILE=/dev/null\nrm -rf {d}\nmkdir -p {d}\n", d = sh_quote(&deps));
     for (ecosystem, lockfile, _) in &plan.lockfiles {
         let dir = sh_quote(&target(*ecosystem));
         let lock = sh_quote(&format!("{WORKSPACE_MOUNT}/{lockfile}"));
         match ecosystem {
             Ecosystem::Python => {
+                // The checked requirements (plain ASCII, no line equal to the delimiter),
+                // never the repository's file.
                 let _ = writeln!(
                     script,
-                    "python3 -m pip install --no-input --disable-pip-version-check --no-cache-dir --no-compile \
-                     --require-hashes --no-deps --only-binary :all: --target {dir} -r {lock}"
+                    "cat > /tmp/agentfleet-requirements.txt <<'AGENTFLEET_REQUIREMENTS'\n{}\nAGENTFLEET_REQUIREMENTS\n\
+                     python3 -I -m pip install --no-input --disable-pip-version-check --no-cache-dir --no-compile \
+                     --require-hashes --no-deps --only-binary :all: --target {dir} -r /tmp/agentfleet-requirements.txt",
+                    plan.python.join("\n")
                 );
             }
             Ecosystem::Node => {
@@ -284,7 +377,12 @@ mod tests {
         let text = format!(
             "# pinned\nsix==1.16.0 \\\n    {HASH} \\\n    {HASH}\ntomli[extra]==2.0.1 ; python_version < \"3.11\" {HASH}\n\n"
         );
-        assert_eq!(check_requirements(&text), Ok(2));
+        assert_eq!(check_requirements(&text).map(|r| r.len()), Ok(2));
+        assert_eq!(
+            check_requirements(&text).unwrap()[0],
+            format!("six==1.16.0 {HASH} {HASH}"),
+            "normalized: one line, no comment, no continuation"
+        );
         let p = python(&text).unwrap().unwrap();
         assert_eq!(p.lockfiles, vec![(Ecosystem::Python, "requirements.txt", Some(2))]);
         assert_eq!(run_env(&p), vec![("PYTHONPATH".to_owned(), "/workspace/.agentfleet-deps/python".to_owned())]);
@@ -316,6 +414,12 @@ mod tests {
             let err = check_requirements(&format!("ok==1.0 {HASH}\n{line}\n")).unwrap_err();
             assert!(err.contains("line 2") && err.contains(why), "{line:?}: {err}");
         }
+        // Line breaks pip sees and this checker would not, hiding options behind a comment.
+        for sep in ["\r", "\x0b", "\x0c", "\u{1c}", "\u{85}", "\u{2028}", "\u{2029}"] {
+            let text = format!("ok==1.0 {HASH}\nsix==1.0 {HASH} #{sep}--no-binary :all:{sep}--find-links ./vendor\n");
+            let err = check_requirements(&text).unwrap_err();
+            assert!(err.contains("line 2") && err.contains("not printable ASCII"), "{sep:?}: {err}");
+        }
     }
 
     #[test]
@@ -323,14 +427,32 @@ mod tests {
         let manifest = Some(b"{\"name\":\"x\"}".to_vec());
         let none = Lockfiles { package_json: manifest.clone(), ..Lockfiles::default() };
         assert!(plan(&none).unwrap_err().contains("package.json has no lockfile"));
-        let lock = Some(b"{\"lockfileVersion\":3}".to_vec());
+        let lock = Some(
+            br#"{"lockfileVersion":3,"packages":{"":{"name":"x"},"node_modules/a":{"resolved":"https://registry.npmjs.org/a/-/a-1.0.0.tgz","integrity":"sha512-AAAA"},"node_modules/w":{"link":true}}}"#
+                .to_vec(),
+        );
         let with = Lockfiles { package_json: manifest.clone(), package_lock: lock, ..Lockfiles::default() };
         let p = plan(&with).unwrap().unwrap();
         assert_eq!(p.lockfiles, vec![(Ecosystem::Node, "package-lock.json", None)]);
         let cmd = install_command(&p);
         assert!(cmd[2].contains("npm ci --ignore-scripts"), "{}", cmd[2]);
-        let bad = Lockfiles { package_json: manifest, package_lock: Some(b"{}".to_vec()), ..Lockfiles::default() };
+        let bad =
+            Lockfiles { package_json: manifest.clone(), package_lock: Some(b"{}".to_vec()), ..Lockfiles::default() };
         assert!(plan(&bad).unwrap_err().contains("lockfileVersion"));
+        for resolved in ["git+ssh://git@evil.example/x.git#abc", "file:../x", "http://registry.npmjs.org/a.tgz", ""] {
+            let lock = format!(
+                r#"{{"lockfileVersion":3,"packages":{{"node_modules/a":{{"resolved":"{resolved}","integrity":"sha512-A"}}}}}}"#
+            );
+            let bad = Lockfiles {
+                package_json: manifest.clone(),
+                package_lock: Some(lock.into_bytes()),
+                ..Lockfiles::default()
+            };
+            assert!(plan(&bad).unwrap_err().contains("cannot be installed"), "{resolved}");
+        }
+        let v1 = br#"{"lockfileVersion":1,"dependencies":{"a":{"resolved":"https://r/a.tgz","integrity":"sha512-A","dependencies":{"b":{"version":"github:evil/b"}}}}}"#;
+        let bad = Lockfiles { package_json: manifest, package_lock: Some(v1.to_vec()), ..Lockfiles::default() };
+        assert!(plan(&bad).unwrap_err().contains("\"b\""), "a nested v1 git dependency");
     }
 
     #[test]
@@ -344,6 +466,9 @@ mod tests {
             assert!(script.contains(flag), "{flag}: {script}");
         }
         assert!(!script.contains("index") && !script.contains("http"), "{script}");
+        assert!(script.contains("python3 -I -m pip") && script.contains("cd /tmp\n"), "{script}");
+        assert!(!script.contains("/workspace/requirements.txt"), "pip reads the checked copy: {script}");
+        assert!(script.contains(&format!("\nsix==1.16.0 {HASH}\nAGENTFLEET_REQUIREMENTS\n")), "{script}");
         assert!(script.ends_with(&format!("> '/workspace/.agentfleet-deps/{MARKER}'\n")), "{script}");
     }
 }

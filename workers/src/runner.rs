@@ -243,6 +243,19 @@ impl RunnerPolicy {
         spec.risk = r.risk;
         spec.timeout = Some(timeout);
         if r.egress {
+            // The one run with a network runs the install of the workspace's own lockfiles
+            // and nothing else, whatever a (compromised) worker asks: the runner recomputes
+            // the command. Nothing of the files goes back in the refusal.
+            let expected = crate::deps::read_lockfiles(&spec.workspace)
+                .and_then(|files| crate::deps::plan(&files))
+                .ok()
+                .flatten()
+                .map(|plan| crate::deps::install_command(&plan));
+            if expected.as_ref() != Some(&spec.command) || !spec.env.is_empty() || spec.workdir.is_some() {
+                return Err("an egress run may only be the install of the workspace's lockfiles \
+                            (workers::deps::install_command), with no environment or working directory of its own"
+                    .into());
+            }
             spec.network = crate::sandbox::Network::Egress;
         }
         Ok(spec)

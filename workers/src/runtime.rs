@@ -37,6 +37,10 @@ use crate::workspace::{Workspace, check_workspace_path};
 /// How long a `task.result` stays valid for the orchestrator (it may be down for a while).
 const RESULT_TTL_MS: u64 = 6 * 3600 * 1000;
 
+/// How long an abandoned step (its entry no longer pending) may take to wind down once
+/// cancelled: sandbox runs stop at once; a tool request in flight ends at its timeout.
+const ABANDON_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Runs a worker until `shutdown`. Returns an error only when startup fails.
 pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     let role = cfg.role;
@@ -354,10 +358,11 @@ impl HandlerInner {
         tracing::info!(task = %task_id, attempt = assign.attempt, deliveries = d.deliveries, "Task received.");
 
         let cancel = self.shutdown.child_token();
-        let work = self.work(&env, task_id, &assign, &cancel);
+        let work = AssertUnwindSafe(self.work(&env, task_id, &assign, &cancel)).catch_unwind();
+        let mut work = std::pin::pin!(work);
         let keep_alive = self.keep_alive(&d.stream, &d.entry_id);
         let outcome = tokio::select! {
-            o = AssertUnwindSafe(work).catch_unwind() => match o {
+            o = &mut work => match o {
                 Ok(o) => o,
                 Err(panic) => {
                     let what = panic.downcast_ref::<&str>().map(|s| (*s).to_owned())
@@ -371,9 +376,14 @@ impl HandlerInner {
                 // The entry left the pending list: acknowledged elsewhere, or deleted (Redis
                 // lost its data and the orchestrator issued the step again, with a new
                 // lease). Whatever this step would still do, nobody would take its result;
-                // going on would only keep this worker from the steps that are live.
+                // going on would only keep this worker from the steps that are live. The
+                // step is cancelled and given time to wind down (its sandbox stopped, the
+                // credential files it set aside put back) before it is dropped.
                 cancel.cancel();
                 tracing::warn!(task = %task_id, entry = %d.entry_id, "Abandoning the step: its entry is no longer pending (the step was issued again or settled elsewhere).");
+                if tokio::time::timeout(ABANDON_GRACE, &mut work).await.is_err() {
+                    tracing::error!(task = %task_id, grace_secs = ABANDON_GRACE.as_secs(), "The abandoned step did not wind down in time; dropped.");
+                }
                 return Ok(());
             }
         };

@@ -290,6 +290,11 @@ impl Workspace {
         self.git_dir.with_extension("stash")
     }
 
+    /// True if the base commit has anything at or under `rel`.
+    pub async fn tracks(&self, rel: &str) -> bool {
+        self.git(&["ls-tree", "--name-only", "HEAD", "--", rel]).await.is_ok_and(|out| !out.is_empty())
+    }
+
     /// True if the working tree has a regular file at `rel`.
     pub async fn has_file(&self, rel: &str) -> bool {
         self.read_file(rel, u64::MAX >> 1).await.is_some()

@@ -324,12 +324,22 @@ async fn an_install_run_gets_pinned_wheels_through_the_proxy_builds_nothing_and_
         spec
     };
 
-    // The install run: a hash-pinned wheel, through the proxy, into the deps directory.
+    // The install run: a hash-pinned wheel, through the proxy, into the deps directory. The
+    // repository ships its own `pip` package (and a `sitecustomize`): with Python run from
+    // the workspace they would run instead of pip, with the network; they must not.
     let ws = workspace_with(&format!("afdep==1.0 --hash=sha256:{}\n", hash("afdep")));
+    let shadow = "open('/workspace/PWNED-PIP', 'w').write('the repository ran in the install run')\n";
+    std::fs::create_dir(ws.path().join("pip")).unwrap();
+    for f in ["pip/__init__.py", "pip/__main__.py", "sitecustomize.py", "usercustomize.py"] {
+        std::fs::write(ws.path().join(f), shadow).unwrap();
+    }
+    open_tree(ws.path());
+    std::fs::set_permissions(ws.path(), std::os::unix::fs::PermissionsExt::from_mode(0o777)).unwrap();
     let plan = deps::plan(&requirements_of(&ws.path().join("requirements.txt"))).unwrap().unwrap();
     let out = run(egress(ws.path(), &plan)).await;
     assert!(out.success(), "the install run failed: {}", text(&out));
     assert!(text(&out).contains("Successfully installed afdep-1.0"), "{}", text(&out));
+    assert!(!ws.path().join("PWNED-PIP").exists(), "the repository's pip ran in the install run");
     let marker = std::fs::read_to_string(ws.path().join(DEPS_DIR).join(deps::MARKER)).unwrap();
     assert_eq!(marker.trim(), plan.digest);
 
@@ -465,6 +475,20 @@ async fn a_qa_step_installs_the_locked_dependency_only_when_the_proxy_grants_pkg
         assert_eq!(input["digest"].as_str().unwrap().len(), 64);
     }
     assert!(logs(&net.proxy).contains("GET http://pkgindex:8000/simple/afdep/"), "{}", logs(&net.proxy));
+
+    // A repository that ships its own "installed" dependencies (and the marker that would
+    // make them look installed) is refused, not mounted and not trusted.
+    let planted = fleet.origin("planted-dependencies", |src| {
+        std::fs::write(src.join("requirements.txt"), format!("afdep==1.0 --hash=sha256:{hash}\n")).unwrap();
+        std::fs::create_dir_all(src.join(".agentfleet-deps/python/afdep")).unwrap();
+        std::fs::write(src.join(".agentfleet-deps/python/afdep/__init__.py"), "VALUE = 42\n").unwrap();
+        std::fs::write(src.join(".agentfleet-deps/.installed"), "planted\n").unwrap();
+    });
+    let planted_task = uuid::Uuid::now_v7();
+    let id = fleet.assign(Role::Qa, planted_task, fleet.assignment(planted_task, &planted), 0).await;
+    let (_, r) = fleet.result(id, std::time::Duration::from_secs(120)).await;
+    assert_ne!(r.status, Status::Success, "{r:?}");
+    assert!(r.summary.contains("the repository tracks .agentfleet-deps/"), "{}", r.summary);
 
     let id = fleet.assign(Role::Qa, refused_task, fleet.assignment(refused_task, &origin), 0).await;
     let (_, r) = fleet.result(id, std::time::Duration::from_secs(120)).await;

@@ -272,7 +272,8 @@ async fn pause_kills_the_sandbox_and_stops_claiming() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_step_whose_entry_is_gone_is_abandoned_and_the_worker_moves_on() {
     let fleet = Fleet::new();
-    let origin = fleet.origin("example", |_| {});
+    // A credential file the worker sets aside during every sandbox run.
+    let origin = fleet.origin("example", |src| std::fs::write(src.join(".env"), "TOKEN=kept\n").unwrap());
     fleet.start_worker(Role::Qa, "qa-t9");
     let task = Uuid::now_v7();
     let mut a = fleet.assignment(task, &origin);
@@ -287,6 +288,10 @@ async fn a_step_whose_entry_is_gone_is_abandoned_and_the_worker_moves_on() {
         containers_of("qa-t9").is_empty()
     })
     .await;
+    // The step wound down before it was dropped: what it set aside is back.
+    let env_file = fleet.workspace(task).join(".env");
+    wait_until("the credential file to be put back", Duration::from_secs(10), async || env_file.exists()).await;
+    assert_eq!(std::fs::read_to_string(&env_file).unwrap(), "TOKEN=kept\n");
     let second_task = Uuid::now_v7();
     let mut b = fleet.assignment(second_task, &origin);
     b.test_command = Some("true".into());

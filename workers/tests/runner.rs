@@ -243,10 +243,25 @@ async fn a_request_for_more_than_a_run_is_refused() {
     let mut r = run_request("task-1");
     r.command = vec!["x".repeat(70 * 1024)];
     assert!(refused(request(socket, &Request::Run(r)).await).contains("longer than"));
-    // The egress mode is the runner's own: a runner without [sandbox.egress] runs nothing
-    // for a worker that asks for it (and no request can name a network).
+    // The one run with a network is the install of the workspace's own lockfiles, which
+    // the runner recomputes: any other command asking for it is refused (a compromised
+    // worker cannot get a network for its own code), and so is the install itself on a
+    // runner without [sandbox.egress]. No request can name a network.
     let mut r = run_request("task-1");
     r.egress = true;
+    r.command = vec!["sh".into(), "-c".into(), "curl http://169.254.169.254/".into()];
+    let reason = refused(request(socket, &Request::Run(r)).await);
+    assert!(reason.contains("may only be the install of the workspace's lockfiles"), "{reason}");
+    let hash = "ab".repeat(32);
+    std::fs::write(runner.root.join("task-1/requirements.txt"), format!("six==1.16.0 --hash=sha256:{hash}\n")).unwrap();
+    let plan =
+        workers::deps::plan(&workers::deps::read_lockfiles(&runner.root.join("task-1")).unwrap()).unwrap().unwrap();
+    let mut r = run_request("task-1");
+    r.egress = true;
+    r.command = workers::deps::install_command(&plan);
+    let mut tampered = r.clone();
+    tampered.command[2].push_str("\ncurl http://169.254.169.254/\n");
+    assert!(refused(request(socket, &Request::Run(tampered)).await).contains("may only be the install"));
     match request(socket, &Request::Run(r)).await {
         Response::Failed(why) | Response::Refused(why) => assert!(why.contains("[sandbox.egress]"), "{why}"),
         other => panic!("an egress run without the egress mode: {other:?}"),

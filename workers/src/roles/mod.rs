@@ -216,6 +216,11 @@ fn stash_secrets(root: &std::path::Path, stash: &std::path::Path) -> std::io::Re
             let entry = entry?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let path = if rel.is_empty() { name.clone() } else { format!("{rel}/{name}") };
+            // Installed packages are no credentials (`botocore/credentials.py`, certifi's
+            // `cacert.pem`), and the runs see them read-only anyway.
+            if path == crate::sandbox::DEPS_DIR {
+                continue;
+            }
             if crate::agent::policy::secret_file(&path).is_some() {
                 out.push(path);
             } else if entry.file_type()?.is_dir() {
@@ -304,7 +309,7 @@ async fn sandbox_sh_stashed(ctx: &TaskContext, command: &str) -> Result<RunOutpu
             .map_err(|e| format!("cannot set credential files aside: {e}"))?
     };
     let out = match dependencies(ctx).await {
-        Ok(Dependencies::Ready(env)) => sandbox_sh_bare(ctx, command, env, Network::None).await,
+        Ok(Dependencies::Ready(env)) => sandbox_sh_bare(ctx, command, env).await,
         // The install's own output says why (a hash mismatch, a package missing from the
         // index, the proxy's refusal): the run reads as failed, with pip's or npm's words.
         Ok(Dependencies::InstallFailed(out)) => Ok(out),
@@ -338,26 +343,28 @@ enum Dependencies {
 async fn dependencies(ctx: &TaskContext) -> Result<Dependencies, String> {
     use crate::deps;
     let ws = &ctx.workspace;
-    let read = |name: &'static str| async move {
-        match ws.read_file(name, deps::MAX_LOCKFILE_BYTES).await {
-            Some(bytes) => Ok(Some(bytes)),
-            None if ws.read_file(name, u64::MAX >> 1).await.is_some() => {
-                Err(format!("{name} is larger than {} bytes; no lockfile is that large", deps::MAX_LOCKFILE_BYTES))
-            }
-            None => Ok(None),
-        }
-    };
-    let files = deps::Lockfiles {
-        requirements: read("requirements.txt").await?,
-        package_json: read("package.json").await?,
-        package_lock: read("package-lock.json").await?,
-        shrinkwrap: read("npm-shrinkwrap.json").await?,
-    };
+    let dir = ws.dir.clone();
+    // The same reading a runner does before it allows the install run.
+    let files = tokio::task::spawn_blocking(move || deps::read_lockfiles(&dir))
+        .await
+        .map_err(|e| format!("cannot read the lockfiles: {e}"))??;
+    if ws.tracks(deps::DEPS_DIR).await {
+        return Err(format!(
+            "the repository tracks {}/, where this fleet installs dependencies (read-only in every run); \
+             remove it from the repository",
+            deps::DEPS_DIR
+        ));
+    }
     let Some(plan) = deps::plan(&files)? else {
         return Ok(Dependencies::Ready(Vec::new()));
     };
-    let marker = ws.read_file(&format!("{}/{}", deps::DEPS_DIR, deps::MARKER), 256).await;
-    if marker.as_deref().map(|m| String::from_utf8_lossy(m).trim().to_owned()).as_deref() == Some(plan.digest.as_str())
+    // The worker's own record of what it installed, next to the git directory where no
+    // sandbox reaches; a marker inside the workspace could have been planted by a run.
+    let installed = ws.stash_dir().with_extension("deps");
+    let recorded = tokio::fs::read_to_string(&installed).await.unwrap_or_default();
+    let in_place = ws.read_file(&format!("{}/{}", deps::DEPS_DIR, deps::MARKER), 256).await;
+    if recorded.trim() == plan.digest
+        && in_place.as_deref().map(|m| String::from_utf8_lossy(m).trim().to_owned()).as_deref() == Some(&plan.digest)
     {
         return Ok(Dependencies::Ready(deps::run_env(&plan)));
     }
@@ -370,26 +377,34 @@ async fn dependencies(ctx: &TaskContext) -> Result<Dependencies, String> {
         other => format!("cannot get permission to install the dependencies: {other}"),
     })?;
     tracing::info!(task = %ctx.task_id, lockfiles = ?lockfiles, digest = %plan.digest, "Installing the task's dependencies through the egress proxy.");
-    let command = deps::install_command(&plan);
-    let out = sandbox_sh_bare(ctx, &command[2], Vec::new(), Network::Egress).await?;
+    let _ = tokio::fs::remove_file(&installed).await;
+    // Exactly the install command: a runner recomputes it from the workspace's lockfiles and
+    // refuses an egress run of anything else.
+    let mut spec = RunSpec::new(deps::install_command(&plan), ctx.workspace.dir.clone(), ctx.labels.clone());
+    spec.risk = ctx.call.lease.as_deref().and_then(crate::tools::lease_risk);
+    spec.network = Network::Egress;
+    let out = ctx.sandbox.run(spec, &ctx.cancel).await.map_err(|e| format!("the install run failed: {e}"));
+    ctx.sandbox
+        .quiesce_task(&ctx.labels.task)
+        .await
+        .map_err(|e| format!("cannot stop this task's sandbox containers: {e}"))?;
+    let out = out?;
+    tracing::info!(task = %ctx.task_id, result = %describe_run(&out), duration_ms = out.duration.as_millis() as u64, "Install run finished.");
     if !out.success() {
         return Ok(Dependencies::InstallFailed(out));
     }
+    tokio::fs::write(&installed, &plan.digest)
+        .await
+        .map_err(|e| format!("cannot record the installed dependencies in {}: {e}", installed.display()))?;
     Ok(Dependencies::Ready(deps::run_env(&plan)))
 }
 
-async fn sandbox_sh_bare(
-    ctx: &TaskContext,
-    command: &str,
-    env: Vec<(String, String)>,
-    network: Network,
-) -> Result<RunOutput, String> {
+async fn sandbox_sh_bare(ctx: &TaskContext, command: &str, env: Vec<(String, String)>) -> Result<RunOutput, String> {
     let limit = ctx.sandbox.config().timeout_secs.saturating_add(5).to_string();
     let command_line = ["timeout", "-s", "KILL", &limit, "sh", "-c", command].map(str::to_owned).to_vec();
     let mut spec = RunSpec::new(command_line, ctx.workspace.dir.clone(), ctx.labels.clone());
     spec.risk = ctx.call.lease.as_deref().and_then(crate::tools::lease_risk);
     spec.env = env;
-    spec.network = network;
     tracing::info!(task = %ctx.task_id, command, "Running in the sandbox.");
     let out = ctx.sandbox.run(spec, &ctx.cancel).await.map_err(|e| format!("the sandbox failed: {e}"));
     // Whatever happened, no container of this task may outlive the run: host-side git
