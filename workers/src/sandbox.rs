@@ -175,7 +175,7 @@ impl EgressConfig {
             ("egress.npm_registry", &self.npm_registry),
         ] {
             let scheme_ok = url.starts_with("http://") || url.starts_with("https://");
-            // No credentials: the URLs go into the sandbox's environment and command line.
+            // No credentials: the URLs go into the install run's environment.
             let clean = !url.contains(['@', ' ', '\n', '\r', '\t', '\0']) && url.len() <= 512;
             if !scheme_ok || !clean {
                 return invalid(setting, "must be an http(s) URL without credentials or whitespace");
@@ -1206,6 +1206,33 @@ mod tests {
     #![allow(clippy::unwrap_used)]
 
     use super::*;
+
+    #[test]
+    fn the_egress_settings_refuse_a_network_that_is_not_internal_and_urls_with_credentials() {
+        let good = EgressConfig {
+            network: "fleet-egress".into(),
+            proxy_url: "http://egress-proxy:3128".into(),
+            python_index_url: "http://mirror.internal:8080/simple".into(),
+            npm_registry: default_npm_registry(),
+        };
+        let with = |edit: fn(&mut EgressConfig)| {
+            let mut e = good.clone();
+            edit(&mut e);
+            SandboxConfig { egress: Some(e), ..SandboxConfig::default() }.validate()
+        };
+        assert!(with(|_| {}).is_ok());
+        assert!(good.env().contains(&("PIP_TRUSTED_HOST", "mirror.internal:8080".to_owned())));
+        for edit in [
+            (|e: &mut EgressConfig| e.network = "host".into()) as fn(&mut EgressConfig),
+            |e| e.network = "bridge".into(),
+            |e| e.network = "a b".into(),
+            |e| e.proxy_url = "http://user:secret@proxy:3128".into(),
+            |e| e.python_index_url = "ftp://mirror/simple".into(),
+            |e| e.npm_registry = "https://registry.npmjs.org/\nX".into(),
+        ] {
+            assert!(matches!(with(edit), Err(SandboxError::InvalidConfig { .. })));
+        }
+    }
 
     #[test]
     fn containment_is_the_cage_being_tested_not_a_failing_test() {

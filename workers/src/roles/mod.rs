@@ -383,12 +383,7 @@ async fn dependencies(ctx: &TaskContext) -> Result<Dependencies, String> {
     let mut spec = RunSpec::new(deps::install_command(&plan), ctx.workspace.dir.clone(), ctx.labels.clone());
     spec.risk = ctx.call.lease.as_deref().and_then(crate::tools::lease_risk);
     spec.network = Network::Egress;
-    let out = ctx.sandbox.run(spec, &ctx.cancel).await.map_err(|e| format!("the install run failed: {e}"));
-    ctx.sandbox
-        .quiesce_task(&ctx.labels.task)
-        .await
-        .map_err(|e| format!("cannot stop this task's sandbox containers: {e}"))?;
-    let out = out?;
+    let out = run_then_quiesce(ctx, spec, "the install run").await?;
     tracing::info!(task = %ctx.task_id, result = %describe_run(&out), duration_ms = out.duration.as_millis() as u64, "Install run finished.");
     if !out.success() {
         return Ok(Dependencies::InstallFailed(out));
@@ -399,6 +394,18 @@ async fn dependencies(ctx: &TaskContext) -> Result<Dependencies, String> {
     Ok(Dependencies::Ready(deps::run_env(&plan)))
 }
 
+/// Runs `spec`; then, whatever happened, no container of this task may outlive the run:
+/// host-side git touches the workspace next (a removal that timed out would leave one
+/// writing).
+async fn run_then_quiesce(ctx: &TaskContext, spec: RunSpec, what: &str) -> Result<RunOutput, String> {
+    let out = ctx.sandbox.run(spec, &ctx.cancel).await.map_err(|e| format!("{what} failed: {e}"));
+    ctx.sandbox
+        .quiesce_task(&ctx.labels.task)
+        .await
+        .map_err(|e| format!("cannot stop this task's sandbox containers: {e}"))?;
+    out
+}
+
 async fn sandbox_sh_bare(ctx: &TaskContext, command: &str, env: Vec<(String, String)>) -> Result<RunOutput, String> {
     let limit = ctx.sandbox.config().timeout_secs.saturating_add(5).to_string();
     let command_line = ["timeout", "-s", "KILL", &limit, "sh", "-c", command].map(str::to_owned).to_vec();
@@ -406,14 +413,7 @@ async fn sandbox_sh_bare(ctx: &TaskContext, command: &str, env: Vec<(String, Str
     spec.risk = ctx.call.lease.as_deref().and_then(crate::tools::lease_risk);
     spec.env = env;
     tracing::info!(task = %ctx.task_id, command, "Running in the sandbox.");
-    let out = ctx.sandbox.run(spec, &ctx.cancel).await.map_err(|e| format!("the sandbox failed: {e}"));
-    // Whatever happened, no container of this task may outlive the run: host-side git
-    // touches the workspace next (a removal that timed out above would leave one writing).
-    ctx.sandbox
-        .quiesce_task(&ctx.labels.task)
-        .await
-        .map_err(|e| format!("cannot stop this task's sandbox containers: {e}"))?;
-    let out = out?;
+    let out = run_then_quiesce(ctx, spec, "the sandbox").await?;
     tracing::info!(task = %ctx.task_id, command, result = %describe_run(&out), duration_ms = out.duration.as_millis() as u64, "Sandbox run finished.");
     if out.disk_limit_exceeded {
         // The run filled the workspace: drop all it wrote (and the change with it) before
