@@ -13,11 +13,13 @@
 # All but the bus's rows use one redis-server started here (loopback, no persistence,
 # FLUSHALL between rows). Ratios are to the raw XADD of the same server in the same run.
 # Needs Debian's python3-redis, python3-msgpack, python3-celery and python3-cryptography
-# (installed if missing; run as root). Usage: bus/benches/peers/run.sh [N] (default 100000;
-# Celery gets N/10, it is two orders of magnitude slower).
+# (installed if missing; run as root). Usage: [RUNS=3] bus/benches/peers/run.sh [N]
+# (default 100000; Celery gets N/10, it is two orders of magnitude slower). Prints medians of
+# RUNS runs with every run's value, and ratios of medians to the raw XADD median.
 set -euo pipefail
 cd "$(dirname "$0")/../../.."
 n=${1:-100000}
+runs=${RUNS:-3}
 py=/usr/bin/python3
 need=()
 for m in redis:python3-redis msgpack:python3-msgpack celery:python3-celery cryptography:python3-cryptography; do
@@ -38,19 +40,31 @@ raw() {
     redis-benchmark -h 127.0.0.1 -p "$port" -c 50 -P 16 -n "$n" -q --csv XADD bench:raw '*' env "$(printf 'x%.0s' $(seq 512))" \
         | tail -n 1 | cut -d, -f2 | tr -d '"' | cut -d. -f1
 }
-row() { printf '%-34s %10s/s   %s× raw XADD\n' "$1" "$2" "$("$py" -c "print(f'{$2 / $raw_rate:.3f}')")"; }
+python_row() { redis-cli -p "$port" flushall >/dev/null; "$py" bus/benches/peers/baseline.py --port "$port" --n "$n" "$@" | tr -d '/s'; }
 
-raw_rate=$(raw)
-printf '%-34s %10s/s\n' "raw XADD (redis-benchmark)" "$raw_rate"
-redis-cli -p "$port" flushall >/dev/null
-rate=$("$py" bus/benches/peers/baseline.py --port "$port" --n "$n" | tr -d '/s')
-row "python: redis-py + msgpack + hmac" "$rate"
-redis-cli -p "$port" flushall >/dev/null
-rate=$("$py" bus/benches/peers/baseline.py --port "$port" --n "$n" --guard | tr -d '/s')
-row "python + replay guard" "$rate"
-out=$("$py" bus/benches/peers/celery_auth.py --port "$port" --n "$((n / 10))" 2>/dev/null)
-row "celery auth: enqueue" "$(echo "$out" | sed -n 's/^enqueue \([0-9]*\).*/\1/p')"
-row "celery auth: end to end" "$(echo "$out" | sed -n 's/^end-to-end \([0-9]*\).*/\1/p')"
+# Per run, one value per row; the rows interleave so that a drift of the host shows in all.
+declare -A vals
+for run in $(seq "$runs"); do
+    vals[raw]+="$(raw) "
+    vals[python]+="$(python_row) "
+    vals[guard]+="$(python_row --guard) "
+    out=$("$py" bus/benches/peers/celery_auth.py --port "$port" --n "$((n / 10))" 2>/dev/null)
+    vals[enqueue]+="$(echo "$out" | sed -n 's/^enqueue \([0-9]*\).*/\1/p') "
+    vals[celery]+="$(echo "$out" | sed -n 's/^end-to-end \([0-9]*\).*/\1/p') "
+    echo "run $run of $runs done" >&2
+done
+"$py" - "${vals[raw]}" "${vals[python]}" "${vals[guard]}" "${vals[enqueue]}" "${vals[celery]}" <<'PY'
+import statistics, sys
+names = ["raw XADD (redis-benchmark)", "python: redis-py + msgpack + hmac", "python + replay guard",
+         "celery auth: enqueue", "celery auth: end to end"]
+rows = [[int(v) for v in a.split()] for a in sys.argv[1:]]
+raw = statistics.median(rows[0])
+print("| row | median | per run | / raw XADD |")
+print("|---|---:|---|---:|")
+for name, vals in zip(names, rows):
+    m = statistics.median(vals)
+    print(f"| {name} | {m:,.0f}/s | {' / '.join(f'{v:,}' for v in vals)} | {m / raw:.3f}× |")
+PY
 echo
 echo "agentfleet bus (its own redis-server, same machine, right after):"
-cargo bench -q -p bus --bench bus -- --runs 1 --n "$n" --only raw,signed-batched 2>&1 | grep -E '^\|' || true
+cargo bench -q -p bus --bench bus -- --runs "$runs" --n "$n" --only raw,signed-batched 2>&1 | grep -E '^\|' || true
