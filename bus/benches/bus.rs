@@ -15,9 +15,9 @@
 //! - `unsigned batched` / `unsigned unbatched`: the same envelopes MessagePack-encoded but not
 //!   framed or signed, `XADD`ed by [`Publisher::publish_wire_batch`] (same pipelining, cap,
 //!   backlog check), read by a copy of the consumer loop written here with the same Redis
-//!   round trips (`XREADGROUP`, replay guard `SET … NX GET`, `SET done` + `XACK`) that only
+//!   round trips (`XREADGROUP`, replay guard `SET … NX GET`, `XACK`) that only
 //!   decodes the body: no frame, no HMAC, no permission, clock or epoch checks.
-//! - `unsigned batched, no guard` (extra): as above without the two replay-guard commands.
+//! - `unsigned batched, no guard` (extra): as above without the replay-guard command.
 //! - latency: one envelope at a time on an idle stream, publish call → handler entry.
 //!   "Paced": the next publish 1 ms after the previous entry was acknowledged, so every
 //!   thread involved has gone to sleep; "back to back": at once, threads still awake.
@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use bus::names::{ENV_FIELD, done_key, seen_key};
+use bus::names::{ENV_FIELD, seen_key};
 use bus::{Consumer, ConsumerConfig, ConsumerStats, Delivery, Handler, HandlerError, KillEpoch, Publisher};
 use envelope::{
     Envelope, Instance, Keyring, MasterFile, MasterSecret, PermissionTable, Process, Role, Sender, Status, StreamName,
@@ -914,12 +914,9 @@ async fn unsigned_consumer(
         }
         let mut pipe = redis::pipe();
         let mut acks = Vec::with_capacity(decoded.len());
-        for (e, env, window) in &decoded {
+        for (e, env, _) in &decoded {
             std::hint::black_box(env);
             handler.hit();
-            if guard {
-                pipe.cmd("SET").arg(done_key(&cfg.group, &env.id)).arg(1).arg("PX").arg(*window).ignore();
-            }
             acks.push(e.id.as_str());
         }
         pipe.cmd("XACK").arg(stream).arg(&cfg.group).arg(&acks).ignore();

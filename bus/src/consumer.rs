@@ -157,8 +157,8 @@ const AUTOCLAIM_PAGES: usize = 8;
 struct Outcome {
     rejects: Vec<(Entry, &'static str, String)>,
     dead: Vec<(Entry, u64, String)>,
-    /// Envelope ids whose handler succeeded, with the replay window left (ms).
-    done: Vec<(Uuid, u64)>,
+    /// How many handlers succeeded (their entries are among `acks`).
+    done: u64,
     acks: Vec<String>,
 }
 
@@ -410,6 +410,10 @@ impl<H: Handler> Consumer<H> {
                 }
             }
             if !redelivered.is_empty() {
+                // Consumers no longer write done markers (the acknowledgement is the mark:
+                // an acknowledged entry is never handed out again); one an older consumer
+                // wrote before an upgrade is still honoured. Redeliveries only, so the hot
+                // path has no round trip for it.
                 let mut pipe = redis::pipe();
                 for (_, chk) in &redelivered {
                     pipe.cmd("EXISTS").arg(done_key(&self.cfg.group, &chk.id()));
@@ -449,15 +453,13 @@ impl<H: Handler> Consumer<H> {
                 }
             }
             let n = deliveries.get(&e.id).copied().unwrap_or(1);
-            let id = chk.id();
-            let window = chk.remember_until_ms().saturating_sub(now).max(1) + 1_000;
             // The Redis guard above answered "first sighting" (or "same entry, not done").
             let Ok(envelope) = chk.after_replay_check(true) else { continue };
             let delivery = Delivery { envelope, stream: stream.clone(), entry_id: e.id.clone(), deliveries: n };
             match self.run_handler(delivery, shutdown).await {
                 Some(Ok(())) => {
                     self.last_errors.remove(&e.id);
-                    out.done.push((id, window));
+                    out.done += 1;
                     out.acks.push(e.id);
                 }
                 Some(Err(HandlerError::Permanent(msg))) => {
@@ -527,7 +529,7 @@ impl<H: Handler> Consumer<H> {
     /// Copies rejects and dead letters, marks successes done, then acknowledges: one
     /// ordered pipeline, so nothing is acknowledged before its copy exists.
     async fn settle(&mut self, c: &mut MultiplexedConnection, out: Outcome) -> Result<(), BusError> {
-        if out.rejects.is_empty() && out.dead.is_empty() && out.done.is_empty() && out.acks.is_empty() {
+        if out.rejects.is_empty() && out.dead.is_empty() && out.done == 0 && out.acks.is_empty() {
             return Ok(());
         }
         let stream = self.cfg.stream.as_str();
@@ -572,9 +574,6 @@ impl<H: Handler> Consumer<H> {
             x.arg(ENV_FIELD).arg(kept).ignore();
             ack_ids.push(&e.id);
         }
-        for (id, ttl) in &out.done {
-            pipe.cmd("SET").arg(done_key(&self.cfg.group, id)).arg(1).arg("PX").arg(*ttl).ignore();
-        }
         if !ack_ids.is_empty() {
             pipe.cmd("XACK").arg(stream).arg(&self.cfg.group).arg(&ack_ids).ignore();
         }
@@ -587,7 +586,7 @@ impl<H: Handler> Consumer<H> {
             bump(&self.stats.dead_lettered);
             self.last_errors.remove(&e.id);
         }
-        self.stats.handled.fetch_add(out.done.len() as u64, Ordering::Relaxed);
+        self.stats.handled.fetch_add(out.done, Ordering::Relaxed);
         Ok(())
     }
 

@@ -10,8 +10,11 @@ pub fn seen_key(group: &str, id: &uuid::Uuid) -> String {
     format!("fleet:seen:{group}:{}", id.as_simple())
 }
 
-/// Set once a handler succeeded for an envelope id, just before the ack, so an entry
-/// redelivered after a crash between the two is acknowledged without running the handler.
+/// The done marker consumers before issue 16 set once a handler succeeded, just before the
+/// ack. Consumers no longer write it (the acknowledgement itself is the mark: an
+/// acknowledged entry is never handed out again, so the marker only covered a settle
+/// pipeline cut between its `SET` and its `XACK`); a redelivered entry whose marker an
+/// older consumer wrote is still acknowledged without running the handler again.
 pub fn done_key(group: &str, id: &uuid::Uuid) -> String {
     format!("fleet:done:{group}:{}", id.as_simple())
 }
