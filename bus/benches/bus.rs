@@ -884,7 +884,7 @@ async fn unsigned_consumer(
             r = cmd.query_async::<redis::Value>(&mut c) => r.context("XREADGROUP")?,
             () = shutdown.cancelled() => return Ok(()),
         };
-        let entries = bus::reply::read_one_stream(&reply)?;
+        let entries = bus::reply::read_one_stream_owned(reply)?;
         if entries.is_empty() {
             continue;
         }

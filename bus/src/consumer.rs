@@ -22,7 +22,6 @@ use std::time::{Duration, Instant};
 use envelope::{Checked, Envelope, StreamName, Verified, Verifier, VerifyContext, streams};
 use redis::aio::MultiplexedConnection;
 use tokio_util::sync::CancellationToken;
-use uuid::Uuid;
 
 use crate::config::ConsumerConfig;
 use crate::control::Gate;
@@ -340,7 +339,7 @@ impl<H: Handler> Consumer<H> {
             // Likewise on a pause: retried after resume.
             () = paused(self.gate.as_ref()) => return Ok(()),
         };
-        let entries = reply::read_one_stream(&reply)?;
+        let entries = reply::read_one_stream_owned(reply)?;
         if entries.is_empty() {
             return Ok(());
         }

@@ -319,7 +319,7 @@ pub async fn read_after(
     cmd.arg("COUNT").arg(count).arg("BLOCK").arg(block.as_millis() as u64).arg("STREAMS").arg(stream).arg(cursor);
     let read = cmd.query_async::<redis::Value>(c);
     tokio::select! {
-        r = read => Ok(Some(reply::read_one_stream(&r?)?)),
+        r = read => Ok(Some(reply::read_one_stream_owned(r?)?)),
         () = shutdown.cancelled() => Ok(None),
     }
 }

@@ -59,23 +59,45 @@ fn array<'a>(command: &'static str, v: &'a Value) -> Result<&'a [Value], BusErro
     }
 }
 
-/// `[id, [k, v, …] | nil]`.
-fn entry(command: &'static str, v: &Value) -> Result<Entry, BusError> {
-    let parts = array(command, v)?;
-    let [id, body] = parts else { return Err(bad(command, "entry is not [id, fields]")) };
-    let id = text(id).ok_or_else(|| bad(command, "entry id is not a string"))?;
+/// Bytes of a bulk or simple string, moved out of the reply.
+fn into_bytes(v: Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        Value::VerbatimString { text, .. } => Some(text.into_bytes()),
+        _ => None,
+    }
+}
+
+fn into_array(command: &'static str, v: Value) -> Result<Vec<Value>, BusError> {
+    match v {
+        Value::Array(items) | Value::Set(items) => Ok(items),
+        other => Err(bad(command, format!("expected an array, got {other:?}"))),
+    }
+}
+
+/// `[id, [k, v, …] | nil]`. The reply's buffers are moved into the entry, never copied:
+/// an entry's envelope is its largest part, and a consumer reads thousands a second.
+fn entry(command: &'static str, v: Value) -> Result<Entry, BusError> {
+    let mut parts = into_array(command, v)?.into_iter();
+    let (Some(id), Some(body), None) = (parts.next(), parts.next(), parts.next()) else {
+        return Err(bad(command, "entry is not [id, fields]"));
+    };
+    let id = into_bytes(id).ok_or_else(|| bad(command, "entry id is not a string"))?;
+    let id = String::from_utf8(id).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned());
     let fields = match body {
         Value::Nil => None,
         other => {
-            let flat = array(command, other)?;
+            let flat = into_array(command, other)?;
             if flat.len() % 2 != 0 {
                 return Err(bad(command, "odd number of field items"));
             }
             let mut pairs = Vec::with_capacity(flat.len() / 2);
-            for kv in flat.chunks_exact(2) {
-                let k = bytes(&kv[0]).ok_or_else(|| bad(command, "field name is not a string"))?;
-                let v = bytes(&kv[1]).ok_or_else(|| bad(command, "field value is not a string"))?;
-                pairs.push((k.to_vec(), v.to_vec()));
+            let mut items = flat.into_iter();
+            while let (Some(k), Some(v)) = (items.next(), items.next()) {
+                let k = into_bytes(k).ok_or_else(|| bad(command, "field name is not a string"))?;
+                let v = into_bytes(v).ok_or_else(|| bad(command, "field value is not a string"))?;
+                pairs.push((k, v));
             }
             Some(pairs)
         }
@@ -85,24 +107,36 @@ fn entry(command: &'static str, v: &Value) -> Result<Entry, BusError> {
 
 /// A list of entries (`XRANGE`, `XCLAIM`); `nil` items (deleted entries in some versions) are skipped.
 pub fn entries(command: &'static str, v: &Value) -> Result<Vec<Entry>, BusError> {
-    array(command, v)?.iter().filter(|e| !matches!(e, Value::Nil)).map(|e| entry(command, e)).collect()
+    entries_owned(command, v.clone())
+}
+
+/// [`entries`], taking the reply: its buffers move into the entries.
+pub fn entries_owned(command: &'static str, v: Value) -> Result<Vec<Entry>, BusError> {
+    into_array(command, v)?.into_iter().filter(|e| !matches!(e, Value::Nil)).map(|e| entry(command, e)).collect()
 }
 
 /// `XREADGROUP`/`XREAD` for one stream: `nil` on timeout, else `[[stream, entries]]`.
 pub fn read_one_stream(v: &Value) -> Result<Vec<Entry>, BusError> {
+    read_one_stream_owned(v.clone())
+}
+
+/// [`read_one_stream`], taking the reply: its buffers move into the entries (the
+/// consumers' path).
+pub fn read_one_stream_owned(v: Value) -> Result<Vec<Entry>, BusError> {
     const CMD: &str = "XREADGROUP";
     match v {
         Value::Nil => Ok(Vec::new()),
-        Value::Map(streams) => match streams.first() {
-            Some((_, list)) => entries(CMD, list),
+        Value::Map(streams) => match streams.into_iter().next() {
+            Some((_, list)) => entries_owned(CMD, list),
             None => Ok(Vec::new()),
         },
         other => {
-            let streams = array(CMD, other)?;
-            let Some(first) = streams.first() else { return Ok(Vec::new()) };
-            let pair = array(CMD, first)?;
-            let [_, list] = pair else { return Err(bad(CMD, "stream item is not [name, entries]")) };
-            entries(CMD, list)
+            let Some(first) = into_array(CMD, other)?.into_iter().next() else { return Ok(Vec::new()) };
+            let mut pair = into_array(CMD, first)?.into_iter();
+            let (Some(_), Some(list), None) = (pair.next(), pair.next(), pair.next()) else {
+                return Err(bad(CMD, "stream item is not [name, entries]"));
+            };
+            entries_owned(CMD, list)
         }
     }
 }
