@@ -440,7 +440,12 @@ async fn three_consecutive_failures_engage_a_success_resets_and_the_operator_res
     eventually("the switch is released", Duration::from_secs(10), async || !f.state().await.engaged).await;
     assert_eq!(f.state().await.epoch, 1, "the epoch stays");
     assert_eq!(f.failures().await, 0);
+    // The record is released first, then each role's control.resume is published.
     for role in budget::killswitch::PAUSED_ROLES {
+        eventually(&format!("{role}'s control.resume"), Duration::from_secs(10), async || {
+            f.controls(*role).await.len() >= 2
+        })
+        .await;
         let got = f.controls(*role).await;
         assert!(
             matches!(&got[..], [Payload::ControlPause(p), Payload::ControlResume(r)] if p.epoch == 1 && r.epoch == 1),
