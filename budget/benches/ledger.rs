@@ -34,9 +34,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use budget::ledger::{Ledger, LedgerConfig, MicroUsd, Price, Refusal, ReserveError, RoleLimits, SystemClock};
+use bus::Conn;
 use envelope::Role;
 use fleet_testkit::RedisServer;
-use redis::aio::MultiplexedConnection;
 use secrecy::{ExposeSecret, SecretString};
 use uuid::Uuid;
 
@@ -154,7 +154,7 @@ const ROWS: [&str; 6] = [
 struct Bench {
     server: RedisServer,
     url: SecretString,
-    admin: MultiplexedConnection,
+    admin: Conn,
     opts: Options,
 }
 
@@ -163,7 +163,7 @@ async fn run(opts: Options) -> Result<()> {
     let url = SecretString::from(server.url());
     let client = redis::Client::open(server.url()).context("open a Redis client")?;
     let admin = client.get_multiplexed_async_connection().await.context("connect to Redis")?;
-    let bench = Bench { server, url, admin, opts: opts.clone() };
+    let bench = Bench { server, url, admin: bus::Conn::Single(admin), opts: opts.clone() };
     println!(
         "budget ledger: {} callers, {} reservations per ledger row, redis-benchmark -n {}, {} run(s)",
         opts.callers, opts.n, opts.raw_n, opts.runs

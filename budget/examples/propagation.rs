@@ -91,7 +91,7 @@ async fn main() {
     tokio::time::sleep(Duration::from_secs(2)).await;
 
     // Baselines: a PING round trip, and one XADD reaching one blocked XREAD.
-    let mut c = deadpool_redis::Connection::take(pool.get().await.unwrap());
+    let mut c = pool.dedicated().await.unwrap();
     let mut ping = Vec::new();
     for _ in 0..200 {
         let t = Instant::now();
@@ -100,7 +100,7 @@ async fn main() {
     }
     let mut notify = Vec::new();
     for _ in 0..runs {
-        let mut reader = deadpool_redis::Connection::take(pool.get().await.unwrap());
+        let mut reader = pool.dedicated().await.unwrap();
         let read = tokio::spawn(async move {
             let _: redis::Value = redis::cmd("XREAD")
                 .arg("BLOCK")

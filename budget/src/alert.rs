@@ -71,9 +71,10 @@ pub mod names {
     /// Consumer group of the webhook channel.
     pub const WEBHOOK_GROUP: &str = "webhook";
 
-    /// The marker key for `dedup_key`.
+    /// The marker key for `dedup_key`. Its hash tag is the stream's name, so on a Redis
+    /// Cluster the script that sets the marker and appends to [`STREAM`] runs on one node.
     pub fn dedup_key(dedup_key: &str) -> String {
-        format!("{DEDUP_PREFIX}{dedup_key}")
+        format!("{DEDUP_PREFIX}{{{STREAM}}}:{dedup_key}")
     }
 }
 
@@ -299,7 +300,7 @@ pub enum AlertError {
     Redis(#[from] redis::RedisError),
     /// No Redis connection could be had from the pool.
     #[error("Redis pool: {0}")]
-    Pool(#[from] deadpool_redis::PoolError),
+    Pool(#[from] bus::RedisPoolError),
     /// Redis answered something this code does not understand.
     #[error("unexpected Redis reply to {command}: {detail}")]
     Reply {
@@ -361,7 +362,7 @@ mod tests {
             Alert::incident("prod", 8, incident, cause(), 3, serde_json::json!({})).dedup_key,
             "incident:00000000-0000-0000-0000-000000000000"
         );
-        assert_eq!(names::dedup_key("kill_engaged:7"), "fleet:alerts:dedup:kill_engaged:7");
+        assert_eq!(names::dedup_key("kill_engaged:7"), "fleet:alerts:dedup:{fleet:alerts}:kill_engaged:7");
     }
 
     #[test]

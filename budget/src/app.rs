@@ -215,7 +215,7 @@ impl Config {
 /// The running budget manager's parts.
 pub struct App {
     budget: Budget,
-    redis: deadpool_redis::Pool,
+    redis: bus::RedisPool,
     verifier: Arc<Verifier>,
     /// Puts a changed keyset file into the verifier's and publisher's keyring.
     reloader: bus::KeysetReloader,
@@ -337,7 +337,7 @@ impl App {
                         Err(e) => tracing::warn!(error = %e, "Metrics cannot read the kill switch's record."),
                     }
                     match pool.get().await {
-                        Ok(mut c) => bus_metrics.refresh(&mut *c).await,
+                        Ok(mut c) => bus_metrics.refresh(&mut c).await,
                         Err(e) => tracing::warn!(error = %e, "Metrics cannot reach Redis."),
                     }
                 }

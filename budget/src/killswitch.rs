@@ -36,7 +36,7 @@ use crate::alert::{Alert, AlertError, AlertSender, Cause, KillRef};
 pub const PAUSED_ROLES: &[Role] = &[Role::Dev, Role::Qa, Role::Review, Role::Refactor, Role::Orchestrator];
 
 /// The consecutive-failure counter; reset by a success and by a resume.
-pub const FAILURES_KEY: &str = "fleet:budget:counters:failures";
+pub const FAILURES_KEY: &str = "fleet:budget:counters:failures:{fleet:killswitch}";
 
 /// KEYS[1] the record. ARGV[1] proposed epoch, ARGV[2] by, ARGV[3] reason, ARGV[4] at_ms,
 /// ARGV[5] engagement id, ARGV[6] the cause (JSON). Returns
@@ -125,8 +125,8 @@ impl From<redis::RedisError> for KillSwitchError {
     }
 }
 
-impl From<deadpool_redis::PoolError> for KillSwitchError {
-    fn from(e: deadpool_redis::PoolError) -> Self {
+impl From<bus::RedisPoolError> for KillSwitchError {
+    fn from(e: bus::RedisPoolError) -> Self {
         KillSwitchError::Redis(e.to_string().chars().take(300).collect())
     }
 }
@@ -135,7 +135,7 @@ impl From<deadpool_redis::PoolError> for KillSwitchError {
 #[derive(Clone)]
 pub struct KillSwitch {
     /// Connections for the scripts.
-    pool: deadpool_redis::Pool,
+    pool: bus::RedisPool,
     /// Signs the pauses and resumes (keys `budget><role>`).
     publisher: Arc<Publisher>,
     /// Queues the alerts.
@@ -157,7 +157,7 @@ impl std::fmt::Debug for KillSwitch {
 impl KillSwitch {
     /// A kill switch writing through `pool`, publishing with `publisher` (the budget's
     /// keyring) as `instance`, alerting through `alerts`.
-    pub fn new(pool: deadpool_redis::Pool, publisher: Arc<Publisher>, alerts: AlertSender, instance: Instance) -> Self {
+    pub fn new(pool: bus::RedisPool, publisher: Arc<Publisher>, alerts: AlertSender, instance: Instance) -> Self {
         Self {
             pool,
             publisher,
@@ -201,7 +201,7 @@ impl KillSwitch {
             .arg(bus::now_ms())
             .arg(&id)
             .arg(cause_json)
-            .invoke_async(&mut *c)
+            .invoke_async(&mut c)
             .await?;
         let bad = || KillSwitchError::Reply(format!("{reply:?}"));
         let Value::Array(items) = &reply else { return Err(bad()) };
@@ -248,7 +248,7 @@ impl KillSwitch {
     pub async fn reassert(&self) -> Result<KillState, KillSwitchError> {
         let mut c = self.pool.get().await?;
         let (id, cause): (Option<String>, Option<String>) =
-            redis::cmd("HMGET").arg(KILLSWITCH_KEY).arg("id").arg("cause").query_async(&mut *c).await?;
+            redis::cmd("HMGET").arg(KILLSWITCH_KEY).arg("id").arg("cause").query_async(&mut c).await?;
         drop(c);
         let state = self.state().await?;
         if state.engaged {
@@ -278,7 +278,7 @@ impl KillSwitch {
             .arg(by)
             .arg(bus::now_ms())
             .arg(cause_json)
-            .invoke_async(&mut *c)
+            .invoke_async(&mut c)
             .await?;
         drop(c);
         let bad = || KillSwitchError::Reply(format!("{reply:?}"));
@@ -315,7 +315,7 @@ impl KillSwitch {
         let (at_ms, id, kill_at_ms, kill_by, kill_reason, kill_cause): Fields = redis::cmd("HMGET")
             .arg(KILLSWITCH_KEY)
             .arg(&["at_ms", "kill_id", "kill_at_ms", "kill_by", "kill_reason", "kill_cause"][..])
-            .query_async(&mut *c)
+            .query_async(&mut c)
             .await?;
         let at_ms = at_ms.and_then(|v| v.parse().ok());
         let ends = id.filter(|id| !id.is_empty()).map(|engagement| KillRef {

@@ -247,8 +247,8 @@ impl From<redis::RedisError> for LedgerError {
     }
 }
 
-impl From<deadpool_redis::PoolError> for LedgerError {
-    fn from(e: deadpool_redis::PoolError) -> Self {
+impl From<bus::RedisPoolError> for LedgerError {
+    fn from(e: bus::RedisPoolError) -> Self {
         LedgerError::Pool(e.to_string().chars().take(300).collect())
     }
 }
@@ -415,7 +415,7 @@ fn as_str(v: &redis::Value) -> Option<&str> {
 #[derive(Clone)]
 enum Connections {
     /// One pooled connection per operation in flight.
-    Pool(deadpool_redis::Pool),
+    Pool(bus::RedisPool),
     /// One multiplexed connection shared by every operation: concurrent requests are written
     /// together and Redis reads them with one system call (see [`Ledger::with_shared_connection`]).
     Shared(redis::aio::ConnectionManager),
@@ -448,16 +448,12 @@ fn total_tokens(input: u64, output: u64) -> Result<u64, LedgerError> {
 
 impl Ledger {
     /// A ledger on the system clock. The configuration is validated here.
-    pub fn new(pool: deadpool_redis::Pool, config: LedgerConfig) -> Result<Self, ConfigError> {
+    pub fn new(pool: bus::RedisPool, config: LedgerConfig) -> Result<Self, ConfigError> {
         Self::with_clock(pool, config, Arc::new(SystemClock))
     }
 
     /// A ledger on `clock` (tests: a [`ManualClock`]).
-    pub fn with_clock(
-        pool: deadpool_redis::Pool,
-        config: LedgerConfig,
-        clock: Arc<dyn Clock>,
-    ) -> Result<Self, ConfigError> {
+    pub fn with_clock(pool: bus::RedisPool, config: LedgerConfig, clock: Arc<dyn Clock>) -> Result<Self, ConfigError> {
         Self::build(Connections::Pool(pool), config, clock)
     }
 

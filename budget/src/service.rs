@@ -46,6 +46,12 @@ pub fn usage_key(day: Day) -> String {
     format!("{COUNTERS_PREFIX}usage:{}", day.compact())
 }
 
+/// Marks usage report `id` as counted into `day`'s totals. Its hash tag is the day's key, so
+/// on a Redis Cluster the script that sets both runs on one node.
+pub fn usage_seen_key(day: Day, id: &uuid::Uuid) -> String {
+    format!("{COUNTERS_PREFIX}seen:{{{}}}:{id}", usage_key(day))
+}
+
 /// How long a day's usage counters are kept.
 const USAGE_RETENTION: Duration = Duration::from_secs(40 * 24 * 3600);
 /// How long a counted usage report's marker is kept: longer than any redelivery.
@@ -151,7 +157,7 @@ pub struct Budget {
     /// Soft-limit alerts.
     pub alerts: AlertSender,
     /// Connections for the counters.
-    pub pool: deadpool_redis::Pool,
+    pub pool: bus::RedisPool,
     /// When to engage.
     pub triggers: Arc<TriggerConfig>,
     /// An engagement whose pauses or alert failed after its record was written: the
@@ -288,7 +294,7 @@ impl Budget {
         let role = u.role.as_str();
         let model = &u.model;
         let mut call = SCRIPT.key(usage_key(day));
-        call.key(format!("{COUNTERS_PREFIX}seen:{id}"))
+        call.key(usage_seen_key(day, &id))
             .arg(SEEN_RETENTION.as_millis() as u64)
             .arg(USAGE_RETENTION.as_millis() as u64)
             .arg(format!("role:{role}:t"))
@@ -310,7 +316,7 @@ impl Budget {
         }
         let mut c = self.pool.get().await.map_err(transient)?;
         let (counted, t, m, role_t, role_m): (u8, u64, u64, u64, u64) =
-            call.invoke_async(&mut *c).await.map_err(transient)?;
+            call.invoke_async(&mut c).await.map_err(transient)?;
         drop(c);
         if counted == 0 {
             tracing::debug!(envelope = %id, "Usage already counted; re-checking the limits only.");
@@ -366,7 +372,7 @@ impl Budget {
         }
         let mut c = self.pool.get().await.map_err(transient)?;
         if t.counts_as_failure(o.status) {
-            let n: u64 = redis::cmd("INCRBY").arg(FAILURES_KEY).arg(1).query_async(&mut *c).await.map_err(transient)?;
+            let n: u64 = redis::cmd("INCRBY").arg(FAILURES_KEY).arg(1).query_async(&mut c).await.map_err(transient)?;
             drop(c);
             tracing::info!(failures = n, threshold = t.failure_threshold, role = %o.role, "A step failed.");
             if n >= t.failure_threshold {
@@ -375,7 +381,7 @@ impl Budget {
                 return self.engage(&self.automatic("consecutive_failures", &reason), 0, details).await;
             }
         } else {
-            let () = redis::cmd("SET").arg(FAILURES_KEY).arg(0).query_async(&mut *c).await.map_err(transient)?;
+            let () = redis::cmd("SET").arg(FAILURES_KEY).arg(0).query_async(&mut c).await.map_err(transient)?;
         }
         Ok(())
     }

@@ -69,19 +69,19 @@ fn start_redis() -> RedisServer {
     RedisServer::start().expect("the alert tests need a real redis-server")
 }
 
-fn pool(redis: &RedisServer) -> deadpool_redis::Pool {
+fn pool(redis: &RedisServer) -> bus::RedisPool {
     bus::pool(SecretString::from(redis.url()), 8, Duration::from_secs(2)).unwrap()
 }
 
-async fn xlen(pool: &deadpool_redis::Pool) -> i64 {
+async fn xlen(pool: &bus::RedisPool) -> i64 {
     let mut c = pool.get().await.unwrap();
-    redis::cmd("XLEN").arg(names::STREAM).query_async(&mut *c).await.unwrap()
+    redis::cmd("XLEN").arg(names::STREAM).query_async(&mut c).await.unwrap()
 }
 
 /// How many entries `group` has read but not acknowledged.
-async fn pending(pool: &deadpool_redis::Pool, group: &str) -> i64 {
+async fn pending(pool: &bus::RedisPool, group: &str) -> i64 {
     let mut c = pool.get().await.unwrap();
-    let reply: redis::Value = redis::cmd("XPENDING").arg(names::STREAM).arg(group).query_async(&mut *c).await.unwrap();
+    let reply: redis::Value = redis::cmd("XPENDING").arg(names::STREAM).arg(group).query_async(&mut c).await.unwrap();
     match reply {
         redis::Value::Array(items) => match items.first() {
             Some(redis::Value::Int(n)) => *n,
@@ -418,7 +418,7 @@ struct Running {
 }
 
 impl Running {
-    fn start(pool: &deadpool_redis::Pool, cfg: &AlertsConfig) -> Self {
+    fn start(pool: &bus::RedisPool, cfg: &AlertsConfig) -> Self {
         let dispatcher = AlertDispatcher::new(pool.clone(), cfg).unwrap();
         let stats = dispatcher.stats();
         let shutdown = CancellationToken::new();
@@ -451,7 +451,7 @@ async fn eventually(what: &str, mut condition: impl FnMut() -> bool) {
     }
 }
 
-async fn eventually_acked(pool: &deadpool_redis::Pool, group: &str) {
+async fn eventually_acked(pool: &bus::RedisPool, group: &str) {
     let deadline = Instant::now() + WAIT;
     while pending(pool, group).await != 0 {
         assert!(Instant::now() < deadline, "timed out waiting for {group} to acknowledge everything");
@@ -869,7 +869,7 @@ async fn every_secret_in_an_alert_is_redacted_on_every_channel() {
     // Nor in the outbox, which outlives the delivery.
     let mut conn = pool.get().await.unwrap();
     let stored: Vec<(String, Vec<(String, String)>)> =
-        redis::cmd("XRANGE").arg(names::STREAM).arg("-").arg("+").query_async(&mut *conn).await.unwrap();
+        redis::cmd("XRANGE").arg(names::STREAM).arg("-").arg("+").query_async(&mut conn).await.unwrap();
     assert_eq!(stored.len(), SAMPLES.len());
     let everything = format!("{stored:?} {messages:?} {payloads:?}");
     for s in SAMPLES {

@@ -180,7 +180,7 @@ struct Fleet {
     telegram: Receiver,
     webhook: Receiver,
     orchestrator: Arc<Publisher>,
-    pool: deadpool_redis::Pool,
+    pool: bus::RedisPool,
     ledger: LedgerConfig,
     starts: usize,
 }
@@ -261,12 +261,12 @@ secret = "{WEBHOOK_SECRET}"
         BudgetProcess { child, log }
     }
 
-    async fn conn(&self) -> deadpool_redis::Connection {
+    async fn conn(&self) -> bus::Conn {
         self.pool.get().await.unwrap()
     }
 
     async fn state(&self) -> bus::KillState {
-        let mut c = deadpool_redis::Connection::take(self.conn().await);
+        let mut c = self.conn().await;
         read_state(&mut c).await.unwrap()
     }
 
@@ -291,7 +291,7 @@ secret = "{WEBHOOK_SECRET}"
             .arg(stream.as_str())
             .arg("-")
             .arg("+")
-            .query_async(&mut *self.conn().await)
+            .query_async(&mut self.conn().await)
             .await
             .unwrap();
         let ctx = VerifyContext { now_ms: bus::now_ms(), kill_epoch: 0 };
@@ -307,7 +307,7 @@ secret = "{WEBHOOK_SECRET}"
 
     async fn failures(&self) -> u64 {
         let v: Option<u64> =
-            redis::cmd("GET").arg(budget::killswitch::FAILURES_KEY).query_async(&mut *self.conn().await).await.unwrap();
+            redis::cmd("GET").arg(budget::killswitch::FAILURES_KEY).query_async(&mut self.conn().await).await.unwrap();
         v.unwrap_or(0)
     }
 }
@@ -325,7 +325,7 @@ async fn wait_up(f: &Fleet, p: &BudgetProcess) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     loop {
         let v: redis::RedisResult<redis::Value> =
-            redis::cmd("XINFO").arg("GROUPS").arg(streams::OUTCOMES).query_async(&mut *f.conn().await).await;
+            redis::cmd("XINFO").arg("GROUPS").arg(streams::OUTCOMES).query_async(&mut f.conn().await).await;
         if v.is_ok_and(|v| matches!(v, redis::Value::Array(a) if !a.is_empty())) {
             return;
         }
@@ -499,7 +499,7 @@ async fn an_unknown_error_kind_engages_the_switch() {
     f.outcome(Status::Success, None).await;
     eventually("the outcomes are counted", Duration::from_secs(10), async || {
         let v: Option<u64> =
-            redis::cmd("GET").arg(budget::killswitch::FAILURES_KEY).query_async(&mut *f.conn().await).await.unwrap();
+            redis::cmd("GET").arg(budget::killswitch::FAILURES_KEY).query_async(&mut f.conn().await).await.unwrap();
         v == Some(0)
     })
     .await;

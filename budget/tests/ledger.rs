@@ -54,7 +54,7 @@ struct Setup {
     clock: ManualClock,
 }
 
-fn pool(server: &RedisServer) -> deadpool_redis::Pool {
+fn pool(server: &RedisServer) -> bus::RedisPool {
     bus::pool(SecretString::from(server.url()), 64, Duration::from_secs(1)).unwrap()
 }
 

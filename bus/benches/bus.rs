@@ -35,6 +35,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use bus::Conn;
 use bus::names::{ENV_FIELD, seen_key};
 use bus::{Consumer, ConsumerConfig, ConsumerStats, Delivery, Handler, HandlerError, KillEpoch, Publisher};
 use envelope::{
@@ -42,7 +43,6 @@ use envelope::{
     TaskResult, Verifier, VerifierConfig, VerifyContext, streams,
 };
 use fleet_testkit::RedisServer;
-use redis::aio::MultiplexedConnection;
 use secrecy::SecretString;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -216,7 +216,7 @@ fn main() -> ExitCode {
 struct Bench {
     server: RedisServer,
     url: SecretString,
-    admin: MultiplexedConnection,
+    admin: Conn,
     keyring: Arc<Keyring>,
     verifier: Arc<Verifier>,
     stream: StreamName,
@@ -289,7 +289,7 @@ async fn run(opts: Options) -> Result<()> {
     let summary: String = (0..PAYLOAD).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
     let b = Bench {
         url,
-        admin,
+        admin: bus::Conn::Single(admin),
         keyring: Arc::new(keyring),
         verifier: Arc::new(verifier),
         stream: StreamName::parse(streams::RESULTS).context("parse the results stream name")?,
@@ -593,7 +593,7 @@ impl Bench {
                     });
                 }
                 Path::Unsigned { guard } => {
-                    let conn = deadpool_redis::Connection::take(pool.get().await.context("connect a consumer")?);
+                    let conn = pool.dedicated().await.context("connect a consumer")?;
                     consumers.spawn(unsigned_consumer(
                         conn,
                         cfg,
@@ -859,7 +859,7 @@ impl BenchEnvelopes {
 /// the frame, the HMAC and the verifier's checks: each entry's field is only decoded as an
 /// envelope body. No maintenance (retries, reclaim), which the bus runs every 500 ms.
 async fn unsigned_consumer(
-    mut c: MultiplexedConnection,
+    mut c: Conn,
     cfg: ConsumerConfig,
     guard: bool,
     handler: Counter,
@@ -900,7 +900,7 @@ async fn unsigned_consumer(
             let mut pipe = redis::pipe();
             for (e, env, window) in &decoded {
                 pipe.cmd("SET")
-                    .arg(seen_key(&cfg.group, &env.id))
+                    .arg(seen_key(cfg.stream.as_str(), &cfg.group, &env.id))
                     .arg(&e.id)
                     .arg("NX")
                     .arg("GET")

@@ -92,11 +92,27 @@ pub struct PublisherConfig {
     pub default_cap: u64,
     /// How often a stream's backlog is re-read to decide backpressure.
     pub backlog_check_every: Duration,
+    /// Replicas that must hold an entry before a publish counts as done (`WAIT`, sent to
+    /// the node that took the write). 0, the default, trusts the primary alone: Redis
+    /// replicates asynchronously, so a primary that dies right after answering can take
+    /// the entry with it when its replica is promoted. With 1 or more, a publish whose
+    /// replicas do not confirm within [`PublisherConfig::wait_timeout`] fails and is
+    /// retried (a duplicate that did land carries the same envelope id and is dropped by
+    /// consumers).
+    pub wait_replicas: u32,
+    /// How long a publish waits for [`PublisherConfig::wait_replicas`].
+    pub wait_timeout: Duration,
 }
 
 impl Default for PublisherConfig {
     fn default() -> Self {
-        Self { caps: BTreeMap::new(), default_cap: 1_000_000, backlog_check_every: Duration::from_secs(1) }
+        Self {
+            caps: BTreeMap::new(),
+            default_cap: 1_000_000,
+            backlog_check_every: Duration::from_secs(1),
+            wait_replicas: 0,
+            wait_timeout: Duration::from_secs(1),
+        }
     }
 }
 

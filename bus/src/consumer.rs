@@ -19,8 +19,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::Conn;
 use envelope::{Checked, Envelope, StreamName, Verified, Verifier, VerifyContext, streams};
-use redis::aio::MultiplexedConnection;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::ConsumerConfig;
@@ -164,7 +164,7 @@ struct Outcome {
 /// Consumes one stream in one consumer group.
 pub struct Consumer<H> {
     cfg: ConsumerConfig,
-    pool: deadpool_redis::Pool,
+    pool: crate::RedisPool,
     verifier: Arc<Verifier>,
     epoch: KillEpoch,
     handler: H,
@@ -214,7 +214,7 @@ impl<H: Handler> Consumer<H> {
     /// A consumer; checks the configuration.
     pub fn new(
         cfg: ConsumerConfig,
-        pool: deadpool_redis::Pool,
+        pool: crate::RedisPool,
         verifier: Arc<Verifier>,
         epoch: KillEpoch,
         handler: H,
@@ -260,15 +260,15 @@ impl<H: Handler> Consumer<H> {
     /// with backoff. On shutdown it stops reading, lets a running handler finish within the
     /// grace period, and leaves everything else pending.
     pub async fn run(mut self, shutdown: CancellationToken) {
-        let mut conn: Option<MultiplexedConnection> = None;
+        let mut conn: Option<Conn> = None;
         let mut delays = crate::reconnect_delays();
         while !shutdown.is_cancelled() {
             let result = match conn.as_mut() {
                 Some(c) => self.step(c, &shutdown).await,
-                None => match self.pool.get().await {
+                None => match self.pool.dedicated().await {
                     // A dedicated connection: a blocking read must not hold up anyone else.
                     Ok(c) => {
-                        conn = Some(deadpool_redis::Connection::take(c));
+                        conn = Some(c);
                         continue;
                     }
                     Err(e) => Err(BusError::from(e)),
@@ -292,7 +292,7 @@ impl<H: Handler> Consumer<H> {
         tracing::info!(stream = %self.cfg.stream, consumer = %self.cfg.consumer, "Consumer stopped.");
     }
 
-    async fn step(&mut self, c: &mut MultiplexedConnection, shutdown: &CancellationToken) -> Result<(), BusError> {
+    async fn step(&mut self, c: &mut Conn, shutdown: &CancellationToken) -> Result<(), BusError> {
         if let Some(gate) = self.gate.as_ref().filter(|g| g.is_paused()) {
             tokio::select! {
                 () = gate.wait_open() => {}
@@ -351,7 +351,7 @@ impl<H: Handler> Consumer<H> {
     /// entries (absent: first delivery).
     async fn process(
         &mut self,
-        c: &mut MultiplexedConnection,
+        c: &mut Conn,
         entries: Vec<Entry>,
         read_at: Instant,
         deliveries: &HashMap<String, u64>,
@@ -389,7 +389,7 @@ impl<H: Handler> Consumer<H> {
             for (e, chk) in &checked {
                 let ttl = chk.remember_until_ms().saturating_sub(now).max(1) + 1_000;
                 pipe.cmd("SET")
-                    .arg(seen_key(&self.cfg.group, &chk.id()))
+                    .arg(seen_key(&stream, &self.cfg.group, &chk.id()))
                     .arg(&e.id)
                     .arg("NX")
                     .arg("GET")
@@ -486,12 +486,7 @@ impl<H: Handler> Consumer<H> {
     /// been idle about that long, while one another consumer took over (possible only after
     /// a handler overran `claim_idle`) has been idle at least `claim_idle` less; the
     /// `min-idle-time` between the two leaves the latter with its new owner.
-    async fn keep(
-        &self,
-        c: &mut MultiplexedConnection,
-        ids: &[&str],
-        since: Instant,
-    ) -> Result<HashSet<String>, BusError> {
+    async fn keep(&self, c: &mut Conn, ids: &[&str], since: Instant) -> Result<HashSet<String>, BusError> {
         let min_idle = since.elapsed().saturating_sub(self.cfg.claim_idle / 2);
         let kept: Vec<String> = redis::cmd("XCLAIM")
             .arg(self.cfg.stream.as_str())
@@ -527,7 +522,7 @@ impl<H: Handler> Consumer<H> {
 
     /// Copies rejects and dead letters, marks successes done, then acknowledges: one
     /// ordered pipeline, so nothing is acknowledged before its copy exists.
-    async fn settle(&mut self, c: &mut MultiplexedConnection, out: Outcome) -> Result<(), BusError> {
+    async fn settle(&mut self, c: &mut Conn, out: Outcome) -> Result<(), BusError> {
         if out.rejects.is_empty() && out.dead.is_empty() && out.done == 0 && out.acks.is_empty() {
             return Ok(());
         }
@@ -591,11 +586,7 @@ impl<H: Handler> Consumer<H> {
 
     /// Retries this consumer's own failed entries whose backoff has passed (and those taken
     /// over from dead consumers); dead-letters those out of deliveries.
-    async fn retry_own_pending(
-        &mut self,
-        c: &mut MultiplexedConnection,
-        shutdown: &CancellationToken,
-    ) -> Result<(), BusError> {
+    async fn retry_own_pending(&mut self, c: &mut Conn, shutdown: &CancellationToken) -> Result<(), BusError> {
         let stream = self.cfg.stream.as_str().to_owned();
         let stream = stream.as_str();
         let rows: redis::Value = redis::cmd("XPENDING")
@@ -668,7 +659,7 @@ impl<H: Handler> Consumer<H> {
 
     /// Takes over entries that other consumers left idle past `claim_idle`, following
     /// `XAUTOCLAIM`'s cursor across passes. They are then retried as our own pending entries.
-    async fn reclaim_dead(&mut self, c: &mut MultiplexedConnection) -> Result<(), BusError> {
+    async fn reclaim_dead(&mut self, c: &mut Conn) -> Result<(), BusError> {
         for _ in 0..AUTOCLAIM_PAGES {
             let v: redis::Value = redis::cmd("XAUTOCLAIM")
                 .arg(self.cfg.stream.as_str())
@@ -701,7 +692,7 @@ impl<H: Handler> Consumer<H> {
     /// restarts with new names don't grow the group forever. Not when
     /// `remove_idle_consumers_after` is `None` (workers: their groups are pruned by the
     /// orchestrator, see [`crate::pruner`]).
-    async fn prune_idle_consumers(&mut self, c: &mut MultiplexedConnection) -> Result<(), BusError> {
+    async fn prune_idle_consumers(&mut self, c: &mut Conn) -> Result<(), BusError> {
         let Some(after) = self.cfg.remove_idle_consumers_after else { return Ok(()) };
         crate::pruner::prune_idle_consumers(
             c,
@@ -716,7 +707,7 @@ impl<H: Handler> Consumer<H> {
 }
 
 /// Creates the group (and the stream) if missing; an existing group is fine.
-pub async fn ensure_group(c: &mut MultiplexedConnection, stream: &str, group: &str) -> Result<(), BusError> {
+pub async fn ensure_group(c: &mut Conn, stream: &str, group: &str) -> Result<(), BusError> {
     let r: redis::RedisResult<()> =
         redis::cmd("XGROUP").arg("CREATE").arg(stream).arg(group).arg("0").arg("MKSTREAM").query_async(c).await;
     match r {
@@ -731,7 +722,7 @@ pub async fn ensure_group(c: &mut MultiplexedConnection, stream: &str, group: &s
 /// consumers so each service's wiring names only the stream and the handler.
 #[derive(Debug, Clone)]
 pub struct Consumers {
-    pool: deadpool_redis::Pool,
+    pool: crate::RedisPool,
     verifier: Arc<Verifier>,
     epoch: KillEpoch,
     group: String,
@@ -752,7 +743,7 @@ impl Consumers {
 
     /// Consumers in `group` named `consumer` (stable per process).
     pub fn new(
-        pool: deadpool_redis::Pool,
+        pool: crate::RedisPool,
         verifier: Arc<Verifier>,
         epoch: KillEpoch,
         group: impl Into<String>,

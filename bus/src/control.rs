@@ -11,8 +11,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::Conn;
 use envelope::{Payload, Role, StreamName, Verifier, VerifyContext};
-use redis::aio::MultiplexedConnection;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
@@ -38,7 +38,7 @@ pub struct KillState {
 }
 
 /// Reads the state record; an absent record is epoch 0, not engaged.
-pub async fn read_state(c: &mut MultiplexedConnection) -> Result<KillState, BusError> {
+pub async fn read_state(c: &mut Conn) -> Result<KillState, BusError> {
     let map: std::collections::HashMap<String, String> =
         redis::cmd("HGETALL").arg(KILLSWITCH_KEY).query_async(c).await?;
     Ok(KillState {
@@ -122,7 +122,7 @@ pub enum ControlEvent {
 /// closes or opens the [`Gate`].
 #[derive(Debug)]
 pub struct ControlListener {
-    pool: deadpool_redis::Pool,
+    pool: crate::RedisPool,
     verifier: Arc<Verifier>,
     stream: StreamName,
     epoch: KillEpoch,
@@ -136,7 +136,7 @@ pub struct ControlListener {
 impl ControlListener {
     /// A listener for `role`'s control stream. The pool's response timeout must exceed one
     /// second (see [`crate::pool`]).
-    pub fn new(pool: deadpool_redis::Pool, verifier: Arc<Verifier>, role: Role, epoch: KillEpoch, gate: Gate) -> Self {
+    pub fn new(pool: crate::RedisPool, verifier: Arc<Verifier>, role: Role, epoch: KillEpoch, gate: Gate) -> Self {
         Self {
             pool,
             verifier,
@@ -204,7 +204,7 @@ impl ControlListener {
         guard: &mut envelope::MemoryReplayGuard,
         shutdown: &CancellationToken,
     ) -> Result<(), BusError> {
-        let mut c = deadpool_redis::Connection::take(self.pool.get().await?);
+        let mut c = self.pool.dedicated().await?;
         if self.record_only {
             loop {
                 let state = read_state(&mut c).await?;
@@ -299,7 +299,7 @@ impl ControlListener {
 /// The id of the newest entry of `stream` ("0-0" when it is empty): reading after it sees
 /// only what comes next. For followers without a consumer group (control listeners, the
 /// workers' tool-response readers).
-pub async fn last_id(c: &mut MultiplexedConnection, stream: &str) -> Result<String, BusError> {
+pub async fn last_id(c: &mut Conn, stream: &str) -> Result<String, BusError> {
     let last: redis::Value =
         redis::cmd("XREVRANGE").arg(stream).arg("+").arg("-").arg("COUNT").arg(1).query_async(c).await?;
     Ok(reply::entries("XREVRANGE", &last)?.pop().map_or_else(|| "0-0".to_owned(), |e| e.id))
@@ -308,7 +308,7 @@ pub async fn last_id(c: &mut MultiplexedConnection, stream: &str) -> Result<Stri
 /// One blocking `XREAD` of `stream` after `cursor`, without a group; `None` when `shutdown`
 /// came first.
 pub async fn read_after(
-    c: &mut MultiplexedConnection,
+    c: &mut Conn,
     stream: &str,
     cursor: &str,
     count: usize,

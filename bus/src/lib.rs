@@ -24,12 +24,15 @@
 //! - [`pruner`]: deleting a group's idle consumers, also on behalf of consumers whose Redis
 //!   user may not (`XGROUP DELCONSUMER` is not granted to workers).
 //! - [`reply`]: parsing of Redis stream replies (`XREADGROUP`, `XAUTOCLAIM`, `XPENDING`, …).
-//! - [`endpoint`]: [`RedisEndpoint`], a server's URL and, for TLS, its CA.
+//! - [`endpoint`]: [`RedisEndpoint`], a server's (or a cluster's) URL and, for TLS, its CA.
+//! - [`conn`]: [`RedisPool`] and [`Conn`], one Redis server or a Redis Cluster behind one
+//!   type; a cluster's multi-slot pipelines are sent as ordered per-slot runs.
 //! - [`error`]: [`BusError`] and [`HandlerError`].
 //! - [`names`]: the keys the bus writes besides streams (replay guard, done markers) and the
 //!   field names of stream entries.
 
 pub mod config;
+pub mod conn;
 pub mod consumer;
 pub mod control;
 pub mod endpoint;
@@ -46,6 +49,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub use config::{ConsumerConfig, PublisherConfig};
+pub use conn::{Conn, RedisPool, RedisPoolError};
 pub use consumer::{Consumer, ConsumerStats, Consumers, Delivery, Handler, RejectHook, Rejection};
 pub use control::{ControlEvent, ControlListener, Gate, KillState};
 pub use endpoint::RedisEndpoint;
@@ -94,7 +98,8 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
-/// Builds a connection pool whose connections tolerate blocking reads of `block`.
+/// Builds a connection pool whose connections tolerate blocking reads of `block`: a
+/// deadpool for one server, the cluster client for a `redis+cluster://` URL.
 ///
 /// redis's default response timeout (500 ms) would cut an `XREADGROUP BLOCK` short, so the
 /// timeout is set above the longest block this process uses.
@@ -102,17 +107,24 @@ pub fn pool(
     endpoint: impl Into<RedisEndpoint>,
     max_size: usize,
     longest_block: std::time::Duration,
-) -> Result<deadpool_redis::Pool, BusError> {
+) -> Result<RedisPool, BusError> {
+    let endpoint = endpoint.into();
+    if endpoint.is_cluster() {
+        let client = conn::cluster_client(endpoint.cluster_seeds()?, longest_block, endpoint.tls_certificates())
+            .map_err(|e| BusError::Config(format!("invalid Redis Cluster settings: {}", redact_redis_error(&e))))?;
+        return Ok(RedisPool::Cluster(std::sync::Arc::new(conn::ClusterPool::new(client))));
+    }
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
         .set_response_timeout(Some(longest_block + std::time::Duration::from_secs(5)));
-    let info = endpoint.into().connection_info()?;
+    let info = endpoint.connection_info()?;
     let manager = deadpool_redis::Manager::new_with_config(info, config)
         .map_err(|e| BusError::Config(format!("invalid Redis URL: {}", redact_redis_error(&e))))?;
     deadpool_redis::Pool::builder(manager)
         .max_size(max_size)
         .runtime(deadpool_redis::Runtime::Tokio1)
         .build()
+        .map(RedisPool::Single)
         .map_err(|e| BusError::Config(format!("cannot build the Redis pool: {e}")))
 }
 

@@ -3,11 +3,15 @@
 /// The one field of a stream entry that carries the frame.
 pub const ENV_FIELD: &str = "env";
 
-/// Replay-guard key for an envelope id within a consumer group. Its value is the stream
-/// entry that first carried the id, so a redelivery of that same entry is told apart from
-/// a duplicate carried by another entry.
-pub fn seen_key(group: &str, id: &uuid::Uuid) -> String {
-    format!("fleet:seen:{group}:{}", id.as_simple())
+/// Replay-guard key for an envelope id within a consumer group of `stream`. Its value is the
+/// stream entry that first carried the id, so a redelivery of that same entry is told apart
+/// from a duplicate carried by another entry.
+///
+/// The key carries the stream's name as its hash tag (`{fleet:tasks:dev}`), so on a Redis
+/// Cluster it lives in the stream's slot: a consumer's guard writes for a batch are one
+/// pipeline to one node, like its read and its acknowledgement.
+pub fn seen_key(stream: &str, group: &str, id: &uuid::Uuid) -> String {
+    format!("fleet:seen:{{{stream}}}:{group}:{}", id.as_simple())
 }
 
 /// The done marker consumers before issue 16 set once a handler succeeded, just before the

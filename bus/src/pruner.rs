@@ -50,7 +50,7 @@ pub async fn prune_idle_consumers<C: ConnectionLike + Send>(
 /// idle longer than `idle` with nothing pending. A group that does not exist yet is skipped;
 /// other errors are logged and retried next round.
 pub async fn run(
-    pool: deadpool_redis::Pool,
+    pool: crate::RedisPool,
     groups: Vec<(String, String)>,
     idle: Duration,
     every: Duration,
@@ -69,7 +69,7 @@ pub async fn run(
             }
         };
         for (stream, group) in &groups {
-            match prune_idle_consumers(&mut *c, stream, group, None, idle).await {
+            match prune_idle_consumers(&mut c, stream, group, None, idle).await {
                 Ok(_) => {}
                 Err(BusError::Redis(m)) if m.contains("NOGROUP") || m.contains("no such key") => {}
                 Err(e) => {

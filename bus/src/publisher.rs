@@ -15,8 +15,8 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
+use crate::Conn;
 use envelope::{Envelope, LiveKeyring, StreamName};
-use redis::aio::MultiplexedConnection;
 
 use crate::BusError;
 use crate::config::PublisherConfig;
@@ -26,9 +26,9 @@ use crate::reply;
 /// Seals envelopes with this process's keyring and appends them to streams. Cheap to share
 /// (`Arc`) between tasks: calls are multiplexed over one connection.
 pub struct Publisher {
-    pool: deadpool_redis::Pool,
+    pool: crate::RedisPool,
     /// The shared connection; replaced after an error.
-    conn: Mutex<Option<MultiplexedConnection>>,
+    conn: Mutex<Option<Conn>>,
     /// Read on every seal, so a reloaded keyset signs from the next message on.
     keyring: LiveKeyring,
     config: PublisherConfig,
@@ -65,7 +65,7 @@ const ATTEMPTS: usize = 4;
 impl Publisher {
     /// A publisher over `pool`, signing with `keyring` (an `Arc<Keyring>`, or a
     /// [`LiveKeyring`] to sign with whatever keyring it holds at each publish).
-    pub fn new(pool: deadpool_redis::Pool, keyring: impl Into<LiveKeyring>, config: PublisherConfig) -> Self {
+    pub fn new(pool: crate::RedisPool, keyring: impl Into<LiveKeyring>, config: PublisherConfig) -> Self {
         Self { pool, conn: Mutex::new(None), keyring: keyring.into(), config, backlog: Mutex::new(HashMap::new()) }
     }
 
@@ -123,8 +123,14 @@ impl Publisher {
         for stream in streams {
             self.check_backlog(&mut conn, stream).await?;
         }
+        let wait = self.config.wait_replicas;
+        let run_ends = |i: usize| {
+            items.get(i + 1).is_none_or(|(next, _)| {
+                crate::conn::slot_of(next.as_bytes()) != crate::conn::slot_of(items[i].0.as_bytes())
+            })
+        };
         let mut pipe = redis::pipe();
-        for (stream, wire) in items {
+        for (i, (stream, wire)) in items.iter().enumerate() {
             pipe.cmd("XADD")
                 .arg(*stream)
                 .arg("MAXLEN")
@@ -133,15 +139,35 @@ impl Publisher {
                 .arg("*")
                 .arg(ENV_FIELD)
                 .arg(*wire);
+            // One WAIT after each run of writes to one slot: a cluster connection sends it to
+            // the node that took them (see `crate::conn`), and it covers every earlier write
+            // of this connection there.
+            if wait > 0 && run_ends(i) {
+                pipe.cmd("WAIT").arg(wait).arg(self.config.wait_timeout.as_millis() as u64);
+            }
         }
         let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
-        replies
-            .iter()
-            .map(|v| reply::text(v).ok_or_else(|| BusError::Reply { command: "XADD", detail: format!("{v:?}") }))
-            .collect()
+        let mut ids = Vec::with_capacity(items.len());
+        let mut replies = replies.iter();
+        for (i, (stream, _)) in items.iter().enumerate() {
+            let v =
+                replies.next().ok_or_else(|| BusError::Reply { command: "XADD", detail: "missing reply".into() })?;
+            ids.push(reply::text(v).ok_or_else(|| BusError::Reply { command: "XADD", detail: format!("{v:?}") })?);
+            if wait > 0 && run_ends(i) {
+                let acked = replies.next().and_then(reply::int).unwrap_or(0);
+                if acked < i64::from(wait) {
+                    return Err(BusError::Redis(format!(
+                        "{acked} of {wait} replicas confirmed the write to {stream} within {} ms \
+                         (publisher wait_replicas); retrying",
+                        self.config.wait_timeout.as_millis()
+                    )));
+                }
+            }
+        }
+        Ok(ids)
     }
 
-    async fn check_backlog(&self, conn: &mut MultiplexedConnection, stream: &str) -> Result<(), BusError> {
+    async fn check_backlog(&self, conn: &mut Conn, stream: &str) -> Result<(), BusError> {
         let cap = self.config.cap(stream);
         let fresh = {
             let cache = self.backlog.lock().unwrap_or_else(|p| p.into_inner());
@@ -161,13 +187,13 @@ impl Publisher {
         Ok(())
     }
 
-    async fn conn(&self) -> Result<MultiplexedConnection, BusError> {
+    async fn conn(&self) -> Result<Conn, BusError> {
         if let Some(c) = self.conn.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
             return Ok(c.clone());
         }
         // Taken out of the pool for good: a multiplexed connection is shared by all callers,
         // and the pool's per-checkout PING would double every publish's round trips.
-        let c = deadpool_redis::Connection::take(self.pool.get().await?);
+        let c = self.pool.dedicated().await?;
         *self.conn.lock().unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
         Ok(c)
     }
@@ -179,7 +205,7 @@ impl Publisher {
 
 /// The largest per-group backlog of `stream` (undelivered + pending), or its length when no
 /// group exists or Redis can't tell a group's lag.
-pub async fn stream_backlog(conn: &mut MultiplexedConnection, stream: &str) -> Result<u64, BusError> {
+pub async fn stream_backlog(conn: &mut Conn, stream: &str) -> Result<u64, BusError> {
     let (len, groups): (u64, redis::Value) =
         redis::pipe().cmd("XLEN").arg(stream).cmd("XINFO").arg("GROUPS").arg(stream).query_async(conn).await.or_else(
             |e| if e.to_string().contains("no such key") { Ok((0, redis::Value::Array(vec![]))) } else { Err(e) },

@@ -45,7 +45,7 @@ fn control(payload: Payload, epoch: u64) -> Envelope {
 }
 
 /// What the budget manager does, without the budget crate: the record, then the pause.
-async fn engage(c: &mut redis::aio::MultiplexedConnection, budget: &Publisher, epoch: u64) {
+async fn engage(c: &mut bus::Conn, budget: &Publisher, epoch: u64) {
     let () = redis::cmd("HSET")
         .arg(KILLSWITCH_KEY)
         .arg("epoch")
@@ -65,7 +65,7 @@ async fn engage(c: &mut redis::aio::MultiplexedConnection, budget: &Publisher, e
     budget.publish(&StreamName::control(Role::Orchestrator), &control(pause.into(), epoch)).await.unwrap();
 }
 
-async fn release(c: &mut redis::aio::MultiplexedConnection, budget: &Publisher, epoch: u64) {
+async fn release(c: &mut bus::Conn, budget: &Publisher, epoch: u64) {
     let () = redis::cmd("HSET").arg(KILLSWITCH_KEY).arg("engaged").arg("0").query_async(c).await.unwrap();
     let resume = ControlResume { epoch, by: None };
     budget.publish(&StreamName::control(Role::Orchestrator), &control(resume.into(), epoch)).await.unwrap();

@@ -42,7 +42,11 @@ async fn publish_subscribe_100_with_payloads_checked() {
     // One replay-guard key per envelope, written when it is read; the acknowledgement is
     // the "done" mark, so no second key per entry (issue 16).
     let mut c = connect(&server).await;
-    let seen: Vec<String> = redis::cmd("KEYS").arg(format!("fleet:seen:{GROUP}:*")).query_async(&mut c).await.unwrap();
+    let seen: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("fleet:seen:{{{}}}:{GROUP}:*", stream.as_str()))
+        .query_async(&mut c)
+        .await
+        .unwrap();
     let done: Vec<String> = redis::cmd("KEYS").arg("fleet:done:*").query_async(&mut c).await.unwrap();
     assert_eq!((seen.len(), done.len()), (100, 0));
 }

@@ -46,7 +46,12 @@ pub use passwords::{MIN_PASSWORD_LEN, Password, Passwords, PasswordsError, insta
 /// Redis 7.0 does not know it (it came in 7.2) and refuses an ACL file that names it; the
 /// `redis` crate sends it on connect and ignores the error. `SELECT` is not granted: the
 /// fleet uses database 0, and the crate sends `SELECT` only for another one.
-pub const CONNECTION_COMMANDS: &[&str] = &["ping", "hello", "auth", "client|setname", "unwatch"];
+///
+/// On a Redis Cluster the client also asks a node for the slot map (`CLUSTER SLOTS`) and
+/// follows `ASK` redirections during a slot migration (`ASKING`); neither touches a key, and
+/// a single server answers both with an error, so one file serves both deployments.
+pub const CONNECTION_COMMANDS: &[&str] =
+    &["ping", "hello", "auth", "client|setname", "unwatch", "cluster|slots", "asking"];
 
 /// What a publisher may do on the streams it publishes to, and nothing else.
 pub const PUBLISH_COMMANDS: &[&str] = &["xadd"];
@@ -99,11 +104,17 @@ pub const WORKER_CONSUMER_COMMANDS: &[&str] = &[
 /// idle consumers (`bus::pruner`), the one thing the workers' users may not do there.
 pub const PRUNE_COMMANDS: &[&str] = &["xinfo|consumers", "xgroup|delconsumer"];
 
-/// The replay guard's commands, on `fleet:seen:<group>:*` and `fleet:done:<group>:*`.
+/// The replay guard's commands, on `fleet:seen:{<stream>}:<group>:*` and the older
+/// consumers' `fleet:done:<group>:*`.
 pub const REPLAY_GUARD_COMMANDS: &[&str] = &["set", "get", "exists", "pexpire"];
 
-/// Prefixes of the replay guard's keys; the consumer group (the role's name) and `:*` follow.
-pub const REPLAY_GUARD_PREFIXES: &[&str] = &["fleet:seen", "fleet:done"];
+/// Prefix of the replay guard's keys; `{<inbox stream>}:<group>:*` follows (the group is
+/// the role's name).
+pub const REPLAY_GUARD_SEEN: &str = "fleet:seen";
+
+/// Prefix of the done markers older consumers wrote (still read on redeliveries);
+/// `<group>:*` follows.
+pub const REPLAY_GUARD_DONE: &str = "fleet:done";
 
 /// The roles that run the budget ledger's Lua scripts.
 pub const LEDGER_ROLES: &[Role] = &[Role::Orchestrator, Role::Budget];
@@ -462,9 +473,15 @@ fn role_grants(table: &PermissionTable, role: Role) -> Vec<Selector> {
     }
     if consumer {
         let commands = if role.is_worker() { WORKER_CONSUMER_COMMANDS } else { CONSUMER_COMMANDS };
-        selectors.push(Selector::new(Purpose::Consume, Access::ReadWrite, inbox, commands));
-        // The consumer group is named after the role.
-        let guard = REPLAY_GUARD_PREFIXES.iter().map(|prefix| format!("{prefix}:{role}:*")).collect();
+        selectors.push(Selector::new(Purpose::Consume, Access::ReadWrite, inbox.clone(), commands));
+        // The consumer group is named after the role. Guard keys carry the stream they
+        // guard as their hash tag (`bus::names::seen_key`), so the role's are those of its
+        // inbox streams.
+        let guard = inbox
+            .iter()
+            .map(|stream| format!("{REPLAY_GUARD_SEEN}:{{{stream}}}:{role}:*"))
+            .chain(std::iter::once(format!("{REPLAY_GUARD_DONE}:{role}:*")))
+            .collect();
         selectors.push(Selector::new(Purpose::ReplayGuard, Access::ReadWrite, guard, REPLAY_GUARD_COMMANDS));
     }
     if follows_control {
@@ -616,7 +633,15 @@ mod tests {
         assert!(!consume.commands.iter().any(|c| c.starts_with("xgroup|") && c.ends_with("consumer")));
         assert!(selector(&t, User::Dev, Purpose::Prune).is_none());
         let guard = selector(&t, User::Dev, Purpose::ReplayGuard).unwrap();
-        assert_eq!(guard.keys, keys(&["fleet:done:dev:*", "fleet:seen:dev:*"]));
+        assert_eq!(
+            guard.keys,
+            keys(&[
+                "fleet:done:dev:*",
+                "fleet:seen:{fleet:control:dev}:dev:*",
+                "fleet:seen:{fleet:tasks:dev}:dev:*",
+                "fleet:seen:{fleet:tool:responses:dev:*}:dev:*",
+            ])
+        );
         assert!(selector(&t, User::Dev, Purpose::Ledger).is_none());
     }
 
@@ -690,11 +715,12 @@ mod tests {
         }
         // Only characters that mean what they say in an ACL rule: no spaces inside a rule,
         // no glob characters other than the prefix `*` (and the administrator's `~*`, `&*`).
+        // Braces are literal in Redis's globs: they are the replay guard's hash tags.
         for rule in text.split_whitespace() {
             assert!(
                 rule.bytes().all(|b| b.is_ascii_lowercase()
                     || b.is_ascii_digit()
-                    || b":._-*~%#@|()+".contains(&b)
+                    || b":._-*~%#@|()+{}".contains(&b)
                     || b == b'R'
                     || b == b'W')
                     || rule == "&*",
@@ -729,7 +755,7 @@ mod tests {
         assert_eq!(
             dev,
             format!(
-                "user dev reset on #{hash} resetchannels -@all +ping +hello +auth +client|setname +unwatch \
+                "user dev reset on #{hash} resetchannels -@all +ping +hello +auth +client|setname +unwatch +cluster|slots +asking \
                  (%W~fleet:dlq %W~fleet:heartbeats %W~fleet:questions %W~fleet:rejected %W~fleet:results \
                  %W~fleet:tool:requests resetchannels +xadd) \
                  (%R~fleet:dlq %R~fleet:heartbeats %R~fleet:questions %R~fleet:rejected %R~fleet:results \
@@ -737,7 +763,8 @@ mod tests {
                  (~fleet:control:dev ~fleet:tasks:dev ~fleet:tool:responses:dev:* resetchannels +xreadgroup \
                  +xack +xautoclaim +xclaim +xpending +xgroup|create \
                  +xinfo|groups +xinfo|consumers +xinfo|stream +xlen +xrange) \
-                 (~fleet:done:dev:* ~fleet:seen:dev:* resetchannels +set +get +exists +pexpire) \
+                 (~fleet:done:dev:* ~fleet:seen:{{fleet:control:dev}}:dev:* ~fleet:seen:{{fleet:tasks:dev}}:dev:* \
+                 ~fleet:seen:{{fleet:tool:responses:dev:*}}:dev:* resetchannels +set +get +exists +pexpire) \
                  (%R~fleet:control:dev %R~fleet:killswitch %R~fleet:tool:responses:dev:* resetchannels +xread +xrevrange \
                  +hgetall)"
             )

@@ -269,7 +269,7 @@ pub async fn cut_off(redis: bus::RedisEndpoint, target: &Target) -> anyhow::Resu
     let rules: redis::Value = redis::cmd("ACL")
         .arg("GETUSER")
         .arg(&user)
-        .query_async(&mut *c)
+        .query_async(&mut c)
         .await
         .context("ACL GETUSER failed: connect as the admin user")?;
     if matches!(rules, redis::Value::Nil) {
@@ -293,10 +293,10 @@ pub async fn cut_off(redis: bus::RedisEndpoint, target: &Target) -> anyhow::Resu
         .arg("-@all")
         .arg("resetkeys")
         .arg("resetchannels")
-        .query_async::<()>(&mut *c)
+        .query_async::<()>(&mut c)
         .await
         .with_context(|| format!("ACL SETUSER {user} failed"))?;
-    let persisted = redis::cmd("ACL").arg("SAVE").query_async::<()>(&mut *c).await.is_ok();
+    let persisted = redis::cmd("ACL").arg("SAVE").query_async::<()>(&mut c).await.is_ok();
 
     let stream = StreamName::tasks(target.role);
     let group = target.role.as_str();
@@ -307,7 +307,7 @@ pub async fn cut_off(redis: bus::RedisEndpoint, target: &Target) -> anyhow::Resu
                 .arg("CONSUMERS")
                 .arg(stream.as_str())
                 .arg(group)
-                .query_async(&mut *c)
+                .query_async(&mut c)
                 .await
                 .unwrap_or(redis::Value::Nil);
             consumer_names(&groups)
@@ -323,7 +323,7 @@ pub async fn cut_off(redis: bus::RedisEndpoint, target: &Target) -> anyhow::Resu
                 .arg("+")
                 .arg(PAGE)
                 .arg(consumer)
-                .query_async(&mut *c)
+                .query_async(&mut c)
                 .await
             {
                 Ok(v) => v,
@@ -344,7 +344,7 @@ pub async fn cut_off(redis: bus::RedisEndpoint, target: &Target) -> anyhow::Resu
                 .arg("IDLE")
                 .arg(RETURNED_IDLE_MS)
                 .arg("JUSTID")
-                .query_async(&mut *c)
+                .query_async(&mut c)
                 .await
                 .context("XCLAIM failed")?;
             returned += claimed.len();
@@ -357,7 +357,7 @@ pub async fn cut_off(redis: bus::RedisEndpoint, target: &Target) -> anyhow::Resu
             .arg(stream.as_str())
             .arg(group)
             .arg(consumer)
-            .query_async(&mut *c)
+            .query_async(&mut c)
             .await;
     }
     Ok(CutOff { user, returned, persisted })

@@ -17,11 +17,11 @@ use std::time::Duration;
 
 use anyhow::Context;
 use budget::ledger::{Day, Ledger, LedgerConfig, MicroUsd};
+use bus::Conn;
 use bus::control::KillState;
 use bus::reply;
 use clap::Args;
 use envelope::{Keyset, Payload, Role, StreamName, Verifier, VerifierConfig, VerifyContext, streams};
-use redis::aio::MultiplexedConnection;
 use serde_json::{Value, json};
 
 use crate::exit::UsageError;
@@ -229,7 +229,7 @@ pub fn fleet_streams() -> Vec<String> {
 }
 
 /// Reads one stream's length and groups; a missing stream is empty.
-async fn stream_info(c: &mut MultiplexedConnection, name: &str) -> anyhow::Result<StreamInfo> {
+async fn stream_info(c: &mut Conn, name: &str) -> anyhow::Result<StreamInfo> {
     let length: u64 = redis::cmd("XLEN").arg(name).query_async(c).await.context("XLEN")?;
     let groups = match redis::cmd("XINFO").arg("GROUPS").arg(name).query_async::<redis::Value>(c).await {
         Ok(v) => reply::info_maps("XINFO GROUPS", &v)
@@ -250,7 +250,7 @@ async fn stream_info(c: &mut MultiplexedConnection, name: &str) -> anyhow::Resul
 
 /// Live workers from the heartbeats of the last `window`, verified with `verifier`.
 async fn workers(
-    c: &mut MultiplexedConnection,
+    c: &mut Conn,
     verifier: &Verifier,
     now_ms: u64,
     window: Duration,
@@ -305,12 +305,12 @@ pub async fn gather(
 
 /// [`gather`] on an open pool (`top` reads again every few seconds).
 pub async fn gather_on(
-    pool: &deadpool_redis::Pool,
+    pool: &bus::RedisPool,
     verifier: &Verifier,
     ledger: LedgerConfig,
     window: Duration,
 ) -> anyhow::Result<Status> {
-    let mut c = deadpool_redis::Connection::take(pool.get().await.context("Failed to connect to Redis")?);
+    let mut c = pool.dedicated().await.context("Failed to connect to Redis")?;
     let now_ms = bus::now_ms();
     let kill = bus::control::read_state(&mut c).await.context("Failed to read the kill switch (fleet:killswitch)")?;
     let ledger = Ledger::new(pool.clone(), ledger).context("Invalid [ledger] section")?;

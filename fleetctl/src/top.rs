@@ -112,7 +112,7 @@ pub struct Snapshot {
 
 /// The newest `n` entries of a side stream.
 pub async fn side_entries(
-    c: &mut redis::aio::MultiplexedConnection,
+    c: &mut bus::Conn,
     stream: &str,
     what_field: &str,
     n: usize,
@@ -324,13 +324,13 @@ pub fn draw(frame: &mut Frame<'_>, s: &Snapshot) {
 
 /// Reads one [`Snapshot`]; `previous` gives the burn rate.
 pub async fn snapshot(
-    pool: &deadpool_redis::Pool,
+    pool: &bus::RedisPool,
     opened: &crate::status::Opened,
     client: Option<&Client>,
     previous: Option<(&Snapshot, Instant)>,
 ) -> anyhow::Result<Snapshot> {
     let status = crate::status::gather_on(pool, &opened.verifier, opened.ledger.clone(), opened.window).await?;
-    let mut c = deadpool_redis::Connection::take(pool.get().await.context("Failed to connect to Redis")?);
+    let mut c = pool.dedicated().await.context("Failed to connect to Redis")?;
     let rejections = side_entries(&mut c, envelope::streams::REJECTED, bus::names::fields::REASON, RECENT).await?;
     let dead_letters = side_entries(&mut c, envelope::streams::DLQ, bus::names::fields::DELIVERIES, RECENT).await?;
     let tasks = match client {

@@ -993,7 +993,7 @@ async fn every_user_connects_the_way_the_fleet_does() {
         let pool = bus::pool(&url, 1, std::time::Duration::from_secs(1)).unwrap();
         for round in 0..3 {
             let mut connection = pool.get().await.unwrap_or_else(|err| panic!("{user}: pooled connection: {err}"));
-            let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut *connection).await;
+            let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut connection).await;
             if let Err(err) = pong {
                 failures.push(format!("user {user}: PING on a pooled connection (round {round}): {err}"));
             }
@@ -1268,7 +1268,7 @@ async fn a_usage_report_is_counted_exactly_once_under_the_generated_acls_however
     )
     .unwrap();
     let metrics = budget::metrics::BudgetMetrics::default();
-    let budget_with = |ledger_pool: deadpool_redis::Pool| {
+    let budget_with = |ledger_pool: bus::RedisPool| {
         let alerts = AlertSender::new(pool.clone(), &AlertsConfig::default());
         let publisher =
             Arc::new(Publisher::new(pool.clone(), Arc::new(keyring(Role::Budget)), PublisherConfig::default()));

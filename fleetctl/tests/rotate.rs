@@ -129,7 +129,7 @@ fn result(n: u64) -> Envelope {
     Envelope::new(from, Role::Orchestrator, bus::now_ms(), 60_000, 0, payload.into())
 }
 
-fn pool(server: &RedisServer) -> deadpool_redis::Pool {
+fn pool(server: &RedisServer) -> bus::RedisPool {
     bus::pool(secrecy::SecretString::from(server.url()), 8, Duration::from_secs(2)).unwrap()
 }
 

@@ -37,7 +37,7 @@ async fn status_shows_the_switch_the_budget_the_backlog_and_the_live_workers() {
     let ledger = Ledger::with_clock(pool.clone(), cfg, Arc::new(SystemClock)).unwrap();
     let r = ledger.reserve(uuid::Uuid::now_v7(), Role::Dev, "m", 1_000, 500).await.unwrap();
     ledger.commit(&r, 1_000, 500).await.unwrap();
-    let mut c = deadpool_redis::Connection::take(pool.get().await.unwrap());
+    let mut c = pool.dedicated().await.unwrap();
     let () = redis::cmd("HSET")
         .arg("fleet:killswitch")
         .arg(&["epoch", "4", "engaged", "1", "by", "budget", "reason", "3 consecutive task failures", "at_ms", "1"])

@@ -46,7 +46,7 @@ fn screen(s: &top::Snapshot) -> String {
     text
 }
 
-async fn xadd(c: &mut redis::aio::MultiplexedConnection, stream: &str, fields: &[(&str, &[u8])]) {
+async fn xadd(c: &mut bus::Conn, stream: &str, fields: &[(&str, &[u8])]) {
     let mut cmd = redis::cmd("XADD");
     cmd.arg(stream).arg("*");
     for (k, v) in fields {
@@ -129,7 +129,7 @@ async fn top_shows_what_the_fleet_holds() {
     let ledger = Ledger::with_clock(pool.clone(), cfg, Arc::new(SystemClock)).unwrap();
     let r = ledger.reserve(uuid::Uuid::now_v7(), Role::Dev, "m", 1_000, 500).await.unwrap();
     ledger.commit(&r, 1_000, 500).await.unwrap();
-    let mut c = deadpool_redis::Connection::take(pool.get().await.unwrap());
+    let mut c = pool.dedicated().await.unwrap();
     let () = redis::cmd("HSET")
         .arg("fleet:killswitch")
         .arg(&["epoch", "4", "engaged", "1", "by", "budget", "reason", "daily budget spent", "at_ms", "1"])

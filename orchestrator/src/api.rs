@@ -130,7 +130,7 @@ pub struct ApiState {
 impl ApiState {
     /// The state for `engine`, with the rate limiter's buckets in `redis`. Fails on a
     /// setting that can't work (short secret, empty bucket, zero limits).
-    pub fn new(engine: Engine, redis: deadpool_redis::Pool, config: &ApiConfig) -> Result<Self, ApiConfigError> {
+    pub fn new(engine: Engine, redis: bus::RedisPool, config: &ApiConfig) -> Result<Self, ApiConfigError> {
         let keys = auth::TokenKeys::new(&config.jwt_secret)
             .map_err(|e| ApiConfigError(format!("setting `jwt_secret_file`: {e}")))?;
         let metrics = Arc::new(metrics::Metrics::new(redis.clone()));

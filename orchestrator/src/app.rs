@@ -400,7 +400,7 @@ impl Config {
 /// The running orchestrator's parts.
 pub struct App {
     engine: Engine,
-    redis: deadpool_redis::Pool,
+    redis: bus::RedisPool,
     verifier: Arc<Verifier>,
     /// Puts a changed keyset file into the verifier's keyring.
     reloader: Option<bus::KeysetReloader>,

@@ -29,7 +29,7 @@ pub fn budget_actor() -> Actor {
 /// record is read first, so an orchestrator started during a kill halts at once.
 pub async fn run(
     engine: Engine,
-    redis: deadpool_redis::Pool,
+    redis: bus::RedisPool,
     verifier: Arc<Verifier>,
     epoch: KillEpoch,
     shutdown: CancellationToken,

@@ -246,7 +246,7 @@ struct Inner {
     provider: AnyProvider,
     ledger: Ledger,
     models: ModelConfig,
-    redis: deadpool_redis::Pool,
+    redis: bus::RedisPool,
 }
 
 /// How long a paid answer is kept for a redelivered request (`fleet:budget:calls:<id>`).
@@ -304,7 +304,7 @@ impl ToolProxy {
         provider: AnyProvider,
         ledger: Ledger,
         models: ModelConfig,
-        redis: deadpool_redis::Pool,
+        redis: bus::RedisPool,
     ) -> Self {
         Self(Arc::new(Inner { engine, leases, matrix, provider, ledger, models, redis }))
     }
@@ -313,7 +313,7 @@ impl ToolProxy {
     async fn paid(&self, request_id: uuid::Uuid) -> Result<Option<PaidAnswer>, HandlerError> {
         let mut c = self.0.redis.get().await.map_err(transient)?;
         let stored: Option<String> =
-            redis::cmd("GET").arg(paid_key(request_id)).query_async(&mut *c).await.map_err(transient)?;
+            redis::cmd("GET").arg(paid_key(request_id)).query_async(&mut c).await.map_err(transient)?;
         Ok(stored.and_then(|s| serde_json::from_str(&s).ok()))
     }
 
@@ -564,7 +564,7 @@ impl ToolProxy {
                         .arg(text)
                         .arg("EX")
                         .arg(PAID_ANSWER_TTL_SECS)
-                        .query_async::<()>(&mut *c)
+                        .query_async::<()>(&mut c)
                         .await
                         .map_err(transient)
                 }

@@ -54,7 +54,7 @@ fn redis_error(e: impl std::fmt::Display) -> SentinelError {
 }
 
 /// One check (see the module's documentation).
-pub async fn check(engine: &Engine, redis: &deadpool_redis::Pool) -> Result<Check, SentinelError> {
+pub async fn check(engine: &Engine, redis: &bus::RedisPool) -> Result<Check, SentinelError> {
     let expected: Option<String> =
         sqlx::query_scalar("SELECT redis_sentinel FROM fleet_state").fetch_one(engine.pool()).await?;
     let mut c = redis.get().await.map_err(redis_error)?;
@@ -85,7 +85,7 @@ pub async fn check(engine: &Engine, redis: &deadpool_redis::Pool) -> Result<Chec
 }
 
 /// Checks every `every` until `shutdown`.
-pub async fn watch(engine: Engine, redis: deadpool_redis::Pool, every: Duration, shutdown: CancellationToken) {
+pub async fn watch(engine: Engine, redis: bus::RedisPool, every: Duration, shutdown: CancellationToken) {
     let mut foreign_reported = false;
     loop {
         match check(&engine, &redis).await {

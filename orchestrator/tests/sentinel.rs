@@ -16,7 +16,7 @@ use serde_json::json;
 
 async fn flushall(app: &support::App) {
     let mut c = app.redis.get().await.unwrap();
-    let () = redis::cmd("FLUSHALL").query_async(&mut *c).await.unwrap();
+    let () = redis::cmd("FLUSHALL").query_async(&mut c).await.unwrap();
 }
 
 async fn dev_assignments(app: &support::App) -> i64 {
@@ -91,7 +91,7 @@ async fn another_fleets_redis_is_left_alone() {
     let app = support::app(|_| {}).await;
     assert_eq!(check(&app.engine, &app.redis).await.unwrap(), Check::Initialised);
     let mut c = app.redis.get().await.unwrap();
-    let () = redis::cmd("SET").arg(KEY).arg("someone-else").query_async(&mut *c).await.unwrap();
+    let () = redis::cmd("SET").arg(KEY).arg("someone-else").query_async(&mut c).await.unwrap();
     assert_eq!(check(&app.engine, &app.redis).await.unwrap(), Check::Foreign);
     let audited: i64 = sqlx::query_scalar("SELECT count(*) FROM audit_trail WHERE action = 'fleet.redis_lost'")
         .fetch_one(&app.pool)

@@ -89,6 +89,13 @@ pub enum HarnessError {
         tail: String,
     },
 
+    /// A Redis Cluster did not form, or did not fail over, in time.
+    #[error("Redis Cluster not ready: {detail}")]
+    ClusterNotReady {
+        /// What was missing, with the nodes' view when there is one.
+        detail: String,
+    },
+
     /// Another process took the port between the harness choosing it and the server
     /// binding it, on every attempt (or on a restart, where the port cannot change).
     #[error(

@@ -47,6 +47,7 @@ mod error;
 pub mod otlp;
 mod postgres;
 mod process;
+mod redis_cluster;
 mod redis_server;
 mod scratch;
 pub mod secrets;
@@ -54,4 +55,5 @@ pub mod tls;
 
 pub use error::HarnessError;
 pub use postgres::{Postgres, PostgresBuilder};
+pub use redis_cluster::{RedisCluster, RedisClusterBuilder};
 pub use redis_server::{RedisServer, RedisServerBuilder};

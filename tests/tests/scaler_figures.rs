@@ -208,7 +208,7 @@ async fn lag_and_pending_follow_queued_read_and_acknowledged_tasks() {
     assert_eq!(f.queued(), 3);
 
     // The first worker creates the group at 0, as the bus does at start: the three are lag.
-    bus::consumer::ensure_group(&mut fleet, STREAM, GROUP).await.expect("XGROUP CREATE");
+    bus::consumer::ensure_group(&mut bus::Conn::Single(fleet.clone()), STREAM, GROUP).await.expect("XGROUP CREATE");
     assert_eq!(figures(&mut keda).await, Figures { lag: Lag::Entries(3), pending: Some(0), xlen: 3 });
 
     queue(&mut fleet, 2).await;
@@ -256,7 +256,7 @@ async fn the_monitor_user_reads_figures_and_nothing_else() {
     let redis = redis_with_monitor(dir.path());
     let mut fleet = connect(&redis.url()).await;
     queue(&mut fleet, 1).await;
-    bus::consumer::ensure_group(&mut fleet, STREAM, GROUP).await.expect("XGROUP CREATE");
+    bus::consumer::ensure_group(&mut bus::Conn::Single(fleet.clone()), STREAM, GROUP).await.expect("XGROUP CREATE");
     let mut keda = monitor(&redis).await;
     assert_eq!(figures(&mut keda).await, Figures { lag: Lag::Entries(1), pending: Some(0), xlen: 1 });
 

@@ -32,7 +32,7 @@ fn cas() -> Cas {
 async fn ping(endpoint: bus::RedisEndpoint) -> Result<String, String> {
     let pool = bus::pool(endpoint, 1, Duration::from_secs(1)).map_err(|e| e.to_string())?;
     let mut conn = pool.get().await.map_err(|e| e.to_string())?;
-    redis::cmd("PING").query_async::<String>(&mut *conn).await.map_err(|e| e.to_string())
+    redis::cmd("PING").query_async::<String>(&mut conn).await.map_err(|e| e.to_string())
 }
 
 #[tokio::test]

@@ -175,7 +175,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Resu
         let (pool, bus_metrics) = (pool.clone(), bus_metrics.clone());
         async move {
             match pool.get().await {
-                Ok(mut c) => bus_metrics.refresh(&mut *c).await,
+                Ok(mut c) => bus_metrics.refresh(&mut c).await,
                 Err(e) => tracing::warn!(error = %e, "Metrics cannot reach Redis."),
             }
         }
@@ -191,7 +191,7 @@ pub async fn run(cfg: WorkerConfig, shutdown: CancellationToken) -> anyhow::Resu
 
 /// Waits until Redis answers `PING`, retrying with backoff, so a worker started before
 /// Redis comes up when it does.
-async fn wait_for_redis(pool: &deadpool_redis::Pool, shutdown: &CancellationToken) -> anyhow::Result<()> {
+async fn wait_for_redis(pool: &bus::RedisPool, shutdown: &CancellationToken) -> anyhow::Result<()> {
     let mut delays = bus::backoff(Duration::from_millis(200), Duration::from_secs(5));
     loop {
         let attempt = async {
@@ -300,7 +300,7 @@ struct TaskHandler {
 struct HandlerInner {
     role: Role,
     instance: Instance,
-    pool: deadpool_redis::Pool,
+    pool: bus::RedisPool,
     publisher: Arc<Publisher>,
     epoch: KillEpoch,
     sandbox: Sandbox,
@@ -635,7 +635,7 @@ mod tests {
     }
 
     /// The heartbeats on `fleet:heartbeats` so far, verified as the orchestrator would.
-    async fn sent(pool: &deadpool_redis::Pool) -> Vec<Envelope> {
+    async fn sent(pool: &bus::RedisPool) -> Vec<Envelope> {
         let verifier =
             Verifier::new(ring(Role::Orchestrator), PermissionTable::parse(PERMISSIONS).unwrap(), Default::default());
         let mut c = pool.get().await.unwrap();

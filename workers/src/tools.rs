@@ -209,7 +209,7 @@ impl ToolClient {
     /// starts after the stream's last entry as of now (older answers belong to an earlier
     /// process of this instance, whose requests are gone) and runs until `shutdown`.
     pub async fn start(
-        pool: deadpool_redis::Pool,
+        pool: bus::RedisPool,
         publisher: Arc<Publisher>,
         verifier: Arc<Verifier>,
         from: Sender,
@@ -300,7 +300,7 @@ impl ToolClient {
 }
 
 struct Reader {
-    pool: deadpool_redis::Pool,
+    pool: bus::RedisPool,
     verifier: Arc<Verifier>,
     stream: StreamName,
     epoch: KillEpoch,
@@ -332,7 +332,7 @@ impl Reader {
         guard: &mut MemoryReplayGuard,
         shutdown: &CancellationToken,
     ) -> Result<(), bus::BusError> {
-        let mut c = deadpool_redis::Connection::take(self.pool.get().await?);
+        let mut c = self.pool.dedicated().await?;
         loop {
             let Some(entries) =
                 bus::control::read_after(&mut c, self.stream.as_str(), cursor, 64, Duration::from_secs(1), shutdown)

@@ -282,7 +282,7 @@ async fn a_step_whose_entry_is_gone_is_abandoned_and_the_worker_moves_on() {
     wait_until("the test's sandbox to run", WAIT, async || !containers_of("qa-t9").is_empty()).await;
 
     let mut c = fleet.pool.get().await.unwrap();
-    let _: () = redis::cmd("FLUSHALL").query_async(&mut *c).await.unwrap();
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut c).await.unwrap();
     // Well within the step's own 300 s: the keep-alive (every claim_idle / 4 = 5 s) sees it.
     wait_until("the abandoned step's sandbox to go", Duration::from_secs(30), async || {
         containers_of("qa-t9").is_empty()

@@ -12,8 +12,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use bus::Conn;
 use bus::reply::{self, Entry};
-use redis::aio::MultiplexedConnection;
 use tokio_util::sync::CancellationToken;
 
 use super::channel::{Attempt, Channel};
@@ -54,7 +54,7 @@ struct Tunables {
 pub struct AlertDispatcher {
     /// Each channel loop takes one dedicated connection from it (a blocking `XREADGROUP`
     /// must not hold up anyone else's commands).
-    pool: deadpool_redis::Pool,
+    pool: bus::RedisPool,
     /// The configured channels; may be empty (alerts are then only recorded).
     channels: Vec<Channel>,
     tunables: Tunables,
@@ -76,7 +76,7 @@ impl AlertDispatcher {
     /// `pool`'s response timeout must exceed [`AlertsConfig::block`] (`bus::pool` sets it
     /// from its `longest_block` argument); it needs one connection per channel plus what
     /// [`super::AlertSender`] uses.
-    pub fn new(pool: deadpool_redis::Pool, cfg: &AlertsConfig) -> Result<Self, AlertError> {
+    pub fn new(pool: bus::RedisPool, cfg: &AlertsConfig) -> Result<Self, AlertError> {
         if cfg.consumer.trim().is_empty() {
             return Err(AlertError::Config { setting: "consumer", problem: "empty".to_owned() });
         }
@@ -145,7 +145,7 @@ impl AlertDispatcher {
 
 /// The read → deliver → ack loop of one channel.
 struct ChannelLoop {
-    pool: deadpool_redis::Pool,
+    pool: bus::RedisPool,
     channel: Channel,
     tunables: Tunables,
     stats: Arc<DispatchStats>,
@@ -169,14 +169,14 @@ impl ChannelLoop {
     }
 
     async fn run(mut self, shutdown: CancellationToken) {
-        let mut conn: Option<MultiplexedConnection> = None;
+        let mut conn: Option<Conn> = None;
         let mut delays = bus::reconnect_delays();
         while !shutdown.is_cancelled() {
             let result = match conn.as_mut() {
                 Some(c) => self.step(c, &shutdown).await,
-                None => match self.pool.get().await {
+                None => match self.pool.dedicated().await {
                     Ok(c) => {
-                        conn = Some(deadpool_redis::Connection::take(c));
+                        conn = Some(c);
                         continue;
                     }
                     Err(e) => Err(AlertError::from(e)),
@@ -202,7 +202,7 @@ impl ChannelLoop {
 
     /// Settles the oldest alert of this consumer's pending list, or else waits up to
     /// `block` for a new one and settles it.
-    async fn step(&mut self, c: &mut MultiplexedConnection, shutdown: &CancellationToken) -> Result<(), AlertError> {
+    async fn step(&mut self, c: &mut Conn, shutdown: &CancellationToken) -> Result<(), AlertError> {
         if !self.group_ready {
             self.ensure_group(c).await?;
             self.group_ready = true;
@@ -222,7 +222,7 @@ impl ChannelLoop {
         Ok(())
     }
 
-    async fn ensure_group(&self, c: &mut MultiplexedConnection) -> Result<(), AlertError> {
+    async fn ensure_group(&self, c: &mut Conn) -> Result<(), AlertError> {
         // A new group starts `backfill` ago: alerts queued before the first start are
         // delivered, while a channel added months later does not replay old history.
         let start_ms = super::now_ms().saturating_sub(self.tunables.backfill.as_millis() as u64);
@@ -247,7 +247,7 @@ impl ChannelLoop {
 
     async fn read(
         &self,
-        c: &mut MultiplexedConnection,
+        c: &mut Conn,
         from: &str,
         block: Option<Duration>,
         shutdown: &CancellationToken,
@@ -266,12 +266,7 @@ impl ChannelLoop {
         reply::read_one_stream(&reply).map_err(|e| AlertError::Reply { command: "XREADGROUP", detail: e.to_string() })
     }
 
-    async fn settle(
-        &mut self,
-        c: &mut MultiplexedConnection,
-        entry: Entry,
-        shutdown: &CancellationToken,
-    ) -> Result<(), AlertError> {
+    async fn settle(&mut self, c: &mut Conn, entry: Entry, shutdown: &CancellationToken) -> Result<(), AlertError> {
         if self.delivered_unacked.as_deref() == Some(entry.id.as_str()) {
             self.ack(c, &entry.id).await?;
             self.delivered_unacked = None;
@@ -308,7 +303,7 @@ impl ChannelLoop {
         }
     }
 
-    async fn ack(&self, c: &mut MultiplexedConnection, entry: &str) -> Result<(), AlertError> {
+    async fn ack(&self, c: &mut Conn, entry: &str) -> Result<(), AlertError> {
         let _: i64 = redis::cmd("XACK").arg(names::STREAM).arg(self.name()).arg(entry).query_async(c).await?;
         Ok(())
     }

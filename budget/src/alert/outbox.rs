@@ -40,7 +40,7 @@ pub enum Enqueued {
 #[derive(Clone)]
 pub struct AlertSender {
     /// Connections for the enqueue script.
-    pool: deadpool_redis::Pool,
+    pool: bus::RedisPool,
     /// Marker lifetime of soft-limit warnings: the rate limit.
     soft_limit_every: Duration,
     /// Marker lifetime of once-per-epoch alerts.
@@ -66,7 +66,7 @@ impl std::fmt::Debug for AlertSender {
 
 impl AlertSender {
     /// A sender writing through `pool` with `cfg`'s dedup intervals and stream cap.
-    pub fn new(pool: deadpool_redis::Pool, cfg: &AlertsConfig) -> Self {
+    pub fn new(pool: bus::RedisPool, cfg: &AlertsConfig) -> Self {
         Self {
             pool,
             soft_limit_every: cfg.soft_limit_every,
@@ -113,7 +113,7 @@ impl AlertSender {
             .arg(self.stream_max_len)
             .arg(names::FIELD)
             .arg(json)
-            .invoke_async(&mut *conn)
+            .invoke_async(&mut conn)
             .await?;
         let outcome = parse_reply(&reply)?;
         match &outcome {

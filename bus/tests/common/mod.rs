@@ -11,11 +11,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bus::Conn;
 use bus::reply::{self, Pending};
 use bus::{Consumer, ConsumerConfig, ConsumerStats, Delivery, Handler, HandlerError, KillEpoch, Publisher};
 use envelope::*;
 use fleet_testkit::RedisServer;
-use redis::aio::MultiplexedConnection;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -48,7 +48,7 @@ pub fn redis() -> RedisServer {
     RedisServer::start().expect("redis-server must be installed (apt-get install redis-server); tests never skip")
 }
 
-pub fn pool(server: &RedisServer) -> deadpool_redis::Pool {
+pub fn pool(server: &RedisServer) -> bus::RedisPool {
     bus::pool(secrecy::SecretString::from(server.url()), 16, Duration::from_secs(2)).expect("pool")
 }
 
@@ -297,13 +297,13 @@ where
 }
 
 /// A plain connection, for raw commands and inspection.
-pub async fn connect(server: &RedisServer) -> MultiplexedConnection {
+pub async fn connect(server: &RedisServer) -> Conn {
     let client = redis::Client::open(server.url()).expect("client");
-    client.get_multiplexed_async_connection().await.expect("connect")
+    Conn::Single(client.get_multiplexed_async_connection().await.expect("connect"))
 }
 
 /// `XADD stream * field value …` with raw bytes; returns the entry id.
-pub async fn xadd_raw(c: &mut MultiplexedConnection, stream: &str, fields: &[(&str, &[u8])]) -> String {
+pub async fn xadd_raw(c: &mut Conn, stream: &str, fields: &[(&str, &[u8])]) -> String {
     let mut cmd = redis::cmd("XADD");
     cmd.arg(stream).arg("*");
     for (k, v) in fields {
@@ -313,24 +313,18 @@ pub async fn xadd_raw(c: &mut MultiplexedConnection, stream: &str, fields: &[(&s
 }
 
 /// `XADD stream * env <wire>`.
-pub async fn xadd_env(c: &mut MultiplexedConnection, stream: &str, wire: &[u8]) -> String {
+pub async fn xadd_env(c: &mut Conn, stream: &str, wire: &[u8]) -> String {
     xadd_raw(c, stream, &[(bus::names::ENV_FIELD, wire)]).await
 }
 
 /// `XGROUP CREATE stream group 0 MKSTREAM`, tolerating an existing group.
-pub async fn create_group(c: &mut MultiplexedConnection, stream: &str, group: &str) {
+pub async fn create_group(c: &mut Conn, stream: &str, group: &str) {
     bus::consumer::ensure_group(c, stream, group).await.expect("XGROUP CREATE");
 }
 
 /// `XREADGROUP GROUP group consumer COUNT count STREAMS stream >` without ever acking:
 /// a consumer that read entries and died. Returns the entry ids it got.
-pub async fn read_as(
-    c: &mut MultiplexedConnection,
-    stream: &str,
-    group: &str,
-    consumer: &str,
-    count: usize,
-) -> Vec<String> {
+pub async fn read_as(c: &mut Conn, stream: &str, group: &str, consumer: &str, count: usize) -> Vec<String> {
     let v: redis::Value = redis::cmd("XREADGROUP")
         .arg("GROUP")
         .arg(group)
@@ -347,7 +341,7 @@ pub async fn read_as(
 }
 
 /// The group's pending count (`XPENDING stream group` summary).
-pub async fn pending_count(c: &mut MultiplexedConnection, stream: &str, group: &str) -> u64 {
+pub async fn pending_count(c: &mut Conn, stream: &str, group: &str) -> u64 {
     let v: redis::Value = redis::cmd("XPENDING").arg(stream).arg(group).query_async(c).await.expect("XPENDING");
     match v {
         redis::Value::Array(items) => items.first().and_then(reply::int).expect("XPENDING count") as u64,
@@ -356,7 +350,7 @@ pub async fn pending_count(c: &mut MultiplexedConnection, stream: &str, group: &
 }
 
 /// The group's pending entries (at most 10,000), all consumers.
-pub async fn pending_entries(c: &mut MultiplexedConnection, stream: &str, group: &str) -> Vec<Pending> {
+pub async fn pending_entries(c: &mut Conn, stream: &str, group: &str) -> Vec<Pending> {
     let v: redis::Value = redis::cmd("XPENDING")
         .arg(stream)
         .arg(group)
@@ -372,7 +366,7 @@ pub async fn pending_entries(c: &mut MultiplexedConnection, stream: &str, group:
 /// Whether the group has been handed every entry of the stream (its last-delivered id is
 /// the stream's newest entry). Computed from ids rather than `lag`, which Redis may leave
 /// undetermined.
-pub async fn all_delivered(c: &mut MultiplexedConnection, stream: &str, group: &str) -> bool {
+pub async fn all_delivered(c: &mut Conn, stream: &str, group: &str) -> bool {
     let v: redis::Value = redis::cmd("XINFO").arg("GROUPS").arg(stream).query_async(c).await.expect("XINFO GROUPS");
     let groups = reply::info_maps("XINFO GROUPS", &v).expect("groups");
     let g = groups
@@ -396,7 +390,7 @@ pub async fn all_delivered(c: &mut MultiplexedConnection, stream: &str, group: &
 }
 
 /// Consumers of the group: name → pending count.
-pub async fn consumers(c: &mut MultiplexedConnection, stream: &str, group: &str) -> BTreeMap<String, i64> {
+pub async fn consumers(c: &mut Conn, stream: &str, group: &str) -> BTreeMap<String, i64> {
     let v: redis::Value =
         redis::cmd("XINFO").arg("CONSUMERS").arg(stream).arg(group).query_async(c).await.expect("XINFO CONSUMERS");
     reply::info_maps("XINFO CONSUMERS", &v)
@@ -410,7 +404,7 @@ pub async fn consumers(c: &mut MultiplexedConnection, stream: &str, group: &str)
         .collect()
 }
 
-pub async fn xlen(c: &mut MultiplexedConnection, stream: &str) -> u64 {
+pub async fn xlen(c: &mut Conn, stream: &str) -> u64 {
     redis::cmd("XLEN").arg(stream).query_async(c).await.expect("XLEN")
 }
 
@@ -439,7 +433,7 @@ impl Row {
 }
 
 /// Reads a whole stream.
-pub async fn read_stream(c: &mut MultiplexedConnection, stream: &str) -> Vec<Row> {
+pub async fn read_stream(c: &mut Conn, stream: &str) -> Vec<Row> {
     let v: redis::Value = redis::cmd("XRANGE").arg(stream).arg("-").arg("+").query_async(c).await.expect("XRANGE");
     reply::entries("XRANGE", &v)
         .expect("entries")
@@ -457,7 +451,7 @@ pub async fn read_stream(c: &mut MultiplexedConnection, stream: &str) -> Vec<Row
 }
 
 /// Waits until the group has delivered everything and has nothing pending.
-pub async fn wait_all_acked(c: &mut MultiplexedConnection, stream: &str, group: &str, within: Duration) {
+pub async fn wait_all_acked(c: &mut Conn, stream: &str, group: &str, within: Duration) {
     let what = format!("group {group} of {stream} was handed every entry and has nothing pending");
     eventually(within, &what, || {
         let mut c = c.clone();

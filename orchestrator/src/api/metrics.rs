@@ -41,12 +41,12 @@ pub struct Metrics {
     /// The keyset reloader's series; `App` hands it to `bus::KeysetReloader`.
     keyset: bus::keyreload::KeysetMetrics,
     /// Where the consumer groups' lag is read.
-    redis: deadpool_redis::Pool,
+    redis: bus::RedisPool,
 }
 
 impl Metrics {
     /// Every series registered, reading consumer groups through `redis`.
-    pub fn new(redis: deadpool_redis::Pool) -> Self {
+    pub fn new(redis: bus::RedisPool) -> Self {
         let mut registry = telemetry::metrics::registry("orchestrator");
         let requests = Family::default();
         registry.register(
@@ -122,7 +122,7 @@ impl Metrics {
                 }
             }
             match self.redis.get().await {
-                Ok(mut c) => self.bus.refresh(&mut *c).await,
+                Ok(mut c) => self.bus.refresh(&mut c).await,
                 Err(e) => tracing::warn!(error = %e, "Metrics cannot reach Redis."),
             }
         };

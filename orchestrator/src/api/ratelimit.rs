@@ -61,7 +61,7 @@ pub enum RateLimitConfigError {
 #[derive(Clone)]
 pub struct RateLimiter {
     /// Where the buckets live.
-    pool: deadpool_redis::Pool,
+    pool: bus::RedisPool,
     /// Loaded once per connection (EVALSHA, falling back to EVAL).
     script: Arc<redis::Script>,
     /// Bucket capacity: submissions a client may make at once.
@@ -87,7 +87,7 @@ pub enum Decision {
 
 impl RateLimiter {
     /// A limiter with buckets of `burst` tokens refilled at `per_second`.
-    pub fn new(pool: deadpool_redis::Pool, burst: u32, per_second: f64) -> Result<Self, RateLimitConfigError> {
+    pub fn new(pool: bus::RedisPool, burst: u32, per_second: f64) -> Result<Self, RateLimitConfigError> {
         if burst == 0 {
             return Err(RateLimitConfigError::Burst);
         }
@@ -100,7 +100,7 @@ impl RateLimiter {
     /// Takes a token from `sub`'s bucket.
     pub async fn take(&self, sub: &str) -> Result<Decision, redis::RedisError> {
         let mut conn = self.pool.get().await.map_err(|e| match e {
-            deadpool_redis::PoolError::Backend(e) => e,
+            bus::RedisPoolError::Backend(e) => e,
             other => redis::RedisError::from((redis::ErrorKind::Io, "no Redis connection", other.to_string())),
         })?;
         let (allowed, wait_ms): (i64, i64) = self
@@ -108,7 +108,7 @@ impl RateLimiter {
             .key(format!("{KEY_PREFIX}{sub}"))
             .arg(self.burst)
             .arg(self.per_second)
-            .invoke_async(&mut *conn)
+            .invoke_async(&mut conn)
             .await?;
         Ok(if allowed == 1 {
             Decision::Allowed

@@ -49,7 +49,7 @@ pub struct App {
     pub keys: TokenKeys,
     pub pool: PgPool,
     /// A pool on the Redis the API uses.
-    pub redis: deadpool_redis::Pool,
+    pub redis: bus::RedisPool,
     _redis: RedisServer,
     _pg: Postgres,
 }

@@ -103,7 +103,7 @@ pub struct Fleet {
     pub redis: RedisServer,
     pub dir: tempfile::TempDir,
     pub root: PathBuf,
-    pub pool: deadpool_redis::Pool,
+    pub pool: bus::RedisPool,
     orchestrator: Publisher,
     budget: Publisher,
     pub shutdown: CancellationToken,
@@ -279,7 +279,7 @@ impl Fleet {
             let v = verifier(Role::Orchestrator);
             let mut guard = MemoryReplayGuard::new();
             let mut cursor = "0-0".to_owned();
-            let mut c = deadpool_redis::Connection::take(pool.get().await.unwrap());
+            let mut c = pool.dedicated().await.unwrap();
             while !stop.is_cancelled() {
                 let reply: redis::Value = redis::cmd("XREAD")
                     .arg("BLOCK")
