@@ -519,8 +519,14 @@ async fn each_consumer_group_has_its_own_replay_guard_keys() {
     let mut cases = Vec::new();
     for role in Role::ALL {
         let user = User::of_role(*role);
+        // Guard keys carry the stream they guard as their hash tag; older consumers' done
+        // markers do not.
+        let key = |prefix: &str, stream_of: Role, group: Role| match prefix {
+            "fleet:seen" => format!("{prefix}:{{{}}}:{group}:env-1", StreamName::control(stream_of)),
+            _ => format!("{prefix}:{group}:env-1"),
+        };
         for prefix in ["fleet:seen", "fleet:done"] {
-            let own = format!("{prefix}:{role}:env-1");
+            let own = key(prefix, *role, *role);
             let own = own.as_str();
             cases.push(case(user, Expect::Returns(Value::Okay), &["SET", own, "1", "PX", "60000", "NX"]));
             cases.push(case(user, Expect::Returns(Value::Nil), &["SET", own, "1", "PX", "60000", "NX"]));
@@ -530,9 +536,16 @@ async fn each_consumer_group_has_its_own_replay_guard_keys() {
             cases.push(case(user, Expect::NoPerm, &["DEL", own]));
             cases.push(case(user, Expect::NoPerm, &["INCR", own]));
             for other in Role::ALL.iter().filter(|other| *other != role) {
-                let theirs = format!("{prefix}:{other}:env-1");
+                let theirs = key(prefix, *other, *other);
                 cases.push(case(user, Expect::NoPerm, &["SET", &theirs, "1", "PX", "60000", "NX"]));
                 cases.push(case(user, Expect::NoPerm, &["GET", &theirs]));
+                if prefix == "fleet:seen" {
+                    // Another group's key in one of its own streams' slots, and its own
+                    // group's key tagged with another role's stream.
+                    for forged in [key(prefix, *role, *other), key(prefix, *other, *role)] {
+                        cases.push(case(user, Expect::NoPerm, &["SET", &forged, "1", "PX", "60000", "NX"]));
+                    }
+                }
             }
         }
         // SET is granted on the guard keys only: not on streams, not elsewhere.
@@ -541,8 +554,8 @@ async fn each_consumer_group_has_its_own_replay_guard_keys() {
         cases.push(case(user, Expect::NoPerm, &["SET", "other:key", "x"]));
     }
     for user in [User::OutboxRelay, User::Operator] {
-        cases.push(case(user, Expect::NoPerm, &["SET", "fleet:seen:dev:env-2", "1"]));
-        cases.push(case(user, Expect::NoPerm, &["GET", "fleet:seen:dev:env-1"]));
+        cases.push(case(user, Expect::NoPerm, &["SET", "fleet:seen:{fleet:control:dev}:dev:env-2", "1"]));
+        cases.push(case(user, Expect::NoPerm, &["GET", "fleet:seen:{fleet:control:dev}:dev:env-1"]));
     }
     fleet.expect_all("replay guard keys", cases).await;
 }
@@ -1355,4 +1368,162 @@ async fn a_usage_report_is_counted_exactly_once_under_the_generated_acls_however
         assert!(text.contains(line), "{line} in:\n{text}");
     }
     assert_eq!(fleet.acl_log().await, Vec::<String>::new(), "Redis refused the budget manager's own commands");
+}
+
+// ---------------------------------------------------------------------------------------
+// A Redis Cluster (issue 16)
+// ---------------------------------------------------------------------------------------
+
+/// The generated file loaded by every node of a cluster of three primaries and three
+/// replicas; each process's work done as its own user through the cluster client: the bus
+/// (publish, consume with the replay guard), the kill switch's record and its alerts, the
+/// ledger, the usage counters and the intake rate limiter. A compromised dev worker, with
+/// its own user, still cannot write where it may not, on any node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_generated_acls_and_every_script_work_on_a_redis_cluster() {
+    use budget::alert::{AlertSender, AlertsConfig};
+    use budget::killswitch::KillSwitch;
+    use budget::ledger::{Ledger, LedgerConfig};
+    use budget::service::{Budget, TriggerConfig};
+    use bus::{Consumer, ConsumerConfig, Delivery, Handler, HandlerError, KillEpoch, Publisher, PublisherConfig};
+    use envelope::{
+        Envelope, Heartbeat, Keyring, MasterFile, MasterSecret, Process, Sender, Usage, Verifier, VerifierConfig,
+    };
+    use secrecy::SecretString;
+    use std::sync::Arc;
+    use std::sync::atomic::AtomicBool;
+
+    let dir = tempfile::tempdir().unwrap();
+    ok(dir.path(), &["acl", "secrets", "new", "--out", "secrets.toml"]);
+    ok(
+        dir.path(),
+        &["acl", "generate", "--secrets", "secrets.toml", "--permissions", &permissions_file(), "--out", "users.acl"],
+    );
+    let passwords = Passwords::parse(&fs::read_to_string(dir.path().join("secrets.toml")).unwrap()).unwrap();
+    let table = PermissionTable::parse(&fs::read_to_string(permissions_file()).unwrap()).unwrap();
+    let cluster = fleet_testkit::RedisCluster::builder()
+        .acl_file(dir.path().join("users.acl"), "admin", passwords.get(User::Admin).expose())
+        .start()
+        .unwrap_or_else(|err| panic!("cannot start a Redis Cluster with the generated ACL file: {err}"));
+    let url = |user: User| {
+        let name = user.to_string();
+        SecretString::from(cluster.url_as(Some((name.as_str(), passwords.get(user).expose()))))
+    };
+    let pool = |user: User| bus::pool(&url(user), 8, Duration::from_secs(1)).unwrap();
+    let master = MasterFile::new(MasterSecret::from_bytes([7; 32]));
+    let keyring = |role| Arc::new(Keyring::derive(&master, Process::Role(role), &table).unwrap());
+
+    // The bus: dev publishes heartbeats, the orchestrator consumes them with its replay guard.
+    let dev = Publisher::new(pool(User::Dev), keyring(Role::Dev), PublisherConfig::default());
+    let results = StreamName::parse(streams::HEARTBEATS).unwrap();
+    let from = Sender { role: Role::Dev, instance: Instance::parse("dev-1").unwrap() };
+    for seq in 0..20u64 {
+        let body = Heartbeat { seq, busy: false };
+        let env = Envelope::new(from.clone(), Role::Orchestrator, bus::now_ms(), 60_000, 0, body.into());
+        dev.publish(&results, &env).await.unwrap_or_else(|e| panic!("dev publishes heartbeat {seq}: {e}"));
+    }
+    #[derive(Clone)]
+    struct Count(tokio::sync::mpsc::UnboundedSender<()>);
+    impl Handler for Count {
+        async fn handle(&self, _: Delivery) -> Result<(), HandlerError> {
+            let _ = self.0.send(());
+            Ok(())
+        }
+    }
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let verifier = Arc::new(Verifier::new(
+        Keyring::derive(&master, Process::Role(Role::Orchestrator), &table).unwrap(),
+        table.clone(),
+        VerifierConfig::default(),
+    ));
+    let mut cfg = ConsumerConfig::new(results.clone(), "orchestrator", "orchestrator-0");
+    cfg.block = Duration::from_millis(100);
+    let consumer = Consumer::new(cfg, pool(User::Orchestrator), verifier, KillEpoch::new(0), Count(tx)).unwrap();
+    let stats = consumer.stats();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let running = tokio::spawn(consumer.run(stop.clone()));
+    for n in 0..20 {
+        tokio::time::timeout(Duration::from_secs(30), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {n} of 20 heartbeats handled; reconnects: {:?}", stats.reconnects));
+    }
+    stop.cancel();
+    running.await.unwrap();
+    assert_eq!(stats.rejected.load(std::sync::atomic::Ordering::Relaxed), 0);
+
+    // A compromised dev worker with its own user: refused on whichever node holds the key.
+    let mut devc = pool(User::Dev).get().await.unwrap();
+    for (what, cmd) in [
+        ("forge an assignment for qa", redis::cmd("XADD").arg("fleet:tasks:qa").arg("*").arg("env").arg("x").clone()),
+        ("write the orchestrator's replay guard", {
+            let key = format!("fleet:seen:{{{}}}:orchestrator:{}", streams::HEARTBEATS, "0".repeat(32));
+            redis::cmd("SET").arg(key).arg("1-1").clone()
+        }),
+        ("engage the kill switch", redis::cmd("HSET").arg("fleet:killswitch").arg("engaged").arg("1").clone()),
+        ("queue an alert", redis::cmd("XADD").arg("fleet:alerts").arg("*").arg("a").arg("1").clone()),
+    ] {
+        let err = cmd.query_async::<Value>(&mut devc).await.expect_err(what);
+        assert!(err.to_string().to_uppercase().contains("NOPERM"), "dev may not {what}: {err}");
+    }
+
+    // The budget manager: kill switch (record, pauses, alerts), usage counters, ledger.
+    let budget_pool = pool(User::Budget);
+    let alerts = AlertSender::new(budget_pool.clone(), &AlertsConfig::default());
+    let publisher = Arc::new(Publisher::new(budget_pool.clone(), keyring(Role::Budget), PublisherConfig::default()));
+    let ledger_cfg = LedgerConfig::from_toml(
+        "daily_tokens = 500000\ndaily_micro_usd = 10000000\nper_task_tokens = 100000\nper_task_micro_usd = 2000000\n\
+         reservation_ttl_secs = 60\n[prices.m-1]\ninput_micro_usd_per_mtok = 1000000\noutput_micro_usd_per_mtok = 2000000\n",
+    )
+    .unwrap();
+    let budget = Budget {
+        killswitch: KillSwitch::new(
+            budget_pool.clone(),
+            publisher,
+            alerts.clone(),
+            Instance::parse("budget-0").unwrap(),
+        ),
+        ledger: Ledger::new(budget_pool.clone(), ledger_cfg.clone()).unwrap(),
+        alerts,
+        pool: budget_pool.clone(),
+        triggers: Arc::new(TriggerConfig::default()),
+        needs_reassert: Arc::new(AtomicBool::new(false)),
+        metrics: budget::metrics::BudgetMetrics::default(),
+    };
+    let cause = budget::alert::Cause::automatic("daily_budget", "budget-0", "daily budget exceeded");
+    let engaged = budget.killswitch.engage(&cause, 1, serde_json::json!({})).await.expect("engage on a cluster");
+    assert!(engaged.fresh && engaged.state.engaged);
+    let (epoch, released) = budget.killswitch.resume(&cause, engaged.state.epoch).await.expect("resume on a cluster");
+    assert!(released && epoch == engaged.state.epoch);
+    let mut operator = pool(User::Operator).get().await.unwrap();
+    let failures: Option<u64> =
+        redis::cmd("GET").arg(budget::killswitch::FAILURES_KEY).query_async(&mut operator).await.unwrap();
+    assert_eq!(failures, Some(0), "the resume script reset the failure counter in the same EVAL");
+    let alerts_queued: u64 = redis::cmd("XLEN").arg("fleet:alerts").query_async(&mut operator).await.unwrap();
+    assert_eq!(alerts_queued, 2, "one alert for the kill, one for the resume");
+
+    let usage =
+        Usage { role: Role::Dev, model: "m-1".into(), input_tokens: 120, output_tokens: 30, cost_micro_usd: 180 };
+    let id = uuid::Uuid::now_v7();
+    let at = bus::now_ms();
+    for _ in 0..3 {
+        budget.record_usage(id, &usage, at).await.expect("count usage on a cluster");
+    }
+    let day = budget::ledger::Day::from_unix_ms(at);
+    let calls: Option<u64> =
+        redis::cmd("HGET").arg(budget::service::usage_key(day)).arg("calls").query_async(&mut operator).await.unwrap();
+    assert_eq!(calls, Some(1), "a report counted once however often it is handled");
+
+    // The orchestrator: the ledger's reserve and commit, and the intake rate limiter.
+    let ledger = Ledger::new(pool(User::Orchestrator), ledger_cfg).unwrap();
+    let held = ledger.reserve(uuid::Uuid::now_v7(), Role::Dev, "m-1", 1000, 500).await.expect("reserve on a cluster");
+    let commit = ledger.commit(&held, 800, 200).await.expect("commit on a cluster");
+    assert!(!commit.duplicate);
+    let limiter = orchestrator::api::ratelimit::RateLimiter::new(pool(User::Orchestrator), 2, 0.001).unwrap();
+    use orchestrator::api::ratelimit::Decision;
+    let decisions = [
+        limiter.take("alice").await.unwrap(),
+        limiter.take("alice").await.unwrap(),
+        limiter.take("alice").await.unwrap(),
+    ];
+    assert!(matches!(decisions, [Decision::Allowed, Decision::Allowed, Decision::Limited(_)]), "{decisions:?}");
 }
