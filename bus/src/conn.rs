@@ -23,9 +23,16 @@ use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::Slot;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
-/// Where connections come from: a pool for one server, or the cluster client.
+/// Where connections come from: a pool for one server, or the cluster client; and how many
+/// replicas a publish waits for (the URL's `wait_replicas`, see [`crate::RedisEndpoint`]).
 #[derive(Clone)]
-pub enum RedisPool {
+pub struct RedisPool {
+    kind: PoolKind,
+    wait: Option<crate::endpoint::Wait>,
+}
+
+#[derive(Clone)]
+enum PoolKind {
     /// One Redis server.
     Single(deadpool_redis::Pool),
     /// A Redis Cluster.
@@ -34,10 +41,11 @@ pub enum RedisPool {
 
 impl std::fmt::Debug for RedisPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::Single(_) => f.write_str("RedisPool::Single"),
-            Self::Cluster(_) => f.write_str("RedisPool::Cluster"),
-        }
+        let kind = match self.kind {
+            PoolKind::Single(_) => "single",
+            PoolKind::Cluster(_) => "cluster",
+        };
+        f.debug_struct("RedisPool").field("kind", &kind).field("wait", &self.wait).finish()
     }
 }
 
@@ -80,12 +88,26 @@ fn backend(e: redis::RedisError) -> deadpool_redis::PoolError {
 }
 
 impl RedisPool {
+    pub(crate) fn single(pool: deadpool_redis::Pool, wait: Option<crate::endpoint::Wait>) -> Self {
+        Self { kind: PoolKind::Single(pool), wait }
+    }
+
+    pub(crate) fn cluster(pool: ClusterPool, wait: Option<crate::endpoint::Wait>) -> Self {
+        Self { kind: PoolKind::Cluster(Arc::new(pool)), wait }
+    }
+
+    /// The replicas a publish through this pool waits for, and for how long, when the URL
+    /// asked for it.
+    pub fn wait(&self) -> Option<crate::endpoint::Wait> {
+        self.wait
+    }
+
     /// A connection for short commands. For one server it goes back to the pool when
     /// dropped; for a cluster it is the process's shared multiplexed connection.
     pub async fn get(&self) -> Result<Conn, deadpool_redis::PoolError> {
-        match self {
-            Self::Single(p) => Ok(Conn::Pooled(p.get().await?)),
-            Self::Cluster(c) => {
+        match &self.kind {
+            PoolKind::Single(p) => Ok(Conn::Pooled(p.get().await?)),
+            PoolKind::Cluster(c) => {
                 let mut shared = c.shared.lock().await;
                 if let Some(conn) = shared.as_ref() {
                     return Ok(Conn::Cluster(conn.clone()));
@@ -100,22 +122,22 @@ impl RedisPool {
     /// A connection of the caller's own, for blocking reads (`XREADGROUP BLOCK` holds up
     /// every later command on its connection) and for loops that keep one connection.
     pub async fn dedicated(&self) -> Result<Conn, deadpool_redis::PoolError> {
-        match self {
-            Self::Single(p) => Ok(Conn::Single(deadpool_redis::Connection::take(p.get().await?))),
-            Self::Cluster(c) => Ok(Conn::Cluster(c.client.get_async_connection().await.map_err(backend)?)),
+        match &self.kind {
+            PoolKind::Single(p) => Ok(Conn::Single(deadpool_redis::Connection::take(p.get().await?))),
+            PoolKind::Cluster(c) => Ok(Conn::Cluster(c.client.get_async_connection().await.map_err(backend)?)),
         }
     }
 
     /// Whether this is a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
-        matches!(self, Self::Cluster(_))
+        matches!(self.kind, PoolKind::Cluster(_))
     }
 
     /// Drops the cluster's shared connection, so the next [`RedisPool::get`] makes a new one
     /// (after a failure the cluster client could not recover from). A no-op for one server,
     /// whose pool recycles broken connections itself.
     pub async fn reset(&self) {
-        if let Self::Cluster(c) = self {
+        if let PoolKind::Cluster(c) = &self.kind {
             c.shared.lock().await.take();
         }
     }

@@ -112,7 +112,7 @@ pub fn pool(
     if endpoint.is_cluster() {
         let client = conn::cluster_client(endpoint.cluster_seeds()?, longest_block, endpoint.tls_certificates())
             .map_err(|e| BusError::Config(format!("invalid Redis Cluster settings: {}", redact_redis_error(&e))))?;
-        return Ok(RedisPool::Cluster(std::sync::Arc::new(conn::ClusterPool::new(client))));
+        return Ok(RedisPool::cluster(conn::ClusterPool::new(client), endpoint.wait()));
     }
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(std::time::Duration::from_secs(2)))
@@ -124,7 +124,7 @@ pub fn pool(
         .max_size(max_size)
         .runtime(deadpool_redis::Runtime::Tokio1)
         .build()
-        .map(RedisPool::Single)
+        .map(|p| RedisPool::single(p, endpoint.wait()))
         .map_err(|e| BusError::Config(format!("cannot build the Redis pool: {e}")))
 }
 

@@ -65,7 +65,13 @@ const ATTEMPTS: usize = 4;
 impl Publisher {
     /// A publisher over `pool`, signing with `keyring` (an `Arc<Keyring>`, or a
     /// [`LiveKeyring`] to sign with whatever keyring it holds at each publish).
-    pub fn new(pool: crate::RedisPool, keyring: impl Into<LiveKeyring>, config: PublisherConfig) -> Self {
+    /// A URL with `wait_replicas` sets [`PublisherConfig::wait_replicas`] (and its timeout)
+    /// where `config` leaves it at 0.
+    pub fn new(pool: crate::RedisPool, keyring: impl Into<LiveKeyring>, mut config: PublisherConfig) -> Self {
+        if let (0, Some(wait)) = (config.wait_replicas, pool.wait()) {
+            config.wait_replicas = wait.replicas;
+            config.wait_timeout = wait.timeout;
+        }
         Self { pool, conn: Mutex::new(None), keyring: keyring.into(), config, backlog: Mutex::new(HashMap::new()) }
     }
 

@@ -121,8 +121,10 @@ async fn a_primary_killed_mid_flow_fails_over_and_no_acknowledged_publish_is_los
     let pool = cluster_pool(&cluster);
     let mut c = pool.get().await.expect("connection");
     create_group(&mut c, streams::RESULTS, GROUP).await;
-    let config = PublisherConfig { wait_replicas: 1, wait_timeout: Duration::from_millis(500), ..Default::default() };
-    let publisher = Publisher::new(pool.clone(), keyring(Role::Dev), config);
+    // The operator's setting: every publish waits until one replica holds its entry.
+    let url = format!("{}/?wait_replicas=1&wait_timeout_ms=500", cluster.url());
+    let durable = bus::pool(SecretString::from(url), 4, Duration::from_secs(2)).expect("pool");
+    let publisher = Publisher::new(durable, keyring(Role::Dev), PublisherConfig::default());
     let (rec, mut rx) = recorder();
     let running = spawn_on(&pool, config_for(results_stream(), GROUP, "orch-1"), rec);
 

@@ -457,20 +457,25 @@ impl App {
             engine = engine.with_leases(Arc::new(issuer));
             // One multiplexed connection for the ledger's scripts: concurrent model calls'
             // reservations reach Redis together (docs/benchmarks.md, "Budget ledger": 1.4x
-            // the throughput of a connection per caller).
-            let ledger_conn = cfg
-                .redis
-                .client()
-                .context("Invalid Redis URL")?
-                .get_connection_manager()
-                .await
-                .context("Failed to connect the budget ledger to Redis")?;
-            let ledger = budget::ledger::Ledger::with_shared_connection(
-                ledger_conn,
-                t.ledger,
-                Arc::new(budget::ledger::SystemClock),
-            )
-            .context("Invalid ledger configuration")?;
+            // the throughput of a connection per caller). A cluster pool's connections are
+            // already that: one multiplexed connection per node, shared.
+            let ledger = if cfg.redis.is_cluster() {
+                budget::ledger::Ledger::new(redis.clone(), t.ledger).context("Invalid ledger configuration")?
+            } else {
+                let ledger_conn = cfg
+                    .redis
+                    .client()
+                    .context("Invalid Redis URL")?
+                    .get_connection_manager()
+                    .await
+                    .context("Failed to connect the budget ledger to Redis")?;
+                budget::ledger::Ledger::with_shared_connection(
+                    ledger_conn,
+                    t.ledger,
+                    Arc::new(budget::ledger::SystemClock),
+                )
+                .context("Invalid ledger configuration")?
+            };
             let handler = crate::proxy::ToolProxy::new(
                 engine.clone(),
                 t.leases,

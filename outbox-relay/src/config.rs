@@ -257,9 +257,13 @@ fn check_database_url(url: &SecretString) -> Result<(), ConfigError> {
 }
 
 fn check_redis_url(url: &SecretString) -> Result<(), ConfigError> {
-    use redis::IntoConnectionInfo;
-    url.expose_secret().into_connection_info().map(drop).map_err(|_| {
-        ConfigError::new("redis_url", "is not a valid Redis URL (redis://[user:password@]host[:port][/db])")
+    // The bus's own parser: it knows cluster URLs (`redis+cluster://a:6379,b:6379`) too.
+    bus::RedisEndpoint::new(url.clone(), None).map(drop).map_err(|_| {
+        ConfigError::new(
+            "redis_url",
+            "is not a valid Redis URL (redis://[user:password@]host[:port][/db], or \
+             redis+cluster://[user:password@]host:port[,host:port...] for a Redis Cluster)",
+        )
     })
 }
 
