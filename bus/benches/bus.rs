@@ -15,7 +15,7 @@
 //! - `unsigned batched` / `unsigned unbatched`: the same envelopes MessagePack-encoded but not
 //!   framed or signed, `XADD`ed by [`Publisher::publish_wire_batch`] (same pipelining, cap,
 //!   backlog check), read by a copy of the consumer loop written here with the same Redis
-//!   round trips (`XREADGROUP`, replay guard `SET … NX GET`, `XACK`) that only
+//!   round trips (`XREADGROUP`, the replay guard's script, `XACK`) that only
 //!   decodes the body: no frame, no HMAC, no permission, clock or epoch checks.
 //! - `unsigned batched, no guard` (extra): as above without the replay-guard command.
 //! - latency: one envelope at a time on an idle stream, publish call → handler entry.
@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bus::Conn;
-use bus::names::{ENV_FIELD, seen_key};
+use bus::names::ENV_FIELD;
 use bus::{Consumer, ConsumerConfig, ConsumerStats, Delivery, Handler, HandlerError, KillEpoch, Publisher};
 use envelope::{
     Envelope, Instance, Keyring, MasterFile, MasterSecret, PermissionTable, Process, Role, Sender, Status, StreamName,
@@ -888,26 +888,19 @@ async fn unsigned_consumer(
         if entries.is_empty() {
             continue;
         }
-        let now = bus::now_ms();
         let mut decoded = Vec::with_capacity(entries.len());
         for e in entries {
             let body = e.field(ENV_FIELD).ok_or("an entry has no `env` field")?;
             let env = Envelope::from_body_bytes(body).context("decode a body")?;
-            let window = (env.issued_at_ms + env.ttl_ms + skew).saturating_sub(now).max(1) + 1_000;
-            decoded.push((e, env, window));
+            let until = env.issued_at_ms + env.ttl_ms + skew;
+            decoded.push((e, env, until));
         }
         if guard {
-            let mut pipe = redis::pipe();
-            for (e, env, window) in &decoded {
-                pipe.cmd("SET")
-                    .arg(seen_key(cfg.stream.as_str(), &cfg.group, &env.id))
-                    .arg(&e.id)
-                    .arg("NX")
-                    .arg("GET")
-                    .arg("PX")
-                    .arg(*window);
-            }
-            let previous: Vec<Option<String>> = pipe.query_async(&mut c).await.context("SET NX GET")?;
+            let sightings: Vec<bus::guard::Sighting<'_>> = decoded
+                .iter()
+                .map(|(e, env, until)| bus::guard::Sighting { id: env.id, until_ms: *until, entry: &e.id })
+                .collect();
+            let previous = bus::guard::mark(&mut c, stream, &cfg.group, &sightings).await.context("mark seen")?;
             if previous.iter().any(Option::is_some) {
                 return Err("the replay guard saw a duplicate".into());
             }

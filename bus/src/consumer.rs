@@ -25,7 +25,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ConsumerConfig;
 use crate::control::Gate;
-use crate::names::{ENV_FIELD, SIDE_STREAM_CAP, done_key, fields, seen_key, side_copy, side_detail};
+use crate::names::{ENV_FIELD, SIDE_STREAM_CAP, done_key, fields, side_copy, side_detail};
 use crate::reply::{self, Entry};
 use crate::{BusError, HandlerError, KillEpoch, now_ms};
 
@@ -384,19 +384,17 @@ impl<H: Handler> Consumer<H> {
         let mut to_handle = Vec::with_capacity(checked.len());
         if !checked.is_empty() {
             // One round trip marks every id as seen by this group, remembering which entry
-            // carried it: `SET … NX GET` answers nil for a first sighting, else that entry.
-            let mut pipe = redis::pipe();
-            for (e, chk) in &checked {
-                let ttl = chk.remember_until_ms().saturating_sub(now).max(1) + 1_000;
-                pipe.cmd("SET")
-                    .arg(seen_key(&stream, &self.cfg.group, &chk.id()))
-                    .arg(&e.id)
-                    .arg("NX")
-                    .arg("GET")
-                    .arg("PX")
-                    .arg(ttl);
-            }
-            let previous: Vec<Option<String>> = pipe.query_async(c).await?;
+            // carried it: the answer is `None` for a first sighting, else that entry.
+            let sightings: Vec<crate::guard::Sighting<'_>> = checked
+                .iter()
+                .map(|(e, chk)| crate::guard::Sighting {
+                    id: chk.id(),
+                    until_ms: chk.remember_until_ms(),
+                    entry: &e.id,
+                })
+                .collect();
+            let previous = crate::guard::mark(c, &stream, &self.cfg.group, &sightings).await?;
+            drop(sightings);
             let mut redelivered = Vec::new();
             for ((e, chk), prev) in checked.into_iter().zip(previous) {
                 match prev {

@@ -28,6 +28,8 @@
 //! - [`conn`]: [`RedisPool`] and [`Conn`], one Redis server or a Redis Cluster behind one
 //!   type; a cluster's multi-slot pipelines are sent as ordered per-slot runs.
 //! - [`error`]: [`BusError`] and [`HandlerError`].
+//! - [`guard`]: the shared replay guard (hash buckets per stream and group, one script call
+//!   per batch).
 //! - [`names`]: the keys the bus writes besides streams (replay guard, done markers) and the
 //!   field names of stream entries.
 
@@ -37,6 +39,7 @@ pub mod consumer;
 pub mod control;
 pub mod endpoint;
 pub mod error;
+pub mod guard;
 pub mod keyreload;
 pub mod metrics;
 pub mod names;

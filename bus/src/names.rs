@@ -3,15 +3,16 @@
 /// The one field of a stream entry that carries the frame.
 pub const ENV_FIELD: &str = "env";
 
-/// Replay-guard key for an envelope id within a consumer group of `stream`. Its value is the
-/// stream entry that first carried the id, so a redelivery of that same entry is told apart
-/// from a duplicate carried by another entry.
+/// Replay-guard bucket of a consumer group of `stream`: a hash whose fields are the envelope
+/// ids to remember until `bucket_end_ms` (see [`crate::guard`]), each valued with the stream
+/// entry that first carried it, so a redelivery of that same entry is told apart from a
+/// duplicate carried by another entry.
 ///
 /// The key carries the stream's name as its hash tag (`{fleet:tasks:dev}`), so on a Redis
 /// Cluster it lives in the stream's slot: a consumer's guard writes for a batch are one
-/// pipeline to one node, like its read and its acknowledgement.
-pub fn seen_key(stream: &str, group: &str, id: &uuid::Uuid) -> String {
-    format!("fleet:seen:{{{stream}}}:{group}:{}", id.as_simple())
+/// call to one node, like its read and its acknowledgement.
+pub fn seen_bucket_key(stream: &str, group: &str, bucket_end_ms: u64) -> String {
+    format!("fleet:seen:{{{stream}}}:{group}:{bucket_end_ms}")
 }
 
 /// The done marker consumers before issue 16 set once a handler succeeded, just before the

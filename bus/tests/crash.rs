@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bus::names::{done_key, fields, seen_key};
+use bus::names::{done_key, fields};
 use common::*;
 use envelope::streams;
 use fleet_testkit::RedisServer;
@@ -180,17 +180,21 @@ async fn an_entry_redelivered_after_its_handler_succeeded_is_acked_without_rerun
         read_as(&mut c, streams::RESULTS, GROUP, "orch-1", 10).await,
         [finished_entry.clone(), unfinished_entry.clone()]
     );
+    // Each id is kept until its envelope's own expiry (plus skew), as the verifier says.
+    let until = |env: &envelope::Envelope| env.issued_at_ms + env.ttl_ms + envelope::VerifierConfig::default().skew_ms;
+    let marked = bus::guard::mark(
+        &mut c,
+        streams::RESULTS,
+        GROUP,
+        &[
+            bus::guard::Sighting { id: finished.id, until_ms: until(&finished), entry: &finished_entry },
+            bus::guard::Sighting { id: unfinished.id, until_ms: until(&unfinished), entry: &unfinished_entry },
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(marked, [None, None]);
     let _: () = redis::pipe()
-        .cmd("SET")
-        .arg(seen_key(streams::RESULTS, GROUP, &finished.id))
-        .arg(&finished_entry)
-        .arg("PX")
-        .arg(120_000)
-        .cmd("SET")
-        .arg(seen_key(streams::RESULTS, GROUP, &unfinished.id))
-        .arg(&unfinished_entry)
-        .arg("PX")
-        .arg(120_000)
         .cmd("SET")
         .arg(done_key(GROUP, &finished.id))
         .arg(1)

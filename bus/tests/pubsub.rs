@@ -39,16 +39,22 @@ async fn publish_subscribe_100_with_payloads_checked() {
     consumer.shutdown().await;
     assert_eq!(load(&stats.handled), 100);
     assert_eq!(load(&stats.rejected), 0);
-    // One replay-guard key per envelope, written when it is read; the acknowledgement is
-    // the "done" mark, so no second key per entry (issue 16).
+    // One replay-guard field per envelope, written when it is read, in a bucket hash that
+    // expires whole; the acknowledgement is the "done" mark, so nothing more per entry
+    // (issue 16).
     let mut c = connect(&server).await;
-    let seen: Vec<String> = redis::cmd("KEYS")
+    let buckets: Vec<String> = redis::cmd("KEYS")
         .arg(format!("fleet:seen:{{{}}}:{GROUP}:*", stream.as_str()))
         .query_async(&mut c)
         .await
         .unwrap();
+    assert!((1..=2).contains(&buckets.len()), "envelopes sent together share a bucket or two: {buckets:?}");
+    for b in &buckets {
+        let ttl: i64 = redis::cmd("PTTL").arg(b).query_async(&mut c).await.unwrap();
+        assert!(ttl > 0, "{b} expires");
+    }
     let done: Vec<String> = redis::cmd("KEYS").arg("fleet:done:*").query_async(&mut c).await.unwrap();
-    assert_eq!((seen.len(), done.len()), (100, 0));
+    assert_eq!((guarded_ids(&mut c, stream.as_str(), GROUP).await, done.len()), (100, 0));
 }
 
 /// 5,000 messages from four concurrent publishers (two pipelining batches, two publishing

@@ -105,8 +105,11 @@ pub const WORKER_CONSUMER_COMMANDS: &[&str] = &[
 pub const PRUNE_COMMANDS: &[&str] = &["xinfo|consumers", "xgroup|delconsumer"];
 
 /// The replay guard's commands, on `fleet:seen:{<stream>}:<group>:*` and the older
-/// consumers' `fleet:done:<group>:*`.
-pub const REPLAY_GUARD_COMMANDS: &[&str] = &["set", "get", "exists", "pexpire"];
+/// consumers' `fleet:done:<group>:*`: `HSETNX`, `HGET` and `PEXPIREAT` on the group's bucket
+/// hashes (`bus::guard`) and `EXISTS` of an older consumer's done marker. No scripts: a
+/// compromised worker with `EVAL` could run any Lua, such as a loop that stalls Redis for
+/// everyone.
+pub const REPLAY_GUARD_COMMANDS: &[&str] = &["hsetnx", "hget", "pexpireat", "exists"];
 
 /// Prefix of the replay guard's keys; `{<inbox stream>}:<group>:*` follows (the group is
 /// the role's name).
@@ -764,7 +767,7 @@ mod tests {
                  +xack +xautoclaim +xclaim +xpending +xgroup|create \
                  +xinfo|groups +xinfo|consumers +xinfo|stream +xlen +xrange) \
                  (~fleet:done:dev:* ~fleet:seen:{{fleet:control:dev}}:dev:* ~fleet:seen:{{fleet:tasks:dev}}:dev:* \
-                 ~fleet:seen:{{fleet:tool:responses:dev:*}}:dev:* resetchannels +set +get +exists +pexpire) \
+                 ~fleet:seen:{{fleet:tool:responses:dev:*}}:dev:* resetchannels +hsetnx +hget +pexpireat +exists) \
                  (%R~fleet:control:dev %R~fleet:killswitch %R~fleet:tool:responses:dev:* resetchannels +xread +xrevrange \
                  +hgetall)"
             )

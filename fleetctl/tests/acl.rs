@@ -525,37 +525,46 @@ async fn each_consumer_group_has_its_own_replay_guard_keys() {
             "fleet:seen" => format!("{prefix}:{{{}}}:{group}:env-1", StreamName::control(stream_of)),
             _ => format!("{prefix}:{group}:env-1"),
         };
-        for prefix in ["fleet:seen", "fleet:done"] {
-            let own = key(prefix, *role, *role);
-            let own = own.as_str();
-            cases.push(case(user, Expect::Returns(Value::Okay), &["SET", own, "1", "PX", "60000", "NX"]));
-            cases.push(case(user, Expect::Returns(Value::Nil), &["SET", own, "1", "PX", "60000", "NX"]));
-            cases.push(case(user, Expect::Returns(Value::BulkString(b"1".to_vec())), &["GET", own]));
-            cases.push(case(user, Expect::Returns(Value::Int(1)), &["EXISTS", own]));
-            cases.push(case(user, Expect::Returns(Value::Int(1)), &["PEXPIRE", own, "120000"]));
-            cases.push(case(user, Expect::NoPerm, &["DEL", own]));
-            cases.push(case(user, Expect::NoPerm, &["INCR", own]));
-            for other in Role::ALL.iter().filter(|other| *other != role) {
-                let theirs = key(prefix, *other, *other);
-                cases.push(case(user, Expect::NoPerm, &["SET", &theirs, "1", "PX", "60000", "NX"]));
-                cases.push(case(user, Expect::NoPerm, &["GET", &theirs]));
-                if prefix == "fleet:seen" {
-                    // Another group's key in one of its own streams' slots, and its own
-                    // group's key tagged with another role's stream.
-                    for forged in [key(prefix, *role, *other), key(prefix, *other, *role)] {
-                        cases.push(case(user, Expect::NoPerm, &["SET", &forged, "1", "PX", "60000", "NX"]));
-                    }
-                }
+        // The guard's buckets (bus::guard): HSETNX, HGET, PEXPIREAT, and nothing else.
+        let own = key("fleet:seen", *role, *role);
+        let own = own.as_str();
+        let later = (bus::now_ms() + 120_000).to_string();
+        cases.push(case(user, Expect::Returns(Value::Int(1)), &["HSETNX", own, "env-1", "1-1"]));
+        cases.push(case(user, Expect::Returns(Value::Int(0)), &["HSETNX", own, "env-1", "1-2"]));
+        cases.push(case(user, Expect::Returns(Value::BulkString(b"1-1".to_vec())), &["HGET", own, "env-1"]));
+        cases.push(case(user, Expect::Returns(Value::Int(1)), &["PEXPIREAT", own, &later]));
+        cases.push(case(user, Expect::Returns(Value::Int(1)), &["EXISTS", own]));
+        cases.push(case(user, Expect::NoPerm, &["HSET", own, "env-1", "9-9"]));
+        cases.push(case(user, Expect::NoPerm, &["DEL", own]));
+        cases.push(case(user, Expect::NoPerm, &["HDEL", own, "env-1"]));
+        cases.push(case(user, Expect::NoPerm, &["PERSIST", own]));
+        cases.push(case(user, Expect::NoPerm, &["SET", own, "1"]));
+        // No scripts for any worker: EVAL could run a loop that stalls Redis for everyone.
+        let trusted = matches!(role, Role::Orchestrator | Role::Budget);
+        cases.push(case(user, allowed_if(trusted), &["EVAL", "return 1", "0"]));
+        // Older consumers' done markers: looked up, never written.
+        let done = key("fleet:done", *role, *role);
+        cases.push(case(user, Expect::Returns(Value::Int(0)), &["EXISTS", &done]));
+        cases.push(case(user, Expect::NoPerm, &["SET", &done, "1"]));
+        for other in Role::ALL.iter().filter(|other| *other != role) {
+            let theirs = key("fleet:seen", *other, *other);
+            cases.push(case(user, Expect::NoPerm, &["HSETNX", &theirs, "env-1", "1-1"]));
+            cases.push(case(user, Expect::NoPerm, &["HGET", &theirs, "env-1"]));
+            cases.push(case(user, Expect::NoPerm, &["EXISTS", &key("fleet:done", *other, *other)]));
+            // Another group's bucket in one of its own streams' slots, and its own group's
+            // bucket tagged with another role's stream.
+            for forged in [key("fleet:seen", *role, *other), key("fleet:seen", *other, *role)] {
+                cases.push(case(user, Expect::NoPerm, &["HSETNX", &forged, "env-1", "1-1"]));
             }
         }
-        // SET is granted on the guard keys only: not on streams, not elsewhere.
+        // The guard's commands are granted on its keys only: not on streams, not elsewhere.
         let inbox = StreamName::control(*role).to_string();
-        cases.push(case(user, Expect::NoPerm, &["SET", &inbox, "x"]));
-        cases.push(case(user, Expect::NoPerm, &["SET", "other:key", "x"]));
+        cases.push(case(user, Expect::NoPerm, &["HSETNX", &inbox, "f", "x"]));
+        cases.push(case(user, Expect::NoPerm, &["HSETNX", "other:key", "f", "x"]));
     }
     for user in [User::OutboxRelay, User::Operator] {
-        cases.push(case(user, Expect::NoPerm, &["SET", "fleet:seen:{fleet:control:dev}:dev:env-2", "1"]));
-        cases.push(case(user, Expect::NoPerm, &["GET", "fleet:seen:{fleet:control:dev}:dev:env-1"]));
+        cases.push(case(user, Expect::NoPerm, &["HSETNX", "fleet:seen:{fleet:control:dev}:dev:1", "env-2", "1"]));
+        cases.push(case(user, Expect::NoPerm, &["HGET", "fleet:seen:{fleet:control:dev}:dev:1", "env-1"]));
     }
     fleet.expect_all("replay guard keys", cases).await;
 }
@@ -1456,8 +1465,8 @@ async fn the_generated_acls_and_every_script_work_on_a_redis_cluster() {
     for (what, cmd) in [
         ("forge an assignment for qa", redis::cmd("XADD").arg("fleet:tasks:qa").arg("*").arg("env").arg("x").clone()),
         ("write the orchestrator's replay guard", {
-            let key = format!("fleet:seen:{{{}}}:orchestrator:{}", streams::HEARTBEATS, "0".repeat(32));
-            redis::cmd("SET").arg(key).arg("1-1").clone()
+            let bucket = format!("fleet:seen:{{{}}}:orchestrator:{}", streams::HEARTBEATS, u64::MAX);
+            redis::cmd("HSETNX").arg(bucket).arg("0".repeat(32)).arg("1-1").clone()
         }),
         ("engage the kill switch", redis::cmd("HSET").arg("fleet:killswitch").arg("engaged").arg("1").clone()),
         ("queue an alert", redis::cmd("XADD").arg("fleet:alerts").arg("*").arg("a").arg("1").clone()),

@@ -37,6 +37,8 @@
 //!   locked by its test process, and the next start sweeps up those whose process died.
 //! - [`otlp`]: an OTLP/HTTP trace receiver that keeps the spans the fleet's processes
 //!   export, decoded with `opentelemetry-proto`.
+//! - [`fleet`]: the whole fleet, every binary a separate process, on a private Redis
+//!   (with the generated ACLs) and Postgres, its secrets made with `fleetctl`.
 //! - [`secrets`]: made-up secrets of every kind in lines of text, with what the fleet's
 //!   redaction must turn each line into; sinks' tests send every one through.
 
@@ -44,6 +46,7 @@
 
 mod binary;
 mod error;
+pub mod fleet;
 pub mod otlp;
 mod postgres;
 mod process;

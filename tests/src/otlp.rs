@@ -34,6 +34,10 @@ pub struct CollectedSpan {
     pub parent_span_id: String,
     /// Its attributes, each value as text (strings bare, numbers and booleans as written).
     pub attributes: BTreeMap<String, String>,
+    /// When it started, in nanoseconds since the Unix epoch, by its process's clock.
+    pub start_unix_nanos: u64,
+    /// When it ended, likewise; the span's duration is the difference.
+    pub end_unix_nanos: u64,
 }
 
 /// A running receiver on `127.0.0.1`; stops when dropped.
@@ -124,6 +128,8 @@ fn collect(req: ExportTraceServiceRequest) -> Vec<CollectedSpan> {
                     span_id: hex(&s.span_id),
                     parent_span_id: hex(&s.parent_span_id),
                     attributes: attributes(&s.attributes),
+                    start_unix_nanos: s.start_time_unix_nano,
+                    end_unix_nanos: s.end_time_unix_nano,
                 });
             }
         }

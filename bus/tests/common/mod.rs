@@ -432,6 +432,18 @@ impl Row {
     }
 }
 
+/// How many envelope ids the replay guard of `group` on `stream` holds: the fields of its
+/// buckets (`bus::guard`).
+pub async fn guarded_ids(c: &mut Conn, stream: &str, group: &str) -> u64 {
+    let buckets: Vec<String> =
+        redis::cmd("KEYS").arg(format!("fleet:seen:{{{stream}}}:{group}:*")).query_async(&mut *c).await.expect("KEYS");
+    let mut n = 0;
+    for b in buckets {
+        n += redis::cmd("HLEN").arg(&b).query_async::<u64>(&mut *c).await.expect("HLEN");
+    }
+    n
+}
+
 /// Reads a whole stream.
 pub async fn read_stream(c: &mut Conn, stream: &str) -> Vec<Row> {
     let v: redis::Value = redis::cmd("XRANGE").arg(stream).arg("-").arg("+").query_async(c).await.expect("XRANGE");
