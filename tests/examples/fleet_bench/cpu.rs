@@ -65,6 +65,23 @@ pub(crate) fn used(before: &Snapshot, after: &Snapshot) -> Vec<(String, f64)> {
     v
 }
 
+/// What the inclusive view keeps: the fleet's crates, its Redis, Postgres and tracing
+/// clients, signing, and `clone3` (spawning `git`).
+const OWN_CODE: &[&str] = &[
+    "orchestrator::",
+    "bus::",
+    "envelope::",
+    "telemetry::",
+    "sqlx_postgres::connection::executor",
+    "redis::aio",
+    "tracing_core::dispatcher",
+    "opentelemetry",
+    "clone3",
+    "hmac",
+    "serde_json::",
+    "rmp_serde::",
+];
+
 /// A running `perf record` of one process, with call graphs.
 pub(crate) struct Perf {
     child: Child,
@@ -90,7 +107,7 @@ impl Perf {
 
     /// Stops recording (SIGINT, as Ctrl-C would) and returns the top of two reports: self
     /// time by object (`--no-children --sort dso`) and inclusive time by function
-    /// (`--children --sort sym`, the first `lines`).
+    /// (`--children --sort sym`, the first `lines` of the fleet's own code and clients).
     pub(crate) fn finish(self, lines: usize) -> anyhow::Result<String> {
         use anyhow::Context as _;
         let pid = i32::try_from(self.child.id()).context("perf's pid")?;
@@ -103,7 +120,7 @@ impl Perf {
         }
         // Two views: which code the samples are in (the binary, libc, the kernel), and the
         // functions with the most time inclusive of what they call.
-        let view = |args: &[&str], lines: usize| -> anyhow::Result<String> {
+        let view = |args: &[&str], filter: &[&str], lines: usize| -> anyhow::Result<String> {
             let report = Command::new("perf")
                 .args(["report", "--stdio", "-g", "none", "--percent-limit", "2", "-i"])
                 .arg(&self.data)
@@ -111,12 +128,18 @@ impl Perf {
                 .output()
                 .context("Failed to run perf report")?;
             let text = String::from_utf8_lossy(&report.stdout).into_owned();
-            let top: Vec<&str> =
-                text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()).take(lines).collect();
+            let top: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+                .filter(|l| filter.is_empty() || filter.iter().any(|f| l.contains(f)))
+                .take(lines)
+                .collect();
             Ok(top.join("\n"))
         };
-        let by_dso = view(&["--no-children", "--sort", "dso"], 8)?;
-        let inclusive = view(&["--children", "--sort", "sym"], lines)?;
+        let by_dso = view(&["--no-children", "--sort", "dso"], &[], 8)?;
+        // The runtime's own frames (poll, thread start) top any inclusive list and say
+        // nothing; the fleet's code, its clients and process spawning do.
+        let inclusive = view(&["--children", "--sort", "sym"], OWN_CODE, lines)?;
         let top = [
             format!("self time by object:\n{by_dso}"),
             format!("inclusive time by function (children, self):\n{inclusive}"),

@@ -438,6 +438,9 @@ async fn settled_spans(otlp: &OtlpReceiver, tasks: &[(Uuid, String)]) -> Vec<fle
     }
 }
 
+/// Reads one part of a step's overhead.
+type PartOf = fn(&steps::Parts) -> Option<f64>;
+
 fn report(o: &Outcome, missing: usize, wall: Duration, cpu_used: &[(String, f64)]) {
     println!(
         "{} tasks merged, first submission to last merge {:.1} s: {:.1} tasks/min (wall clock of the batch {:.1} s)",
@@ -488,7 +491,7 @@ fn report(o: &Outcome, missing: usize, wall: Duration, cpu_used: &[(String, f64)
         "(intake: submitted → dev, the orchestrator alone; push: approved → merged, its git push; both all overhead)"
     );
     println!("worker steps' overhead by part, p50 / p99 / share of the summed overhead:");
-    let parts: [(&str, fn(&steps::Parts) -> Option<f64>); 5] = [
+    let parts: [(&str, PartOf); 5] = [
         ("relay: transition → assignment in Redis", |p| p.relay),
         ("pickup: in Redis → worker starts the step", |p| p.pickup),
         ("tool proxy round trips, minus the model", |p| p.proxy),
