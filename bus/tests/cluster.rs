@@ -190,3 +190,49 @@ async fn a_primary_killed_mid_flow_fails_over_and_no_acknowledged_publish_is_los
     );
     running.shutdown().await;
 }
+
+/// The slot of `fleet:results` (the stream, its group and its replay-guard buckets) moves
+/// to another primary while envelopes are published and consumed: the clients follow `ASK`
+/// while keys move and `MOVED` after, and every publish is handled, none twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_moved_mid_flow_is_followed_through_ask_and_moved() {
+    let cluster = std::sync::Arc::new(cluster());
+    let pool = cluster_pool(&cluster);
+    let mut c = pool.get().await.expect("connection");
+    create_group(&mut c, streams::RESULTS, GROUP).await;
+    let publisher = Publisher::new(pool.clone(), keyring(Role::Dev), PublisherConfig::default());
+    let (rec, mut rx) = recorder();
+    let running = spawn_on(&pool, config_for(results_stream(), GROUP, "orch-1"), rec.clone());
+
+    let from = cluster.primary_for(streams::RESULTS).expect("primary");
+    let to = (0..3)
+        .map(|i| (from + 1 + i) % cluster.len())
+        .find(|i| cluster.cli(*i, &["ROLE"]).is_ok_and(|r| r.starts_with("master")));
+    let to = to.expect("another primary");
+    const N: u64 = 400;
+    let mut mover = None;
+    for n in 0..N {
+        if n == N / 4 {
+            let cluster = std::sync::Arc::clone(&cluster);
+            mover = Some(tokio::task::spawn_blocking(move || {
+                cluster.migrate_slot_of(streams::RESULTS, to, Duration::from_millis(20))
+            }));
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        while let Err(e) = publisher.publish(&results_stream(), &result(n)).await {
+            assert!(tokio::time::Instant::now() < deadline, "publish {n} kept failing: {e}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    mover.expect("the move started").await.expect("the mover does not panic").expect("the slot moved");
+    assert_eq!(cluster.primary_for(streams::RESULTS).expect("primary"), to, "the slot is on its new node");
+
+    let got = take(&mut rx, N as usize, Duration::from_secs(60)).await;
+    let numbers: BTreeSet<u64> = got.iter().map(|g| number(&g.summary)).collect();
+    assert_eq!(numbers, (0..N).collect::<BTreeSet<_>>(), "every publish handled");
+    wait_all_acked(&mut c, streams::RESULTS, GROUP, Duration::from_secs(30)).await;
+    assert_eq!(load(&running.stats.rejected), 0, "nothing refused while the slot moved");
+    running.shutdown().await;
+    assert_eq!(rec.call_count(), N as usize, "no handler ran twice");
+}

@@ -148,6 +148,48 @@ impl RedisCluster {
         self.nodes[i].kill();
     }
 
+    /// Moves the hash slot of `key` to primary `to` the way `redis-cli --cluster reshard`
+    /// does, one key at a time with `pause` between keys, so clients meet `ASK` while it
+    /// moves and `MOVED` after: `IMPORTING` on the target, `MIGRATING` on the source,
+    /// `MIGRATE` of every key, then the new owner announced to every node.
+    pub fn migrate_slot_of(&self, key: &str, to: usize, pause: Duration) -> Result<(), HarnessError> {
+        let slot = self.cli_any(&["CLUSTER", "KEYSLOT", key])?.trim().to_owned();
+        let from = self.primary_for(key)?;
+        if from == to {
+            return Err(not_ready(&format!("slot {slot} is already on node {to}")));
+        }
+        let id = |i: usize| self.cli(i, &["CLUSTER", "MYID"]).map(|t| t.trim().to_owned());
+        let (from_id, to_id) = (id(from)?, id(to)?);
+        self.cli(to, &["CLUSTER", "SETSLOT", &slot, "IMPORTING", &from_id])?;
+        self.cli(from, &["CLUSTER", "SETSLOT", &slot, "MIGRATING", &to_id])?;
+        let to_port = self.nodes[to].port().to_string();
+        loop {
+            let keys = self.cli(from, &["CLUSTER", "GETKEYSINSLOT", &slot, "10"])?;
+            let keys: Vec<&str> = keys.lines().map(str::trim).filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            for k in keys {
+                let mut args = vec!["MIGRATE", "127.0.0.1", to_port.as_str(), k, "0", "5000"];
+                if let Some((user, password)) = &self.admin {
+                    args.extend(["AUTH2", user.as_str(), password.as_str()]);
+                }
+                let out = self.cli(from, &args)?;
+                if !out.contains("OK") && !out.contains("NOKEY") {
+                    return Err(not_ready(&format!("MIGRATE {k}: {out}")));
+                }
+                std::thread::sleep(pause);
+            }
+        }
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].port() != 0 {
+                // A node that is down learns the owner from the others' gossip.
+                let _ = self.cli(i, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
+            }
+        }
+        Ok(())
+    }
+
     /// Starts node `i` again on its port with its data and `nodes.conf`: it rejoins the
     /// cluster (as a replica, if it was failed over).
     pub fn restart(&mut self, i: usize) -> Result<(), HarnessError> {
