@@ -196,7 +196,30 @@ fn pct(values: &[f64], p: f64) -> String {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> ExitCode {
-    match run_all().await {
+    // Interrupted, the run's future is dropped, and with it the fleet: its processes are
+    // killed, its sandboxes and directory removed (an abrupt exit would leave them). The
+    // handlers are installed first: the fleet's start blocks its thread for seconds, and a
+    // signal then is acted on at the run's next await.
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut int, mut term) = match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        (Ok(i), Ok(t)) => (i, t),
+        (Err(e), _) | (_, Err(e)) => {
+            eprintln!("fleet_bench: cannot install the SIGINT/SIGTERM handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let interrupted = async {
+        tokio::select! {
+            _ = int.recv() => "SIGINT",
+            _ = term.recv() => "SIGTERM",
+        }
+    };
+    let result = tokio::select! {
+        biased;
+        signal = interrupted => Err(anyhow::anyhow!("stopped by {signal}; the fleet was shut down")),
+        r = run_all() => r,
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("fleet_bench: {e:#}");
