@@ -92,6 +92,18 @@ fn io(action: impl Into<String>) -> impl FnOnce(std::io::Error) -> FleetError {
     move |source| FleetError::Io { action, source }
 }
 
+/// The passwords of a secrets file `fleetctl acl secrets new` wrote, by Redis user.
+pub fn redis_passwords(secrets: &str) -> HashMap<String, String> {
+    secrets
+        .lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once('=')?;
+            Some((k.trim().to_owned(), v.trim().trim_matches('"').to_owned()))
+        })
+        .filter(|(k, v)| !k.starts_with('[') && !v.is_empty())
+        .collect()
+}
+
 /// `target/<profile>`: the directory the running test (`deps/`) or example (`examples/`)
 /// executable sits one level under, where cargo puts the workspace's binaries.
 pub fn target_dir() -> Result<PathBuf, FleetError> {
@@ -289,14 +301,7 @@ impl Fleet {
             ["acl", "generate", "--secrets", &path("redis-secrets.toml"), "--permissions", &permissions, "--out"];
         ctl(&[&acl_args[..], &[&path("users.acl")]].concat())?;
         let secrets = std::fs::read_to_string(d.join("redis-secrets.toml")).map_err(io("read the Redis secrets"))?;
-        let passwords = secrets
-            .lines()
-            .filter_map(|l| {
-                let (k, v) = l.split_once('=')?;
-                Some((k.trim().to_owned(), v.trim().trim_matches('"').to_owned()))
-            })
-            .filter(|(k, v)| !k.starts_with('[') && !v.is_empty())
-            .collect();
+        let passwords = redis_passwords(&secrets);
         let redis = RedisServer::builder().acl_file(d.join("users.acl")).start()?;
         let postgres = Postgres::start()?;
         let database_url = postgres.create_database()?;

@@ -372,15 +372,7 @@ async fn start_fleet_with(fixture_extra: &str, extra_env: &[(&str, &str)]) -> Fl
         format!("{generated}user {INSPECTOR} on #{INSPECTOR_HASH} resetchannels -@all +hello +auth +acl|log\n"),
     )
     .expect("ACL file");
-    let passwords: std::collections::HashMap<String, String> = std::fs::read_to_string(&secrets)
-        .expect("secrets file")
-        .lines()
-        .filter_map(|l| {
-            let (k, v) = l.split_once('=')?;
-            Some((k.trim().to_owned(), v.trim().trim_matches('"').to_owned()))
-        })
-        .filter(|(k, v)| !k.starts_with('[') && !v.is_empty())
-        .collect();
+    let passwords = fleet_testkit::fleet::redis_passwords(&std::fs::read_to_string(&secrets).expect("secrets file"));
     let redis = fleet_testkit::RedisServer::builder()
         .acl_file(&acl)
         .start()
