@@ -132,15 +132,6 @@ impl RedisPool {
     pub fn is_cluster(&self) -> bool {
         matches!(self.kind, PoolKind::Cluster(_))
     }
-
-    /// Drops the cluster's shared connection, so the next [`RedisPool::get`] makes a new one
-    /// (after a failure the cluster client could not recover from). A no-op for one server,
-    /// whose pool recycles broken connections itself.
-    pub async fn reset(&self) {
-        if let PoolKind::Cluster(c) = &self.kind {
-            c.shared.lock().await.take();
-        }
-    }
 }
 
 /// A connection to one server or to a cluster; `redis` commands, pipelines and scripts run

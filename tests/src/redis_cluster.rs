@@ -182,10 +182,8 @@ impl RedisCluster {
             }
         }
         for i in 0..self.nodes.len() {
-            if self.nodes[i].port() != 0 {
-                // A node that is down learns the owner from the others' gossip.
-                let _ = self.cli(i, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
-            }
+            // A node that is down learns the owner from the others' gossip.
+            let _ = self.cli(i, &["CLUSTER", "SETSLOT", &slot, "NODE", &to_id]);
         }
         Ok(())
     }
