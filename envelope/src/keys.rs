@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use hkdf::Hkdf;
 use hmac::{Hmac, KeyInit};
@@ -457,6 +458,8 @@ impl fmt::Display for Generations {
 #[derive(Clone)]
 pub(crate) struct EdgeKey {
     pub(crate) kid: Kid,
+    /// `kid` as written in frames, formatted once rather than on every seal.
+    pub(crate) kid_text: Arc<str>,
     /// The `Hmac` state after absorbing the key (zeroized on drop: hmac's `zeroize` feature).
     pub(crate) mac: Hmac<Sha256>,
 }
@@ -521,7 +524,7 @@ impl Keyring {
             Some(secret) => {
                 let mac =
                     <Hmac<Sha256> as KeyInit>::new_from_slice(secret.as_ref()).expect("HMAC accepts any key length");
-                let key = EdgeKey { kid, mac };
+                let key = EdgeKey { kid, kid_text: kid.to_string().into(), mac };
                 if !entry.staged && self.newest.get(&kid.edge).is_none_or(|n| kid.generation >= n.kid.generation) {
                     self.newest.insert(kid.edge, key.clone());
                 }
