@@ -510,6 +510,9 @@ impl<H: Handler> Consumer<H> {
         let fut = tracing::Instrument::instrument(self.handler.handle(d), span);
         tokio::pin!(fut);
         let result = tokio::select! {
+            // The handler first: one that is ready at once (most are) then never registers
+            // with the shutdown token or the gate, which costs a lock each way.
+            biased;
             r = &mut fut => Some(r),
             () = shutdown.cancelled() => tokio::time::timeout(self.cfg.grace, fut).await.ok(),
             // The kill switch does not wait: the handler is dropped where it stands.

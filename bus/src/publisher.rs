@@ -1,6 +1,9 @@
 //! Sealing and publishing.
 //!
-//! Every `XADD` carries `MAXLEN ~ cap`. The rule that keeps trimming away from
+//! The last `XADD` to each stream in a pipeline carries `MAXLEN ~ cap` (the others need not:
+//! approximate trimming removes whole nodes of about 100 entries, so trimming after a
+//! batch leaves the stream as trimming after each entry would, and a trim check costs Redis
+//! a tenth of an `XADD`; `docs/benchmarks.md`). The rule that keeps trimming away from
 //! unacknowledged work: before publishing to a stream, the publisher knows (re-read at most
 //! every `backlog_check_every`) the stream's largest per-group backlog — entries not yet
 //! delivered plus delivered but unacknowledged — and refuses to publish
@@ -135,16 +138,22 @@ impl Publisher {
                 crate::conn::slot_of(next.as_bytes()) != crate::conn::slot_of(items[i].0.as_bytes())
             })
         };
+        // Which XADD is the last to its stream: a batch has few distinct streams.
+        let mut last_to_its_stream = vec![false; items.len()];
+        let mut seen: Vec<&str> = Vec::with_capacity(2);
+        for (i, (stream, _)) in items.iter().enumerate().rev() {
+            if !seen.contains(stream) {
+                seen.push(stream);
+                last_to_its_stream[i] = true;
+            }
+        }
         let mut pipe = redis::pipe();
         for (i, (stream, wire)) in items.iter().enumerate() {
-            pipe.cmd("XADD")
-                .arg(*stream)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(self.config.cap(stream))
-                .arg("*")
-                .arg(ENV_FIELD)
-                .arg(*wire);
+            let xadd = pipe.cmd("XADD").arg(*stream);
+            if last_to_its_stream[i] {
+                xadd.arg("MAXLEN").arg("~").arg(self.config.cap(stream));
+            }
+            xadd.arg("*").arg(ENV_FIELD).arg(*wire);
             // One WAIT after each run of writes to one slot: a cluster connection sends it to
             // the node that took them (see `crate::conn`), and it covers every earlier write
             // of this connection there.

@@ -264,3 +264,37 @@ async fn publisher_applies_backpressure_near_the_cap_until_the_group_catches_up(
     let numbers: BTreeSet<u64> = got.iter().map(|g| number(&g.summary)).collect();
     assert_eq!(numbers, (0..19).collect());
 }
+
+/// Only the last `XADD` to each stream of a batch carries `MAXLEN ~ cap`: a stream written
+/// in batches, mixed with another stream's entries, is still held near its cap (approximate
+/// trimming keeps at least the cap, plus at most one node of 100 entries), and the other
+/// stream, under its cap, keeps everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batches_mixing_streams_trim_each_stream_to_its_cap() {
+    let server = redis();
+    let results = results_stream();
+    let heartbeats = envelope::StreamName::parse(streams::HEARTBEATS).unwrap();
+    let mut c = connect(&server).await;
+    let mut cfg = bus::PublisherConfig::default();
+    cfg.caps.insert(streams::RESULTS.to_owned(), 100);
+    cfg.backlog_check_every = Duration::ZERO;
+    let publisher = bus::Publisher::new(pool(&server), keyring(envelope::Role::Dev), cfg);
+    // A group that keeps up, so the backlog (not the length) stays under the cap.
+    let (rec, mut rx) = recorder();
+    let consumer = spawn(&server, config(GROUP, "orch-1"), rec);
+    for round in 0..20u64 {
+        let batch: Vec<_> = (0..40u64)
+            .flat_map(|n| {
+                let n = round * 40 + n;
+                [(results.clone(), result(n)), (heartbeats.clone(), heartbeat(n))]
+            })
+            .collect();
+        publisher.publish_batch(&batch).await.unwrap();
+        take(&mut rx, 40, Duration::from_secs(10)).await;
+        wait_all_acked(&mut c, streams::RESULTS, GROUP, Duration::from_secs(10)).await;
+    }
+    consumer.shutdown().await;
+    let len = xlen(&mut c, streams::RESULTS).await;
+    assert!((100..=200).contains(&len), "{len} results kept of 800 with a cap of 100");
+    assert_eq!(xlen(&mut c, streams::HEARTBEATS).await, 800, "heartbeats are under their cap");
+}

@@ -149,7 +149,7 @@ payloads! {
 }
 
 impl Payload {
-    fn size_hint(&self) -> usize {
+    pub(crate) fn size_hint(&self) -> usize {
         match self {
             Payload::TaskResult(r) => {
                 r.summary.len() + r.diff.as_ref().map_or(0, Vec::len) + r.log.as_ref().map_or(0, Vec::len)

@@ -23,12 +23,12 @@ impl Keyring {
             return live.seal(env);
         }
         let key = self.signing_key(Edge { from: env.from.role, to: env.to })?;
-        let body = env.to_body_bytes();
         let kid = &*key.kid_text;
-        let mut mac = key.mac.clone();
-        wire::feed_signing_input(&mut mac, WIRE_VERSION, kid, ALG_HS256, &body);
-        let sig = mac.finalize().into_bytes();
-        Ok(wire::encode_frame(WIRE_VERSION, kid, ALG_HS256, &body, &sig))
+        Ok(wire::seal_frame(WIRE_VERSION, kid, ALG_HS256, env, |body| {
+            let mut mac = key.mac.clone();
+            wire::feed_signing_input(&mut mac, WIRE_VERSION, kid, ALG_HS256, body);
+            mac.finalize().into_bytes().into()
+        }))
     }
 }
 
