@@ -279,7 +279,7 @@ mod tests {
         use crate::body::{Envelope, Sender, Status, TaskResult};
         use crate::names::{Instance, Role};
         for summary in [0usize, 40, 200, 255, 256, 600, 65_000, 65_600, 70_000] {
-            let from = Sender { role: Role::Dev, instance: Instance::parse("dev-1").unwrap() };
+            let from = Sender { role: Role::Dev, instance: Instance::parse("dev-1").expect("a valid instance") };
             let payload = TaskResult {
                 attempt: 1,
                 status: Status::Success,
