@@ -51,10 +51,17 @@ impl std::fmt::Debug for Publisher {
 /// `env`, with the current span's `traceparent` when it has none, so the receiver's span
 /// continues the sender's trace.
 pub fn traced(env: &Envelope) -> std::borrow::Cow<'_, Envelope> {
-    match (&env.traceparent, telemetry::propagate::current()) {
+    let current = if env.traceparent.is_none() { telemetry::propagate::current() } else { None };
+    traced_with(env, current.as_deref())
+}
+
+/// `env`, with `current` (the caller's span's `traceparent`, looked up once per batch: it
+/// builds an OpenTelemetry context each time) when it has none.
+fn traced_with<'a>(env: &'a Envelope, current: Option<&str>) -> std::borrow::Cow<'a, Envelope> {
+    match (&env.traceparent, current) {
         (None, Some(tp)) => {
             let mut env = env.clone();
-            env.traceparent = Some(tp);
+            env.traceparent = Some(tp.to_owned());
             std::borrow::Cow::Owned(env)
         }
         _ => std::borrow::Cow::Borrowed(env),
@@ -94,9 +101,11 @@ impl Publisher {
     /// Seals and appends several envelopes in one pipelined round trip, in order. Envelopes
     /// without a `traceparent` get the current span's.
     pub async fn publish_batch(&self, items: &[(StreamName, Envelope)]) -> Result<Vec<String>, BusError> {
+        let current =
+            if items.iter().any(|(_, e)| e.traceparent.is_none()) { telemetry::propagate::current() } else { None };
         let mut sealed = Vec::with_capacity(items.len());
         for (stream, env) in items {
-            sealed.push((stream.as_str(), self.keyring.seal(&traced(env))?));
+            sealed.push((stream.as_str(), self.keyring.seal(&traced_with(env, current.as_deref()))?));
         }
         let refs: Vec<(&str, &[u8])> = sealed.iter().map(|(s, w)| (*s, w.as_slice())).collect();
         self.publish_wire_batch(&refs).await

@@ -1,17 +1,19 @@
 #!/usr/bin/python3
-"""Redis's cost per replay-guard write, by how the envelope id is written as the field.
+"""Redis's own cost of two command shapes the bus chose, each against the shape it replaced,
+measured alone (its own redis-server, no persistence, on a free loopback port; the shapes
+alternated, ROUNDS times). Prints Redis's CPU per item (`INFO cpu`), its time in the
+command per item (`INFO commandstats`) and, for the guard, memory per id (`used_memory`).
+Needs redis-server and python3-redis (Debian). Results: docs/benchmarks.md.
 
-Starts its own redis-server (no persistence) on a free loopback port, then for each
-layout marks N fresh ids the way `bus::guard::mark` does: pipelines of 128 `HSETNX
-fleet:seen:{fleet:results}:orchestrator:<bucket> <id> <entry id>` plus one `PEXPIREAT`,
-a new bucket every 40,000 ids. Prints Redis's CPU per id (`INFO cpu`), its time in
-`HSETNX` per id (`INFO commandstats`) and memory per id (`used_memory`), each layout
-measured ROUNDS times, alternating. Needs redis-server and python3-redis (Debian).
+    bus/benches/redis/commands.py [N] [ROUNDS]      # defaults 200000, 2
 
-    bus/benches/guard/fields.py [N] [ROUNDS]      # defaults 200000, 2
-
-Layouts: `hex` = 32 hex digits (the guard before this change), `bin` = the id's 16 bytes
-(the guard now). Results: docs/benchmarks.md ("guard fields").
+- guard fields: N fresh ids marked the way `bus::guard::mark` does, pipelines of 128
+  `HSETNX fleet:seen:{fleet:results}:orchestrator:<bucket> <id> <entry id>` plus one
+  `PEXPIREAT`, a new bucket every 40,000 ids; the id as 32 hex digits (`hex`, before) or
+  as its 16 bytes (`bin`, now).
+- trimming: N 749-byte entries `XADD`ed in pipelines of 64, as `bus::Publisher` does, with
+  `MAXLEN ~ 1000000` on every `XADD` (`every`, before) or on the last of each pipeline
+  (`last`, now).
 """
 import socket, subprocess, sys, tempfile, time, uuid
 
@@ -50,7 +52,26 @@ def measure(r, layout):
     c1 = cpu()
     hsetnx = r.info("commandstats")["cmdstat_hsetnx"]["usec"] / done
     mem = (r.info("memory")["used_memory"] - mem0) / done
-    print(f"{layout:>4}: Redis CPU {(c1 - c0) * 1e6 / done:.2f} µs/id, HSETNX {hsetnx:.2f} µs/id, {mem:.0f} B/id")
+    print(f"guard {layout:>4}: Redis CPU {(c1 - c0) * 1e6 / done:.2f} µs/id, HSETNX {hsetnx:.2f} µs/id, {mem:.0f} B/id")
+
+
+def measure_trim(r, shape):
+    r.flushall()
+    r.config_resetstat()
+    value = b"x" * 749
+    cpu = lambda: (lambda i: i["used_cpu_user"] + i["used_cpu_sys"])(r.info("cpu"))
+    c0 = cpu()
+    done = 0
+    while done < N:
+        p = r.pipeline(transaction=False)
+        for j in range(64):
+            trim = shape == "every" or j == 63
+            p.execute_command("XADD", "fleet:results", *(["MAXLEN", "~", 1_000_000] if trim else []), "*", "env", value)
+        p.execute()
+        done += 64
+    c1 = cpu()
+    xadd = r.info("commandstats")["cmdstat_xadd"]["usec"] / done
+    print(f"trim on {shape:>5}: Redis CPU {(c1 - c0) * 1e6 / done:.2f} µs/entry, XADD {xadd:.2f} µs/entry")
 
 
 def main():
@@ -71,6 +92,9 @@ def main():
             for _ in range(ROUNDS):
                 for layout in ("hex", "bin"):
                     measure(r, layout)
+            for _ in range(ROUNDS):
+                for shape in ("every", "last"):
+                    measure_trim(r, shape)
         finally:
             server.terminate()
             server.wait()
