@@ -276,22 +276,14 @@ mod tests {
     /// whichever `bin` form the body needs: bin8, bin16 (the one written in place) or bin32.
     #[test]
     fn a_frame_sealed_in_place_is_byte_for_byte_the_reference_frame() {
-        use crate::body::{Envelope, Sender, Status, TaskResult};
+        use crate::body::{Envelope, Question, Sender};
         use crate::names::{Instance, Role};
-        for summary in [0usize, 40, 200, 255, 256, 600, 65_000, 65_600, 70_000] {
+        // Every text length whose body is near a `bin` form's limit (255/256 and 65,535/65,536
+        // bytes), and beyond.
+        let mut seen_sizes = std::collections::BTreeSet::new();
+        for text in (0usize..400).chain(65_200..65_600).chain([70_000]) {
             let from = Sender { role: Role::Dev, instance: Instance::parse("dev-1").expect("a valid instance") };
-            let payload = TaskResult {
-                attempt: 1,
-                status: Status::Success,
-                summary: "s".repeat(summary),
-                findings: vec![],
-                diff: None,
-                log: None,
-                change_sha256: None,
-                calls: Vec::new(),
-                containment: Vec::new(),
-            }
-            .into();
+            let payload = Question { text: "q".repeat(text) }.into();
             let env = Envelope::new(from, Role::Orchestrator, 1_700_000_000_000, 60_000, 0, payload);
             let mut signed = Vec::new();
             let frame = seal_frame(1, "dev>orchestrator:1", ALG_HS256, &env, |body| {
@@ -299,13 +291,13 @@ mod tests {
                 [9; SIG_LEN]
             });
             let body = env.to_body_bytes();
-            assert_eq!(signed, body, "summary {summary}: the signature covers the body");
-            assert_eq!(
-                frame,
-                encode_frame(1, "dev>orchestrator:1", ALG_HS256, &body, &[9; SIG_LEN]),
-                "summary {summary}"
-            );
+            seen_sizes.insert(body.len());
+            assert_eq!(signed, body, "text {text}: the signature covers the body");
+            assert_eq!(frame, encode_frame(1, "dev>orchestrator:1", ALG_HS256, &body, &[9; SIG_LEN]), "text {text}");
             assert!(decode_frame(&frame).is_ok());
+        }
+        for size in [255, 256, 65_535, 65_536] {
+            assert!(seen_sizes.contains(&size), "no body of {size} bytes was tried");
         }
     }
 
